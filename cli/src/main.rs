@@ -1,0 +1,157 @@
+//! The `normdrop` command: adapter information and PyTorch fixture checks.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use normdrop::fixture::{self, Verdict};
+use normdrop::wgpu;
+use normdrop::{Context, ContextOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "normdrop",
+    version,
+    about = "GPU normalization and dropout kernels: info and PyTorch parity checks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the adapter, backend, features and limits normdrop would use.
+    Info,
+    /// Run PyTorch fixture files through the kernels: one line per compared tensor, then
+    /// `N passed, M failed`. Exits nonzero on any failure.
+    Check {
+        /// Fixture files (`normdrop-fixture/1` safetensors).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("normdrop: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> normdrop::Result<ExitCode> {
+    let ctx = Context::with_options_blocking(ContextOptions::default())?;
+    match command {
+        Command::Info => {
+            info(&ctx);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { files } => check(&ctx, &files),
+    }
+}
+
+fn info(ctx: &Context) {
+    let a = ctx.adapter_info();
+    println!("adapter      {}", a.name);
+    println!("backend      {:?}", a.backend);
+    println!("device type  {:?}", a.device_type);
+    println!("driver       {} {}", a.driver, a.driver_info);
+    println!("vendor/id    {:#06x}/{:#06x}", a.vendor, a.device);
+    let f = ctx.features();
+    println!("features used when present:");
+    for (name, flag, buys) in [
+        (
+            "SHADER_F16",
+            wgpu::Features::SHADER_F16,
+            "native f16 storage (else packed u32)",
+        ),
+        (
+            "SUBGROUP",
+            wgpu::Features::SUBGROUP,
+            "subgroup reductions (else workgroup trees)",
+        ),
+        (
+            "TIMESTAMP_QUERY",
+            wgpu::Features::TIMESTAMP_QUERY,
+            "GPU timestamps in bench (else wall time)",
+        ),
+    ] {
+        println!(
+            "  {:<16} {:<4} {buys}",
+            name,
+            if f.contains(flag) { "yes" } else { "no" }
+        );
+    }
+    let l = ctx.limits();
+    println!("limits:");
+    println!(
+        "  max_storage_buffer_binding_size      {}",
+        l.max_storage_buffer_binding_size
+    );
+    println!(
+        "  max_buffer_size                      {}",
+        l.max_buffer_size
+    );
+    println!(
+        "  max_storage_buffers_per_shader_stage {}",
+        l.max_storage_buffers_per_shader_stage
+    );
+    println!(
+        "  max_compute_workgroups_per_dimension {}",
+        l.max_compute_workgroups_per_dimension
+    );
+    println!(
+        "  max_compute_invocations_per_workgroup {}",
+        l.max_compute_invocations_per_workgroup
+    );
+    println!(
+        "  max_compute_workgroup_storage_size   {}",
+        l.max_compute_workgroup_storage_size
+    );
+    println!(
+        "  min_storage_buffer_offset_alignment  {}",
+        l.min_storage_buffer_offset_alignment
+    );
+    println!(
+        "  min/max subgroup size                {}/{}",
+        a.subgroup_min_size, a.subgroup_max_size
+    );
+}
+
+fn check(ctx: &Context, files: &[PathBuf]) -> normdrop::Result<ExitCode> {
+    println!(
+        "adapter: {} ({:?})",
+        ctx.adapter_info().name,
+        ctx.adapter_info().backend
+    );
+    let (mut passed, mut failed, mut skipped) = (0usize, 0usize, 0usize);
+    for path in files {
+        let lines = match fixture::Fixture::load(path).and_then(|fx| fixture::check(ctx, &fx)) {
+            Ok(lines) => lines,
+            Err(e) => {
+                // A file that cannot be read or run counts as a failure, never as nothing.
+                println!("{:<34} {:<26} FAILED   {e}", path.display(), "(file)");
+                failed += 1;
+                continue;
+            }
+        };
+        for line in lines {
+            println!("{line}");
+            match line.verdict {
+                Verdict::Pass(_) => passed += 1,
+                Verdict::Fail(_) => failed += 1,
+                Verdict::Skip(_) => skipped += 1,
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed, {skipped} skipped");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,211 @@
+// BatchNorm forward over an (N, C, *) tensor, viewed as (N, C, S) with S = ∏ spatial dims.
+// Statistics are per channel over M = N·S elements:
+//
+//   mean_c    = (1/M) Σ_{n,s} x[n,c,s]
+//   var_c     = (1/M) Σ_{n,s} (x[n,c,s] − mean_c)²          biased: used to normalize
+//   invstd_c  = 1 / sqrt(var_c + eps)
+//   y[n,c,s]  = (x[n,c,s] − mean_c) · invstd_c · γ_c + β_c
+//   running_mean_c ← (1 − m)·running_mean_c + m·mean_c
+//   running_var_c  ← (1 − m)·running_var_c  + m·var_c·M/(M − 1)   unbiased
+//   m = momentum, or 1/num_batches_tracked (cumulative average) when momentum is None.
+//
+// Entry points, recorded in this order into one command buffer:
+//   bn_stats          one workgroup per (channel, chunk). Each channel's M elements are cut into
+//                     `chunks` chunks of `chunk_len`; each invocation runs Welford over a strided
+//                     slice of its chunk, the workgroup merges with Chan's formula, and writes the
+//                     chunk's (mean, M2). The count is implied by the geometry, so it is not stored.
+//   bn_finalize       one workgroup per channel: Chan-merges the channel's chunk partials, updates
+//                     the running statistics, writes the saved mean and invstd.
+//   bn_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
+//                     from the running statistics. Changes nothing.
+//   bn_normalize      one invocation per element: y = (x − mean)·(invstd·γ) + β.
+//
+// Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
+// linear workgroup index from `num_workgroups`.
+// Precision: f32 storage, f32 accumulation. The variance is never formed as E[x²] − E[x]².
+
+const WG: u32 = 256u;
+
+const FLAG_AFFINE: u32 = 1u;         // read γ, β (otherwise γ = 1, β = 0)
+const FLAG_TRACK: u32 = 2u;          // update running stats and num_batches_tracked in bn_finalize
+const FLAG_CUMULATIVE: u32 = 4u;     // m = 1 / num_batches_tracked instead of momentum
+
+// Mirrors `BnParams` in src/kernels/batch_norm.rs field by field.
+struct Params {
+    n: u32,          // batch size N
+    c: u32,          // channels C
+    s: u32,          // spatial size S = ∏ dims after the channel axis
+    m: u32,          // elements per channel M = N·S
+    chunk_len: u32,  // elements per stats chunk (multiple of WG)
+    chunks: u32,     // chunks per channel = ceil(M / chunk_len)
+    flags: u32,      // FLAG_* bits
+    total: u32,      // N·C·S
+    eps: f32,
+    momentum: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;                  // (N, C, S)
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;            // (N, C, S)
+@group(0) @binding(3) var<storage, read> weight: array<f32>;             // (C) γ
+@group(0) @binding(4) var<storage, read> bias: array<f32>;               // (C) β
+@group(0) @binding(5) var<storage, read_write> running_mean: array<f32>; // (C)
+@group(0) @binding(6) var<storage, read_write> running_var: array<f32>;  // (C)
+@group(0) @binding(7) var<storage, read_write> num_batches: array<u32>;  // (2) u64 as (lo, hi)
+@group(0) @binding(8) var<storage, read_write> save_mean: array<f32>;    // (C)
+@group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
+@group(0) @binding(10) var<storage, read_write> partials: array<vec2<f32>>; // (C, chunks) (mean, M2)
+
+// A running (count, mean, M2) triple.
+struct Stat {
+    n: f32,
+    mean: f32,
+    m2: f32,
+}
+
+// Chan et al.'s pairwise merge of two (count, mean, M2) triples.
+fn chan_merge(a: Stat, b: Stat) -> Stat {
+    let n = a.n + b.n;
+    if (n == 0.0) {
+        return a;
+    }
+    let d = b.mean - a.mean;
+    let fb = b.n / n;
+    return Stat(n, a.mean + d * fb, a.m2 + b.m2 + d * d * a.n * fb);
+}
+
+var<workgroup> shared_stat: array<Stat, WG>;
+
+// Tree-reduces every invocation's triple; the result is in shared_stat[0] for all invocations.
+fn workgroup_merge(lid: u32, mine: Stat) -> Stat {
+    shared_stat[lid] = mine;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            shared_stat[lid] = chan_merge(shared_stat[lid], shared_stat[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    return shared_stat[0];
+}
+
+@compute @workgroup_size(256)
+fn bn_stats(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = wid.x + wid.y * nwg.x;
+    if (w >= p.c * p.chunks) {
+        return; // padding workgroup of a folded dispatch (uniform across the workgroup)
+    }
+    let c = w / p.chunks;
+    let k = w % p.chunks;
+    let begin = k * p.chunk_len;
+    let end = min(begin + p.chunk_len, p.m);
+
+    // Phase 1: Welford over this invocation's strided slice of the chunk.
+    var acc = Stat(0.0, 0.0, 0.0);
+    for (var i = begin + lid; i < end; i += WG) {
+        let n = i / p.s;
+        let s = i - n * p.s;
+        let v = x[(n * p.c + c) * p.s + s];
+        acc.n += 1.0;
+        let d = v - acc.mean;
+        acc.mean += d / acc.n;
+        acc.m2 += d * (v - acc.mean);
+    }
+
+    // Phase 2: Chan merge across the workgroup; invocation 0 writes the chunk's partial.
+    let total = workgroup_merge(lid, acc);
+    if (lid == 0u) {
+        partials[w] = vec2<f32>(total.mean, total.m2);
+    }
+}
+
+@compute @workgroup_size(256)
+fn bn_finalize(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = wid.x + wid.y * nwg.x;
+    if (c >= p.c) {
+        return;
+    }
+
+    // Phase 1: each invocation merges a strided subset of the channel's chunk partials.
+    var acc = Stat(0.0, 0.0, 0.0);
+    for (var k = lid; k < p.chunks; k += WG) {
+        let part = partials[c * p.chunks + k];
+        let count = f32(min(p.chunk_len, p.m - k * p.chunk_len));
+        acc = chan_merge(acc, Stat(count, part.x, part.y));
+    }
+
+    // Phase 2: merge across the workgroup.
+    let total = workgroup_merge(lid, acc);
+
+    // Phase 3: one invocation turns the channel's triple into statistics.
+    if (lid == 0u) {
+        let mean = total.mean;
+        let var_biased = max(total.m2 / f32(p.m), 0.0);
+        save_mean[c] = mean;
+        save_invstd[c] = 1.0 / sqrt(var_biased + p.eps);
+        if ((p.flags & FLAG_TRACK) != 0u) {
+            // num_batches_tracked was already incremented by bn_count in this step.
+            var m = p.momentum;
+            if ((p.flags & FLAG_CUMULATIVE) != 0u) {
+                m = 1.0 / (f32(num_batches[0]) + f32(num_batches[1]) * 4294967296.0);
+            }
+            let var_unbiased = max(total.m2 / f32(p.m - 1u), 0.0);
+            running_mean[c] = (1.0 - m) * running_mean[c] + m * mean;
+            running_var[c] = (1.0 - m) * running_var[c] + m * var_unbiased;
+        }
+    }
+}
+
+// Increments the 64-bit num_batches_tracked counter, held as (lo, hi) u32 words. One invocation.
+// Recorded before bn_finalize so that the cumulative average sees the new count, as PyTorch's does.
+@compute @workgroup_size(1)
+fn bn_count() {
+    let lo = num_batches[0] + 1u;
+    num_batches[0] = lo;
+    if (lo == 0u) {
+        num_batches[1] = num_batches[1] + 1u;
+    }
+}
+
+@compute @workgroup_size(64)
+fn bn_finalize_eval(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let c = gid.x + gid.y * nwg.x * 64u;
+    if (c >= p.c) {
+        return;
+    }
+    save_mean[c] = running_mean[c];
+    save_invstd[c] = 1.0 / sqrt(running_var[c] + p.eps);
+}
+
+@compute @workgroup_size(256)
+fn bn_normalize(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if (i >= p.total) {
+        return;
+    }
+    let c = (i / p.s) % p.c;
+    var scale = save_invstd[c];
+    var shift = 0.0;
+    if ((p.flags & FLAG_AFFINE) != 0u) {
+        scale *= weight[c];
+        shift = bias[c];
+    }
+    // (x − mean) first: for off-centre inputs x·scale − mean·scale would cancel catastrophically.
+    y[i] = (x[i] - save_mean[c]) * scale + shift;
+}

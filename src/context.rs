@@ -1,0 +1,328 @@
+//! The GPU context: a device and queue (owned or borrowed from the caller), the adapter's limits,
+//! a cache of compiled kernels, and the error-scope plumbing that turns wgpu's asynchronous
+//! validation and out-of-memory reports into [`Error`] values.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+/// How to pick and configure the device. Every field defaults to "ask the environment".
+#[derive(Clone, Debug, Default)]
+pub struct ContextOptions {
+    /// Backends to consider. `None` honours `WGPU_BACKEND` (e.g. `vulkan`, `gl`), else all.
+    pub backends: Option<wgpu::Backends>,
+    /// Pick the first adapter whose name contains this (case-insensitive). `None` honours
+    /// `WGPU_ADAPTER_NAME`; when that is unset too, wgpu's default choice is used.
+    pub adapter_name: Option<String>,
+    /// `None` honours `WGPU_POWER_PREF`, else prefers a high-performance adapter.
+    pub power_preference: Option<wgpu::PowerPreference>,
+    /// Limits to request. `None` requests the adapter's own limits, so that storage bindings
+    /// and buffers can be as large as the hardware allows (wgpu's defaults stop at 128/256 MiB).
+    /// Tests pass deliberately small limits here to exercise the limit checks.
+    pub limits: Option<wgpu::Limits>,
+}
+
+/// Optional adapter features normdrop uses when present. Each has a fallback path.
+pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY);
+
+/// A GPU device and queue with normdrop's kernel cache. Cheap to clone (shared inside).
+///
+/// Create one with [`Context::new`] / [`Context::new_blocking`] (normdrop picks and owns the
+/// device) or wrap an existing device with [`Context::from_wgpu`].
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    adapter_info: wgpu::AdapterInfo,
+    kernels: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("adapter", &self.inner.adapter_info.name)
+            .field("backend", &self.inner.adapter_info.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A kernel object that can be built once per device and cached in a [`Context`].
+pub trait Kernel: Send + Sync + 'static {
+    /// Compiles the kernel's pipelines for `device`.
+    fn build(device: &wgpu::Device) -> Self;
+}
+
+impl Context {
+    /// Picks an adapter (honouring `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`) and creates a device
+    /// with the adapter's own limits and the optional features it has.
+    pub async fn new() -> Result<Self> {
+        Self::with_options(ContextOptions::default()).await
+    }
+
+    /// Blocking [`Context::new`].
+    pub fn new_blocking() -> Result<Self> {
+        pollster::block_on(Self::new())
+    }
+
+    /// Blocking [`Context::with_options`].
+    pub fn with_options_blocking(options: ContextOptions) -> Result<Self> {
+        pollster::block_on(Self::with_options(options))
+    }
+
+    /// Creates a context as described by `options`.
+    pub async fn with_options(options: ContextOptions) -> Result<Self> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if let Some(backends) = options.backends {
+            desc.backends = backends;
+        }
+        let backends = desc.backends;
+        let instance = wgpu::Instance::new(desc);
+        let adapter = pick_adapter(&instance, backends, &options).await?;
+        let limits = options.limits.clone().unwrap_or_else(|| adapter.limits());
+        let features = adapter.features() & OPTIONAL_FEATURES;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("normdrop"),
+                required_features: features,
+                required_limits: limits,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        Ok(Self::wrap(device, queue, adapter.get_info()))
+    }
+
+    /// Wraps a device and queue the caller already has. normdrop records into it, allocates on
+    /// it and never creates another. Optional features are used only if the device was created
+    /// with them; limits are the device's own.
+    pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let adapter_info = device.adapter_info();
+        Self::wrap(device, queue, adapter_info)
+    }
+
+    fn wrap(device: wgpu::Device, queue: wgpu::Queue, adapter_info: wgpu::AdapterInfo) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                device,
+                queue,
+                adapter_info,
+                kernels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The wgpu device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.inner.device
+    }
+
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.inner.queue
+    }
+
+    /// Name, backend, device type and driver of the adapter.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.inner.adapter_info
+    }
+
+    /// The limits the device was created with.
+    pub fn limits(&self) -> wgpu::Limits {
+        self.inner.device.limits()
+    }
+
+    /// The features the device was created with.
+    pub fn features(&self) -> wgpu::Features {
+        self.inner.device.features()
+    }
+
+    /// The kernel `K` for this device, compiled on first use and cached afterwards. Compilation
+    /// runs inside error scopes, so a shader the driver rejects becomes an [`Error`].
+    pub fn kernel<K: Kernel>(&self) -> Result<Arc<K>> {
+        let key = TypeId::of::<K>();
+        if let Some(k) = self.lock_kernels().get(&key) {
+            return Ok(k
+                .clone()
+                .downcast::<K>()
+                .expect("kernel cache keyed by TypeId"));
+        }
+        let kernel = Arc::new(self.scoped(|| K::build(self.device()))?);
+        self.lock_kernels().insert(key, kernel.clone());
+        Ok(kernel)
+    }
+
+    fn lock_kernels(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<TypeId, Arc<dyn Any + Send + Sync>>> {
+        // A panic while holding the lock cannot leave the map inconsistent (insert is atomic
+        // from our point of view), so a poisoned lock is still usable.
+        self.inner
+            .kernels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` inside validation, out-of-memory and internal error scopes and returns the first
+    /// error wgpu reported in them. On native backends wgpu reports errors synchronously, so the
+    /// scope futures are already resolved and `block_on` does not wait.
+    pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let device = self.device();
+        let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        // Scopes pop in reverse order of pushing.
+        let validation = validation.pop();
+        let oom = oom.pop();
+        let internal = internal.pop();
+        for pending in [
+            pollster::block_on(validation),
+            pollster::block_on(oom),
+            pollster::block_on(internal),
+        ] {
+            if let Some(e) = pending {
+                return Err(e.into());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates a buffer inside error scopes, so an allocation failure is an [`Error`].
+    pub(crate) fn create_buffer(
+        &self,
+        label: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        self.scoped(|| {
+            self.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    /// Waits until all submitted work has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.device()
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Readback(e.to_string()))
+    }
+
+    /// Copies `size` bytes at `offset` of `buffer` back to the host. The buffer needs
+    /// `COPY_SRC`; `offset` and `size` must be multiples of 4.
+    pub async fn read_buffer(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        size: u64,
+    ) -> Result<Vec<u8>> {
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        // Storage buffers cannot be mapped; copy into a MAP_READ staging buffer first.
+        let staging = self.create_buffer(
+            "normdrop readback",
+            size,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        self.scoped(|| {
+            let mut encoder =
+                self.device()
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("readback"),
+                    });
+            encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+            self.queue().submit([encoder.finish()]);
+        })?;
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        staging
+            .slice(..)
+            .map_async(wgpu::MapMode::Read, move |result| {
+                // The receiver only disappears if the caller dropped the future; nothing to do then.
+                let _ = sender.send(result);
+            });
+        // Native backends make progress only when polled; this also waits for the copy.
+        self.synchronize()?;
+        match receiver.receive().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Readback(e.to_string())),
+            None => return Err(Error::Readback("map callback was dropped".into())),
+        }
+        let bytes = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| Error::Readback(e.to_string()))?;
+            view.to_vec()
+        };
+        // The view must be dropped before unmapping: wgpu forbids unmapping a viewed range.
+        staging.unmap();
+        Ok(bytes)
+    }
+}
+
+async fn pick_adapter(
+    instance: &wgpu::Instance,
+    backends: wgpu::Backends,
+    options: &ContextOptions,
+) -> Result<wgpu::Adapter> {
+    let wanted = options
+        .adapter_name
+        .clone()
+        .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
+        .filter(|s| !s.is_empty());
+    let adapters = instance.enumerate_adapters(backends).await;
+    let describe = |list: &[wgpu::Adapter]| {
+        let names: Vec<String> = list
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?})", i.name, i.backend)
+            })
+            .collect();
+        if names.is_empty() {
+            format!(
+                "no adapters on backends {backends:?}; install a Vulkan driver (on Debian: \
+                 apt-get install mesa-vulkan-drivers) or set WGPU_BACKEND"
+            )
+        } else {
+            format!("available: {}", names.join(", "))
+        }
+    };
+    if let Some(name) = wanted {
+        let needle = name.to_lowercase();
+        return match adapters
+            .iter()
+            .position(|a| a.get_info().name.to_lowercase().contains(&needle))
+        {
+            Some(i) => Ok(adapters.into_iter().nth(i).expect("index from position")),
+            None => Err(Error::NoAdapter(format!(
+                "no adapter name contains {name:?} ({})",
+                describe(&adapters)
+            ))),
+        };
+    }
+    let power_preference = options
+        .power_preference
+        .or_else(wgpu::PowerPreference::from_env)
+        .unwrap_or(wgpu::PowerPreference::HighPerformance);
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::NoAdapter(format!("{e} ({})", describe(&adapters))))
+}

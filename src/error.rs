@@ -1,0 +1,173 @@
+//! One error type for the whole crate. Every variant names the operation and what was wrong, so
+//! a caller can tell a shape mistake from a device limit from a GPU-side failure.
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in normdrop. Input errors are detected on the host before any
+/// GPU work is encoded, so a call that returns one of them has changed nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No adapter matched the request (backend, name). The message lists what was found.
+    #[error("no GPU adapter found: {0}")]
+    NoAdapter(String),
+
+    /// The adapter refused to create a device with the requested features and limits.
+    #[error("could not create a device: {0}")]
+    RequestDevice(String),
+
+    /// An argument value is out of its domain (for example `eps <= 0` or `momentum > 1`).
+    #[error("{op}: {reason}")]
+    InvalidArgument {
+        /// The operation, e.g. `"batch_norm"`.
+        op: &'static str,
+        /// What was wrong, with the offending value.
+        reason: String,
+    },
+
+    /// A tensor's shape does not fit the operation.
+    #[error("{op}: {what} has shape {got:?}, expected {expected}")]
+    Shape {
+        /// The operation.
+        op: &'static str,
+        /// Which tensor.
+        what: &'static str,
+        /// The shape that was passed.
+        got: Vec<usize>,
+        /// A description of what was expected.
+        expected: String,
+    },
+
+    /// A caller-supplied buffer (slice) is too small for the shape.
+    #[error("{op}: buffer `{what}` holds {got} bytes but the shape needs {needed}")]
+    BufferTooSmall {
+        /// The operation.
+        op: &'static str,
+        /// Which buffer.
+        what: &'static str,
+        /// Bytes required.
+        needed: u64,
+        /// Bytes available in the slice.
+        got: u64,
+    },
+
+    /// A caller-supplied buffer cannot be bound as the operation needs (offset alignment, usage,
+    /// or aliasing with another argument).
+    #[error("{op}: buffer `{what}`: {reason}")]
+    Buffer {
+        /// The operation.
+        op: &'static str,
+        /// Which buffer.
+        what: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// A size exceeds a device limit. `limit_name` is the `wgpu::Limits` field.
+    #[error("{op}: {what} is {value}, above the device limit {limit_name} = {limit}")]
+    ExceedsLimit {
+        /// The operation.
+        op: &'static str,
+        /// What was too large, e.g. `"x (bytes)"`.
+        what: &'static str,
+        /// The requested size.
+        value: u64,
+        /// The device's limit.
+        limit: u64,
+        /// The name of the `wgpu::Limits` field.
+        limit_name: &'static str,
+    },
+
+    /// A tensor has a dtype the operation does not accept.
+    #[error("{op}: {what} has dtype {got}, expected {expected}")]
+    DType {
+        /// The operation.
+        op: &'static str,
+        /// Which tensor.
+        what: &'static str,
+        /// The dtype that was passed.
+        got: crate::DType,
+        /// The accepted dtype.
+        expected: crate::DType,
+    },
+
+    /// The operation needs state that is not there yet (e.g. backward before forward).
+    #[error("{op}: {reason}")]
+    State {
+        /// The operation.
+        op: &'static str,
+        /// What is missing.
+        reason: String,
+    },
+
+    /// wgpu reported a validation error inside an error scope. This is a bug in normdrop or in
+    /// the caller's buffers, never expected after the host-side checks.
+    #[error("GPU validation error: {0}")]
+    Validation(String),
+
+    /// wgpu reported an out-of-memory error inside an error scope.
+    #[error("GPU out of memory: {0}")]
+    OutOfMemory(String),
+
+    /// wgpu reported an internal error inside an error scope.
+    #[error("GPU internal error: {0}")]
+    Internal(String),
+
+    /// Mapping a buffer for readback failed, or waiting on the device failed.
+    #[error("readback failed: {0}")]
+    Readback(String),
+
+    /// A safetensors file could not be read or written, or does not hold what was expected.
+    #[error("safetensors: {0}")]
+    SafeTensors(String),
+
+    /// File I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            op,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn shape(
+        op: &'static str,
+        what: &'static str,
+        got: &[usize],
+        expected: impl Into<String>,
+    ) -> Self {
+        Error::Shape {
+            op,
+            what,
+            got: got.to_vec(),
+            expected: expected.into(),
+        }
+    }
+}
+
+impl From<wgpu::Error> for Error {
+    fn from(e: wgpu::Error) -> Self {
+        match e {
+            wgpu::Error::OutOfMemory { source } => Error::OutOfMemory(source.to_string()),
+            wgpu::Error::Validation { description, .. } => Error::Validation(description),
+            wgpu::Error::Internal { description, .. } => Error::Internal(description),
+        }
+    }
+}
+
+impl From<safetensors::SafeTensorError> for Error {
+    fn from(e: safetensors::SafeTensorError) -> Self {
+        Error::SafeTensors(e.to_string())
+    }
+}

@@ -1,0 +1,426 @@
+//! PyTorch reference fixtures (`normdrop-fixture/1`, see `tests/fixtures/FORMAT.md`): reading
+//! them, running them through the kernels, and comparing with the format's rule
+//!
+//! ```text
+//! |got − exp| <= atol · max(1, max|exp|) + rtol · |exp|      (NaN anywhere fails)
+//! ```
+//!
+//! `normdrop check` and the test suite both use [`check`], so they cannot disagree.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors};
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::kernels::batch_norm::BatchNormConfig;
+use crate::nn::BatchNorm;
+use crate::tensor::Tensor;
+
+/// One tensor of a fixture, widened to f64.
+#[derive(Clone, Debug)]
+pub struct FixtureTensor {
+    /// The stored dtype (`"F64"`, `"F32"`, `"F16"`, `"I64"`).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values, widened to f64.
+    pub data: Vec<f64>,
+}
+
+/// A parsed fixture file.
+#[derive(Clone, Debug)]
+pub struct Fixture {
+    /// File stem, e.g. `bn2d_train_basic`.
+    pub name: String,
+    /// `batch_norm` or `layer_norm`.
+    pub op: String,
+    /// The op's configuration object.
+    pub config: serde_json::Value,
+    /// Activation dtype, `float32` or `float16`.
+    pub dtype: String,
+    /// Relative tolerance.
+    pub rtol: f64,
+    /// Absolute tolerance (scaled by `max(1, max|exp|)`).
+    pub atol: f64,
+    /// Every tensor in the file by name.
+    pub tensors: BTreeMap<String, FixtureTensor>,
+}
+
+impl Fixture {
+    /// Reads a fixture file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let name = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        Self::from_bytes(&name, &bytes)
+    }
+
+    /// Parses a fixture image.
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Self> {
+        let (_, meta) = SafeTensors::read_metadata(bytes)?;
+        let md = meta
+            .metadata()
+            .clone()
+            .ok_or_else(|| Error::SafeTensors(format!("{name}: no __metadata__")))?;
+        let get = |k: &str| {
+            md.get(k)
+                .cloned()
+                .ok_or_else(|| Error::SafeTensors(format!("{name}: metadata lacks `{k}`")))
+        };
+        let format = get("format")?;
+        if format != "normdrop-fixture/1" {
+            return Err(Error::SafeTensors(format!(
+                "{name}: format {format:?}, expected normdrop-fixture/1"
+            )));
+        }
+        let num = |k: &str| -> Result<f64> {
+            get(k)?
+                .parse()
+                .map_err(|_| Error::SafeTensors(format!("{name}: `{k}` is not a number")))
+        };
+        let config = serde_json::from_str(&get("config")?)
+            .map_err(|e| Error::SafeTensors(format!("{name}: config: {e}")))?;
+        let st = SafeTensors::deserialize(bytes)?;
+        let mut tensors = BTreeMap::new();
+        for (tname, view) in st.iter() {
+            tensors.insert(
+                tname.to_string(),
+                FixtureTensor {
+                    dtype: format!("{:?}", view.dtype()),
+                    shape: view.shape().to_vec(),
+                    data: crate::state::view_to_f64(tname, &view)?,
+                },
+            );
+        }
+        Ok(Self {
+            name: name.to_string(),
+            op: get("op")?,
+            config,
+            dtype: get("dtype")?,
+            rtol: num("rtol")?,
+            atol: num("atol")?,
+            tensors,
+        })
+    }
+
+    /// A tensor by name.
+    pub fn tensor(&self, name: &str) -> Result<&FixtureTensor> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::SafeTensors(format!("{}: missing tensor `{name}`", self.name)))
+    }
+
+    /// Names of the expected outputs (f64 and i64 tensors), sorted.
+    pub fn expected_names(&self) -> Vec<String> {
+        self.tensors
+            .iter()
+            .filter(|(_, t)| {
+                t.dtype == format!("{:?}", Dtype::F64) || t.dtype == format!("{:?}", Dtype::I64)
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+/// Result of comparing one tensor with the format's rule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Comparison {
+    /// Largest `|got − exp|`.
+    pub max_abs_err: f64,
+    /// Largest `|got − exp| / allowed`; the tensor passes when this is ≤ 1.
+    pub worst_ratio: f64,
+    /// Whether every element is within tolerance and no value is NaN.
+    pub passed: bool,
+}
+
+/// Compares `got` with `exp` element by element with the fixture rule.
+pub fn compare(got: &[f64], exp: &[f64], rtol: f64, atol: f64) -> Comparison {
+    if got.len() != exp.len() {
+        return Comparison {
+            max_abs_err: f64::INFINITY,
+            worst_ratio: f64::INFINITY,
+            passed: false,
+        };
+    }
+    let scale = exp.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    let mut out = Comparison {
+        max_abs_err: 0.0,
+        worst_ratio: 0.0,
+        passed: true,
+    };
+    for (&g, &e) in got.iter().zip(exp) {
+        if g.is_nan() || e.is_nan() {
+            out.passed = false;
+            out.max_abs_err = f64::NAN;
+            out.worst_ratio = f64::INFINITY;
+            continue;
+        }
+        let err = (g - e).abs();
+        let allowed = atol * scale + rtol * e.abs();
+        out.max_abs_err = out.max_abs_err.max(err);
+        let ratio = if allowed > 0.0 {
+            err / allowed
+        } else if err == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        };
+        out.worst_ratio = out.worst_ratio.max(ratio);
+        if err > allowed {
+            out.passed = false;
+        }
+    }
+    out
+}
+
+/// The verdict on one expected tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Within tolerance.
+    Pass(Comparison),
+    /// Outside tolerance, or the computation failed (the string says how).
+    Fail(String),
+    /// Not computed by this version; the string says why. Never counted as passed.
+    Skip(String),
+}
+
+/// One line of a fixture check.
+#[derive(Clone, Debug)]
+pub struct CheckLine {
+    /// Fixture name.
+    pub fixture: String,
+    /// Expected tensor name.
+    pub tensor: String,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// A remark about how the value was computed, if any.
+    pub note: Option<String>,
+}
+
+impl std::fmt::Display for CheckLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let head = format!("{:<34} {:<26}", self.fixture, self.tensor);
+        match &self.verdict {
+            Verdict::Pass(c) => write!(
+                f,
+                "{head} ok       max_abs_err {:.3e}  ({:.1}% of tolerance)",
+                c.max_abs_err,
+                100.0 * c.worst_ratio
+            )?,
+            Verdict::Fail(why) => write!(f, "{head} FAILED   {why}")?,
+            Verdict::Skip(why) => write!(f, "{head} skipped  {why}")?,
+        }
+        if let Some(n) = &self.note {
+            write!(f, "  [{n}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a fixture through the kernels and returns one line per expected tensor, in the
+/// fixture's (sorted) order. An error here means the fixture itself is malformed; failures of
+/// the kernels are reported as [`Verdict::Fail`] lines.
+pub fn check(ctx: &Context, fx: &Fixture) -> Result<Vec<CheckLine>> {
+    let mut results: BTreeMap<String, (Verdict, Option<String>)> = BTreeMap::new();
+    match fx.op.as_str() {
+        "batch_norm" => check_batch_norm(ctx, fx, &mut results)?,
+        other => {
+            let reason = match other {
+                "layer_norm" => "layer_norm kernels are not implemented yet (issue 3)".to_string(),
+                _ => format!("unknown op {other:?}"),
+            };
+            for name in fx.expected_names() {
+                results.insert(name, (Verdict::Skip(reason.clone()), None));
+            }
+        }
+    }
+    Ok(fx
+        .expected_names()
+        .into_iter()
+        .map(|name| {
+            let (verdict, note) = results
+                .remove(&name)
+                .unwrap_or_else(|| (Verdict::Skip("not computed by this version".into()), None));
+            CheckLine {
+                fixture: fx.name.clone(),
+                tensor: name,
+                verdict,
+                note,
+            }
+        })
+        .collect())
+}
+
+fn judge(fx: &Fixture, name: &str, got: Result<Vec<f64>>) -> Result<Verdict> {
+    let exp = fx.tensor(name)?;
+    Ok(match got {
+        Err(e) => Verdict::Fail(format!("error: {e}")),
+        Ok(got) => {
+            let c = compare(&got, &exp.data, fx.rtol, fx.atol);
+            if c.passed {
+                Verdict::Pass(c)
+            } else {
+                Verdict::Fail(format!(
+                    "max_abs_err {:.3e} ({:.1}× tolerance{})",
+                    c.max_abs_err,
+                    c.worst_ratio,
+                    if got.len() != exp.data.len() {
+                        ", length mismatch"
+                    } else {
+                        ""
+                    }
+                ))
+            }
+        }
+    })
+}
+
+fn to_f64(ctx: &Context, t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_vec_blocking::<f32>(ctx)?
+        .into_iter()
+        .map(f64::from)
+        .collect())
+}
+
+fn f32_input(fx: &Fixture, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    let t = fx.tensor(name)?;
+    Ok((t.data.iter().map(|&v| v as f32).collect(), t.shape.clone()))
+}
+
+fn check_batch_norm(
+    ctx: &Context,
+    fx: &Fixture,
+    out: &mut BTreeMap<String, (Verdict, Option<String>)>,
+) -> Result<()> {
+    let cfg = &fx.config;
+    let bad = |k: &str| Error::SafeTensors(format!("{}: config.{k} missing or mistyped", fx.name));
+    let config = BatchNormConfig {
+        num_features: cfg["num_features"]
+            .as_u64()
+            .ok_or_else(|| bad("num_features"))? as usize,
+        eps: cfg["eps"].as_f64().ok_or_else(|| bad("eps"))? as f32,
+        momentum: if cfg["momentum"].is_null() {
+            None
+        } else {
+            Some(cfg["momentum"].as_f64().ok_or_else(|| bad("momentum"))? as f32)
+        },
+        affine: cfg["affine"].as_bool().ok_or_else(|| bad("affine"))?,
+        track_running_stats: cfg["track_running_stats"]
+            .as_bool()
+            .ok_or_else(|| bad("track_running_stats"))?,
+    };
+    let training = cfg["training"].as_bool().ok_or_else(|| bad("training"))?;
+    let steps = cfg["steps"].as_u64().ok_or_else(|| bad("steps"))? as usize;
+    let note = (fx.dtype == "float16").then(|| "f16 inputs widened exactly to f32 and run through the f32 kernels; f16 storage is issue 5".to_string());
+
+    // Gradients come with the backward pass.
+    for g in ["dx", "dweight", "dbias"] {
+        if fx.tensors.contains_key(g) {
+            out.insert(
+                g.into(),
+                (
+                    Verdict::Skip(
+                        "gradients: the backward pass is not implemented yet (issue 4)".into(),
+                    ),
+                    None,
+                ),
+            );
+        }
+    }
+
+    let mut run = || -> Result<BatchNorm> {
+        let mut bn = BatchNorm::with_config(ctx, config.clone())?;
+        if config.affine {
+            bn.set_weight(&f32_input(fx, "weight")?.0)?;
+            bn.set_bias(&f32_input(fx, "bias")?.0)?;
+        }
+        if config.track_running_stats {
+            bn.set_running_mean(&f32_input(fx, "running_mean")?.0)?;
+            bn.set_running_var(&f32_input(fx, "running_var")?.0)?;
+        }
+        if !training {
+            bn.eval();
+        }
+        for step in 0..steps {
+            let (x, shape) = f32_input(fx, &format!("x.{step}"))?;
+            let x = Tensor::from_slice(ctx, &x, &shape)?;
+            let y = bn.forward(&x).and_then(|y| to_f64(ctx, &y));
+            let name = format!("y.{step}");
+            out.insert(name.clone(), (judge(fx, &name, y)?, note.clone()));
+        }
+        Ok(bn)
+    };
+    let bn = match run() {
+        Ok(bn) => bn,
+        Err(e) => {
+            for name in fx.expected_names() {
+                out.entry(name)
+                    .or_insert_with(|| (Verdict::Fail(format!("error: {e}")), None));
+            }
+            return Ok(());
+        }
+    };
+    if let (Some(rm), Some(rv)) = (bn.running_mean(), bn.running_var()) {
+        out.insert(
+            "running_mean.final".into(),
+            (
+                judge(fx, "running_mean.final", to_f64(ctx, rm))?,
+                note.clone(),
+            ),
+        );
+        out.insert(
+            "running_var.final".into(),
+            (
+                judge(fx, "running_var.final", to_f64(ctx, rv))?,
+                note.clone(),
+            ),
+        );
+        let count = bn
+            .num_batches_tracked_blocking()
+            .map(|n| vec![n.unwrap_or(0) as f64]);
+        out.insert(
+            "num_batches_tracked.final".into(),
+            (judge(fx, "num_batches_tracked.final", count)?, None),
+        );
+    }
+    if let Some(saved) = bn.saved().filter(|s| s.batch_stats) {
+        for (name, t) in [("save_mean", &saved.mean), ("save_invstd", &saved.invstd)] {
+            if fx.tensors.contains_key(name) {
+                out.insert(
+                    name.into(),
+                    (judge(fx, name, to_f64(ctx, t))?, note.clone()),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compare;
+
+    #[test]
+    fn rule_scales_atol_by_largest_expected() {
+        // max|exp| = 100, so atol 1e-3 allows 0.1 everywhere.
+        let c = compare(&[0.09, 100.0], &[0.0, 100.0], 0.0, 1e-3);
+        assert!(c.passed);
+        let c = compare(&[0.11, 100.0], &[0.0, 100.0], 0.0, 1e-3);
+        assert!(!c.passed);
+        assert!((c.max_abs_err - 0.11).abs() < 1e-12);
+    }
+
+    #[test]
+    fn nan_and_length_mismatch_fail() {
+        assert!(!compare(&[f64::NAN], &[0.0], 1.0, 1.0).passed);
+        assert!(!compare(&[0.0], &[0.0, 0.0], 1.0, 1.0).passed);
+    }
+}

@@ -1,0 +1,599 @@
+//! BatchNorm forward, low level: [`BatchNormKernel`] (pipelines, one per device) and
+//! [`BatchNormPlan`] (one per input shape and configuration) that encodes into a caller's
+//! `CommandEncoder` on caller buffers. See `shaders/batch_norm.wgsl` for the math and geometry.
+//!
+//! A training step records, in one compute pass:
+//!
+//! | dispatch            | workgroups              | reads                    | writes                    |
+//! |---------------------|-------------------------|--------------------------|---------------------------|
+//! | `bn_stats`          | C · chunks              | x                        | partials (mean, M2)       |
+//! | `bn_count`          | 1 (when tracking)       | num_batches_tracked      | num_batches_tracked       |
+//! | `bn_finalize`       | C                       | partials                 | save_mean/invstd, running |
+//! | `bn_normalize`      | ⌈N·C·S / 256⌉           | x, saved stats, γ, β     | y                         |
+//!
+//! In eval mode with running statistics only `bn_finalize_eval` and `bn_normalize` run.
+
+use crate::context::Kernel;
+use crate::error::{Error, Result};
+use crate::kernels::{
+    bind_group, binding, compute_pipeline, fold_workgroups, placeholder, BindLimits,
+};
+
+const OP: &str = "batch_norm";
+const WORKGROUP: u64 = 256;
+const EVAL_WORKGROUP: u64 = 64;
+
+/// Default elements of one channel reduced by one `bn_stats` workgroup (16 per invocation).
+pub const DEFAULT_STATS_CHUNK: u32 = 4096;
+
+const FLAG_AFFINE: u32 = 1;
+const FLAG_TRACK: u32 = 2;
+const FLAG_CUMULATIVE: u32 = 4;
+
+/// Largest element count a single call indexes with u32 arithmetic (with headroom for one
+/// chunk past the end).
+const MAX_ELEMENTS: u64 = 1 << 31;
+
+/// BatchNorm hyper-parameters, with PyTorch's meanings and defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNormConfig {
+    /// C, the size of axis 1 of the input.
+    pub num_features: usize,
+    /// Added to the variance before the square root. Default `1e-5`; must be finite and > 0.
+    pub eps: f32,
+    /// Running-statistics factor `m` in `running = (1 − m)·running + m·batch`. `None` means a
+    /// cumulative average, `m = 1/num_batches_tracked`. Default `Some(0.1)`; must be in [0, 1].
+    pub momentum: Option<f32>,
+    /// Learnable per-channel γ (weight) and β (bias). Default `true`. When `false`, γ = 1, β = 0.
+    pub affine: bool,
+    /// Keep running statistics and use them in eval mode. Default `true`. When `false`, batch
+    /// statistics are used in both modes and nothing is stored.
+    pub track_running_stats: bool,
+}
+
+impl BatchNormConfig {
+    /// PyTorch's defaults for `num_features` channels.
+    pub fn new(num_features: usize) -> Self {
+        Self {
+            num_features,
+            eps: 1e-5,
+            momentum: Some(0.1),
+            affine: true,
+            track_running_stats: true,
+        }
+    }
+
+    /// Checks every field's domain.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_features == 0 {
+            return Err(Error::invalid(OP, "num_features must be at least 1"));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("eps must be finite and > 0, got {}", self.eps),
+            ));
+        }
+        if let Some(m) = self.momentum {
+            if !(0.0..=1.0).contains(&m) {
+                return Err(Error::invalid(
+                    OP,
+                    format!("momentum must be in [0, 1], got {m}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Uniform parameters; mirrors `struct Params` in `shaders/batch_norm.wgsl` field by field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct BnParams {
+    n: u32,
+    c: u32,
+    s: u32,
+    m: u32,
+    chunk_len: u32,
+    chunks: u32,
+    flags: u32,
+    total: u32,
+    eps: f32,
+    momentum: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+const _: () = assert!(std::mem::size_of::<BnParams>() == 48);
+
+/// Compiled BatchNorm pipelines for one device. Build once (or get it cached from
+/// [`Context::kernel`](crate::Context::kernel)); make a [`BatchNormPlan`] per input shape.
+#[derive(Clone, Debug)]
+pub struct BatchNormKernel {
+    stats: wgpu::ComputePipeline,
+    count: wgpu::ComputePipeline,
+    finalize: wgpu::ComputePipeline,
+    finalize_eval: wgpu::ComputePipeline,
+    normalize: wgpu::ComputePipeline,
+    /// Stand-ins for bindings a configuration does not use: γ, β (read) and running mean,
+    /// running var, num_batches_tracked (read-write), each distinct.
+    placeholders: [wgpu::Buffer; 5],
+}
+
+impl Kernel for BatchNormKernel {
+    fn build(device: &wgpu::Device) -> Self {
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("batch_norm.wgsl"),
+            source: wgpu::ShaderSource::Wgsl(include_str!("../../shaders/batch_norm.wgsl").into()),
+        });
+        Self {
+            stats: compute_pipeline(device, &module, "bn_stats"),
+            count: compute_pipeline(device, &module, "bn_count"),
+            finalize: compute_pipeline(device, &module, "bn_finalize"),
+            finalize_eval: compute_pipeline(device, &module, "bn_finalize_eval"),
+            normalize: compute_pipeline(device, &module, "bn_normalize"),
+            placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
+        }
+    }
+}
+
+impl BatchNormKernel {
+    /// Compiles the pipelines. Equivalent to [`Kernel::build`].
+    pub fn new(device: &wgpu::Device) -> Self {
+        <Self as Kernel>::build(device)
+    }
+
+    /// A plan for inputs of `shape` = `(N, C, *)` with the default stats chunk.
+    pub fn plan(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &BatchNormConfig,
+    ) -> Result<BatchNormPlan> {
+        self.plan_with_chunk(device, shape, config, DEFAULT_STATS_CHUNK)
+    }
+
+    /// A plan with an explicit stats chunk: the number of elements of one channel that one
+    /// `bn_stats` workgroup reduces. It must be a positive multiple of 256. Smaller chunks
+    /// spread a channel over more workgroups (better for small C and large N·H·W).
+    pub fn plan_with_chunk(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &BatchNormConfig,
+        stats_chunk: u32,
+    ) -> Result<BatchNormPlan> {
+        config.validate()?;
+        if stats_chunk == 0 || u64::from(stats_chunk) % WORKGROUP != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "stats chunk must be a positive multiple of {WORKGROUP}, got {stats_chunk}"
+                ),
+            ));
+        }
+        let dims = BnDims::of(shape, config.num_features)?;
+        let limits = BindLimits::of(device);
+        let x_bytes = dims.total * 4;
+        if x_bytes > limits.max_storage_binding {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "input size in bytes",
+                value: x_bytes,
+                limit: limits.max_storage_binding,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        let chunks = dims.m.div_ceil(u64::from(stats_chunk));
+        let stats_groups = fold_workgroups(OP, dims.c * chunks, limits.max_workgroups_per_dim)?;
+        let finalize_groups = fold_workgroups(OP, dims.c, limits.max_workgroups_per_dim)?;
+        let eval_groups = fold_workgroups(
+            OP,
+            dims.c.div_ceil(EVAL_WORKGROUP),
+            limits.max_workgroups_per_dim,
+        )?;
+        let normalize_groups = fold_workgroups(
+            OP,
+            dims.total.div_ceil(WORKGROUP),
+            limits.max_workgroups_per_dim,
+        )?;
+        let partials_bytes = dims.c * chunks * 8;
+        if partials_bytes > limits.max_storage_binding {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "stats partials in bytes (use a larger stats chunk)",
+                value: partials_bytes,
+                limit: limits.max_storage_binding,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+
+        let mut flags = 0;
+        if config.affine {
+            flags |= FLAG_AFFINE;
+        }
+        if config.track_running_stats {
+            flags |= FLAG_TRACK;
+        }
+        if config.momentum.is_none() {
+            flags |= FLAG_CUMULATIVE;
+        }
+        let params = BnParams {
+            n: dims.n as u32,
+            c: dims.c as u32,
+            s: dims.s as u32,
+            m: dims.m as u32,
+            chunk_len: stats_chunk,
+            chunks: chunks as u32,
+            flags,
+            total: dims.total as u32,
+            eps: config.eps,
+            momentum: config.momentum.unwrap_or(0.0),
+            _pad0: 0,
+            _pad1: 0,
+        };
+        let uniform = {
+            use wgpu::util::DeviceExt;
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("batch_norm params"),
+                contents: bytemuck::bytes_of(&params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+        };
+        let partials = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("batch_norm partials"),
+            size: partials_bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(BatchNormPlan {
+            kernel: self.clone(),
+            config: config.clone(),
+            shape: shape.to_vec(),
+            dims,
+            limits,
+            uniform,
+            partials,
+            partials_bytes,
+            stats_groups,
+            finalize_groups,
+            eval_groups,
+            normalize_groups,
+        })
+    }
+}
+
+/// `(N, C, S)` view of an `(N, C, *)` shape, with `M = N·S` and the element count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BnDims {
+    n: u64,
+    c: u64,
+    s: u64,
+    m: u64,
+    total: u64,
+}
+
+impl BnDims {
+    fn of(shape: &[usize], num_features: usize) -> Result<Self> {
+        if shape.len() < 2 {
+            return Err(Error::shape(OP, "input", shape, "rank >= 2: (N, C, *)"));
+        }
+        if shape[1] != num_features {
+            return Err(Error::shape(
+                OP,
+                "input",
+                shape,
+                format!("C = shape[1] = num_features = {num_features}"),
+            ));
+        }
+        let n = shape[0] as u64;
+        let c = shape[1] as u64;
+        let s = shape[2..]
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        let total = s
+            .and_then(|s| s.checked_mul(n))
+            .and_then(|ns| ns.checked_mul(c));
+        let (Some(s), Some(total)) = (s, total) else {
+            return Err(Error::shape(
+                OP,
+                "input",
+                shape,
+                "an element count that fits in 64 bits",
+            ));
+        };
+        if total == 0 {
+            return Err(Error::shape(
+                OP,
+                "input",
+                shape,
+                "no zero-sized dimension (empty tensors are not supported)",
+            ));
+        }
+        if total > MAX_ELEMENTS {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "input elements",
+                value: total,
+                limit: MAX_ELEMENTS,
+                limit_name: "2^31 elements per call (u32 indexing)",
+            });
+        }
+        Ok(Self {
+            n,
+            c,
+            s,
+            m: n * s,
+            total,
+        })
+    }
+}
+
+/// The buffers of one BatchNorm forward. Slices may have offsets (aligned to
+/// `min_storage_buffer_offset_alignment`) and may be larger than needed. All are f32.
+#[derive(Clone, Debug)]
+pub struct BatchNormBuffers<'a> {
+    /// Input, `(N, C, *)`, read only. Must not share a buffer with `y`.
+    pub x: wgpu::BufferSlice<'a>,
+    /// Output, same shape as `x`.
+    pub y: wgpu::BufferSlice<'a>,
+    /// γ, `(C)`. Required when `affine`, ignored otherwise.
+    pub weight: Option<wgpu::BufferSlice<'a>>,
+    /// β, `(C)`. Required when `affine`, ignored otherwise.
+    pub bias: Option<wgpu::BufferSlice<'a>>,
+    /// Running mean, `(C)`, updated in training. Required when `track_running_stats`.
+    pub running_mean: Option<wgpu::BufferSlice<'a>>,
+    /// Running (unbiased) variance, `(C)`, updated in training. Required when tracking.
+    pub running_var: Option<wgpu::BufferSlice<'a>>,
+    /// `num_batches_tracked` as a little-endian u64 in two u32 words (8 bytes), incremented
+    /// by every training call. Required when tracking.
+    pub num_batches_tracked: Option<wgpu::BufferSlice<'a>>,
+    /// Output `(C)`: the mean this call normalized with (batch mean when batch statistics are
+    /// used, running mean in eval mode). Backward reads it.
+    pub save_mean: wgpu::BufferSlice<'a>,
+    /// Output `(C)`: the `1/sqrt(var + eps)` this call normalized with (biased batch variance,
+    /// or the running variance in eval mode).
+    pub save_invstd: wgpu::BufferSlice<'a>,
+}
+
+/// A BatchNorm forward for one input shape and configuration: owns its uniform parameters and
+/// stats scratch, and encodes into any encoder on any matching buffers.
+#[derive(Debug)]
+pub struct BatchNormPlan {
+    kernel: BatchNormKernel,
+    config: BatchNormConfig,
+    shape: Vec<usize>,
+    dims: BnDims,
+    limits: BindLimits,
+    uniform: wgpu::Buffer,
+    partials: wgpu::Buffer,
+    partials_bytes: u64,
+    stats_groups: (u32, u32),
+    finalize_groups: (u32, u32),
+    eval_groups: (u32, u32),
+    normalize_groups: (u32, u32),
+}
+
+impl BatchNormPlan {
+    /// The input shape this plan was built for.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The configuration this plan was built for.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    /// Whether a call in this mode normalizes with batch statistics (training, or no running
+    /// statistics to use) rather than the running ones.
+    pub fn uses_batch_stats(&self, training: bool) -> bool {
+        training || !self.config.track_running_stats
+    }
+
+    /// Checks `buffers` for this plan and mode without recording anything.
+    pub fn validate(&self, training: bool, b: &BatchNormBuffers<'_>) -> Result<()> {
+        let x_bytes = self.dims.total * 4;
+        let c_bytes = self.dims.c * 4;
+        if self.uses_batch_stats(training) && self.dims.m == 1 {
+            return Err(Error::shape(
+                OP,
+                "input",
+                &self.shape,
+                "more than 1 value per channel when using batch statistics (N·∏spatial > 1)",
+            ));
+        }
+        let l = &self.limits;
+        l.check(OP, "x", &b.x, x_bytes)?;
+        l.check(OP, "y", &b.y, x_bytes)?;
+        if b.x.buffer() == b.y.buffer() {
+            return Err(Error::Buffer {
+                op: OP,
+                what: "y",
+                reason: "shares a buffer with x; BatchNorm reads x again after the statistics pass, so it cannot run in place".into(),
+            });
+        }
+        l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
+        l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
+        if self.config.affine {
+            let w = b
+                .weight
+                .as_ref()
+                .ok_or_else(|| missing("weight", "affine"))?;
+            let bi = b.bias.as_ref().ok_or_else(|| missing("bias", "affine"))?;
+            l.check(OP, "weight", w, c_bytes)?;
+            l.check(OP, "bias", bi, c_bytes)?;
+        }
+        if self.config.track_running_stats {
+            let rm = b
+                .running_mean
+                .as_ref()
+                .ok_or_else(|| missing("running_mean", "track_running_stats"))?;
+            let rv = b
+                .running_var
+                .as_ref()
+                .ok_or_else(|| missing("running_var", "track_running_stats"))?;
+            let nbt = b
+                .num_batches_tracked
+                .as_ref()
+                .ok_or_else(|| missing("num_batches_tracked", "track_running_stats"))?;
+            l.check(OP, "running_mean", rm, c_bytes)?;
+            l.check(OP, "running_var", rv, c_bytes)?;
+            l.check(OP, "num_batches_tracked", nbt, 8)?;
+        }
+        Ok(())
+    }
+
+    /// Records one BatchNorm forward into `encoder`. `training` selects batch statistics and
+    /// the running-statistics update (PyTorch's `module.training`). Checks everything first:
+    /// on error nothing is recorded.
+    pub fn encode(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        training: bool,
+        b: &BatchNormBuffers<'_>,
+    ) -> Result<()> {
+        self.validate(training, b)?;
+        let k = &self.kernel;
+        let x_bytes = self.dims.total * 4;
+        let c_bytes = self.dims.c * 4;
+        let uniform = self.uniform.as_entire_binding();
+        let ph = &k.placeholders;
+        fn opt<'a>(
+            s: &Option<wgpu::BufferSlice<'a>>,
+            placeholder: &'a wgpu::Buffer,
+            bytes: u64,
+        ) -> wgpu::BindingResource<'a> {
+            match s {
+                Some(s) => binding(s, bytes),
+                None => placeholder.as_entire_binding(),
+            }
+        }
+        let (weight, bias) = if self.config.affine {
+            (
+                opt(&b.weight, &ph[0], c_bytes),
+                opt(&b.bias, &ph[1], c_bytes),
+            )
+        } else {
+            (ph[0].as_entire_binding(), ph[1].as_entire_binding())
+        };
+        let tracking = self.config.track_running_stats;
+        let (running_mean, running_var, nbt) = if tracking {
+            (
+                opt(&b.running_mean, &ph[2], c_bytes),
+                opt(&b.running_var, &ph[3], c_bytes),
+                opt(&b.num_batches_tracked, &ph[4], 8),
+            )
+        } else {
+            (
+                ph[2].as_entire_binding(),
+                ph[3].as_entire_binding(),
+                ph[4].as_entire_binding(),
+            )
+        };
+        let x = binding(&b.x, x_bytes);
+        let save_mean = binding(&b.save_mean, c_bytes);
+        let save_invstd = binding(&b.save_invstd, c_bytes);
+        let partials = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.partials,
+            offset: 0,
+            size: std::num::NonZeroU64::new(self.partials_bytes),
+        });
+
+        let batch_stats = self.uses_batch_stats(training);
+        let mut groups = Vec::new();
+        if batch_stats {
+            groups.push((
+                &k.stats,
+                bind_group(
+                    device,
+                    "bn_stats",
+                    &k.stats,
+                    &[(0, uniform.clone()), (1, x.clone()), (10, partials.clone())],
+                ),
+                self.stats_groups,
+            ));
+            if training && tracking {
+                groups.push((
+                    &k.count,
+                    bind_group(device, "bn_count", &k.count, &[(7, nbt.clone())]),
+                    (1, 1),
+                ));
+            }
+            groups.push((
+                &k.finalize,
+                bind_group(
+                    device,
+                    "bn_finalize",
+                    &k.finalize,
+                    &[
+                        (0, uniform.clone()),
+                        (5, running_mean.clone()),
+                        (6, running_var.clone()),
+                        (7, nbt.clone()),
+                        (8, save_mean.clone()),
+                        (9, save_invstd.clone()),
+                        (10, partials.clone()),
+                    ],
+                ),
+                self.finalize_groups,
+            ));
+        } else {
+            groups.push((
+                &k.finalize_eval,
+                bind_group(
+                    device,
+                    "bn_finalize_eval",
+                    &k.finalize_eval,
+                    &[
+                        (0, uniform.clone()),
+                        (5, running_mean.clone()),
+                        (6, running_var.clone()),
+                        (8, save_mean.clone()),
+                        (9, save_invstd.clone()),
+                    ],
+                ),
+                self.eval_groups,
+            ));
+        }
+        groups.push((
+            &k.normalize,
+            bind_group(
+                device,
+                "bn_normalize",
+                &k.normalize,
+                &[
+                    (0, uniform),
+                    (1, x),
+                    (2, binding(&b.y, x_bytes)),
+                    (3, weight),
+                    (4, bias),
+                    (8, save_mean),
+                    (9, save_invstd),
+                ],
+            ),
+            self.normalize_groups,
+        ));
+
+        // bn_finalize updates running statistics exactly when FLAG_TRACK is set: with tracking
+        // it only runs in training mode (eval uses bn_finalize_eval), after bn_count.
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("batch_norm forward"),
+            timestamp_writes: None,
+        });
+        for (pipeline, group, (gx, gy)) in &groups {
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(*gx, *gy, 1);
+        }
+        Ok(())
+    }
+}
+
+fn missing(what: &'static str, because: &str) -> Error {
+    Error::Buffer {
+        op: OP,
+        what,
+        reason: format!("is required when {because} is set"),
+    }
+}

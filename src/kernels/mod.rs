@@ -1,0 +1,192 @@
+//! The low-level layer: one kernel object per op family, built once per device, that records
+//! dispatches into a caller's `CommandEncoder` on caller-supplied buffers.
+//!
+//! Nothing here creates a device, reads back, waits, or submits. The only allocations are made
+//! once, when a *plan* is built for a shape (a small uniform buffer and scratch space); encoding
+//! a plan allocates nothing but bind groups. Every argument is checked before the first command
+//! is recorded, so a call that returns an error has recorded nothing.
+
+pub mod batch_norm;
+
+use std::num::NonZeroU64;
+
+use crate::error::{Error, Result};
+
+/// Largest workgroup count per dispatch dimension that every WebGPU device accepts.
+pub(crate) const MAX_WORKGROUPS_PER_DIM: u32 = 65535;
+
+/// Splits `count` workgroups over x and y so that neither exceeds `max_per_dim`. Shaders
+/// recover the linear index as `wid.x + wid.y * num_workgroups.x` and skip indices past
+/// `count` (at most `x − 1` padding workgroups).
+pub(crate) fn fold_workgroups(
+    op: &'static str,
+    count: u64,
+    max_per_dim: u32,
+) -> Result<(u32, u32)> {
+    let max = u64::from(max_per_dim.max(1));
+    if count <= max {
+        return Ok((count.max(1) as u32, 1));
+    }
+    let y = count.div_ceil(max);
+    if y > max {
+        return Err(Error::ExceedsLimit {
+            op,
+            what: "workgroups after folding into y",
+            value: y,
+            limit: max,
+            limit_name: "max_compute_workgroups_per_dimension",
+        });
+    }
+    Ok((max as u32, y as u32))
+}
+
+/// The device limits a plan checks caller buffers against, captured once at plan creation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BindLimits {
+    pub storage_offset_alignment: u64,
+    pub max_storage_binding: u64,
+    pub max_workgroups_per_dim: u32,
+}
+
+impl BindLimits {
+    pub fn of(device: &wgpu::Device) -> Self {
+        let l = device.limits();
+        Self {
+            storage_offset_alignment: u64::from(l.min_storage_buffer_offset_alignment),
+            max_storage_binding: l.max_storage_buffer_binding_size,
+            max_workgroups_per_dim: l
+                .max_compute_workgroups_per_dimension
+                .min(MAX_WORKGROUPS_PER_DIM),
+        }
+    }
+
+    /// Checks that `slice` can be bound as a storage buffer of `needed` bytes.
+    pub fn check(
+        &self,
+        op: &'static str,
+        what: &'static str,
+        slice: &wgpu::BufferSlice<'_>,
+        needed: u64,
+    ) -> Result<()> {
+        let buffer = slice.buffer();
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::Buffer {
+                op,
+                what,
+                reason: "needs STORAGE usage".into(),
+            });
+        }
+        if slice.offset() % self.storage_offset_alignment != 0 {
+            return Err(Error::Buffer {
+                op,
+                what,
+                reason: format!(
+                    "offset {} is not a multiple of min_storage_buffer_offset_alignment = {}",
+                    slice.offset(),
+                    self.storage_offset_alignment
+                ),
+            });
+        }
+        if slice.size() < needed {
+            return Err(Error::BufferTooSmall {
+                op,
+                what,
+                needed,
+                got: slice.size(),
+            });
+        }
+        if needed > self.max_storage_binding {
+            return Err(Error::ExceedsLimit {
+                op,
+                what,
+                value: needed,
+                limit: self.max_storage_binding,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A storage binding of exactly `bytes` bytes at the slice's offset (rounded up to 4 bytes,
+/// which the checks guarantee fits in the slice for the 4-byte element types used here).
+pub(crate) fn binding<'a>(slice: &wgpu::BufferSlice<'a>, bytes: u64) -> wgpu::BindingResource<'a> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer: slice.buffer(),
+        offset: slice.offset(),
+        size: NonZeroU64::new(bytes.div_ceil(4).max(1) * 4),
+    })
+}
+
+/// Builds a bind group for group 0 of `pipeline` from `(binding, resource)` pairs.
+pub(crate) fn bind_group(
+    device: &wgpu::Device,
+    label: &str,
+    pipeline: &wgpu::ComputePipeline,
+    entries: &[(u32, wgpu::BindingResource<'_>)],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
+        .iter()
+        .map(|(binding, resource)| wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: resource.clone(),
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    })
+}
+
+/// Compiles one entry point of a WGSL module with a layout derived from the shader.
+pub(crate) fn compute_pipeline(
+    device: &wgpu::Device,
+    module: &wgpu::ShaderModule,
+    entry: &str,
+) -> wgpu::ComputePipeline {
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(entry),
+        layout: None,
+        module,
+        entry_point: Some(entry),
+        compilation_options: Default::default(),
+        cache: None,
+    })
+}
+
+/// A tiny storage buffer bound where a shader declares a binding that this call does not use
+/// (e.g. γ/β when `affine = false`). WebGPU requires every declared binding to be bound.
+pub(crate) fn placeholder(device: &wgpu::Device, label: &str) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: 16,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fold_keeps_small_counts_in_x() {
+        assert_eq!(fold_workgroups("t", 1, 65535).unwrap(), (1, 1));
+        assert_eq!(fold_workgroups("t", 65535, 65535).unwrap(), (65535, 1));
+    }
+
+    #[test]
+    fn fold_covers_large_counts_with_little_padding() {
+        for count in [65536u64, 100_000, 65535 * 7 + 3, 4_000_000] {
+            let (x, y) = fold_workgroups("t", count, 65535).unwrap();
+            let covered = u64::from(x) * u64::from(y);
+            assert!(covered >= count, "{count}: {x}x{y}");
+            assert!(
+                covered - count < u64::from(x),
+                "{count}: {x}x{y} pads a whole row"
+            );
+        }
+        assert!(fold_workgroups("t", 65535u64 * 65535 + 1, 65535).is_err());
+    }
+}

@@ -1,0 +1,41 @@
+//! # normdrop
+//!
+//! GPU kernels for the normalization and regularization layers of neural networks, written in
+//! WGSL and run through wgpu on Vulkan, Metal, DX12 and GL, with PyTorch's exact semantics.
+//!
+//! Three layers, from the bottom:
+//!
+//! - [`kernels`]: one kernel object per op family. It records dispatches into *your*
+//!   `wgpu::CommandEncoder` on *your* buffers, and never creates devices, reads back or waits.
+//! - [`nn`]: PyTorch-like modules ([`BatchNorm`]) that own parameters and running statistics
+//!   on the GPU, with train/eval mode and safetensors state using PyTorch's key names.
+//! - [`reference`]: CPU references in f64, used by the tests and by `normdrop check`.
+//!
+//! ```no_run
+//! use normdrop::{BatchNorm, Context, Tensor};
+//!
+//! let ctx = Context::new_blocking()?;
+//! let mut bn = BatchNorm::new(&ctx, 3)?;                    // nn.BatchNorm2d(3)
+//! let x = Tensor::from_slice(&ctx, &vec![0.5f32; 2 * 3 * 4 * 4], &[2, 3, 4, 4])?;
+//! let y = bn.forward(&x)?;                                   // training mode
+//! let y: Vec<f32> = y.to_vec_blocking(&ctx)?;
+//! let running_mean: Vec<f32> = bn.running_mean().unwrap().to_vec_blocking(&ctx)?;
+//! # Ok::<(), normdrop::Error>(())
+//! ```
+
+pub mod context;
+pub mod error;
+pub mod fixture;
+pub mod kernels;
+pub mod nn;
+pub mod reference;
+mod state;
+pub mod tensor;
+
+pub use context::{Context, ContextOptions, Kernel};
+pub use error::{Error, Result};
+pub use kernels::batch_norm::{BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan};
+pub use nn::BatchNorm;
+pub use tensor::{DType, Element, Tensor};
+/// The wgpu this crate is built on, re-exported so callers use the same version.
+pub use wgpu;

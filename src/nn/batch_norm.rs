@@ -1,0 +1,414 @@
+//! [`BatchNorm`]: PyTorch's `nn.BatchNorm{1,2,3}d` as a module that owns its parameters and
+//! running statistics on the GPU.
+
+use std::collections::HashMap;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::kernels::batch_norm::{
+    BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan,
+};
+use crate::tensor::{DType, Tensor};
+
+const OP: &str = "BatchNorm";
+
+/// What the last forward saved for backward.
+#[derive(Clone, Debug)]
+pub struct BatchNormSaved {
+    /// Input shape of that forward.
+    pub shape: Vec<usize>,
+    /// Whether it normalized with batch statistics (training, or no running stats).
+    pub batch_stats: bool,
+    /// Mean it normalized with, `(C)`.
+    pub mean: Tensor,
+    /// `1/sqrt(var + eps)` it normalized with, `(C)`.
+    pub invstd: Tensor,
+}
+
+/// BatchNorm over `(N, C, *)` inputs with PyTorch semantics (see [`BatchNormConfig`]).
+///
+/// - Training: normalizes with the batch mean and biased batch variance over all axes but 1,
+///   updates `running_mean`/`running_var` (unbiased) with `momentum` (or the cumulative average
+///   when `momentum` is `None`) and increments `num_batches_tracked`.
+/// - Eval: normalizes with the running statistics and changes nothing; without
+///   `track_running_stats` it uses batch statistics in both modes.
+///
+/// Parameters and running statistics live on the GPU; the state round-trips through
+/// safetensors with PyTorch's key names. A module starts in training mode, like PyTorch's.
+#[derive(Debug)]
+pub struct BatchNorm {
+    ctx: Context,
+    config: BatchNormConfig,
+    kernel: std::sync::Arc<BatchNormKernel>,
+    training: bool,
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    running_mean: Option<Tensor>,
+    running_var: Option<Tensor>,
+    /// u64 counter as two little-endian u32 words; the kernel increments it on the GPU.
+    num_batches_tracked: Option<wgpu::Buffer>,
+    plan: Option<BatchNormPlan>,
+    saved: Option<BatchNormSaved>,
+}
+
+impl BatchNorm {
+    /// A module with PyTorch's defaults for `num_features` channels.
+    pub fn new(ctx: &Context, num_features: usize) -> Result<Self> {
+        Self::with_config(ctx, BatchNormConfig::new(num_features))
+    }
+
+    /// A module with an explicit configuration (validated here).
+    pub fn with_config(ctx: &Context, config: BatchNormConfig) -> Result<Self> {
+        config.validate()?;
+        let kernel = ctx.kernel::<BatchNormKernel>()?;
+        let c = config.num_features;
+        let (weight, bias) = if config.affine {
+            (
+                Some(Tensor::from_slice(ctx, &vec![1.0f32; c], &[c])?),
+                Some(Tensor::zeros(ctx, &[c], DType::F32)?),
+            )
+        } else {
+            (None, None)
+        };
+        let (running_mean, running_var, num_batches_tracked) = if config.track_running_stats {
+            (
+                Some(Tensor::zeros(ctx, &[c], DType::F32)?),
+                Some(Tensor::from_slice(ctx, &vec![1.0f32; c], &[c])?),
+                Some(ctx.create_buffer(
+                    "num_batches_tracked",
+                    8,
+                    wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                )?),
+            )
+        } else {
+            (None, None, None)
+        };
+        Ok(Self {
+            ctx: ctx.clone(),
+            config,
+            kernel,
+            training: true,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            plan: None,
+            saved: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    /// Switches to training mode (batch statistics, running-stat updates).
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Switches to eval mode (running statistics, no updates).
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    /// Whether the module is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// γ, `(C)`, when affine.
+    pub fn weight(&self) -> Option<&Tensor> {
+        self.weight.as_ref()
+    }
+
+    /// β, `(C)`, when affine.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Running mean, `(C)`, when tracking.
+    pub fn running_mean(&self) -> Option<&Tensor> {
+        self.running_mean.as_ref()
+    }
+
+    /// Running unbiased variance, `(C)`, when tracking.
+    pub fn running_var(&self) -> Option<&Tensor> {
+        self.running_var.as_ref()
+    }
+
+    /// What the last successful forward saved for backward.
+    pub fn saved(&self) -> Option<&BatchNormSaved> {
+        self.saved.as_ref()
+    }
+
+    /// Reads `num_batches_tracked` back from the GPU (`None` when not tracking).
+    pub async fn num_batches_tracked(&self) -> Result<Option<u64>> {
+        match &self.num_batches_tracked {
+            None => Ok(None),
+            Some(buf) => {
+                let bytes = self.ctx.read_buffer(buf, 0, 8).await?;
+                Ok(Some(u64::from_le_bytes(
+                    bytes[..8].try_into().expect("8 bytes"),
+                )))
+            }
+        }
+    }
+
+    /// Blocking [`BatchNorm::num_batches_tracked`].
+    pub fn num_batches_tracked_blocking(&self) -> Result<Option<u64>> {
+        pollster::block_on(self.num_batches_tracked())
+    }
+
+    /// Sets γ (length C). Errors, changing nothing, when not affine or on a length mismatch.
+    pub fn set_weight(&mut self, values: &[f32]) -> Result<()> {
+        self.write_param("weight", values)
+    }
+
+    /// Sets β (length C).
+    pub fn set_bias(&mut self, values: &[f32]) -> Result<()> {
+        self.write_param("bias", values)
+    }
+
+    /// Sets the running mean (length C).
+    pub fn set_running_mean(&mut self, values: &[f32]) -> Result<()> {
+        self.write_param("running_mean", values)
+    }
+
+    /// Sets the running variance (length C).
+    pub fn set_running_var(&mut self, values: &[f32]) -> Result<()> {
+        self.write_param("running_var", values)
+    }
+
+    /// Sets `num_batches_tracked`. Errors when not tracking.
+    pub fn set_num_batches_tracked(&mut self, value: u64) -> Result<()> {
+        let buf = self
+            .num_batches_tracked
+            .as_ref()
+            .ok_or_else(|| Error::State {
+                op: OP,
+                reason: "num_batches_tracked exists only with track_running_stats".into(),
+            })?;
+        self.ctx
+            .scoped(|| self.ctx.queue().write_buffer(buf, 0, &value.to_le_bytes()))
+    }
+
+    fn param(&self, name: &str) -> Option<&Tensor> {
+        match name {
+            "weight" => self.weight.as_ref(),
+            "bias" => self.bias.as_ref(),
+            "running_mean" => self.running_mean.as_ref(),
+            "running_var" => self.running_var.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn write_param(&mut self, name: &'static str, values: &[f32]) -> Result<()> {
+        let c = self.config.num_features;
+        let t = self.param(name).ok_or_else(|| Error::State {
+            op: OP,
+            reason: format!(
+                "this configuration has no `{name}` (affine = {}, track_running_stats = {})",
+                self.config.affine, self.config.track_running_stats
+            ),
+        })?;
+        if values.len() != c {
+            return Err(Error::shape(OP, name, &[values.len()], format!("({c})")));
+        }
+        t.write(&self.ctx, values)
+    }
+
+    /// Applies the module to `x` of shape `(N, C, *)` and returns `y` of the same shape.
+    /// Submits the work to the queue; does not wait for it.
+    ///
+    /// Errors (changing neither the running statistics nor `num_batches_tracked`) for a rank
+    /// below 2, a channel count other than `num_features`, a non-f32 input, empty input, a
+    /// single value per channel when batch statistics are needed, or a tensor beyond the
+    /// device's binding limit.
+    pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != DType::F32 {
+            return Err(Error::DType {
+                op: OP,
+                what: "x",
+                got: x.dtype(),
+                expected: DType::F32,
+            });
+        }
+        if self.plan.as_ref().is_none_or(|p| p.shape() != x.shape()) {
+            let plan = self
+                .kernel
+                .plan(self.ctx.device(), x.shape(), &self.config)?;
+            self.plan = Some(plan);
+        }
+        let plan = self.plan.as_ref().expect("set above");
+        let c = self.config.num_features;
+        let y = Tensor::zeros(&self.ctx, x.shape(), DType::F32)?;
+        let mean = Tensor::zeros(&self.ctx, &[c], DType::F32)?;
+        let invstd = Tensor::zeros(&self.ctx, &[c], DType::F32)?;
+        let buffers = BatchNormBuffers {
+            x: x.slice(),
+            y: y.slice(),
+            weight: self.weight.as_ref().map(Tensor::slice),
+            bias: self.bias.as_ref().map(Tensor::slice),
+            running_mean: self.running_mean.as_ref().map(Tensor::slice),
+            running_var: self.running_var.as_ref().map(Tensor::slice),
+            num_batches_tracked: self.num_batches_tracked.as_ref().map(|b| b.slice(..)),
+            save_mean: mean.slice(),
+            save_invstd: invstd.slice(),
+        };
+        let device = self.ctx.device();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("BatchNorm forward"),
+        });
+        self.ctx
+            .scoped(|| plan.encode(device, &mut encoder, self.training, &buffers))??;
+        self.ctx
+            .scoped(|| self.ctx.queue().submit([encoder.finish()]))?;
+        self.saved = Some(BatchNormSaved {
+            shape: x.shape().to_vec(),
+            batch_stats: plan.uses_batch_stats(self.training),
+            mean,
+            invstd,
+        });
+        Ok(y)
+    }
+
+    /// The state as `(key, tensor)` entries with PyTorch's names, prefixed by `prefix` (e.g.
+    /// `"bn1."`): `weight`, `bias` (affine), `running_mean`, `running_var`,
+    /// `num_batches_tracked` (int64, shape `[]`) when tracking.
+    pub async fn state(&self, prefix: &str) -> Result<Vec<(String, StateTensor)>> {
+        let mut out = Vec::new();
+        for name in ["weight", "bias", "running_mean", "running_var"] {
+            if let Some(t) = self.param(name) {
+                let v: Vec<f32> = t.to_vec(&self.ctx).await?;
+                out.push((
+                    format!("{prefix}{name}"),
+                    StateTensor::F32 {
+                        shape: vec![v.len()],
+                        data: v,
+                    },
+                ));
+            }
+        }
+        if let Some(n) = self.num_batches_tracked().await? {
+            out.push((
+                format!("{prefix}num_batches_tracked"),
+                StateTensor::I64 {
+                    shape: vec![],
+                    data: vec![n as i64],
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Serializes [`BatchNorm::state`] to safetensors bytes.
+    pub fn state_to_safetensors(&self, prefix: &str) -> Result<Vec<u8>> {
+        let state = pollster::block_on(self.state(prefix))?;
+        crate::state::serialize(&state)
+    }
+
+    /// Loads state written by [`BatchNorm::state_to_safetensors`] or by PyTorch
+    /// (`safetensors.torch.save_file(module.state_dict())`). Every key this configuration has
+    /// must be present, f32 of shape `(C)` (int64 scalar or `[1]` for `num_batches_tracked`).
+    /// Everything is checked before anything is written.
+    pub fn load_state_from_safetensors(&mut self, bytes: &[u8], prefix: &str) -> Result<()> {
+        let c = self.config.num_features;
+        let tensors = crate::state::deserialize(bytes)?;
+        let mut pending: Vec<(&'static str, Vec<f32>)> = Vec::new();
+        for name in ["weight", "bias", "running_mean", "running_var"] {
+            if self.param(name).is_none() {
+                continue;
+            }
+            let key = format!("{prefix}{name}");
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| Error::SafeTensors(format!("missing key `{key}`")))?;
+            let data = t.as_f32(&key, &[c])?;
+            pending.push((name, data));
+        }
+        let mut count = None;
+        if self.num_batches_tracked.is_some() {
+            let key = format!("{prefix}num_batches_tracked");
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| Error::SafeTensors(format!("missing key `{key}`")))?;
+            count = Some(t.as_count(&key)?);
+        }
+        for (name, data) in &pending {
+            self.write_param(name, data)?;
+        }
+        if let Some(n) = count {
+            self.set_num_batches_tracked(n)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the state to a safetensors file.
+    pub fn save_state(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let bytes = self.state_to_safetensors("")?;
+        let path = path.as_ref();
+        std::fs::write(path, bytes).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Loads the state from a safetensors file (see [`BatchNorm::load_state_from_safetensors`]).
+    pub fn load_state(&mut self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.load_state_from_safetensors(&bytes, "")
+    }
+}
+
+/// One entry of a module's state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateTensor {
+    /// float32 data.
+    F32 {
+        /// Shape.
+        shape: Vec<usize>,
+        /// Values.
+        data: Vec<f32>,
+    },
+    /// int64 data.
+    I64 {
+        /// Shape.
+        shape: Vec<usize>,
+        /// Values.
+        data: Vec<i64>,
+    },
+}
+
+impl StateTensor {
+    fn as_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        match self {
+            StateTensor::F32 { shape: s, data } if s == shape => Ok(data.clone()),
+            StateTensor::F32 { shape: s, .. } => Err(Error::SafeTensors(format!(
+                "`{key}` has shape {s:?}, expected {shape:?}"
+            ))),
+            StateTensor::I64 { .. } => Err(Error::SafeTensors(format!(
+                "`{key}` is int64, expected float32"
+            ))),
+        }
+    }
+
+    fn as_count(&self, key: &str) -> Result<u64> {
+        match self {
+            StateTensor::I64 { data, .. } if data.len() == 1 && data[0] >= 0 => Ok(data[0] as u64),
+            _ => Err(Error::SafeTensors(format!(
+                "`{key}` must be one non-negative int64"
+            ))),
+        }
+    }
+}
+
+/// Named state tensors, as read from a file.
+pub(crate) type StateMap = HashMap<String, StateTensor>;

@@ -1,0 +1,6 @@
+//! PyTorch-like modules: they own parameters and state on the GPU, track train/eval mode, and
+//! submit their work through a [`Context`](crate::Context).
+
+pub mod batch_norm;
+
+pub use batch_norm::{BatchNorm, BatchNormSaved, StateTensor};
