@@ -183,16 +183,18 @@ impl Context {
         let validation = validation.pop();
         let oom = oom.pop();
         let internal = internal.pop();
-        for pending in [
+        let first_error = [
             pollster::block_on(validation),
             pollster::block_on(oom),
             pollster::block_on(internal),
-        ] {
-            if let Some(e) = pending {
-                return Err(e.into());
-            }
+        ]
+        .into_iter()
+        .flatten()
+        .next();
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(out),
         }
-        Ok(out)
     }
 
     /// Creates a buffer inside error scopes, so an allocation failure is an [`Error`].

@@ -135,7 +135,7 @@ impl Tensor {
             ));
         }
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             ctx.scoped(|| ctx.queue().write_buffer(&self.buffer, 0, bytes))
         } else {
             // queue writes must be a multiple of 4 bytes: pad an odd f16 count with a zero half.

@@ -20,6 +20,17 @@ use crate::kernels::{
 };
 
 const OP: &str = "batch_norm";
+
+/// The WGSL source of the BatchNorm forward kernels.
+pub(crate) const SHADER: &str = include_str!("../../shaders/batch_norm.wgsl");
+/// Entry points in [`SHADER`] that get a pipeline.
+pub(crate) const ENTRY_POINTS: &[&str] = &[
+    "bn_stats",
+    "bn_count",
+    "bn_finalize",
+    "bn_finalize_eval",
+    "bn_normalize",
+];
 const WORKGROUP: u64 = 256;
 const EVAL_WORKGROUP: u64 = 64;
 
@@ -123,7 +134,7 @@ impl Kernel for BatchNormKernel {
     fn build(device: &wgpu::Device) -> Self {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("batch_norm.wgsl"),
-            source: wgpu::ShaderSource::Wgsl(include_str!("../../shaders/batch_norm.wgsl").into()),
+            source: wgpu::ShaderSource::Wgsl(SHADER.into()),
         });
         Self {
             stats: compute_pipeline(device, &module, "bn_stats"),
@@ -163,7 +174,7 @@ impl BatchNormKernel {
         stats_chunk: u32,
     ) -> Result<BatchNormPlan> {
         config.validate()?;
-        if stats_chunk == 0 || u64::from(stats_chunk) % WORKGROUP != 0 {
+        if stats_chunk == 0 || !u64::from(stats_chunk).is_multiple_of(WORKGROUP) {
             return Err(Error::invalid(
                 OP,
                 format!(
@@ -405,13 +416,6 @@ impl BatchNormPlan {
         let l = &self.limits;
         l.check(OP, "x", &b.x, x_bytes)?;
         l.check(OP, "y", &b.y, x_bytes)?;
-        if b.x.buffer() == b.y.buffer() {
-            return Err(Error::Buffer {
-                op: OP,
-                what: "y",
-                reason: "shares a buffer with x; BatchNorm reads x again after the statistics pass, so it cannot run in place".into(),
-            });
-        }
         l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
         l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
         if self.config.affine {
@@ -439,6 +443,41 @@ impl BatchNormPlan {
             l.check(OP, "running_mean", rm, c_bytes)?;
             l.check(OP, "running_var", rv, c_bytes)?;
             l.check(OP, "num_batches_tracked", nbt, 8)?;
+        }
+        self.check_aliasing(b)
+    }
+
+    /// WebGPU forbids binding one buffer both read-only and writable in a dispatch, and the
+    /// normalize pass reads `x` after the statistics pass, so it cannot run in place: every
+    /// read-only input must live in a buffer that no output uses.
+    fn check_aliasing(&self, b: &BatchNormBuffers<'_>) -> Result<()> {
+        let mut inputs = vec![("x", &b.x)];
+        let mut outputs = vec![
+            ("y", &b.y),
+            ("save_mean", &b.save_mean),
+            ("save_invstd", &b.save_invstd),
+        ];
+        if self.config.affine {
+            inputs.extend(b.weight.as_ref().map(|s| ("weight", s)));
+            inputs.extend(b.bias.as_ref().map(|s| ("bias", s)));
+        }
+        if self.config.track_running_stats {
+            outputs.extend(b.running_mean.as_ref().map(|s| ("running_mean", s)));
+            outputs.extend(b.running_var.as_ref().map(|s| ("running_var", s)));
+            outputs.extend(
+                b.num_batches_tracked
+                    .as_ref()
+                    .map(|s| ("num_batches_tracked", s)),
+            );
+        }
+        for (out_name, out) in &outputs {
+            if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
+                return Err(Error::Buffer {
+                    op: OP,
+                    what: out_name,
+                    reason: format!("shares a buffer with the input `{in_name}`; inputs and outputs must be in distinct buffers (no in-place BatchNorm)"),
+                });
+            }
         }
         Ok(())
     }

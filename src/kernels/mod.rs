@@ -10,6 +10,30 @@ pub mod batch_norm;
 
 use std::num::NonZeroU64;
 
+/// One WGSL module exactly as a kernel hands it to `create_shader_module`.
+#[derive(Clone, Debug)]
+pub struct ShaderVariant {
+    /// The file in `shaders/` it comes from.
+    pub file: &'static str,
+    /// Which variant of that file (e.g. `"f32"`).
+    pub variant: &'static str,
+    /// The WGSL source.
+    pub source: String,
+    /// The compute entry points the kernel builds pipelines for.
+    pub entry_points: &'static [&'static str],
+}
+
+/// Every shader variant any kernel in this crate can build. The portability test translates
+/// each one to SPIR-V, MSL, HLSL and GLSL with naga.
+pub fn shader_variants() -> Vec<ShaderVariant> {
+    vec![ShaderVariant {
+        file: "batch_norm.wgsl",
+        variant: "f32",
+        source: batch_norm::SHADER.to_string(),
+        entry_points: batch_norm::ENTRY_POINTS,
+    }]
+}
+
 use crate::error::{Error, Result};
 
 /// Largest workgroup count per dispatch dimension that every WebGPU device accepts.
@@ -76,7 +100,7 @@ impl BindLimits {
                 reason: "needs STORAGE usage".into(),
             });
         }
-        if slice.offset() % self.storage_offset_alignment != 0 {
+        if !slice.offset().is_multiple_of(self.storage_offset_alignment) {
             return Err(Error::Buffer {
                 op,
                 what,

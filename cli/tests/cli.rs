@@ -1,0 +1,132 @@
+//! The `normdrop` command as a user runs it. Needs a GPU adapter (lavapipe in CI), like the
+//! library's GPU tests; `NORMDROP_ALLOW_NO_GPU=1` skips these explicitly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/torch")
+}
+
+fn normdrop(args: &[&str]) -> Option<Output> {
+    let out = Command::new(env!("CARGO_BIN_EXE_normdrop"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("no GPU adapter") {
+        if std::env::var("NORMDROP_ALLOW_NO_GPU").is_ok_and(|v| v == "1") {
+            return None;
+        }
+        panic!("no GPU adapter (set NORMDROP_ALLOW_NO_GPU=1 to skip): {stderr}");
+    }
+    Some(out)
+}
+
+fn last_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn info_names_the_adapter() {
+    let Some(out) = normdrop(&["info"]) else {
+        return;
+    };
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let adapter = text
+        .lines()
+        .find(|l| l.starts_with("adapter"))
+        .expect("an adapter line");
+    assert!(adapter.split_whitespace().count() >= 2, "{adapter}");
+    assert!(text.contains("max_storage_buffer_binding_size"));
+}
+
+#[test]
+fn check_passes_every_batch_norm_fixture() {
+    let mut files: Vec<String> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.contains("/bn"))
+        .collect();
+    files.sort();
+    let args: Vec<&str> = std::iter::once("check")
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let Some(out) = normdrop(&args) else { return };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let last = last_line(&out);
+    assert!(last.starts_with("53 passed, 0 failed"), "{last}");
+    // Only gradients are skipped, each with its reason.
+    for line in text.lines().filter(|l| l.contains(" skipped ")) {
+        assert!(line.contains("backward"), "{line}");
+    }
+    assert!(text
+        .lines()
+        .any(|l| l.contains("bn2d_train_offset") && l.contains("y.0") && l.contains(" ok ")));
+}
+
+#[test]
+fn check_fails_on_a_wrong_expectation_and_on_a_missing_file() {
+    // Perturb one expected value of a real fixture by far more than its tolerance.
+    let bytes = std::fs::read(fixtures().join("bn2d_train_basic.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                v.dtype(),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            )
+        })
+        .collect();
+    let y = owned.iter_mut().find(|t| t.0 == "y.0").unwrap();
+    let v = f64::from_le_bytes(y.3[..8].try_into().unwrap()) + 0.5;
+    y.3[..8].copy_from_slice(&v.to_le_bytes());
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let tampered = safetensors::serialize(views, meta.metadata().clone()).unwrap();
+    let path = std::env::temp_dir().join(format!(
+        "normdrop-tampered-{}.safetensors",
+        std::process::id()
+    ));
+    std::fs::write(&path, tampered).unwrap();
+
+    let Some(out) = normdrop(&["check", path.to_str().unwrap()]) else {
+        return;
+    };
+    std::fs::remove_file(&path).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("y.0") && l.contains("FAILED")),
+        "{text}"
+    );
+    assert!(last_line(&out).contains(" 1 failed"), "{text}");
+
+    let Some(out) = normdrop(&["check", "/nonexistent/fixture.safetensors"]) else {
+        return;
+    };
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        last_line(&out).starts_with("0 passed, 1 failed"),
+        "{}",
+        last_line(&out)
+    );
+}

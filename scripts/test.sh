@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# normdrop's test command (the README's, and what .ci/run calls).
+#
+# 1. If no GPU adapter is found and this is a Debian machine where we are root, install Mesa's
+#    lavapipe (Vulkan on the CPU) and llvmpipe (GL on the CPU).
+# 2. Run the whole test suite on the default adapter (Vulkan/lavapipe on a machine without a GPU).
+# 3. Run the GPU tests again on the GL backend (WGPU_BACKEND=gl), when a GL adapter exists.
+#
+# GPU tests fail, not skip, without an adapter; NORMDROP_ALLOW_NO_GPU=1 opts out explicitly.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -- batch_norm`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mesa_packages=(mesa-vulkan-drivers libvulkan1 libegl1 libgl1-mesa-dri)
+
+cargo build --quiet -p normdrop-cli
+normdrop=target/debug/normdrop
+
+if ! "$normdrop" info >/dev/null 2>&1; then
+    echo "test.sh: no GPU adapter found"
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "test.sh: installing Mesa lavapipe/llvmpipe: ${mesa_packages[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${mesa_packages[@]}" >/dev/null
+    elif [ "${NORMDROP_ALLOW_NO_GPU:-}" != 1 ]; then
+        echo "test.sh: cannot install lavapipe here (needs root and apt-get); install ${mesa_packages[*]}" \
+             "or set NORMDROP_ALLOW_NO_GPU=1 to skip the GPU tests" >&2
+        exit 1
+    fi
+fi
+"$normdrop" info 2>/dev/null | head -3 || true
+
+echo "test.sh: full suite on the default adapter"
+cargo test --workspace "$@"
+
+if WGPU_BACKEND=gl "$normdrop" info >/dev/null 2>&1; then
+    echo "test.sh: GPU tests again on the GL backend"
+    WGPU_BACKEND=gl cargo test --workspace "$@"
+elif [ "${NORMDROP_ALLOW_NO_GPU:-}" != 1 ]; then
+    echo "test.sh: no GL adapter (WGPU_BACKEND=gl); install libegl1 libgl1-mesa-dri" >&2
+    exit 1
+fi

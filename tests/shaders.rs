@@ -1,0 +1,110 @@
+//! Portability without the hardware: every shader variant the kernels build is translated by
+//! naga to SPIR-V (Vulkan), MSL (Metal), HLSL (DX12) and GLSL ES 3.1 (GL). Any translation
+//! error fails the test. Runs without a GPU.
+
+use naga::back::{glsl, hlsl, msl, spv};
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+
+fn translate_all(v: &normdrop::kernels::ShaderVariant) {
+    let what = format!("{} [{}]", v.file, v.variant);
+    let module = naga::front::wgsl::parse_str(&v.source)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&v.source)));
+    let info = Validator::new(ValidationFlags::all(), Capabilities::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&v.source)));
+
+    let names: Vec<&str> = module
+        .entry_points
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    for ep in v.entry_points {
+        assert!(
+            names.contains(ep),
+            "{what}: entry point {ep} missing (has {names:?})"
+        );
+    }
+
+    let words = spv::write_vec(&module, &info, &spv::Options::default(), None)
+        .unwrap_or_else(|e| panic!("{what} -> SPIR-V: {e}"));
+    assert_eq!(words[0], 0x0723_0203, "{what}: SPIR-V magic");
+
+    let (metal, _) = msl::write_string(
+        &module,
+        &info,
+        &msl::Options::default(),
+        &msl::PipelineOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{what} -> MSL: {e}"));
+    for ep in v.entry_points {
+        assert!(metal.contains(ep), "{what}: MSL lacks {ep}");
+    }
+
+    let mut hlsl_out = String::new();
+    hlsl::Writer::new(
+        &mut hlsl_out,
+        &hlsl::Options::default(),
+        &hlsl::PipelineOptions::default(),
+    )
+    .write(&module, &info, None)
+    .unwrap_or_else(|e| panic!("{what} -> HLSL: {e}"));
+    assert!(
+        hlsl_out.contains("[numthreads("),
+        "{what}: HLSL has no compute entry"
+    );
+
+    // GLSL has one entry point per translation, as wgpu's GL backend does it.
+    for ep in v.entry_points {
+        let mut out = String::new();
+        let options = glsl::Options {
+            version: glsl::Version::Embedded {
+                version: 310,
+                is_webgl: false,
+            },
+            ..Default::default()
+        };
+        let pipeline = glsl::PipelineOptions {
+            shader_stage: naga::ShaderStage::Compute,
+            entry_point: ep.to_string(),
+            multiview: None,
+        };
+        glsl::Writer::new(
+            &mut out,
+            &module,
+            &info,
+            &options,
+            &pipeline,
+            naga::proc::BoundsCheckPolicies::default(),
+        )
+        .and_then(|mut w| w.write())
+        .unwrap_or_else(|e| panic!("{what} -> GLSL ({ep}): {e}"));
+        assert!(out.starts_with("#version 310 es"), "{what} ({ep})");
+    }
+}
+
+#[test]
+fn every_shader_variant_translates_to_every_backend() {
+    let variants = normdrop::kernels::shader_variants();
+    assert!(!variants.is_empty());
+    for v in &variants {
+        translate_all(v);
+    }
+}
+
+#[test]
+fn every_shader_file_is_covered() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
+    let covered: Vec<&str> = normdrop::kernels::shader_variants()
+        .iter()
+        .map(|v| v.file)
+        .collect();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".wgsl") {
+            assert!(
+                covered.contains(&name.as_str()),
+                "shaders/{name} is not in kernels::shader_variants()"
+            );
+        }
+    }
+}
