@@ -9,7 +9,7 @@
 //!   `wgpu::CommandEncoder` on *your* buffers, and never creates devices, reads back or waits.
 //! - [`nn`]: PyTorch-like modules ([`BatchNorm`]) that own parameters and running statistics
 //!   on the GPU, with train/eval mode and safetensors state using PyTorch's key names.
-//! - [`reference`]: CPU references in f64, used by the tests and by `normdrop check`.
+//! - [`reference`](mod@reference): CPU references in f64, used by the tests and by `normdrop check`.
 //!
 //! ```no_run
 //! use normdrop::{BatchNorm, Context, Tensor};
