@@ -4,9 +4,13 @@
 
 use std::path::Path;
 
+#[path = "src/shader_source.rs"]
+mod shader_source;
+
 fn main() {
     let dir = Path::new("shaders");
     println!("cargo:rerun-if-changed=shaders");
+    println!("cargo:rerun-if-changed=src/shader_source.rs");
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .expect("shaders/ directory must exist")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -17,8 +21,21 @@ fn main() {
     let mut failures = Vec::new();
     for path in &entries {
         println!("cargo:rerun-if-changed={}", path.display());
-        let source = std::fs::read_to_string(path).expect("shader is readable UTF-8");
+        let raw = std::fs::read_to_string(path).expect("shader is readable UTF-8");
         let shown = path.display().to_string();
+        if raw.starts_with("// include-only") {
+            // Shared code (e.g. it uses its includer's workgroup size); validated through every
+            // shader that includes it.
+            continue;
+        }
+        let lookup = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+        let source = match shader_source::expand(&raw, &lookup) {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(format!("{shown}: {e}"));
+                continue;
+            }
+        };
         let module = match naga::front::wgsl::parse_str(&source) {
             Ok(m) => m,
             Err(e) => {

@@ -24,6 +24,9 @@
 // linear workgroup index from `num_workgroups`.
 // Precision: f32 storage, f32 accumulation. The variance is never formed as E[x²] − E[x]².
 
+// #include "welford.wgsl"
+// #include "philox.wgsl"
+
 const WG: u32 = 256u;
 
 const FLAG_AFFINE: u32 = 1u;         // read γ, β (otherwise γ = 1, β = 0)
@@ -58,39 +61,6 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
 @group(0) @binding(10) var<storage, read_write> partials: array<vec2<f32>>; // (C, chunks) (mean, M2)
 
-// A running (count, mean, M2) triple.
-struct Stat {
-    n: f32,
-    mean: f32,
-    m2: f32,
-}
-
-// Chan et al.'s pairwise merge of two (count, mean, M2) triples.
-fn chan_merge(a: Stat, b: Stat) -> Stat {
-    let n = a.n + b.n;
-    if (n == 0.0) {
-        return a;
-    }
-    let d = b.mean - a.mean;
-    let fb = b.n / n;
-    return Stat(n, a.mean + d * fb, a.m2 + b.m2 + d * d * a.n * fb);
-}
-
-var<workgroup> shared_stat: array<Stat, WG>;
-
-// Tree-reduces every invocation's triple; the result is in shared_stat[0] for all invocations.
-fn workgroup_merge(lid: u32, mine: Stat) -> Stat {
-    shared_stat[lid] = mine;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            shared_stat[lid] = chan_merge(shared_stat[lid], shared_stat[lid + stride]);
-        }
-        workgroupBarrier();
-    }
-    return shared_stat[0];
-}
-
 @compute @workgroup_size(256)
 fn bn_stats(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -111,11 +81,7 @@ fn bn_stats(
     for (var i = begin + lid; i < end; i += WG) {
         let n = i / p.s;
         let s = i - n * p.s;
-        let v = x[(n * p.c + c) * p.s + s];
-        acc.n += 1.0;
-        let d = v - acc.mean;
-        acc.mean += d / acc.n;
-        acc.m2 += d * (v - acc.mean);
+        acc = welford_add(acc, x[(n * p.c + c) * p.s + s]);
     }
 
     // Phase 2: Chan merge across the workgroup; invocation 0 writes the chunk's partial.

@@ -29,6 +29,8 @@ pub mod fixture;
 pub mod kernels;
 pub mod nn;
 pub mod reference;
+pub mod rng;
+mod shader_source;
 mod state;
 pub mod tensor;
 

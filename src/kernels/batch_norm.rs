@@ -21,9 +21,7 @@ use crate::kernels::{
 
 const OP: &str = "batch_norm";
 
-/// The WGSL source of the BatchNorm forward kernels.
-pub(crate) const SHADER: &str = include_str!("../../shaders/batch_norm.wgsl");
-/// Entry points in [`SHADER`] that get a pipeline.
+/// Entry points in `shaders/batch_norm.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bn_stats",
     "bn_count",
@@ -132,10 +130,7 @@ pub struct BatchNormKernel {
 
 impl Kernel for BatchNormKernel {
     fn build(device: &wgpu::Device) -> Self {
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("batch_norm.wgsl"),
-            source: wgpu::ShaderSource::Wgsl(SHADER.into()),
-        });
+        let module = crate::kernels::shader_module(device, "batch_norm.wgsl");
         Self {
             stats: compute_pipeline(device, &module, "bn_stats"),
             count: compute_pipeline(device, &module, "bn_count"),

@@ -7,8 +7,40 @@
 //! is recorded, so a call that returns an error has recorded nothing.
 
 pub mod batch_norm;
+pub mod dropout;
 
 use std::num::NonZeroU64;
+
+/// Every file in `shaders/`, by name, as compiled into the crate.
+const SHADER_FILES: &[(&str, &str)] = &[
+    (
+        "batch_norm.wgsl",
+        include_str!("../../shaders/batch_norm.wgsl"),
+    ),
+    ("dropout.wgsl", include_str!("../../shaders/dropout.wgsl")),
+    ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
+    ("welford.wgsl", include_str!("../../shaders/welford.wgsl")),
+];
+
+/// The WGSL of `file` with its `// #include` directives expanded, as the kernels compile it.
+pub(crate) fn wgsl(file: &str) -> String {
+    let lookup = |name: &str| {
+        SHADER_FILES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s.to_string())
+    };
+    let raw = lookup(file).unwrap_or_else(|| panic!("shader {file} is not in SHADER_FILES"));
+    crate::shader_source::expand(&raw, &lookup).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Compiles `file` (expanded) into a shader module.
+pub(crate) fn shader_module(device: &wgpu::Device, file: &str) -> wgpu::ShaderModule {
+    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(file),
+        source: wgpu::ShaderSource::Wgsl(wgsl(file).into()),
+    })
+}
 
 /// One WGSL module exactly as a kernel hands it to `create_shader_module`.
 #[derive(Clone, Debug)]
@@ -26,12 +58,27 @@ pub struct ShaderVariant {
 /// Every shader variant any kernel in this crate can build. The portability test translates
 /// each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    vec![ShaderVariant {
-        file: "batch_norm.wgsl",
+    [
+        ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
+        ("dropout.wgsl", dropout::ENTRY_POINTS),
+    ]
+    .into_iter()
+    .map(|(file, entry_points)| ShaderVariant {
+        file,
         variant: "f32",
-        source: batch_norm::SHADER.to_string(),
-        entry_points: batch_norm::ENTRY_POINTS,
-    }]
+        source: wgsl(file),
+        entry_points,
+    })
+    .collect()
+}
+
+/// Names of the files that are only ever included (validated through their includers).
+pub fn include_only_files() -> Vec<&'static str> {
+    SHADER_FILES
+        .iter()
+        .filter(|(_, s)| s.starts_with("// include-only"))
+        .map(|(n, _)| *n)
+        .collect()
 }
 
 use crate::error::{Error, Result};

@@ -1,0 +1,117 @@
+// Dropout and Dropout2d, reproducible on every device (mask spec in philox.wgsl).
+//
+//   train:  y_i = x_i · m_i,   m_i = scale if keep(unit(i)) else 0
+//           scale = 1/(1 − p) (inverted, PyTorch's) or 1 (scale-at-inference)
+//   eval:   y_i = x_i · scale  with every unit kept: scale = 1 (inverted) or 1 − p
+//   unit(i) = i for Dropout; the (n·C + c) channel of element i for Dropout2d (i / S).
+// The product x·m (not a select) propagates NaN/Inf from dropped elements, as PyTorch does.
+//
+// Entry points:
+//   dropout_forward   one invocation per 4 consecutive elements: one Philox call serves them
+//                     (Dropout2d: one call per distinct channel among them).
+//   dropout_mask      one invocation per mask word: the packed keep bits of 32 units, unit u
+//                     in bit u % 32 of word u / 32 (LSB first); bits past the last unit are 0.
+//   rng_advance       one invocation: offset += 1 in the generator state (64-bit carry), so
+//                     consecutive calls recorded in one submission draw fresh masks.
+// Dispatches over 65535 workgroups fold into y. Precision: f32 in, f32 out.
+
+// #include "philox.wgsl"
+
+const WG: u32 = 256u;
+
+// Mirrors `DropoutParams` in src/kernels/dropout.rs.
+struct Params {
+    numel: u32,      // elements of x and y
+    unit_len: u32,   // elements per mask unit: 1 (Dropout) or S = ∏ spatial (Dropout2d)
+    units: u32,      // mask units: numel, or N·C
+    threshold: u32,  // keep iff word >= threshold
+    flags: u32,      // DROP_ALL (p = 1 in training)
+    scale: f32,      // multiplier of kept elements
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;              // (numel)
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;        // (numel)
+@group(0) @binding(3) var<storage, read_write> rng_state: array<u32>; // (4) seed lo/hi, offset lo/hi
+@group(0) @binding(4) var<storage, read_write> mask: array<u32>;     // (⌈units/32⌉) packed bits
+
+fn load_state() -> vec4<u32> {
+    return vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
+}
+
+fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+// The keep decision of one unit (its own Philox call).
+fn unit_keep(state: vec4<u32>, u: u32) -> bool {
+    let words = dropout_words(state, u / 4u);
+    return dropout_keep(words[u % 4u], p.threshold, p.flags);
+}
+
+@compute @workgroup_size(256)
+fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = linear_id(gid, nwg);
+    let first = g * 4u;
+    if (first >= p.numel) {
+        return;
+    }
+    let state = load_state();
+    if (p.unit_len == 1u) {
+        // Dropout: the four elements are the four words of one Philox call.
+        let words = dropout_words(state, g);
+        for (var k = 0u; k < 4u; k++) {
+            let i = first + k;
+            if (i < p.numel) {
+                y[i] = x[i] * select(0.0, p.scale, dropout_keep(words[k], p.threshold, p.flags));
+            }
+        }
+    } else {
+        // Dropout2d: usually all four elements share a channel; draw once per channel change.
+        var unit = first / p.unit_len;
+        var m = select(0.0, p.scale, unit_keep(state, unit));
+        for (var k = 0u; k < 4u; k++) {
+            let i = first + k;
+            if (i < p.numel) {
+                let u = i / p.unit_len;
+                if (u != unit) {
+                    unit = u;
+                    m = select(0.0, p.scale, unit_keep(state, unit));
+                }
+                y[i] = x[i] * m;
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn dropout_mask(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = linear_id(gid, nwg);
+    if (w * 32u >= p.units) {
+        return;
+    }
+    let state = load_state();
+    var bits = 0u;
+    for (var q = 0u; q < 8u; q++) {
+        let g = w * 8u + q;
+        let words = dropout_words(state, g);
+        for (var k = 0u; k < 4u; k++) {
+            let u = g * 4u + k;
+            if (u < p.units && dropout_keep(words[k], p.threshold, p.flags)) {
+                bits |= 1u << (q * 4u + k);
+            }
+        }
+    }
+    mask[w] = bits;
+}
+
+@compute @workgroup_size(1)
+fn rng_advance() {
+    let lo = rng_state[2] + 1u;
+    rng_state[2] = lo;
+    if (lo == 0u) {
+        rng_state[3] = rng_state[3] + 1u;
+    }
+}

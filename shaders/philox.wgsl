@@ -1,0 +1,61 @@
+// include-only: validated as part of the shaders that include it.
+// Philox4x32-10 (Salmon, Moraes, Dror, Shaw: "Parallel random numbers: as easy as 1, 2, 3",
+// SC'11; the Random123 definition and its known-answer vectors) and normdrop's dropout
+// decision. Included by every kernel that drops. The CPU twin is src/rng.rs; the two must agree
+// bit for bit, which the tests check on every backend.
+//
+// Mask of element i (flat element index, or flat (n·C + c) channel index for Dropout2d):
+//   key     = (lo32(seed), hi32(seed))
+//   counter = (lo32(i/4), hi32(i/4), lo32(offset), hi32(offset))
+//   r       = philox4x32_10(counter, key)
+//   keep_i  = r[i % 4] >= threshold,   threshold = min(floor(p·2^32), 2^32 − 1)  (p = 1: drop all)
+// Element indices here are below 2^32, so hi32(i/4) = 0.
+
+const PHILOX_M0: u32 = 0xD2511F53u;
+const PHILOX_M1: u32 = 0xCD9E8D57u;
+const PHILOX_W0: u32 = 0x9E3779B9u;
+const PHILOX_W1: u32 = 0xBB67AE85u;
+
+// (hi, lo) words of the 64-bit product a·b. WGSL has no 64-bit integers, so the high word is
+// assembled from 16-bit halves; no partial sum below can exceed 2^32 − 1.
+fn mulhilo32(a: u32, b: u32) -> vec2<u32> {
+    let a_lo = a & 0xFFFFu;
+    let a_hi = a >> 16u;
+    let b_lo = b & 0xFFFFu;
+    let b_hi = b >> 16u;
+    let lo_lo = a_lo * b_lo;
+    let t = a_hi * b_lo + (lo_lo >> 16u);
+    let u = a_lo * b_hi + (t & 0xFFFFu);
+    let hi = a_hi * b_hi + (t >> 16u) + (u >> 16u);
+    return vec2<u32>(hi, a * b);
+}
+
+fn philox_round(c: vec4<u32>, k: vec2<u32>) -> vec4<u32> {
+    let p0 = mulhilo32(PHILOX_M0, c.x);
+    let p1 = mulhilo32(PHILOX_M1, c.z);
+    return vec4<u32>(p1.x ^ c.y ^ k.x, p1.y, p0.x ^ c.w ^ k.y, p0.y);
+}
+
+// Ten rounds; the key is bumped by the Weyl constants before every round after the first.
+fn philox4x32_10(counter: vec4<u32>, key: vec2<u32>) -> vec4<u32> {
+    var c = philox_round(counter, key);
+    var k = key;
+    for (var r = 1u; r < 10u; r++) {
+        k = k + vec2<u32>(PHILOX_W0, PHILOX_W1);
+        c = philox_round(c, k);
+    }
+    return c;
+}
+
+// The generator state a kernel reads: (seed lo, seed hi, offset lo, offset hi).
+// The four words serving elements 4g .. 4g+3.
+fn dropout_words(state: vec4<u32>, g: u32) -> vec4<u32> {
+    return philox4x32_10(vec4<u32>(g, 0u, state.z, state.w), state.xy);
+}
+
+const DROP_ALL: u32 = 1u;   // p = 1: every element dropped, whatever the words
+
+// Keep decision for one word: an integer compare, never through floats.
+fn dropout_keep(word: u32, threshold: u32, flags: u32) -> bool {
+    return (flags & DROP_ALL) == 0u && word >= threshold;
+}

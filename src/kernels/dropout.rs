@@ -1,0 +1,440 @@
+//! Dropout and Dropout2d, low level: [`DropoutKernel`] (pipelines, one per device) and
+//! [`DropoutPlan`] (one per shape, configuration and unit) encoding into a caller's encoder.
+//! The mask is the published function of `(seed, offset, index)` in [`crate::rng`].
+//!
+//! The generator state lives in a 16-byte storage buffer the caller owns: `(seed lo, seed hi,
+//! offset lo, offset hi)` as little-endian u32 words ([`rng_state_bytes`]). Kernels read it;
+//! [`DropoutKernel::encode_advance`] increments its offset on the GPU, so several dropout calls
+//! recorded into one submission each draw a fresh mask without host round trips.
+
+use crate::context::Kernel;
+use crate::error::{Error, Result};
+use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, BindLimits};
+use crate::rng::DropRule;
+
+const OP: &str = "dropout";
+const WORKGROUP: u64 = 256;
+
+/// Entry points in `shaders/dropout.wgsl` that get a pipeline.
+pub(crate) const ENTRY_POINTS: &[&str] = &["dropout_forward", "dropout_mask", "rng_advance"];
+
+/// Bytes of a generator state buffer.
+pub const RNG_STATE_BYTES: u64 = 16;
+
+/// The bytes of a generator state `(seed, offset)`, to write into a state buffer.
+pub fn rng_state_bytes(seed: u64, offset: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&seed.to_le_bytes());
+    b[8..].copy_from_slice(&offset.to_le_bytes());
+    b
+}
+
+/// How kept values are scaled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DropoutMode {
+    /// PyTorch's: train `y = x·mask/(1 − p)`, eval `y = x`.
+    #[default]
+    Inverted,
+    /// The original paper's: train `y = x·mask`, eval `y = x·(1 − p)`.
+    ScaleAtInference,
+}
+
+/// Dropout hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutConfig {
+    /// Drop probability, in [0, 1]. `p = 0` is the identity; `p = 1` gives zeros in training.
+    pub p: f64,
+    /// Scaling mode.
+    pub mode: DropoutMode,
+}
+
+/// Uniform values for one mode (train or eval) of a dropout, shared by every kernel that drops.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct DropParams {
+    pub threshold: u32,
+    pub flags: u32,
+    pub scale: f32,
+}
+
+/// `DROP_ALL` in `shaders/philox.wgsl`.
+const FLAG_DROP_ALL: u32 = 1;
+
+impl DropoutConfig {
+    /// Inverted dropout with probability `p`.
+    pub fn new(p: f64) -> Self {
+        Self {
+            p,
+            mode: DropoutMode::Inverted,
+        }
+    }
+
+    /// Checks `p`.
+    pub fn validate(&self) -> Result<()> {
+        DropRule::new(self.p).map(|_| ())
+    }
+
+    /// The keep rule used in training.
+    pub fn rule(&self) -> Result<DropRule> {
+        DropRule::new(self.p)
+    }
+
+    /// Multiplier of kept elements: training and eval.
+    pub fn scale(&self, training: bool) -> f32 {
+        match (self.mode, training) {
+            (DropoutMode::Inverted, true) if self.p < 1.0 => (1.0 / (1.0 - self.p)) as f32,
+            (DropoutMode::Inverted, true) => 0.0,
+            (DropoutMode::Inverted, false) => 1.0,
+            (DropoutMode::ScaleAtInference, true) => 1.0,
+            (DropoutMode::ScaleAtInference, false) => (1.0 - self.p) as f32,
+        }
+    }
+
+    pub(crate) fn params(&self, training: bool) -> Result<DropParams> {
+        let rule = self.rule()?;
+        Ok(if training {
+            DropParams {
+                threshold: rule.threshold,
+                flags: if rule.drop_all { FLAG_DROP_ALL } else { 0 },
+                scale: self.scale(true),
+            }
+        } else {
+            DropParams {
+                threshold: 0,
+                flags: 0,
+                scale: self.scale(false),
+            }
+        })
+    }
+}
+
+/// What one mask bit covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropoutUnit {
+    /// Dropout: one bit per element; unit `i` is the flat element index.
+    Element,
+    /// Dropout2d: one bit per `(n, c)` channel of an `(N, C, *)` input; unit `n·C + c`.
+    Channel,
+}
+
+/// Mirrors `struct Params` in `shaders/dropout.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct DropoutParams {
+    numel: u32,
+    unit_len: u32,
+    units: u32,
+    threshold: u32,
+    flags: u32,
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+const _: () = assert!(std::mem::size_of::<DropoutParams>() == 32);
+
+/// Compiled dropout pipelines for one device.
+#[derive(Clone, Debug)]
+pub struct DropoutKernel {
+    forward: wgpu::ComputePipeline,
+    mask: wgpu::ComputePipeline,
+    advance: wgpu::ComputePipeline,
+}
+
+impl Kernel for DropoutKernel {
+    fn build(device: &wgpu::Device) -> Self {
+        let module = crate::kernels::shader_module(device, "dropout.wgsl");
+        Self {
+            forward: compute_pipeline(device, &module, "dropout_forward"),
+            mask: compute_pipeline(device, &module, "dropout_mask"),
+            advance: compute_pipeline(device, &module, "rng_advance"),
+        }
+    }
+}
+
+/// Checks a generator state slice.
+pub(crate) fn check_rng(
+    limits: &BindLimits,
+    op: &'static str,
+    rng: &wgpu::BufferSlice<'_>,
+) -> Result<()> {
+    limits.check(op, "rng", rng, RNG_STATE_BYTES)
+}
+
+/// The element and unit counts of a dropout over `shape`.
+pub(crate) fn dropout_units(
+    op: &'static str,
+    shape: &[usize],
+    unit: DropoutUnit,
+) -> Result<(u64, u64, u64)> {
+    let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+    let numel = numel.filter(|&n| n <= 1 << 31).ok_or(Error::ExceedsLimit {
+        op,
+        what: "input elements",
+        value: u64::MAX,
+        limit: 1 << 31,
+        limit_name: "2^31 elements per call (u32 indexing)",
+    })?;
+    if numel == 0 {
+        return Err(Error::shape(
+            op,
+            "input",
+            shape,
+            "no zero-sized dimension (empty tensors are not supported)",
+        ));
+    }
+    Ok(match unit {
+        DropoutUnit::Element => (numel, 1, numel),
+        DropoutUnit::Channel => {
+            if shape.len() < 2 {
+                return Err(Error::shape(
+                    op,
+                    "input",
+                    shape,
+                    "rank >= 2: (N, C, *) for Dropout2d",
+                ));
+            }
+            let unit_len: u64 = shape[2..].iter().map(|&d| d as u64).product();
+            (numel, unit_len, numel / unit_len)
+        }
+    })
+}
+
+impl DropoutKernel {
+    /// Compiles the pipelines.
+    pub fn new(device: &wgpu::Device) -> Self {
+        <Self as Kernel>::build(device)
+    }
+
+    /// A plan for inputs of `shape`. `unit` picks Dropout or Dropout2d.
+    pub fn plan(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &DropoutConfig,
+        unit: DropoutUnit,
+    ) -> Result<DropoutPlan> {
+        config.validate()?;
+        let (numel, unit_len, units) = dropout_units(OP, shape, unit)?;
+        let limits = BindLimits::of(device);
+        if numel * 4 > limits.max_storage_binding {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "input size in bytes",
+                value: numel * 4,
+                limit: limits.max_storage_binding,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        let uniform = |training: bool| -> Result<wgpu::Buffer> {
+            let d = config.params(training)?;
+            let params = DropoutParams {
+                numel: numel as u32,
+                unit_len: unit_len as u32,
+                units: units as u32,
+                threshold: d.threshold,
+                flags: d.flags,
+                scale: d.scale,
+                _pad0: 0,
+                _pad1: 0,
+            };
+            use wgpu::util::DeviceExt;
+            Ok(
+                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("dropout params"),
+                    contents: bytemuck::bytes_of(&params),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                }),
+            )
+        };
+        Ok(DropoutPlan {
+            kernel: self.clone(),
+            config: *config,
+            shape: shape.to_vec(),
+            unit,
+            numel,
+            units,
+            limits,
+            uniforms: [uniform(false)?, uniform(true)?],
+            forward_groups: fold_workgroups(
+                OP,
+                numel.div_ceil(4 * WORKGROUP),
+                limits.max_workgroups_per_dim,
+            )?,
+            mask_groups: fold_workgroups(
+                OP,
+                units.div_ceil(32 * WORKGROUP),
+                limits.max_workgroups_per_dim,
+            )?,
+        })
+    }
+
+    /// Records `offset += 1` on the generator state in `rng` (16 bytes, see
+    /// [`rng_state_bytes`]).
+    pub fn encode_advance(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        rng: &wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        check_rng(&BindLimits::of(device), OP, rng)?;
+        let group = bind_group(
+            device,
+            "rng_advance",
+            &self.advance,
+            &[(3, binding(rng, RNG_STATE_BYTES))],
+        );
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("rng advance"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&self.advance);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+        Ok(())
+    }
+}
+
+/// The buffers of one dropout call (f32, `numel` elements each; distinct buffers).
+#[derive(Clone, Debug)]
+pub struct DropoutBuffers<'a> {
+    /// Input.
+    pub x: wgpu::BufferSlice<'a>,
+    /// Output, same shape.
+    pub y: wgpu::BufferSlice<'a>,
+    /// Generator state, 16 bytes: `(seed, offset)` as little-endian u64s.
+    pub rng: wgpu::BufferSlice<'a>,
+}
+
+/// A dropout for one shape, configuration and unit.
+#[derive(Debug)]
+pub struct DropoutPlan {
+    kernel: DropoutKernel,
+    config: DropoutConfig,
+    shape: Vec<usize>,
+    unit: DropoutUnit,
+    numel: u64,
+    units: u64,
+    limits: BindLimits,
+    /// [eval, train]
+    uniforms: [wgpu::Buffer; 2],
+    forward_groups: (u32, u32),
+    mask_groups: (u32, u32),
+}
+
+impl DropoutPlan {
+    /// The input shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DropoutConfig {
+        &self.config
+    }
+
+    /// Mask units: elements (Dropout) or `N·C` channels (Dropout2d).
+    pub fn units(&self) -> u64 {
+        self.units
+    }
+
+    /// u32 words of the packed mask: `⌈units / 32⌉`.
+    pub fn mask_words(&self) -> u64 {
+        self.units.div_ceil(32)
+    }
+
+    /// Records `y = x·m` (see `shaders/dropout.wgsl`). Does not advance the generator.
+    pub fn encode(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        training: bool,
+        b: &DropoutBuffers<'_>,
+    ) -> Result<()> {
+        let bytes = self.numel * 4;
+        self.limits.check(OP, "x", &b.x, bytes)?;
+        self.limits.check(OP, "y", &b.y, bytes)?;
+        check_rng(&self.limits, OP, &b.rng)?;
+        for (what, s) in [("y", &b.y), ("rng", &b.rng)] {
+            if s.buffer() == b.x.buffer() {
+                return Err(Error::Buffer {
+                    op: OP,
+                    what,
+                    reason: "shares a buffer with the input `x`; dropout does not run in place"
+                        .into(),
+                });
+            }
+        }
+        if b.y.buffer() == b.rng.buffer() {
+            return Err(Error::Buffer {
+                op: OP,
+                what: "rng",
+                reason: "shares a buffer with the output `y`".into(),
+            });
+        }
+        let k = &self.kernel;
+        let group = bind_group(
+            device,
+            "dropout_forward",
+            &k.forward,
+            &[
+                (0, self.uniforms[usize::from(training)].as_entire_binding()),
+                (1, binding(&b.x, bytes)),
+                (2, binding(&b.y, bytes)),
+                (3, binding(&b.rng, RNG_STATE_BYTES)),
+            ],
+        );
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("dropout"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&k.forward);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(self.forward_groups.0, self.forward_groups.1, 1);
+        Ok(())
+    }
+
+    /// Records the packed keep mask for the current generator state into `mask`
+    /// ([`DropoutPlan::mask_words`] u32 words, unit `u` in bit `u % 32` of word `u / 32`). In
+    /// eval every bit is set.
+    pub fn encode_mask(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        training: bool,
+        rng: &wgpu::BufferSlice<'_>,
+        mask: &wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        check_rng(&self.limits, OP, rng)?;
+        self.limits.check(OP, "mask", mask, self.mask_words() * 4)?;
+        if rng.buffer() == mask.buffer() {
+            return Err(Error::Buffer {
+                op: OP,
+                what: "mask",
+                reason: "shares a buffer with `rng`".into(),
+            });
+        }
+        let k = &self.kernel;
+        let group = bind_group(
+            device,
+            "dropout_mask",
+            &k.mask,
+            &[
+                (0, self.uniforms[usize::from(training)].as_entire_binding()),
+                (3, binding(rng, RNG_STATE_BYTES)),
+                (4, binding(mask, self.mask_words() * 4)),
+            ],
+        );
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("dropout mask"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&k.mask);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(self.mask_groups.0, self.mask_groups.1, 1);
+        Ok(())
+    }
+
+    /// The unit of this plan.
+    pub fn unit(&self) -> DropoutUnit {
+        self.unit
+    }
+}
