@@ -37,7 +37,10 @@ pub mod tensor;
 pub use context::{Context, ContextOptions, Kernel};
 pub use error::{Error, Result};
 pub use kernels::batch_norm::{BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan};
-pub use nn::BatchNorm;
+pub use kernels::dropout::{
+    DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit,
+};
+pub use nn::{BatchNorm, Dropout, Dropout2d, Mask};
 pub use tensor::{DType, Element, Tensor};
 /// The wgpu this crate is built on, re-exported so callers use the same version.
 pub use wgpu;

@@ -4,6 +4,8 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::BatchNormConfig;
+use crate::kernels::dropout::{DropoutConfig, DropoutUnit};
+use crate::rng;
 
 /// Running statistics carried between reference BatchNorm steps, in f64.
 #[derive(Clone, Debug, PartialEq)]
@@ -155,6 +157,46 @@ pub fn batch_norm_forward(
         }
     }
     Ok(RefBatchNorm { y, mean, invstd })
+}
+
+/// Dropout / Dropout2d forward: `y = x·m`, with the mask of [`crate::rng`] under
+/// `(seed, offset)` in training, and every unit kept in eval. Returns `y` and the per-unit mask.
+pub fn dropout_forward(
+    x: &[f32],
+    shape: &[usize],
+    config: &DropoutConfig,
+    unit: DropoutUnit,
+    seed: u64,
+    offset: u64,
+    training: bool,
+) -> Result<(Vec<f64>, Vec<bool>)> {
+    let rule = config.rule()?;
+    let numel: usize = shape.iter().product();
+    if x.len() != numel || numel == 0 {
+        return Err(Error::shape(
+            "dropout reference",
+            "input",
+            shape,
+            "a non-empty shape matching x",
+        ));
+    }
+    let unit_len = match unit {
+        DropoutUnit::Element => 1,
+        DropoutUnit::Channel => shape[2..].iter().product(),
+    };
+    let units = numel / unit_len;
+    let mask = if training {
+        rng::mask(seed, offset, units, rule)
+    } else {
+        vec![true; units]
+    };
+    let scale = f64::from(config.scale(training));
+    let y = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| f64::from(v) * if mask[i / unit_len] { scale } else { 0.0 })
+        .collect();
+    Ok((y, mask))
 }
 
 #[cfg(test)]

@@ -2,5 +2,7 @@
 //! submit their work through a [`Context`](crate::Context).
 
 pub mod batch_norm;
+pub mod dropout;
 
 pub use batch_norm::{BatchNorm, BatchNormSaved, StateTensor};
+pub use dropout::{Dropout, Dropout2d, DropoutCall, Mask};

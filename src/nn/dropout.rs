@@ -1,0 +1,294 @@
+//! [`Dropout`] and [`Dropout2d`]: reproducible dropout modules with a framework-style generator.
+
+use std::sync::Arc;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::kernels::dropout::{
+    rng_state_bytes, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutPlan, DropoutUnit,
+    RNG_STATE_BYTES,
+};
+use crate::tensor::{DType, Tensor};
+
+/// A packed keep mask on the GPU: unit `u` is bit `u % 32` of word `u / 32`, LSB first.
+/// Units are elements for dropout and `(n, c)` channels for Dropout2d.
+#[derive(Clone, Debug)]
+pub struct Mask {
+    buffer: wgpu::Buffer,
+    units: u64,
+}
+
+impl Mask {
+    pub(crate) fn alloc(ctx: &Context, units: u64) -> Result<Self> {
+        let words = units.div_ceil(32).max(1);
+        let buffer = ctx.create_buffer(
+            "dropout mask",
+            words * 4,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        )?;
+        Ok(Self { buffer, units })
+    }
+
+    /// The buffer of `⌈units / 32⌉` u32 words.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Number of units (bits that matter).
+    pub fn units(&self) -> u64 {
+        self.units
+    }
+
+    /// Downloads the packed words.
+    pub async fn to_words(&self, ctx: &Context) -> Result<Vec<u32>> {
+        let bytes = ctx
+            .read_buffer(&self.buffer, 0, self.units.div_ceil(32) * 4)
+            .await?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect())
+    }
+
+    /// Downloads the mask as one bool per unit (`true` = kept).
+    pub fn to_bools_blocking(&self, ctx: &Context) -> Result<Vec<bool>> {
+        let words = pollster::block_on(self.to_words(ctx))?;
+        Ok((0..self.units as usize)
+            .map(|u| (words[u / 32] >> (u % 32)) & 1 == 1)
+            .collect())
+    }
+}
+
+/// The generator state and mode one dropout call used, kept for backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropoutCall {
+    /// Seed of the call.
+    pub seed: u64,
+    /// Offset of the call.
+    pub offset: u64,
+    /// Whether it ran in training mode.
+    pub training: bool,
+}
+
+/// Dropout with drop probability `p` and a reproducible mask (see [`crate::rng`]).
+///
+/// The generator is `(seed, offset)`: every training-mode call uses the current state and then
+/// advances `offset` by one, like a framework generator; eval calls use no randomness and do
+/// not advance. [`Dropout::forward_with_state`] uses an explicit state instead.
+///
+/// In eval mode with [`DropoutMode::Inverted`](crate::kernels::dropout::DropoutMode) the
+/// output is the input itself (the same buffer), as in PyTorch.
+#[derive(Debug)]
+pub struct Dropout {
+    ctx: Context,
+    config: DropoutConfig,
+    unit: DropoutUnit,
+    kernel: Arc<DropoutKernel>,
+    training: bool,
+    seed: u64,
+    offset: u64,
+    /// The state buffer kernels read; rewritten from (seed, offset) before every call.
+    rng: wgpu::Buffer,
+    plan: Option<DropoutPlan>,
+    last: Option<DropoutCall>,
+}
+
+impl Dropout {
+    /// Inverted dropout with probability `p`, seed 0.
+    pub fn new(ctx: &Context, p: f64) -> Result<Self> {
+        Self::with_config(ctx, DropoutConfig::new(p), 0)
+    }
+
+    /// Dropout with an explicit configuration and seed (offset 0).
+    pub fn with_config(ctx: &Context, config: DropoutConfig, seed: u64) -> Result<Self> {
+        Self::build(ctx, config, seed, DropoutUnit::Element)
+    }
+
+    fn build(ctx: &Context, config: DropoutConfig, seed: u64, unit: DropoutUnit) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            config,
+            unit,
+            kernel: ctx.kernel::<DropoutKernel>()?,
+            training: true,
+            seed,
+            offset: 0,
+            rng: ctx.create_buffer(
+                "dropout rng",
+                RNG_STATE_BYTES,
+                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            )?,
+            plan: None,
+            last: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DropoutConfig {
+        &self.config
+    }
+
+    /// Training mode (masks drawn, offset advances).
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Eval mode (no randomness).
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    /// Whether the module is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// The generator state the next training call will use.
+    pub fn state(&self) -> (u64, u64) {
+        (self.seed, self.offset)
+    }
+
+    /// Sets the generator state.
+    pub fn set_state(&mut self, seed: u64, offset: u64) {
+        self.seed = seed;
+        self.offset = offset;
+    }
+
+    /// The state and mode of the last successful call.
+    pub fn last_call(&self) -> Option<DropoutCall> {
+        self.last
+    }
+
+    /// Applies dropout to `x` (f32, any shape; `(N, C, *)` for Dropout2d).
+    pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.run(x, self.seed, self.offset, false, true)?.0)
+    }
+
+    /// Like [`Dropout::forward`], also returning the packed keep mask.
+    pub fn forward_with_mask(&mut self, x: &Tensor) -> Result<(Tensor, Mask)> {
+        let (y, mask) = self.run(x, self.seed, self.offset, true, true)?;
+        Ok((y, mask.expect("requested")))
+    }
+
+    /// Applies dropout with an explicit generator state; the module's own state is untouched.
+    pub fn forward_with_state(&mut self, x: &Tensor, seed: u64, offset: u64) -> Result<Tensor> {
+        Ok(self.run(x, seed, offset, false, false)?.0)
+    }
+
+    fn run(
+        &mut self,
+        x: &Tensor,
+        seed: u64,
+        offset: u64,
+        want_mask: bool,
+        advance: bool,
+    ) -> Result<(Tensor, Option<Mask>)> {
+        const OP: &str = "Dropout";
+        if x.dtype() != DType::F32 {
+            return Err(Error::DType {
+                op: OP,
+                what: "x",
+                got: x.dtype(),
+                expected: DType::F32,
+            });
+        }
+        if self.plan.as_ref().is_none_or(|p| p.shape() != x.shape()) {
+            self.plan =
+                Some(
+                    self.kernel
+                        .plan(self.ctx.device(), x.shape(), &self.config, self.unit)?,
+                );
+        }
+        let plan = self.plan.as_ref().expect("set above");
+        let training = self.training;
+        let identity = !training && self.config.scale(false) == 1.0;
+        let (y, mask) = if identity && !want_mask {
+            (x.clone(), None)
+        } else {
+            let y = Tensor::zeros(&self.ctx, x.shape(), DType::F32)?;
+            let mask = if want_mask {
+                Some(Mask::alloc(&self.ctx, plan.units())?)
+            } else {
+                None
+            };
+            let device = self.ctx.device();
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("Dropout"),
+            });
+            self.ctx.scoped(|| -> Result<()> {
+                plan.encode(
+                    device,
+                    &mut encoder,
+                    training,
+                    &DropoutBuffers {
+                        x: x.slice(),
+                        y: y.slice(),
+                        rng: self.rng.slice(..),
+                    },
+                )?;
+                if let Some(m) = &mask {
+                    plan.encode_mask(
+                        device,
+                        &mut encoder,
+                        training,
+                        &self.rng.slice(..),
+                        &m.buffer.slice(..),
+                    )?;
+                }
+                Ok(())
+            })??;
+            self.ctx.scoped(|| {
+                self.ctx
+                    .queue()
+                    .write_buffer(&self.rng, 0, &rng_state_bytes(seed, offset));
+                self.ctx.queue().submit([encoder.finish()]);
+            })?;
+            (y, mask)
+        };
+        self.last = Some(DropoutCall {
+            seed,
+            offset,
+            training,
+        });
+        if training && advance {
+            self.offset = self.offset.wrapping_add(1);
+        }
+        Ok((y, mask))
+    }
+}
+
+/// Dropout2d: drops whole `(n, c)` channels of an `(N, C, *)` input with probability `p`.
+/// Channel `n·C + c` is the mask unit. Same generator and API as [`Dropout`] (via `Deref`).
+#[derive(Debug)]
+pub struct Dropout2d(Dropout);
+
+impl Dropout2d {
+    /// Inverted Dropout2d with probability `p`, seed 0.
+    pub fn new(ctx: &Context, p: f64) -> Result<Self> {
+        Self::with_config(ctx, DropoutConfig::new(p), 0)
+    }
+
+    /// Dropout2d with an explicit configuration and seed.
+    pub fn with_config(ctx: &Context, config: DropoutConfig, seed: u64) -> Result<Self> {
+        Ok(Self(Dropout::build(
+            ctx,
+            config,
+            seed,
+            DropoutUnit::Channel,
+        )?))
+    }
+}
+
+impl std::ops::Deref for Dropout2d {
+    type Target = Dropout;
+    fn deref(&self) -> &Dropout {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Dropout2d {
+    fn deref_mut(&mut self) -> &mut Dropout {
+        &mut self.0
+    }
+}
