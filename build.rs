@@ -45,10 +45,8 @@ fn main() {
         };
         // All capabilities: optional features (f16, subgroups) are chosen at run time from the
         // adapter, and each variant is additionally translated to every backend by a test.
-        let mut validator = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        );
+        let mut validator =
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
         if let Err(e) = validator.validate(&module) {
             failures.push(e.emit_to_string_with_path(&source, &shown));
         }

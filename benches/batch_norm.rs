@@ -16,12 +16,7 @@ fn batch_norm_forward(c: &mut Criterion) {
         let channels = shape[1];
         let numel: usize = shape.iter().product();
         let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
-        let x = Tensor::from_slice(
-            &ctx,
-            &(0..numel).map(|i| (i % 97) as f32).collect::<Vec<_>>(),
-            &shape,
-        )
-        .unwrap();
+        let x = Tensor::from_slice(&ctx, &(0..numel).map(|i| (i % 97) as f32).collect::<Vec<_>>(), &shape).unwrap();
         let (y, weight, bias, rm, rv) = (
             zeros(&shape),
             zeros(&[channels]),
@@ -43,6 +38,7 @@ fn batch_norm_forward(c: &mut Criterion) {
             num_batches_tracked: Some(nbt.slice()),
             save_mean: sm.slice(),
             save_invstd: si.slice(),
+            rng: None,
         };
         for (mode, training, bytes_per_elem) in [("train", true, 12u64), ("eval", false, 8)] {
             // Minimal traffic: train 3Es (stats read, normalize read + write), eval 2Es.
@@ -53,8 +49,7 @@ fn batch_norm_forward(c: &mut Criterion) {
                 |b, &training| {
                     b.iter(|| {
                         let mut encoder = ctx.device().create_command_encoder(&Default::default());
-                        plan.encode(ctx.device(), &mut encoder, training, &args)
-                            .unwrap();
+                        plan.encode(ctx.device(), &mut encoder, training, &args).unwrap();
                         ctx.queue().submit([encoder.finish()]);
                         ctx.synchronize().unwrap();
                     })

@@ -29,34 +29,21 @@ fn main() -> normdrop::Result<()> {
         let y = bn.forward(&Tensor::from_slice(&ctx, &x, &shape)?)?;
         let y: Vec<f32> = y.to_vec_blocking(&ctx)?;
         // Channel 1 of y: mean ≈ 0 and std ≈ 1 after batch normalization (γ = 1, β = 0).
-        let ch1: Vec<f32> = y
-            .chunks(256)
-            .skip(1)
-            .step_by(3)
-            .flatten()
-            .copied()
-            .collect();
+        let ch1: Vec<f32> = y.chunks(256).skip(1).step_by(3).flatten().copied().collect();
         let mean = ch1.iter().sum::<f32>() / ch1.len() as f32;
-        let std =
-            (ch1.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / ch1.len() as f32).sqrt();
+        let std = (ch1.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / ch1.len() as f32).sqrt();
         println!("step {step}: channel 1 of y has mean {mean:+.4} and std {std:.4}");
     }
     let running_mean: Vec<f32> = bn.running_mean().expect("tracking").to_vec_blocking(&ctx)?;
     let running_var: Vec<f32> = bn.running_var().expect("tracking").to_vec_blocking(&ctx)?;
     println!("running_mean {running_mean:?}");
     println!("running_var  {running_var:?}");
-    println!(
-        "num_batches_tracked {:?}",
-        bn.num_batches_tracked_blocking()?
-    );
+    println!("num_batches_tracked {:?}", bn.num_batches_tracked_blocking()?);
 
     // Eval: normalizes with the running statistics and leaves them alone.
     bn.eval();
     let y = bn.forward(&Tensor::from_slice(&ctx, &vec![1.0f32; numel], &shape)?)?;
-    println!(
-        "eval y[0] for x = 1: {:+.4}",
-        y.to_vec_blocking::<f32>(&ctx)?[0]
-    );
+    println!("eval y[0] for x = 1: {:+.4}", y.to_vec_blocking::<f32>(&ctx)?[0]);
 
     // State with PyTorch's key names; `torch.nn.BatchNorm2d(3).load_state_dict(
     // safetensors.torch.load_file(path))` reads it.

@@ -8,26 +8,20 @@ use normdrop::{BatchNormBuffers, BatchNormConfig, BatchNormKernel};
 
 fn main() {
     // Your program's device and queue (any wgpu 30 device works).
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter =
-        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
-            .expect("an adapter");
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default())).expect("an adapter");
     let (device, queue) =
-        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default()))
-            .expect("a device");
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default())).expect("a device");
 
     // Once per device: compile. Once per shape: plan (allocates its small uniform and scratch).
     let kernel = BatchNormKernel::new(&device);
     let shape = [4, 2, 8]; // (N, C, L)
     let config = BatchNormConfig::new(2);
-    let plan = kernel
-        .plan(&device, &shape, &config)
-        .expect("valid shape and config");
+    let plan = kernel.plan(&device, &shape, &config).expect("valid shape and config");
 
     // Your buffers. Inputs and outputs must be distinct buffers; offsets are fine.
-    let storage =
-        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     let buffer = |label: &str, floats: usize| {
         device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
@@ -41,11 +35,7 @@ fn main() {
         .collect();
     let (xb, yb) = (buffer("x", 64), buffer("y", 64));
     let (weight, bias) = (buffer("weight", 2), buffer("bias", 2));
-    let (running_mean, running_var, count) = (
-        buffer("running_mean", 2),
-        buffer("running_var", 2),
-        buffer("nbt", 2),
-    );
+    let (running_mean, running_var, count) = (buffer("running_mean", 2), buffer("running_var", 2), buffer("nbt", 2));
     let (save_mean, save_invstd) = (buffer("save_mean", 2), buffer("save_invstd", 2));
     queue.write_buffer(&xb, 0, bytemuck::cast_slice(&x));
     queue.write_buffer(&weight, 0, bytemuck::cast_slice(&[1.0f32, 1.0]));
@@ -65,6 +55,7 @@ fn main() {
         num_batches_tracked: Some(count.slice(..)),
         save_mean: save_mean.slice(..),
         save_invstd: save_invstd.slice(..),
+        rng: None,
     };
     plan.encode(&device, &mut encoder, true, &args)
         .expect("buffers fit the plan");
@@ -78,14 +69,9 @@ fn main() {
     });
     encoder.copy_buffer_to_buffer(&running_mean, 0, &staging, 0, 8);
     queue.submit([encoder.finish()]);
-    staging
-        .slice(..)
-        .map_async(wgpu::MapMode::Read, |r| r.expect("map"));
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .expect("poll");
-    let mean: Vec<f32> =
-        bytemuck::cast_slice(&staging.slice(..).get_mapped_range().expect("mapped")).to_vec();
+    staging.slice(..).map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+    let mean: Vec<f32> = bytemuck::cast_slice(&staging.slice(..).get_mapped_range().expect("mapped")).to_vec();
     // Channel means are 3.5 and 103.5, so one step with momentum 0.1 gives 0.35 and 10.35.
     println!("running_mean after one step: {mean:?}");
 }

@@ -19,6 +19,9 @@
 //   bn_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
 //                     from the running statistics. Changes nothing.
 //   bn_normalize      one invocation per element: y = (x − mean)·(invstd·γ) + β.
+//   bn_normalize_dropout  BatchNorm then dropout in one pass: one invocation per 4 consecutive
+//                     elements (one Philox call), y = ((x − mean)·(invstd·γ) + β)·m with the
+//                     mask of philox.wgsl over flat element indices.
 //
 // Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
 // linear workgroup index from `num_workgroups`.
@@ -45,8 +48,12 @@ struct Params {
     total: u32,      // N·C·S
     eps: f32,
     momentum: f32,
+    drop_threshold: u32, // fused dropout: keep iff Philox word >= threshold
+    drop_flags: u32,     // fused dropout: DROP_ALL
+    drop_scale: f32,     // fused dropout: multiplier of kept elements
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -60,6 +67,7 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> save_mean: array<f32>;    // (C)
 @group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
 @group(0) @binding(10) var<storage, read_write> partials: array<vec2<f32>>; // (C, chunks) (mean, M2)
+@group(0) @binding(11) var<storage, read> rng_state: array<u32>;         // (4) seed lo/hi, offset lo/hi
 
 @compute @workgroup_size(256)
 fn bn_stats(
@@ -165,6 +173,12 @@ fn bn_normalize(
     if (i >= p.total) {
         return;
     }
+    y[i] = normalized(i);
+}
+
+// Normalizes element i with its channel's saved statistics. (x − mean) first: for off-centre
+// inputs x·scale − mean·scale would cancel catastrophically.
+fn normalized(i: u32) -> f32 {
     let c = (i / p.s) % p.c;
     var scale = save_invstd[c];
     var shift = 0.0;
@@ -172,6 +186,25 @@ fn bn_normalize(
         scale *= weight[c];
         shift = bias[c];
     }
-    // (x − mean) first: for off-centre inputs x·scale − mean·scale would cancel catastrophically.
-    y[i] = (x[i] - save_mean[c]) * scale + shift;
+    return (x[i] - save_mean[c]) * scale + shift;
+}
+
+@compute @workgroup_size(256)
+fn bn_normalize_dropout(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let g = gid.x + gid.y * nwg.x * WG;
+    let first = g * 4u;
+    if (first >= p.total) {
+        return;
+    }
+    let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
+    let words = dropout_words(state, g);
+    for (var k = 0u; k < 4u; k++) {
+        let i = first + k;
+        if (i < p.total) {
+            y[i] = normalized(i) * select(0.0, p.drop_scale, dropout_keep(words[k], p.drop_threshold, p.drop_flags));
+        }
+    }
 }

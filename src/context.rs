@@ -149,19 +149,14 @@ impl Context {
     pub fn kernel<K: Kernel>(&self) -> Result<Arc<K>> {
         let key = TypeId::of::<K>();
         if let Some(k) = self.lock_kernels().get(&key) {
-            return Ok(k
-                .clone()
-                .downcast::<K>()
-                .expect("kernel cache keyed by TypeId"));
+            return Ok(k.clone().downcast::<K>().expect("kernel cache keyed by TypeId"));
         }
         let kernel = Arc::new(self.scoped(|| K::build(self.device()))?);
         self.lock_kernels().insert(key, kernel.clone());
         Ok(kernel)
     }
 
-    fn lock_kernels(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<TypeId, Arc<dyn Any + Send + Sync>>> {
+    fn lock_kernels(&self) -> std::sync::MutexGuard<'_, HashMap<TypeId, Arc<dyn Any + Send + Sync>>> {
         // A panic while holding the lock cannot leave the map inconsistent (insert is atomic
         // from our point of view), so a poisoned lock is still usable.
         self.inner
@@ -198,12 +193,7 @@ impl Context {
     }
 
     /// Creates a buffer inside error scopes, so an allocation failure is an [`Error`].
-    pub(crate) fn create_buffer(
-        &self,
-        label: &str,
-        size: u64,
-        usage: wgpu::BufferUsages,
-    ) -> Result<wgpu::Buffer> {
+    pub(crate) fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
         self.scoped(|| {
             self.device().create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -224,12 +214,7 @@ impl Context {
 
     /// Copies `size` bytes at `offset` of `buffer` back to the host. The buffer needs
     /// `COPY_SRC`; `offset` and `size` must be multiples of 4.
-    pub async fn read_buffer(
-        &self,
-        buffer: &wgpu::Buffer,
-        offset: u64,
-        size: u64,
-    ) -> Result<Vec<u8>> {
+    pub async fn read_buffer(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
         if size == 0 {
             return Ok(Vec::new());
         }
@@ -240,21 +225,17 @@ impl Context {
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         )?;
         self.scoped(|| {
-            let mut encoder =
-                self.device()
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("readback"),
-                    });
+            let mut encoder = self.device().create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
             encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
             self.queue().submit([encoder.finish()]);
         })?;
         let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
-        staging
-            .slice(..)
-            .map_async(wgpu::MapMode::Read, move |result| {
-                // The receiver only disappears if the caller dropped the future; nothing to do then.
-                let _ = sender.send(result);
-            });
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |result| {
+            // The receiver only disappears if the caller dropped the future; nothing to do then.
+            let _ = sender.send(result);
+        });
         // Native backends make progress only when polled; this also waits for the copy.
         self.synchronize()?;
         match receiver.receive().await {

@@ -141,12 +141,7 @@ impl Error {
         }
     }
 
-    pub(crate) fn shape(
-        op: &'static str,
-        what: &'static str,
-        got: &[usize],
-        expected: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn shape(op: &'static str, what: &'static str, got: &[usize], expected: impl Into<String>) -> Self {
         Error::Shape {
             op,
             what,

@@ -15,7 +15,8 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::BatchNormConfig;
-use crate::nn::BatchNorm;
+use crate::kernels::layer_norm::LayerNormConfig;
+use crate::nn::{BatchNorm, LayerNorm};
 use crate::tensor::Tensor;
 
 /// One tensor of a fixture, widened to f64.
@@ -56,10 +57,9 @@ impl Fixture {
             path: path.display().to_string(),
             source,
         })?;
-        let name = path.file_stem().map_or_else(
-            || path.display().to_string(),
-            |s| s.to_string_lossy().into_owned(),
-        );
+        let name = path
+            .file_stem()
+            .map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         Self::from_bytes(&name, &bytes)
     }
 
@@ -86,8 +86,8 @@ impl Fixture {
                 .parse()
                 .map_err(|_| Error::SafeTensors(format!("{name}: `{k}` is not a number")))
         };
-        let config = serde_json::from_str(&get("config")?)
-            .map_err(|e| Error::SafeTensors(format!("{name}: config: {e}")))?;
+        let config =
+            serde_json::from_str(&get("config")?).map_err(|e| Error::SafeTensors(format!("{name}: config: {e}")))?;
         let st = SafeTensors::deserialize(bytes)?;
         let mut tensors = BTreeMap::new();
         for (tname, view) in st.iter() {
@@ -122,9 +122,7 @@ impl Fixture {
     pub fn expected_names(&self) -> Vec<String> {
         self.tensors
             .iter()
-            .filter(|(_, t)| {
-                t.dtype == format!("{:?}", Dtype::F64) || t.dtype == format!("{:?}", Dtype::I64)
-            })
+            .filter(|(_, t)| t.dtype == format!("{:?}", Dtype::F64) || t.dtype == format!("{:?}", Dtype::I64))
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -232,13 +230,10 @@ pub fn check(ctx: &Context, fx: &Fixture) -> Result<Vec<CheckLine>> {
     let mut results: BTreeMap<String, (Verdict, Option<String>)> = BTreeMap::new();
     match fx.op.as_str() {
         "batch_norm" => check_batch_norm(ctx, fx, &mut results)?,
+        "layer_norm" => check_layer_norm(ctx, fx, &mut results)?,
         other => {
-            let reason = match other {
-                "layer_norm" => "layer_norm kernels are not implemented yet (issue 3)".to_string(),
-                _ => format!("unknown op {other:?}"),
-            };
             for name in fx.expected_names() {
-                results.insert(name, (Verdict::Skip(reason.clone()), None));
+                results.insert(name, (Verdict::Skip(format!("unknown op {other:?}")), None));
             }
         }
     }
@@ -284,10 +279,7 @@ fn judge(fx: &Fixture, name: &str, got: Result<Vec<f64>>) -> Result<Verdict> {
 }
 
 fn to_f64(ctx: &Context, t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_vec_blocking::<f32>(ctx)?
-        .into_iter()
-        .map(f64::from)
-        .collect())
+    Ok(t.to_vec_blocking::<f32>(ctx)?.into_iter().map(f64::from).collect())
 }
 
 fn f32_input(fx: &Fixture, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
@@ -295,17 +287,11 @@ fn f32_input(fx: &Fixture, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
     Ok((t.data.iter().map(|&v| v as f32).collect(), t.shape.clone()))
 }
 
-fn check_batch_norm(
-    ctx: &Context,
-    fx: &Fixture,
-    out: &mut BTreeMap<String, (Verdict, Option<String>)>,
-) -> Result<()> {
+fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>) -> Result<()> {
     let cfg = &fx.config;
     let bad = |k: &str| Error::SafeTensors(format!("{}: config.{k} missing or mistyped", fx.name));
     let config = BatchNormConfig {
-        num_features: cfg["num_features"]
-            .as_u64()
-            .ok_or_else(|| bad("num_features"))? as usize,
+        num_features: cfg["num_features"].as_u64().ok_or_else(|| bad("num_features"))? as usize,
         eps: cfg["eps"].as_f64().ok_or_else(|| bad("eps"))? as f32,
         momentum: if cfg["momentum"].is_null() {
             None
@@ -319,7 +305,9 @@ fn check_batch_norm(
     };
     let training = cfg["training"].as_bool().ok_or_else(|| bad("training"))?;
     let steps = cfg["steps"].as_u64().ok_or_else(|| bad("steps"))? as usize;
-    let note = (fx.dtype == "float16").then(|| "f16 inputs widened exactly to f32 and run through the f32 kernels; f16 storage is issue 5".to_string());
+    let note = (fx.dtype == "float16").then(|| {
+        "f16 inputs widened exactly to f32 and run through the f32 kernels; f16 storage is issue 5".to_string()
+    });
 
     // Gradients come with the backward pass.
     for g in ["dx", "dweight", "dbias"] {
@@ -327,9 +315,7 @@ fn check_batch_norm(
             out.insert(
                 g.into(),
                 (
-                    Verdict::Skip(
-                        "gradients: the backward pass is not implemented yet (issue 4)".into(),
-                    ),
+                    Verdict::Skip("gradients: the backward pass is not implemented yet (issue 4)".into()),
                     None,
                 ),
             );
@@ -371,21 +357,13 @@ fn check_batch_norm(
     if let (Some(rm), Some(rv)) = (bn.running_mean(), bn.running_var()) {
         out.insert(
             "running_mean.final".into(),
-            (
-                judge(fx, "running_mean.final", to_f64(ctx, rm))?,
-                note.clone(),
-            ),
+            (judge(fx, "running_mean.final", to_f64(ctx, rm))?, note.clone()),
         );
         out.insert(
             "running_var.final".into(),
-            (
-                judge(fx, "running_var.final", to_f64(ctx, rv))?,
-                note.clone(),
-            ),
+            (judge(fx, "running_var.final", to_f64(ctx, rv))?, note.clone()),
         );
-        let count = bn
-            .num_batches_tracked_blocking()
-            .map(|n| vec![n.unwrap_or(0) as f64]);
+        let count = bn.num_batches_tracked_blocking().map(|n| vec![n.unwrap_or(0) as f64]);
         out.insert(
             "num_batches_tracked.final".into(),
             (judge(fx, "num_batches_tracked.final", count)?, None),
@@ -394,10 +372,77 @@ fn check_batch_norm(
     if let Some(saved) = bn.saved().filter(|s| s.batch_stats) {
         for (name, t) in [("save_mean", &saved.mean), ("save_invstd", &saved.invstd)] {
             if fx.tensors.contains_key(name) {
-                out.insert(
-                    name.into(),
-                    (judge(fx, name, to_f64(ctx, t))?, note.clone()),
-                );
+                out.insert(name.into(), (judge(fx, name, to_f64(ctx, t))?, note.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The remark on lines of float16 fixtures.
+fn f16_note(fx: &Fixture) -> Option<String> {
+    (fx.dtype == "float16").then(|| {
+        "f16 inputs widened exactly to f32 and run through the f32 kernels; f16 storage is issue 5".to_string()
+    })
+}
+
+/// Gradients come with the backward pass (issue 4): reported as skipped, with the reason.
+fn skip_gradients(fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>) {
+    for g in ["dx", "dweight", "dbias"] {
+        if fx.tensors.contains_key(g) {
+            let why = "gradients: the backward pass is not implemented yet (issue 4)";
+            out.insert(g.into(), (Verdict::Skip(why.into()), None));
+        }
+    }
+}
+
+fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>) -> Result<()> {
+    let cfg = &fx.config;
+    let bad = |k: &str| Error::SafeTensors(format!("{}: config.{k} missing or mistyped", fx.name));
+    let normalized_shape = cfg["normalized_shape"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| bad("normalized_shape"))?;
+    let config = LayerNormConfig {
+        normalized_shape,
+        eps: cfg["eps"].as_f64().ok_or_else(|| bad("eps"))? as f32,
+        elementwise_affine: cfg["elementwise_affine"]
+            .as_bool()
+            .ok_or_else(|| bad("elementwise_affine"))?,
+        bias: cfg["bias"].as_bool().ok_or_else(|| bad("bias"))?,
+    };
+    let note = f16_note(fx);
+    skip_gradients(fx, out);
+    let mut run = || -> Result<LayerNorm> {
+        let mut ln = LayerNorm::with_config(ctx, config.clone())?;
+        if config.has_weight() {
+            ln.set_weight(&f32_input(fx, "weight")?.0)?;
+        }
+        if config.has_bias() {
+            ln.set_bias(&f32_input(fx, "bias")?.0)?;
+        }
+        let (x, shape) = f32_input(fx, "x")?;
+        let y = ln
+            .forward(&Tensor::from_slice(ctx, &x, &shape)?)
+            .and_then(|y| to_f64(ctx, &y));
+        out.insert("y".into(), (judge(fx, "y", y)?, note.clone()));
+        Ok(ln)
+    };
+    match run() {
+        Ok(ln) => {
+            let saved = ln.saved().expect("a successful forward saves its statistics");
+            for (name, t) in [("mean", &saved.mean), ("rstd", &saved.rstd)] {
+                out.insert(name.into(), (judge(fx, name, to_f64(ctx, t))?, note.clone()));
+            }
+        }
+        Err(e) => {
+            for name in fx.expected_names() {
+                out.entry(name)
+                    .or_insert_with(|| (Verdict::Fail(format!("error: {e}")), None));
             }
         }
     }

@@ -36,11 +36,14 @@ pub mod tensor;
 
 pub use context::{Context, ContextOptions, Kernel};
 pub use error::{Error, Result};
-pub use kernels::batch_norm::{BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan};
-pub use kernels::dropout::{
-    DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit,
+pub use kernels::batch_norm::{
+    BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions,
 };
-pub use nn::{BatchNorm, Dropout, Dropout2d, Mask};
+pub use kernels::dropout::{DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit};
+pub use kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
+pub use nn::{
+    BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, Mask, ResidualDropoutLayerNorm,
+};
 pub use tensor::{DType, Element, Tensor};
 /// The wgpu this crate is built on, re-exported so callers use the same version.
 pub use wgpu;

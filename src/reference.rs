@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::BatchNormConfig;
 use crate::kernels::dropout::{DropoutConfig, DropoutUnit};
+use crate::kernels::layer_norm::LayerNormConfig;
 use crate::rng;
 
 /// Running statistics carried between reference BatchNorm steps, in f64.
@@ -62,12 +63,7 @@ pub fn batch_norm_forward(
     let s: usize = shape[2..].iter().product();
     let m = n * s;
     if x.len() != n * c * s || m == 0 {
-        return Err(Error::shape(
-            OP,
-            "input",
-            shape,
-            "a non-empty shape matching x",
-        ));
+        return Err(Error::shape(OP, "input", shape, "a non-empty shape matching x"));
     }
     let at = |ni: usize, ci: usize, si: usize| x[(ni * c + ci) * s + si] as f64;
     let gamma = |ci: usize| {
@@ -86,29 +82,17 @@ pub fn batch_norm_forward(
     };
     let use_batch = training || !config.track_running_stats;
     if use_batch && m == 1 {
-        return Err(Error::shape(
-            OP,
-            "input",
-            shape,
-            "more than 1 value per channel",
-        ));
+        return Err(Error::shape(OP, "input", shape, "more than 1 value per channel"));
     }
     let mut running = running;
     if config.track_running_stats && running.is_none() {
-        return Err(Error::invalid(
-            OP,
-            "running statistics are required when tracking",
-        ));
+        return Err(Error::invalid(OP, "running statistics are required when tracking"));
     }
     // PyTorch increments the counter before computing the cumulative factor.
     let factor = match (&mut running, training && config.track_running_stats) {
         (Some(r), true) => {
             r.num_batches_tracked += 1;
-            Some(
-                config
-                    .momentum
-                    .map_or(1.0 / r.num_batches_tracked as f64, f64::from),
-            )
+            Some(config.momentum.map_or(1.0 / r.num_batches_tracked as f64, f64::from))
         }
         _ => None,
     };
@@ -197,6 +181,64 @@ pub fn dropout_forward(
         .map(|(i, &v)| f64::from(v) * if mask[i / unit_len] { scale } else { 0.0 })
         .collect();
     Ok((y, mask))
+}
+
+/// Output of [`layer_norm_forward`].
+#[derive(Clone, Debug)]
+pub struct RefLayerNorm {
+    /// `y`, same shape as the input.
+    pub y: Vec<f64>,
+    /// Row means, `(rows)`.
+    pub mean: Vec<f64>,
+    /// Row `1/sqrt(var + eps)`, `(rows)`.
+    pub rstd: Vec<f64>,
+}
+
+/// LayerNorm forward with PyTorch semantics over the trailing `config.normalized_shape` dims.
+/// `x` is given in f64 so that composed references (residual + dropout, then LayerNorm) can
+/// feed an exact `h` in.
+pub fn layer_norm_forward(
+    x: &[f64],
+    shape: &[usize],
+    config: &LayerNormConfig,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+) -> Result<RefLayerNorm> {
+    config.validate()?;
+    let (rows, width) = config.rows_and_width(shape)?;
+    let (rows, width) = (rows as usize, width as usize);
+    let gamma = |j: usize| {
+        if config.has_weight() {
+            weight.map_or(1.0, |w| f64::from(w[j]))
+        } else {
+            1.0
+        }
+    };
+    let beta = |j: usize| {
+        if config.has_bias() {
+            bias.map_or(0.0, |b| f64::from(b[j]))
+        } else {
+            0.0
+        }
+    };
+    let mut out = RefLayerNorm {
+        y: vec![0.0; rows * width],
+        mean: vec![0.0; rows],
+        rstd: vec![0.0; rows],
+    };
+    for r in 0..rows {
+        let row = &x[r * width..(r + 1) * width];
+        // Pass 1: mean. Pass 2: biased variance.
+        let mean = row.iter().sum::<f64>() / width as f64;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / width as f64;
+        let rstd = 1.0 / (var + f64::from(config.eps)).sqrt();
+        for (j, v) in row.iter().enumerate() {
+            out.y[r * width + j] = (v - mean) * rstd * gamma(j) + beta(j);
+        }
+        out.mean[r] = mean;
+        out.rstd[r] = rstd;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

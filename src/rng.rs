@@ -55,10 +55,7 @@ impl DropRule {
     /// The rule for drop probability `p`; an error unless `0 <= p <= 1`.
     pub fn new(p: f64) -> Result<Self> {
         if !(0.0..=1.0).contains(&p) {
-            return Err(Error::invalid(
-                "dropout",
-                format!("p must be in [0, 1], got {p}"),
-            ));
+            return Err(Error::invalid("dropout", format!("p must be in [0, 1], got {p}")));
         }
         if p == 1.0 {
             return Ok(Self {
@@ -83,12 +80,7 @@ impl DropRule {
 pub fn keep(seed: u64, offset: u64, index: u64, rule: DropRule) -> bool {
     let g = index / 4;
     let words = philox4x32_10(
-        [
-            g as u32,
-            (g >> 32) as u32,
-            offset as u32,
-            (offset >> 32) as u32,
-        ],
+        [g as u32, (g >> 32) as u32, offset as u32, (offset >> 32) as u32],
         [seed as u32, (seed >> 32) as u32],
     );
     rule.keeps(words[(index % 4) as usize])
@@ -99,15 +91,7 @@ pub fn mask(seed: u64, offset: u64, n: usize, rule: DropRule) -> Vec<bool> {
     let key = [seed as u32, (seed >> 32) as u32];
     let mut out = Vec::with_capacity(n);
     for g in 0..n.div_ceil(4) as u64 {
-        let words = philox4x32_10(
-            [
-                g as u32,
-                (g >> 32) as u32,
-                offset as u32,
-                (offset >> 32) as u32,
-            ],
-            key,
-        );
+        let words = philox4x32_10([g as u32, (g >> 32) as u32, offset as u32, (offset >> 32) as u32], key);
         for w in words {
             if out.len() < n {
                 out.push(rule.keeps(w));
@@ -121,11 +105,7 @@ pub fn mask(seed: u64, offset: u64, n: usize, rule: DropRule) -> Vec<bool> {
 /// first), the layout of the kernels' packed mask output.
 pub fn pack_mask(mask: &[bool]) -> Vec<u32> {
     mask.chunks(32)
-        .map(|c| {
-            c.iter()
-                .enumerate()
-                .fold(0u32, |w, (j, &k)| w | (u32::from(k) << j))
-        })
+        .map(|c| c.iter().enumerate().fold(0u32, |w, (j, &k)| w | (u32::from(k) << j)))
         .collect()
 }
 

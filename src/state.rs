@@ -27,9 +27,7 @@ pub(crate) fn serialize(entries: &[(String, StateTensor)]) -> Result<Vec<u8>> {
         .collect();
     let views = bytes
         .iter()
-        .map(|(k, dtype, shape, data)| {
-            Ok((k.as_str(), TensorView::new(*dtype, shape.clone(), data)?))
-        })
+        .map(|(k, dtype, shape, data)| Ok((k.as_str(), TensorView::new(*dtype, shape.clone(), data)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok(safetensors::tensor::serialize(views, None)?)
 }
@@ -86,10 +84,6 @@ pub(crate) fn view_to_f64(name: &str, view: &TensorView<'_>) -> Result<Vec<f64>>
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
             .collect(),
         Dtype::I64 => decode_i64(b).into_iter().map(|v| v as f64).collect(),
-        other => {
-            return Err(Error::SafeTensors(format!(
-                "`{name}` has unsupported dtype {other:?}"
-            )))
-        }
+        other => return Err(Error::SafeTensors(format!("`{name}` has unsupported dtype {other:?}"))),
     })
 }

@@ -74,9 +74,7 @@ impl Tensor {
         .union(wgpu::BufferUsages::COPY_DST);
 
     fn alloc(ctx: &Context, shape: &[usize], dtype: DType) -> Result<Self> {
-        let n = numel(shape).ok_or_else(|| {
-            Error::shape("tensor", "shape", shape, "a product that fits in usize")
-        })?;
+        let n = numel(shape).ok_or_else(|| Error::shape("tensor", "shape", shape, "a product that fits in usize"))?;
         let bytes = padded_bytes(n, dtype);
         let limit = ctx.limits().max_buffer_size;
         if bytes > limit {
@@ -148,9 +146,7 @@ impl Tensor {
     /// Wraps an existing buffer. It must hold `shape` in `dtype`, and have `STORAGE` and
     /// `COPY_SRC` usage for the kernels and readback.
     pub fn from_buffer(buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Result<Self> {
-        let n = numel(shape).ok_or_else(|| {
-            Error::shape("tensor", "shape", shape, "a product that fits in usize")
-        })?;
+        let n = numel(shape).ok_or_else(|| Error::shape("tensor", "shape", shape, "a product that fits in usize"))?;
         let needed = (n * dtype.size()) as u64;
         if buffer.size() < needed {
             return Err(Error::BufferTooSmall {

@@ -6,8 +6,8 @@ use common::{assert_close, Rng};
 use normdrop::fixture::{self, Fixture, Verdict};
 use normdrop::reference::{batch_norm_forward, RefRunningStats};
 use normdrop::{
-    BatchNorm, BatchNormBuffers, BatchNormConfig, BatchNormKernel, Context, ContextOptions, DType,
-    Error, Tensor,
+    BatchNorm, BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions, Context, ContextOptions,
+    DType, Error, Tensor,
 };
 use proptest::prelude::*;
 
@@ -29,10 +29,7 @@ fn batch_norm_fixtures_pass_except_gradients() {
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("bn"))
         .collect();
     files.sort();
-    assert!(
-        files.len() >= 9,
-        "expected the batch_norm fixtures in {dir}"
-    );
+    assert!(files.len() >= 9, "expected the batch_norm fixtures in {dir}");
     let mut passed = 0;
     for path in files {
         let fx = Fixture::load(&path).unwrap();
@@ -66,22 +63,13 @@ struct Bufs {
 }
 
 impl Bufs {
-    fn new(
-        ctx: &Context,
-        x: &[f32],
-        shape: &[usize],
-        weight: &[f32],
-        bias: &[f32],
-        run: &RefRunningStats,
-    ) -> Self {
+    fn new(ctx: &Context, x: &[f32], shape: &[usize], weight: &[f32], bias: &[f32], run: &RefRunningStats) -> Self {
         let c = shape[1];
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
         let nbt = ctx.device().create_buffer(&wgpu::BufferDescriptor {
             label: None,
             size: 8,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         ctx.queue()
@@ -110,6 +98,7 @@ impl Bufs {
             num_batches_tracked: Some(self.nbt.slice(..)),
             save_mean: self.save_mean.slice(),
             save_invstd: self.save_invstd.slice(),
+            rng: None,
         }
     }
 
@@ -155,17 +144,17 @@ fn check_against_reference(
 
     let kernel = ctx.kernel::<BatchNormKernel>().unwrap();
     let plan = kernel
-        .plan_with_chunk(ctx.device(), shape, config, chunk)
+        .plan_with(
+            ctx.device(),
+            shape,
+            config,
+            &BatchNormPlanOptions {
+                stats_chunk: chunk,
+                dropout: None,
+            },
+        )
         .unwrap();
-    let reference = batch_norm_forward(
-        &x,
-        shape,
-        config,
-        Some(&weight),
-        Some(&bias),
-        Some(&mut run),
-        training,
-    );
+    let reference = batch_norm_forward(&x, shape, config, Some(&weight), Some(&bias), Some(&mut run), training);
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     let encoded = plan.encode(ctx.device(), &mut encoder, training, &bufs.args());
     let reference = match reference {
@@ -175,22 +164,13 @@ fn check_against_reference(
         }
         Err(_) => {
             // Only the "one value per channel" case is rejected, and by both sides.
-            assert!(
-                matches!(encoded, Err(Error::Shape { .. })),
-                "{what}: {encoded:?}"
-            );
+            assert!(matches!(encoded, Err(Error::Shape { .. })), "{what}: {encoded:?}");
             return;
         }
     };
     ctx.queue().submit([encoder.finish()]);
     let (rtol, atol) = tol;
-    assert_close(
-        &format!("{what} y"),
-        &read(ctx, &bufs.y),
-        &reference.y,
-        rtol,
-        atol,
-    );
+    assert_close(&format!("{what} y"), &read(ctx, &bufs.y), &reference.y, rtol, atol);
     assert_close(
         &format!("{what} save_mean"),
         &read(ctx, &bufs.save_mean),
@@ -276,26 +256,8 @@ fn pinned_awkward_shapes() {
         (vec![2, 1000], 4096),
         (vec![5, 3, 3, 3, 3], 512),
     ] {
-        check_against_reference(
-            &ctx,
-            &shape,
-            &cfg(shape[1]),
-            true,
-            chunk,
-            0.0,
-            7,
-            (RTOL, ATOL),
-        );
-        check_against_reference(
-            &ctx,
-            &shape,
-            &cfg(shape[1]),
-            false,
-            chunk,
-            0.0,
-            8,
-            (RTOL, ATOL),
-        );
+        check_against_reference(&ctx, &shape, &cfg(shape[1]), true, chunk, 0.0, 7, (RTOL, ATOL));
+        check_against_reference(&ctx, &shape, &cfg(shape[1]), false, chunk, 0.0, 8, (RTOL, ATOL));
     }
 }
 
@@ -375,9 +337,7 @@ fn running_stats_recurrence_over_steps() {
         for step in 0..5 {
             // Each step draws from a different distribution so the average actually moves.
             let x = rng.normal_vec(shape.iter().product(), step as f64, 1.0 + step as f64);
-            let y = bn
-                .forward(&Tensor::from_slice(&ctx, &x, &shape).unwrap())
-                .unwrap();
+            let y = bn.forward(&Tensor::from_slice(&ctx, &x, &shape).unwrap()).unwrap();
             let r = batch_norm_forward(&x, &shape, &cfg, None, None, Some(&mut run), true).unwrap();
             let what = format!("momentum {momentum:?} step {step}");
             assert_close(&what, &read(&ctx, &y), &r.y, RTOL, ATOL);
@@ -406,13 +366,11 @@ fn eval_uses_running_stats_and_changes_nothing() {
     let x = rng.normal_vec(72, 0.0, 1.0);
     let y1 = read(
         &ctx,
-        &bn.forward(&Tensor::from_slice(&ctx, &x, &shape).unwrap())
-            .unwrap(),
+        &bn.forward(&Tensor::from_slice(&ctx, &x, &shape).unwrap()).unwrap(),
     );
     let y2 = read(
         &ctx,
-        &bn.forward(&Tensor::from_slice(&ctx, &x, &shape).unwrap())
-            .unwrap(),
+        &bn.forward(&Tensor::from_slice(&ctx, &x, &shape).unwrap()).unwrap(),
     );
     let after = module_stats(&ctx, &bn);
     assert_eq!(before, after, "eval changed the running statistics");
@@ -449,8 +407,7 @@ fn no_running_stats_uses_batch_stats_in_eval() {
     let x = Rng::new(3).normal_vec(2 * 2 * 9, 1.0, 2.0);
     let y = read(
         &ctx,
-        &bn.forward(&Tensor::from_slice(&ctx, &x, &[2, 2, 9]).unwrap())
-            .unwrap(),
+        &bn.forward(&Tensor::from_slice(&ctx, &x, &[2, 2, 9]).unwrap()).unwrap(),
     );
     let r = batch_norm_forward(&x, &[2, 2, 9], &cfg, None, None, None, false).unwrap();
     assert_close("y", &y, &r.y, RTOL, ATOL);
@@ -492,14 +449,8 @@ fn state_round_trips_with_pytorch_keys() {
     let mut other = BatchNorm::new(&ctx, 4).unwrap();
     other.load_state_from_safetensors(&bytes, "bn1.").unwrap();
     assert_eq!(module_stats(&ctx, &bn), module_stats(&ctx, &other));
-    assert_eq!(
-        read(&ctx, bn.weight().unwrap()),
-        read(&ctx, other.weight().unwrap())
-    );
-    assert_eq!(
-        read(&ctx, bn.bias().unwrap()),
-        read(&ctx, other.bias().unwrap())
-    );
+    assert_eq!(read(&ctx, bn.weight().unwrap()), read(&ctx, other.weight().unwrap()));
+    assert_eq!(read(&ctx, bn.bias().unwrap()), read(&ctx, other.bias().unwrap()));
     assert_eq!(other.num_batches_tracked_blocking().unwrap(), Some(2));
 
     // Wrong channel count or a missing key: an error, and nothing changes.
@@ -516,8 +467,7 @@ fn state_round_trips_with_pytorch_keys() {
     assert_eq!(before, module_stats(&ctx, &five));
     assert_eq!(read(&ctx, five.weight().unwrap()), vec![1.0; 5]);
 
-    let path =
-        std::env::temp_dir().join(format!("normdrop-state-{}.safetensors", std::process::id()));
+    let path = std::env::temp_dir().join(format!("normdrop-state-{}.safetensors", std::process::id()));
     bn.save_state(&path).unwrap();
     let mut from_file = BatchNorm::new(&ctx, 4).unwrap();
     from_file.load_state(&path).unwrap();
@@ -532,20 +482,15 @@ fn state_round_trips_with_pytorch_keys() {
 fn bad_input_is_rejected_and_changes_nothing() {
     let ctx = gpu!();
     let mut bn = BatchNorm::new(&ctx, 3).unwrap();
-    bn.forward(
-        &Tensor::from_slice(&ctx, &Rng::new(4).normal_vec(24, 1.0, 2.0), &[2, 3, 4]).unwrap(),
-    )
-    .unwrap();
+    bn.forward(&Tensor::from_slice(&ctx, &Rng::new(4).normal_vec(24, 1.0, 2.0), &[2, 3, 4]).unwrap())
+        .unwrap();
     let before = module_stats(&ctx, &bn);
     let t = |shape: &[usize]| Tensor::zeros(&ctx, shape, DType::F32).unwrap();
 
     // Rank < 2.
     assert!(matches!(bn.forward(&t(&[3])), Err(Error::Shape { .. })));
     // Channel count different from num_features.
-    assert!(matches!(
-        bn.forward(&t(&[2, 4, 5])),
-        Err(Error::Shape { .. })
-    ));
+    assert!(matches!(bn.forward(&t(&[2, 4, 5])), Err(Error::Shape { .. })));
     // One value per channel in training.
     let e = bn.forward(&t(&[1, 3])).unwrap_err();
     assert!(
@@ -555,22 +500,13 @@ fn bad_input_is_rejected_and_changes_nothing() {
     let e = bn.forward(&t(&[1, 3, 1, 1])).unwrap_err();
     assert!(matches!(e, Error::Shape { .. }), "{e}");
     // Empty tensors.
-    assert!(matches!(
-        bn.forward(&t(&[0, 3, 4])),
-        Err(Error::Shape { .. })
-    ));
-    assert!(matches!(
-        bn.forward(&t(&[2, 3, 0])),
-        Err(Error::Shape { .. })
-    ));
+    assert!(matches!(bn.forward(&t(&[0, 3, 4])), Err(Error::Shape { .. })));
+    assert!(matches!(bn.forward(&t(&[2, 3, 0])), Err(Error::Shape { .. })));
     // f16 activations are not accepted by this version.
     let h = Tensor::zeros(&ctx, &[2, 3], DType::F16).unwrap();
     assert!(matches!(bn.forward(&h), Err(Error::DType { .. })));
     // Parameter setters with the wrong length.
-    assert!(matches!(
-        bn.set_running_mean(&[0.0; 4]),
-        Err(Error::Shape { .. })
-    ));
+    assert!(matches!(bn.set_running_mean(&[0.0; 4]), Err(Error::Shape { .. })));
 
     assert_eq!(
         before,
@@ -588,15 +524,9 @@ fn bad_hyper_parameters_are_rejected() {
     }
     for m in [-0.1f32, 1.5, f32::NAN] {
         let r = BatchNorm::with_config(&ctx, config(3, Some(m), true, true, 1e-5));
-        assert!(
-            matches!(r, Err(Error::InvalidArgument { .. })),
-            "momentum {m}"
-        );
+        assert!(matches!(r, Err(Error::InvalidArgument { .. })), "momentum {m}");
     }
-    assert!(matches!(
-        BatchNorm::new(&ctx, 0),
-        Err(Error::InvalidArgument { .. })
-    ));
+    assert!(matches!(BatchNorm::new(&ctx, 0), Err(Error::InvalidArgument { .. })));
     // Boundary values are legal.
     BatchNorm::with_config(&ctx, config(3, Some(0.0), true, true, 1e-12)).unwrap();
     BatchNorm::with_config(&ctx, config(3, Some(1.0), true, true, 1e-5)).unwrap();
@@ -616,9 +546,7 @@ fn bad_caller_buffers_are_rejected_before_encoding() {
         &run,
     );
     let kernel = ctx.kernel::<BatchNormKernel>().unwrap();
-    let plan = kernel
-        .plan(ctx.device(), &shape, &BatchNormConfig::new(3))
-        .unwrap();
+    let plan = kernel.plan(ctx.device(), &shape, &BatchNormConfig::new(3)).unwrap();
     let small = Tensor::zeros(&ctx, &[29], DType::F32).unwrap();
     let small_c = Tensor::zeros(&ctx, &[2], DType::F32).unwrap();
     let encode = |args: BatchNormBuffers<'_>| {
@@ -687,10 +615,7 @@ fn bad_caller_buffers_are_rejected_before_encoding() {
         bias: None,
         ..bufs.args()
     });
-    assert!(
-        matches!(r, Err(Error::Buffer { what: "bias", .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(Error::Buffer { what: "bias", .. })), "{r:?}");
     let r = encode(BatchNormBuffers {
         num_batches_tracked: None,
         ..bufs.args()
@@ -715,16 +640,7 @@ fn bad_caller_buffers_are_rejected_before_encoding() {
         save_mean: bufs.weight.slice(),
         ..bufs.args()
     });
-    assert!(
-        matches!(
-            r,
-            Err(Error::Buffer {
-                what: "save_mean",
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(Error::Buffer { what: "save_mean", .. })), "{r:?}");
 
     // Nothing ran: the running statistics and the counter are as created.
     assert_eq!(read(&ctx, &bufs.running_mean), vec![0.0; 3]);
@@ -761,10 +677,7 @@ fn tensor_beyond_binding_limit_is_refused_naming_the_limit() {
         ),
         "{e}"
     );
-    assert!(
-        e.to_string().contains("max_storage_buffer_binding_size"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("max_storage_buffer_binding_size"), "{e}");
     assert_eq!(before, module_stats(&ctx, &bn));
     // Just under the limit works.
     bn.forward(&Tensor::zeros(&ctx, &[2, 2, 4096], DType::F32).unwrap())
@@ -783,8 +696,7 @@ fn encodes_into_callers_encoder_with_offsets() {
     let align = u64::from(device.limits().min_storage_buffer_offset_alignment).max(256);
     let shape = [3, 2, 7];
     let x = Rng::new(17).normal_vec(42, 0.5, 2.0);
-    let usage =
-        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     let make = |size: u64| {
         device.create_buffer(&wgpu::BufferDescriptor {
             label: None,
@@ -795,8 +707,7 @@ fn encodes_into_callers_encoder_with_offsets() {
     };
     // x lives at an offset in the caller's input buffer, next to γ and β.
     let inputs = make(3 * align);
-    ctx.queue()
-        .write_buffer(&inputs, align, bytemuck::cast_slice(&x));
+    ctx.queue().write_buffer(&inputs, align, bytemuck::cast_slice(&x));
     ctx.queue()
         .write_buffer(&inputs, 0, bytemuck::cast_slice(&[2.0f32, 0.5]));
     ctx.queue()
@@ -818,11 +729,10 @@ fn encodes_into_callers_encoder_with_offsets() {
         num_batches_tracked: Some(at(&outputs, align, 0, 8)),
         save_mean: at(&outputs, align, 3, 8),
         save_invstd: at(&outputs, align, 4, 8),
+        rng: None,
     };
     let kernel = BatchNormKernel::new(device);
-    let plan = kernel
-        .plan(device, &shape, &BatchNormConfig::new(2))
-        .unwrap();
+    let plan = kernel.plan(device, &shape, &BatchNormConfig::new(2)).unwrap();
     let mut encoder = device.create_command_encoder(&Default::default());
     // Two training steps in one encoder and one submission.
     plan.encode(device, &mut encoder, true, &args).unwrap();

@@ -8,8 +8,8 @@ use normdrop::kernels::dropout::rng_state_bytes;
 use normdrop::reference::dropout_forward;
 use normdrop::rng::{self, DropRule};
 use normdrop::{
-    Context, DType, Dropout, Dropout2d, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode,
-    DropoutUnit, Error, Tensor,
+    Context, DType, Dropout, Dropout2d, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutUnit, Error,
+    Tensor,
 };
 
 fn read(ctx: &Context, t: &Tensor) -> Vec<f32> {
@@ -21,14 +21,7 @@ fn ones(ctx: &Context, shape: &[usize]) -> Tensor {
 }
 
 /// The GPU mask (both the packed output and the zero pattern of y) equals the CPU spec.
-fn assert_mask_matches(
-    ctx: &Context,
-    shape: &[usize],
-    p: f64,
-    seed: u64,
-    offset: u64,
-    unit: DropoutUnit,
-) {
+fn assert_mask_matches(ctx: &Context, shape: &[usize], p: f64, seed: u64, offset: u64, unit: DropoutUnit) {
     let config = DropoutConfig::new(p);
     let mut d = match unit {
         DropoutUnit::Element => Dropout::with_config(ctx, config, seed).unwrap(),
@@ -55,14 +48,7 @@ fn assert_mask_matches(
     }
 }
 
-fn assert_mask_matches_2d(
-    ctx: &Context,
-    mut d: Dropout2d,
-    shape: &[usize],
-    p: f64,
-    seed: u64,
-    offset: u64,
-) {
+fn assert_mask_matches_2d(ctx: &Context, mut d: Dropout2d, shape: &[usize], p: f64, seed: u64, offset: u64) {
     d.set_state(seed, offset);
     let (y, mask) = d.forward_with_mask(&ones(ctx, shape)).unwrap();
     let unit_len: usize = shape[2..].iter().product();
@@ -110,12 +96,7 @@ fn gpu_mask_equals_cpu_mask_bit_for_bit() {
         }
     }
     // Edge seeds and offsets: zero, all ones, high words only.
-    for (seed, offset) in [
-        (0, 0),
-        (u64::MAX, u64::MAX),
-        (1 << 32, 1 << 32),
-        (0xdead_beef, 7),
-    ] {
+    for (seed, offset) in [(0, 0), (u64::MAX, u64::MAX), (1 << 32, 1 << 32), (0xdead_beef, 7)] {
         assert_mask_matches(&ctx, &[1000], 0.5, seed, offset, DropoutUnit::Element);
     }
 }
@@ -138,22 +119,9 @@ fn gpu_mask_equals_cpu_mask_over_ten_million_elements() {
 fn dropout2d_drops_whole_channels_with_the_cpu_mask() {
     let ctx = gpu!();
     let mut rng = Rng::new(77);
-    for shape in [
-        &[2usize, 3, 4, 4][..],
-        &[5, 7, 3],
-        &[1, 40, 1],
-        &[3, 11, 5, 3],
-        &[2, 9],
-    ] {
+    for shape in [&[2usize, 3, 4, 4][..], &[5, 7, 3], &[1, 40, 1], &[3, 11, 5, 3], &[2, 9]] {
         let seed = rng.next_u64();
-        assert_mask_matches(
-            &ctx,
-            shape,
-            0.5,
-            seed,
-            rng.next_u64() % 1000,
-            DropoutUnit::Channel,
-        );
+        assert_mask_matches(&ctx, shape, 0.5, seed, rng.next_u64() % 1000, DropoutUnit::Channel);
     }
 }
 
@@ -164,12 +132,7 @@ fn keep_rate_is_within_five_sigma() {
     for p in [0.1, 0.5, 0.9] {
         let mut d = Dropout::with_config(&ctx, DropoutConfig::new(p), 12345).unwrap();
         let (_, mask) = d.forward_with_mask(&ones(&ctx, &[n])).unwrap();
-        let kept = mask
-            .to_bools_blocking(&ctx)
-            .unwrap()
-            .iter()
-            .filter(|&&k| k)
-            .count() as f64;
+        let kept = mask.to_bools_blocking(&ctx).unwrap().iter().filter(|&&k| k).count() as f64;
         let q = 1.0 - p;
         let sigma = (n as f64 * p * q).sqrt();
         let z = (kept - n as f64 * q) / sigma;
@@ -249,21 +212,16 @@ fn scaling_modes_in_train_and_eval() {
         let config = DropoutConfig { p: 0.25, mode };
         let mut d = Dropout::with_config(&ctx, config, 99).unwrap();
         let y = read(&ctx, &d.forward(&xt).unwrap());
-        let (r, _) =
-            dropout_forward(&x, &shape, &config, DropoutUnit::Element, 99, 0, true).unwrap();
+        let (r, _) = dropout_forward(&x, &shape, &config, DropoutUnit::Element, 99, 0, true).unwrap();
         assert_close(&format!("{mode:?} train"), &y, &r, 1e-6, 1e-7);
         d.eval();
         let y = d.forward(&xt).unwrap();
-        let (r, _) =
-            dropout_forward(&x, &shape, &config, DropoutUnit::Element, 99, 1, false).unwrap();
+        let (r, _) = dropout_forward(&x, &shape, &config, DropoutUnit::Element, 99, 1, false).unwrap();
         assert_close(&format!("{mode:?} eval"), &read(&ctx, &y), &r, 1e-6, 1e-7);
         match mode {
             // Eval inverted dropout is the identity and returns the input itself, as PyTorch does.
             DropoutMode::Inverted => assert_eq!(y.buffer(), xt.buffer()),
-            DropoutMode::ScaleAtInference => assert_eq!(
-                read(&ctx, &y),
-                x.iter().map(|v| v * 0.75).collect::<Vec<_>>()
-            ),
+            DropoutMode::ScaleAtInference => assert_eq!(read(&ctx, &y), x.iter().map(|v| v * 0.75).collect::<Vec<_>>()),
         }
         assert_eq!(d.state(), (99, 1), "eval must not advance the generator");
     }
@@ -331,9 +289,7 @@ fn low_level_advance_on_gpu_gives_consecutive_offsets_in_one_submission() {
         },
     )
     .unwrap();
-    kernel
-        .encode_advance(device, &mut encoder, &rng_buf.slice())
-        .unwrap();
+    kernel.encode_advance(device, &mut encoder, &rng_buf.slice()).unwrap();
     plan.encode(
         device,
         &mut encoder,
@@ -387,36 +343,18 @@ fn bad_input_is_rejected() {
         d.forward(&Tensor::zeros(&ctx, &[4], DType::F16).unwrap()),
         Err(Error::DType { .. })
     ));
-    assert_eq!(
-        d.state(),
-        (0, 0),
-        "failed calls must not advance the generator"
-    );
+    assert_eq!(d.state(), (0, 0), "failed calls must not advance the generator");
 
     let device = ctx.device();
     let kernel = ctx.kernel::<DropoutKernel>().unwrap();
     let plan = kernel
-        .plan(
-            device,
-            &[100],
-            &DropoutConfig::new(0.5),
-            DropoutUnit::Element,
-        )
+        .plan(device, &[100], &DropoutConfig::new(0.5), DropoutUnit::Element)
         .unwrap();
-    let (x, y) = (
-        ones(&ctx, &[100]),
-        Tensor::zeros(&ctx, &[100], DType::F32).unwrap(),
-    );
+    let (x, y) = (ones(&ctx, &[100]), Tensor::zeros(&ctx, &[100], DType::F32).unwrap());
     let rng_buf = Tensor::zeros(&ctx, &[4], DType::F32).unwrap();
     let small_mask = Tensor::zeros(&ctx, &[3], DType::F32).unwrap(); // 12 bytes < 4 words
     let mut encoder = device.create_command_encoder(&Default::default());
-    let r = plan.encode_mask(
-        device,
-        &mut encoder,
-        true,
-        &rng_buf.slice(),
-        &small_mask.slice(),
-    );
+    let r = plan.encode_mask(device, &mut encoder, true, &rng_buf.slice(), &small_mask.slice());
     assert!(
         matches!(
             r,
@@ -450,10 +388,7 @@ fn bad_input_is_rejected() {
             rng: small_mask.buffer().slice(..8),
         },
     );
-    assert!(
-        matches!(r, Err(Error::BufferTooSmall { what: "rng", .. })),
-        "{r:?}"
-    );
+    assert!(matches!(r, Err(Error::BufferTooSmall { what: "rng", .. })), "{r:?}");
     let r = plan.encode(
         device,
         &mut encoder,

@@ -7,22 +7,15 @@ use naga::valid::{Capabilities, ValidationFlags, Validator};
 
 fn translate_all(v: &normdrop::kernels::ShaderVariant) {
     let what = format!("{} [{}]", v.file, v.variant);
-    let module = naga::front::wgsl::parse_str(&v.source)
-        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&v.source)));
+    let module =
+        naga::front::wgsl::parse_str(&v.source).unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&v.source)));
     let info = Validator::new(ValidationFlags::all(), Capabilities::all())
         .validate(&module)
         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&v.source)));
 
-    let names: Vec<&str> = module
-        .entry_points
-        .iter()
-        .map(|e| e.name.as_str())
-        .collect();
+    let names: Vec<&str> = module.entry_points.iter().map(|e| e.name.as_str()).collect();
     for ep in v.entry_points {
-        assert!(
-            names.contains(ep),
-            "{what}: entry point {ep} missing (has {names:?})"
-        );
+        assert!(names.contains(ep), "{what}: entry point {ep} missing (has {names:?})");
     }
 
     let words = spv::write_vec(&module, &info, &spv::Options::default(), None)
@@ -48,10 +41,7 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
     )
     .write(&module, &info, None)
     .unwrap_or_else(|e| panic!("{what} -> HLSL: {e}"));
-    assert!(
-        hlsl_out.contains("[numthreads("),
-        "{what}: HLSL has no compute entry"
-    );
+    assert!(hlsl_out.contains("[numthreads("), "{what}: HLSL has no compute entry");
 
     // GLSL has one entry point per translation, as wgpu's GL backend does it.
     for ep in v.entry_points {

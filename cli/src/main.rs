@@ -92,10 +92,7 @@ fn info(ctx: &Context) {
         "  max_storage_buffer_binding_size      {}",
         l.max_storage_buffer_binding_size
     );
-    println!(
-        "  max_buffer_size                      {}",
-        l.max_buffer_size
-    );
+    println!("  max_buffer_size                      {}", l.max_buffer_size);
     println!(
         "  max_storage_buffers_per_shader_stage {}",
         l.max_storage_buffers_per_shader_stage

@@ -79,14 +79,7 @@ fn check_fails_on_a_wrong_expectation_and_on_a_missing_file() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
         .iter()
-        .map(|(n, v)| {
-            (
-                n.to_string(),
-                v.dtype(),
-                v.shape().to_vec(),
-                v.data().to_vec(),
-            )
-        })
+        .map(|(n, v)| (n.to_string(), v.dtype(), v.shape().to_vec(), v.data().to_vec()))
         .collect();
     let y = owned.iter_mut().find(|t| t.0 == "y.0").unwrap();
     let v = f64::from_le_bytes(y.3[..8].try_into().unwrap()) + 0.5;
@@ -101,10 +94,7 @@ fn check_fails_on_a_wrong_expectation_and_on_a_missing_file() {
         })
         .collect();
     let tampered = safetensors::serialize(views, meta.metadata().clone()).unwrap();
-    let path = std::env::temp_dir().join(format!(
-        "normdrop-tampered-{}.safetensors",
-        std::process::id()
-    ));
+    let path = std::env::temp_dir().join(format!("normdrop-tampered-{}.safetensors", std::process::id()));
     std::fs::write(&path, tampered).unwrap();
 
     let Some(out) = normdrop(&["check", path.to_str().unwrap()]) else {
@@ -114,8 +104,7 @@ fn check_fails_on_a_wrong_expectation_and_on_a_missing_file() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.lines()
-            .any(|l| l.contains("y.0") && l.contains("FAILED")),
+        text.lines().any(|l| l.contains("y.0") && l.contains("FAILED")),
         "{text}"
     );
     assert!(last_line(&out).contains(" 1 failed"), "{text}");
@@ -124,9 +113,5 @@ fn check_fails_on_a_wrong_expectation_and_on_a_missing_file() {
         return;
     };
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        last_line(&out).starts_with("0 passed, 1 failed"),
-        "{}",
-        last_line(&out)
-    );
+    assert!(last_line(&out).starts_with("0 passed, 1 failed"), "{}", last_line(&out));
 }

@@ -15,9 +15,8 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::{
-    bind_group, binding, compute_pipeline, fold_workgroups, placeholder, BindLimits,
-};
+use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
+use crate::kernels::{bind_group, binding, binding_or, compute_pipeline, fold_workgroups, placeholder, BindLimits};
 
 const OP: &str = "batch_norm";
 
@@ -28,6 +27,7 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bn_finalize",
     "bn_finalize_eval",
     "bn_normalize",
+    "bn_normalize_dropout",
 ];
 const WORKGROUP: u64 = 256;
 const EVAL_WORKGROUP: u64 = 64;
@@ -85,10 +85,7 @@ impl BatchNormConfig {
         }
         if let Some(m) = self.momentum {
             if !(0.0..=1.0).contains(&m) {
-                return Err(Error::invalid(
-                    OP,
-                    format!("momentum must be in [0, 1], got {m}"),
-                ));
+                return Err(Error::invalid(OP, format!("momentum must be in [0, 1], got {m}")));
             }
         }
         Ok(())
@@ -109,10 +106,35 @@ struct BnParams {
     total: u32,
     eps: f32,
     momentum: f32,
+    drop_threshold: u32,
+    drop_flags: u32,
+    drop_scale: f32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
-const _: () = assert!(std::mem::size_of::<BnParams>() == 48);
+const _: () = assert!(std::mem::size_of::<BnParams>() == 64);
+
+/// Options of a [`BatchNormPlan`] beyond the shape and configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormPlanOptions {
+    /// Elements of one channel that one `bn_stats` workgroup reduces: a positive multiple of
+    /// 256. Smaller chunks spread a channel over more workgroups (better for small C and large
+    /// N·H·W). Default [`DEFAULT_STATS_CHUNK`].
+    pub stats_chunk: u32,
+    /// Fuse a dropout into the normalize pass: `y = dropout(BatchNorm(x))` in one pass over the
+    /// activations, with the mask of [`crate::rng`] over flat element indices. Default `None`.
+    pub dropout: Option<DropoutConfig>,
+}
+
+impl Default for BatchNormPlanOptions {
+    fn default() -> Self {
+        Self {
+            stats_chunk: DEFAULT_STATS_CHUNK,
+            dropout: None,
+        }
+    }
+}
 
 /// Compiled BatchNorm pipelines for one device. Build once (or get it cached from
 /// [`Context::kernel`](crate::Context::kernel)); make a [`BatchNormPlan`] per input shape.
@@ -123,6 +145,7 @@ pub struct BatchNormKernel {
     finalize: wgpu::ComputePipeline,
     finalize_eval: wgpu::ComputePipeline,
     normalize: wgpu::ComputePipeline,
+    normalize_dropout: wgpu::ComputePipeline,
     /// Stand-ins for bindings a configuration does not use: γ, β (read) and running mean,
     /// running var, num_batches_tracked (read-write), each distinct.
     placeholders: [wgpu::Buffer; 5],
@@ -137,6 +160,7 @@ impl Kernel for BatchNormKernel {
             finalize: compute_pipeline(device, &module, "bn_finalize"),
             finalize_eval: compute_pipeline(device, &module, "bn_finalize_eval"),
             normalize: compute_pipeline(device, &module, "bn_normalize"),
+            normalize_dropout: compute_pipeline(device, &module, "bn_normalize_dropout"),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
         }
     }
@@ -149,32 +173,27 @@ impl BatchNormKernel {
     }
 
     /// A plan for inputs of `shape` = `(N, C, *)` with the default stats chunk.
-    pub fn plan(
-        &self,
-        device: &wgpu::Device,
-        shape: &[usize],
-        config: &BatchNormConfig,
-    ) -> Result<BatchNormPlan> {
-        self.plan_with_chunk(device, shape, config, DEFAULT_STATS_CHUNK)
+    pub fn plan(&self, device: &wgpu::Device, shape: &[usize], config: &BatchNormConfig) -> Result<BatchNormPlan> {
+        self.plan_with(device, shape, config, &BatchNormPlanOptions::default())
     }
 
-    /// A plan with an explicit stats chunk: the number of elements of one channel that one
-    /// `bn_stats` workgroup reduces. It must be a positive multiple of 256. Smaller chunks
-    /// spread a channel over more workgroups (better for small C and large N·H·W).
-    pub fn plan_with_chunk(
+    /// A plan with explicit [`BatchNormPlanOptions`] (stats chunk, fused dropout).
+    pub fn plan_with(
         &self,
         device: &wgpu::Device,
         shape: &[usize],
         config: &BatchNormConfig,
-        stats_chunk: u32,
+        options: &BatchNormPlanOptions,
     ) -> Result<BatchNormPlan> {
         config.validate()?;
+        let stats_chunk = options.stats_chunk;
+        if let Some(d) = &options.dropout {
+            d.validate()?;
+        }
         if stats_chunk == 0 || !u64::from(stats_chunk).is_multiple_of(WORKGROUP) {
             return Err(Error::invalid(
                 OP,
-                format!(
-                    "stats chunk must be a positive multiple of {WORKGROUP}, got {stats_chunk}"
-                ),
+                format!("stats chunk must be a positive multiple of {WORKGROUP}, got {stats_chunk}"),
             ));
         }
         let dims = BnDims::of(shape, config.num_features)?;
@@ -192,14 +211,12 @@ impl BatchNormKernel {
         let chunks = dims.m.div_ceil(u64::from(stats_chunk));
         let stats_groups = fold_workgroups(OP, dims.c * chunks, limits.max_workgroups_per_dim)?;
         let finalize_groups = fold_workgroups(OP, dims.c, limits.max_workgroups_per_dim)?;
-        let eval_groups = fold_workgroups(
-            OP,
-            dims.c.div_ceil(EVAL_WORKGROUP),
-            limits.max_workgroups_per_dim,
-        )?;
+        let eval_groups = fold_workgroups(OP, dims.c.div_ceil(EVAL_WORKGROUP), limits.max_workgroups_per_dim)?;
+        // The fused dropout variant handles 4 elements per invocation (one Philox call).
+        let per_invocation = if options.dropout.is_some() { 4 } else { 1 };
         let normalize_groups = fold_workgroups(
             OP,
-            dims.total.div_ceil(WORKGROUP),
+            dims.total.div_ceil(WORKGROUP * per_invocation),
             limits.max_workgroups_per_dim,
         )?;
         let partials_bytes = dims.c * chunks * 8;
@@ -223,27 +240,39 @@ impl BatchNormKernel {
         if config.momentum.is_none() {
             flags |= FLAG_CUMULATIVE;
         }
-        let params = BnParams {
-            n: dims.n as u32,
-            c: dims.c as u32,
-            s: dims.s as u32,
-            m: dims.m as u32,
-            chunk_len: stats_chunk,
-            chunks: chunks as u32,
-            flags,
-            total: dims.total as u32,
-            eps: config.eps,
-            momentum: config.momentum.unwrap_or(0.0),
-            _pad0: 0,
-            _pad1: 0,
-        };
-        let uniform = {
+        let uniform = |training: bool| -> Result<wgpu::Buffer> {
+            let d = match &options.dropout {
+                Some(d) => d.params(training)?,
+                None => DropParams {
+                    threshold: 0,
+                    flags: 0,
+                    scale: 1.0,
+                },
+            };
+            let params = BnParams {
+                n: dims.n as u32,
+                c: dims.c as u32,
+                s: dims.s as u32,
+                m: dims.m as u32,
+                chunk_len: stats_chunk,
+                chunks: chunks as u32,
+                flags,
+                total: dims.total as u32,
+                eps: config.eps,
+                momentum: config.momentum.unwrap_or(0.0),
+                drop_threshold: d.threshold,
+                drop_flags: d.flags,
+                drop_scale: d.scale,
+                _pad0: 0,
+                _pad1: 0,
+                _pad2: 0,
+            };
             use wgpu::util::DeviceExt;
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            Ok(device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("batch_norm params"),
                 contents: bytemuck::bytes_of(&params),
                 usage: wgpu::BufferUsages::UNIFORM,
-            })
+            }))
         };
         let partials = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batch_norm partials"),
@@ -257,7 +286,8 @@ impl BatchNormKernel {
             shape: shape.to_vec(),
             dims,
             limits,
-            uniform,
+            dropout: options.dropout,
+            uniforms: [uniform(false)?, uniform(true)?],
             partials,
             partials_bytes,
             stats_groups,
@@ -293,12 +323,8 @@ impl BnDims {
         }
         let n = shape[0] as u64;
         let c = shape[1] as u64;
-        let s = shape[2..]
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
-        let total = s
-            .and_then(|s| s.checked_mul(n))
-            .and_then(|ns| ns.checked_mul(c));
+        let s = shape[2..].iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        let total = s.and_then(|s| s.checked_mul(n)).and_then(|ns| ns.checked_mul(c));
         let (Some(s), Some(total)) = (s, total) else {
             return Err(Error::shape(
                 OP,
@@ -359,6 +385,9 @@ pub struct BatchNormBuffers<'a> {
     /// Output `(C)`: the `1/sqrt(var + eps)` this call normalized with (biased batch variance,
     /// or the running variance in eval mode).
     pub save_invstd: wgpu::BufferSlice<'a>,
+    /// Generator state (16 bytes, see [`rng_state_bytes`](crate::kernels::dropout::rng_state_bytes));
+    /// required when the plan fuses a dropout, ignored otherwise. Not advanced.
+    pub rng: Option<wgpu::BufferSlice<'a>>,
 }
 
 /// A BatchNorm forward for one input shape and configuration: owns its uniform parameters and
@@ -370,7 +399,9 @@ pub struct BatchNormPlan {
     shape: Vec<usize>,
     dims: BnDims,
     limits: BindLimits,
-    uniform: wgpu::Buffer,
+    dropout: Option<DropoutConfig>,
+    /// [eval, train]: they differ only in the fused dropout's parameters.
+    uniforms: [wgpu::Buffer; 2],
     partials: wgpu::Buffer,
     partials_bytes: u64,
     stats_groups: (u32, u32),
@@ -388,6 +419,11 @@ impl BatchNormPlan {
     /// The configuration this plan was built for.
     pub fn config(&self) -> &BatchNormConfig {
         &self.config
+    }
+
+    /// The dropout fused into the normalize pass, if any.
+    pub fn dropout(&self) -> Option<&DropoutConfig> {
+        self.dropout.as_ref()
     }
 
     /// Whether a call in this mode normalizes with batch statistics (training, or no running
@@ -414,10 +450,7 @@ impl BatchNormPlan {
         l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
         l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
         if self.config.affine {
-            let w = b
-                .weight
-                .as_ref()
-                .ok_or_else(|| missing("weight", "affine"))?;
+            let w = b.weight.as_ref().ok_or_else(|| missing("weight", "affine"))?;
             let bi = b.bias.as_ref().ok_or_else(|| missing("bias", "affine"))?;
             l.check(OP, "weight", w, c_bytes)?;
             l.check(OP, "bias", bi, c_bytes)?;
@@ -439,6 +472,13 @@ impl BatchNormPlan {
             l.check(OP, "running_var", rv, c_bytes)?;
             l.check(OP, "num_batches_tracked", nbt, 8)?;
         }
+        if self.dropout.is_some() {
+            let rng = b
+                .rng
+                .as_ref()
+                .ok_or_else(|| missing("rng", "the plan fuses a dropout"))?;
+            check_rng(l, OP, rng)?;
+        }
         self.check_aliasing(b)
     }
 
@@ -447,6 +487,9 @@ impl BatchNormPlan {
     /// read-only input must live in a buffer that no output uses.
     fn check_aliasing(&self, b: &BatchNormBuffers<'_>) -> Result<()> {
         let mut inputs = vec![("x", &b.x)];
+        if self.dropout.is_some() {
+            inputs.extend(b.rng.as_ref().map(|s| ("rng", s)));
+        }
         let mut outputs = vec![
             ("y", &b.y),
             ("save_mean", &b.save_mean),
@@ -459,11 +502,7 @@ impl BatchNormPlan {
         if self.config.track_running_stats {
             outputs.extend(b.running_mean.as_ref().map(|s| ("running_mean", s)));
             outputs.extend(b.running_var.as_ref().map(|s| ("running_var", s)));
-            outputs.extend(
-                b.num_batches_tracked
-                    .as_ref()
-                    .map(|s| ("num_batches_tracked", s)),
-            );
+            outputs.extend(b.num_batches_tracked.as_ref().map(|s| ("num_batches_tracked", s)));
         }
         for (out_name, out) in &outputs {
             if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
@@ -491,40 +530,15 @@ impl BatchNormPlan {
         let k = &self.kernel;
         let x_bytes = self.dims.total * 4;
         let c_bytes = self.dims.c * 4;
-        let uniform = self.uniform.as_entire_binding();
+        let uniform = self.uniforms[usize::from(training)].as_entire_binding();
         let ph = &k.placeholders;
-        fn opt<'a>(
-            s: &Option<wgpu::BufferSlice<'a>>,
-            placeholder: &'a wgpu::Buffer,
-            bytes: u64,
-        ) -> wgpu::BindingResource<'a> {
-            match s {
-                Some(s) => binding(s, bytes),
-                None => placeholder.as_entire_binding(),
-            }
-        }
-        let (weight, bias) = if self.config.affine {
-            (
-                opt(&b.weight, &ph[0], c_bytes),
-                opt(&b.bias, &ph[1], c_bytes),
-            )
-        } else {
-            (ph[0].as_entire_binding(), ph[1].as_entire_binding())
-        };
+        let affine = self.config.affine;
         let tracking = self.config.track_running_stats;
-        let (running_mean, running_var, nbt) = if tracking {
-            (
-                opt(&b.running_mean, &ph[2], c_bytes),
-                opt(&b.running_var, &ph[3], c_bytes),
-                opt(&b.num_batches_tracked, &ph[4], 8),
-            )
-        } else {
-            (
-                ph[2].as_entire_binding(),
-                ph[3].as_entire_binding(),
-                ph[4].as_entire_binding(),
-            )
-        };
+        let weight = binding_or(affine, &b.weight, &ph[0], c_bytes);
+        let bias = binding_or(affine, &b.bias, &ph[1], c_bytes);
+        let running_mean = binding_or(tracking, &b.running_mean, &ph[2], c_bytes);
+        let running_var = binding_or(tracking, &b.running_var, &ph[3], c_bytes);
+        let nbt = binding_or(tracking, &b.num_batches_tracked, &ph[4], 8);
         let x = binding(&b.x, x_bytes);
         let save_mean = binding(&b.save_mean, c_bytes);
         let save_invstd = binding(&b.save_invstd, c_bytes);
@@ -590,22 +604,25 @@ impl BatchNormPlan {
                 self.eval_groups,
             ));
         }
+        let mut normalize_entries = vec![
+            (0, uniform),
+            (1, x),
+            (2, binding(&b.y, x_bytes)),
+            (3, weight),
+            (4, bias),
+            (8, save_mean),
+            (9, save_invstd),
+        ];
+        let normalize = match (&self.dropout, &b.rng) {
+            (Some(_), Some(rng)) => {
+                normalize_entries.push((11, binding(rng, RNG_STATE_BYTES)));
+                &k.normalize_dropout
+            }
+            _ => &k.normalize,
+        };
         groups.push((
-            &k.normalize,
-            bind_group(
-                device,
-                "bn_normalize",
-                &k.normalize,
-                &[
-                    (0, uniform),
-                    (1, x),
-                    (2, binding(&b.y, x_bytes)),
-                    (3, weight),
-                    (4, bias),
-                    (8, save_mean),
-                    (9, save_invstd),
-                ],
-            ),
+            normalize,
+            bind_group(device, "bn_normalize", normalize, &normalize_entries),
             self.normalize_groups,
         ));
 

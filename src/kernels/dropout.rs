@@ -151,20 +151,12 @@ impl Kernel for DropoutKernel {
 }
 
 /// Checks a generator state slice.
-pub(crate) fn check_rng(
-    limits: &BindLimits,
-    op: &'static str,
-    rng: &wgpu::BufferSlice<'_>,
-) -> Result<()> {
+pub(crate) fn check_rng(limits: &BindLimits, op: &'static str, rng: &wgpu::BufferSlice<'_>) -> Result<()> {
     limits.check(op, "rng", rng, RNG_STATE_BYTES)
 }
 
 /// The element and unit counts of a dropout over `shape`.
-pub(crate) fn dropout_units(
-    op: &'static str,
-    shape: &[usize],
-    unit: DropoutUnit,
-) -> Result<(u64, u64, u64)> {
+pub(crate) fn dropout_units(op: &'static str, shape: &[usize], unit: DropoutUnit) -> Result<(u64, u64, u64)> {
     let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
     let numel = numel.filter(|&n| n <= 1 << 31).ok_or(Error::ExceedsLimit {
         op,
@@ -185,12 +177,7 @@ pub(crate) fn dropout_units(
         DropoutUnit::Element => (numel, 1, numel),
         DropoutUnit::Channel => {
             if shape.len() < 2 {
-                return Err(Error::shape(
-                    op,
-                    "input",
-                    shape,
-                    "rank >= 2: (N, C, *) for Dropout2d",
-                ));
+                return Err(Error::shape(op, "input", shape, "rank >= 2: (N, C, *) for Dropout2d"));
             }
             let unit_len: u64 = shape[2..].iter().map(|&d| d as u64).product();
             (numel, unit_len, numel / unit_len)
@@ -237,13 +224,11 @@ impl DropoutKernel {
                 _pad1: 0,
             };
             use wgpu::util::DeviceExt;
-            Ok(
-                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("dropout params"),
-                    contents: bytemuck::bytes_of(&params),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                }),
-            )
+            Ok(device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("dropout params"),
+                contents: bytemuck::bytes_of(&params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            }))
         };
         Ok(DropoutPlan {
             kernel: self.clone(),
@@ -254,16 +239,8 @@ impl DropoutKernel {
             units,
             limits,
             uniforms: [uniform(false)?, uniform(true)?],
-            forward_groups: fold_workgroups(
-                OP,
-                numel.div_ceil(4 * WORKGROUP),
-                limits.max_workgroups_per_dim,
-            )?,
-            mask_groups: fold_workgroups(
-                OP,
-                units.div_ceil(32 * WORKGROUP),
-                limits.max_workgroups_per_dim,
-            )?,
+            forward_groups: fold_workgroups(OP, numel.div_ceil(4 * WORKGROUP), limits.max_workgroups_per_dim)?,
+            mask_groups: fold_workgroups(OP, units.div_ceil(32 * WORKGROUP), limits.max_workgroups_per_dim)?,
         })
     }
 
@@ -358,8 +335,7 @@ impl DropoutPlan {
                 return Err(Error::Buffer {
                     op: OP,
                     what,
-                    reason: "shares a buffer with the input `x`; dropout does not run in place"
-                        .into(),
+                    reason: "shares a buffer with the input `x`; dropout does not run in place".into(),
                 });
             }
         }

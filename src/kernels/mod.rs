@@ -8,16 +8,15 @@
 
 pub mod batch_norm;
 pub mod dropout;
+pub mod layer_norm;
 
 use std::num::NonZeroU64;
 
 /// Every file in `shaders/`, by name, as compiled into the crate.
 const SHADER_FILES: &[(&str, &str)] = &[
-    (
-        "batch_norm.wgsl",
-        include_str!("../../shaders/batch_norm.wgsl"),
-    ),
+    ("batch_norm.wgsl", include_str!("../../shaders/batch_norm.wgsl")),
     ("dropout.wgsl", include_str!("../../shaders/dropout.wgsl")),
+    ("layer_norm.wgsl", include_str!("../../shaders/layer_norm.wgsl")),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("welford.wgsl", include_str!("../../shaders/welford.wgsl")),
 ];
@@ -61,6 +60,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
     [
         ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
         ("dropout.wgsl", dropout::ENTRY_POINTS),
+        ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
     ]
     .into_iter()
     .map(|(file, entry_points)| ShaderVariant {
@@ -89,11 +89,7 @@ pub(crate) const MAX_WORKGROUPS_PER_DIM: u32 = 65535;
 /// Splits `count` workgroups over x and y so that neither exceeds `max_per_dim`. Shaders
 /// recover the linear index as `wid.x + wid.y * num_workgroups.x` and skip indices past
 /// `count` (at most `x − 1` padding workgroups).
-pub(crate) fn fold_workgroups(
-    op: &'static str,
-    count: u64,
-    max_per_dim: u32,
-) -> Result<(u32, u32)> {
+pub(crate) fn fold_workgroups(op: &'static str, count: u64, max_per_dim: u32) -> Result<(u32, u32)> {
     let max = u64::from(max_per_dim.max(1));
     if count <= max {
         return Ok((count.max(1) as u32, 1));
@@ -125,9 +121,7 @@ impl BindLimits {
         Self {
             storage_offset_alignment: u64::from(l.min_storage_buffer_offset_alignment),
             max_storage_binding: l.max_storage_buffer_binding_size,
-            max_workgroups_per_dim: l
-                .max_compute_workgroups_per_dimension
-                .min(MAX_WORKGROUPS_PER_DIM),
+            max_workgroups_per_dim: l.max_compute_workgroups_per_dimension.min(MAX_WORKGROUPS_PER_DIM),
         }
     }
 
@@ -187,6 +181,20 @@ pub(crate) fn binding<'a>(slice: &wgpu::BufferSlice<'a>, bytes: u64) -> wgpu::Bi
         offset: slice.offset(),
         size: NonZeroU64::new(bytes.div_ceil(4).max(1) * 4),
     })
+}
+
+/// `slice` bound as `bytes` when the configuration uses it (`used`) and it is given, otherwise
+/// the placeholder that stands in for an unused binding.
+pub(crate) fn binding_or<'a>(
+    used: bool,
+    slice: &Option<wgpu::BufferSlice<'a>>,
+    placeholder: &'a wgpu::Buffer,
+    bytes: u64,
+) -> wgpu::BindingResource<'a> {
+    match slice {
+        Some(s) if used => binding(s, bytes),
+        _ => placeholder.as_entire_binding(),
+    }
 }
 
 /// Builds a bind group for group 0 of `pipeline` from `(binding, resource)` pairs.
@@ -253,10 +261,7 @@ mod tests {
             let (x, y) = fold_workgroups("t", count, 65535).unwrap();
             let covered = u64::from(x) * u64::from(y);
             assert!(covered >= count, "{count}: {x}x{y}");
-            assert!(
-                covered - count < u64::from(x),
-                "{count}: {x}x{y} pads a whole row"
-            );
+            assert!(covered - count < u64::from(x), "{count}: {x}x{y} pads a whole row");
         }
         assert!(fold_workgroups("t", 65535u64 * 65535 + 1, 65535).is_err());
     }

@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{
-    BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan,
+    BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions,
 };
+use crate::kernels::dropout::DropoutConfig;
+use crate::nn::dropout::Generator;
 use crate::tensor::{DType, Tensor};
 
 const OP: &str = "BatchNorm";
@@ -77,9 +79,7 @@ impl BatchNorm {
                 Some(ctx.create_buffer(
                     "num_batches_tracked",
                     8,
-                    wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_SRC
-                        | wgpu::BufferUsages::COPY_DST,
+                    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
                 )?),
             )
         } else {
@@ -151,9 +151,7 @@ impl BatchNorm {
             None => Ok(None),
             Some(buf) => {
                 let bytes = self.ctx.read_buffer(buf, 0, 8).await?;
-                Ok(Some(u64::from_le_bytes(
-                    bytes[..8].try_into().expect("8 bytes"),
-                )))
+                Ok(Some(u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"))))
             }
         }
     }
@@ -185,13 +183,10 @@ impl BatchNorm {
 
     /// Sets `num_batches_tracked`. Errors when not tracking.
     pub fn set_num_batches_tracked(&mut self, value: u64) -> Result<()> {
-        let buf = self
-            .num_batches_tracked
-            .as_ref()
-            .ok_or_else(|| Error::State {
-                op: OP,
-                reason: "num_batches_tracked exists only with track_running_stats".into(),
-            })?;
+        let buf = self.num_batches_tracked.as_ref().ok_or_else(|| Error::State {
+            op: OP,
+            reason: "num_batches_tracked exists only with track_running_stats".into(),
+        })?;
         self.ctx
             .scoped(|| self.ctx.queue().write_buffer(buf, 0, &value.to_le_bytes()))
     }
@@ -229,6 +224,12 @@ impl BatchNorm {
     /// single value per channel when batch statistics are needed, or a tensor beyond the
     /// device's binding limit.
     pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.forward_impl(x, None)
+    }
+
+    /// [`BatchNorm::forward`], optionally with a dropout fused into the normalize pass that
+    /// draws from `generator`'s current state (not advanced here).
+    pub(crate) fn forward_impl(&mut self, x: &Tensor, dropout: Option<(DropoutConfig, &Generator)>) -> Result<Tensor> {
         if x.dtype() != DType::F32 {
             return Err(Error::DType {
                 op: OP,
@@ -237,10 +238,19 @@ impl BatchNorm {
                 expected: DType::F32,
             });
         }
-        if self.plan.as_ref().is_none_or(|p| p.shape() != x.shape()) {
+        let fused = dropout.as_ref().map(|(d, _)| *d);
+        if self
+            .plan
+            .as_ref()
+            .is_none_or(|p| p.shape() != x.shape() || p.dropout() != fused.as_ref())
+        {
+            let options = BatchNormPlanOptions {
+                dropout: fused,
+                ..Default::default()
+            };
             let plan = self
                 .kernel
-                .plan(self.ctx.device(), x.shape(), &self.config)?;
+                .plan_with(self.ctx.device(), x.shape(), &self.config, &options)?;
             self.plan = Some(plan);
         }
         let plan = self.plan.as_ref().expect("set above");
@@ -258,6 +268,7 @@ impl BatchNorm {
             num_batches_tracked: self.num_batches_tracked.as_ref().map(|b| b.slice(..)),
             save_mean: mean.slice(),
             save_invstd: invstd.slice(),
+            rng: dropout.as_ref().map(|(_, g)| g.buffer().slice(..)),
         };
         let device = self.ctx.device();
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -265,8 +276,15 @@ impl BatchNorm {
         });
         self.ctx
             .scoped(|| plan.encode(device, &mut encoder, self.training, &buffers))??;
-        self.ctx
-            .scoped(|| self.ctx.queue().submit([encoder.finish()]))?;
+        match &dropout {
+            Some((_, generator)) => {
+                let (seed, offset) = generator.state();
+                generator.submit_with(&self.ctx, seed, offset, encoder)?;
+            }
+            None => {
+                self.ctx.scoped(|| self.ctx.queue().submit([encoder.finish()]))?;
+            }
+        }
         self.saved = Some(BatchNormSaved {
             shape: x.shape().to_vec(),
             batch_stats: plan.uses_batch_stats(self.training),
@@ -394,18 +412,14 @@ impl StateTensor {
             StateTensor::F32 { shape: s, .. } => Err(Error::SafeTensors(format!(
                 "`{key}` has shape {s:?}, expected {shape:?}"
             ))),
-            StateTensor::I64 { .. } => Err(Error::SafeTensors(format!(
-                "`{key}` is int64, expected float32"
-            ))),
+            StateTensor::I64 { .. } => Err(Error::SafeTensors(format!("`{key}` is int64, expected float32"))),
         }
     }
 
     fn as_count(&self, key: &str) -> Result<u64> {
         match self {
             StateTensor::I64 { data, .. } if data.len() == 1 && data[0] >= 0 => Ok(data[0] as u64),
-            _ => Err(Error::SafeTensors(format!(
-                "`{key}` must be one non-negative int64"
-            ))),
+            _ => Err(Error::SafeTensors(format!("`{key}` must be one non-negative int64"))),
         }
     }
 }

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{
-    rng_state_bytes, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutPlan, DropoutUnit,
-    RNG_STATE_BYTES,
+    rng_state_bytes, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutPlan, DropoutUnit, RNG_STATE_BYTES,
 };
 use crate::tensor::{DType, Tensor};
 
@@ -41,9 +40,7 @@ impl Mask {
 
     /// Downloads the packed words.
     pub async fn to_words(&self, ctx: &Context) -> Result<Vec<u32>> {
-        let bytes = ctx
-            .read_buffer(&self.buffer, 0, self.units.div_ceil(32) * 4)
-            .await?;
+        let bytes = ctx.read_buffer(&self.buffer, 0, self.units.div_ceil(32) * 4).await?;
         Ok(bytes
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
@@ -56,6 +53,63 @@ impl Mask {
         Ok((0..self.units as usize)
             .map(|u| (words[u / 32] >> (u % 32)) & 1 == 1)
             .collect())
+    }
+}
+
+/// A framework-style generator: `(seed, offset)` on the host, mirrored into the 16-byte state
+/// buffer the kernels read right before each submission that uses it.
+#[derive(Debug)]
+pub(crate) struct Generator {
+    seed: u64,
+    offset: u64,
+    buffer: wgpu::Buffer,
+}
+
+impl Generator {
+    pub(crate) fn new(ctx: &Context, seed: u64) -> Result<Self> {
+        let buffer = ctx.create_buffer(
+            "rng state",
+            RNG_STATE_BYTES,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        )?;
+        Ok(Self {
+            seed,
+            offset: 0,
+            buffer,
+        })
+    }
+
+    pub(crate) fn state(&self) -> (u64, u64) {
+        (self.seed, self.offset)
+    }
+
+    pub(crate) fn set(&mut self, seed: u64, offset: u64) {
+        self.seed = seed;
+        self.offset = offset;
+    }
+
+    pub(crate) fn advance(&mut self) {
+        self.offset = self.offset.wrapping_add(1);
+    }
+
+    pub(crate) fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Writes `(seed, offset)` into the state buffer and submits `encoder` (the write lands
+    /// before the command buffer runs).
+    pub(crate) fn submit_with(
+        &self,
+        ctx: &Context,
+        seed: u64,
+        offset: u64,
+        encoder: wgpu::CommandEncoder,
+    ) -> Result<()> {
+        ctx.scoped(|| {
+            ctx.queue()
+                .write_buffer(&self.buffer, 0, &rng_state_bytes(seed, offset));
+            ctx.queue().submit([encoder.finish()]);
+        })
     }
 }
 
@@ -85,10 +139,7 @@ pub struct Dropout {
     unit: DropoutUnit,
     kernel: Arc<DropoutKernel>,
     training: bool,
-    seed: u64,
-    offset: u64,
-    /// The state buffer kernels read; rewritten from (seed, offset) before every call.
-    rng: wgpu::Buffer,
+    generator: Generator,
     plan: Option<DropoutPlan>,
     last: Option<DropoutCall>,
 }
@@ -112,13 +163,7 @@ impl Dropout {
             unit,
             kernel: ctx.kernel::<DropoutKernel>()?,
             training: true,
-            seed,
-            offset: 0,
-            rng: ctx.create_buffer(
-                "dropout rng",
-                RNG_STATE_BYTES,
-                wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            )?,
+            generator: Generator::new(ctx, seed)?,
             plan: None,
             last: None,
         })
@@ -146,13 +191,12 @@ impl Dropout {
 
     /// The generator state the next training call will use.
     pub fn state(&self) -> (u64, u64) {
-        (self.seed, self.offset)
+        self.generator.state()
     }
 
     /// Sets the generator state.
     pub fn set_state(&mut self, seed: u64, offset: u64) {
-        self.seed = seed;
-        self.offset = offset;
+        self.generator.set(seed, offset);
     }
 
     /// The state and mode of the last successful call.
@@ -162,12 +206,14 @@ impl Dropout {
 
     /// Applies dropout to `x` (f32, any shape; `(N, C, *)` for Dropout2d).
     pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.run(x, self.seed, self.offset, false, true)?.0)
+        let (seed, offset) = self.generator.state();
+        Ok(self.run(x, seed, offset, false, true)?.0)
     }
 
     /// Like [`Dropout::forward`], also returning the packed keep mask.
     pub fn forward_with_mask(&mut self, x: &Tensor) -> Result<(Tensor, Mask)> {
-        let (y, mask) = self.run(x, self.seed, self.offset, true, true)?;
+        let (seed, offset) = self.generator.state();
+        let (y, mask) = self.run(x, seed, offset, true, true)?;
         Ok((y, mask.expect("requested")))
     }
 
@@ -194,11 +240,10 @@ impl Dropout {
             });
         }
         if self.plan.as_ref().is_none_or(|p| p.shape() != x.shape()) {
-            self.plan =
-                Some(
-                    self.kernel
-                        .plan(self.ctx.device(), x.shape(), &self.config, self.unit)?,
-                );
+            self.plan = Some(
+                self.kernel
+                    .plan(self.ctx.device(), x.shape(), &self.config, self.unit)?,
+            );
         }
         let plan = self.plan.as_ref().expect("set above");
         let training = self.training;
@@ -213,9 +258,8 @@ impl Dropout {
                 None
             };
             let device = self.ctx.device();
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("Dropout"),
-            });
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("Dropout") });
+            let rng = self.generator.buffer().slice(..);
             self.ctx.scoped(|| -> Result<()> {
                 plan.encode(
                     device,
@@ -224,35 +268,20 @@ impl Dropout {
                     &DropoutBuffers {
                         x: x.slice(),
                         y: y.slice(),
-                        rng: self.rng.slice(..),
+                        rng,
                     },
                 )?;
                 if let Some(m) = &mask {
-                    plan.encode_mask(
-                        device,
-                        &mut encoder,
-                        training,
-                        &self.rng.slice(..),
-                        &m.buffer.slice(..),
-                    )?;
+                    plan.encode_mask(device, &mut encoder, training, &rng, &m.buffer.slice(..))?;
                 }
                 Ok(())
             })??;
-            self.ctx.scoped(|| {
-                self.ctx
-                    .queue()
-                    .write_buffer(&self.rng, 0, &rng_state_bytes(seed, offset));
-                self.ctx.queue().submit([encoder.finish()]);
-            })?;
+            self.generator.submit_with(&self.ctx, seed, offset, encoder)?;
             (y, mask)
         };
-        self.last = Some(DropoutCall {
-            seed,
-            offset,
-            training,
-        });
+        self.last = Some(DropoutCall { seed, offset, training });
         if training && advance {
-            self.offset = self.offset.wrapping_add(1);
+            self.generator.advance();
         }
         Ok((y, mask))
     }
@@ -271,12 +300,7 @@ impl Dropout2d {
 
     /// Dropout2d with an explicit configuration and seed.
     pub fn with_config(ctx: &Context, config: DropoutConfig, seed: u64) -> Result<Self> {
-        Ok(Self(Dropout::build(
-            ctx,
-            config,
-            seed,
-            DropoutUnit::Channel,
-        )?))
+        Ok(Self(Dropout::build(ctx, config, seed, DropoutUnit::Channel)?))
     }
 }
 

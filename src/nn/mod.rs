@@ -3,6 +3,10 @@
 
 pub mod batch_norm;
 pub mod dropout;
+pub mod fused;
+pub mod layer_norm;
 
 pub use batch_norm::{BatchNorm, BatchNormSaved, StateTensor};
 pub use dropout::{Dropout, Dropout2d, DropoutCall, Mask};
+pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm};
+pub use layer_norm::{LayerNorm, LayerNormSaved};

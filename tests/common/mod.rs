@@ -67,9 +67,7 @@ impl Rng {
 
     /// `n` values `mean + std·N(0,1)` as f32.
     pub fn normal_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| (mean + std * self.normal()) as f32)
-            .collect()
+        (0..n).map(|_| (mean + std * self.normal()) as f32).collect()
     }
 }
 

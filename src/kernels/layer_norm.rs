@@ -1,0 +1,422 @@
+//! LayerNorm forward, low level, optionally fused with dropout: [`LayerNormKernel`] (one per
+//! device) and [`LayerNormPlan`] (one per shape, configuration and fusion). See
+//! `shaders/layer_norm.wgsl` for the math and geometry.
+
+use crate::context::Kernel;
+use crate::error::{Error, Result};
+use crate::kernels::dropout::{check_rng, DropoutConfig, RNG_STATE_BYTES};
+use crate::kernels::{bind_group, binding, binding_or, compute_pipeline, fold_workgroups, placeholder, BindLimits};
+
+const OP: &str = "layer_norm";
+
+/// Entry points in `shaders/layer_norm.wgsl` that get a pipeline.
+pub(crate) const ENTRY_POINTS: &[&str] = &["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"];
+
+/// Widest row kept in registers (one read of the input); wider rows take a second read.
+pub const ONCHIP_MAX_WIDTH: usize = 4096;
+
+/// Storage buffers the residual variant binds in one dispatch.
+const RESIDUAL_STORAGE_BINDINGS: u32 = 9;
+
+const FLAG_WEIGHT: u32 = 1;
+const FLAG_BIAS: u32 = 2;
+
+/// LayerNorm hyper-parameters, with PyTorch's meanings and defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerNormConfig {
+    /// The trailing dims normalized over; their product is the row width W.
+    pub normalized_shape: Vec<usize>,
+    /// Added to the variance. Default `1e-5`; must be finite and > 0.
+    pub eps: f32,
+    /// Learnable γ (and β unless `bias = false`) of shape `normalized_shape`. Default `true`.
+    pub elementwise_affine: bool,
+    /// Learnable β when `elementwise_affine`. Default `true`.
+    pub bias: bool,
+}
+
+impl LayerNormConfig {
+    /// PyTorch's defaults for `normalized_shape`.
+    pub fn new(normalized_shape: &[usize]) -> Self {
+        Self {
+            normalized_shape: normalized_shape.to_vec(),
+            eps: 1e-5,
+            elementwise_affine: true,
+            bias: true,
+        }
+    }
+
+    /// W = ∏ normalized_shape.
+    pub fn width(&self) -> usize {
+        self.normalized_shape.iter().product()
+    }
+
+    /// Whether γ is used.
+    pub fn has_weight(&self) -> bool {
+        self.elementwise_affine
+    }
+
+    /// Whether β is used.
+    pub fn has_bias(&self) -> bool {
+        self.elementwise_affine && self.bias
+    }
+
+    /// Checks every field's domain.
+    pub fn validate(&self) -> Result<()> {
+        if self.normalized_shape.is_empty() || self.normalized_shape.contains(&0) {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "normalized_shape must be non-empty with no zero dim, got {:?}",
+                    self.normalized_shape
+                ),
+            ));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("eps must be finite and > 0, got {}", self.eps),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `(rows, width)` of an input `shape`, whose trailing dims must equal `normalized_shape`.
+    pub fn rows_and_width(&self, shape: &[usize]) -> Result<(u64, u64)> {
+        let k = self.normalized_shape.len();
+        if shape.len() < k || shape[shape.len() - k..] != self.normalized_shape[..] {
+            return Err(Error::shape(
+                OP,
+                "input",
+                shape,
+                format!("trailing dims equal to normalized_shape {:?}", self.normalized_shape),
+            ));
+        }
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .unwrap_or(u64::MAX);
+        if numel == 0 {
+            return Err(Error::shape(
+                OP,
+                "input",
+                shape,
+                "no zero-sized dimension (empty tensors are not supported)",
+            ));
+        }
+        if numel > 1 << 31 {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "input elements",
+                value: numel,
+                limit: 1 << 31,
+                limit_name: "2^31 elements per call (u32 indexing)",
+            });
+        }
+        let width = self.width() as u64;
+        Ok((numel / width, width))
+    }
+}
+
+/// What a LayerNorm plan fuses with dropout.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LayerNormFusion {
+    /// Plain LayerNorm.
+    None,
+    /// `y = dropout(LayerNorm(x))`.
+    Dropout(DropoutConfig),
+    /// The pre-norm residual block: `h = residual + dropout(x)`, `y = LayerNorm(h)`; writes both.
+    ResidualDropout(DropoutConfig),
+}
+
+/// Mirrors `struct Params` in `shaders/layer_norm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct LnParams {
+    rows: u32,
+    width: u32,
+    flags: u32,
+    eps: f32,
+    drop_threshold: u32,
+    drop_flags: u32,
+    drop_scale: f32,
+    _pad0: u32,
+}
+const _: () = assert!(std::mem::size_of::<LnParams>() == 32);
+
+/// Compiled LayerNorm pipelines for one device.
+#[derive(Clone, Debug)]
+pub struct LayerNormKernel {
+    forward: wgpu::ComputePipeline,
+    dropout: wgpu::ComputePipeline,
+    residual: wgpu::ComputePipeline,
+    /// Stand-ins for γ and β when the configuration has none.
+    placeholders: [wgpu::Buffer; 2],
+}
+
+impl Kernel for LayerNormKernel {
+    fn build(device: &wgpu::Device) -> Self {
+        let module = crate::kernels::shader_module(device, "layer_norm.wgsl");
+        Self {
+            forward: compute_pipeline(device, &module, "ln_forward"),
+            dropout: compute_pipeline(device, &module, "ln_dropout_forward"),
+            residual: compute_pipeline(device, &module, "ln_residual_dropout_forward"),
+            placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
+        }
+    }
+}
+
+impl LayerNormKernel {
+    /// Compiles the pipelines.
+    pub fn new(device: &wgpu::Device) -> Self {
+        <Self as Kernel>::build(device)
+    }
+
+    /// A plan for inputs of `shape` (trailing dims = `config.normalized_shape`).
+    pub fn plan(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &LayerNormConfig,
+        fusion: LayerNormFusion,
+    ) -> Result<LayerNormPlan> {
+        config.validate()?;
+        let (rows, width) = config.rows_and_width(shape)?;
+        let limits = BindLimits::of(device);
+        let bytes = rows * width * 4;
+        if bytes > limits.max_storage_binding {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "input size in bytes",
+                value: bytes,
+                limit: limits.max_storage_binding,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        let storage_limit = device.limits().max_storage_buffers_per_shader_stage;
+        if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && storage_limit < RESIDUAL_STORAGE_BINDINGS {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "storage buffers of the fused residual+dropout+LayerNorm pass",
+                value: u64::from(RESIDUAL_STORAGE_BINDINGS),
+                limit: u64::from(storage_limit),
+                limit_name: "max_storage_buffers_per_shader_stage",
+            });
+        }
+        let dropout = match fusion {
+            LayerNormFusion::None => None,
+            LayerNormFusion::Dropout(d) | LayerNormFusion::ResidualDropout(d) => Some(d),
+        };
+        let mut flags = 0;
+        if config.has_weight() {
+            flags |= FLAG_WEIGHT;
+        }
+        if config.has_bias() {
+            flags |= FLAG_BIAS;
+        }
+        let uniform = |training: bool| -> Result<wgpu::Buffer> {
+            let d = match dropout {
+                Some(d) => d.params(training)?,
+                None => crate::kernels::dropout::DropParams {
+                    threshold: 0,
+                    flags: 0,
+                    scale: 1.0,
+                },
+            };
+            let params = LnParams {
+                rows: rows as u32,
+                width: width as u32,
+                flags,
+                eps: config.eps,
+                drop_threshold: d.threshold,
+                drop_flags: d.flags,
+                drop_scale: d.scale,
+                _pad0: 0,
+            };
+            use wgpu::util::DeviceExt;
+            Ok(device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("layer_norm params"),
+                contents: bytemuck::bytes_of(&params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            }))
+        };
+        Ok(LayerNormPlan {
+            kernel: self.clone(),
+            config: config.clone(),
+            fusion,
+            shape: shape.to_vec(),
+            rows,
+            width,
+            limits,
+            uniforms: [uniform(false)?, uniform(true)?],
+            groups: fold_workgroups(OP, rows, limits.max_workgroups_per_dim)?,
+        })
+    }
+}
+
+/// The buffers of one LayerNorm call. f32; distinct buffers for inputs and outputs.
+#[derive(Clone, Debug)]
+pub struct LayerNormBuffers<'a> {
+    /// Input `(*, normalized_shape)`.
+    pub x: wgpu::BufferSlice<'a>,
+    /// Output, same shape.
+    pub y: wgpu::BufferSlice<'a>,
+    /// γ, `normalized_shape`; required when `elementwise_affine`.
+    pub weight: Option<wgpu::BufferSlice<'a>>,
+    /// β, `normalized_shape`; required when `elementwise_affine && bias`.
+    pub bias: Option<wgpu::BufferSlice<'a>>,
+    /// Output `(rows)`: the row means.
+    pub mean: wgpu::BufferSlice<'a>,
+    /// Output `(rows)`: `1/sqrt(var + eps)` per row.
+    pub rstd: wgpu::BufferSlice<'a>,
+    /// Generator state (16 bytes); required with dropout fusion.
+    pub rng: Option<wgpu::BufferSlice<'a>>,
+    /// Residual input, same shape as `x`; required with [`LayerNormFusion::ResidualDropout`].
+    pub residual: Option<wgpu::BufferSlice<'a>>,
+    /// Output `h = residual + dropout(x)`; required with [`LayerNormFusion::ResidualDropout`].
+    pub h: Option<wgpu::BufferSlice<'a>>,
+}
+
+/// A LayerNorm for one shape, configuration and fusion.
+#[derive(Debug)]
+pub struct LayerNormPlan {
+    kernel: LayerNormKernel,
+    config: LayerNormConfig,
+    fusion: LayerNormFusion,
+    shape: Vec<usize>,
+    rows: u64,
+    width: u64,
+    limits: BindLimits,
+    /// [eval, train]
+    uniforms: [wgpu::Buffer; 2],
+    groups: (u32, u32),
+}
+
+fn required<'s, 'a>(
+    what: &'static str,
+    s: &'s Option<wgpu::BufferSlice<'a>>,
+    because: &str,
+) -> Result<&'s wgpu::BufferSlice<'a>> {
+    s.as_ref().ok_or_else(|| Error::Buffer {
+        op: OP,
+        what,
+        reason: format!("is required {because}"),
+    })
+}
+
+impl LayerNormPlan {
+    /// The input shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Rows (product of the leading dims).
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Row width W.
+    pub fn width(&self) -> u64 {
+        self.width
+    }
+
+    /// The fusion.
+    pub fn fusion(&self) -> LayerNormFusion {
+        self.fusion
+    }
+
+    /// Checks the buffers without recording anything.
+    pub fn validate(&self, b: &LayerNormBuffers<'_>) -> Result<()> {
+        let l = &self.limits;
+        let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * 4, self.width * 4, self.rows * 4);
+        l.check(OP, "x", &b.x, x_bytes)?;
+        l.check(OP, "y", &b.y, x_bytes)?;
+        l.check(OP, "mean", &b.mean, r_bytes)?;
+        l.check(OP, "rstd", &b.rstd, r_bytes)?;
+        let mut inputs = vec![("x", &b.x)];
+        let mut outputs = vec![("y", &b.y), ("mean", &b.mean), ("rstd", &b.rstd)];
+        if self.config.has_weight() {
+            let w = required("weight", &b.weight, "when elementwise_affine is set")?;
+            l.check(OP, "weight", w, w_bytes)?;
+            inputs.push(("weight", w));
+        }
+        if self.config.has_bias() {
+            let bi = required("bias", &b.bias, "when elementwise_affine and bias are set")?;
+            l.check(OP, "bias", bi, w_bytes)?;
+            inputs.push(("bias", bi));
+        }
+        if self.fusion != LayerNormFusion::None {
+            let rng = required("rng", &b.rng, "with dropout fusion")?;
+            check_rng(l, OP, rng)?;
+            inputs.push(("rng", rng));
+        }
+        if let LayerNormFusion::ResidualDropout(_) = self.fusion {
+            let res = required("residual", &b.residual, "with residual fusion")?;
+            let h = required("h", &b.h, "with residual fusion")?;
+            l.check(OP, "residual", res, x_bytes)?;
+            l.check(OP, "h", h, x_bytes)?;
+            inputs.push(("residual", res));
+            outputs.push(("h", h));
+        }
+        for (out_name, out) in &outputs {
+            if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
+                return Err(Error::Buffer {
+                    op: OP,
+                    what: out_name,
+                    reason: format!(
+                        "shares a buffer with the input `{in_name}`; inputs and outputs must be in distinct buffers"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the LayerNorm (and its fused dropout) into `encoder`. `training` selects the
+    /// dropout's train or eval behaviour; LayerNorm itself is the same in both. Does not
+    /// advance the generator. Checks everything first: on error nothing is recorded.
+    pub fn encode(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        training: bool,
+        b: &LayerNormBuffers<'_>,
+    ) -> Result<()> {
+        self.validate(b)?;
+        let k = &self.kernel;
+        let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * 4, self.width * 4, self.rows * 4);
+        let weight = binding_or(self.config.has_weight(), &b.weight, &k.placeholders[0], w_bytes);
+        let bias = binding_or(self.config.has_bias(), &b.bias, &k.placeholders[1], w_bytes);
+        let mut entries = vec![
+            (0, self.uniforms[usize::from(training)].as_entire_binding()),
+            (1, binding(&b.x, x_bytes)),
+            (2, binding(&b.y, x_bytes)),
+            (3, weight),
+            (4, bias),
+            (5, binding(&b.mean, r_bytes)),
+            (6, binding(&b.rstd, r_bytes)),
+        ];
+        let pipeline = match self.fusion {
+            LayerNormFusion::None => &k.forward,
+            LayerNormFusion::Dropout(_) => &k.dropout,
+            LayerNormFusion::ResidualDropout(_) => &k.residual,
+        };
+        if let Some(rng) = &b.rng {
+            if self.fusion != LayerNormFusion::None {
+                entries.push((7, binding(rng, RNG_STATE_BYTES)));
+            }
+        }
+        if let (LayerNormFusion::ResidualDropout(_), Some(res), Some(h)) = (self.fusion, &b.residual, &b.h) {
+            entries.push((8, binding(res, x_bytes)));
+            entries.push((9, binding(h, x_bytes)));
+        }
+        let group = bind_group(device, "layer_norm", pipeline, &entries);
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("layer_norm forward"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+        Ok(())
+    }
+}

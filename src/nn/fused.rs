@@ -1,0 +1,267 @@
+//! Fused norm+dropout modules: each normalizes and drops in a single pass over memory, with the
+//! same mask the unfused [`Dropout`](crate::Dropout) would draw from the same `(seed, offset)`.
+//!
+//! | module                      | computes                                        | passes   |
+//! |-----------------------------|-------------------------------------------------|----------|
+//! | [`BatchNormDropout`]        | `dropout(BatchNorm(x))`                         | 3 (vs 5) |
+//! | [`LayerNormDropout`]        | `dropout(LayerNorm(x))`                         | 2 (vs 4) |
+//! | [`ResidualDropoutLayerNorm`]| `h = residual + dropout(x)`, `y = LayerNorm(h)` | 4 (vs 6) |
+//!
+//! Each owns a generator like [`Dropout`](crate::Dropout): a training call uses the current
+//! `(seed, offset)` and advances the offset by one; eval calls draw nothing.
+
+use std::sync::Arc;
+
+use crate::context::Context;
+use crate::error::Result;
+use crate::kernels::batch_norm::BatchNormConfig;
+use crate::kernels::dropout::{DropoutConfig, DropoutKernel, DropoutUnit};
+use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion};
+use crate::nn::dropout::{DropoutCall, Generator, Mask};
+use crate::nn::{BatchNorm, LayerNorm};
+use crate::tensor::Tensor;
+
+/// The dropout half of a fused module: configuration, generator, last call.
+#[derive(Debug)]
+struct DropoutPart {
+    ctx: Context,
+    config: DropoutConfig,
+    generator: Generator,
+    kernel: Arc<DropoutKernel>,
+    last: Option<DropoutCall>,
+}
+
+impl DropoutPart {
+    fn new(ctx: &Context, config: DropoutConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            config,
+            generator: Generator::new(ctx, seed)?,
+            kernel: ctx.kernel::<DropoutKernel>()?,
+            last: None,
+        })
+    }
+
+    /// Records a successful call and advances the generator after a training call.
+    fn finish(&mut self, training: bool) {
+        let (seed, offset) = self.generator.state();
+        self.last = Some(DropoutCall { seed, offset, training });
+        if training {
+            self.generator.advance();
+        }
+    }
+
+    /// The packed mask of the call about to be made (current state), for `shape`.
+    fn mask(&self, shape: &[usize], training: bool) -> Result<Mask> {
+        let device = self.ctx.device();
+        let plan = self.kernel.plan(device, shape, &self.config, DropoutUnit::Element)?;
+        let mask = Mask::alloc(&self.ctx, plan.units())?;
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("fused dropout mask"),
+        });
+        let rng = self.generator.buffer().slice(..);
+        self.ctx
+            .scoped(|| plan.encode_mask(device, &mut encoder, training, &rng, &mask.buffer().slice(..)))??;
+        let (seed, offset) = self.generator.state();
+        self.generator.submit_with(&self.ctx, seed, offset, encoder)?;
+        Ok(mask)
+    }
+}
+
+macro_rules! generator_api {
+    () => {
+        /// The dropout configuration.
+        pub fn dropout_config(&self) -> &DropoutConfig {
+            &self.drop.config
+        }
+
+        /// The generator state the next training call will use.
+        pub fn state(&self) -> (u64, u64) {
+            self.drop.generator.state()
+        }
+
+        /// Sets the generator state.
+        pub fn set_state(&mut self, seed: u64, offset: u64) {
+            self.drop.generator.set(seed, offset);
+        }
+
+        /// The generator state and mode of the last successful call.
+        pub fn last_call(&self) -> Option<DropoutCall> {
+            self.drop.last
+        }
+    };
+}
+
+/// `y = dropout(BatchNorm(x))`: the statistics pass, then one pass that normalizes and drops.
+/// The BatchNorm part behaves exactly like [`BatchNorm`] (running statistics, train/eval);
+/// the dropout follows the BatchNorm's mode.
+#[derive(Debug)]
+pub struct BatchNormDropout {
+    bn: BatchNorm,
+    drop: DropoutPart,
+}
+
+impl BatchNormDropout {
+    /// A fused module from a BatchNorm configuration, a dropout configuration and a seed.
+    pub fn new(ctx: &Context, bn: BatchNormConfig, dropout: DropoutConfig, seed: u64) -> Result<Self> {
+        Ok(Self {
+            bn: BatchNorm::with_config(ctx, bn)?,
+            drop: DropoutPart::new(ctx, dropout, seed)?,
+        })
+    }
+
+    /// The BatchNorm part (parameters, running statistics, saved statistics).
+    pub fn batch_norm(&self) -> &BatchNorm {
+        &self.bn
+    }
+
+    /// The BatchNorm part, mutably (to set parameters or the mode).
+    pub fn batch_norm_mut(&mut self) -> &mut BatchNorm {
+        &mut self.bn
+    }
+
+    /// Training mode for both halves.
+    pub fn train(&mut self) {
+        self.bn.train();
+    }
+
+    /// Eval mode for both halves.
+    pub fn eval(&mut self) {
+        self.bn.eval();
+    }
+
+    generator_api!();
+
+    /// Applies the fused op to `x` of shape `(N, C, *)`.
+    pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        let y = self
+            .bn
+            .forward_impl(x, Some((self.drop.config, &self.drop.generator)))?;
+        self.drop.finish(self.bn.is_training());
+        Ok(y)
+    }
+
+    /// Like [`BatchNormDropout::forward`], also returning the packed element mask.
+    pub fn forward_with_mask(&mut self, x: &Tensor) -> Result<(Tensor, Mask)> {
+        let mask = self.drop.mask(x.shape(), self.bn.is_training())?;
+        Ok((self.forward(x)?, mask))
+    }
+}
+
+/// `y = dropout(LayerNorm(x))` in one pass: the row is read once, normalized and dropped.
+#[derive(Debug)]
+pub struct LayerNormDropout {
+    ln: LayerNorm,
+    drop: DropoutPart,
+    training: bool,
+}
+
+impl LayerNormDropout {
+    /// A fused module from a LayerNorm configuration, a dropout configuration and a seed.
+    pub fn new(ctx: &Context, ln: LayerNormConfig, dropout: DropoutConfig, seed: u64) -> Result<Self> {
+        Ok(Self {
+            ln: LayerNorm::with_config(ctx, ln)?,
+            drop: DropoutPart::new(ctx, dropout, seed)?,
+            training: true,
+        })
+    }
+
+    /// The LayerNorm part (parameters, saved statistics).
+    pub fn layer_norm(&self) -> &LayerNorm {
+        &self.ln
+    }
+
+    /// The LayerNorm part, mutably.
+    pub fn layer_norm_mut(&mut self) -> &mut LayerNorm {
+        &mut self.ln
+    }
+
+    /// Training mode (dropout active).
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Eval mode (dropout inactive or scaling by `1 − p`).
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    generator_api!();
+
+    /// Applies the fused op to `x` of shape `(*, normalized_shape)`.
+    pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        let fusion = LayerNormFusion::Dropout(self.drop.config);
+        let (y, _) = self
+            .ln
+            .run(x, fusion, None, Some(&self.drop.generator), self.training)?;
+        self.drop.finish(self.training);
+        Ok(y)
+    }
+
+    /// Like [`LayerNormDropout::forward`], also returning the packed element mask.
+    pub fn forward_with_mask(&mut self, x: &Tensor) -> Result<(Tensor, Mask)> {
+        let mask = self.drop.mask(x.shape(), self.training)?;
+        Ok((self.forward(x)?, mask))
+    }
+}
+
+/// The pre-norm transformer residual pattern in one pass:
+/// `h = residual + dropout(x)`, `y = LayerNorm(h)`, returning both `y` and `h`.
+#[derive(Debug)]
+pub struct ResidualDropoutLayerNorm {
+    ln: LayerNorm,
+    drop: DropoutPart,
+    training: bool,
+}
+
+impl ResidualDropoutLayerNorm {
+    /// A fused module from a LayerNorm configuration, a dropout configuration and a seed.
+    pub fn new(ctx: &Context, ln: LayerNormConfig, dropout: DropoutConfig, seed: u64) -> Result<Self> {
+        Ok(Self {
+            ln: LayerNorm::with_config(ctx, ln)?,
+            drop: DropoutPart::new(ctx, dropout, seed)?,
+            training: true,
+        })
+    }
+
+    /// The LayerNorm part.
+    pub fn layer_norm(&self) -> &LayerNorm {
+        &self.ln
+    }
+
+    /// The LayerNorm part, mutably.
+    pub fn layer_norm_mut(&mut self) -> &mut LayerNorm {
+        &mut self.ln
+    }
+
+    /// Training mode.
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Eval mode.
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    generator_api!();
+
+    /// Returns `(y, h)` with `h = residual + dropout(x)` and `y = LayerNorm(h)`. `x` and
+    /// `residual` have the same shape `(*, normalized_shape)`.
+    pub fn forward(&mut self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        let fusion = LayerNormFusion::ResidualDropout(self.drop.config);
+        let (y, h) = self
+            .ln
+            .run(x, fusion, Some(residual), Some(&self.drop.generator), self.training)?;
+        self.drop.finish(self.training);
+        Ok((y, h.expect("residual fusion writes h")))
+    }
+
+    /// Like [`ResidualDropoutLayerNorm::forward`], also returning the packed mask applied to `x`.
+    pub fn forward_with_mask(&mut self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor, Mask)> {
+        let mask = self.drop.mask(x.shape(), self.training)?;
+        let (y, h) = self.forward(x, residual)?;
+        Ok((y, h, mask))
+    }
+}
