@@ -1,0 +1,254 @@
+//! LayerNorm forward on the GPU against PyTorch fixtures and the f64 CPU reference.
+
+mod common;
+
+use common::{assert_close, Rng};
+use normdrop::fixture::{self, Fixture, Verdict};
+use normdrop::kernels::layer_norm::ONCHIP_MAX_WIDTH;
+use normdrop::reference::layer_norm_forward;
+use normdrop::{
+    Context, DType, DropoutConfig, Error, LayerNorm, LayerNormBuffers, LayerNormConfig, LayerNormFusion,
+    LayerNormKernel, Tensor,
+};
+use proptest::prelude::*;
+
+const RTOL: f64 = 1e-4;
+const ATOL: f64 = 1e-5;
+const OFFSET_TOL: f64 = 5e-3;
+
+#[test]
+fn layer_norm_fixtures_pass_except_gradients() {
+    let ctx = gpu!();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/torch");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("ln"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 7, "expected the layer_norm fixtures in {dir}");
+    let mut passed = 0;
+    for path in files {
+        let fx = Fixture::load(&path).unwrap();
+        assert_eq!(fx.op, "layer_norm");
+        for line in fixture::check(&ctx, &fx).unwrap() {
+            let is_grad = matches!(line.tensor.as_str(), "dx" | "dweight" | "dbias");
+            match &line.verdict {
+                Verdict::Pass(_) => passed += 1,
+                Verdict::Skip(why) if is_grad => assert!(why.contains("backward"), "{line}"),
+                _ => panic!("{line}"),
+            }
+        }
+    }
+    assert_eq!(passed, 21, "y, mean and rstd of 7 fixtures");
+}
+
+fn read(ctx: &Context, t: &Tensor) -> Vec<f32> {
+    t.to_vec_blocking(ctx).unwrap()
+}
+
+/// Runs the module on random data and checks y, mean and rstd against the reference.
+fn check_against_reference(ctx: &Context, shape: &[usize], config: &LayerNormConfig, offset: f64, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let numel: usize = shape.iter().product();
+    let w = config.width();
+    let x = rng.normal_vec(numel, offset, if offset == 0.0 { 1.0 } else { 0.1 });
+    let weight = rng.normal_vec(w, 1.0, 0.5);
+    let bias = rng.normal_vec(w, 0.0, 0.5);
+    let mut ln = LayerNorm::with_config(ctx, config.clone()).unwrap();
+    if config.has_weight() {
+        ln.set_weight(&weight).unwrap();
+    }
+    if config.has_bias() {
+        ln.set_bias(&bias).unwrap();
+    }
+    let y = ln.forward(&Tensor::from_slice(ctx, &x, shape).unwrap()).unwrap();
+    let xf: Vec<f64> = x.iter().map(|&v| v.into()).collect();
+    let r = layer_norm_forward(&xf, shape, config, Some(&weight), Some(&bias)).unwrap();
+    let what = format!("shape {shape:?} {config:?}");
+    let tol = if offset == 0.0 {
+        (RTOL, ATOL)
+    } else {
+        (OFFSET_TOL, OFFSET_TOL)
+    };
+    assert_close(&format!("{what} y"), &read(ctx, &y), &r.y, tol.0, tol.1);
+    let saved = ln.saved().unwrap();
+    assert_close(&format!("{what} mean"), &read(ctx, &saved.mean), &r.mean, tol.0, tol.1);
+    assert_close(&format!("{what} rstd"), &read(ctx, &saved.rstd), &r.rstd, tol.0, tol.1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn gpu_matches_reference_on_random_shapes(
+        lead in prop::collection::vec(1usize..6, 0..3),
+        norm in prop::collection::vec(1usize..40, 1..3),
+        wide: bool,
+        affine: bool,
+        bias: bool,
+        eps in prop_oneof![Just(1e-5f32), Just(1e-2)],
+        off_centre: bool,
+        seed: u64,
+    ) {
+        let Some(ctx) = common::ctx() else { return Ok(()) };
+        // Now and then a row wider than the on-chip limit, to take the two-read path.
+        let normalized_shape = if wide { vec![ONCHIP_MAX_WIDTH + norm[0]] } else { norm };
+        let mut shape = lead;
+        shape.extend(&normalized_shape);
+        let config = LayerNormConfig { normalized_shape, eps, elementwise_affine: affine, bias };
+        check_against_reference(&ctx, &shape, &config, if off_centre { 1000.0 } else { 0.0 }, seed);
+    }
+}
+
+#[test]
+fn widths_from_1_to_65537() {
+    let ctx = gpu!();
+    for width in [
+        1usize, 2, 3, 31, 255, 256, 257, 1000, 4095, 4096, 4097, 8191, 65536, 65537,
+    ] {
+        let rows = if width > 10_000 { 3 } else { 5 };
+        check_against_reference(&ctx, &[rows, width], &LayerNormConfig::new(&[width]), 0.0, width as u64);
+    }
+}
+
+#[test]
+fn off_centre_rows_are_stable_on_both_paths() {
+    let ctx = gpu!();
+    for width in [512usize, 768, 20_000] {
+        check_against_reference(&ctx, &[4, width], &LayerNormConfig::new(&[width]), 1000.0, 3);
+    }
+}
+
+#[test]
+fn many_rows_fold_the_dispatch() {
+    let ctx = gpu!();
+    // 70000 rows > 65535 workgroups per dimension.
+    check_against_reference(&ctx, &[70_000, 3], &LayerNormConfig::new(&[3]), 0.0, 5);
+}
+
+#[test]
+fn bad_input_is_rejected() {
+    let ctx = gpu!();
+    let bad = |config: LayerNormConfig| LayerNorm::with_config(&ctx, config).unwrap_err();
+    assert!(matches!(bad(LayerNormConfig::new(&[])), Error::InvalidArgument { .. }));
+    assert!(matches!(
+        bad(LayerNormConfig::new(&[4, 0])),
+        Error::InvalidArgument { .. }
+    ));
+    for eps in [0.0, -1.0, f32::NAN] {
+        assert!(matches!(
+            bad(LayerNormConfig {
+                eps,
+                ..LayerNormConfig::new(&[4])
+            }),
+            Error::InvalidArgument { .. }
+        ));
+    }
+    let mut ln = LayerNorm::new(&ctx, &[4, 5]).unwrap();
+    let t = |shape: &[usize]| Tensor::zeros(&ctx, shape, DType::F32).unwrap();
+    // Trailing dims must equal normalized_shape.
+    for shape in [&[5, 4][..], &[3, 4], &[5], &[2, 4, 6]] {
+        let e = ln.forward(&t(shape)).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{shape:?}: {e}");
+    }
+    assert!(matches!(ln.forward(&t(&[0, 4, 5])), Err(Error::Shape { .. })));
+    assert!(matches!(
+        ln.forward(&Tensor::zeros(&ctx, &[4, 5], DType::F16).unwrap()),
+        Err(Error::DType { .. })
+    ));
+    // Weight and bias of the wrong length; no bias when bias = false.
+    assert!(matches!(ln.set_weight(&[1.0; 19]), Err(Error::Shape { .. })));
+    assert!(matches!(ln.set_bias(&[1.0; 21]), Err(Error::Shape { .. })));
+    let mut no_bias = LayerNorm::with_config(
+        &ctx,
+        LayerNormConfig {
+            bias: false,
+            ..LayerNormConfig::new(&[4])
+        },
+    )
+    .unwrap();
+    assert!(matches!(no_bias.set_bias(&[0.0; 4]), Err(Error::State { .. })));
+    assert_eq!(
+        read(&ctx, ln.weight().unwrap()),
+        vec![1.0; 20],
+        "a failed set changed γ"
+    );
+    assert!(ln.saved().is_none(), "failed calls must not save anything");
+
+    // Low level: buffers too small, missing pieces, aliasing.
+    let device = ctx.device();
+    let kernel = ctx.kernel::<LayerNormKernel>().unwrap();
+    let config = LayerNormConfig::new(&[8]);
+    let plan = kernel
+        .plan(
+            device,
+            &[3, 8],
+            &config,
+            LayerNormFusion::Dropout(DropoutConfig::new(0.5)),
+        )
+        .unwrap();
+    let (x, y, w, b) = (t(&[3, 8]), t(&[3, 8]), t(&[8]), t(&[8]));
+    let (mean, rstd, rng, small) = (t(&[3]), t(&[3]), t(&[4]), t(&[2]));
+    let args = || LayerNormBuffers {
+        x: x.slice(),
+        y: y.slice(),
+        weight: Some(w.slice()),
+        bias: Some(b.slice()),
+        mean: mean.slice(),
+        rstd: rstd.slice(),
+        rng: Some(rng.slice()),
+        residual: None,
+        h: None,
+    };
+    plan.validate(&args()).unwrap();
+    let check = |buffers: LayerNormBuffers<'_>, what: &str| {
+        let e = plan.validate(&buffers).unwrap_err();
+        let named = match &e {
+            Error::BufferTooSmall { what, .. } | Error::Buffer { what, .. } => *what,
+            other => panic!("{other}"),
+        };
+        assert_eq!(named, what, "{e}");
+    };
+    check(
+        LayerNormBuffers {
+            mean: small.slice(),
+            ..args()
+        },
+        "mean",
+    );
+    check(
+        LayerNormBuffers {
+            weight: Some(small.slice()),
+            ..args()
+        },
+        "weight",
+    );
+    check(LayerNormBuffers { bias: None, ..args() }, "bias");
+    check(LayerNormBuffers { rng: None, ..args() }, "rng");
+    check(
+        LayerNormBuffers {
+            rng: Some(small.buffer().slice(..4)),
+            ..args()
+        },
+        "rng",
+    );
+    check(LayerNormBuffers { y: x.slice(), ..args() }, "y");
+    check(
+        LayerNormBuffers {
+            rstd: w.slice(),
+            ..args()
+        },
+        "rstd",
+    );
+    let residual_plan = kernel
+        .plan(
+            device,
+            &[3, 8],
+            &config,
+            LayerNormFusion::ResidualDropout(DropoutConfig::new(0.5)),
+        )
+        .unwrap();
+    let e = residual_plan.validate(&args()).unwrap_err();
+    assert!(matches!(e, Error::Buffer { what: "residual", .. }), "{e}");
+}
