@@ -15,7 +15,8 @@
 //                     slice of its chunk, the workgroup merges with Chan's formula, and writes the
 //                     chunk's (mean, M2). The count is implied by the geometry, so it is not stored.
 //   bn_finalize       one workgroup per channel: Chan-merges the channel's chunk partials, updates
-//                     the running statistics, writes the saved mean and invstd.
+//                     the running statistics, writes the saved mean and invstd, and the
+//                     channel's (K, mean − K) for the normalize pass.
 //   bn_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
 //                     from the running statistics. Changes nothing.
 //   bn_normalize      one invocation per element: y = (x − mean)·(invstd·γ) + β.
@@ -26,6 +27,10 @@
 // Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
 // linear workgroup index from `num_workgroups`.
 // Precision: f32 storage, f32 accumulation. The variance is never formed as E[x²] − E[x]².
+// Statistics are accumulated over x − K, with K = x[0, c, 0] a value of the channel itself, and
+// the normalize pass computes ((x − K) − mean_K)·invstd. Off-centre data (1000 + 0.1·randn)
+// then keeps the precision of its spread instead of losing it to the rounding of a mean near
+// 1000: x − K is exact (Sterbenz) and mean_K is small.
 
 // #include "welford.wgsl"
 // #include "philox.wgsl"
@@ -68,6 +73,7 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
 @group(0) @binding(10) var<storage, read_write> partials: array<vec2<f32>>; // (C, chunks) (mean, M2)
 @group(0) @binding(11) var<storage, read> rng_state: array<u32>;         // (4) seed lo/hi, offset lo/hi
+@group(0) @binding(12) var<storage, read_write> centre: array<vec2<f32>>; // (C) (K, mean − K) for normalize
 
 @compute @workgroup_size(256)
 fn bn_stats(
@@ -84,12 +90,13 @@ fn bn_stats(
     let begin = k * p.chunk_len;
     let end = min(begin + p.chunk_len, p.m);
 
-    // Phase 1: Welford over this invocation's strided slice of the chunk.
+    // Phase 1: Welford over this invocation's strided slice of the chunk, shifted by K.
+    let shift = x[c * p.s];
     var acc = Stat(0.0, 0.0, 0.0);
     for (var i = begin + lid; i < end; i += WG) {
         let n = i / p.s;
         let s = i - n * p.s;
-        acc = welford_add(acc, x[(n * p.c + c) * p.s + s]);
+        acc = welford_add(acc, x[(n * p.c + c) * p.s + s] - shift);
     }
 
     // Phase 2: Chan merge across the workgroup; invocation 0 writes the chunk's partial.
@@ -123,10 +130,12 @@ fn bn_finalize(
 
     // Phase 3: one invocation turns the channel's triple into statistics.
     if (lid == 0u) {
-        let mean = total.mean;
+        let shift = x[c * p.s];
+        let mean = shift + total.mean;
         let var_biased = max(total.m2 / f32(p.m), 0.0);
         save_mean[c] = mean;
         save_invstd[c] = 1.0 / sqrt(var_biased + p.eps);
+        centre[c] = vec2<f32>(shift, total.mean);
         if ((p.flags & FLAG_TRACK) != 0u) {
             // num_batches_tracked was already incremented by bn_count in this step.
             var m = p.momentum;
@@ -162,6 +171,7 @@ fn bn_finalize_eval(
     }
     save_mean[c] = running_mean[c];
     save_invstd[c] = 1.0 / sqrt(running_var[c] + p.eps);
+    centre[c] = vec2<f32>(running_mean[c], 0.0);
 }
 
 @compute @workgroup_size(256)
@@ -176,17 +186,19 @@ fn bn_normalize(
     y[i] = normalized(i);
 }
 
-// Normalizes element i with its channel's saved statistics. (x − mean) first: for off-centre
-// inputs x·scale − mean·scale would cancel catastrophically.
+// Normalizes element i with its channel's statistics: ((x − K) − (mean − K))·(invstd·γ) + β.
+// The subtractions come first: for off-centre inputs x·scale − mean·scale would cancel
+// catastrophically.
 fn normalized(i: u32) -> f32 {
     let c = (i / p.s) % p.c;
     var scale = save_invstd[c];
-    var shift = 0.0;
+    var beta = 0.0;
     if ((p.flags & FLAG_AFFINE) != 0u) {
         scale *= weight[c];
-        shift = bias[c];
+        beta = bias[c];
     }
-    return (x[i] - save_mean[c]) * scale + shift;
+    let k = centre[c];
+    return ((x[i] - k.x) - k.y) * scale + beta;
 }
 
 @compute @workgroup_size(256)

@@ -16,7 +16,10 @@
 //                  read x once, write y once.
 //   width  > 4096: Welford per invocation over a strided slice, Chan merge, then a second read
 //                  to normalize (the residual variant re-reads the h it wrote).
-// Precision: f32 storage and accumulation; the variance is never E[x²] − E[x]².
+// Precision: f32 storage and accumulation; the variance is never E[x²] − E[x]². Statistics
+// are taken around K, a value from the row itself (x[r, 0], or residual[r, 0] for the residual
+// block), and rows are normalized as ((h − K) − (mean − K))·rstd, so off-centre rows
+// (1000 + 0.1·randn) keep the precision of their spread.
 
 // #include "welford.wgsl"
 // #include "philox.wgsl"
@@ -74,9 +77,9 @@ fn drop_factor(e: u32) -> f32 {
     return select(0.0, p.drop_scale, dropout_keep(words[e % 4u], p.drop_threshold, p.drop_flags));
 }
 
-// The row's (mean, rstd) from values held in registers: exact local two-pass per invocation,
-// Chan merge across the workgroup. Invocation 0 saves them.
-fn stats_from_registers(lid: u32, row: u32, v: ptr<function, array<f32, REGS>>) -> vec2<f32> {
+// The row's (mean − K, rstd) from shifted values v = h − K held in registers: exact local
+// two-pass per invocation, Chan merge across the workgroup. Invocation 0 saves mean and rstd.
+fn stats_from_registers(lid: u32, row: u32, shift: f32, v: ptr<function, array<f32, REGS>>) -> vec2<f32> {
     var n = 0.0;
     var sum = 0.0;
     for (var k = 0u; k < REGS; k++) {
@@ -93,15 +96,16 @@ fn stats_from_registers(lid: u32, row: u32, v: ptr<function, array<f32, REGS>>) 
             m2 += d * d;
         }
     }
-    return finish_stats(lid, row, Stat(n, local_mean, m2));
+    return finish_stats(lid, row, shift, Stat(n, local_mean, m2));
 }
 
-// Merges per-invocation triples into the row's (mean, rstd); invocation 0 saves them.
-fn finish_stats(lid: u32, row: u32, mine: Stat) -> vec2<f32> {
+// Merges per-invocation triples of shifted values into the row's (mean − K, rstd); invocation 0
+// saves mean = K + (mean − K) and rstd.
+fn finish_stats(lid: u32, row: u32, shift: f32, mine: Stat) -> vec2<f32> {
     let total = workgroup_merge(lid, mine);
     let rstd = 1.0 / sqrt(max(total.m2 / f32(p.width), 0.0) + p.eps);
     if (lid == 0u) {
-        mean_out[row] = total.mean;
+        mean_out[row] = shift + total.mean;
         rstd_out[row] = rstd;
     }
     return vec2<f32>(total.mean, rstd);
@@ -120,14 +124,15 @@ fn ln_forward(
     let base = row * p.width;
     if (p.width <= ONCHIP_MAX) {
         // Load the row once, reduce from registers, normalize from registers.
+        let shift = x[base];
         var v: array<f32, REGS>;
         for (var k = 0u; k < REGS; k++) {
             let j = lid + k * WG;
             if (j < p.width) {
-                v[k] = x[base + j];
+                v[k] = x[base + j] - shift;
             }
         }
-        let st = stats_from_registers(lid, row, &v);
+        let st = stats_from_registers(lid, row, shift, &v);
         for (var k = 0u; k < REGS; k++) {
             let j = lid + k * WG;
             if (j < p.width) {
@@ -136,13 +141,14 @@ fn ln_forward(
         }
     } else {
         // Wide row: Welford pass, then a second read to normalize.
+        let shift = x[base];
         var acc = Stat(0.0, 0.0, 0.0);
         for (var j = lid; j < p.width; j += WG) {
-            acc = welford_add(acc, x[base + j]);
+            acc = welford_add(acc, x[base + j] - shift);
         }
-        let st = finish_stats(lid, row, acc);
+        let st = finish_stats(lid, row, shift, acc);
         for (var j = lid; j < p.width; j += WG) {
-            y[base + j] = affine(j, (x[base + j] - st.x) * st.y);
+            y[base + j] = affine(j, ((x[base + j] - shift) - st.x) * st.y);
         }
     }
 }
@@ -159,14 +165,15 @@ fn ln_dropout_forward(
     }
     let base = row * p.width;
     if (p.width <= ONCHIP_MAX) {
+        let shift = x[base];
         var v: array<f32, REGS>;
         for (var k = 0u; k < REGS; k++) {
             let j = lid + k * WG;
             if (j < p.width) {
-                v[k] = x[base + j];
+                v[k] = x[base + j] - shift;
             }
         }
-        let st = stats_from_registers(lid, row, &v);
+        let st = stats_from_registers(lid, row, shift, &v);
         for (var k = 0u; k < REGS; k++) {
             let j = lid + k * WG;
             if (j < p.width) {
@@ -174,13 +181,14 @@ fn ln_dropout_forward(
             }
         }
     } else {
+        let shift = x[base];
         var acc = Stat(0.0, 0.0, 0.0);
         for (var j = lid; j < p.width; j += WG) {
-            acc = welford_add(acc, x[base + j]);
+            acc = welford_add(acc, x[base + j] - shift);
         }
-        let st = finish_stats(lid, row, acc);
+        let st = finish_stats(lid, row, shift, acc);
         for (var j = lid; j < p.width; j += WG) {
-            y[base + j] = affine(j, (x[base + j] - st.x) * st.y) * drop_factor(base + j);
+            y[base + j] = affine(j, ((x[base + j] - shift) - st.x) * st.y) * drop_factor(base + j);
         }
     }
 }
@@ -197,17 +205,19 @@ fn ln_residual_dropout_forward(
     }
     let base = row * p.width;
     if (p.width <= ONCHIP_MAX) {
-        // h = residual + dropout(x) into registers and out to memory, then LN(h).
+        // h = residual + dropout(x) out to memory and, shifted, into registers; then LN(h).
+        let shift = residual[base];
         var v: array<f32, REGS>;
         for (var k = 0u; k < REGS; k++) {
             let j = lid + k * WG;
             if (j < p.width) {
                 let e = base + j;
-                v[k] = residual[e] + x[e] * drop_factor(e);
-                h[e] = v[k];
+                let hv = residual[e] + x[e] * drop_factor(e);
+                h[e] = hv;
+                v[k] = hv - shift;
             }
         }
-        let st = stats_from_registers(lid, row, &v);
+        let st = stats_from_registers(lid, row, shift, &v);
         for (var k = 0u; k < REGS; k++) {
             let j = lid + k * WG;
             if (j < p.width) {
@@ -216,16 +226,17 @@ fn ln_residual_dropout_forward(
         }
     } else {
         // Each invocation re-reads only the h elements it wrote itself, so no barrier is needed.
+        let shift = residual[base];
         var acc = Stat(0.0, 0.0, 0.0);
         for (var j = lid; j < p.width; j += WG) {
             let e = base + j;
             let hv = residual[e] + x[e] * drop_factor(e);
             h[e] = hv;
-            acc = welford_add(acc, hv);
+            acc = welford_add(acc, hv - shift);
         }
-        let st = finish_stats(lid, row, acc);
+        let st = finish_stats(lid, row, shift, acc);
         for (var j = lid; j < p.width; j += WG) {
-            y[base + j] = affine(j, (h[base + j] - st.x) * st.y);
+            y[base + j] = affine(j, ((h[base + j] - shift) - st.x) * st.y);
         }
     }
 }

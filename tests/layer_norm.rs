@@ -14,7 +14,7 @@ use proptest::prelude::*;
 
 const RTOL: f64 = 1e-4;
 const ATOL: f64 = 1e-5;
-const OFFSET_TOL: f64 = 5e-3;
+const OFFSET_TOL: f64 = 1e-4;
 
 #[test]
 fn layer_norm_fixtures_pass_except_gradients() {

@@ -280,6 +280,12 @@ impl BatchNormKernel {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let centre = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("batch_norm centre"),
+            size: dims.c * 8,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         Ok(BatchNormPlan {
             kernel: self.clone(),
             config: config.clone(),
@@ -290,6 +296,7 @@ impl BatchNormKernel {
             uniforms: [uniform(false)?, uniform(true)?],
             partials,
             partials_bytes,
+            centre,
             stats_groups,
             finalize_groups,
             eval_groups,
@@ -404,6 +411,8 @@ pub struct BatchNormPlan {
     uniforms: [wgpu::Buffer; 2],
     partials: wgpu::Buffer,
     partials_bytes: u64,
+    /// Per channel (K, mean − K): the shift the statistics were taken around, for normalize.
+    centre: wgpu::Buffer,
     stats_groups: (u32, u32),
     finalize_groups: (u32, u32),
     eval_groups: (u32, u32),
@@ -542,6 +551,7 @@ impl BatchNormPlan {
         let x = binding(&b.x, x_bytes);
         let save_mean = binding(&b.save_mean, c_bytes);
         let save_invstd = binding(&b.save_invstd, c_bytes);
+        let centre = self.centre.as_entire_binding();
         let partials = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: &self.partials,
             offset: 0,
@@ -576,12 +586,14 @@ impl BatchNormPlan {
                     &k.finalize,
                     &[
                         (0, uniform.clone()),
+                        (1, x.clone()),
                         (5, running_mean.clone()),
                         (6, running_var.clone()),
                         (7, nbt.clone()),
                         (8, save_mean.clone()),
                         (9, save_invstd.clone()),
                         (10, partials.clone()),
+                        (12, centre.clone()),
                     ],
                 ),
                 self.finalize_groups,
@@ -599,6 +611,7 @@ impl BatchNormPlan {
                         (6, running_var.clone()),
                         (8, save_mean.clone()),
                         (9, save_invstd.clone()),
+                        (12, centre.clone()),
                     ],
                 ),
                 self.eval_groups,
@@ -610,8 +623,8 @@ impl BatchNormPlan {
             (2, binding(&b.y, x_bytes)),
             (3, weight),
             (4, bias),
-            (8, save_mean),
             (9, save_invstd),
+            (12, centre),
         ];
         let normalize = match (&self.dropout, &b.rng) {
             (Some(_), Some(rng)) => {
