@@ -47,28 +47,36 @@ fn info_names_the_adapter() {
 }
 
 #[test]
-fn check_passes_every_batch_norm_fixture() {
+fn check_passes_every_fixture_forward() {
     let mut files: Vec<String> = std::fs::read_dir(fixtures())
         .unwrap()
         .map(|e| e.unwrap().path().display().to_string())
-        .filter(|p| p.contains("/bn"))
         .collect();
     files.sort();
+    assert_eq!(files.len(), 16);
     let args: Vec<&str> = std::iter::once("check")
         .chain(files.iter().map(String::as_str))
         .collect();
     let Some(out) = normdrop(&args) else { return };
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
+    // 53 BatchNorm and 21 LayerNorm tensors compared; only gradients are skipped, with the reason.
     let last = last_line(&out);
-    assert!(last.starts_with("53 passed, 0 failed"), "{last}");
-    // Only gradients are skipped, each with its reason.
+    assert!(last.starts_with("74 passed, 0 failed"), "{last}");
     for line in text.lines().filter(|l| l.contains(" skipped ")) {
         assert!(line.contains("backward"), "{line}");
     }
-    assert!(text
-        .lines()
-        .any(|l| l.contains("bn2d_train_offset") && l.contains("y.0") && l.contains(" ok ")));
+    for (fixture, tensor) in [
+        ("bn2d_train_offset", "y.0"),
+        ("ln_offset", "y"),
+        ("ln_odd_width", "rstd"),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(fixture) && l.contains(tensor) && l.contains(" ok ")),
+            "{fixture} {tensor}"
+        );
+    }
 }
 
 #[test]
