@@ -54,6 +54,33 @@ pub fn batch_norm_forward(
     running: Option<&mut RefRunningStats>,
     training: bool,
 ) -> Result<RefBatchNorm> {
+    let (weight, bias) = (weight.map(widen), bias.map(widen));
+    batch_norm_forward_f64(
+        &widen(x),
+        shape,
+        config,
+        weight.as_deref(),
+        bias.as_deref(),
+        running,
+        training,
+    )
+}
+
+/// f32 values widened to f64.
+pub fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// [`batch_norm_forward`] with every input in f64 (finite-difference checks perturb them).
+pub fn batch_norm_forward_f64(
+    x: &[f64],
+    shape: &[usize],
+    config: &BatchNormConfig,
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+    running: Option<&mut RefRunningStats>,
+    training: bool,
+) -> Result<RefBatchNorm> {
     const OP: &str = "batch_norm reference";
     config.validate()?;
     if shape.len() < 2 || shape[1] != config.num_features {
@@ -65,17 +92,17 @@ pub fn batch_norm_forward(
     if x.len() != n * c * s || m == 0 {
         return Err(Error::shape(OP, "input", shape, "a non-empty shape matching x"));
     }
-    let at = |ni: usize, ci: usize, si: usize| x[(ni * c + ci) * s + si] as f64;
+    let at = |ni: usize, ci: usize, si: usize| x[(ni * c + ci) * s + si];
     let gamma = |ci: usize| {
         if config.affine {
-            weight.map_or(1.0, |w| w[ci] as f64)
+            weight.map_or(1.0, |w| w[ci])
         } else {
             1.0
         }
     };
     let beta = |ci: usize| {
         if config.affine {
-            bias.map_or(0.0, |b| b[ci] as f64)
+            bias.map_or(0.0, |b| b[ci])
         } else {
             0.0
         }
@@ -204,19 +231,31 @@ pub fn layer_norm_forward(
     weight: Option<&[f32]>,
     bias: Option<&[f32]>,
 ) -> Result<RefLayerNorm> {
+    let (weight, bias) = (weight.map(widen), bias.map(widen));
+    layer_norm_forward_f64(x, shape, config, weight.as_deref(), bias.as_deref())
+}
+
+/// [`layer_norm_forward`] with γ and β in f64.
+pub fn layer_norm_forward_f64(
+    x: &[f64],
+    shape: &[usize],
+    config: &LayerNormConfig,
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+) -> Result<RefLayerNorm> {
     config.validate()?;
     let (rows, width) = config.rows_and_width(shape)?;
     let (rows, width) = (rows as usize, width as usize);
     let gamma = |j: usize| {
         if config.has_weight() {
-            weight.map_or(1.0, |w| f64::from(w[j]))
+            weight.map_or(1.0, |w| w[j])
         } else {
             1.0
         }
     };
     let beta = |j: usize| {
         if config.has_bias() {
-            bias.map_or(0.0, |b| f64::from(b[j]))
+            bias.map_or(0.0, |b| b[j])
         } else {
             0.0
         }
@@ -239,6 +278,172 @@ pub fn layer_norm_forward(
         out.rstd[r] = rstd;
     }
     Ok(out)
+}
+
+/// Gradients of one backward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RefGrads {
+    /// `dL/dx`, same shape as the input.
+    pub dx: Vec<f64>,
+    /// `dL/dγ` (empty without γ).
+    pub dweight: Vec<f64>,
+    /// `dL/dβ` (empty without β).
+    pub dbias: Vec<f64>,
+}
+
+/// BatchNorm backward. `mean` and `invstd` are what the forward normalized with;
+/// `batch_stats` says whether they were the batch's own (then they depend on x):
+///
+/// ```text
+/// x̂ = (x − mean)·invstd        dγ = Σ dy·x̂        dβ = Σ dy          (sums over N and *)
+/// batch stats:   dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))
+/// running stats: dx = γ·invstd·dy
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward(
+    x: &[f64],
+    dy: &[f64],
+    shape: &[usize],
+    config: &BatchNormConfig,
+    weight: Option<&[f64]>,
+    mean: &[f64],
+    invstd: &[f64],
+    batch_stats: bool,
+) -> Result<RefGrads> {
+    let (n, c) = (shape[0], shape[1]);
+    let s: usize = shape[2..].iter().product();
+    let m = (n * s) as f64;
+    if x.len() != n * c * s || dy.len() != x.len() || mean.len() != c || invstd.len() != c {
+        return Err(Error::shape(
+            "batch_norm backward reference",
+            "dy",
+            shape,
+            "x, dy of the shape; mean, invstd of (C)",
+        ));
+    }
+    let gamma = |ci: usize| {
+        if config.affine {
+            weight.map_or(1.0, |w| w[ci])
+        } else {
+            1.0
+        }
+    };
+    let idx = |ni: usize, ci: usize, si: usize| (ni * c + ci) * s + si;
+    let mut g = RefGrads {
+        dx: vec![0.0; x.len()],
+        dweight: vec![0.0; c],
+        dbias: vec![0.0; c],
+    };
+    for ci in 0..c {
+        // Pass 1: the two channel sums.
+        let (mut sdy, mut sdyx) = (0.0, 0.0);
+        for ni in 0..n {
+            for si in 0..s {
+                let i = idx(ni, ci, si);
+                sdy += dy[i];
+                sdyx += dy[i] * (x[i] - mean[ci]) * invstd[ci];
+            }
+        }
+        g.dweight[ci] = sdyx;
+        g.dbias[ci] = sdy;
+        // Pass 2: dx.
+        for ni in 0..n {
+            for si in 0..s {
+                let i = idx(ni, ci, si);
+                let xhat = (x[i] - mean[ci]) * invstd[ci];
+                let centred = if batch_stats {
+                    dy[i] - sdy / m - xhat * sdyx / m
+                } else {
+                    dy[i]
+                };
+                g.dx[i] = gamma(ci) * invstd[ci] * centred;
+            }
+        }
+    }
+    if !config.affine {
+        g.dweight.clear();
+        g.dbias.clear();
+    }
+    Ok(g)
+}
+
+/// LayerNorm backward given the forward's row `mean` and `rstd`:
+///
+/// ```text
+/// x̂ = (x − mean)·rstd   g = dy·γ   dx = rstd·(g − mean(g) − x̂·mean(g·x̂))   (means over a row)
+/// dγ = Σ_rows dy·x̂      dβ = Σ_rows dy
+/// ```
+pub fn layer_norm_backward(
+    x: &[f64],
+    dy: &[f64],
+    shape: &[usize],
+    config: &LayerNormConfig,
+    weight: Option<&[f64]>,
+    mean: &[f64],
+    rstd: &[f64],
+) -> Result<RefGrads> {
+    let (rows, width) = config.rows_and_width(shape)?;
+    let (rows, width) = (rows as usize, width as usize);
+    if x.len() != rows * width || dy.len() != x.len() || mean.len() != rows || rstd.len() != rows {
+        return Err(Error::shape(
+            "layer_norm backward reference",
+            "dy",
+            shape,
+            "x, dy of the shape; mean, rstd of the rows",
+        ));
+    }
+    let gamma = |j: usize| {
+        if config.has_weight() {
+            weight.map_or(1.0, |w| w[j])
+        } else {
+            1.0
+        }
+    };
+    let mut out = RefGrads {
+        dx: vec![0.0; x.len()],
+        dweight: vec![0.0; width],
+        dbias: vec![0.0; width],
+    };
+    for r in 0..rows {
+        let at = |j: usize| r * width + j;
+        let xhat = |j: usize| (x[at(j)] - mean[r]) * rstd[r];
+        // Pass 1: the row means of g and g·x̂; the column sums for γ and β.
+        let (mut mg, mut mgx) = (0.0, 0.0);
+        for j in 0..width {
+            let g = dy[at(j)] * gamma(j);
+            mg += g;
+            mgx += g * xhat(j);
+            out.dweight[j] += dy[at(j)] * xhat(j);
+            out.dbias[j] += dy[at(j)];
+        }
+        mg /= width as f64;
+        mgx /= width as f64;
+        // Pass 2: dx.
+        for j in 0..width {
+            out.dx[at(j)] = rstd[r] * (dy[at(j)] * gamma(j) - mg - xhat(j) * mgx);
+        }
+    }
+    if !config.has_weight() {
+        out.dweight.clear();
+    }
+    if !config.has_bias() {
+        out.dbias.clear();
+    }
+    Ok(out)
+}
+
+/// Dropout / Dropout2d backward: `dx = dy·m` with the forward's mask and scale, which is the
+/// forward applied to `dy` with the same `(seed, offset)` and mode.
+pub fn dropout_backward(
+    dy: &[f32],
+    shape: &[usize],
+    config: &DropoutConfig,
+    unit: DropoutUnit,
+    seed: u64,
+    offset: u64,
+    training: bool,
+) -> Result<Vec<f64>> {
+    Ok(dropout_forward(dy, shape, config, unit, seed, offset, training)?.0)
 }
 
 #[cfg(test)]
@@ -290,5 +495,175 @@ mod tests {
         // Second step: factor 1/2 averages.
         assert_eq!(r.mean, vec![4.0]);
         assert_eq!(r.var, vec![2.0]);
+    }
+
+    /// Central differences of `f` at `v`, one coordinate at a time.
+    fn numeric_gradient(v: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+        let h = 1e-6;
+        (0..v.len())
+            .map(|i| {
+                let (mut up, mut down) = (v.to_vec(), v.to_vec());
+                up[i] += h;
+                down[i] -= h;
+                (f(&up) - f(&down)) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    fn assert_grad(what: &str, analytic: &[f64], numeric: &[f64]) {
+        assert_eq!(analytic.len(), numeric.len(), "{what}");
+        for (i, (a, n)) in analytic.iter().zip(numeric).enumerate() {
+            assert!(
+                (a - n).abs() <= 1e-6 * (1.0 + n.abs()),
+                "{what}[{i}]: analytic {a}, numeric {n}"
+            );
+        }
+    }
+
+    /// Deterministic pseudo-random values in [-1, 1) plus `offset`.
+    fn values(n: usize, seed: u64, offset: f64) -> Vec<f64> {
+        (0..n)
+            .map(|i| {
+                let z = (i as u64 + 1)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(seed)
+                    .rotate_left(17);
+                offset + (z % 2_000_003) as f64 / 1_000_001.5 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batch_norm_backward_matches_finite_differences() {
+        // Loss L = Σ dy·y. Training (batch statistics, which depend on x) and eval.
+        for (shape, offset) in [(vec![2usize, 3, 2], 0.0), (vec![2, 1], 0.0), (vec![3, 2, 3], 5.0)] {
+            let c = shape[1];
+            let numel: usize = shape.iter().product();
+            let x = values(numel, 1, offset);
+            let dy = values(numel, 2, 0.0);
+            let gamma = values(c, 3, 1.5);
+            let beta = values(c, 4, 0.0);
+            let config = BatchNormConfig {
+                track_running_stats: false,
+                ..BatchNormConfig::new(c)
+            };
+            let loss = |x: &[f64], g: &[f64], b: &[f64]| {
+                let y = batch_norm_forward_f64(x, &shape, &config, Some(g), Some(b), None, true)
+                    .unwrap()
+                    .y;
+                y.iter().zip(&dy).map(|(y, d)| y * d).sum::<f64>()
+            };
+            let fwd = batch_norm_forward_f64(&x, &shape, &config, Some(&gamma), Some(&beta), None, true).unwrap();
+            let g = batch_norm_backward(&x, &dy, &shape, &config, Some(&gamma), &fwd.mean, &fwd.invstd, true).unwrap();
+            let what = format!("train {shape:?}");
+            assert_grad(
+                &format!("{what} dx"),
+                &g.dx,
+                &numeric_gradient(&x, |x| loss(x, &gamma, &beta)),
+            );
+            assert_grad(
+                &format!("{what} dγ"),
+                &g.dweight,
+                &numeric_gradient(&gamma, |w| loss(&x, w, &beta)),
+            );
+            assert_grad(
+                &format!("{what} dβ"),
+                &g.dbias,
+                &numeric_gradient(&beta, |b| loss(&x, &gamma, b)),
+            );
+
+            // Eval: fixed running statistics.
+            let tracked = BatchNormConfig::new(c);
+            let running = RefRunningStats {
+                mean: values(c, 5, offset),
+                var: values(c, 6, 2.0),
+                num_batches_tracked: 0,
+            };
+            let eval_loss = |x: &[f64], g: &[f64]| {
+                let mut r = running.clone();
+                let y = batch_norm_forward_f64(x, &shape, &tracked, Some(g), Some(&beta), Some(&mut r), false)
+                    .unwrap()
+                    .y;
+                y.iter().zip(&dy).map(|(y, d)| y * d).sum::<f64>()
+            };
+            let mut r = running.clone();
+            let fwd =
+                batch_norm_forward_f64(&x, &shape, &tracked, Some(&gamma), Some(&beta), Some(&mut r), false).unwrap();
+            let g =
+                batch_norm_backward(&x, &dy, &shape, &tracked, Some(&gamma), &fwd.mean, &fwd.invstd, false).unwrap();
+            assert_grad(
+                &format!("eval {shape:?} dx"),
+                &g.dx,
+                &numeric_gradient(&x, |x| eval_loss(x, &gamma)),
+            );
+            assert_grad(
+                &format!("eval {shape:?} dγ"),
+                &g.dweight,
+                &numeric_gradient(&gamma, |w| eval_loss(&x, w)),
+            );
+        }
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_finite_differences() {
+        for (shape, norm, offset) in [
+            (vec![3usize, 5], vec![5usize], 0.0),
+            (vec![2, 2, 3], vec![2, 3], 4.0),
+            (vec![2, 1], vec![1], 0.0),
+        ] {
+            let config = LayerNormConfig::new(&norm);
+            let numel: usize = shape.iter().product();
+            let w = config.width();
+            let x = values(numel, 7, offset);
+            let dy = values(numel, 8, 0.0);
+            let gamma = values(w, 9, 1.0);
+            let beta = values(w, 10, 0.0);
+            let loss = |x: &[f64], g: &[f64], b: &[f64]| {
+                let y = layer_norm_forward_f64(x, &shape, &config, Some(g), Some(b)).unwrap().y;
+                y.iter().zip(&dy).map(|(y, d)| y * d).sum::<f64>()
+            };
+            let fwd = layer_norm_forward_f64(&x, &shape, &config, Some(&gamma), Some(&beta)).unwrap();
+            let g = layer_norm_backward(&x, &dy, &shape, &config, Some(&gamma), &fwd.mean, &fwd.rstd).unwrap();
+            let what = format!("{shape:?}");
+            assert_grad(
+                &format!("{what} dx"),
+                &g.dx,
+                &numeric_gradient(&x, |x| loss(x, &gamma, &beta)),
+            );
+            assert_grad(
+                &format!("{what} dγ"),
+                &g.dweight,
+                &numeric_gradient(&gamma, |w| loss(&x, w, &beta)),
+            );
+            assert_grad(
+                &format!("{what} dβ"),
+                &g.dbias,
+                &numeric_gradient(&beta, |b| loss(&x, &gamma, b)),
+            );
+        }
+    }
+
+    #[test]
+    fn dropout_backward_is_the_masked_scale() {
+        // Dropout is linear in x for a fixed mask: dL/dx = dy·m exactly.
+        let config = DropoutConfig::new(0.4);
+        let shape = [3, 4, 5];
+        let x = values(60, 11, 0.0);
+        let dy: Vec<f32> = values(60, 12, 0.0).iter().map(|&v| v as f32).collect();
+        let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        for unit in [DropoutUnit::Element, DropoutUnit::Channel] {
+            let dx = dropout_backward(&dy, &shape, &config, unit, 5, 6, true).unwrap();
+            let (y, mask) = dropout_forward(&xf, &shape, &config, unit, 5, 6, true).unwrap();
+            let unit_len = if unit == DropoutUnit::Element { 1 } else { 5 };
+            for i in 0..60 {
+                let m = if mask[i / unit_len] {
+                    f64::from(config.scale(true))
+                } else {
+                    0.0
+                };
+                assert_eq!(dx[i], f64::from(dy[i]) * m);
+                assert_eq!(y[i], f64::from(xf[i]) * m);
+            }
+        }
     }
 }
