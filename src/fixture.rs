@@ -344,7 +344,7 @@ fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         }
         Ok(bn)
     };
-    let bn = match run() {
+    let mut bn = match run() {
         Ok(bn) => bn,
         Err(e) => {
             for name in fx.expected_names() {
@@ -373,6 +373,42 @@ fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         for (name, t) in [("save_mean", &saved.mean), ("save_invstd", &saved.invstd)] {
             if fx.tensors.contains_key(name) {
                 out.insert(name.into(), (judge(fx, name, to_f64(ctx, t))?, note.clone()));
+            }
+        }
+    }
+    // Gradients of the last step's output against dy.
+    let (dy, shape) = f32_input(fx, "dy")?;
+    let grads = Tensor::from_slice(ctx, &dy, &shape).and_then(|dy| bn.backward(&dy));
+    judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)
+}
+
+/// Compares `[dx, dweight, dbias]` (those the fixture has) or reports the error on each.
+fn judge_grads(
+    ctx: &Context,
+    fx: &Fixture,
+    out: &mut BTreeMap<String, (Verdict, Option<String>)>,
+    grads: Result<[Option<Tensor>; 3]>,
+    note: &Option<String>,
+) -> Result<()> {
+    let names = ["dx", "dweight", "dbias"];
+    match grads {
+        Ok(grads) => {
+            for (name, t) in names.iter().zip(grads) {
+                if fx.tensors.contains_key(*name) {
+                    let got = t.ok_or_else(|| Error::State {
+                        op: "fixture",
+                        reason: format!("no {name} computed"),
+                    });
+                    out.insert(
+                        name.to_string(),
+                        (judge(fx, name, got.and_then(|t| to_f64(ctx, &t)))?, note.clone()),
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            for name in names.iter().filter(|n| fx.tensors.contains_key(**n)) {
+                out.insert(name.to_string(), (Verdict::Fail(format!("backward error: {e}")), None));
             }
         }
     }

@@ -196,7 +196,7 @@ impl BatchNormKernel {
                 format!("stats chunk must be a positive multiple of {WORKGROUP}, got {stats_chunk}"),
             ));
         }
-        let dims = BnDims::of(shape, config.num_features)?;
+        let dims = BnDims::of(OP, shape, config.num_features)?;
         let limits = BindLimits::of(device);
         let x_bytes = dims.total * 4;
         if x_bytes > limits.max_storage_binding {
@@ -307,22 +307,22 @@ impl BatchNormKernel {
 
 /// `(N, C, S)` view of an `(N, C, *)` shape, with `M = N·S` and the element count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct BnDims {
-    n: u64,
-    c: u64,
-    s: u64,
-    m: u64,
-    total: u64,
+pub(crate) struct BnDims {
+    pub n: u64,
+    pub c: u64,
+    pub s: u64,
+    pub m: u64,
+    pub total: u64,
 }
 
 impl BnDims {
-    fn of(shape: &[usize], num_features: usize) -> Result<Self> {
+    pub(crate) fn of(op: &'static str, shape: &[usize], num_features: usize) -> Result<Self> {
         if shape.len() < 2 {
-            return Err(Error::shape(OP, "input", shape, "rank >= 2: (N, C, *)"));
+            return Err(Error::shape(op, "input", shape, "rank >= 2: (N, C, *)"));
         }
         if shape[1] != num_features {
             return Err(Error::shape(
-                OP,
+                op,
                 "input",
                 shape,
                 format!("C = shape[1] = num_features = {num_features}"),
@@ -334,7 +334,7 @@ impl BnDims {
         let total = s.and_then(|s| s.checked_mul(n)).and_then(|ns| ns.checked_mul(c));
         let (Some(s), Some(total)) = (s, total) else {
             return Err(Error::shape(
-                OP,
+                op,
                 "input",
                 shape,
                 "an element count that fits in 64 bits",
@@ -342,7 +342,7 @@ impl BnDims {
         };
         if total == 0 {
             return Err(Error::shape(
-                OP,
+                op,
                 "input",
                 shape,
                 "no zero-sized dimension (empty tensors are not supported)",
@@ -350,7 +350,7 @@ impl BnDims {
         }
         if total > MAX_ELEMENTS {
             return Err(Error::ExceedsLimit {
-                op: OP,
+                op,
                 what: "input elements",
                 value: total,
                 limit: MAX_ELEMENTS,

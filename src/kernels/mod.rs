@@ -7,6 +7,7 @@
 //! is recorded, so a call that returns an error has recorded nothing.
 
 pub mod batch_norm;
+pub mod batch_norm_backward;
 pub mod dropout;
 pub mod layer_norm;
 
@@ -15,6 +16,10 @@ use std::num::NonZeroU64;
 /// Every file in `shaders/`, by name, as compiled into the crate.
 const SHADER_FILES: &[(&str, &str)] = &[
     ("batch_norm.wgsl", include_str!("../../shaders/batch_norm.wgsl")),
+    (
+        "batch_norm_backward.wgsl",
+        include_str!("../../shaders/batch_norm_backward.wgsl"),
+    ),
     ("dropout.wgsl", include_str!("../../shaders/dropout.wgsl")),
     ("layer_norm.wgsl", include_str!("../../shaders/layer_norm.wgsl")),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
@@ -59,6 +64,7 @@ pub struct ShaderVariant {
 pub fn shader_variants() -> Vec<ShaderVariant> {
     [
         ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
+        ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("dropout.wgsl", dropout::ENTRY_POINTS),
         ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
     ]

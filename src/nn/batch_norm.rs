@@ -8,6 +8,9 @@ use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{
     BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions,
 };
+use crate::kernels::batch_norm_backward::{
+    Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan,
+};
 use crate::kernels::dropout::DropoutConfig;
 use crate::nn::dropout::Generator;
 use crate::tensor::{DType, Tensor};
@@ -19,12 +22,41 @@ const OP: &str = "BatchNorm";
 pub struct BatchNormSaved {
     /// Input shape of that forward.
     pub shape: Vec<usize>,
+    /// The input itself (the same buffer). Backward reads it; it must not change in between.
+    pub x: Tensor,
+    /// Whether the module was in training mode.
+    pub training: bool,
     /// Whether it normalized with batch statistics (training, or no running stats).
     pub batch_stats: bool,
     /// Mean it normalized with, `(C)`.
     pub mean: Tensor,
     /// `1/sqrt(var + eps)` it normalized with, `(C)`.
     pub invstd: Tensor,
+    /// The fused dropout and the `(seed, offset)` it drew from, if any.
+    pub dropout: Option<(DropoutConfig, u64, u64)>,
+}
+
+/// Gradients of a BatchNorm backward.
+#[derive(Clone, Debug)]
+pub struct BatchNormGrads {
+    /// `dL/dx`, the input's shape.
+    pub dx: Tensor,
+    /// `dL/dγ`, `(C)`, when affine.
+    pub dweight: Option<Tensor>,
+    /// `dL/dβ`, `(C)`, when affine.
+    pub dbias: Option<Tensor>,
+}
+
+/// Where a backward writes its gradients (f32 tensors of the right shapes). With
+/// [`Accumulate`] flags set, gradients are added to what the tensors hold.
+#[derive(Clone, Copy, Debug)]
+pub struct GradTargets<'a> {
+    /// `dL/dx`.
+    pub dx: &'a Tensor,
+    /// `dL/dγ`; required when the module has γ.
+    pub dweight: Option<&'a Tensor>,
+    /// `dL/dβ`; required when the module has β.
+    pub dbias: Option<&'a Tensor>,
 }
 
 /// BatchNorm over `(N, C, *)` inputs with PyTorch semantics (see [`BatchNormConfig`]).
@@ -42,6 +74,8 @@ pub struct BatchNorm {
     ctx: Context,
     config: BatchNormConfig,
     kernel: std::sync::Arc<BatchNormKernel>,
+    backward_kernel: std::sync::Arc<BatchNormBackwardKernel>,
+    backward_plan: Option<BatchNormBackwardPlan>,
     training: bool,
     weight: Option<Tensor>,
     bias: Option<Tensor>,
@@ -89,6 +123,8 @@ impl BatchNorm {
             ctx: ctx.clone(),
             config,
             kernel,
+            backward_kernel: ctx.kernel::<BatchNormBackwardKernel>()?,
+            backward_plan: None,
             training: true,
             weight,
             bias,
@@ -287,11 +323,145 @@ impl BatchNorm {
         }
         self.saved = Some(BatchNormSaved {
             shape: x.shape().to_vec(),
+            x: x.clone(),
+            training: self.training,
             batch_stats: plan.uses_batch_stats(self.training),
             mean,
             invstd,
+            dropout: dropout.as_ref().map(|(d, g)| {
+                let (seed, offset) = g.state();
+                (*d, seed, offset)
+            }),
         });
         Ok(y)
+    }
+
+    /// Backward of the last forward: `dL/dx`, and `dL/dγ`, `dL/dβ` when affine, for the upstream
+    /// gradient `dy` (f32, the forward's shape). Uses the statistics that forward saved: batch
+    /// statistics (then dx flows through the mean and variance) or running statistics.
+    ///
+    /// Errors, changing nothing, when no forward ran, when the module's mode changed since the
+    /// forward (a training-mode backward needs a training forward's batch statistics), or when
+    /// `dy` does not match.
+    pub fn backward(&mut self, dy: &Tensor) -> Result<BatchNormGrads> {
+        self.backward_with(dy, None)
+    }
+
+    /// Backward into caller tensors; with `accumulate` set, gradients are added to them, as a
+    /// training loop accumulates `.grad` over several backward passes.
+    pub fn backward_into(&mut self, dy: &Tensor, targets: GradTargets<'_>, accumulate: Accumulate) -> Result<()> {
+        self.backward_impl(dy, targets, accumulate, None)
+    }
+
+    /// [`BatchNorm::backward`], regenerating a fused dropout's mask in `generator`'s buffer.
+    pub(crate) fn backward_with(&mut self, dy: &Tensor, generator: Option<&Generator>) -> Result<BatchNormGrads> {
+        let saved = self.check_backward(dy)?;
+        let c = self.config.num_features;
+        let dx = Tensor::zeros(&self.ctx, &saved.shape, DType::F32)?;
+        let (dweight, dbias) = if self.config.affine {
+            (
+                Some(Tensor::zeros(&self.ctx, &[c], DType::F32)?),
+                Some(Tensor::zeros(&self.ctx, &[c], DType::F32)?),
+            )
+        } else {
+            (None, None)
+        };
+        let targets = GradTargets {
+            dx: &dx,
+            dweight: dweight.as_ref(),
+            dbias: dbias.as_ref(),
+        };
+        self.backward_impl(dy, targets, Accumulate::default(), generator)?;
+        Ok(BatchNormGrads { dx, dweight, dbias })
+    }
+
+    fn check_backward(&self, dy: &Tensor) -> Result<BatchNormSaved> {
+        let saved = self.saved.clone().ok_or_else(|| Error::State {
+            op: OP,
+            reason: "backward before any forward".into(),
+        })?;
+        if saved.training != self.training {
+            let (then, now) = if saved.training {
+                ("training", "eval")
+            } else {
+                ("eval", "training")
+            };
+            return Err(Error::State {
+                op: OP,
+                reason: format!(
+                    "the last forward ran in {then} mode but the module is now in {now} mode; \
+                     run a forward in {now} mode first (a training backward needs batch statistics)"
+                ),
+            });
+        }
+        if dy.dtype() != DType::F32 {
+            return Err(Error::DType {
+                op: OP,
+                what: "dy",
+                got: dy.dtype(),
+                expected: DType::F32,
+            });
+        }
+        if dy.shape() != saved.shape.as_slice() {
+            return Err(Error::shape(
+                OP,
+                "dy",
+                dy.shape(),
+                format!("the forward's shape {:?}", saved.shape),
+            ));
+        }
+        Ok(saved)
+    }
+
+    pub(crate) fn backward_impl(
+        &mut self,
+        dy: &Tensor,
+        targets: GradTargets<'_>,
+        accumulate: Accumulate,
+        generator: Option<&Generator>,
+    ) -> Result<()> {
+        let saved = self.check_backward(dy)?;
+        let dropout = saved.dropout.map(|(d, _, _)| d);
+        if dropout.is_some() && generator.is_none() {
+            return Err(Error::State {
+                op: OP,
+                reason: "the forward fused a dropout; call backward on the fused module".into(),
+            });
+        }
+        if self
+            .backward_plan
+            .as_ref()
+            .is_none_or(|p| p.shape() != saved.shape.as_slice() || p.dropout() != dropout.as_ref())
+        {
+            let plan = self
+                .backward_kernel
+                .plan(self.ctx.device(), &saved.shape, &self.config, dropout)?;
+            self.backward_plan = Some(plan);
+        }
+        let plan = self.backward_plan.as_ref().expect("set above");
+        let buffers = BatchNormBackwardBuffers {
+            x: saved.x.slice(),
+            dy: dy.slice(),
+            dx: targets.dx.slice(),
+            weight: self.weight.as_ref().map(Tensor::slice),
+            save_mean: saved.mean.slice(),
+            save_invstd: saved.invstd.slice(),
+            dweight: targets.dweight.map(Tensor::slice),
+            dbias: targets.dbias.map(Tensor::slice),
+            rng: generator.map(|g| g.buffer().slice(..)),
+        };
+        let device = self.ctx.device();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("BatchNorm backward"),
+        });
+        self.ctx
+            .scoped(|| plan.encode(device, &mut encoder, saved.batch_stats, accumulate, &buffers))??;
+        match (generator, saved.dropout) {
+            (Some(g), Some((_, seed, offset))) => g.submit_with(&self.ctx, seed, offset, encoder),
+            _ => self.ctx.scoped(|| {
+                self.ctx.queue().submit([encoder.finish()]);
+            }),
+        }
     }
 
     /// The state as `(key, tensor)` entries with PyTorch's names, prefixed by `prefix` (e.g.

@@ -1,0 +1,390 @@
+//! BatchNorm backward, low level: [`BatchNormBackwardKernel`] and [`BatchNormBackwardPlan`],
+//! encoding into a caller's encoder. See `shaders/batch_norm_backward.wgsl` for the formulas.
+//!
+//! | dispatch       | workgroups      | reads                           | writes                 |
+//! |----------------|-----------------|---------------------------------|------------------------|
+//! | `bnb_reduce`   | C · chunks      | x, dy                           | partial sums           |
+//! | `bnb_finalize` | C               | partial sums, saved stats       | dγ, dβ, coefficients   |
+//! | `bnb_dx`       | ⌈N·C·S / 1024⌉  | x, dy, coefficients, γ          | dx                     |
+//!
+//! Traffic: 5 passes over the activations (reduce reads x and dy; dx reads both and writes dx).
+
+use crate::context::Kernel;
+use crate::error::{Error, Result};
+use crate::kernels::batch_norm::{BatchNormConfig, BnDims, DEFAULT_STATS_CHUNK};
+use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
+use crate::kernels::{bind_group, binding, binding_or, compute_pipeline, fold_workgroups, placeholder, BindLimits};
+
+const OP: &str = "batch_norm backward";
+const WORKGROUP: u64 = 256;
+
+/// Entry points in `shaders/batch_norm_backward.wgsl` that get a pipeline.
+pub(crate) const ENTRY_POINTS: &[&str] = &["bnb_reduce", "bnb_finalize", "bnb_dx"];
+
+const FLAG_AFFINE: u32 = 1;
+const FLAG_BATCH_STATS: u32 = 2;
+const FLAG_ACCUM_DX: u32 = 4;
+const FLAG_ACCUM_PARAMS: u32 = 8;
+const FLAG_DROPOUT: u32 = 16;
+
+/// Mirrors `struct Params` in `shaders/batch_norm_backward.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct BnBackwardParams {
+    n: u32,
+    c: u32,
+    s: u32,
+    m: u32,
+    chunk_len: u32,
+    chunks: u32,
+    flags: u32,
+    total: u32,
+    drop_threshold: u32,
+    drop_flags: u32,
+    drop_scale: f32,
+    _pad0: u32,
+}
+const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 48);
+
+/// Whether gradients overwrite their buffers or are added to them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Accumulate {
+    /// `dx += …` instead of `dx = …`.
+    pub dx: bool,
+    /// `dγ += …`, `dβ += …` instead of `=` (what a training loop's `.grad` does).
+    pub params: bool,
+}
+
+/// Compiled BatchNorm backward pipelines for one device.
+#[derive(Clone, Debug)]
+pub struct BatchNormBackwardKernel {
+    reduce: wgpu::ComputePipeline,
+    finalize: wgpu::ComputePipeline,
+    dx: wgpu::ComputePipeline,
+    /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
+    placeholders: [wgpu::Buffer; 4],
+}
+
+impl Kernel for BatchNormBackwardKernel {
+    fn build(device: &wgpu::Device) -> Self {
+        let module = crate::kernels::shader_module(device, "batch_norm_backward.wgsl");
+        Self {
+            reduce: compute_pipeline(device, &module, "bnb_reduce"),
+            finalize: compute_pipeline(device, &module, "bnb_finalize"),
+            dx: compute_pipeline(device, &module, "bnb_dx"),
+            placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
+        }
+    }
+}
+
+impl BatchNormBackwardKernel {
+    /// Compiles the pipelines.
+    pub fn new(device: &wgpu::Device) -> Self {
+        <Self as Kernel>::build(device)
+    }
+
+    /// A backward plan for inputs of `shape` = `(N, C, *)`. `dropout` is the dropout fused
+    /// into the forward (its mask is applied to `dy`), if any.
+    pub fn plan(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &BatchNormConfig,
+        dropout: Option<DropoutConfig>,
+    ) -> Result<BatchNormBackwardPlan> {
+        config.validate()?;
+        if let Some(d) = &dropout {
+            d.validate()?;
+        }
+        let dims = BnDims::of(OP, shape, config.num_features)?;
+        let limits = BindLimits::of(device);
+        if dims.total * 4 > limits.max_storage_binding {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "input size in bytes",
+                value: dims.total * 4,
+                limit: limits.max_storage_binding,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        let chunk = u64::from(DEFAULT_STATS_CHUNK);
+        let chunks = dims.m.div_ceil(chunk);
+        let d = match &dropout {
+            Some(d) => d.params(true)?,
+            None => DropParams {
+                threshold: 0,
+                flags: 0,
+                scale: 1.0,
+            },
+        };
+        // One uniform per (batch statistics, accumulate dx, accumulate params) combination,
+        // indexed as in `encode`.
+        let uniforms = (0..8usize)
+            .map(|variant| {
+                let mut flags = 0;
+                for (bit, flag) in [(1, FLAG_BATCH_STATS), (2, FLAG_ACCUM_DX), (4, FLAG_ACCUM_PARAMS)] {
+                    if variant & bit != 0 {
+                        flags |= flag;
+                    }
+                }
+                if config.affine {
+                    flags |= FLAG_AFFINE;
+                }
+                if dropout.is_some() {
+                    flags |= FLAG_DROPOUT;
+                }
+                let params = BnBackwardParams {
+                    n: dims.n as u32,
+                    c: dims.c as u32,
+                    s: dims.s as u32,
+                    m: dims.m as u32,
+                    chunk_len: DEFAULT_STATS_CHUNK,
+                    chunks: chunks as u32,
+                    flags,
+                    total: dims.total as u32,
+                    drop_threshold: d.threshold,
+                    drop_flags: d.flags,
+                    drop_scale: d.scale,
+                    _pad0: 0,
+                };
+                use wgpu::util::DeviceExt;
+                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("batch_norm backward params"),
+                    contents: bytemuck::bytes_of(&params),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                })
+            })
+            .collect();
+        let scratch = |label: &str, bytes: u64| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        Ok(BatchNormBackwardPlan {
+            kernel: self.clone(),
+            config: config.clone(),
+            dropout,
+            shape: shape.to_vec(),
+            dims,
+            limits,
+            uniforms,
+            partials: scratch("batch_norm backward partials", dims.c * chunks * 16),
+            coef: scratch("batch_norm backward coefficients", dims.c * 16),
+            reduce_groups: fold_workgroups(OP, dims.c * chunks, limits.max_workgroups_per_dim)?,
+            finalize_groups: fold_workgroups(OP, dims.c, limits.max_workgroups_per_dim)?,
+            dx_groups: fold_workgroups(OP, dims.total.div_ceil(4 * WORKGROUP), limits.max_workgroups_per_dim)?,
+        })
+    }
+}
+
+/// The buffers of one BatchNorm backward (f32).
+#[derive(Clone, Debug)]
+pub struct BatchNormBackwardBuffers<'a> {
+    /// The forward's input, `(N, C, *)`, unchanged since the forward.
+    pub x: wgpu::BufferSlice<'a>,
+    /// Upstream gradient `dL/dy`, same shape.
+    pub dy: wgpu::BufferSlice<'a>,
+    /// Output `dL/dx`, same shape (written, or added to with [`Accumulate::dx`]).
+    pub dx: wgpu::BufferSlice<'a>,
+    /// γ, `(C)`; required when affine.
+    pub weight: Option<wgpu::BufferSlice<'a>>,
+    /// The forward's saved mean, `(C)`.
+    pub save_mean: wgpu::BufferSlice<'a>,
+    /// The forward's saved invstd, `(C)`.
+    pub save_invstd: wgpu::BufferSlice<'a>,
+    /// Output `dL/dγ`, `(C)`; required when affine.
+    pub dweight: Option<wgpu::BufferSlice<'a>>,
+    /// Output `dL/dβ`, `(C)`; required when affine.
+    pub dbias: Option<wgpu::BufferSlice<'a>>,
+    /// The generator state the forward's fused dropout used; required with a fused dropout.
+    pub rng: Option<wgpu::BufferSlice<'a>>,
+}
+
+/// A BatchNorm backward for one shape and configuration.
+#[derive(Debug)]
+pub struct BatchNormBackwardPlan {
+    kernel: BatchNormBackwardKernel,
+    config: BatchNormConfig,
+    dropout: Option<DropoutConfig>,
+    shape: Vec<usize>,
+    dims: BnDims,
+    limits: BindLimits,
+    uniforms: Vec<wgpu::Buffer>,
+    partials: wgpu::Buffer,
+    coef: wgpu::Buffer,
+    reduce_groups: (u32, u32),
+    finalize_groups: (u32, u32),
+    dx_groups: (u32, u32),
+}
+
+impl BatchNormBackwardPlan {
+    /// The input shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The fused dropout whose mask is applied to `dy`.
+    pub fn dropout(&self) -> Option<&DropoutConfig> {
+        self.dropout.as_ref()
+    }
+
+    /// Checks the buffers without recording anything.
+    pub fn validate(&self, b: &BatchNormBackwardBuffers<'_>) -> Result<()> {
+        let l = &self.limits;
+        let (x_bytes, c_bytes) = (self.dims.total * 4, self.dims.c * 4);
+        l.check(OP, "x", &b.x, x_bytes)?;
+        l.check(OP, "dy", &b.dy, x_bytes)?;
+        l.check(OP, "dx", &b.dx, x_bytes)?;
+        l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
+        l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
+        let mut inputs = vec![
+            ("x", &b.x),
+            ("dy", &b.dy),
+            ("save_mean", &b.save_mean),
+            ("save_invstd", &b.save_invstd),
+        ];
+        let mut outputs = vec![("dx", &b.dx)];
+        if self.config.affine {
+            for (what, s, out) in [
+                ("weight", &b.weight, false),
+                ("dweight", &b.dweight, true),
+                ("dbias", &b.dbias, true),
+            ] {
+                let s = s.as_ref().ok_or_else(|| Error::Buffer {
+                    op: OP,
+                    what,
+                    reason: "is required when affine".into(),
+                })?;
+                l.check(OP, what, s, c_bytes)?;
+                if out {
+                    outputs.push((what, s))
+                } else {
+                    inputs.push((what, s))
+                }
+            }
+        }
+        if self.dropout.is_some() {
+            let rng = b.rng.as_ref().ok_or_else(|| Error::Buffer {
+                op: OP,
+                what: "rng",
+                reason: "is required with a fused dropout".into(),
+            })?;
+            check_rng(l, OP, rng)?;
+            inputs.push(("rng", rng));
+        }
+        for (out_name, out) in &outputs {
+            if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
+                return Err(Error::Buffer {
+                    op: OP,
+                    what: out_name,
+                    reason: format!(
+                        "shares a buffer with the input `{in_name}`; inputs and outputs must be in distinct buffers"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the backward. `batch_stats` says whether the forward normalized with batch
+    /// statistics (training, or no running statistics): then dx flows through the mean and
+    /// variance. Checks everything first: on error nothing is recorded.
+    pub fn encode(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        batch_stats: bool,
+        accumulate: Accumulate,
+        b: &BatchNormBackwardBuffers<'_>,
+    ) -> Result<()> {
+        self.validate(b)?;
+        if batch_stats && self.dims.m == 1 {
+            return Err(Error::shape(
+                OP,
+                "input",
+                &self.shape,
+                "more than 1 value per channel for batch statistics",
+            ));
+        }
+        let k = &self.kernel;
+        let (x_bytes, c_bytes) = (self.dims.total * 4, self.dims.c * 4);
+        let variant = usize::from(batch_stats) | usize::from(accumulate.dx) << 1 | usize::from(accumulate.params) << 2;
+        let uniform = self.uniforms[variant].as_entire_binding();
+        let affine = self.config.affine;
+        let ph = &k.placeholders;
+        let (x, dy) = (binding(&b.x, x_bytes), binding(&b.dy, x_bytes));
+        let rng = binding_or(self.dropout.is_some(), &b.rng, &ph[3], RNG_STATE_BYTES);
+        let (save_mean, save_invstd) = (binding(&b.save_mean, c_bytes), binding(&b.save_invstd, c_bytes));
+        let (partials, coef) = (self.partials.as_entire_binding(), self.coef.as_entire_binding());
+        let passes = [
+            (
+                &k.reduce,
+                bind_group(
+                    device,
+                    "bnb_reduce",
+                    &k.reduce,
+                    &[
+                        (0, uniform.clone()),
+                        (1, x.clone()),
+                        (2, dy.clone()),
+                        (5, save_mean.clone()),
+                        (7, partials.clone()),
+                        (11, rng.clone()),
+                    ],
+                ),
+                self.reduce_groups,
+            ),
+            (
+                &k.finalize,
+                bind_group(
+                    device,
+                    "bnb_finalize",
+                    &k.finalize,
+                    &[
+                        (0, uniform.clone()),
+                        (1, x.clone()),
+                        (5, save_mean),
+                        (6, save_invstd.clone()),
+                        (7, partials),
+                        (8, coef.clone()),
+                        (9, binding_or(affine, &b.dweight, &ph[1], c_bytes)),
+                        (10, binding_or(affine, &b.dbias, &ph[2], c_bytes)),
+                    ],
+                ),
+                self.finalize_groups,
+            ),
+            (
+                &k.dx,
+                bind_group(
+                    device,
+                    "bnb_dx",
+                    &k.dx,
+                    &[
+                        (0, uniform),
+                        (1, x),
+                        (2, dy),
+                        (3, binding(&b.dx, x_bytes)),
+                        (4, binding_or(affine, &b.weight, &ph[0], c_bytes)),
+                        (6, save_invstd),
+                        (8, coef),
+                        (11, rng),
+                    ],
+                ),
+                self.dx_groups,
+            ),
+        ];
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("batch_norm backward"),
+            timestamp_writes: None,
+        });
+        for (pipeline, group, (gx, gy)) in &passes {
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(*gx, *gy, 1);
+        }
+        Ok(())
+    }
+}
