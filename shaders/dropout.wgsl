@@ -3,12 +3,16 @@
 //   train:  y_i = x_i · m_i,   m_i = scale if keep(unit(i)) else 0
 //           scale = 1/(1 − p) (inverted, PyTorch's) or 1 (scale-at-inference)
 //   eval:   y_i = x_i · scale  with every unit kept: scale = 1 (inverted) or 1 − p
+//   backward: the same map applied to dy (dropout is linear for a fixed mask), with the
+//           forward's (seed, offset); with ACCUMULATE, y += instead of y =.
 //   unit(i) = i for Dropout; the (n·C + c) channel of element i for Dropout2d (i / S).
 // The product x·m (not a select) propagates NaN/Inf from dropped elements, as PyTorch does.
 //
 // Entry points:
 //   dropout_forward   one invocation per 4 consecutive elements: one Philox call serves them
 //                     (Dropout2d: one call per distinct channel among them).
+//   dropout_apply_mask  one invocation per element: y = x·m with m read from a packed mask
+//                     (the backward from a stored mask: dx = dy·m).
 //   dropout_mask      one invocation per mask word: the packed keep bits of 32 units, unit u
 //                     in bit u % 32 of word u / 32 (LSB first); bits past the last unit are 0.
 //   rng_advance       one invocation: offset += 1 in the generator state (64-bit carry), so
@@ -18,6 +22,7 @@
 // #include "philox.wgsl"
 
 const WG: u32 = 256u;
+const ACCUMULATE: u32 = 2u;   // flags: add to y instead of overwriting it
 
 // Mirrors `DropoutParams` in src/kernels/dropout.rs.
 struct Params {
@@ -25,7 +30,7 @@ struct Params {
     unit_len: u32,   // elements per mask unit: 1 (Dropout) or S = ∏ spatial (Dropout2d)
     units: u32,      // mask units: numel, or N·C
     threshold: u32,  // keep iff word >= threshold
-    flags: u32,      // DROP_ALL (p = 1 in training)
+    flags: u32,      // DROP_ALL (p = 1 in training), ACCUMULATE
     scale: f32,      // multiplier of kept elements
     _pad0: u32,
     _pad1: u32,
@@ -36,6 +41,11 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;        // (numel)
 @group(0) @binding(3) var<storage, read_write> rng_state: array<u32>; // (4) seed lo/hi, offset lo/hi
 @group(0) @binding(4) var<storage, read_write> mask: array<u32>;     // (⌈units/32⌉) packed bits
+
+// Writes (or, with ACCUMULATE, adds) one output element.
+fn emit(i: u32, v: f32) {
+    y[i] = select(0.0, y[i], (p.flags & ACCUMULATE) != 0u) + v;
+}
 
 fn load_state() -> vec4<u32> {
     return vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
@@ -65,7 +75,7 @@ fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
         for (var k = 0u; k < 4u; k++) {
             let i = first + k;
             if (i < p.numel) {
-                y[i] = x[i] * select(0.0, p.scale, dropout_keep(words[k], p.threshold, p.flags));
+                emit(i, x[i] * select(0.0, p.scale, dropout_keep(words[k], p.threshold, p.flags)));
             }
         }
     } else {
@@ -80,10 +90,21 @@ fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
                     unit = u;
                     m = select(0.0, p.scale, unit_keep(state, unit));
                 }
-                y[i] = x[i] * m;
+                emit(i, x[i] * m);
             }
         }
     }
+}
+
+@compute @workgroup_size(256)
+fn dropout_apply_mask(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = linear_id(gid, nwg);
+    if (i >= p.numel) {
+        return;
+    }
+    let u = i / p.unit_len;
+    let keep = ((mask[u / 32u] >> (u % 32u)) & 1u) == 1u;
+    emit(i, x[i] * select(0.0, p.scale, keep));
 }
 
 @compute @workgroup_size(256)

@@ -153,10 +153,21 @@ impl Error {
 
 impl From<wgpu::Error> for Error {
     fn from(e: wgpu::Error) -> Self {
+        // wgpu's description is often just "Validation Error"; the cause is in the source chain.
+        let mut detail = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !detail.contains(text.trim()) {
+                detail.push_str(": ");
+                detail.push_str(text.trim());
+            }
+            source = s.source();
+        }
         match e {
-            wgpu::Error::OutOfMemory { source } => Error::OutOfMemory(source.to_string()),
-            wgpu::Error::Validation { description, .. } => Error::Validation(description),
-            wgpu::Error::Internal { description, .. } => Error::Internal(description),
+            wgpu::Error::OutOfMemory { .. } => Error::OutOfMemory(detail),
+            wgpu::Error::Validation { .. } => Error::Validation(detail),
+            wgpu::Error::Internal { .. } => Error::Internal(detail),
         }
     }
 }

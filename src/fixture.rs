@@ -422,16 +422,6 @@ fn f16_note(fx: &Fixture) -> Option<String> {
     })
 }
 
-/// Gradients come with the backward pass (issue 4): reported as skipped, with the reason.
-fn skip_gradients(fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>) {
-    for g in ["dx", "dweight", "dbias"] {
-        if fx.tensors.contains_key(g) {
-            let why = "gradients: the backward pass is not implemented yet (issue 4)";
-            out.insert(g.into(), (Verdict::Skip(why.into()), None));
-        }
-    }
-}
-
 fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>) -> Result<()> {
     let cfg = &fx.config;
     let bad = |k: &str| Error::SafeTensors(format!("{}: config.{k} missing or mistyped", fx.name));
@@ -452,7 +442,6 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         bias: cfg["bias"].as_bool().ok_or_else(|| bad("bias"))?,
     };
     let note = f16_note(fx);
-    skip_gradients(fx, out);
     let mut run = || -> Result<LayerNorm> {
         let mut ln = LayerNorm::with_config(ctx, config.clone())?;
         if config.has_weight() {
@@ -469,11 +458,14 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         Ok(ln)
     };
     match run() {
-        Ok(ln) => {
-            let saved = ln.saved().expect("a successful forward saves its statistics");
+        Ok(mut ln) => {
+            let saved = ln.saved().expect("a successful forward saves its statistics").clone();
             for (name, t) in [("mean", &saved.mean), ("rstd", &saved.rstd)] {
                 out.insert(name.into(), (judge(fx, name, to_f64(ctx, t))?, note.clone()));
             }
+            let (dy, shape) = f32_input(fx, "dy")?;
+            let grads = Tensor::from_slice(ctx, &dy, &shape).and_then(|dy| ln.backward(&dy));
+            judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;
         }
         Err(e) => {
             for name in fx.expected_names() {

@@ -39,8 +39,12 @@ pub use error::{Error, Result};
 pub use kernels::batch_norm::{
     BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions,
 };
+pub use kernels::batch_norm_backward::{
+    Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan,
+};
 pub use kernels::dropout::{DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit};
 pub use kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
+pub use kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
 pub use nn::{
     BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, Mask, ResidualDropoutLayerNorm,
 };

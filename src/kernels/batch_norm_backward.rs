@@ -84,18 +84,16 @@ impl BatchNormBackwardKernel {
     }
 
     /// A backward plan for inputs of `shape` = `(N, C, *)`. `dropout` is the dropout fused
-    /// into the forward (its mask is applied to `dy`), if any.
+    /// into the forward (its mask is applied to `dy`) with the mode it ran in (eval keeps
+    /// every element at the eval scale), if any.
     pub fn plan(
         &self,
         device: &wgpu::Device,
         shape: &[usize],
         config: &BatchNormConfig,
-        dropout: Option<DropoutConfig>,
+        dropout: Option<(DropoutConfig, bool)>,
     ) -> Result<BatchNormBackwardPlan> {
         config.validate()?;
-        if let Some(d) = &dropout {
-            d.validate()?;
-        }
         let dims = BnDims::of(OP, shape, config.num_features)?;
         let limits = BindLimits::of(device);
         if dims.total * 4 > limits.max_storage_binding {
@@ -110,7 +108,7 @@ impl BatchNormBackwardKernel {
         let chunk = u64::from(DEFAULT_STATS_CHUNK);
         let chunks = dims.m.div_ceil(chunk);
         let d = match &dropout {
-            Some(d) => d.params(true)?,
+            Some((d, training)) => d.params(*training)?,
             None => DropParams {
                 threshold: 0,
                 flags: 0,
@@ -208,7 +206,7 @@ pub struct BatchNormBackwardBuffers<'a> {
 pub struct BatchNormBackwardPlan {
     kernel: BatchNormBackwardKernel,
     config: BatchNormConfig,
-    dropout: Option<DropoutConfig>,
+    dropout: Option<(DropoutConfig, bool)>,
     shape: Vec<usize>,
     dims: BnDims,
     limits: BindLimits,
@@ -226,8 +224,8 @@ impl BatchNormBackwardPlan {
         &self.shape
     }
 
-    /// The fused dropout whose mask is applied to `dy`.
-    pub fn dropout(&self) -> Option<&DropoutConfig> {
+    /// The fused dropout whose mask is applied to `dy`, and the mode it ran in.
+    pub fn dropout(&self) -> Option<&(DropoutConfig, bool)> {
         self.dropout.as_ref()
     }
 

@@ -16,7 +16,7 @@ const OP: &str = "dropout";
 const WORKGROUP: u64 = 256;
 
 /// Entry points in `shaders/dropout.wgsl` that get a pipeline.
-pub(crate) const ENTRY_POINTS: &[&str] = &["dropout_forward", "dropout_mask", "rng_advance"];
+pub(crate) const ENTRY_POINTS: &[&str] = &["dropout_forward", "dropout_apply_mask", "dropout_mask", "rng_advance"];
 
 /// Bytes of a generator state buffer.
 pub const RNG_STATE_BYTES: u64 = 16;
@@ -58,6 +58,8 @@ pub(crate) struct DropParams {
 
 /// `DROP_ALL` in `shaders/philox.wgsl`.
 const FLAG_DROP_ALL: u32 = 1;
+/// `ACCUMULATE` in `shaders/dropout.wgsl`.
+const FLAG_ACCUMULATE: u32 = 2;
 
 impl DropoutConfig {
     /// Inverted dropout with probability `p`.
@@ -135,6 +137,7 @@ const _: () = assert!(std::mem::size_of::<DropoutParams>() == 32);
 #[derive(Clone, Debug)]
 pub struct DropoutKernel {
     forward: wgpu::ComputePipeline,
+    apply_mask: wgpu::ComputePipeline,
     mask: wgpu::ComputePipeline,
     advance: wgpu::ComputePipeline,
 }
@@ -144,6 +147,7 @@ impl Kernel for DropoutKernel {
         let module = crate::kernels::shader_module(device, "dropout.wgsl");
         Self {
             forward: compute_pipeline(device, &module, "dropout_forward"),
+            apply_mask: compute_pipeline(device, &module, "dropout_apply_mask"),
             mask: compute_pipeline(device, &module, "dropout_mask"),
             advance: compute_pipeline(device, &module, "rng_advance"),
         }
@@ -211,14 +215,14 @@ impl DropoutKernel {
                 limit_name: "max_storage_buffer_binding_size",
             });
         }
-        let uniform = |training: bool| -> Result<wgpu::Buffer> {
+        let uniform = |training: bool, accumulate: bool| -> Result<wgpu::Buffer> {
             let d = config.params(training)?;
             let params = DropoutParams {
                 numel: numel as u32,
                 unit_len: unit_len as u32,
                 units: units as u32,
                 threshold: d.threshold,
-                flags: d.flags,
+                flags: d.flags | if accumulate { FLAG_ACCUMULATE } else { 0 },
                 scale: d.scale,
                 _pad0: 0,
                 _pad1: 0,
@@ -238,7 +242,13 @@ impl DropoutKernel {
             numel,
             units,
             limits,
-            uniforms: [uniform(false)?, uniform(true)?],
+            uniforms: [
+                uniform(false, false)?,
+                uniform(true, false)?,
+                uniform(false, true)?,
+                uniform(true, true)?,
+            ],
+            apply_groups: fold_workgroups(OP, numel.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
             forward_groups: fold_workgroups(OP, numel.div_ceil(4 * WORKGROUP), limits.max_workgroups_per_dim)?,
             mask_groups: fold_workgroups(OP, units.div_ceil(32 * WORKGROUP), limits.max_workgroups_per_dim)?,
         })
@@ -291,9 +301,10 @@ pub struct DropoutPlan {
     numel: u64,
     units: u64,
     limits: BindLimits,
-    /// [eval, train]
-    uniforms: [wgpu::Buffer; 2],
+    /// Indexed by `training + 2·accumulate`.
+    uniforms: [wgpu::Buffer; 4],
     forward_groups: (u32, u32),
+    apply_groups: (u32, u32),
     mask_groups: (u32, u32),
 }
 
@@ -326,6 +337,34 @@ impl DropoutPlan {
         training: bool,
         b: &DropoutBuffers<'_>,
     ) -> Result<()> {
+        self.encode_map(device, encoder, training, false, b)
+    }
+
+    /// Records the backward `dx = dy·m` with the forward's generator state in `b.rng`
+    /// (`b.x` = dy, `b.y` = dx). With `accumulate`, `dx += dy·m`.
+    pub fn encode_backward(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        training: bool,
+        accumulate: bool,
+        b: &DropoutBuffers<'_>,
+    ) -> Result<()> {
+        self.encode_map(device, encoder, training, accumulate, b)
+    }
+
+    fn uniform(&self, training: bool, accumulate: bool) -> wgpu::BindingResource<'_> {
+        self.uniforms[usize::from(training) + 2 * usize::from(accumulate)].as_entire_binding()
+    }
+
+    fn encode_map(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        training: bool,
+        accumulate: bool,
+        b: &DropoutBuffers<'_>,
+    ) -> Result<()> {
         let bytes = self.numel * 4;
         self.limits.check(OP, "x", &b.x, bytes)?;
         self.limits.check(OP, "y", &b.y, bytes)?;
@@ -352,7 +391,7 @@ impl DropoutPlan {
             "dropout_forward",
             &k.forward,
             &[
-                (0, self.uniforms[usize::from(training)].as_entire_binding()),
+                (0, self.uniform(training, accumulate)),
                 (1, binding(&b.x, bytes)),
                 (2, binding(&b.y, bytes)),
                 (3, binding(&b.rng, RNG_STATE_BYTES)),
@@ -394,7 +433,7 @@ impl DropoutPlan {
             "dropout_mask",
             &k.mask,
             &[
-                (0, self.uniforms[usize::from(training)].as_entire_binding()),
+                (0, self.uniform(training, false)),
                 (3, binding(rng, RNG_STATE_BYTES)),
                 (4, binding(mask, self.mask_words() * 4)),
             ],
@@ -406,6 +445,61 @@ impl DropoutPlan {
         pass.set_pipeline(&k.mask);
         pass.set_bind_group(0, &group, &[]);
         pass.dispatch_workgroups(self.mask_groups.0, self.mask_groups.1, 1);
+        Ok(())
+    }
+
+    /// Records the backward from a stored packed mask (as written by
+    /// [`DropoutPlan::encode_mask`]): `dx = dy·m`, or `dx += dy·m` with `accumulate`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_backward_from_mask(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        training: bool,
+        accumulate: bool,
+        dy: &wgpu::BufferSlice<'_>,
+        dx: &wgpu::BufferSlice<'_>,
+        mask: &wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        let bytes = self.numel * 4;
+        self.limits.check(OP, "dy", dy, bytes)?;
+        self.limits.check(OP, "dx", dx, bytes)?;
+        self.limits.check(OP, "mask", mask, self.mask_words() * 4)?;
+        for (what, s) in [("dx", dx), ("mask", mask)] {
+            if s.buffer() == dy.buffer() {
+                return Err(Error::Buffer {
+                    op: OP,
+                    what,
+                    reason: "shares a buffer with the input `dy`".into(),
+                });
+            }
+        }
+        if dx.buffer() == mask.buffer() {
+            return Err(Error::Buffer {
+                op: OP,
+                what: "mask",
+                reason: "shares a buffer with the output `dx`".into(),
+            });
+        }
+        let k = &self.kernel;
+        let group = bind_group(
+            device,
+            "dropout_apply_mask",
+            &k.apply_mask,
+            &[
+                (0, self.uniform(training, accumulate)),
+                (1, binding(dy, bytes)),
+                (2, binding(dx, bytes)),
+                (4, binding(mask, self.mask_words() * 4)),
+            ],
+        );
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("dropout from mask"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&k.apply_mask);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(self.apply_groups.0, self.apply_groups.1, 1);
         Ok(())
     }
 

@@ -10,6 +10,7 @@ pub mod batch_norm;
 pub mod batch_norm_backward;
 pub mod dropout;
 pub mod layer_norm;
+pub mod layer_norm_backward;
 
 use std::num::NonZeroU64;
 
@@ -22,6 +23,10 @@ const SHADER_FILES: &[(&str, &str)] = &[
     ),
     ("dropout.wgsl", include_str!("../../shaders/dropout.wgsl")),
     ("layer_norm.wgsl", include_str!("../../shaders/layer_norm.wgsl")),
+    (
+        "layer_norm_backward.wgsl",
+        include_str!("../../shaders/layer_norm_backward.wgsl"),
+    ),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("welford.wgsl", include_str!("../../shaders/welford.wgsl")),
 ];
@@ -67,6 +72,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("dropout.wgsl", dropout::ENTRY_POINTS),
         ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
+        ("layer_norm_backward.wgsl", layer_norm_backward::ENTRY_POINTS),
     ]
     .into_iter()
     .map(|(file, entry_points)| ShaderVariant {

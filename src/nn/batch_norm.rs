@@ -36,9 +36,10 @@ pub struct BatchNormSaved {
     pub dropout: Option<(DropoutConfig, u64, u64)>,
 }
 
-/// Gradients of a BatchNorm backward.
+/// Gradients of a normalization backward: BatchNorm (γ, β of shape `(C)`) or LayerNorm
+/// (γ, β of `normalized_shape`).
 #[derive(Clone, Debug)]
-pub struct BatchNormGrads {
+pub struct Grads {
     /// `dL/dx`, the input's shape.
     pub dx: Tensor,
     /// `dL/dγ`, `(C)`, when affine.
@@ -343,7 +344,7 @@ impl BatchNorm {
     /// Errors, changing nothing, when no forward ran, when the module's mode changed since the
     /// forward (a training-mode backward needs a training forward's batch statistics), or when
     /// `dy` does not match.
-    pub fn backward(&mut self, dy: &Tensor) -> Result<BatchNormGrads> {
+    pub fn backward(&mut self, dy: &Tensor) -> Result<Grads> {
         self.backward_with(dy, None)
     }
 
@@ -354,7 +355,7 @@ impl BatchNorm {
     }
 
     /// [`BatchNorm::backward`], regenerating a fused dropout's mask in `generator`'s buffer.
-    pub(crate) fn backward_with(&mut self, dy: &Tensor, generator: Option<&Generator>) -> Result<BatchNormGrads> {
+    pub(crate) fn backward_with(&mut self, dy: &Tensor, generator: Option<&Generator>) -> Result<Grads> {
         let saved = self.check_backward(dy)?;
         let c = self.config.num_features;
         let dx = Tensor::zeros(&self.ctx, &saved.shape, DType::F32)?;
@@ -372,7 +373,7 @@ impl BatchNorm {
             dbias: dbias.as_ref(),
         };
         self.backward_impl(dy, targets, Accumulate::default(), generator)?;
-        Ok(BatchNormGrads { dx, dweight, dbias })
+        Ok(Grads { dx, dweight, dbias })
     }
 
     fn check_backward(&self, dy: &Tensor) -> Result<BatchNormSaved> {
@@ -421,7 +422,8 @@ impl BatchNorm {
         generator: Option<&Generator>,
     ) -> Result<()> {
         let saved = self.check_backward(dy)?;
-        let dropout = saved.dropout.map(|(d, _, _)| d);
+        // The fused dropout ran in the forward's mode, which check_backward pinned to this one.
+        let dropout = saved.dropout.map(|(d, _, _)| (d, saved.training));
         if dropout.is_some() && generator.is_none() {
             return Err(Error::State {
                 op: OP,

@@ -142,6 +142,8 @@ pub struct Dropout {
     generator: Generator,
     plan: Option<DropoutPlan>,
     last: Option<DropoutCall>,
+    /// Input shape of the last successful call.
+    last_shape: Vec<usize>,
 }
 
 impl Dropout {
@@ -166,6 +168,7 @@ impl Dropout {
             generator: Generator::new(ctx, seed)?,
             plan: None,
             last: None,
+            last_shape: Vec::new(),
         })
     }
 
@@ -280,11 +283,118 @@ impl Dropout {
             (y, mask)
         };
         self.last = Some(DropoutCall { seed, offset, training });
+        self.last_shape = x.shape().to_vec();
         if training && advance {
             self.generator.advance();
         }
         Ok((y, mask))
     }
+}
+
+impl Dropout {
+    /// Backward of the last call: `dx = dy·m` with the mask regenerated from that call's
+    /// `(seed, offset)` (no mask is stored). In eval mode with inverted scaling it is the
+    /// identity and returns `dy` itself.
+    pub fn backward(&mut self, dy: &Tensor) -> Result<Tensor> {
+        let last = self.check_backward(dy)?;
+        if !last.training && self.config.scale(false) == 1.0 {
+            return Ok(dy.clone());
+        }
+        let dx = Tensor::zeros(&self.ctx, dy.shape(), DType::F32)?;
+        self.backward_into(dy, &dx, false)?;
+        Ok(dx)
+    }
+
+    /// Backward into `dx`; with `accumulate`, `dx += dy·m`.
+    pub fn backward_into(&mut self, dy: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
+        let last = self.check_backward(dy)?;
+        check_target(dx, dy.shape())?;
+        let plan = self.plan.as_ref().expect("a forward built the plan");
+        let device = self.ctx.device();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("Dropout backward"),
+        });
+        let b = DropoutBuffers {
+            x: dy.slice(),
+            y: dx.slice(),
+            rng: self.generator.buffer().slice(..),
+        };
+        self.ctx
+            .scoped(|| plan.encode_backward(device, &mut encoder, last.training, accumulate, &b))??;
+        self.generator.submit_with(&self.ctx, last.seed, last.offset, encoder)
+    }
+
+    /// Backward from a packed mask kept from [`Dropout::forward_with_mask`]: `dx = dy·m`.
+    pub fn backward_from_mask(&mut self, dy: &Tensor, mask: &Mask) -> Result<Tensor> {
+        let last = self.check_backward(dy)?;
+        let plan = self.plan.as_ref().expect("a forward built the plan");
+        if mask.units() != plan.units() {
+            return Err(Error::shape(
+                "Dropout backward",
+                "mask",
+                &[mask.units() as usize],
+                format!("{} units for the forward's shape", plan.units()),
+            ));
+        }
+        let dx = Tensor::zeros(&self.ctx, dy.shape(), DType::F32)?;
+        let device = self.ctx.device();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("Dropout backward"),
+        });
+        self.ctx.scoped(|| {
+            plan.encode_backward_from_mask(
+                device,
+                &mut encoder,
+                last.training,
+                false,
+                &dy.slice(),
+                &dx.slice(),
+                &mask.buffer().slice(..),
+            )
+        })??;
+        self.ctx.scoped(|| {
+            self.ctx.queue().submit([encoder.finish()]);
+        })?;
+        Ok(dx)
+    }
+
+    fn check_backward(&self, dy: &Tensor) -> Result<DropoutCall> {
+        const OP: &str = "Dropout backward";
+        let last = self.last.ok_or_else(|| Error::State {
+            op: OP,
+            reason: "backward before any forward".into(),
+        })?;
+        if last.training != self.training {
+            return Err(Error::State {
+                op: OP,
+                reason: "the module's mode changed since the forward; backward must use the forward's mode".into(),
+            });
+        }
+        check_target(dy, &self.last_shape)?;
+        Ok(last)
+    }
+}
+
+/// Checks that a gradient tensor is f32 of the expected shape.
+pub(crate) fn check_target(t: &Tensor, shape: &[usize]) -> Result<()> {
+    const OP: &str = "backward";
+    if t.dtype() != DType::F32 {
+        return Err(Error::DType {
+            op: OP,
+            what: "gradient",
+            got: t.dtype(),
+            expected: DType::F32,
+        });
+    }
+    if t.shape() != shape {
+        return Err(Error::shape(
+            OP,
+            "gradient",
+            t.shape(),
+            format!("the forward's shape {shape:?}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Dropout2d: drops whole `(n, c)` channels of an `(N, C, *)` input with probability `p`.

@@ -13,11 +13,13 @@
 use std::sync::Arc;
 
 use crate::context::Context;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::batch_norm::BatchNormConfig;
 use crate::kernels::dropout::{DropoutConfig, DropoutKernel, DropoutUnit};
 use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion};
+use crate::nn::batch_norm::Grads;
 use crate::nn::dropout::{DropoutCall, Generator, Mask};
+use crate::nn::layer_norm::ResidualGrads;
 use crate::nn::{BatchNorm, LayerNorm};
 use crate::tensor::Tensor;
 
@@ -49,6 +51,21 @@ impl DropoutPart {
         self.last = Some(DropoutCall { seed, offset, training });
         if training {
             self.generator.advance();
+        }
+    }
+
+    /// Backward must run in the mode of the forward it differentiates.
+    fn check_mode(&self, training: bool) -> Result<()> {
+        match self.last {
+            None => Err(Error::State {
+                op: "fused backward",
+                reason: "backward before any forward".into(),
+            }),
+            Some(c) if c.training != training => Err(Error::State {
+                op: "fused backward",
+                reason: "the module's mode changed since the forward; backward must use the forward's mode".into(),
+            }),
+            Some(_) => Ok(()),
         }
     }
 
@@ -147,6 +164,12 @@ impl BatchNormDropout {
         let mask = self.drop.mask(x.shape(), self.bn.is_training())?;
         Ok((self.forward(x)?, mask))
     }
+
+    /// Backward of the last forward: the dropout's mask (regenerated from that call's seed and
+    /// offset) is applied to `dy` inside BatchNorm's backward passes.
+    pub fn backward(&mut self, dy: &Tensor) -> Result<Grads> {
+        self.bn.backward_with(dy, Some(&self.drop.generator))
+    }
 }
 
 /// `y = dropout(LayerNorm(x))` in one pass: the row is read once, normalized and dropped.
@@ -204,6 +227,13 @@ impl LayerNormDropout {
         let mask = self.drop.mask(x.shape(), self.training)?;
         Ok((self.forward(x)?, mask))
     }
+
+    /// Backward of the last forward: `dy` times the regenerated mask, through LayerNorm's
+    /// backward, in the same passes.
+    pub fn backward(&mut self, dy: &Tensor) -> Result<Grads> {
+        self.drop.check_mode(self.training)?;
+        Ok(self.ln.backward_with(dy, None, Some(&self.drop.generator))?.0)
+    }
 }
 
 /// The pre-norm transformer residual pattern in one pass:
@@ -256,6 +286,20 @@ impl ResidualDropoutLayerNorm {
             .run(x, fusion, Some(residual), Some(&self.drop.generator), self.training)?;
         self.drop.finish(self.training);
         Ok((y, h.expect("residual fusion writes h")))
+    }
+
+    /// Backward of the last forward for `dy = dL/dy`, plus `dh_in`, the gradient reaching `h`
+    /// from its other uses (the next residual add in a transformer), if any:
+    /// `dh = LayerNorm_backward(dy) + dh_in`, `dresidual = dh`, `dx = dh·m`, in one pass.
+    pub fn backward(&mut self, dy: &Tensor, dh_in: Option<&Tensor>) -> Result<ResidualGrads> {
+        self.drop.check_mode(self.training)?;
+        let (grads, dresidual) = self.ln.backward_with(dy, dh_in, Some(&self.drop.generator))?;
+        Ok(ResidualGrads {
+            dx: grads.dx,
+            dresidual: dresidual.expect("the residual fusion produces dresidual"),
+            dweight: grads.dweight,
+            dbias: grads.dbias,
+        })
     }
 
     /// Like [`ResidualDropoutLayerNorm::forward`], also returning the packed mask applied to `x`.

@@ -4,8 +4,11 @@ use std::sync::Arc;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
-use crate::nn::dropout::Generator;
+use crate::kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
+use crate::nn::batch_norm::{GradTargets, Grads};
+use crate::nn::dropout::{check_target, Generator};
 use crate::tensor::{DType, Tensor};
 
 const OP: &str = "LayerNorm";
@@ -15,10 +18,30 @@ const OP: &str = "LayerNorm";
 pub struct LayerNormSaved {
     /// Input shape of that forward.
     pub shape: Vec<usize>,
+    /// What was normalized: the input `x`, or `h` for the residual block (the same buffer the
+    /// forward read or wrote). Backward reads it; it must not change in between.
+    pub input: Tensor,
     /// Row means, shape = the leading (un-normalized) dims.
     pub mean: Tensor,
     /// Row `1/sqrt(var + eps)`, same shape as `mean`.
     pub rstd: Tensor,
+    /// The fusion of that forward.
+    pub fusion: LayerNormFusion,
+    /// The `(seed, offset)` its dropout drew from, and whether it ran in training mode.
+    pub dropout_state: Option<(u64, u64, bool)>,
+}
+
+/// Gradients of the residual block's backward.
+#[derive(Clone, Debug)]
+pub struct ResidualGrads {
+    /// `dL/dx` (the dropout's input).
+    pub dx: Tensor,
+    /// `dL/dresidual` (= dL/dh).
+    pub dresidual: Tensor,
+    /// `dL/dγ`.
+    pub dweight: Option<Tensor>,
+    /// `dL/dβ`.
+    pub dbias: Option<Tensor>,
 }
 
 /// LayerNorm over the trailing `normalized_shape` dims with PyTorch semantics (biased
@@ -28,6 +51,8 @@ pub struct LayerNorm {
     ctx: Context,
     config: LayerNormConfig,
     kernel: Arc<LayerNormKernel>,
+    backward_kernel: Arc<LayerNormBackwardKernel>,
+    backward_plan: Option<LayerNormBackwardPlan>,
     weight: Option<Tensor>,
     bias: Option<Tensor>,
     plan: Option<LayerNormPlan>,
@@ -58,6 +83,8 @@ impl LayerNorm {
         Ok(Self {
             ctx: ctx.clone(),
             kernel: ctx.kernel::<LayerNormKernel>()?,
+            backward_kernel: ctx.kernel::<LayerNormBackwardKernel>()?,
+            backward_plan: None,
             config,
             weight,
             bias,
@@ -190,9 +217,133 @@ impl LayerNorm {
         }
         self.saved = Some(LayerNormSaved {
             shape: x.shape().to_vec(),
+            input: h.clone().unwrap_or_else(|| x.clone()),
             mean,
             rstd,
+            fusion,
+            dropout_state: generator.map(|g| {
+                let (seed, offset) = g.state();
+                (seed, offset, training)
+            }),
         });
         Ok((y, h))
+    }
+
+    /// Backward of the last forward: `dL/dx`, `dL/dγ`, `dL/dβ` for the upstream gradient `dy`.
+    /// Errors, changing nothing, before any forward or when `dy` does not match.
+    pub fn backward(&mut self, dy: &Tensor) -> Result<Grads> {
+        Ok(self.backward_with(dy, None, None)?.0)
+    }
+
+    /// Backward into caller tensors; with `accumulate`, gradients are added to them.
+    pub fn backward_into(&mut self, dy: &Tensor, targets: GradTargets<'_>, accumulate: Accumulate) -> Result<()> {
+        self.backward_impl(dy, targets, None, None, accumulate, None)
+    }
+
+    /// Backward with fresh gradient tensors; for the residual block also returns dresidual.
+    pub(crate) fn backward_with(
+        &mut self,
+        dy: &Tensor,
+        dh_in: Option<&Tensor>,
+        generator: Option<&Generator>,
+    ) -> Result<(Grads, Option<Tensor>)> {
+        let saved = self.check_backward(dy)?;
+        let zeros = |shape: &[usize]| Tensor::zeros(&self.ctx, shape, DType::F32);
+        let dx = zeros(&saved.shape)?;
+        let norm = self.config.normalized_shape.clone();
+        let dweight = if self.config.has_weight() {
+            Some(zeros(&norm)?)
+        } else {
+            None
+        };
+        let dbias = if self.config.has_bias() {
+            Some(zeros(&norm)?)
+        } else {
+            None
+        };
+        let dresidual = match saved.fusion {
+            LayerNormFusion::ResidualDropout(_) => Some(zeros(&saved.shape)?),
+            _ => None,
+        };
+        let targets = GradTargets {
+            dx: &dx,
+            dweight: dweight.as_ref(),
+            dbias: dbias.as_ref(),
+        };
+        self.backward_impl(dy, targets, dresidual.as_ref(), dh_in, Accumulate::default(), generator)?;
+        Ok((Grads { dx, dweight, dbias }, dresidual))
+    }
+
+    fn check_backward(&self, dy: &Tensor) -> Result<LayerNormSaved> {
+        let saved = self.saved.clone().ok_or_else(|| Error::State {
+            op: OP,
+            reason: "backward before any forward".into(),
+        })?;
+        check_target(dy, &saved.shape)?;
+        Ok(saved)
+    }
+
+    pub(crate) fn backward_impl(
+        &mut self,
+        dy: &Tensor,
+        targets: GradTargets<'_>,
+        dresidual: Option<&Tensor>,
+        dh_in: Option<&Tensor>,
+        accumulate: Accumulate,
+        generator: Option<&Generator>,
+    ) -> Result<()> {
+        let saved = self.check_backward(dy)?;
+        check_target(targets.dx, &saved.shape)?;
+        for t in [dresidual, dh_in].into_iter().flatten() {
+            check_target(t, &saved.shape)?;
+        }
+        for t in [targets.dweight, targets.dbias].into_iter().flatten() {
+            check_target(t, &self.config.normalized_shape)?;
+        }
+        let state = match (saved.fusion, saved.dropout_state, generator) {
+            (LayerNormFusion::None, _, _) => None,
+            (_, Some((seed, offset, training)), Some(g)) => Some((g, seed, offset, training)),
+            _ => {
+                return Err(Error::State {
+                    op: OP,
+                    reason: "the forward fused a dropout; call backward on the fused module".into(),
+                })
+            }
+        };
+        let dropout_training = state.is_none_or(|(_, _, _, training)| training);
+        let fusion = saved.fusion;
+        if self.backward_plan.as_ref().is_none_or(|p| {
+            p.shape() != saved.shape.as_slice() || p.fusion() != fusion || p.dropout_training() != dropout_training
+        }) {
+            let plan =
+                self.backward_kernel
+                    .plan(self.ctx.device(), &saved.shape, &self.config, fusion, dropout_training)?;
+            self.backward_plan = Some(plan);
+        }
+        let plan = self.backward_plan.as_ref().expect("set above");
+        let buffers = LayerNormBackwardBuffers {
+            x: saved.input.slice(),
+            dy: dy.slice(),
+            dx: targets.dx.slice(),
+            weight: self.weight.as_ref().map(Tensor::slice),
+            rstd: saved.rstd.slice(),
+            dweight: targets.dweight.map(Tensor::slice),
+            dbias: targets.dbias.map(Tensor::slice),
+            rng: state.map(|(g, ..)| g.buffer().slice(..)),
+            dh_in: dh_in.map(Tensor::slice),
+            dresidual: dresidual.map(Tensor::slice),
+        };
+        let device = self.ctx.device();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("LayerNorm backward"),
+        });
+        self.ctx
+            .scoped(|| plan.encode(device, &mut encoder, accumulate, &buffers))??;
+        match state {
+            Some((g, seed, offset, _)) => g.submit_with(&self.ctx, seed, offset, encoder),
+            None => self.ctx.scoped(|| {
+                self.ctx.queue().submit([encoder.finish()]);
+            }),
+        }
     }
 }

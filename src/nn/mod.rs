@@ -6,7 +6,7 @@ pub mod dropout;
 pub mod fused;
 pub mod layer_norm;
 
-pub use batch_norm::{BatchNorm, BatchNormSaved, StateTensor};
+pub use batch_norm::{BatchNorm, BatchNormSaved, GradTargets, Grads, StateTensor};
 pub use dropout::{Dropout, Dropout2d, DropoutCall, Mask};
 pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm};
-pub use layer_norm::{LayerNorm, LayerNormSaved};
+pub use layer_norm::{LayerNorm, LayerNormSaved, ResidualGrads};

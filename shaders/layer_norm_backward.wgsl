@@ -1,0 +1,272 @@
+// LayerNorm backward over rows of width W, from the forward's saved rstd:
+//
+//   x̂ = (x − mean)·rstd    g = dy·γ    dx = rstd·(g − mean_j(g) − x̂·mean_j(g·x̂))
+//   dγ_j = Σ_rows dy·x̂     dβ_j = Σ_rows dy
+//
+// Fusions (the forward's dropout, backward applied inside these passes, mask regenerated):
+//   LayerNorm → dropout (FLAG_DROPOUT): dy ← dy·m on load.
+//   residual block (lnb_residual_dx): forward h = residual + x·m, y = LN(h). Given dy (for y)
+//     and optionally dh_in (gradient reaching h from elsewhere, e.g. the next residual add):
+//     dh = LN_backward(dy) + dh_in, dresidual = dh, dx = dh·m.
+//
+// Precision: as in the forward, sums are taken around K = the row's first value, and the
+// row's mean − K is recomputed exactly from Σ(x − K), so x̂ never subtracts a rounded mean
+// near the data's magnitude.
+//
+// Entry points, in order:
+//   lnb_dx / lnb_residual_dx  one workgroup per row (width <= 4096 from registers, wider
+//                             rows re-read); writes dx and the row's (K, mean − K).
+//   lnb_params_partial        one invocation per (column, block of 64 rows): partial dγ, dβ.
+//   lnb_params_final          one invocation per column: sums the partials (no float atomics).
+
+// #include "philox.wgsl"
+
+const WG: u32 = 256u;
+const REGS: u32 = 16u;
+const ONCHIP_MAX: u32 = 4096u;
+const ROWS_PER_BLOCK: u32 = 64u;
+
+const FLAG_WEIGHT: u32 = 1u;
+const FLAG_BIAS: u32 = 2u;
+const FLAG_ACCUM_DX: u32 = 4u;       // dx (and dresidual) +=
+const FLAG_ACCUM_PARAMS: u32 = 8u;   // dγ, dβ +=
+const FLAG_DROPOUT: u32 = 16u;       // LayerNorm → dropout: dy ← dy·m
+const FLAG_DH_IN: u32 = 32u;         // residual block: add dh_in to dh
+
+// Mirrors `LnBackwardParams` in src/kernels/layer_norm_backward.rs.
+struct Params {
+    rows: u32,
+    width: u32,
+    flags: u32,
+    row_blocks: u32,
+    drop_threshold: u32,
+    drop_flags: u32,
+    drop_scale: f32,
+    col_tiles: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;                     // (rows, W) LN input (h for the residual block)
+@group(0) @binding(2) var<storage, read> dy: array<f32>;                    // (rows, W)
+@group(0) @binding(3) var<storage, read_write> dx: array<f32>;              // (rows, W)
+@group(0) @binding(4) var<storage, read> weight: array<f32>;                // (W) γ
+@group(0) @binding(5) var<storage, read> rstd: array<f32>;                  // (rows)
+@group(0) @binding(6) var<storage, read_write> row_centre: array<vec2<f32>>; // (rows) (K, mean − K)
+@group(0) @binding(7) var<storage, read_write> partials: array<vec2<f32>>;  // (row_blocks, W) (Σdy·x̂, Σdy)
+@group(0) @binding(8) var<storage, read_write> dweight: array<f32>;         // (W)
+@group(0) @binding(9) var<storage, read_write> dbias: array<f32>;           // (W)
+@group(0) @binding(10) var<storage, read> rng_state: array<u32>;            // (4)
+@group(0) @binding(11) var<storage, read> dh_in: array<f32>;                // (rows, W)
+@group(0) @binding(12) var<storage, read_write> dresidual: array<f32>;      // (rows, W)
+
+var<workgroup> shared_sums: array<vec3<f32>, WG>;
+
+fn has(flag: u32) -> bool {
+    return (p.flags & flag) != 0u;
+}
+
+fn gamma(j: u32) -> f32 {
+    return select(1.0, weight[j], has(FLAG_WEIGHT));
+}
+
+// The dropout multiplier of flat element e.
+fn mask_factor(e: u32) -> f32 {
+    let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
+    let words = dropout_words(state, e / 4u);
+    return select(0.0, p.drop_scale, dropout_keep(words[e % 4u], p.drop_threshold, p.drop_flags));
+}
+
+// dy of element e as LayerNorm's output gradient (times the mask for LayerNorm → dropout).
+fn upstream(e: u32) -> f32 {
+    if (has(FLAG_DROPOUT)) {
+        return dy[e] * mask_factor(e);
+    }
+    return dy[e];
+}
+
+fn workgroup_sum3(lid: u32, mine: vec3<f32>) -> vec3<f32> {
+    shared_sums[lid] = mine;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            shared_sums[lid] = shared_sums[lid] + shared_sums[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let total = shared_sums[0];
+    workgroupBarrier();
+    return total;
+}
+
+// Row coefficients from the sums (Σ(x−K), Σg, Σg·(x−K)): (mean − K, mean(g), mean(g·x̂)).
+// Invocation 0 stores (K, mean − K) for the column pass.
+fn row_coefficients(lid: u32, row: u32, shift: f32, sums: vec3<f32>) -> vec3<f32> {
+    let total = workgroup_sum3(lid, sums);
+    let w = f32(p.width);
+    let mk = total.x / w;
+    let r = rstd[row];
+    if (lid == 0u) {
+        row_centre[row] = vec2<f32>(shift, mk);
+    }
+    return vec3<f32>(mk, total.y / w, r * (total.z - mk * total.y) / w);
+}
+
+// dh of one element from its centred input xs = x − K and its g = dy·γ.
+fn dh_of(xs: f32, g: f32, r: f32, cf: vec3<f32>) -> f32 {
+    let xhat = (xs - cf.x) * r;
+    return r * (g - cf.y - xhat * cf.z);
+}
+
+fn emit(out_index: u32, v: f32) {
+    dx[out_index] = select(0.0, dx[out_index], has(FLAG_ACCUM_DX)) + v;
+}
+
+@compute @workgroup_size(256)
+fn lnb_dx(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.width;
+    let shift = x[base];
+    let r = rstd[row];
+    if (p.width <= ONCHIP_MAX) {
+        // Read x and dy once into registers.
+        var xs: array<f32, REGS>;
+        var gs: array<f32, REGS>;
+        var sums = vec3<f32>(0.0);
+        for (var k = 0u; k < REGS; k++) {
+            let j = lid + k * WG;
+            if (j < p.width) {
+                xs[k] = x[base + j] - shift;
+                gs[k] = upstream(base + j) * gamma(j);
+                sums += vec3<f32>(xs[k], gs[k], gs[k] * xs[k]);
+            }
+        }
+        let cf = row_coefficients(lid, row, shift, sums);
+        for (var k = 0u; k < REGS; k++) {
+            let j = lid + k * WG;
+            if (j < p.width) {
+                emit(base + j, dh_of(xs[k], gs[k], r, cf));
+            }
+        }
+    } else {
+        var sums = vec3<f32>(0.0);
+        for (var j = lid; j < p.width; j += WG) {
+            let xs = x[base + j] - shift;
+            let g = upstream(base + j) * gamma(j);
+            sums += vec3<f32>(xs, g, g * xs);
+        }
+        let cf = row_coefficients(lid, row, shift, sums);
+        for (var j = lid; j < p.width; j += WG) {
+            emit(base + j, dh_of(x[base + j] - shift, upstream(base + j) * gamma(j), r, cf));
+        }
+    }
+}
+
+// The residual block's backward: x here is the saved h; dx is the gradient of the dropout's
+// input; dresidual = dh.
+fn residual_emit(e: u32, dh_ln: f32) {
+    var dh = dh_ln;
+    if (has(FLAG_DH_IN)) {
+        dh += dh_in[e];
+    }
+    let accumulate = has(FLAG_ACCUM_DX);
+    dresidual[e] = select(0.0, dresidual[e], accumulate) + dh;
+    dx[e] = select(0.0, dx[e], accumulate) + dh * mask_factor(e);
+}
+
+@compute @workgroup_size(256)
+fn lnb_residual_dx(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.width;
+    let shift = x[base];
+    let r = rstd[row];
+    if (p.width <= ONCHIP_MAX) {
+        var xs: array<f32, REGS>;
+        var gs: array<f32, REGS>;
+        var sums = vec3<f32>(0.0);
+        for (var k = 0u; k < REGS; k++) {
+            let j = lid + k * WG;
+            if (j < p.width) {
+                xs[k] = x[base + j] - shift;
+                gs[k] = dy[base + j] * gamma(j);
+                sums += vec3<f32>(xs[k], gs[k], gs[k] * xs[k]);
+            }
+        }
+        let cf = row_coefficients(lid, row, shift, sums);
+        for (var k = 0u; k < REGS; k++) {
+            let j = lid + k * WG;
+            if (j < p.width) {
+                residual_emit(base + j, dh_of(xs[k], gs[k], r, cf));
+            }
+        }
+    } else {
+        var sums = vec3<f32>(0.0);
+        for (var j = lid; j < p.width; j += WG) {
+            let xs = x[base + j] - shift;
+            let g = dy[base + j] * gamma(j);
+            sums += vec3<f32>(xs, g, g * xs);
+        }
+        let cf = row_coefficients(lid, row, shift, sums);
+        for (var j = lid; j < p.width; j += WG) {
+            residual_emit(base + j, dh_of(x[base + j] - shift, dy[base + j] * gamma(j), r, cf));
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn lnb_params_partial(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = wid.x + wid.y * nwg.x;
+    let tile = w % p.col_tiles;
+    let block = w / p.col_tiles;
+    let j = tile * WG + lid;
+    if (block >= p.row_blocks || j >= p.width) {
+        return;
+    }
+    let first = block * ROWS_PER_BLOCK;
+    let last = min(first + ROWS_PER_BLOCK, p.rows);
+    var acc = vec2<f32>(0.0);
+    for (var row = first; row < last; row++) {
+        let e = row * p.width + j;
+        let rc = row_centre[row];
+        let xhat = ((x[e] - rc.x) - rc.y) * rstd[row];
+        let g = upstream(e);
+        acc += vec2<f32>(g * xhat, g);
+    }
+    partials[block * p.width + j] = acc;
+}
+
+@compute @workgroup_size(256)
+fn lnb_params_final(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = gid.x + gid.y * nwg.x * WG;
+    if (j >= p.width) {
+        return;
+    }
+    var acc = vec2<f32>(0.0);
+    for (var b = 0u; b < p.row_blocks; b++) {
+        acc += partials[b * p.width + j];
+    }
+    let accumulate = has(FLAG_ACCUM_PARAMS);
+    if (has(FLAG_WEIGHT)) {
+        dweight[j] = select(0.0, dweight[j], accumulate) + acc.x;
+    }
+    if (has(FLAG_BIAS)) {
+        dbias[j] = select(0.0, dbias[j], accumulate) + acc.y;
+    }
+}
