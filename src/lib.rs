@@ -46,7 +46,8 @@ pub use kernels::dropout::{DropoutBuffers, DropoutConfig, DropoutKernel, Dropout
 pub use kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
 pub use kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
 pub use nn::{
-    BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, Mask, ResidualDropoutLayerNorm,
+    BatchNorm, BatchNormDropout, Dropout, Dropout2d, GradTargets, Grads, LayerNorm, LayerNormDropout, Mask,
+    ResidualDropoutLayerNorm, ResidualGrads,
 };
 pub use tensor::{DType, Element, Tensor};
 /// The wgpu this crate is built on, re-exported so callers use the same version.

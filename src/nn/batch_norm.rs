@@ -12,7 +12,7 @@ use crate::kernels::batch_norm_backward::{
     Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan,
 };
 use crate::kernels::dropout::DropoutConfig;
-use crate::nn::dropout::Generator;
+use crate::nn::dropout::{check_target, Generator};
 use crate::tensor::{DType, Tensor};
 
 const OP: &str = "BatchNorm";
@@ -422,6 +422,10 @@ impl BatchNorm {
         generator: Option<&Generator>,
     ) -> Result<()> {
         let saved = self.check_backward(dy)?;
+        check_target(targets.dx, &saved.shape)?;
+        for t in [targets.dweight, targets.dbias].into_iter().flatten() {
+            check_target(t, &[self.config.num_features])?;
+        }
         // The fused dropout ran in the forward's mode, which check_backward pinned to this one.
         let dropout = saved.dropout.map(|(d, _, _)| (d, saved.training));
         if dropout.is_some() && generator.is_none() {
