@@ -45,6 +45,8 @@ pub use kernels::batch_norm_backward::{
 pub use kernels::dropout::{DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit};
 pub use kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
 pub use kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
+pub use kernels::sgd::{SgdKernel, SgdPlan};
+pub use nn::sgd_step;
 pub use nn::{
     BatchNorm, BatchNormDropout, Dropout, Dropout2d, GradTargets, Grads, LayerNorm, LayerNormDropout, Mask,
     ResidualDropoutLayerNorm, ResidualGrads,

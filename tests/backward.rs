@@ -559,3 +559,50 @@ fn bad_backward_calls_are_rejected() {
     d.forward(&x).unwrap();
     assert!(matches!(d.backward_from_mask(&dy, &mask), Err(Error::Shape { .. })));
 }
+
+#[test]
+fn sgd_updates_parameters_and_a_training_loop_lowers_the_loss() {
+    let ctx = gpu!();
+    // p ← p − lr·g, exactly (one f32 multiply-add per element).
+    let p = upload(&ctx, &[1.0, 2.0, 3.0], &[3]);
+    normdrop::sgd_step(&ctx, &p, &upload(&ctx, &[0.5, -1.0, 0.0], &[3]), 0.5).unwrap();
+    assert_eq!(read(&ctx, &p), vec![0.75, 2.5, 3.0]);
+    assert!(matches!(
+        normdrop::sgd_step(&ctx, &p, &upload(&ctx, &[1.0; 2], &[2]), 0.1),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        normdrop::sgd_step(&ctx, &p, &upload(&ctx, &[1.0; 3], &[3]), f32::NAN),
+        Err(Error::InvalidArgument { .. })
+    ));
+
+    // Learn γ = 2, β = 1 for target 2·x̂ + 1 on a fixed batch. Here dL/dγ = γ − 2 and
+    // dL/dβ = β − 1 exactly, so lr = 0.5 halves the error each step and quarters the loss.
+    let shape = [8, 2, 16];
+    let x = Rng::new(71).normal_vec(256, 3.0, 2.0);
+    let config = BatchNormConfig {
+        track_running_stats: false,
+        ..BatchNormConfig::new(2)
+    };
+    let xhat = batch_norm_forward(&x, &shape, &config, None, None, None, true)
+        .unwrap()
+        .y;
+    let target: Vec<f32> = xhat.iter().map(|v| (2.0 * v + 1.0) as f32).collect();
+    let mut bn = BatchNorm::with_config(&ctx, config).unwrap();
+    let xt = upload(&ctx, &x, &shape);
+    let mut losses = Vec::new();
+    for _ in 0..5 {
+        let y = read(&ctx, &bn.forward(&xt).unwrap());
+        losses.push(y.iter().zip(&target).map(|(y, t)| (y - t) * (y - t)).sum::<f32>() / 256.0);
+        let dy: Vec<f32> = y.iter().zip(&target).map(|(y, t)| 2.0 * (y - t) / 256.0).collect();
+        let g = bn.backward(&upload(&ctx, &dy, &shape)).unwrap();
+        normdrop::sgd_step(&ctx, bn.weight().unwrap(), g.dweight.as_ref().unwrap(), 0.5).unwrap();
+        normdrop::sgd_step(&ctx, bn.bias().unwrap(), g.dbias.as_ref().unwrap(), 0.5).unwrap();
+    }
+    for w in losses.windows(2) {
+        assert!(
+            (w[1] / w[0] - 0.25).abs() < 1e-3,
+            "each step should quarter the loss: {losses:?}"
+        );
+    }
+}

@@ -11,6 +11,7 @@ pub mod batch_norm_backward;
 pub mod dropout;
 pub mod layer_norm;
 pub mod layer_norm_backward;
+pub mod sgd;
 
 use std::num::NonZeroU64;
 
@@ -28,6 +29,7 @@ const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/layer_norm_backward.wgsl"),
     ),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
+    ("sgd.wgsl", include_str!("../../shaders/sgd.wgsl")),
     ("welford.wgsl", include_str!("../../shaders/welford.wgsl")),
 ];
 
@@ -73,6 +75,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         ("dropout.wgsl", dropout::ENTRY_POINTS),
         ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
         ("layer_norm_backward.wgsl", layer_norm_backward::ENTRY_POINTS),
+        ("sgd.wgsl", sgd::ENTRY_POINTS),
     ]
     .into_iter()
     .map(|(file, entry_points)| ShaderVariant {

@@ -10,3 +10,39 @@ pub use batch_norm::{BatchNorm, BatchNormSaved, GradTargets, Grads, StateTensor}
 pub use dropout::{Dropout, Dropout2d, DropoutCall, Mask};
 pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm};
 pub use layer_norm::{LayerNorm, LayerNormSaved, ResidualGrads};
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::kernels::sgd::SgdKernel;
+use crate::tensor::{DType, Tensor};
+
+/// One SGD step on the GPU: `param ← param − lr·grad` (f32 tensors of equal shape). Submits;
+/// does not wait.
+pub fn sgd_step(ctx: &Context, param: &Tensor, grad: &Tensor, lr: f32) -> Result<()> {
+    for (what, t) in [("param", param), ("grad", grad)] {
+        if t.dtype() != DType::F32 {
+            return Err(Error::DType {
+                op: "sgd",
+                what,
+                got: t.dtype(),
+                expected: DType::F32,
+            });
+        }
+    }
+    if param.shape() != grad.shape() {
+        return Err(Error::shape(
+            "sgd",
+            "grad",
+            grad.shape(),
+            format!("the parameter's shape {:?}", param.shape()),
+        ));
+    }
+    let plan = ctx.kernel::<SgdKernel>()?.plan(ctx.device(), param.numel(), lr)?;
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sgd") });
+    ctx.scoped(|| plan.encode(ctx.device(), &mut encoder, &param.slice(), &grad.slice()))??;
+    ctx.scoped(|| {
+        ctx.queue().submit([encoder.finish()]);
+    })
+}
