@@ -23,6 +23,7 @@
 //! # Ok::<(), normdrop::Error>(())
 //! ```
 
+pub mod bench;
 pub mod context;
 pub mod error;
 pub mod fixture;

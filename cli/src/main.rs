@@ -1,4 +1,6 @@
-//! The `normdrop` command: adapter information and PyTorch fixture checks.
+//! The `normdrop` command: adapter information, PyTorch fixture checks and kernel benchmarks.
+
+mod bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +25,9 @@ struct Cli {
 enum Command {
     /// Print the adapter, backend, features and limits normdrop would use.
     Info,
+    /// Validate every op against the CPU reference, then time it: median/p20/p80, GB/s by the
+    /// minimal-bytes formula, percentage of this adapter's copy bandwidth, fused speedups.
+    Bench(bench::BenchArgs),
     /// Run PyTorch fixture files through the kernels: one line per compared tensor, then
     /// `N passed, M failed`. Exits nonzero on any failure.
     Check {
@@ -51,6 +56,11 @@ fn run(command: Command) -> normdrop::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { files } => check(&ctx, &files),
+        Command::Bench(args) => Ok(if bench::run(&ctx, args)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
     }
 }
 

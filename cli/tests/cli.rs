@@ -120,3 +120,54 @@ fn check_fails_on_a_wrong_expectation_and_on_a_missing_file() {
     assert_eq!(out.status.code(), Some(1));
     assert!(last_line(&out).starts_with("0 passed, 1 failed"), "{}", last_line(&out));
 }
+
+#[test]
+fn bench_validates_times_and_writes_json_and_baseline_ratios() {
+    let json = std::env::temp_dir().join(format!("normdrop-bench-{}.json", std::process::id()));
+    let args = [
+        "bench",
+        "--quick",
+        "--ops",
+        "bn_train_fwd,dropout_fwd,bn_dropout_fwd,ln_fwd",
+        "--bn",
+        "4x8x16x16",
+        "--ln",
+        "64x96",
+        "--dropout",
+        "65536",
+        "--samples",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    let Some(out) = normdrop(&args) else { return };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("validation: all 4 op/shape pairs match the CPU reference"),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("copy bandwidth:")), "{text}");
+    let fused = text
+        .lines()
+        .find(|l| l.starts_with("bn_dropout_fwd"))
+        .expect("a fused row");
+    assert!(fused.trim_end().ends_with('x'), "fused rows carry a speedup: {fused}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["rows"].as_array().unwrap().len(), 4);
+    assert!(report["copy_gb_per_s"].as_f64().unwrap() > 0.0);
+
+    // The same run against itself as a baseline gets a ratio column.
+    let mut with_base: Vec<&str> = args[..args.len() - 2].to_vec();
+    with_base.extend(["--baseline", json.to_str().unwrap()]);
+    let Some(out) = normdrop(&with_base) else { return };
+    std::fs::remove_file(&json).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("vs base"), "{text}");
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("bn_train_fwd"))
+            .all(|l| l.trim_end().ends_with('x')),
+        "{text}"
+    );
+}

@@ -8,6 +8,7 @@
 
 pub mod batch_norm;
 pub mod batch_norm_backward;
+pub mod copy;
 pub mod dropout;
 pub mod layer_norm;
 pub mod layer_norm_backward;
@@ -22,6 +23,7 @@ const SHADER_FILES: &[(&str, &str)] = &[
         "batch_norm_backward.wgsl",
         include_str!("../../shaders/batch_norm_backward.wgsl"),
     ),
+    ("copy.wgsl", include_str!("../../shaders/copy.wgsl")),
     ("dropout.wgsl", include_str!("../../shaders/dropout.wgsl")),
     ("layer_norm.wgsl", include_str!("../../shaders/layer_norm.wgsl")),
     (
@@ -72,6 +74,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
     [
         ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
+        ("copy.wgsl", copy::ENTRY_POINTS),
         ("dropout.wgsl", dropout::ENTRY_POINTS),
         ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
         ("layer_norm_backward.wgsl", layer_norm_backward::ENTRY_POINTS),

@@ -1,0 +1,356 @@
+//! `normdrop bench`: validate every op against the CPU reference, measure this adapter's copy
+//! bandwidth, then time every op and report median/p20/p80, GB/s by the minimal-bytes formula,
+//! the percentage of copy bandwidth, and fused speedups.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use normdrop::bench::{self, Family, OPS};
+use normdrop::{Context, Error};
+use serde::{Deserialize, Serialize};
+
+/// Options of `normdrop bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Small shapes that finish in under a minute on a CPU driver (lavapipe). The default when
+    /// the adapter is a CPU device.
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// The full preset (ResNet-50 BatchNorm layers, transformer LayerNorms, 16M/64M dropout),
+    /// the default on GPUs.
+    #[arg(long)]
+    full: bool,
+    /// Only these ops (comma-separated names; see the header for the list).
+    #[arg(long, value_delimiter = ',')]
+    ops: Vec<String>,
+    /// BatchNorm / Dropout2d shapes, e.g. 32x64x112x112 (repeatable; replaces the preset's).
+    #[arg(long = "bn", value_parser = parse_shape)]
+    bn: Vec<Vec<usize>>,
+    /// LayerNorm shapes ROWSxWIDTH, e.g. 8192x768 (repeatable).
+    #[arg(long = "ln", value_parser = parse_shape)]
+    ln: Vec<Vec<usize>>,
+    /// Dropout element counts, e.g. 16777216 (repeatable).
+    #[arg(long = "dropout", value_parser = parse_shape)]
+    dropout: Vec<Vec<usize>>,
+    /// Timed samples per row (default: 5 quick, 20 full).
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Add a column with the speed ratio against an earlier `--json` file.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+}
+
+fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
+    s.split('x')
+        .map(|d| d.trim().parse::<usize>().map_err(|e| format!("{s:?}: {e}")))
+        .collect()
+}
+
+/// One row of results.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Row {
+    op: String,
+    shape: Vec<usize>,
+    median_us: f64,
+    p20_us: f64,
+    p80_us: f64,
+    gb_per_s: f64,
+    pct_of_copy: f64,
+    fused_speedup: Option<f64>,
+}
+
+/// The whole report, as `--json` writes it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    adapter: String,
+    backend: String,
+    clock: String,
+    preset: String,
+    copy_gb_per_s: f64,
+    copy_bytes: u64,
+    rows: Vec<Row>,
+}
+
+struct Preset {
+    name: &'static str,
+    bn: Vec<Vec<usize>>,
+    ln: Vec<Vec<usize>>,
+    dropout: Vec<Vec<usize>>,
+    samples: usize,
+    per_sample: usize,
+}
+
+fn preset(quick: bool) -> Preset {
+    if quick {
+        Preset {
+            name: "quick",
+            bn: vec![vec![8, 64, 28, 28]],
+            ln: vec![vec![1024, 768]],
+            dropout: vec![vec![1 << 20]],
+            samples: 5,
+            per_sample: 1,
+        }
+    } else {
+        Preset {
+            name: "full",
+            bn: vec![
+                vec![32, 64, 112, 112],
+                vec![32, 256, 56, 56],
+                vec![32, 512, 28, 28],
+                vec![32, 2048, 7, 7],
+            ],
+            ln: vec![vec![8192, 768], vec![4096, 4096], vec![16384, 1024]],
+            dropout: vec![vec![1 << 24], vec![1 << 26]],
+            samples: 20,
+            per_sample: 10,
+        }
+    }
+}
+
+fn fmt_shape(shape: &[usize]) -> String {
+    shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")
+}
+
+/// Runs the benchmark; returns whether validation passed.
+pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
+    let info = ctx.adapter_info();
+    let cpu = info.device_type == normdrop::wgpu::DeviceType::Cpu;
+    let quick = args.quick || (!args.full && cpu);
+    let mut p = preset(quick);
+    for (custom, slot) in [
+        (&args.bn, &mut p.bn),
+        (&args.ln, &mut p.ln),
+        (&args.dropout, &mut p.dropout),
+    ] {
+        if !custom.is_empty() {
+            slot.clone_from(custom);
+        }
+    }
+    let samples = args.samples.unwrap_or(p.samples).max(1);
+    for name in &args.ops {
+        bench::spec(name)?;
+    }
+    let selected: Vec<&bench::OpSpec> = OPS
+        .iter()
+        .filter(|o| args.ops.is_empty() || args.ops.iter().any(|n| n == o.name))
+        .collect();
+    let shapes_of = |f: Family| match f {
+        Family::BatchNorm => &p.bn,
+        Family::LayerNorm => &p.ln,
+        Family::Dropout => &p.dropout,
+    };
+    let jobs: Vec<(&bench::OpSpec, Vec<usize>)> = selected
+        .iter()
+        .flat_map(|o| shapes_of(o.family).iter().map(move |s| (*o, s.clone())))
+        .collect();
+
+    println!(
+        "normdrop bench: {} ({:?}, {:?}), preset {}{}",
+        info.name,
+        info.backend,
+        info.device_type,
+        p.name,
+        if cpu && !args.full { " (CPU adapter)" } else { "" }
+    );
+    println!(
+        "timing: {}; {samples} samples of {} call(s) after warm-up; inputs rotated through up to 4 copies",
+        bench::clock(ctx),
+        p.per_sample
+    );
+    println!(
+        "minimal bytes (E elements, s = 4 bytes): {}",
+        OPS.iter()
+            .map(|o| format!("{} {}Es", o.name, o.passes))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("fused speedup: time of the unfused sequence at the same shape ÷ time of the fused op");
+
+    // 1. Validate every op on a smaller copy of each shape.
+    let bar = progress(jobs.len() as u64, "validating");
+    let mut failures = Vec::new();
+    let mut worst = 0.0f64;
+    for (spec, shape) in &jobs {
+        let small = bench::validation_shape(spec.family, shape);
+        bar.set_message(format!("{} {}", spec.name, fmt_shape(&small)));
+        match bench::validate(ctx, spec.name, &small) {
+            Ok(c) if c.passed => worst = worst.max(c.worst_ratio),
+            Ok(c) => failures.push(format!(
+                "{} {}: max_abs_err {:.3e} ({:.1}x tolerance)",
+                spec.name,
+                fmt_shape(&small),
+                c.max_abs_err,
+                c.worst_ratio
+            )),
+            Err(e) => failures.push(format!("{} {}: {e}", spec.name, fmt_shape(&small))),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if !failures.is_empty() {
+        println!("validation FAILED against the CPU reference:");
+        for f in &failures {
+            println!("  {f}");
+        }
+        return Ok(false);
+    }
+    println!(
+        "validation: all {} op/shape pairs match the CPU reference (worst at {:.1}% of tolerance)",
+        jobs.len(),
+        100.0 * worst
+    );
+
+    // 2. Copy bandwidth over the largest tensor of the run.
+    let largest = jobs
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64 * 4)
+        .max()
+        .unwrap_or(1 << 22);
+    let copy_bytes = largest.min(ctx.limits().max_storage_buffer_binding_size).max(1 << 20);
+    let copy = bench::copy_runner(ctx, copy_bytes, bench::rotation_sets(copy_bytes))?;
+    let (copy_med, _, _) = bench::percentiles(&bench::time(ctx, &copy, 2, samples, p.per_sample)?);
+    let copy_gbps = copy.bytes as f64 / copy_med / 1e9;
+    println!(
+        "copy bandwidth: {copy_gbps:.2} GB/s (vec4 copy of {:.1} MiB, read + write)",
+        copy_bytes as f64 / (1 << 20) as f64
+    );
+
+    // 3. Time every op; unfused sequences too, for the fused speedups.
+    let baseline: Option<Report> = match &args.baseline {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Some(serde_json::from_str(&text).map_err(|e| Error::InvalidArgument {
+                op: "bench",
+                reason: format!("baseline {}: {e}", path.display()),
+            })?)
+        }
+        None => None,
+    };
+    let mut medians: BTreeMap<(String, Vec<usize>), f64> = BTreeMap::new();
+    let mut rows = Vec::new();
+    let mut skipped = Vec::new();
+    let bar = progress(jobs.len() as u64, "timing");
+    let time_op = |name: &str,
+                   shape: &[usize],
+                   medians: &mut BTreeMap<(String, Vec<usize>), f64>|
+     -> normdrop::Result<(f64, f64, f64, u64)> {
+        let numel: u64 = shape.iter().map(|&d| d as u64).product();
+        let runner = bench::build(ctx, name, shape, bench::rotation_sets(numel * 4))?;
+        let (med, p20, p80) = bench::percentiles(&bench::time(ctx, &runner, 2, samples, p.per_sample)?);
+        medians.insert((name.to_string(), shape.to_vec()), med);
+        Ok((med, p20, p80, runner.bytes))
+    };
+    for (spec, shape) in &jobs {
+        bar.set_message(format!("{} {}", spec.name, fmt_shape(shape)));
+        match time_op(spec.name, shape, &mut medians) {
+            Ok((med, p20, p80, bytes)) => {
+                let gbps = bytes as f64 / med / 1e9;
+                let mut fused_speedup = None;
+                if !spec.unfused.is_empty() {
+                    let mut total = 0.0;
+                    for part in spec.unfused {
+                        let key = (part.to_string(), shape.clone());
+                        let t = match medians.get(&key) {
+                            Some(&t) => t,
+                            None => time_op(part, shape, &mut medians)?.0,
+                        };
+                        total += t;
+                    }
+                    fused_speedup = Some(total / med);
+                }
+                rows.push(Row {
+                    op: spec.name.to_string(),
+                    shape: shape.clone(),
+                    median_us: med * 1e6,
+                    p20_us: p20 * 1e6,
+                    p80_us: p80 * 1e6,
+                    gb_per_s: gbps,
+                    pct_of_copy: 100.0 * gbps / copy_gbps,
+                    fused_speedup,
+                });
+            }
+            Err(e) => skipped.push(format!("{} {}: {e}", spec.name, fmt_shape(shape))),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    // 4. The table.
+    println!();
+    println!(
+        "{:<16} {:<18} {:>11} {:>11} {:>11} {:>8} {:>7} {:>7}{}",
+        "op",
+        "shape",
+        "median µs",
+        "p20 µs",
+        "p80 µs",
+        "GB/s",
+        "% copy",
+        "fused×",
+        if baseline.is_some() { "  vs base" } else { "" }
+    );
+    for r in &rows {
+        let base = baseline.as_ref().map(|b| {
+            b.rows
+                .iter()
+                .find(|x| x.op == r.op && x.shape == r.shape)
+                .map_or("       -".to_string(), |x| {
+                    format!("  {:>6.2}x", x.median_us / r.median_us)
+                })
+        });
+        println!(
+            "{:<16} {:<18} {:>11.1} {:>11.1} {:>11.1} {:>8.2} {:>6.1}% {:>7}{}",
+            r.op,
+            fmt_shape(&r.shape),
+            r.median_us,
+            r.p20_us,
+            r.p80_us,
+            r.gb_per_s,
+            r.pct_of_copy,
+            r.fused_speedup.map_or("-".to_string(), |s| format!("{s:.2}x")),
+            base.unwrap_or_default()
+        );
+    }
+    for s in &skipped {
+        println!("skipped  {s}");
+    }
+    if let Some(path) = &args.json {
+        let report = Report {
+            adapter: info.name.clone(),
+            backend: format!("{:?}", info.backend),
+            clock: bench::clock(ctx).to_string(),
+            preset: p.name.to_string(),
+            copy_gb_per_s: copy_gbps,
+            copy_bytes,
+            rows,
+        };
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::InvalidArgument {
+            op: "bench",
+            reason: e.to_string(),
+        })?;
+        std::fs::write(path, text).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        println!("wrote {}", path.display());
+    }
+    Ok(true)
+}
+
+fn progress(len: u64, what: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what);
+    bar
+}

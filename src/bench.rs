@@ -1,0 +1,744 @@
+//! Benchmark runners shared by `normdrop bench` and the criterion benches: every op with its
+//! buffers allocated once, its minimal-traffic formula, validation against the CPU reference,
+//! and a timer (GPU timestamps when the adapter has `TIMESTAMP_QUERY`, else wall time around
+//! submit-and-wait).
+//!
+//! These kernels are memory-bound: an op's floor is its minimal bytes ÷ bandwidth. `E` is the
+//! element count and `s` the bytes per element (4 for f32).
+
+use std::time::Instant;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::kernels::batch_norm::{BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions};
+use crate::kernels::batch_norm_backward::{Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel};
+use crate::kernels::copy::CopyKernel;
+use crate::kernels::dropout::{rng_state_bytes, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutUnit};
+use crate::kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel};
+use crate::kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel};
+use crate::tensor::{DType, Tensor};
+
+/// Which shape family an op takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// `(N, C, *)` BatchNorm shapes.
+    BatchNorm,
+    /// `(rows, width)` LayerNorm shapes.
+    LayerNorm,
+    /// Flat element counts (Dropout), or `(N, C, *)` for Dropout2d.
+    Dropout,
+}
+
+/// One benchmarked op.
+#[derive(Clone, Copy, Debug)]
+pub struct OpSpec {
+    /// Name, e.g. `bn_train_fwd`.
+    pub name: &'static str,
+    /// Shape family.
+    pub family: Family,
+    /// Minimal traffic in units of `E·s`.
+    pub passes: u64,
+    /// The unfused sequence a fused op replaces (timed at the same shape for the speedup).
+    pub unfused: &'static [&'static str],
+}
+
+/// Every op `normdrop bench` runs, in report order.
+pub const OPS: &[OpSpec] = &[
+    OpSpec {
+        name: "bn_train_fwd",
+        family: Family::BatchNorm,
+        passes: 3,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "bn_eval_fwd",
+        family: Family::BatchNorm,
+        passes: 2,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "bn_train_bwd",
+        family: Family::BatchNorm,
+        passes: 5,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "bn_eval_bwd",
+        family: Family::BatchNorm,
+        passes: 3,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "bn_dropout_fwd",
+        family: Family::BatchNorm,
+        passes: 3,
+        unfused: &["bn_train_fwd", "dropout_fwd"],
+    },
+    OpSpec {
+        name: "bn_dropout_bwd",
+        family: Family::BatchNorm,
+        passes: 5,
+        unfused: &["dropout_bwd", "bn_train_bwd"],
+    },
+    OpSpec {
+        name: "ln_fwd",
+        family: Family::LayerNorm,
+        passes: 2,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "ln_bwd",
+        family: Family::LayerNorm,
+        passes: 3,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "ln_dropout_fwd",
+        family: Family::LayerNorm,
+        passes: 2,
+        unfused: &["ln_fwd", "dropout_fwd"],
+    },
+    OpSpec {
+        name: "ln_dropout_bwd",
+        family: Family::LayerNorm,
+        passes: 3,
+        unfused: &["dropout_bwd", "ln_bwd"],
+    },
+    OpSpec {
+        name: "residual_ln_fwd",
+        family: Family::LayerNorm,
+        passes: 4,
+        unfused: &["dropout_fwd", "ln_fwd"],
+    },
+    OpSpec {
+        name: "residual_ln_bwd",
+        family: Family::LayerNorm,
+        passes: 4,
+        unfused: &["ln_bwd", "dropout_bwd"],
+    },
+    OpSpec {
+        name: "dropout_fwd",
+        family: Family::Dropout,
+        passes: 2,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "dropout_bwd",
+        family: Family::Dropout,
+        passes: 2,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "dropout2d_fwd",
+        family: Family::BatchNorm,
+        passes: 2,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "dropout2d_bwd",
+        family: Family::BatchNorm,
+        passes: 2,
+        unfused: &[],
+    },
+];
+
+/// The spec of `name`.
+pub fn spec(name: &str) -> Result<&'static OpSpec> {
+    OPS.iter()
+        .find(|o| o.name == name)
+        .ok_or_else(|| Error::invalid("bench", format!("unknown op {name:?}")))
+}
+
+/// The dropout every benchmarked dropout uses.
+pub const BENCH_DROPOUT: f64 = 0.1;
+
+type EncodeFn = Box<dyn Fn(&wgpu::Device, &mut wgpu::CommandEncoder, usize) -> Result<()>>;
+
+/// An op ready to encode: its buffers are allocated, inputs filled, and saved state from a
+/// forward prepared for backward ops. `encode(…, i)` uses input set `i % sets`.
+pub struct Runner {
+    encode: EncodeFn,
+    sets: usize,
+    /// Minimal bytes one call must move.
+    pub bytes: u64,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("sets", &self.sets)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runner {
+    /// Records call number `i` into `encoder`.
+    pub fn encode(&self, device: &wgpu::Device, encoder: &mut wgpu::CommandEncoder, i: usize) -> Result<()> {
+        (self.encode)(device, encoder, i % self.sets)
+    }
+}
+
+fn fill(ctx: &Context, shape: &[usize], seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    Tensor::from_slice(ctx, &data, shape)
+}
+
+fn zeros(ctx: &Context, shape: &[usize]) -> Result<Tensor> {
+    Tensor::zeros(ctx, shape, DType::F32)
+}
+
+/// How many input copies to rotate through so that a small tensor is not served from cache:
+/// enough to cover 256 MiB, at most 4.
+pub fn rotation_sets(bytes: u64) -> usize {
+    (256u64 << 20).div_ceil(bytes.max(1)).clamp(1, 4) as usize
+}
+
+/// Builds the runner of `name` at `shape`, rotating through `sets` input copies.
+pub fn build(ctx: &Context, name: &str, shape: &[usize], sets: usize) -> Result<Runner> {
+    let spec = spec(name)?;
+    let numel: u64 = shape.iter().map(|&d| d as u64).product();
+    let bytes = spec.passes * numel * 4;
+    let sets = sets.max(1);
+    let xs: Vec<Tensor> = (0..sets)
+        .map(|i| fill(ctx, shape, i as u64 + 1))
+        .collect::<Result<_>>()?;
+    let dy = fill(ctx, shape, 99)?;
+    let y = zeros(ctx, shape)?;
+    let rng = zeros(ctx, &[4])?;
+    ctx.queue().write_buffer(rng.buffer(), 0, &rng_state_bytes(1234, 0));
+    let dropout = DropoutConfig::new(BENCH_DROPOUT);
+    let device = ctx.device();
+    let encode: EncodeFn = match spec.family {
+        Family::BatchNorm if name.starts_with("bn") => {
+            let c = *shape
+                .get(1)
+                .ok_or_else(|| Error::shape("bench", "shape", shape, "(N, C, *)"))?;
+            let config = BatchNormConfig::new(c);
+            let fused = name.starts_with("bn_dropout");
+            let training = !name.starts_with("bn_eval");
+            let options = BatchNormPlanOptions {
+                dropout: fused.then_some(dropout),
+                ..Default::default()
+            };
+            let plan = ctx
+                .kernel::<BatchNormKernel>()?
+                .plan_with(device, shape, &config, &options)?;
+            let per_c = || -> Result<Vec<Tensor>> { (0..6).map(|_| zeros(ctx, &[c])).collect() };
+            let p = per_c()?; // weight, bias, running_mean, running_var, save_mean, save_invstd
+            ctx.queue()
+                .write_buffer(p[0].buffer(), 0, bytemuck::cast_slice(&vec![1.0f32; c]));
+            ctx.queue()
+                .write_buffer(p[3].buffer(), 0, bytemuck::cast_slice(&vec![1.0f32; c]));
+            let nbt = zeros(ctx, &[2])?;
+            let (dx, dw, db) = (zeros(ctx, shape)?, zeros(ctx, &[c])?, zeros(ctx, &[c])?);
+            if name.ends_with("_fwd") {
+                Box::new(move |device, encoder, i| {
+                    let args = bn_args(&xs[i], &y, &p, &nbt, fused.then_some(&rng));
+                    plan.encode(device, encoder, training, &args)
+                })
+            } else {
+                // Backward ops time the backward only; one forward prepares the saved stats.
+                let mut encoder = device.create_command_encoder(&Default::default());
+                plan.encode(
+                    device,
+                    &mut encoder,
+                    training,
+                    &bn_args(&xs[0], &y, &p, &nbt, fused.then_some(&rng)),
+                )?;
+                ctx.queue().submit([encoder.finish()]);
+                let bplan = ctx.kernel::<BatchNormBackwardKernel>()?.plan(
+                    device,
+                    shape,
+                    &config,
+                    fused.then_some((dropout, true)),
+                )?;
+                let x0 = xs[0].clone();
+                Box::new(move |device, encoder, _| {
+                    let args = BatchNormBackwardBuffers {
+                        x: x0.buffer().slice(..),
+                        dy: dy.buffer().slice(..),
+                        dx: dx.buffer().slice(..),
+                        weight: Some(p[0].buffer().slice(..)),
+                        save_mean: p[4].buffer().slice(..),
+                        save_invstd: p[5].buffer().slice(..),
+                        dweight: Some(dw.buffer().slice(..)),
+                        dbias: Some(db.buffer().slice(..)),
+                        rng: fused.then(|| rng.buffer().slice(..)),
+                    };
+                    bplan.encode(device, encoder, training, Accumulate::default(), &args)
+                })
+            }
+        }
+        Family::LayerNorm => {
+            let width = *shape
+                .last()
+                .ok_or_else(|| Error::shape("bench", "shape", shape, "(rows, width)"))?;
+            let rows = (numel / width as u64) as usize;
+            let config = LayerNormConfig::new(&[width]);
+            let fusion = match name {
+                n if n.starts_with("ln_dropout") => LayerNormFusion::Dropout(dropout),
+                n if n.starts_with("residual") => LayerNormFusion::ResidualDropout(dropout),
+                _ => LayerNormFusion::None,
+            };
+            let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
+            let plan = ctx.kernel::<LayerNormKernel>()?.plan(device, shape, &config, fusion)?;
+            let (w, b) = (zeros(ctx, &[width])?, zeros(ctx, &[width])?);
+            ctx.queue()
+                .write_buffer(w.buffer(), 0, bytemuck::cast_slice(&vec![1.0f32; width]));
+            let (mean, rstd) = (zeros(ctx, &[rows])?, zeros(ctx, &[rows])?);
+            let (res, h) = (fill(ctx, shape, 7)?, zeros(ctx, shape)?);
+            let dropping = fusion != LayerNormFusion::None;
+            let ln = LnSet {
+                y,
+                w,
+                b,
+                mean,
+                rstd,
+                rng,
+                res,
+                h,
+            };
+            if name.ends_with("_fwd") {
+                Box::new(move |device, encoder, i| {
+                    plan.encode(device, encoder, true, &ln.args(&xs[i], dropping, residual))
+                })
+            } else {
+                let mut encoder = device.create_command_encoder(&Default::default());
+                plan.encode(device, &mut encoder, true, &ln.args(&xs[0], dropping, residual))?;
+                ctx.queue().submit([encoder.finish()]);
+                let bplan = ctx
+                    .kernel::<LayerNormBackwardKernel>()?
+                    .plan(device, shape, &config, fusion, true)?;
+                let (dx, dw, db, dres) = (
+                    zeros(ctx, shape)?,
+                    zeros(ctx, &[width])?,
+                    zeros(ctx, &[width])?,
+                    zeros(ctx, shape)?,
+                );
+                // The residual block's backward reads the h its forward wrote.
+                let input = if residual { ln.h.clone() } else { xs[0].clone() };
+                Box::new(move |device, encoder, _| {
+                    let args = LayerNormBackwardBuffers {
+                        x: input.buffer().slice(..),
+                        dy: dy.buffer().slice(..),
+                        dx: dx.buffer().slice(..),
+                        weight: Some(ln.w.buffer().slice(..)),
+                        rstd: ln.rstd.buffer().slice(..),
+                        dweight: Some(dw.buffer().slice(..)),
+                        dbias: Some(db.buffer().slice(..)),
+                        rng: dropping.then(|| ln.rng.buffer().slice(..)),
+                        dh_in: None,
+                        dresidual: residual.then(|| dres.buffer().slice(..)),
+                    };
+                    bplan.encode(device, encoder, Accumulate::default(), &args)
+                })
+            }
+        }
+        Family::Dropout | Family::BatchNorm => {
+            let unit = if name.starts_with("dropout2d") {
+                DropoutUnit::Channel
+            } else {
+                DropoutUnit::Element
+            };
+            let plan = ctx.kernel::<DropoutKernel>()?.plan(device, shape, &dropout, unit)?;
+            let backward = name.ends_with("_bwd");
+            Box::new(move |device, encoder, i| {
+                let args = DropoutBuffers {
+                    x: if backward {
+                        dy.buffer().slice(..)
+                    } else {
+                        xs[i].buffer().slice(..)
+                    },
+                    y: y.buffer().slice(..),
+                    rng: rng.buffer().slice(..),
+                };
+                if backward {
+                    plan.encode_backward(device, encoder, true, false, &args)
+                } else {
+                    plan.encode(device, encoder, true, &args)
+                }
+            })
+        }
+    };
+    Ok(Runner { encode, sets, bytes })
+}
+
+/// The forward arguments of a BatchNorm runner: `p` = [γ, β, running mean, running var,
+/// saved mean, saved invstd].
+fn bn_args<'a>(
+    x: &'a Tensor,
+    y: &'a Tensor,
+    p: &'a [Tensor],
+    nbt: &'a Tensor,
+    rng: Option<&'a Tensor>,
+) -> BatchNormBuffers<'a> {
+    BatchNormBuffers {
+        x: x.buffer().slice(..),
+        y: y.buffer().slice(..),
+        weight: Some(p[0].buffer().slice(..)),
+        bias: Some(p[1].buffer().slice(..)),
+        running_mean: Some(p[2].buffer().slice(..)),
+        running_var: Some(p[3].buffer().slice(..)),
+        num_batches_tracked: Some(nbt.buffer().slice(..)),
+        save_mean: p[4].buffer().slice(..),
+        save_invstd: p[5].buffer().slice(..),
+        rng: rng.map(|r| r.buffer().slice(..)),
+    }
+}
+
+/// The buffers of a LayerNorm runner besides its inputs.
+struct LnSet {
+    y: Tensor,
+    w: Tensor,
+    b: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    rng: Tensor,
+    res: Tensor,
+    h: Tensor,
+}
+
+impl LnSet {
+    fn args<'a>(&'a self, x: &'a Tensor, dropping: bool, residual: bool) -> LayerNormBuffers<'a> {
+        LayerNormBuffers {
+            x: x.buffer().slice(..),
+            y: self.y.buffer().slice(..),
+            weight: Some(self.w.buffer().slice(..)),
+            bias: Some(self.b.buffer().slice(..)),
+            mean: self.mean.buffer().slice(..),
+            rstd: self.rstd.buffer().slice(..),
+            rng: dropping.then(|| self.rng.buffer().slice(..)),
+            residual: residual.then(|| self.res.buffer().slice(..)),
+            h: residual.then(|| self.h.buffer().slice(..)),
+        }
+    }
+}
+
+/// A runner of the vec4 copy kernel over `bytes` (rounded to a multiple of 16).
+pub fn copy_runner(ctx: &Context, bytes: u64, sets: usize) -> Result<Runner> {
+    let n = (bytes / 16).max(1) as usize * 4;
+    let plan = ctx.kernel::<CopyKernel>()?.plan(ctx.device(), n)?;
+    let srcs: Vec<Tensor> = (0..sets.max(1))
+        .map(|i| fill(ctx, &[n], i as u64 + 5))
+        .collect::<Result<_>>()?;
+    let dst = zeros(ctx, &[n])?;
+    let total = plan.bytes() * 2;
+    Ok(Runner {
+        encode: Box::new(move |device, encoder, i| {
+            plan.encode(device, encoder, &srcs[i].buffer().slice(..), &dst.buffer().slice(..))
+        }),
+        sets: sets.max(1),
+        bytes: total,
+    })
+}
+
+/// How [`time`] measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// GPU timestamps around the op's passes.
+    Timestamps,
+    /// Host wall time around submit-and-wait.
+    Wall,
+}
+
+impl std::fmt::Display for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Clock::Timestamps => "GPU timestamps",
+            Clock::Wall => "wall time around submit-and-wait",
+        })
+    }
+}
+
+/// The clock [`time`] uses on this context.
+pub fn clock(ctx: &Context) -> Clock {
+    if ctx.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+        Clock::Timestamps
+    } else {
+        Clock::Wall
+    }
+}
+
+/// Times `runner`: `warmup` untimed calls, then `samples` samples of `per_sample` calls each
+/// recorded into one submission. Returns seconds per call for every sample.
+pub fn time(ctx: &Context, runner: &Runner, warmup: usize, samples: usize, per_sample: usize) -> Result<Vec<f64>> {
+    let device = ctx.device();
+    let per_sample = per_sample.max(1);
+    let mut call = 0usize;
+    let mut record = |encoder: &mut wgpu::CommandEncoder, n: usize| -> Result<()> {
+        for _ in 0..n {
+            runner.encode(device, encoder, call)?;
+            call += 1;
+        }
+        Ok(())
+    };
+    let mut encoder = device.create_command_encoder(&Default::default());
+    record(&mut encoder, warmup)?;
+    ctx.scoped(|| ctx.queue().submit([encoder.finish()]))?;
+    ctx.synchronize()?;
+
+    let mut out = Vec::with_capacity(samples);
+    match clock(ctx) {
+        Clock::Wall => {
+            for _ in 0..samples {
+                let mut encoder = device.create_command_encoder(&Default::default());
+                record(&mut encoder, per_sample)?;
+                let start = Instant::now();
+                ctx.scoped(|| ctx.queue().submit([encoder.finish()]))?;
+                ctx.synchronize()?;
+                out.push(start.elapsed().as_secs_f64() / per_sample as f64);
+            }
+        }
+        Clock::Timestamps => {
+            let queries = ctx.scoped(|| {
+                device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("bench timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                })
+            })?;
+            let resolve = ctx.create_buffer(
+                "bench resolve",
+                16,
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            )?;
+            let period = f64::from(ctx.queue().get_timestamp_period());
+            for _ in 0..samples {
+                let mut encoder = device.create_command_encoder(&Default::default());
+                // Empty passes carry the timestamps, so the op's own passes need no changes.
+                let mark = |encoder: &mut wgpu::CommandEncoder, begin: Option<u32>, end: Option<u32>| {
+                    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("bench mark"),
+                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                            query_set: &queries,
+                            beginning_of_pass_write_index: begin,
+                            end_of_pass_write_index: end,
+                        }),
+                    });
+                };
+                mark(&mut encoder, Some(0), None);
+                record(&mut encoder, per_sample)?;
+                mark(&mut encoder, None, Some(1));
+                encoder.resolve_query_set(&queries, 0..2, &resolve, 0);
+                ctx.scoped(|| ctx.queue().submit([encoder.finish()]))?;
+                let bytes = pollster::block_on(ctx.read_buffer(&resolve, 0, 16))?;
+                let t0 = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+                let t1 = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+                out.push(t1.saturating_sub(t0) as f64 * period * 1e-9 / per_sample as f64);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Median, 20th and 80th percentile of `samples`.
+pub fn percentiles(samples: &[f64]) -> (f64, f64, f64) {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.2), at(0.8))
+}
+
+/// A smaller copy of a benchmark shape for validation: BatchNorm and Dropout2d keep C (up to
+/// 64) and shrink N and the spatial dims; LayerNorm keeps the row width (so the same path is
+/// validated) and shrinks the rows; flat dropout keeps up to 100003 elements.
+pub fn validation_shape(family: Family, shape: &[usize]) -> Vec<usize> {
+    match family {
+        Family::BatchNorm => {
+            let mut s: Vec<usize> = shape.iter().map(|&d| d.min(7)).collect();
+            if s.len() > 1 {
+                s[0] = shape[0].min(4);
+                s[1] = shape[1].min(64);
+            }
+            s
+        }
+        Family::LayerNorm => {
+            let width = *shape.last().unwrap_or(&1);
+            vec![(shape.iter().product::<usize>() / width.max(1)).min(8), width]
+        }
+        Family::Dropout => vec![shape.iter().product::<usize>().min(100_003)],
+    }
+}
+
+/// Runs `name` at `shape` through the modules and compares every output and gradient with the
+/// CPU reference (rule of `tests/fixtures/FORMAT.md`, rtol = atol = 1e-4). Returns the worst
+/// comparison.
+pub fn validate(ctx: &Context, name: &str, shape: &[usize]) -> Result<crate::fixture::Comparison> {
+    use crate::fixture::compare;
+    use crate::nn::{
+        BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, ResidualDropoutLayerNorm,
+    };
+    use crate::reference as r;
+
+    let spec = spec(name)?;
+    let numel: usize = shape.iter().product();
+    let x: Vec<f32> = fill(ctx, shape, 3)?.to_vec_blocking(ctx)?;
+    let dy: Vec<f32> = fill(ctx, shape, 4)?.to_vec_blocking(ctx)?;
+    let (xt, dyt) = (
+        Tensor::from_slice(ctx, &x, shape)?,
+        Tensor::from_slice(ctx, &dy, shape)?,
+    );
+    let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(r::widen(&t.to_vec_blocking::<f32>(ctx)?)) };
+    let dropout = DropoutConfig::new(BENCH_DROPOUT);
+    let seed = 1234;
+    let mut checks: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
+    let backward = name.ends_with("_bwd");
+    // The dropout mask over `shape` as f64 factors (training mode, offset 0).
+    let factors = |unit: DropoutUnit| -> Result<Vec<f64>> {
+        Ok(r::dropout_forward(&vec![1.0; numel], shape, &dropout, unit, seed, 0, true)?.0)
+    };
+    match spec.name {
+        "bn_train_fwd" | "bn_eval_fwd" | "bn_train_bwd" | "bn_eval_bwd" | "bn_dropout_fwd" | "bn_dropout_bwd" => {
+            let c = shape[1];
+            let config = BatchNormConfig::new(c);
+            let training = !name.starts_with("bn_eval");
+            let fused = name.starts_with("bn_dropout");
+            let mut running = r::RefRunningStats::new(c);
+            let fwd = r::batch_norm_forward(&x, shape, &config, None, None, Some(&mut running), training)?;
+            let m = if fused {
+                factors(DropoutUnit::Element)?
+            } else {
+                vec![1.0; numel]
+            };
+            let (y, grads) = if fused {
+                let mut module = BatchNormDropout::new(ctx, config.clone(), dropout, seed)?;
+                let y = module.forward(&xt)?;
+                (y, if backward { Some(module.backward(&dyt)?) } else { None })
+            } else {
+                let mut module = BatchNorm::with_config(ctx, config.clone())?;
+                if !training {
+                    module.eval();
+                }
+                let y = module.forward(&xt)?;
+                (y, if backward { Some(module.backward(&dyt)?) } else { None })
+            };
+            checks.push((read(&y)?, fwd.y.iter().zip(&m).map(|(a, b)| a * b).collect()));
+            if let Some(g) = grads {
+                let dym: Vec<f64> = dy.iter().zip(&m).map(|(&d, f)| f64::from(d) * f).collect();
+                let rg = r::batch_norm_backward(
+                    &r::widen(&x),
+                    &dym,
+                    shape,
+                    &config,
+                    None,
+                    &fwd.mean,
+                    &fwd.invstd,
+                    training,
+                )?;
+                checks.push((read(&g.dx)?, rg.dx));
+                checks.push((read(g.dweight.as_ref().expect("affine"))?, rg.dweight));
+                checks.push((read(g.dbias.as_ref().expect("affine"))?, rg.dbias));
+            }
+        }
+        "ln_fwd" | "ln_bwd" | "ln_dropout_fwd" | "ln_dropout_bwd" | "residual_ln_fwd" | "residual_ln_bwd" => {
+            let width = *shape.last().expect("(rows, width)");
+            let config = LayerNormConfig::new(&[width]);
+            let m = factors(DropoutUnit::Element)?;
+            let residual: Vec<f32> = fill(ctx, shape, 5)?.to_vec_blocking(ctx)?;
+            let xf = r::widen(&x);
+            let ln_input: Vec<f64> = if name.starts_with("residual") {
+                // h = residual + x·m, in f32 as the kernel forms it.
+                x.iter()
+                    .zip(&m)
+                    .zip(&residual)
+                    .map(|((&v, f), &res)| f64::from(res + (f64::from(v) * f) as f32))
+                    .collect()
+            } else {
+                xf.clone()
+            };
+            let fwd = r::layer_norm_forward(&ln_input, shape, &config, None, None)?;
+            let post = if name.starts_with("ln_dropout") {
+                m.clone()
+            } else {
+                vec![1.0; numel]
+            };
+            let (y, grads, extra) = if name.starts_with("ln_dropout") {
+                let mut module = LayerNormDropout::new(ctx, config.clone(), dropout, seed)?;
+                let y = module.forward(&xt)?;
+                (y, if backward { Some(module.backward(&dyt)?) } else { None }, None)
+            } else if name.starts_with("residual") {
+                let mut module = ResidualDropoutLayerNorm::new(ctx, config.clone(), dropout, seed)?;
+                let (y, _h) = module.forward(&xt, &Tensor::from_slice(ctx, &residual, shape)?)?;
+                let g = if backward {
+                    Some(module.backward(&dyt, None)?)
+                } else {
+                    None
+                };
+                let extra = g.as_ref().map(|g| g.dresidual.clone());
+                let grads = g.map(|g| crate::nn::Grads {
+                    dx: g.dx,
+                    dweight: g.dweight,
+                    dbias: g.dbias,
+                });
+                (y, grads, extra)
+            } else {
+                let mut module = LayerNorm::with_config(ctx, config.clone())?;
+                let y = module.forward(&xt)?;
+                (y, if backward { Some(module.backward(&dyt)?) } else { None }, None)
+            };
+            checks.push((read(&y)?, fwd.y.iter().zip(&post).map(|(a, b)| a * b).collect()));
+            if let Some(g) = grads {
+                let dyp: Vec<f64> = dy.iter().zip(&post).map(|(&d, f)| f64::from(d) * f).collect();
+                let rg = r::layer_norm_backward(&ln_input, &dyp, shape, &config, None, &fwd.mean, &fwd.rstd)?;
+                if let Some(dres) = extra {
+                    checks.push((read(&dres)?, rg.dx.clone()));
+                    checks.push((read(&g.dx)?, rg.dx.iter().zip(&m).map(|(a, b)| a * b).collect()));
+                } else {
+                    checks.push((read(&g.dx)?, rg.dx));
+                }
+                checks.push((read(g.dweight.as_ref().expect("affine"))?, rg.dweight));
+                checks.push((read(g.dbias.as_ref().expect("affine"))?, rg.dbias));
+            }
+        }
+        _ => {
+            let unit = if name.starts_with("dropout2d") {
+                DropoutUnit::Channel
+            } else {
+                DropoutUnit::Element
+            };
+            let mut module = match unit {
+                DropoutUnit::Element => Dropout::with_config(ctx, dropout, seed)?,
+                DropoutUnit::Channel => {
+                    let mut d2 = Dropout2d::with_config(ctx, dropout, seed)?;
+                    // Unwrap the newtype: Dropout2d derefs to the same module type.
+                    std::mem::replace(&mut *d2, Dropout::with_config(ctx, dropout, seed)?)
+                }
+            };
+            let y = module.forward(&xt)?;
+            let (ry, _) = r::dropout_forward(&x, shape, &dropout, unit, seed, 0, true)?;
+            checks.push((read(&y)?, ry));
+            if backward {
+                let dx = module.backward(&dyt)?;
+                checks.push((
+                    read(&dx)?,
+                    r::dropout_backward(&dy, shape, &dropout, unit, seed, 0, true)?,
+                ));
+            }
+        }
+    }
+    let mut worst = crate::fixture::Comparison {
+        max_abs_err: 0.0,
+        worst_ratio: 0.0,
+        passed: true,
+    };
+    for (got, exp) in &checks {
+        let c = compare(got, exp, 1e-4, 1e-4);
+        if c.worst_ratio >= worst.worst_ratio || !c.passed {
+            worst = crate::fixture::Comparison {
+                passed: worst.passed && c.passed,
+                ..c
+            };
+        }
+    }
+    Ok(worst)
+}
