@@ -19,7 +19,7 @@
 //                     channel's (K, mean − K) for the normalize pass.
 //   bn_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
 //                     from the running statistics. Changes nothing.
-//   bn_normalize      one invocation per element: y = (x − mean)·(invstd·γ) + β.
+//   bn_normalize      one invocation per 4 consecutive elements: y = (x − mean)·(invstd·γ) + β.
 //   bn_normalize_dropout  BatchNorm then dropout in one pass: one invocation per 4 consecutive
 //                     elements (one Philox call), y = ((x − mean)·(invstd·γ) + β)·m with the
 //                     mask of philox.wgsl over flat element indices.
@@ -179,11 +179,38 @@ fn bn_normalize(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = gid.x + gid.y * nwg.x * WG;
-    if (i >= p.total) {
+    // Four consecutive elements per invocation: they nearly always share a channel, so the
+    // channel index and its coefficients are computed once.
+    let first = (gid.x + gid.y * nwg.x * WG) * 4u;
+    if (first >= p.total) {
         return;
     }
-    y[i] = normalized(i);
+    var c = (first / p.s) % p.c;
+    var k = channel_coefficients(c);
+    for (var j = 0u; j < 4u; j++) {
+        let i = first + j;
+        if (i >= p.total) {
+            break;
+        }
+        let ci = (i / p.s) % p.c;
+        if (ci != c) {
+            c = ci;
+            k = channel_coefficients(c);
+        }
+        y[i] = ((x[i] - k.x) - k.y) * k.z + k.w;
+    }
+}
+
+// (K, mean − K, invstd·γ, β) of channel c.
+fn channel_coefficients(c: u32) -> vec4<f32> {
+    var scale = save_invstd[c];
+    var beta = 0.0;
+    if ((p.flags & FLAG_AFFINE) != 0u) {
+        scale *= weight[c];
+        beta = bias[c];
+    }
+    let k = centre[c];
+    return vec4<f32>(k.x, k.y, scale, beta);
 }
 
 // Normalizes element i with its channel's statistics: ((x − K) − (mean − K))·(invstd·γ) + β.

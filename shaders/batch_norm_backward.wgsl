@@ -83,15 +83,29 @@ fn upstream(i: u32) -> f32 {
 }
 
 fn workgroup_sum3(lid: u32, mine: vec3<f32>) -> vec3<f32> {
+    // Two levels (16 × 16) rather than an 8-deep tree: fewer barriers, which CPU drivers pay
+    // dearly for. Requires WG = 256.
     shared_sums[lid] = mine;
     workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            shared_sums[lid] = shared_sums[lid] + shared_sums[lid + stride];
+    if (lid < 16u) {
+        var acc = vec3<f32>(0.0);
+        for (var k = 0u; k < 16u; k++) {
+            acc += shared_sums[lid * 16u + k];
         }
-        workgroupBarrier();
+        shared_sums[lid * 16u] = acc;
     }
-    return shared_sums[0];
+    workgroupBarrier();
+    if (lid == 0u) {
+        var acc = vec3<f32>(0.0);
+        for (var k = 0u; k < 16u; k++) {
+            acc += shared_sums[k * 16u];
+        }
+        shared_sums[0] = acc;
+    }
+    workgroupBarrier();
+    let total = shared_sums[0];
+    workgroupBarrier();
+    return total;
 }
 
 @compute @workgroup_size(256)

@@ -212,13 +212,8 @@ impl BatchNormKernel {
         let stats_groups = fold_workgroups(OP, dims.c * chunks, limits.max_workgroups_per_dim)?;
         let finalize_groups = fold_workgroups(OP, dims.c, limits.max_workgroups_per_dim)?;
         let eval_groups = fold_workgroups(OP, dims.c.div_ceil(EVAL_WORKGROUP), limits.max_workgroups_per_dim)?;
-        // The fused dropout variant handles 4 elements per invocation (one Philox call).
-        let per_invocation = if options.dropout.is_some() { 4 } else { 1 };
-        let normalize_groups = fold_workgroups(
-            OP,
-            dims.total.div_ceil(WORKGROUP * per_invocation),
-            limits.max_workgroups_per_dim,
-        )?;
+        // Both normalize variants handle 4 consecutive elements per invocation.
+        let normalize_groups = fold_workgroups(OP, dims.total.div_ceil(WORKGROUP * 4), limits.max_workgroups_per_dim)?;
         let partials_bytes = dims.c * chunks * 8;
         if partials_bytes > limits.max_storage_binding {
             return Err(Error::ExceedsLimit {

@@ -1,0 +1,108 @@
+"""Times the ops of a `normdrop bench --json` report in PyTorch CUDA and prints one table:
+normdrop's median, PyTorch's median, and PyTorch/normdrop (above 1: normdrop is faster).
+
+PyTorch runs the same shapes with the same semantics: F.batch_norm (cuDNN), F.layer_norm,
+F.dropout / F.dropout2d with p = 0.1, backward through autograd (only the backward is timed),
+and the unfused sequences where normdrop fuses (PyTorch has no fused norm+dropout). Timing:
+CUDA events, median of --samples runs after --warmup runs.
+
+Usage: python3 scripts/torch_bench.py --ours normdrop.json [--json torch.json]
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+P = 0.1
+
+
+def cuda_time(fn, warmup, samples):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)  # microseconds
+    return statistics.median(times)
+
+
+def make(op, shape):
+    """The forward (a closure of x) and, for *_bwd ops, the tensors to differentiate."""
+    dev = torch.device("cuda")
+    x = torch.randn(*shape, device=dev)
+    if op.startswith(("bn", "dropout2d")) and len(shape) >= 2:
+        c = shape[1]
+        w, b = torch.ones(c, device=dev), torch.zeros(c, device=dev)
+        rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
+    if op.startswith(("ln", "residual")):
+        width = shape[-1]
+        w, b = torch.ones(width, device=dev), torch.zeros(width, device=dev)
+        res = torch.randn(*shape, device=dev)
+    training = not op.startswith("bn_eval")
+
+    def forward(x, w=None, b=None):
+        if op.startswith(("bn_train", "bn_eval")):
+            return F.batch_norm(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5)
+        if op.startswith("bn_dropout"):
+            return F.dropout(F.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5), P)
+        if op.startswith("ln_dropout"):
+            return F.dropout(F.layer_norm(x, (shape[-1],), w, b, 1e-5), P)
+        if op.startswith("ln"):
+            return F.layer_norm(x, (shape[-1],), w, b, 1e-5)
+        if op.startswith("residual"):
+            return F.layer_norm(res + F.dropout(x, P), (shape[-1],), w, b, 1e-5)
+        if op.startswith("dropout2d"):
+            return F.dropout2d(x, P)
+        return F.dropout(x, P)
+
+    params = [w, b] if op.startswith(("bn", "ln", "residual")) else []
+    return x, params, forward
+
+
+def time_op(op, shape, warmup, samples):
+    x, params, forward = make(op, shape)
+    if op.endswith("_fwd"):
+        with torch.no_grad():
+            return cuda_time(lambda: forward(x, *params), warmup, samples)
+    x.requires_grad_(True)
+    for p in params:
+        p.requires_grad_(True)
+    y = forward(x, *params)
+    dy = torch.randn_like(y)
+    inputs = [x] + params
+    return cuda_time(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), warmup, samples)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ours", required=True, help="normdrop bench --json output")
+    ap.add_argument("--json", help="write PyTorch's timings here")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=50)
+    args = ap.parse_args()
+
+    ours = json.load(open(args.ours))
+    print(f"normdrop on {ours['adapter']} ({ours['backend']}, {ours['clock']}); "
+          f"PyTorch {torch.__version__} on {torch.cuda.get_device_name()} (CUDA events)")
+    print(f"{'op':<16} {'shape':<18} {'normdrop µs':>12} {'torch µs':>10} {'torch/ours':>10}")
+    rows = []
+    for r in ours["rows"]:
+        shape = r["shape"]
+        torch_us = time_op(r["op"], shape, args.warmup, args.samples)
+        ratio = torch_us / r["median_us"]
+        rows.append({"op": r["op"], "shape": shape, "normdrop_us": r["median_us"], "torch_us": torch_us, "ratio": ratio})
+        print(f"{r['op']:<16} {'x'.join(map(str, shape)):<18} {r['median_us']:>12.1f} {torch_us:>10.1f} {ratio:>9.2f}x")
+    if args.json:
+        json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "rows": rows}, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
