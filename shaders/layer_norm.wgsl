@@ -9,13 +9,16 @@
 //   ln_residual_dropout_forward  h = residual + x·m, written out; y = LN(h)   (pre-norm block)
 //   m = drop_scale if kept else 0 (train), drop_scale with every element kept (eval).
 //
-// Geometry: one workgroup of 256 per row (rows folded into y past 65535).
-//   width <= 4096: the row is read once into registers (16 per invocation, strided by 256 so
-//                  loads coalesce). Each invocation forms its exact local (count, mean, M2) by
-//                  two passes over its registers; the workgroup Chan-merges them. Traffic:
-//                  read x once, write y once.
-//   width  > 4096: Welford per invocation over a strided slice, Chan merge, then a second read
-//                  to normalize (the residual variant re-reads the h it wrote).
+// Geometry: a row gets `lanes` invocations, the smallest power of two in 8..256 with
+// lanes·16 >= width (256 past that); a workgroup of 256 runs 256/lanes rows side by side, each
+// reduced within its own lane segment, so narrow rows do not pay a whole workgroup each
+// (on CPU drivers a workgroup costs ~20 µs whatever its width). Workgroups fold into y.
+//   width <= 4096: the row is read once into registers (up to 16 per lane, strided by `lanes`
+//                  so loads coalesce). Each lane forms its exact local (count, mean, M2) by two
+//                  passes over its registers; the segment Chan-merges them. Traffic: read x
+//                  once, write y once.
+//   width  > 4096: Welford per lane over a strided slice, Chan merge, then a second read to
+//                  normalize (the residual variant re-reads the h it wrote).
 // Precision: f32 storage and accumulation; the variance is never E[x²] − E[x]². Statistics
 // are taken around K, a value from the row itself (x[r, 0], or residual[r, 0] for the residual
 // block), and rows are normalized as ((h − K) − (mean − K))·rstd, so off-centre rows
@@ -40,7 +43,7 @@ struct Params {
     drop_threshold: u32,
     drop_flags: u32,
     drop_scale: f32,
-    _pad0: u32,
+    lanes: u32,      // invocations per row: a power of two in 8..=256
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -54,8 +57,18 @@ struct Params {
 @group(0) @binding(8) var<storage, read> residual: array<f32>;        // (rows, W)
 @group(0) @binding(9) var<storage, read_write> h: array<f32>;         // (rows, W) residual + dropout(x)
 
-fn row_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return wid.x + wid.y * nwg.x;
+// Where an invocation works: its row, its lane within the row, and whether that row exists
+// (the last workgroup may have spare segments; they still take part in every barrier).
+struct Slot {
+    row: u32,
+    lane: u32,
+    live: bool,
+}
+
+fn slot_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
+    let rows_per_wg = WG / p.lanes;
+    let row = (wid.x + wid.y * nwg.x) * rows_per_wg + lid / p.lanes;
+    return Slot(row, lid % p.lanes, row < p.rows);
 }
 
 // γ and β of column j applied to a normalized value.
@@ -77,13 +90,29 @@ fn drop_factor(e: u32) -> f32 {
     return select(0.0, p.drop_scale, dropout_keep(words[e % 4u], p.drop_threshold, p.drop_flags));
 }
 
-// The row's (mean − K, rstd) from shifted values v = h − K held in registers: exact local
-// two-pass per invocation, Chan merge across the workgroup. Invocation 0 saves mean and rstd.
-fn stats_from_registers(lid: u32, row: u32, shift: f32, v: ptr<function, array<f32, REGS>>) -> vec2<f32> {
+// Chan-merges the triples of one row's lane segment; every lane gets the row's total.
+fn segment_merge(lid: u32, lane: u32, mine: Stat) -> Stat {
+    shared_stat[lid] = mine;
+    workgroupBarrier();
+    for (var stride = p.lanes / 2u; stride > 0u; stride = stride / 2u) {
+        if (lane < stride) {
+            shared_stat[lid] = chan_merge(shared_stat[lid], shared_stat[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    let total = shared_stat[lid - lane];
+    // Keep a later call from overwriting the segment's first entry before everyone read it.
+    workgroupBarrier();
+    return total;
+}
+
+// The row's (mean − K, rstd) from shifted values v = h − K in registers: exact local two-pass
+// per lane, Chan merge across the row's lanes. Lane 0 saves mean and rstd.
+fn stats_from_registers(lid: u32, at: Slot, shift: f32, v: ptr<function, array<f32, REGS>>) -> vec2<f32> {
     var n = 0.0;
     var sum = 0.0;
     for (var k = 0u; k < REGS; k++) {
-        if (lid + k * WG < p.width) {
+        if (at.live && at.lane + k * p.lanes < p.width) {
             n += 1.0;
             sum += (*v)[k];
         }
@@ -91,24 +120,32 @@ fn stats_from_registers(lid: u32, row: u32, shift: f32, v: ptr<function, array<f
     let local_mean = select(0.0, sum / n, n > 0.0);
     var m2 = 0.0;
     for (var k = 0u; k < REGS; k++) {
-        if (lid + k * WG < p.width) {
+        if (at.live && at.lane + k * p.lanes < p.width) {
             let d = (*v)[k] - local_mean;
             m2 += d * d;
         }
     }
-    return finish_stats(lid, row, shift, Stat(n, local_mean, m2));
+    return finish_stats(lid, at, shift, Stat(n, local_mean, m2));
 }
 
-// Merges per-invocation triples of shifted values into the row's (mean − K, rstd); invocation 0
-// saves mean = K + (mean − K) and rstd.
-fn finish_stats(lid: u32, row: u32, shift: f32, mine: Stat) -> vec2<f32> {
-    let total = workgroup_merge(lid, mine);
+// Merges the lanes' triples of shifted values into the row's (mean − K, rstd); lane 0 saves
+// mean = K + (mean − K) and rstd.
+fn finish_stats(lid: u32, at: Slot, shift: f32, mine: Stat) -> vec2<f32> {
+    let total = segment_merge(lid, at.lane, mine);
     let rstd = 1.0 / sqrt(max(total.m2 / f32(p.width), 0.0) + p.eps);
-    if (lid == 0u) {
-        mean_out[row] = shift + total.mean;
-        rstd_out[row] = rstd;
+    if (at.lane == 0u && at.live) {
+        mean_out[at.row] = shift + total.mean;
+        rstd_out[at.row] = rstd;
     }
     return vec2<f32>(total.mean, rstd);
+}
+
+// The first input value of a row (K), or 0 for a spare segment.
+fn first_of(at: Slot, base: u32) -> f32 {
+    if (at.live) {
+        return x[base];
+    }
+    return 0.0;
 }
 
 @compute @workgroup_size(256)
@@ -117,37 +154,33 @@ fn ln_forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = row_index(wid, nwg);
-    if (row >= p.rows) {
-        return;
-    }
-    let base = row * p.width;
+    let at = slot_of(wid, nwg, lid);
+    let base = at.row * p.width;
+    let shift = first_of(at, base);
     if (p.width <= ONCHIP_MAX) {
         // Load the row once, reduce from registers, normalize from registers.
-        let shift = x[base];
         var v: array<f32, REGS>;
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 v[k] = x[base + j] - shift;
             }
         }
-        let st = stats_from_registers(lid, row, shift, &v);
+        let st = stats_from_registers(lid, at, shift, &v);
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 y[base + j] = affine(j, (v[k] - st.x) * st.y);
             }
         }
     } else {
-        // Wide row: Welford pass, then a second read to normalize.
-        let shift = x[base];
+        // Wide row (one per workgroup): Welford pass, then a second read to normalize.
         var acc = Stat(0.0, 0.0, 0.0);
-        for (var j = lid; j < p.width; j += WG) {
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             acc = welford_add(acc, x[base + j] - shift);
         }
-        let st = finish_stats(lid, row, shift, acc);
-        for (var j = lid; j < p.width; j += WG) {
+        let st = finish_stats(lid, at, shift, acc);
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             y[base + j] = affine(j, ((x[base + j] - shift) - st.x) * st.y);
         }
     }
@@ -159,35 +192,31 @@ fn ln_dropout_forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = row_index(wid, nwg);
-    if (row >= p.rows) {
-        return;
-    }
-    let base = row * p.width;
+    let at = slot_of(wid, nwg, lid);
+    let base = at.row * p.width;
+    let shift = first_of(at, base);
     if (p.width <= ONCHIP_MAX) {
-        let shift = x[base];
         var v: array<f32, REGS>;
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 v[k] = x[base + j] - shift;
             }
         }
-        let st = stats_from_registers(lid, row, shift, &v);
+        let st = stats_from_registers(lid, at, shift, &v);
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 y[base + j] = affine(j, (v[k] - st.x) * st.y) * drop_factor(base + j);
             }
         }
     } else {
-        let shift = x[base];
         var acc = Stat(0.0, 0.0, 0.0);
-        for (var j = lid; j < p.width; j += WG) {
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             acc = welford_add(acc, x[base + j] - shift);
         }
-        let st = finish_stats(lid, row, shift, acc);
-        for (var j = lid; j < p.width; j += WG) {
+        let st = finish_stats(lid, at, shift, acc);
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             y[base + j] = affine(j, ((x[base + j] - shift) - st.x) * st.y) * drop_factor(base + j);
         }
     }
@@ -199,43 +228,43 @@ fn ln_residual_dropout_forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = row_index(wid, nwg);
-    if (row >= p.rows) {
-        return;
+    let at = slot_of(wid, nwg, lid);
+    let base = at.row * p.width;
+    // Statistics are taken around the row's first residual value (h is not formed yet).
+    var shift = 0.0;
+    if (at.live) {
+        shift = residual[base];
     }
-    let base = row * p.width;
     if (p.width <= ONCHIP_MAX) {
         // h = residual + dropout(x) out to memory and, shifted, into registers; then LN(h).
-        let shift = residual[base];
         var v: array<f32, REGS>;
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 let e = base + j;
                 let hv = residual[e] + x[e] * drop_factor(e);
                 h[e] = hv;
                 v[k] = hv - shift;
             }
         }
-        let st = stats_from_registers(lid, row, shift, &v);
+        let st = stats_from_registers(lid, at, shift, &v);
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 y[base + j] = affine(j, (v[k] - st.x) * st.y);
             }
         }
     } else {
-        // Each invocation re-reads only the h elements it wrote itself, so no barrier is needed.
-        let shift = residual[base];
+        // Each lane re-reads only the h elements it wrote itself, so no barrier is needed.
         var acc = Stat(0.0, 0.0, 0.0);
-        for (var j = lid; j < p.width; j += WG) {
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             let e = base + j;
             let hv = residual[e] + x[e] * drop_factor(e);
             h[e] = hv;
             acc = welford_add(acc, hv - shift);
         }
-        let st = finish_stats(lid, row, shift, acc);
-        for (var j = lid; j < p.width; j += WG) {
+        let st = finish_stats(lid, at, shift, acc);
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             y[base + j] = affine(j, ((h[base + j] - shift) - st.x) * st.y);
         }
     }

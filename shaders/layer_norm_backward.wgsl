@@ -14,8 +14,9 @@
 // near the data's magnitude.
 //
 // Entry points, in order:
-//   lnb_dx / lnb_residual_dx  one workgroup per row (width <= 4096 from registers, wider
-//                             rows re-read); writes dx and the row's (K, mean − K).
+//   lnb_dx / lnb_residual_dx  `lanes` invocations per row, 256/lanes rows per workgroup (as in
+//                             the forward); width <= 4096 from registers, wider rows re-read;
+//                             writes dx and the row's (K, mean − K).
 //   lnb_params_partial        one invocation per (column, block of 64 rows): partial dγ, dβ.
 //   lnb_params_final          one invocation per column: sums the partials (no float atomics).
 
@@ -43,6 +44,10 @@ struct Params {
     drop_flags: u32,
     drop_scale: f32,
     col_tiles: u32,
+    lanes: u32,      // invocations per row in the dx passes (power of two, 8..=256)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -84,41 +89,42 @@ fn upstream(e: u32) -> f32 {
     return dy[e];
 }
 
-fn workgroup_sum3(lid: u32, mine: vec3<f32>) -> vec3<f32> {
-    // Two levels (16 × 16) rather than an 8-deep tree: fewer barriers, which CPU drivers pay
-    // dearly for. Requires WG = 256.
+// Where an invocation works in the dx passes: its row, its lane, whether the row exists.
+struct Slot {
+    row: u32,
+    lane: u32,
+    live: bool,
+}
+
+fn slot_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
+    let row = (wid.x + wid.y * nwg.x) * (WG / p.lanes) + lid / p.lanes;
+    return Slot(row, lid % p.lanes, row < p.rows);
+}
+
+// Sums one row's lane segment; every lane gets the total.
+fn segment_sum3(lid: u32, lane: u32, mine: vec3<f32>) -> vec3<f32> {
     shared_sums[lid] = mine;
     workgroupBarrier();
-    if (lid < 16u) {
-        var acc = vec3<f32>(0.0);
-        for (var k = 0u; k < 16u; k++) {
-            acc += shared_sums[lid * 16u + k];
+    for (var stride = p.lanes / 2u; stride > 0u; stride = stride / 2u) {
+        if (lane < stride) {
+            shared_sums[lid] = shared_sums[lid] + shared_sums[lid + stride];
         }
-        shared_sums[lid * 16u] = acc;
+        workgroupBarrier();
     }
-    workgroupBarrier();
-    if (lid == 0u) {
-        var acc = vec3<f32>(0.0);
-        for (var k = 0u; k < 16u; k++) {
-            acc += shared_sums[k * 16u];
-        }
-        shared_sums[0] = acc;
-    }
-    workgroupBarrier();
-    let total = shared_sums[0];
+    let total = shared_sums[lid - lane];
     workgroupBarrier();
     return total;
 }
 
+
 // Row coefficients from the sums (Σ(x−K), Σg, Σg·(x−K)): (mean − K, mean(g), mean(g·x̂)).
-// Invocation 0 stores (K, mean − K) for the column pass.
-fn row_coefficients(lid: u32, row: u32, shift: f32, sums: vec3<f32>) -> vec3<f32> {
-    let total = workgroup_sum3(lid, sums);
+// Lane 0 stores (K, mean − K) for the column pass.
+fn row_coefficients(lid: u32, at: Slot, shift: f32, r: f32, sums: vec3<f32>) -> vec3<f32> {
+    let total = segment_sum3(lid, at.lane, sums);
     let w = f32(p.width);
     let mk = total.x / w;
-    let r = rstd[row];
-    if (lid == 0u) {
-        row_centre[row] = vec2<f32>(shift, mk);
+    if (at.lane == 0u && at.live) {
+        row_centre[at.row] = vec2<f32>(shift, mk);
     }
     return vec3<f32>(mk, total.y / w, r * (total.z - mk * total.y) / w);
 }
@@ -133,48 +139,54 @@ fn emit(out_index: u32, v: f32) {
     dx[out_index] = select(0.0, dx[out_index], has(FLAG_ACCUM_DX)) + v;
 }
 
+// The row's K (its first input value) and rstd, or zeros for a spare segment.
+fn row_start(at: Slot, base: u32) -> vec2<f32> {
+    if (at.live) {
+        return vec2<f32>(x[base], rstd[at.row]);
+    }
+    return vec2<f32>(0.0);
+}
+
 @compute @workgroup_size(256)
 fn lnb_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= p.rows) {
-        return;
-    }
-    let base = row * p.width;
-    let shift = x[base];
-    let r = rstd[row];
+    let at = slot_of(wid, nwg, lid);
+    let base = at.row * p.width;
+    let start = row_start(at, base);
+    let shift = start.x;
+    let r = start.y;
     if (p.width <= ONCHIP_MAX) {
         // Read x and dy once into registers.
         var xs: array<f32, REGS>;
         var gs: array<f32, REGS>;
         var sums = vec3<f32>(0.0);
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 xs[k] = x[base + j] - shift;
                 gs[k] = upstream(base + j) * gamma(j);
                 sums += vec3<f32>(xs[k], gs[k], gs[k] * xs[k]);
             }
         }
-        let cf = row_coefficients(lid, row, shift, sums);
+        let cf = row_coefficients(lid, at, shift, r, sums);
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 emit(base + j, dh_of(xs[k], gs[k], r, cf));
             }
         }
     } else {
         var sums = vec3<f32>(0.0);
-        for (var j = lid; j < p.width; j += WG) {
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             let xs = x[base + j] - shift;
             let g = upstream(base + j) * gamma(j);
             sums += vec3<f32>(xs, g, g * xs);
         }
-        let cf = row_coefficients(lid, row, shift, sums);
-        for (var j = lid; j < p.width; j += WG) {
+        let cf = row_coefficients(lid, at, shift, r, sums);
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             emit(base + j, dh_of(x[base + j] - shift, upstream(base + j) * gamma(j), r, cf));
         }
     }
@@ -198,41 +210,39 @@ fn lnb_residual_dx(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
-    if (row >= p.rows) {
-        return;
-    }
-    let base = row * p.width;
-    let shift = x[base];
-    let r = rstd[row];
+    let at = slot_of(wid, nwg, lid);
+    let base = at.row * p.width;
+    let start = row_start(at, base);
+    let shift = start.x;
+    let r = start.y;
     if (p.width <= ONCHIP_MAX) {
         var xs: array<f32, REGS>;
         var gs: array<f32, REGS>;
         var sums = vec3<f32>(0.0);
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 xs[k] = x[base + j] - shift;
                 gs[k] = dy[base + j] * gamma(j);
                 sums += vec3<f32>(xs[k], gs[k], gs[k] * xs[k]);
             }
         }
-        let cf = row_coefficients(lid, row, shift, sums);
+        let cf = row_coefficients(lid, at, shift, r, sums);
         for (var k = 0u; k < REGS; k++) {
-            let j = lid + k * WG;
-            if (j < p.width) {
+            let j = at.lane + k * p.lanes;
+            if (at.live && j < p.width) {
                 residual_emit(base + j, dh_of(xs[k], gs[k], r, cf));
             }
         }
     } else {
         var sums = vec3<f32>(0.0);
-        for (var j = lid; j < p.width; j += WG) {
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             let xs = x[base + j] - shift;
             let g = dy[base + j] * gamma(j);
             sums += vec3<f32>(xs, g, g * xs);
         }
-        let cf = row_coefficients(lid, row, shift, sums);
-        for (var j = lid; j < p.width; j += WG) {
+        let cf = row_coefficients(lid, at, shift, r, sums);
+        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             residual_emit(base + j, dh_of(x[base + j] - shift, dy[base + j] * gamma(j), r, cf));
         }
     }

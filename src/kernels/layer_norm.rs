@@ -139,9 +139,16 @@ struct LnParams {
     drop_threshold: u32,
     drop_flags: u32,
     drop_scale: f32,
-    _pad0: u32,
+    lanes: u32,
 }
 const _: () = assert!(std::mem::size_of::<LnParams>() == 32);
+
+/// Invocations per row in the forward: the smallest power of two in 8..=256 whose 16
+/// registers each hold the row (256 for rows too wide for registers). A workgroup of 256 runs
+/// `256 / lanes` rows.
+pub(crate) fn lanes_for(width: u64) -> u32 {
+    (width.div_ceil(16).next_power_of_two().clamp(8, 256)) as u32
+}
 
 /// Compiled LayerNorm pipelines for one device.
 #[derive(Clone, Debug)]
@@ -213,6 +220,8 @@ impl LayerNormKernel {
         if config.has_bias() {
             flags |= FLAG_BIAS;
         }
+        let lanes = lanes_for(width);
+        let rows_per_workgroup = u64::from(256 / lanes);
         let uniform = |training: bool| -> Result<wgpu::Buffer> {
             let d = match dropout {
                 Some(d) => d.params(training)?,
@@ -230,7 +239,7 @@ impl LayerNormKernel {
                 drop_threshold: d.threshold,
                 drop_flags: d.flags,
                 drop_scale: d.scale,
-                _pad0: 0,
+                lanes,
             };
             use wgpu::util::DeviceExt;
             Ok(device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -248,7 +257,7 @@ impl LayerNormKernel {
             width,
             limits,
             uniforms: [uniform(false)?, uniform(true)?],
-            groups: fold_workgroups(OP, rows, limits.max_workgroups_per_dim)?,
+            groups: fold_workgroups(OP, rows.div_ceil(rows_per_workgroup), limits.max_workgroups_per_dim)?,
         })
     }
 }

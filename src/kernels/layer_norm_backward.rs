@@ -42,8 +42,12 @@ struct LnBackwardParams {
     drop_flags: u32,
     drop_scale: f32,
     col_tiles: u32,
+    lanes: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
-const _: () = assert!(std::mem::size_of::<LnBackwardParams>() == 32);
+const _: () = assert!(std::mem::size_of::<LnBackwardParams>() == 48);
 
 /// Compiled LayerNorm backward pipelines for one device.
 #[derive(Clone, Debug)]
@@ -108,6 +112,7 @@ impl LayerNormBackwardKernel {
             });
         }
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
+        let lanes = crate::kernels::layer_norm::lanes_for(width);
         let col_tiles = width.div_ceil(WORKGROUP);
         let partial_bytes = row_blocks * width * 8;
         if partial_bytes > limits.max_storage_binding {
@@ -155,6 +160,10 @@ impl LayerNormBackwardKernel {
                     drop_flags: d.flags,
                     drop_scale: d.scale,
                     col_tiles: col_tiles as u32,
+                    lanes,
+                    _pad0: 0,
+                    _pad1: 0,
+                    _pad2: 0,
                 };
                 use wgpu::util::DeviceExt;
                 device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -184,7 +193,7 @@ impl LayerNormBackwardKernel {
             uniforms,
             row_centre: scratch("layer_norm backward row centres", rows * 8),
             partials: scratch("layer_norm backward partials", partial_bytes),
-            dx_groups: fold_workgroups(OP, rows, limits.max_workgroups_per_dim)?,
+            dx_groups: fold_workgroups(OP, rows.div_ceil(u64::from(256 / lanes)), limits.max_workgroups_per_dim)?,
             partial_groups: fold_workgroups(OP, row_blocks * col_tiles, limits.max_workgroups_per_dim)?,
             final_groups: fold_workgroups(OP, col_tiles, limits.max_workgroups_per_dim)?,
         })
