@@ -87,3 +87,19 @@ pub(crate) fn view_to_f64(name: &str, view: &TensorView<'_>) -> Result<Vec<f64>>
         other => return Err(Error::SafeTensors(format!("`{name}` has unsupported dtype {other:?}"))),
     })
 }
+
+/// Writes `bytes` to `path`, naming the file in the error.
+pub(crate) fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Reads `path`, naming the file in the error.
+pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}

@@ -250,3 +250,33 @@ fn bad_input_is_rejected() {
     let e = residual_plan.validate(&args()).unwrap_err();
     assert!(matches!(e, Error::Buffer { what: "residual", .. }), "{e}");
 }
+
+#[test]
+fn state_round_trips_with_pytorch_keys() {
+    let ctx = gpu!();
+    let mut ln = LayerNorm::new(&ctx, &[2, 3]).unwrap();
+    ln.set_weight(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    ln.set_bias(&[-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]).unwrap();
+    let bytes = ln.state_to_safetensors("ln.").unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<_> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    assert_eq!(names, ["ln.bias", "ln.weight"]);
+    assert_eq!(st.tensor("ln.weight").unwrap().shape(), &[2, 3]);
+
+    let mut other = LayerNorm::new(&ctx, &[2, 3]).unwrap();
+    other.load_state_from_safetensors(&bytes, "ln.").unwrap();
+    assert_eq!(read(&ctx, other.weight().unwrap()), read(&ctx, ln.weight().unwrap()));
+    assert_eq!(read(&ctx, other.bias().unwrap()), read(&ctx, ln.bias().unwrap()));
+    // A different normalized_shape or a missing key: an error, and nothing changes.
+    let mut wrong = LayerNorm::new(&ctx, &[6]).unwrap();
+    assert!(matches!(
+        wrong.load_state_from_safetensors(&bytes, "ln."),
+        Err(Error::SafeTensors(_))
+    ));
+    assert!(matches!(
+        other.load_state_from_safetensors(&bytes, "x."),
+        Err(Error::SafeTensors(_))
+    ));
+    assert_eq!(read(&ctx, wrong.weight().unwrap()), vec![1.0; 6]);
+}

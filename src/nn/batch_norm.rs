@@ -543,21 +543,12 @@ impl BatchNorm {
 
     /// Writes the state to a safetensors file.
     pub fn save_state(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        let bytes = self.state_to_safetensors("")?;
-        let path = path.as_ref();
-        std::fs::write(path, bytes).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        crate::state::write_file(path.as_ref(), &self.state_to_safetensors("")?)
     }
 
     /// Loads the state from a safetensors file (see [`BatchNorm::load_state_from_safetensors`]).
     pub fn load_state(&mut self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = crate::state::read_file(path.as_ref())?;
         self.load_state_from_safetensors(&bytes, "")
     }
 }
@@ -582,7 +573,7 @@ pub enum StateTensor {
 }
 
 impl StateTensor {
-    fn as_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    pub(crate) fn as_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
         match self {
             StateTensor::F32 { shape: s, data } if s == shape => Ok(data.clone()),
             StateTensor::F32 { shape: s, .. } => Err(Error::SafeTensors(format!(

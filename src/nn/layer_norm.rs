@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
 use crate::kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
-use crate::nn::batch_norm::{GradTargets, Grads};
+use crate::nn::batch_norm::{GradTargets, Grads, StateTensor};
 use crate::nn::dropout::{check_target, Generator};
 use crate::tensor::{DType, Tensor};
 
@@ -138,6 +138,62 @@ impl LayerNorm {
             ));
         }
         t.write(ctx, values)
+    }
+
+    /// The state with PyTorch's key names, prefixed by `prefix`: `weight` (with γ) and `bias`
+    /// (with β), each of shape `normalized_shape`.
+    pub async fn state(&self, prefix: &str) -> Result<Vec<(String, StateTensor)>> {
+        let mut out = Vec::new();
+        for (name, t) in [("weight", &self.weight), ("bias", &self.bias)] {
+            if let Some(t) = t {
+                let data: Vec<f32> = t.to_vec(&self.ctx).await?;
+                out.push((
+                    format!("{prefix}{name}"),
+                    StateTensor::F32 {
+                        shape: self.config.normalized_shape.clone(),
+                        data,
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Serializes [`LayerNorm::state`] to safetensors bytes.
+    pub fn state_to_safetensors(&self, prefix: &str) -> Result<Vec<u8>> {
+        crate::state::serialize(&pollster::block_on(self.state(prefix))?)
+    }
+
+    /// Loads state written by [`LayerNorm::state_to_safetensors`] or by PyTorch. Every key this
+    /// configuration has must be present as f32 of shape `normalized_shape`; everything is
+    /// checked before anything is written.
+    pub fn load_state_from_safetensors(&mut self, bytes: &[u8], prefix: &str) -> Result<()> {
+        let tensors = crate::state::deserialize(bytes)?;
+        let mut pending = Vec::new();
+        for (name, t) in [("weight", &self.weight), ("bias", &self.bias)] {
+            if let Some(t) = t {
+                let key = format!("{prefix}{name}");
+                let entry = tensors
+                    .get(&key)
+                    .ok_or_else(|| Error::SafeTensors(format!("missing key `{key}`")))?;
+                pending.push((t.clone(), entry.as_f32(&key, &self.config.normalized_shape)?));
+            }
+        }
+        for (t, data) in pending {
+            t.write(&self.ctx, &data)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the state to a safetensors file.
+    pub fn save_state(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        crate::state::write_file(path.as_ref(), &self.state_to_safetensors("")?)
+    }
+
+    /// Loads the state from a safetensors file.
+    pub fn load_state(&mut self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let bytes = crate::state::read_file(path.as_ref())?;
+        self.load_state_from_safetensors(&bytes, "")
     }
 
     /// Normalizes `x` of shape `(*, normalized_shape)`; returns `y` of the same shape.
