@@ -16,7 +16,10 @@
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
-use crate::kernels::{bind_group, binding, binding_or, compute_pipeline, fold_workgroups, placeholder, BindLimits};
+use crate::kernels::{
+    bind_group, binding, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder, record,
+    uniform_buffer, BindLimits,
+};
 
 const OP: &str = "batch_norm";
 
@@ -199,15 +202,7 @@ impl BatchNormKernel {
         let dims = BnDims::of(OP, shape, config.num_features)?;
         let limits = BindLimits::of(device);
         let x_bytes = dims.total * 4;
-        if x_bytes > limits.max_storage_binding {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "input size in bytes",
-                value: x_bytes,
-                limit: limits.max_storage_binding,
-                limit_name: "max_storage_buffer_binding_size",
-            });
-        }
+        limits.check_size(OP, "input size in bytes", x_bytes)?;
         let chunks = dims.m.div_ceil(u64::from(stats_chunk));
         let stats_groups = fold_workgroups(OP, dims.c * chunks, limits.max_workgroups_per_dim)?;
         let finalize_groups = fold_workgroups(OP, dims.c, limits.max_workgroups_per_dim)?;
@@ -215,15 +210,7 @@ impl BatchNormKernel {
         // Both normalize variants handle 4 consecutive elements per invocation.
         let normalize_groups = fold_workgroups(OP, dims.total.div_ceil(WORKGROUP * 4), limits.max_workgroups_per_dim)?;
         let partials_bytes = dims.c * chunks * 8;
-        if partials_bytes > limits.max_storage_binding {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "stats partials in bytes (use a larger stats chunk)",
-                value: partials_bytes,
-                limit: limits.max_storage_binding,
-                limit_name: "max_storage_buffer_binding_size",
-            });
-        }
+        limits.check_size(OP, "stats partials in bytes (use a larger stats chunk)", partials_bytes)?;
 
         let mut flags = 0;
         if config.affine {
@@ -262,12 +249,7 @@ impl BatchNormKernel {
                 _pad1: 0,
                 _pad2: 0,
             };
-            use wgpu::util::DeviceExt;
-            Ok(device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("batch_norm params"),
-                contents: bytemuck::bytes_of(&params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            }))
+            Ok(uniform_buffer(device, "batch_norm params", &params))
         };
         let partials = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batch_norm partials"),
@@ -508,15 +490,7 @@ impl BatchNormPlan {
             outputs.extend(b.running_var.as_ref().map(|s| ("running_var", s)));
             outputs.extend(b.num_batches_tracked.as_ref().map(|s| ("num_batches_tracked", s)));
         }
-        for (out_name, out) in &outputs {
-            if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
-                return Err(Error::Buffer {
-                    op: OP,
-                    what: out_name,
-                    reason: format!("shares a buffer with the input `{in_name}`; inputs and outputs must be in distinct buffers (no in-place BatchNorm)"),
-                });
-            }
-        }
+        check_distinct(OP, &inputs, &outputs)?;
         Ok(())
     }
 
@@ -636,15 +610,7 @@ impl BatchNormPlan {
 
         // bn_finalize updates running statistics exactly when FLAG_TRACK is set: with tracking
         // it only runs in training mode (eval uses bn_finalize_eval), after bn_count.
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("batch_norm forward"),
-            timestamp_writes: None,
-        });
-        for (pipeline, group, (gx, gy)) in &groups {
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, group, &[]);
-            pass.dispatch_workgroups(*gx, *gy, 1);
-        }
+        record(encoder, "batch_norm forward", &groups);
         Ok(())
     }
 }

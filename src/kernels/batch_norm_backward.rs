@@ -13,7 +13,10 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{BatchNormConfig, BnDims, DEFAULT_STATS_CHUNK};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
-use crate::kernels::{bind_group, binding, binding_or, compute_pipeline, fold_workgroups, placeholder, BindLimits};
+use crate::kernels::{
+    bind_group, binding, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder, record,
+    uniform_buffer, BindLimits,
+};
 
 const OP: &str = "batch_norm backward";
 const WORKGROUP: u64 = 256;
@@ -96,15 +99,7 @@ impl BatchNormBackwardKernel {
         config.validate()?;
         let dims = BnDims::of(OP, shape, config.num_features)?;
         let limits = BindLimits::of(device);
-        if dims.total * 4 > limits.max_storage_binding {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "input size in bytes",
-                value: dims.total * 4,
-                limit: limits.max_storage_binding,
-                limit_name: "max_storage_buffer_binding_size",
-            });
-        }
+        limits.check_size(OP, "input size in bytes", dims.total * 4)?;
         let chunk = u64::from(DEFAULT_STATS_CHUNK);
         let chunks = dims.m.div_ceil(chunk);
         let d = match &dropout {
@@ -145,12 +140,7 @@ impl BatchNormBackwardKernel {
                     drop_scale: d.scale,
                     _pad0: 0,
                 };
-                use wgpu::util::DeviceExt;
-                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("batch_norm backward params"),
-                    contents: bytemuck::bytes_of(&params),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                })
+                uniform_buffer(device, "batch_norm backward params", &params)
             })
             .collect();
         let scratch = |label: &str, bytes: u64| {
@@ -273,17 +263,7 @@ impl BatchNormBackwardPlan {
             check_rng(l, OP, rng)?;
             inputs.push(("rng", rng));
         }
-        for (out_name, out) in &outputs {
-            if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
-                return Err(Error::Buffer {
-                    op: OP,
-                    what: out_name,
-                    reason: format!(
-                        "shares a buffer with the input `{in_name}`; inputs and outputs must be in distinct buffers"
-                    ),
-                });
-            }
-        }
+        check_distinct(OP, &inputs, &outputs)?;
         Ok(())
     }
 
@@ -374,15 +354,7 @@ impl BatchNormBackwardPlan {
                 self.dx_groups,
             ),
         ];
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("batch_norm backward"),
-            timestamp_writes: None,
-        });
-        for (pipeline, group, (gx, gy)) in &passes {
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, group, &[]);
-            pass.dispatch_workgroups(*gx, *gy, 1);
-        }
+        record(encoder, "batch_norm backward", &passes);
         Ok(())
     }
 }

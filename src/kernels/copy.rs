@@ -3,7 +3,7 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, BindLimits};
+use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, record, uniform_buffer, BindLimits};
 
 const OP: &str = "copy";
 
@@ -36,12 +36,7 @@ impl CopyKernel {
         }
         let limits = BindLimits::of(device);
         let n4 = (n / 4) as u32;
-        use wgpu::util::DeviceExt;
-        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("copy params"),
-            contents: bytemuck::cast_slice(&[n4, 0, 0, 0]),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+        let uniform = uniform_buffer(device, "copy params", &[n4, 0u32, 0, 0]);
         Ok(CopyPlan {
             kernel: self.clone(),
             bytes: n as u64 * 4,
@@ -96,13 +91,7 @@ impl CopyPlan {
                 (2, binding(dst, self.bytes)),
             ],
         );
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("copy"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&k.copy);
-        pass.set_bind_group(0, &group, &[]);
-        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+        record(encoder, "copy", &[(&k.copy, group, (self.groups.0, self.groups.1))]);
         Ok(())
     }
 }

@@ -9,7 +9,7 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, BindLimits};
+use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, record, uniform_buffer, BindLimits};
 use crate::rng::DropRule;
 
 const OP: &str = "dropout";
@@ -206,15 +206,7 @@ impl DropoutKernel {
         config.validate()?;
         let (numel, unit_len, units) = dropout_units(OP, shape, unit)?;
         let limits = BindLimits::of(device);
-        if numel * 4 > limits.max_storage_binding {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "input size in bytes",
-                value: numel * 4,
-                limit: limits.max_storage_binding,
-                limit_name: "max_storage_buffer_binding_size",
-            });
-        }
+        limits.check_size(OP, "input size in bytes", numel * 4)?;
         let uniform = |training: bool, accumulate: bool| -> Result<wgpu::Buffer> {
             let d = config.params(training)?;
             let params = DropoutParams {
@@ -227,12 +219,7 @@ impl DropoutKernel {
                 _pad0: 0,
                 _pad1: 0,
             };
-            use wgpu::util::DeviceExt;
-            Ok(device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("dropout params"),
-                contents: bytemuck::bytes_of(&params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            }))
+            Ok(uniform_buffer(device, "dropout params", &params))
         };
         Ok(DropoutPlan {
             kernel: self.clone(),
@@ -269,13 +256,7 @@ impl DropoutKernel {
             &self.advance,
             &[(3, binding(rng, RNG_STATE_BYTES))],
         );
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("rng advance"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&self.advance);
-        pass.set_bind_group(0, &group, &[]);
-        pass.dispatch_workgroups(1, 1, 1);
+        record(encoder, "rng advance", &[(&self.advance, group, (1, 1))]);
         Ok(())
     }
 }
@@ -397,13 +378,11 @@ impl DropoutPlan {
                 (3, binding(&b.rng, RNG_STATE_BYTES)),
             ],
         );
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("dropout"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&k.forward);
-        pass.set_bind_group(0, &group, &[]);
-        pass.dispatch_workgroups(self.forward_groups.0, self.forward_groups.1, 1);
+        record(
+            encoder,
+            "dropout",
+            &[(&k.forward, group, (self.forward_groups.0, self.forward_groups.1))],
+        );
         Ok(())
     }
 
@@ -438,13 +417,11 @@ impl DropoutPlan {
                 (4, binding(mask, self.mask_words() * 4)),
             ],
         );
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("dropout mask"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&k.mask);
-        pass.set_bind_group(0, &group, &[]);
-        pass.dispatch_workgroups(self.mask_groups.0, self.mask_groups.1, 1);
+        record(
+            encoder,
+            "dropout mask",
+            &[(&k.mask, group, (self.mask_groups.0, self.mask_groups.1))],
+        );
         Ok(())
     }
 
@@ -493,13 +470,11 @@ impl DropoutPlan {
                 (4, binding(mask, self.mask_words() * 4)),
             ],
         );
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("dropout from mask"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&k.apply_mask);
-        pass.set_bind_group(0, &group, &[]);
-        pass.dispatch_workgroups(self.apply_groups.0, self.apply_groups.1, 1);
+        record(
+            encoder,
+            "dropout from mask",
+            &[(&k.apply_mask, group, (self.apply_groups.0, self.apply_groups.1))],
+        );
         Ok(())
     }
 

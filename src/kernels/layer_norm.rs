@@ -5,7 +5,10 @@
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropoutConfig, RNG_STATE_BYTES};
-use crate::kernels::{bind_group, binding, binding_or, compute_pipeline, fold_workgroups, placeholder, BindLimits};
+use crate::kernels::{
+    bind_group, binding, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder, record,
+    uniform_buffer, BindLimits,
+};
 
 const OP: &str = "layer_norm";
 
@@ -190,15 +193,7 @@ impl LayerNormKernel {
         let (rows, width) = config.rows_and_width(shape)?;
         let limits = BindLimits::of(device);
         let bytes = rows * width * 4;
-        if bytes > limits.max_storage_binding {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "input size in bytes",
-                value: bytes,
-                limit: limits.max_storage_binding,
-                limit_name: "max_storage_buffer_binding_size",
-            });
-        }
+        limits.check_size(OP, "input size in bytes", bytes)?;
         let storage_limit = device.limits().max_storage_buffers_per_shader_stage;
         if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && storage_limit < RESIDUAL_STORAGE_BINDINGS {
             return Err(Error::ExceedsLimit {
@@ -241,12 +236,7 @@ impl LayerNormKernel {
                 drop_scale: d.scale,
                 lanes,
             };
-            use wgpu::util::DeviceExt;
-            Ok(device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("layer_norm params"),
-                contents: bytemuck::bytes_of(&params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            }))
+            Ok(uniform_buffer(device, "layer_norm params", &params))
         };
         Ok(LayerNormPlan {
             kernel: self.clone(),
@@ -366,17 +356,7 @@ impl LayerNormPlan {
             inputs.push(("residual", res));
             outputs.push(("h", h));
         }
-        for (out_name, out) in &outputs {
-            if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
-                return Err(Error::Buffer {
-                    op: OP,
-                    what: out_name,
-                    reason: format!(
-                        "shares a buffer with the input `{in_name}`; inputs and outputs must be in distinct buffers"
-                    ),
-                });
-            }
-        }
+        check_distinct(OP, &inputs, &outputs)?;
         Ok(())
     }
 
@@ -419,13 +399,11 @@ impl LayerNormPlan {
             entries.push((9, binding(h, x_bytes)));
         }
         let group = bind_group(device, "layer_norm", pipeline, &entries);
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("layer_norm forward"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(pipeline);
-        pass.set_bind_group(0, &group, &[]);
-        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+        record(
+            encoder,
+            "layer_norm forward",
+            &[(pipeline, group, (self.groups.0, self.groups.1))],
+        );
         Ok(())
     }
 }

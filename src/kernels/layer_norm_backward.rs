@@ -13,7 +13,10 @@ use crate::error::{Error, Result};
 use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion};
-use crate::kernels::{bind_group, binding, binding_or, compute_pipeline, fold_workgroups, placeholder, BindLimits};
+use crate::kernels::{
+    bind_group, binding, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder, record,
+    uniform_buffer, BindLimits,
+};
 
 const OP: &str = "layer_norm backward";
 const WORKGROUP: u64 = 256;
@@ -92,15 +95,7 @@ impl LayerNormBackwardKernel {
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
         let limits = BindLimits::of(device);
-        if rows * width * 4 > limits.max_storage_binding {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "input size in bytes",
-                value: rows * width * 4,
-                limit: limits.max_storage_binding,
-                limit_name: "max_storage_buffer_binding_size",
-            });
-        }
+        limits.check_size(OP, "input size in bytes", rows * width * 4)?;
         let storage_limit = device.limits().max_storage_buffers_per_shader_stage;
         if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && storage_limit < RESIDUAL_STORAGE_BINDINGS {
             return Err(Error::ExceedsLimit {
@@ -115,15 +110,7 @@ impl LayerNormBackwardKernel {
         let lanes = crate::kernels::layer_norm::lanes_for(width);
         let col_tiles = width.div_ceil(WORKGROUP);
         let partial_bytes = row_blocks * width * 8;
-        if partial_bytes > limits.max_storage_binding {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "dγ/dβ partials in bytes",
-                value: partial_bytes,
-                limit: limits.max_storage_binding,
-                limit_name: "max_storage_buffer_binding_size",
-            });
-        }
+        limits.check_size(OP, "dγ/dβ partials in bytes", partial_bytes)?;
         let (d, mut base_flags) = match fusion {
             LayerNormFusion::None => (
                 DropParams {
@@ -165,12 +152,7 @@ impl LayerNormBackwardKernel {
                     _pad1: 0,
                     _pad2: 0,
                 };
-                use wgpu::util::DeviceExt;
-                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("layer_norm backward params"),
-                    contents: bytemuck::bytes_of(&params),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                })
+                uniform_buffer(device, "layer_norm backward params", &params)
             })
             .collect();
         let scratch = |label: &str, bytes: u64| {
@@ -315,17 +297,7 @@ impl LayerNormBackwardPlan {
                 inputs.push(("dh_in", dh));
             }
         }
-        for (out_name, out) in &outputs {
-            if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
-                return Err(Error::Buffer {
-                    op: OP,
-                    what: out_name,
-                    reason: format!(
-                        "shares a buffer with the input `{in_name}`; inputs and outputs must be in distinct buffers"
-                    ),
-                });
-            }
-        }
+        check_distinct(OP, &inputs, &outputs)?;
         Ok(())
     }
 
@@ -415,15 +387,7 @@ impl LayerNormBackwardPlan {
         } else {
             1
         };
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("layer_norm backward"),
-            timestamp_writes: None,
-        });
-        for (pipeline, group, (gx, gy)) in passes.iter().take(count) {
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, group, &[]);
-            pass.dispatch_workgroups(*gx, *gy, 1);
-        }
+        record(encoder, "layer_norm backward", &passes[..count]);
         Ok(())
     }
 }

@@ -178,16 +178,70 @@ impl BindLimits {
                 got: slice.size(),
             });
         }
-        if needed > self.max_storage_binding {
+        self.check_size(op, what, needed)
+    }
+}
+
+impl BindLimits {
+    /// Checks that a whole tensor of `bytes` fits in one storage binding.
+    pub fn check_size(&self, op: &'static str, what: &'static str, bytes: u64) -> Result<()> {
+        if bytes > self.max_storage_binding {
             return Err(Error::ExceedsLimit {
                 op,
                 what,
-                value: needed,
+                value: bytes,
                 limit: self.max_storage_binding,
                 limit_name: "max_storage_buffer_binding_size",
             });
         }
         Ok(())
+    }
+}
+
+/// WebGPU forbids binding one buffer both read-only and writable in a dispatch: every input
+/// must live in a buffer that no output uses. (Outputs may share a buffer at distinct offsets.)
+pub(crate) fn check_distinct(
+    op: &'static str,
+    inputs: &[(&'static str, &wgpu::BufferSlice<'_>)],
+    outputs: &[(&'static str, &wgpu::BufferSlice<'_>)],
+) -> Result<()> {
+    for (out_name, out) in outputs {
+        if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
+            return Err(Error::Buffer {
+                op,
+                what: out_name,
+                reason: format!(
+                    "shares a buffer with the input `{in_name}`; inputs and outputs must be in distinct buffers"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A uniform buffer holding `value` (a `#[repr(C)]` mirror of a WGSL struct).
+pub(crate) fn uniform_buffer<T: bytemuck::Pod>(device: &wgpu::Device, label: &str, value: &T) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: bytemuck::bytes_of(value),
+        usage: wgpu::BufferUsages::UNIFORM,
+    })
+}
+
+/// One dispatch: pipeline, its group-0 bind group, and workgroups in x and y.
+pub(crate) type Dispatch<'a> = (&'a wgpu::ComputePipeline, wgpu::BindGroup, (u32, u32));
+
+/// Records `dispatches` in order into one compute pass named `label`.
+pub(crate) fn record(encoder: &mut wgpu::CommandEncoder, label: &str, dispatches: &[Dispatch<'_>]) {
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(label),
+        timestamp_writes: None,
+    });
+    for (pipeline, group, (x, y)) in dispatches {
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, group, &[]);
+        pass.dispatch_workgroups(*x, *y, 1);
     }
 }
 

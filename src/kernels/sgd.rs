@@ -2,7 +2,7 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, BindLimits};
+use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, record, uniform_buffer, BindLimits};
 
 const OP: &str = "sgd";
 
@@ -59,12 +59,7 @@ impl SgdKernel {
             _pad0: 0,
             _pad1: 0,
         };
-        use wgpu::util::DeviceExt;
-        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("sgd params"),
-            contents: bytemuck::bytes_of(&params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+        let uniform = uniform_buffer(device, "sgd params", &params);
         Ok(SgdPlan {
             kernel: self.clone(),
             n: n as u64,
@@ -115,13 +110,7 @@ impl SgdPlan {
                 (2, binding(grad, bytes)),
             ],
         );
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("sgd"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&k.step);
-        pass.set_bind_group(0, &group, &[]);
-        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+        record(encoder, "sgd", &[(&k.step, group, (self.groups.0, self.groups.1))]);
         Ok(())
     }
 }
