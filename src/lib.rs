@@ -23,6 +23,8 @@
 //! # Ok::<(), normdrop::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod context;
 pub mod error;

@@ -1,5 +1,5 @@
 //! PyTorch-like modules: they own parameters and state on the GPU, track train/eval mode, and
-//! submit their work through a [`Context`](crate::Context).
+//! submit their work through a [`Context`].
 
 pub mod batch_norm;
 pub mod dropout;
