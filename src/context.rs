@@ -192,6 +192,13 @@ impl Context {
         }
     }
 
+    /// Submits `encoder` inside error scopes; does not wait.
+    pub(crate) fn submit(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        self.scoped(|| {
+            self.queue().submit([encoder.finish()]);
+        })
+    }
+
     /// Creates a buffer inside error scopes, so an allocation failure is an [`Error`].
     pub(crate) fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
         self.scoped(|| {

@@ -9,7 +9,9 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, record, uniform_buffer, BindLimits};
+use crate::kernels::{
+    bind_group, binding, check_distinct, compute_pipeline, fold_workgroups, record, uniform_buffer, BindLimits,
+};
 use crate::rng::DropRule;
 
 const OP: &str = "dropout";
@@ -350,22 +352,10 @@ impl DropoutPlan {
         self.limits.check(OP, "x", &b.x, bytes)?;
         self.limits.check(OP, "y", &b.y, bytes)?;
         check_rng(&self.limits, OP, &b.rng)?;
-        for (what, s) in [("y", &b.y), ("rng", &b.rng)] {
-            if s.buffer() == b.x.buffer() {
-                return Err(Error::Buffer {
-                    op: OP,
-                    what,
-                    reason: "shares a buffer with the input `x`; dropout does not run in place".into(),
-                });
-            }
-        }
-        if b.y.buffer() == b.rng.buffer() {
-            return Err(Error::Buffer {
-                op: OP,
-                what: "rng",
-                reason: "shares a buffer with the output `y`".into(),
-            });
-        }
+        // rng is declared read_write in dropout.wgsl (rng_advance writes it), so it counts as an
+        // output here; y and rng must not share a buffer either.
+        check_distinct(OP, &[("x", &b.x)], &[("y", &b.y), ("rng", &b.rng)])?;
+        check_distinct(OP, &[("y", &b.y)], &[("rng", &b.rng)])?;
         let k = &self.kernel;
         let group = bind_group(
             device,
@@ -399,13 +389,7 @@ impl DropoutPlan {
     ) -> Result<()> {
         check_rng(&self.limits, OP, rng)?;
         self.limits.check(OP, "mask", mask, self.mask_words() * 4)?;
-        if rng.buffer() == mask.buffer() {
-            return Err(Error::Buffer {
-                op: OP,
-                what: "mask",
-                reason: "shares a buffer with `rng`".into(),
-            });
-        }
+        check_distinct(OP, &[("rng", rng)], &[("mask", mask)])?;
         let k = &self.kernel;
         let group = bind_group(
             device,
@@ -442,22 +426,8 @@ impl DropoutPlan {
         self.limits.check(OP, "dy", dy, bytes)?;
         self.limits.check(OP, "dx", dx, bytes)?;
         self.limits.check(OP, "mask", mask, self.mask_words() * 4)?;
-        for (what, s) in [("dx", dx), ("mask", mask)] {
-            if s.buffer() == dy.buffer() {
-                return Err(Error::Buffer {
-                    op: OP,
-                    what,
-                    reason: "shares a buffer with the input `dy`".into(),
-                });
-            }
-        }
-        if dx.buffer() == mask.buffer() {
-            return Err(Error::Buffer {
-                op: OP,
-                what: "mask",
-                reason: "shares a buffer with the output `dx`".into(),
-            });
-        }
+        check_distinct(OP, &[("dy", dy)], &[("dx", dx), ("mask", mask)])?;
+        check_distinct(OP, &[("dx", dx)], &[("mask", mask)])?;
         let k = &self.kernel;
         let group = bind_group(
             device,

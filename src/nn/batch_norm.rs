@@ -318,9 +318,7 @@ impl BatchNorm {
                 let (seed, offset) = generator.state();
                 generator.submit_with(&self.ctx, seed, offset, encoder)?;
             }
-            None => {
-                self.ctx.scoped(|| self.ctx.queue().submit([encoder.finish()]))?;
-            }
+            None => self.ctx.submit(encoder)?,
         }
         self.saved = Some(BatchNormSaved {
             shape: x.shape().to_vec(),
@@ -464,9 +462,7 @@ impl BatchNorm {
             .scoped(|| plan.encode(device, &mut encoder, saved.batch_stats, accumulate, &buffers))??;
         match (generator, saved.dropout) {
             (Some(g), Some((_, seed, offset))) => g.submit_with(&self.ctx, seed, offset, encoder),
-            _ => self.ctx.scoped(|| {
-                self.ctx.queue().submit([encoder.finish()]);
-            }),
+            _ => self.ctx.submit(encoder),
         }
     }
 

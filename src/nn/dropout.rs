@@ -352,9 +352,7 @@ impl Dropout {
                 &mask.buffer().slice(..),
             )
         })??;
-        self.ctx.scoped(|| {
-            self.ctx.queue().submit([encoder.finish()]);
-        })?;
+        self.ctx.submit(encoder)?;
         Ok(dx)
     }
 

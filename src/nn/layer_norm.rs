@@ -267,9 +267,7 @@ impl LayerNorm {
                 let (seed, offset) = g.state();
                 g.submit_with(&self.ctx, seed, offset, encoder)?;
             }
-            None => {
-                self.ctx.scoped(|| self.ctx.queue().submit([encoder.finish()]))?;
-            }
+            None => self.ctx.submit(encoder)?,
         }
         self.saved = Some(LayerNormSaved {
             shape: x.shape().to_vec(),
@@ -397,9 +395,7 @@ impl LayerNorm {
             .scoped(|| plan.encode(device, &mut encoder, accumulate, &buffers))??;
         match state {
             Some((g, seed, offset, _)) => g.submit_with(&self.ctx, seed, offset, encoder),
-            None => self.ctx.scoped(|| {
-                self.ctx.queue().submit([encoder.finish()]);
-            }),
+            None => self.ctx.submit(encoder),
         }
     }
 }

@@ -42,7 +42,5 @@ pub fn sgd_step(ctx: &Context, param: &Tensor, grad: &Tensor, lr: f32) -> Result
         .device()
         .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("sgd") });
     ctx.scoped(|| plan.encode(ctx.device(), &mut encoder, &param.slice(), &grad.slice()))??;
-    ctx.scoped(|| {
-        ctx.queue().submit([encoder.finish()]);
-    })
+    ctx.submit(encoder)
 }
