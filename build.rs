@@ -1,10 +1,11 @@
-//! Validates every `shaders/*.wgsl` with naga (the same major version wgpu 30 uses) so that a
+//! Validates every `shaders/*.wgsl`, in every storage variant (f32, f16, packed f16), with naga (the same major version wgpu 30 uses) so that a
 //! broken shader fails `cargo build` with naga's own diagnostic, naming the file and line,
 //! instead of failing later at pipeline creation on somebody's GPU.
 
 use std::path::Path;
 
 #[path = "src/shader_source.rs"]
+#[allow(dead_code)]
 mod shader_source;
 
 fn main() {
@@ -29,26 +30,35 @@ fn main() {
             continue;
         }
         let lookup = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
-        let source = match shader_source::expand(&raw, &lookup) {
-            Ok(s) => s,
-            Err(e) => {
-                failures.push(format!("{shown}: {e}"));
-                continue;
-            }
+        // Every storage variant the kernels can build: f32 only for shaders without activations.
+        let variants: &[shader_source::Storage] = if shader_source::has_activations(&raw) {
+            &shader_source::Storage::ALL
+        } else {
+            &[shader_source::Storage::F32]
         };
-        let module = match naga::front::wgsl::parse_str(&source) {
-            Ok(m) => m,
-            Err(e) => {
+        for &storage in variants {
+            let shown = format!("{shown} [{}]", storage.name());
+            let source = match shader_source::expand(&raw, &lookup, storage) {
+                Ok(s) => s,
+                Err(e) => {
+                    failures.push(format!("{shown}: {e}"));
+                    continue;
+                }
+            };
+            let module = match naga::front::wgsl::parse_str(&source) {
+                Ok(m) => m,
+                Err(e) => {
+                    failures.push(e.emit_to_string_with_path(&source, &shown));
+                    continue;
+                }
+            };
+            // All capabilities: optional features (f16, subgroups) are chosen at run time from
+            // the adapter, and each variant is additionally translated to every backend by a test.
+            let mut validator =
+                naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
+            if let Err(e) = validator.validate(&module) {
                 failures.push(e.emit_to_string_with_path(&source, &shown));
-                continue;
             }
-        };
-        // All capabilities: optional features (f16, subgroups) are chosen at run time from the
-        // adapter, and each variant is additionally translated to every backend by a test.
-        let mut validator =
-            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
-        if let Err(e) = validator.validate(&module) {
-            failures.push(e.emit_to_string_with_path(&source, &shown));
         }
     }
     if !failures.is_empty() {

@@ -13,7 +13,7 @@
 //   bn_stats          one workgroup per (channel, chunk). Each channel's M elements are cut into
 //                     `chunks` chunks of `chunk_len`; each invocation runs Welford over a strided
 //                     slice of its chunk, the workgroup merges with Chan's formula, and writes the
-//                     chunk's (mean, M2). The count is implied by the geometry, so it is not stored.
+//                     chunk's (mean − K, M2, count).
 //   bn_finalize       one workgroup per channel: Chan-merges the channel's chunk partials, updates
 //                     the running statistics, writes the saved mean and invstd, and the
 //                     channel's (K, mean − K) for the normalize pass.
@@ -26,7 +26,12 @@
 //
 // Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
 // linear workgroup index from `num_workgroups`.
-// Precision: f32 storage, f32 accumulation. The variance is never formed as E[x²] − E[x]².
+// Chunking: an input larger than one storage binding is processed in ranges of whole samples
+// (a channel is split across ranges). bn_stats and the normalize pass run once per range with x
+// and y bound at the range's offset; each stats chunk stores its own count with its partial, so
+// bn_finalize merges a channel's partials from every range; the dropout index is global.
+// Precision: activations stored as the variant says (f32, f16, packed f16); f32 arithmetic.
+// The variance is never formed as E[x²] − E[x]².
 // Statistics are accumulated over x − K, with K = x[0, c, 0] a value of the channel itself, and
 // the normalize pass computes ((x − K) − mean_K)·invstd. Off-centre data (1000 + 0.1·randn)
 // then keeps the precision of its spread instead of losing it to the rounding of a mean near
@@ -43,27 +48,31 @@ const FLAG_CUMULATIVE: u32 = 4u;     // m = 1 / num_batches_tracked instead of m
 
 // Mirrors `BnParams` in src/kernels/batch_norm.rs field by field.
 struct Params {
-    n: u32,          // batch size N
+    n: u32,          // samples in this dispatch's range (N unless chunked)
     c: u32,          // channels C
     s: u32,          // spatial size S = ∏ dims after the channel axis
-    m: u32,          // elements per channel M = N·S
+    m: u32,          // elements per channel in this range: n·S
     chunk_len: u32,  // elements per stats chunk (multiple of WG)
-    chunks: u32,     // chunks per channel = ceil(M / chunk_len)
+    chunks: u32,     // stats chunks per channel in this range = ceil(m / chunk_len)
     flags: u32,      // FLAG_* bits
-    total: u32,      // N·C·S
+    total: u32,      // elements in this range: n·C·S
     eps: f32,
     momentum: f32,
     drop_threshold: u32, // fused dropout: keep iff Philox word >= threshold
     drop_flags: u32,     // fused dropout: DROP_ALL
     drop_scale: f32,     // fused dropout: multiplier of kept elements
+    part_base: u32,  // index of this range's first partial within a channel's partials
+    parts: u32,      // partials per channel, over all ranges
+    m_all: u32,      // elements per channel of the whole call: N·S
+    elem_base: u32,  // flat index of this range's first element (multiple of 4)
+    first: u32,      // 1 for the range that starts at sample 0 (it picks K)
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;                  // (N, C, S)
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;            // (N, C, S)
+// #activation @binding(1) read x (N, C, S)
+// #activation @binding(2) read_write y (N, C, S)
 @group(0) @binding(3) var<storage, read> weight: array<f32>;             // (C) γ
 @group(0) @binding(4) var<storage, read> bias: array<f32>;               // (C) β
 @group(0) @binding(5) var<storage, read_write> running_mean: array<f32>; // (C)
@@ -71,7 +80,7 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> num_batches: array<u32>;  // (2) u64 as (lo, hi)
 @group(0) @binding(8) var<storage, read_write> save_mean: array<f32>;    // (C)
 @group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
-@group(0) @binding(10) var<storage, read_write> partials: array<vec2<f32>>; // (C, chunks) (mean, M2)
+@group(0) @binding(10) var<storage, read_write> partials: array<vec4<f32>>; // (C, parts) (mean − K, M2, count, 0)
 @group(0) @binding(11) var<storage, read> rng_state: array<u32>;         // (4) seed lo/hi, offset lo/hi
 @group(0) @binding(12) var<storage, read_write> centre: array<vec2<f32>>; // (C) (K, mean − K) for normalize
 
@@ -90,19 +99,29 @@ fn bn_stats(
     let begin = k * p.chunk_len;
     let end = min(begin + p.chunk_len, p.m);
 
-    // Phase 1: Welford over this invocation's strided slice of the chunk, shifted by K.
-    let shift = x[c * p.s];
+    // Phase 1: Welford over this invocation's strided slice of the chunk, shifted by K. The
+    // first range reads K = x[0, c, 0] and publishes it in centre[c].x for the later ranges
+    // (later dispatches) and bn_finalize.
+    var shift: f32;
+    if (p.first != 0u) {
+        shift = ld_x(c * p.s);
+    } else {
+        shift = centre[c].x;
+    }
     var acc = Stat(0.0, 0.0, 0.0);
     for (var i = begin + lid; i < end; i += WG) {
         let n = i / p.s;
         let s = i - n * p.s;
-        acc = welford_add(acc, x[(n * p.c + c) * p.s + s] - shift);
+        acc = welford_add(acc, ld_x((n * p.c + c) * p.s + s) - shift);
     }
 
     // Phase 2: Chan merge across the workgroup; invocation 0 writes the chunk's partial.
     let total = workgroup_merge(lid, acc);
     if (lid == 0u) {
-        partials[w] = vec2<f32>(total.mean, total.m2);
+        partials[c * p.parts + p.part_base + k] = vec4<f32>(total.mean, total.m2, total.n, 0.0);
+        if (p.first != 0u && k == 0u) {
+            centre[c] = vec2<f32>(shift, 0.0);
+        }
     }
 }
 
@@ -119,10 +138,9 @@ fn bn_finalize(
 
     // Phase 1: each invocation merges a strided subset of the channel's chunk partials.
     var acc = Stat(0.0, 0.0, 0.0);
-    for (var k = lid; k < p.chunks; k += WG) {
-        let part = partials[c * p.chunks + k];
-        let count = f32(min(p.chunk_len, p.m - k * p.chunk_len));
-        acc = chan_merge(acc, Stat(count, part.x, part.y));
+    for (var k = lid; k < p.parts; k += WG) {
+        let part = partials[c * p.parts + k];
+        acc = chan_merge(acc, Stat(part.z, part.x, part.y));
     }
 
     // Phase 2: merge across the workgroup.
@@ -130,9 +148,9 @@ fn bn_finalize(
 
     // Phase 3: one invocation turns the channel's triple into statistics.
     if (lid == 0u) {
-        let shift = x[c * p.s];
+        let shift = centre[c].x;
         let mean = shift + total.mean;
-        let var_biased = max(total.m2 / f32(p.m), 0.0);
+        let var_biased = max(total.m2 / f32(p.m_all), 0.0);
         save_mean[c] = mean;
         save_invstd[c] = 1.0 / sqrt(var_biased + p.eps);
         centre[c] = vec2<f32>(shift, total.mean);
@@ -142,7 +160,7 @@ fn bn_finalize(
             if ((p.flags & FLAG_CUMULATIVE) != 0u) {
                 m = 1.0 / (f32(num_batches[0]) + f32(num_batches[1]) * 4294967296.0);
             }
-            let var_unbiased = max(total.m2 / f32(p.m - 1u), 0.0);
+            let var_unbiased = max(total.m2 / f32(p.m_all - 1u), 0.0);
             running_mean[c] = (1.0 - m) * running_mean[c] + m * mean;
             running_var[c] = (1.0 - m) * running_var[c] + m * var_unbiased;
         }
@@ -197,7 +215,7 @@ fn bn_normalize(
             c = ci;
             k = channel_coefficients(c);
         }
-        y[i] = ((x[i] - k.x) - k.y) * k.z + k.w;
+        st_y(i, ((ld_x(i) - k.x) - k.y) * k.z + k.w);
     }
 }
 
@@ -225,7 +243,7 @@ fn normalized(i: u32) -> f32 {
         beta = bias[c];
     }
     let k = centre[c];
-    return ((x[i] - k.x) - k.y) * scale + beta;
+    return ((ld_x(i) - k.x) - k.y) * scale + beta;
 }
 
 @compute @workgroup_size(256)
@@ -239,11 +257,11 @@ fn bn_normalize_dropout(
         return;
     }
     let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let words = dropout_words(state, g);
+    let words = dropout_words(state, p.elem_base / 4u + g);
     for (var k = 0u; k < 4u; k++) {
         let i = first + k;
         if (i < p.total) {
-            y[i] = normalized(i) * select(0.0, p.drop_scale, dropout_keep(words[k], p.drop_threshold, p.drop_flags));
+            st_y(i, normalized(i) * select(0.0, p.drop_scale, dropout_keep(words[k], p.drop_threshold, p.drop_flags)));
         }
     }
 }

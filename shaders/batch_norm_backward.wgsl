@@ -13,6 +13,10 @@
 // mean − K = Σ(x − K)/M is recomputed exactly instead of being recovered from the rounded saved
 // mean, and Σdy·x̂ = invstd·(Σdy·(x − K) − (mean − K)·Σdy).
 //
+// Chunking: an input larger than one storage binding is processed in ranges of whole samples;
+// bnb_reduce and bnb_dx run once per range (x, dy, dx bound at its offset), partial sums of
+// every range are merged by bnb_finalize, and the dropout index is global.
+//
 // Entry points, in order:
 //   bnb_reduce    one workgroup per (channel, chunk): the three sums of the chunk.
 //   bnb_finalize  one workgroup per channel: merges chunk sums; writes (or adds to) dγ, dβ;
@@ -42,13 +46,17 @@ struct Params {
     drop_threshold: u32,
     drop_flags: u32,
     drop_scale: f32,
-    _pad0: u32,
+    part_base: u32,  // index of this range's first partial within a channel's partials
+    parts: u32,      // partials per channel over all ranges
+    m_all: u32,      // elements per channel of the whole call: N·S
+    elem_base: u32,  // flat index of this range's first element (multiple of 4)
+    first: u32,      // 1 for the range that starts at sample 0 (it picks K)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;                   // (N, C, S)
-@group(0) @binding(2) var<storage, read> dy: array<f32>;                  // (N, C, S)
-@group(0) @binding(3) var<storage, read_write> dx: array<f32>;            // (N, C, S)
+// #activation @binding(1) read x (N, C, S)
+// #activation @binding(2) read dy (N, C, S)
+// #activation @binding(3) read_write dx (N, C, S)
 @group(0) @binding(4) var<storage, read> weight: array<f32>;              // (C) γ
 @group(0) @binding(5) var<storage, read> save_mean: array<f32>;           // (C)
 @group(0) @binding(6) var<storage, read> save_invstd: array<f32>;         // (C)
@@ -64,22 +72,26 @@ fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
 }
 
-// The value sums are centred on: a value of the channel (batch stats) or the running mean.
+// The value sums are centred on: a value of the channel (batch stats: x[0, c, 0], read by the
+// first sample range and published in coef[c].x for the later ones) or the running mean.
 fn centre_of(c: u32) -> f32 {
-    if (has(FLAG_BATCH_STATS)) {
-        return x[c * p.s];
+    if (!has(FLAG_BATCH_STATS)) {
+        return save_mean[c];
     }
-    return save_mean[c];
+    if (p.first != 0u) {
+        return ld_x(c * p.s);
+    }
+    return coef[c].x;
 }
 
 // dy of element i, times the fused dropout's mask factor when there is one.
 fn upstream(i: u32) -> f32 {
     if (!has(FLAG_DROPOUT)) {
-        return dy[i];
+        return ld_dy(i);
     }
     let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let words = dropout_words(state, i / 4u);
-    return dy[i] * select(0.0, p.drop_scale, dropout_keep(words[i % 4u], p.drop_threshold, p.drop_flags));
+    let words = dropout_words(state, (p.elem_base + i) / 4u);
+    return ld_dy(i) * select(0.0, p.drop_scale, dropout_keep(words[i % 4u], p.drop_threshold, p.drop_flags));
 }
 
 fn workgroup_sum3(lid: u32, mine: vec3<f32>) -> vec3<f32> {
@@ -129,7 +141,7 @@ fn bnb_reduce(
     for (var j = begin + lid; j < end; j += WG) {
         let n = j / p.s;
         let i = (n * p.c + c) * p.s + (j - n * p.s);
-        let xs = x[i] - centre;
+        let xs = ld_x(i) - centre;
         let g = upstream(i);
         acc += vec3<f32>(xs, g, g * xs);
     }
@@ -137,7 +149,10 @@ fn bnb_reduce(
     // Phase 2: tree sum across the workgroup.
     let total = workgroup_sum3(lid, acc);
     if (lid == 0u) {
-        partials[w] = vec4<f32>(total, 0.0);
+        partials[c * p.parts + p.part_base + k] = vec4<f32>(total, 0.0);
+        if (p.first != 0u && k == 0u) {
+            coef[c] = vec4<f32>(centre, 0.0, 0.0, 0.0);
+        }
     }
 }
 
@@ -152,13 +167,14 @@ fn bnb_finalize(
         return;
     }
     var acc = vec3<f32>(0.0);
-    for (var k = lid; k < p.chunks; k += WG) {
-        acc += partials[c * p.chunks + k].xyz;
+    for (var k = lid; k < p.parts; k += WG) {
+        acc += partials[c * p.parts + k].xyz;
     }
     let total = workgroup_sum3(lid, acc);
     if (lid == 0u) {
-        let m = f32(p.m);
+        let m = f32(p.m_all);
         let invstd = save_invstd[c];
+        let centre = select(save_mean[c], coef[c].x, has(FLAG_BATCH_STATS));
         // mean − K: exact from the data with batch statistics; K is the mean otherwise.
         let mk = select(0.0, total.x / m, has(FLAG_BATCH_STATS));
         let sum_dy = total.y;
@@ -168,7 +184,7 @@ fn bnb_finalize(
             dweight[c] = select(0.0, dweight[c], accumulate) + sum_dy_xhat;
             dbias[c] = select(0.0, dbias[c], accumulate) + sum_dy;
         }
-        coef[c] = vec4<f32>(centre_of(c), mk, sum_dy / m, sum_dy_xhat / m);
+        coef[c] = vec4<f32>(centre, mk, sum_dy / m, sum_dy_xhat / m);
     }
 }
 
@@ -193,9 +209,9 @@ fn bnb_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         }
         var v = upstream(i);
         if (has(FLAG_BATCH_STATS)) {
-            let xhat = ((x[i] - cf.x) - cf.y) * invstd;
+            let xhat = ((ld_x(i) - cf.x) - cf.y) * invstd;
             v = v - cf.z - xhat * cf.w;
         }
-        dx[i] = select(0.0, dx[i], has(FLAG_ACCUM_DX)) + a * v;
+        st_dx(i, select(0.0, ld_dx(i), has(FLAG_ACCUM_DX)) + a * v);
     }
 }

@@ -17,7 +17,10 @@
 //                     in bit u % 32 of word u / 32 (LSB first); bits past the last unit are 0.
 //   rng_advance       one invocation: offset += 1 in the generator state (64-bit carry), so
 //                     consecutive calls recorded in one submission draw fresh masks.
-// Dispatches over 65535 workgroups fold into y. Precision: f32 in, f32 out.
+// Dispatches over 65535 workgroups fold into y. A tensor larger than one storage binding is
+// processed in chunks: x and y are bound at the chunk's offset and `base` is the flat index of
+// its first element, so the mask is the unchunked one. Precision: activations are stored as the
+// variant says (f32, f16, packed f16; see the #activation lines), arithmetic is f32.
 
 // #include "philox.wgsl"
 
@@ -32,19 +35,19 @@ struct Params {
     threshold: u32,  // keep iff word >= threshold
     flags: u32,      // DROP_ALL (p = 1 in training), ACCUMULATE
     scale: f32,      // multiplier of kept elements
-    _pad0: u32,
+    base: u32,       // flat index of element 0 of this dispatch (chunked calls; multiple of 4)
     _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;              // (numel)
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;        // (numel)
+// #activation @binding(1) read x (numel)
+// #activation @binding(2) read_write y (numel)
 @group(0) @binding(3) var<storage, read_write> rng_state: array<u32>; // (4) seed lo/hi, offset lo/hi
 @group(0) @binding(4) var<storage, read_write> mask: array<u32>;     // (⌈units/32⌉) packed bits
 
 // Writes (or, with ACCUMULATE, adds) one output element.
 fn emit(i: u32, v: f32) {
-    y[i] = select(0.0, y[i], (p.flags & ACCUMULATE) != 0u) + v;
+    st_y(i, select(0.0, ld_y(i), (p.flags & ACCUMULATE) != 0u) + v);
 }
 
 fn load_state() -> vec4<u32> {
@@ -71,26 +74,26 @@ fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     let state = load_state();
     if (p.unit_len == 1u) {
         // Dropout: the four elements are the four words of one Philox call.
-        let words = dropout_words(state, g);
+        let words = dropout_words(state, p.base / 4u + g);
         for (var k = 0u; k < 4u; k++) {
             let i = first + k;
             if (i < p.numel) {
-                emit(i, x[i] * select(0.0, p.scale, dropout_keep(words[k], p.threshold, p.flags)));
+                emit(i, ld_x(i) * select(0.0, p.scale, dropout_keep(words[k], p.threshold, p.flags)));
             }
         }
     } else {
         // Dropout2d: usually all four elements share a channel; draw once per channel change.
-        var unit = first / p.unit_len;
+        var unit = (p.base + first) / p.unit_len;
         var m = select(0.0, p.scale, unit_keep(state, unit));
         for (var k = 0u; k < 4u; k++) {
             let i = first + k;
             if (i < p.numel) {
-                let u = i / p.unit_len;
+                let u = (p.base + i) / p.unit_len;
                 if (u != unit) {
                     unit = u;
                     m = select(0.0, p.scale, unit_keep(state, unit));
                 }
-                emit(i, x[i] * m);
+                emit(i, ld_x(i) * m);
             }
         }
     }
@@ -102,9 +105,9 @@ fn dropout_apply_mask(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
     if (i >= p.numel) {
         return;
     }
-    let u = i / p.unit_len;
+    let u = (p.base + i) / p.unit_len;
     let keep = ((mask[u / 32u] >> (u % 32u)) & 1u) == 1u;
-    emit(i, x[i] * select(0.0, p.scale, keep));
+    emit(i, ld_x(i) * select(0.0, p.scale, keep));
 }
 
 @compute @workgroup_size(256)

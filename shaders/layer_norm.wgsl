@@ -19,9 +19,13 @@
 //                  once, write y once.
 //   width  > 4096: Welford per lane over a strided slice, Chan merge, then a second read to
 //                  normalize (the residual variant re-reads the h it wrote).
-// Precision: f32 storage and accumulation; the variance is never E[x²] − E[x]². Statistics
-// are taken around K, a value from the row itself (x[r, 0], or residual[r, 0] for the residual
-// block), and rows are normalized as ((h − K) − (mean − K))·rstd, so off-centre rows
+// Chunking: a tensor larger than one storage binding is processed in row ranges; the
+// activations are bound at the range's offset (indices here are local to it), mean and rstd are
+// bound whole and indexed by the global row p.row_base + row, and the dropout's element index
+// is global, so the mask is the unchunked one.
+// Precision: activations stored as the variant says (f32, f16 or packed f16); f32 arithmetic;
+// the variance is never E[x²] − E[x]². Statistics are taken around K, a value from the row
+// itself (x[r, 0], or residual[r, 0] for the residual block), and rows are normalized as ((h − K) − (mean − K))·rstd, so off-centre rows
 // (1000 + 0.1·randn) keep the precision of their spread.
 
 // #include "welford.wgsl"
@@ -44,18 +48,22 @@ struct Params {
     drop_flags: u32,
     drop_scale: f32,
     lanes: u32,      // invocations per row: a power of two in 8..=256
+    row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;               // (rows, W)
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;         // (rows, W)
+// #activation @binding(1) read x (rows, W)
+// #activation @binding(2) read_write y (rows, W)
 @group(0) @binding(3) var<storage, read> weight: array<f32>;          // (W) γ
 @group(0) @binding(4) var<storage, read> bias: array<f32>;            // (W) β
 @group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;  // (rows)
 @group(0) @binding(6) var<storage, read_write> rstd_out: array<f32>;  // (rows)
 @group(0) @binding(7) var<storage, read> rng_state: array<u32>;       // (4) seed lo/hi, offset lo/hi
-@group(0) @binding(8) var<storage, read> residual: array<f32>;        // (rows, W)
-@group(0) @binding(9) var<storage, read_write> h: array<f32>;         // (rows, W) residual + dropout(x)
+// #activation @binding(8) read residual (rows, W)
+// #activation @binding(9) read_write h (rows, W) residual + dropout(x)
 
 // Where an invocation works: its row, its lane within the row, and whether that row exists
 // (the last workgroup may have spare segments; they still take part in every barrier).
@@ -83,8 +91,10 @@ fn affine(j: u32, v: f32) -> f32 {
     return r;
 }
 
-// Dropout multiplier of flat element e: one Philox call, word e % 4.
-fn drop_factor(e: u32) -> f32 {
+// Dropout multiplier of this dispatch's element e (flat index row_base·W + e): one Philox
+// call, word e % 4.
+fn drop_factor(e_local: u32) -> f32 {
+    let e = p.row_base * p.width + e_local;
     let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
     let words = dropout_words(state, e / 4u);
     return select(0.0, p.drop_scale, dropout_keep(words[e % 4u], p.drop_threshold, p.drop_flags));
@@ -134,8 +144,8 @@ fn finish_stats(lid: u32, at: Slot, shift: f32, mine: Stat) -> vec2<f32> {
     let total = segment_merge(lid, at.lane, mine);
     let rstd = 1.0 / sqrt(max(total.m2 / f32(p.width), 0.0) + p.eps);
     if (at.lane == 0u && at.live) {
-        mean_out[at.row] = shift + total.mean;
-        rstd_out[at.row] = rstd;
+        mean_out[p.row_base + at.row] = shift + total.mean;
+        rstd_out[p.row_base + at.row] = rstd;
     }
     return vec2<f32>(total.mean, rstd);
 }
@@ -143,7 +153,7 @@ fn finish_stats(lid: u32, at: Slot, shift: f32, mine: Stat) -> vec2<f32> {
 // The first input value of a row (K), or 0 for a spare segment.
 fn first_of(at: Slot, base: u32) -> f32 {
     if (at.live) {
-        return x[base];
+        return ld_x(base);
     }
     return 0.0;
 }
@@ -163,25 +173,25 @@ fn ln_forward(
         for (var k = 0u; k < REGS; k++) {
             let j = at.lane + k * p.lanes;
             if (at.live && j < p.width) {
-                v[k] = x[base + j] - shift;
+                v[k] = ld_x(base + j) - shift;
             }
         }
         let st = stats_from_registers(lid, at, shift, &v);
         for (var k = 0u; k < REGS; k++) {
             let j = at.lane + k * p.lanes;
             if (at.live && j < p.width) {
-                y[base + j] = affine(j, (v[k] - st.x) * st.y);
+                st_y(base + j, affine(j, (v[k] - st.x) * st.y));
             }
         }
     } else {
         // Wide row (one per workgroup): Welford pass, then a second read to normalize.
         var acc = Stat(0.0, 0.0, 0.0);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            acc = welford_add(acc, x[base + j] - shift);
+            acc = welford_add(acc, ld_x(base + j) - shift);
         }
         let st = finish_stats(lid, at, shift, acc);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            y[base + j] = affine(j, ((x[base + j] - shift) - st.x) * st.y);
+            st_y(base + j, affine(j, ((ld_x(base + j) - shift) - st.x) * st.y));
         }
     }
 }
@@ -200,24 +210,24 @@ fn ln_dropout_forward(
         for (var k = 0u; k < REGS; k++) {
             let j = at.lane + k * p.lanes;
             if (at.live && j < p.width) {
-                v[k] = x[base + j] - shift;
+                v[k] = ld_x(base + j) - shift;
             }
         }
         let st = stats_from_registers(lid, at, shift, &v);
         for (var k = 0u; k < REGS; k++) {
             let j = at.lane + k * p.lanes;
             if (at.live && j < p.width) {
-                y[base + j] = affine(j, (v[k] - st.x) * st.y) * drop_factor(base + j);
+                st_y(base + j, affine(j, (v[k] - st.x) * st.y) * drop_factor(base + j));
             }
         }
     } else {
         var acc = Stat(0.0, 0.0, 0.0);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            acc = welford_add(acc, x[base + j] - shift);
+            acc = welford_add(acc, ld_x(base + j) - shift);
         }
         let st = finish_stats(lid, at, shift, acc);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            y[base + j] = affine(j, ((x[base + j] - shift) - st.x) * st.y) * drop_factor(base + j);
+            st_y(base + j, affine(j, ((ld_x(base + j) - shift) - st.x) * st.y) * drop_factor(base + j));
         }
     }
 }
@@ -233,7 +243,7 @@ fn ln_residual_dropout_forward(
     // Statistics are taken around the row's first residual value (h is not formed yet).
     var shift = 0.0;
     if (at.live) {
-        shift = residual[base];
+        shift = ld_residual(base);
     }
     if (p.width <= ONCHIP_MAX) {
         // h = residual + dropout(x) out to memory and, shifted, into registers; then LN(h).
@@ -242,8 +252,8 @@ fn ln_residual_dropout_forward(
             let j = at.lane + k * p.lanes;
             if (at.live && j < p.width) {
                 let e = base + j;
-                let hv = residual[e] + x[e] * drop_factor(e);
-                h[e] = hv;
+                let hv = to_storage(ld_residual(e) + ld_x(e) * drop_factor(e));
+                st_h(e, hv);
                 v[k] = hv - shift;
             }
         }
@@ -251,7 +261,7 @@ fn ln_residual_dropout_forward(
         for (var k = 0u; k < REGS; k++) {
             let j = at.lane + k * p.lanes;
             if (at.live && j < p.width) {
-                y[base + j] = affine(j, (v[k] - st.x) * st.y);
+                st_y(base + j, affine(j, (v[k] - st.x) * st.y));
             }
         }
     } else {
@@ -259,13 +269,13 @@ fn ln_residual_dropout_forward(
         var acc = Stat(0.0, 0.0, 0.0);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             let e = base + j;
-            let hv = residual[e] + x[e] * drop_factor(e);
-            h[e] = hv;
+            let hv = to_storage(ld_residual(e) + ld_x(e) * drop_factor(e));
+            st_h(e, hv);
             acc = welford_add(acc, hv - shift);
         }
         let st = finish_stats(lid, at, shift, acc);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            y[base + j] = affine(j, ((h[base + j] - shift) - st.x) * st.y);
+            st_y(base + j, affine(j, ((ld_h(base + j) - shift) - st.x) * st.y));
         }
     }
 }

@@ -9,6 +9,11 @@
 //     and optionally dh_in (gradient reaching h from elsewhere, e.g. the next residual add):
 //     dh = LN_backward(dy) + dh_in, dresidual = dh, dx = dh·m.
 //
+// Chunking: a tensor larger than one storage binding is processed in ranges of whole 64-row
+// blocks. Activations are bound at the range's offset and indexed locally; per-row and
+// per-block arrays are bound whole and indexed globally (row_base, block_base); the mask is
+// the unchunked one.
+//
 // Precision: as in the forward, sums are taken around K = the row's first value, and the
 // row's mean − K is recomputed exactly from Σ(x − K), so x̂ never subtracts a rounded mean
 // near the data's magnitude.
@@ -45,15 +50,15 @@ struct Params {
     drop_scale: f32,
     col_tiles: u32,
     lanes: u32,      // invocations per row in the dx passes (power of two, 8..=256)
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
+    block_base: u32, // global index of this dispatch's first block of 64 rows
+    total_blocks: u32, // row blocks of the whole call (lnb_params_final)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;                     // (rows, W) LN input (h for the residual block)
-@group(0) @binding(2) var<storage, read> dy: array<f32>;                    // (rows, W)
-@group(0) @binding(3) var<storage, read_write> dx: array<f32>;              // (rows, W)
+// #activation @binding(1) read x (rows, W) LN input (h for the residual block)
+// #activation @binding(2) read dy (rows, W)
+// #activation @binding(3) read_write dx (rows, W)
 @group(0) @binding(4) var<storage, read> weight: array<f32>;                // (W) γ
 @group(0) @binding(5) var<storage, read> rstd: array<f32>;                  // (rows)
 @group(0) @binding(6) var<storage, read_write> row_centre: array<vec2<f32>>; // (rows) (K, mean − K)
@@ -61,8 +66,8 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> dweight: array<f32>;         // (W)
 @group(0) @binding(9) var<storage, read_write> dbias: array<f32>;           // (W)
 @group(0) @binding(10) var<storage, read> rng_state: array<u32>;            // (4)
-@group(0) @binding(11) var<storage, read> dh_in: array<f32>;                // (rows, W)
-@group(0) @binding(12) var<storage, read_write> dresidual: array<f32>;      // (rows, W)
+// #activation @binding(11) read dh_in (rows, W)
+// #activation @binding(12) read_write dresidual (rows, W)
 
 var<workgroup> shared_sums: array<vec3<f32>, WG>;
 
@@ -74,8 +79,9 @@ fn gamma(j: u32) -> f32 {
     return select(1.0, weight[j], has(FLAG_WEIGHT));
 }
 
-// The dropout multiplier of flat element e.
-fn mask_factor(e: u32) -> f32 {
+// The dropout multiplier of this dispatch's element e_local (flat index row_base·W + e_local).
+fn mask_factor(e_local: u32) -> f32 {
+    let e = p.row_base * p.width + e_local;
     let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
     let words = dropout_words(state, e / 4u);
     return select(0.0, p.drop_scale, dropout_keep(words[e % 4u], p.drop_threshold, p.drop_flags));
@@ -84,9 +90,9 @@ fn mask_factor(e: u32) -> f32 {
 // dy of element e as LayerNorm's output gradient (times the mask for LayerNorm → dropout).
 fn upstream(e: u32) -> f32 {
     if (has(FLAG_DROPOUT)) {
-        return dy[e] * mask_factor(e);
+        return ld_dy(e) * mask_factor(e);
     }
-    return dy[e];
+    return ld_dy(e);
 }
 
 // Where an invocation works in the dx passes: its row, its lane, whether the row exists.
@@ -124,7 +130,7 @@ fn row_coefficients(lid: u32, at: Slot, shift: f32, r: f32, sums: vec3<f32>) -> 
     let w = f32(p.width);
     let mk = total.x / w;
     if (at.lane == 0u && at.live) {
-        row_centre[at.row] = vec2<f32>(shift, mk);
+        row_centre[p.row_base + at.row] = vec2<f32>(shift, mk);
     }
     return vec3<f32>(mk, total.y / w, r * (total.z - mk * total.y) / w);
 }
@@ -136,13 +142,13 @@ fn dh_of(xs: f32, g: f32, r: f32, cf: vec3<f32>) -> f32 {
 }
 
 fn emit(out_index: u32, v: f32) {
-    dx[out_index] = select(0.0, dx[out_index], has(FLAG_ACCUM_DX)) + v;
+    st_dx(out_index, select(0.0, ld_dx(out_index), has(FLAG_ACCUM_DX)) + v);
 }
 
 // The row's K (its first input value) and rstd, or zeros for a spare segment.
 fn row_start(at: Slot, base: u32) -> vec2<f32> {
     if (at.live) {
-        return vec2<f32>(x[base], rstd[at.row]);
+        return vec2<f32>(ld_x(base), rstd[p.row_base + at.row]);
     }
     return vec2<f32>(0.0);
 }
@@ -166,7 +172,7 @@ fn lnb_dx(
         for (var k = 0u; k < REGS; k++) {
             let j = at.lane + k * p.lanes;
             if (at.live && j < p.width) {
-                xs[k] = x[base + j] - shift;
+                xs[k] = ld_x(base + j) - shift;
                 gs[k] = upstream(base + j) * gamma(j);
                 sums += vec3<f32>(xs[k], gs[k], gs[k] * xs[k]);
             }
@@ -181,13 +187,13 @@ fn lnb_dx(
     } else {
         var sums = vec3<f32>(0.0);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            let xs = x[base + j] - shift;
+            let xs = ld_x(base + j) - shift;
             let g = upstream(base + j) * gamma(j);
             sums += vec3<f32>(xs, g, g * xs);
         }
         let cf = row_coefficients(lid, at, shift, r, sums);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            emit(base + j, dh_of(x[base + j] - shift, upstream(base + j) * gamma(j), r, cf));
+            emit(base + j, dh_of(ld_x(base + j) - shift, upstream(base + j) * gamma(j), r, cf));
         }
     }
 }
@@ -197,11 +203,11 @@ fn lnb_dx(
 fn residual_emit(e: u32, dh_ln: f32) {
     var dh = dh_ln;
     if (has(FLAG_DH_IN)) {
-        dh += dh_in[e];
+        dh += ld_dh_in(e);
     }
     let accumulate = has(FLAG_ACCUM_DX);
-    dresidual[e] = select(0.0, dresidual[e], accumulate) + dh;
-    dx[e] = select(0.0, dx[e], accumulate) + dh * mask_factor(e);
+    st_dresidual(e, select(0.0, ld_dresidual(e), accumulate) + dh);
+    st_dx(e, select(0.0, ld_dx(e), accumulate) + dh * mask_factor(e));
 }
 
 @compute @workgroup_size(256)
@@ -222,8 +228,8 @@ fn lnb_residual_dx(
         for (var k = 0u; k < REGS; k++) {
             let j = at.lane + k * p.lanes;
             if (at.live && j < p.width) {
-                xs[k] = x[base + j] - shift;
-                gs[k] = dy[base + j] * gamma(j);
+                xs[k] = ld_x(base + j) - shift;
+                gs[k] = ld_dy(base + j) * gamma(j);
                 sums += vec3<f32>(xs[k], gs[k], gs[k] * xs[k]);
             }
         }
@@ -237,13 +243,13 @@ fn lnb_residual_dx(
     } else {
         var sums = vec3<f32>(0.0);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            let xs = x[base + j] - shift;
-            let g = dy[base + j] * gamma(j);
+            let xs = ld_x(base + j) - shift;
+            let g = ld_dy(base + j) * gamma(j);
             sums += vec3<f32>(xs, g, g * xs);
         }
         let cf = row_coefficients(lid, at, shift, r, sums);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            residual_emit(base + j, dh_of(x[base + j] - shift, dy[base + j] * gamma(j), r, cf));
+            residual_emit(base + j, dh_of(ld_x(base + j) - shift, ld_dy(base + j) * gamma(j), r, cf));
         }
     }
 }
@@ -266,12 +272,12 @@ fn lnb_params_partial(
     var acc = vec2<f32>(0.0);
     for (var row = first; row < last; row++) {
         let e = row * p.width + j;
-        let rc = row_centre[row];
-        let xhat = ((x[e] - rc.x) - rc.y) * rstd[row];
+        let rc = row_centre[p.row_base + row];
+        let xhat = ((ld_x(e) - rc.x) - rc.y) * rstd[p.row_base + row];
         let g = upstream(e);
         acc += vec2<f32>(g * xhat, g);
     }
-    partials[block * p.width + j] = acc;
+    partials[(p.block_base + block) * p.width + j] = acc;
 }
 
 @compute @workgroup_size(256)
@@ -281,7 +287,7 @@ fn lnb_params_final(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
         return;
     }
     var acc = vec2<f32>(0.0);
-    for (var b = 0u; b < p.row_blocks; b++) {
+    for (var b = 0u; b < p.total_blocks; b++) {
         acc += partials[b * p.width + j];
     }
     let accumulate = has(FLAG_ACCUM_PARAMS);

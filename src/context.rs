@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::kernels::Storage;
+use crate::tensor::DType;
 
 /// How to pick and configure the device. Every field defaults to "ask the environment".
 #[derive(Clone, Debug, Default)]
@@ -22,6 +24,10 @@ pub struct ContextOptions {
     /// and buffers can be as large as the hardware allows (wgpu's defaults stop at 128/256 MiB).
     /// Tests pass deliberately small limits here to exercise the limit checks.
     pub limits: Option<wgpu::Limits>,
+    /// Store f16 activations packed in `u32` words even when the device has `SHADER_F16`.
+    /// Default `false`: native f16 where available, packed elsewhere. Tests set it to run the
+    /// fallback path on devices that have the feature.
+    pub force_packed_f16: bool,
 }
 
 /// Optional adapter features normdrop uses when present. Each has a fallback path.
@@ -42,7 +48,8 @@ struct Inner {
     device: wgpu::Device,
     queue: wgpu::Queue,
     adapter_info: wgpu::AdapterInfo,
-    kernels: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+    kernels: Mutex<HashMap<(TypeId, Storage), Arc<dyn Any + Send + Sync>>>,
+    force_packed_f16: bool,
 }
 
 impl std::fmt::Debug for Context {
@@ -54,10 +61,13 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// A kernel object that can be built once per device and cached in a [`Context`].
+/// A kernel object that can be built once per device and activation storage, and cached in a
+/// [`Context`].
 pub trait Kernel: Send + Sync + 'static {
-    /// Compiles the kernel's pipelines for `device`.
-    fn build(device: &wgpu::Device) -> Self;
+    /// Compiles the kernel's pipelines for `device`, with activations stored as `storage`
+    /// (kernels without activations, like SGD on f32 parameters, ignore it). The caller has
+    /// checked that the device supports `storage` ([`crate::kernels::check_storage`]).
+    fn build(device: &wgpu::Device, storage: Storage) -> Self;
 }
 
 impl Context {
@@ -97,7 +107,9 @@ impl Context {
             })
             .await
             .map_err(|e| Error::RequestDevice(e.to_string()))?;
-        Ok(Self::wrap(device, queue, adapter.get_info()))
+        let mut ctx = Self::wrap(device, queue, adapter.get_info());
+        Arc::get_mut(&mut ctx.inner).expect("not shared yet").force_packed_f16 = options.force_packed_f16;
+        Ok(ctx)
     }
 
     /// Wraps a device and queue the caller already has. normdrop records into it, allocates on
@@ -115,6 +127,7 @@ impl Context {
                 queue,
                 adapter_info,
                 kernels: Mutex::new(HashMap::new()),
+                force_packed_f16: false,
             }),
         }
     }
@@ -144,19 +157,43 @@ impl Context {
         self.inner.device.features()
     }
 
-    /// The kernel `K` for this device, compiled on first use and cached afterwards. Compilation
-    /// runs inside error scopes, so a shader the driver rejects becomes an [`Error`].
+    /// The f32 kernel `K` for this device, compiled on first use and cached afterwards.
+    /// Compilation runs inside error scopes, so a shader the driver rejects becomes an [`Error`].
     pub fn kernel<K: Kernel>(&self) -> Result<Arc<K>> {
-        let key = TypeId::of::<K>();
+        self.kernel_for::<K>(DType::F32)
+    }
+
+    /// The kernel `K` for activations of `dtype`, stored as [`Context::storage`] says.
+    pub fn kernel_for<K: Kernel>(&self, dtype: DType) -> Result<Arc<K>> {
+        self.kernel_with::<K>(self.storage(dtype))
+    }
+
+    /// The kernel `K` with activations stored as `storage`, which the device must support.
+    pub fn kernel_with<K: Kernel>(&self, storage: Storage) -> Result<Arc<K>> {
+        crate::kernels::check_storage(self.device(), storage)?;
+        let key = (TypeId::of::<K>(), storage);
         if let Some(k) = self.lock_kernels().get(&key) {
             return Ok(k.clone().downcast::<K>().expect("kernel cache keyed by TypeId"));
         }
-        let kernel = Arc::new(self.scoped(|| K::build(self.device()))?);
+        let kernel = Arc::new(self.scoped(|| K::build(self.device(), storage))?);
         self.lock_kernels().insert(key, kernel.clone());
         Ok(kernel)
     }
 
-    fn lock_kernels(&self) -> std::sync::MutexGuard<'_, HashMap<TypeId, Arc<dyn Any + Send + Sync>>> {
+    /// How this context stores activations of `dtype`: f32 as f32; f16 natively when the device
+    /// has `SHADER_F16` (and [`ContextOptions::force_packed_f16`] is off), else packed in u32.
+    pub fn storage(&self, dtype: DType) -> Storage {
+        match dtype {
+            DType::F32 => Storage::F32,
+            DType::F16 if !self.inner.force_packed_f16 && self.features().contains(wgpu::Features::SHADER_F16) => {
+                Storage::F16
+            }
+            DType::F16 => Storage::F16Packed,
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn lock_kernels(&self) -> std::sync::MutexGuard<'_, HashMap<(TypeId, Storage), Arc<dyn Any + Send + Sync>>> {
         // A panic while holding the lock cannot leave the map inconsistent (insert is atomic
         // from our point of view), so a poisoned lock is still usable.
         self.inner

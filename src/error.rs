@@ -101,6 +101,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// The device lacks a feature that was asked for explicitly.
+    #[error("{what} is not supported on this device: {reason}")]
+    Unsupported {
+        /// What was asked for.
+        what: String,
+        /// Why it cannot be had, and what to use instead.
+        reason: String,
+    },
+
     /// wgpu reported a validation error inside an error scope. This is a bug in normdrop or in
     /// the caller's buffers, never expected after the host-side checks.
     #[error("GPU validation error: {0}")]

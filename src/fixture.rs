@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::kernels::batch_norm::BatchNormConfig;
 use crate::kernels::layer_norm::LayerNormConfig;
 use crate::nn::{BatchNorm, LayerNorm};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// One tensor of a fixture, widened to f64.
 #[derive(Clone, Debug)]
@@ -278,8 +278,28 @@ fn judge(fx: &Fixture, name: &str, got: Result<Vec<f64>>) -> Result<Verdict> {
     })
 }
 
+/// A tensor's values, widened exactly to f64 (f32 or f16 storage).
 fn to_f64(ctx: &Context, t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_vec_blocking::<f32>(ctx)?.into_iter().map(f64::from).collect())
+    Ok(match t.dtype() {
+        DType::F32 => t.to_vec_blocking::<f32>(ctx)?.into_iter().map(f64::from).collect(),
+        DType::F16 => t
+            .to_vec_blocking::<half::f16>(ctx)?
+            .into_iter()
+            .map(|v| f64::from(v.to_f32()))
+            .collect(),
+    })
+}
+
+/// An activation input (x, dy) on the GPU in the fixture's dtype: f16 fixtures run with f16
+/// tensors (their values are f16 already, so the conversion is exact).
+fn activation(ctx: &Context, fx: &Fixture, name: &str) -> Result<Tensor> {
+    let (v, shape) = f32_input(fx, name)?;
+    if fx.dtype == "float16" {
+        let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+        Tensor::from_slice(ctx, &h, &shape)
+    } else {
+        Tensor::from_slice(ctx, &v, &shape)
+    }
 }
 
 fn f32_input(fx: &Fixture, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
@@ -305,22 +325,7 @@ fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
     };
     let training = cfg["training"].as_bool().ok_or_else(|| bad("training"))?;
     let steps = cfg["steps"].as_u64().ok_or_else(|| bad("steps"))? as usize;
-    let note = (fx.dtype == "float16").then(|| {
-        "f16 inputs widened exactly to f32 and run through the f32 kernels; f16 storage is issue 5".to_string()
-    });
-
-    // Gradients come with the backward pass.
-    for g in ["dx", "dweight", "dbias"] {
-        if fx.tensors.contains_key(g) {
-            out.insert(
-                g.into(),
-                (
-                    Verdict::Skip("gradients: the backward pass is not implemented yet (issue 4)".into()),
-                    None,
-                ),
-            );
-        }
-    }
+    let note = f16_note(ctx, fx);
 
     let mut run = || -> Result<BatchNorm> {
         let mut bn = BatchNorm::with_config(ctx, config.clone())?;
@@ -336,8 +341,7 @@ fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
             bn.eval();
         }
         for step in 0..steps {
-            let (x, shape) = f32_input(fx, &format!("x.{step}"))?;
-            let x = Tensor::from_slice(ctx, &x, &shape)?;
+            let x = activation(ctx, fx, &format!("x.{step}"))?;
             let y = bn.forward(&x).and_then(|y| to_f64(ctx, &y));
             let name = format!("y.{step}");
             out.insert(name.clone(), (judge(fx, &name, y)?, note.clone()));
@@ -377,8 +381,7 @@ fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         }
     }
     // Gradients of the last step's output against dy.
-    let (dy, shape) = f32_input(fx, "dy")?;
-    let grads = Tensor::from_slice(ctx, &dy, &shape).and_then(|dy| bn.backward(&dy));
+    let grads = activation(ctx, fx, "dy").and_then(|dy| bn.backward(&dy));
     judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)
 }
 
@@ -415,10 +418,11 @@ fn judge_grads(
     Ok(())
 }
 
-/// The remark on lines of float16 fixtures.
-fn f16_note(fx: &Fixture) -> Option<String> {
-    (fx.dtype == "float16").then(|| {
-        "f16 inputs widened exactly to f32 and run through the f32 kernels; f16 storage is issue 5".to_string()
+/// The remark on lines of float16 fixtures: which f16 storage path ran.
+fn f16_note(ctx: &Context, fx: &Fixture) -> Option<String> {
+    (fx.dtype == "float16").then(|| match ctx.storage(DType::F16) {
+        crate::kernels::Storage::F16 => "f16 activations, native shader-f16 storage".to_string(),
+        _ => "f16 activations, packed-u32 storage".to_string(),
     })
 }
 
@@ -441,7 +445,7 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
             .ok_or_else(|| bad("elementwise_affine"))?,
         bias: cfg["bias"].as_bool().ok_or_else(|| bad("bias"))?,
     };
-    let note = f16_note(fx);
+    let note = f16_note(ctx, fx);
     let mut run = || -> Result<LayerNorm> {
         let mut ln = LayerNorm::with_config(ctx, config.clone())?;
         if config.has_weight() {
@@ -450,10 +454,7 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         if config.has_bias() {
             ln.set_bias(&f32_input(fx, "bias")?.0)?;
         }
-        let (x, shape) = f32_input(fx, "x")?;
-        let y = ln
-            .forward(&Tensor::from_slice(ctx, &x, &shape)?)
-            .and_then(|y| to_f64(ctx, &y));
+        let y = ln.forward(&activation(ctx, fx, "x")?).and_then(|y| to_f64(ctx, &y));
         out.insert("y".into(), (judge(fx, "y", y)?, note.clone()));
         Ok(ln)
     };
@@ -463,8 +464,7 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
             for (name, t) in [("mean", &saved.mean), ("rstd", &saved.rstd)] {
                 out.insert(name.into(), (judge(fx, name, to_f64(ctx, t))?, note.clone()));
             }
-            let (dy, shape) = f32_input(fx, "dy")?;
-            let grads = Tensor::from_slice(ctx, &dy, &shape).and_then(|dy| ln.backward(&dy));
+            let grads = activation(ctx, fx, "dy").and_then(|dy| ln.backward(&dy));
             judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;
         }
         Err(e) => {

@@ -1,17 +1,68 @@
-//! WGSL has no `#include`; normdrop shaders share code (Philox) through one directive:
+//! Shader source preprocessing, shared by the library and `build.rs` (compiled into both via
+//! `#[path]`, so the build-time validation sees exactly what the kernels compile). Two
+//! directives, each a WGSL comment so that an unexpanded file still reads as WGSL:
 //!
 //! ```text
 //! // #include "philox.wgsl"
+//! // #activation @binding(1) read x          (N, C, S)
 //! ```
 //!
-//! [`expand`] appends each included file's text to the end of the including file (WGSL module
-//! declarations are order-independent), so naga's line numbers for the including file stay
-//! exact. This file is compiled twice: into the library, and into `build.rs` via `#[path]`,
-//! so the build-time validation sees exactly what the kernels compile.
+//! `#include` appends the named file's text to the end of the including file (WGSL module
+//! declarations are order-independent), so naga's line numbers for the including file stay exact.
+//!
+//! `#activation` declares an activation tensor (an input, output or gradient whose dtype the
+//! caller picks) and its accessors, all on the directive's own line (line numbers stay exact):
+//! `ld_NAME(i: u32) -> f32` for every tensor, and `st_NAME(i: u32, v: f32)` for `read_write` ones.
+//! Kernels touch activations only through these, and always compute in f32; `to_storage(v)`
+//! rounds a value as storing it would (for values a kernel both writes and keeps using). Each
+//! [`Storage`] variant generates a different body:
+//!
+//! - `F32`: `array<f32>`.
+//! - `F16`: `array<f16>` with `enable f16;` (the device needs `SHADER_F16`).
+//! - `F16Packed`: pairs of halves in `u32` words, element `i` in the low (even `i`) or high
+//!   (odd `i`) half of word `i / 2`, converted with `unpack2x16float` / `pack2x16float`. Writable
+//!   tensors are `array<atomic<u32>>` and a store replaces only its own half with `atomicAnd`
+//!   then `atomicOr`: two invocations (or workgroups) writing the two halves of one word never
+//!   lose each other's half, and the spare half of an odd-length tensor's last word is never
+//!   written.
 
-/// Expands `// #include "name"` directives, each name at most once, resolving names with
-/// `lookup`. Errors name the missing file.
-pub fn expand(source: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+/// How activation tensors are stored in a shader variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Storage {
+    /// 32-bit floats.
+    F32,
+    /// Native 16-bit floats (`enable f16;`, requires `wgpu::Features::SHADER_F16`).
+    F16,
+    /// 16-bit floats packed in pairs into `u32` words; runs on every device.
+    F16Packed,
+}
+
+impl Storage {
+    /// Every variant.
+    pub const ALL: [Storage; 3] = [Storage::F32, Storage::F16, Storage::F16Packed];
+
+    /// Short name, used in labels and test output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Storage::F32 => "f32",
+            Storage::F16 => "f16",
+            Storage::F16Packed => "f16-packed",
+        }
+    }
+
+    /// Bytes per element in memory.
+    pub const fn element_bytes(self) -> u64 {
+        match self {
+            Storage::F32 => 4,
+            Storage::F16 | Storage::F16Packed => 2,
+        }
+    }
+}
+
+/// Expands `// #include "name"` directives (each name at most once, resolving names with
+/// `lookup`) and `// #activation` directives for `storage`. Errors name the missing file or the
+/// malformed directive.
+pub fn expand(source: &str, lookup: &dyn Fn(&str) -> Option<String>, storage: Storage) -> Result<String, String> {
     let mut out = source.to_string();
     let mut seen: Vec<String> = Vec::new();
     let mut pending = directives(source);
@@ -25,7 +76,35 @@ pub fn expand(source: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<S
         out.push_str(&text);
         seen.push(name);
     }
-    Ok(out)
+    let mut lines = Vec::new();
+    for (n, line) in out.lines().enumerate() {
+        match line.trim().strip_prefix("// #activation") {
+            Some(rest) => lines.push(activation(rest, storage).map_err(|e| format!("line {}: {e}", n + 1))?),
+            None => lines.push(line.to_string()),
+        }
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    if has_activations(source) {
+        // `to_storage(v)`: v rounded as storing it in an activation tensor would round it.
+        text.push_str(match storage {
+            Storage::F32 => "fn to_storage(v: f32) -> f32 { return v; }\n",
+            Storage::F16 => "fn to_storage(v: f32) -> f32 { return f32(f16(v)); }\n",
+            Storage::F16Packed => {
+                "fn to_storage(v: f32) -> f32 { return unpack2x16float(pack2x16float(vec2<f32>(v, 0.0))).x; }\n"
+            }
+        });
+    }
+    if storage == Storage::F16 {
+        // Must precede every declaration; on line 1 so that line numbers do not move.
+        text.insert_str(0, "enable f16; ");
+    }
+    Ok(text)
+}
+
+/// Whether `source` declares any activation tensor (and so has f16 variants).
+pub fn has_activations(source: &str) -> bool {
+    source.lines().any(|l| l.trim().starts_with("// #activation"))
 }
 
 fn directives(source: &str) -> Vec<String> {
@@ -34,4 +113,63 @@ fn directives(source: &str) -> Vec<String> {
         .filter_map(|l| l.trim().strip_prefix("// #include \"")?.strip_suffix('"'))
         .map(str::to_string)
         .collect()
+}
+
+/// One `#activation @binding(N) ACCESS NAME [comment]` directive, expanded to one line.
+fn activation(rest: &str, storage: Storage) -> Result<String, String> {
+    let mut words = rest.split_whitespace();
+    let usage = "expected `// #activation @binding(N) read|read_write NAME`";
+    let binding = words
+        .next()
+        .and_then(|w| w.strip_prefix("@binding("))
+        .and_then(|w| w.strip_suffix(')'))
+        .and_then(|w| w.parse::<u32>().ok())
+        .ok_or(usage)?;
+    let access = words
+        .next()
+        .filter(|a| *a == "read" || *a == "read_write")
+        .ok_or(usage)?;
+    let name = words
+        .next()
+        .filter(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .ok_or(usage)?;
+    let comment: Vec<&str> = words.collect();
+    let writable = access == "read_write";
+    let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, {access}> {name}: array<{ty}>;");
+    let mut s = match storage {
+        Storage::F32 => {
+            let mut s = decl("f32") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return {name}[i]; }}");
+            if writable {
+                s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = v; }}");
+            }
+            s
+        }
+        Storage::F16 => {
+            let mut s = decl("f16") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}");
+            if writable {
+                s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = f16(v); }}");
+            }
+            s
+        }
+        Storage::F16Packed if !writable => {
+            decl("u32")
+                + &format!(" fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float({name}[i >> 1u])[i & 1u]; }}")
+        }
+        Storage::F16Packed => {
+            decl("atomic<u32>")
+                + &format!(
+                    " fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float(atomicLoad(&{name}[i >> 1u]))[i & 1u]; }}"
+                )
+                + &format!(
+                    " fn st_{name}(i: u32, v: f32) {{ let half_shift = (i & 1u) * 16u; \
+                     let half_bits = pack2x16float(vec2<f32>(v, 0.0)) & 0xffffu; \
+                     atomicAnd(&{name}[i >> 1u], ~(0xffffu << half_shift)); \
+                     atomicOr(&{name}[i >> 1u], half_bits << half_shift); }}"
+                )
+        }
+    };
+    if !comment.is_empty() {
+        s += &format!(" // {}", comment.join(" "));
+    }
+    Ok(s)
 }

@@ -1,12 +1,14 @@
-//! Portability without the hardware: every shader variant the kernels build is translated by
-//! naga to SPIR-V (Vulkan), MSL (Metal), HLSL (DX12) and GLSL ES 3.1 (GL). Any translation
-//! error fails the test. Runs without a GPU.
+//! Portability without the hardware: every shader variant the kernels build (f32, native f16 and
+//! packed f16 of each op's shader) is translated by naga to SPIR-V (Vulkan), MSL (Metal), HLSL
+//! (DX12) and GLSL ES 3.1 (GL). Any translation error fails the test, except native f16 to GLSL,
+//! which GL cannot have (see below). Runs without a GPU.
 
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
+use normdrop::kernels::Storage;
 
 fn translate_all(v: &normdrop::kernels::ShaderVariant) {
-    let what = format!("{} [{}]", v.file, v.variant);
+    let what = format!("{} [{}]", v.file, v.storage.name());
     let module =
         naga::front::wgsl::parse_str(&v.source).unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&v.source)));
     let info = Validator::new(ValidationFlags::all(), Capabilities::all())
@@ -58,7 +60,7 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
             entry_point: ep.to_string(),
             multiview: None,
         };
-        glsl::Writer::new(
+        let result = glsl::Writer::new(
             &mut out,
             &module,
             &info,
@@ -66,8 +68,17 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
             &pipeline,
             naga::proc::BoundsCheckPolicies::default(),
         )
-        .and_then(|mut w| w.write())
-        .unwrap_or_else(|e| panic!("{what} -> GLSL ({ep}): {e}"));
+        .and_then(|mut w| w.write());
+        if v.storage == Storage::F16 {
+            // The one exclusion: GLSL has no 16-bit floats, so naga's GLSL writer refuses native
+            // f16, and wgpu's GL backend never offers SHADER_F16; on GL the kernels build the
+            // packed variant instead (translated below like every other). Pin the reason, so
+            // that this test notices if naga ever starts accepting it.
+            let e = result.expect_err("native f16 unexpectedly translated to GLSL");
+            assert!(e.to_string().contains("width: 2"), "{what} -> GLSL ({ep}): {e}");
+            continue;
+        }
+        result.unwrap_or_else(|e| panic!("{what} -> GLSL ({ep}): {e}"));
         assert!(out.starts_with("#version 310 es"), "{what} ({ep})");
     }
 }
@@ -75,7 +86,14 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
 #[test]
 fn every_shader_variant_translates_to_every_backend() {
     let variants = normdrop::kernels::shader_variants();
-    assert!(!variants.is_empty());
+    // 5 op shaders in 3 storage variants, plus copy and SGD in f32.
+    assert_eq!(variants.len(), 17);
+    for storage in [Storage::F32, Storage::F16, Storage::F16Packed] {
+        assert!(
+            variants.iter().filter(|v| v.storage == storage).count() >= 5,
+            "{storage:?}"
+        );
+    }
     for v in &variants {
         translate_all(v);
     }

@@ -17,6 +17,10 @@ use normdrop::{Context, ContextOptions};
     about = "GPU normalization and dropout kernels: info and PyTorch parity checks"
 )]
 struct Cli {
+    /// Store f16 activations packed in u32 words even where the adapter has SHADER_F16 (the
+    /// fallback path every device can run).
+    #[arg(long, global = true)]
+    packed_f16: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,7 +43,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.command) {
+    match run(cli.command, cli.packed_f16) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("normdrop: {e}");
@@ -48,8 +52,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> normdrop::Result<ExitCode> {
-    let ctx = Context::with_options_blocking(ContextOptions::default())?;
+fn run(command: Command, packed_f16: bool) -> normdrop::Result<ExitCode> {
+    let ctx = Context::with_options_blocking(ContextOptions {
+        force_packed_f16: packed_f16,
+        ..Default::default()
+    })?;
     match command {
         Command::Info => {
             info(&ctx);

@@ -17,8 +17,8 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder, record,
-    uniform_buffer, BindLimits,
+    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
+    placeholder, record, uniform_buffer, BindLimits, Chunk, Storage,
 };
 
 const OP: &str = "batch_norm";
@@ -112,11 +112,14 @@ struct BnParams {
     drop_threshold: u32,
     drop_flags: u32,
     drop_scale: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    part_base: u32,
+    parts: u32,
+    m_all: u32,
+    elem_base: u32,
+    first: u32,
+    _pad: [u32; 2],
 }
-const _: () = assert!(std::mem::size_of::<BnParams>() == 64);
+const _: () = assert!(std::mem::size_of::<BnParams>() == 80);
 
 /// Options of a [`BatchNormPlan`] beyond the shape and configuration.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -143,6 +146,7 @@ impl Default for BatchNormPlanOptions {
 /// [`Context::kernel`](crate::Context::kernel)); make a [`BatchNormPlan`] per input shape.
 #[derive(Clone, Debug)]
 pub struct BatchNormKernel {
+    storage: Storage,
     stats: wgpu::ComputePipeline,
     count: wgpu::ComputePipeline,
     finalize: wgpu::ComputePipeline,
@@ -155,9 +159,10 @@ pub struct BatchNormKernel {
 }
 
 impl Kernel for BatchNormKernel {
-    fn build(device: &wgpu::Device) -> Self {
-        let module = crate::kernels::shader_module(device, "batch_norm.wgsl");
+    fn build(device: &wgpu::Device, storage: Storage) -> Self {
+        let module = crate::kernels::shader_module(device, "batch_norm.wgsl", storage);
         Self {
+            storage,
             stats: compute_pipeline(device, &module, "bn_stats"),
             count: compute_pipeline(device, &module, "bn_count"),
             finalize: compute_pipeline(device, &module, "bn_finalize"),
@@ -170,9 +175,20 @@ impl Kernel for BatchNormKernel {
 }
 
 impl BatchNormKernel {
-    /// Compiles the pipelines. Equivalent to [`Kernel::build`].
+    /// Compiles the pipelines for f32 activations.
     pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device)
+        <Self as Kernel>::build(device, Storage::F32)
+    }
+
+    /// Compiles the pipelines for activations (x, y) stored as `storage`.
+    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
+        crate::kernels::check_storage(device, storage)?;
+        Ok(<Self as Kernel>::build(device, storage))
+    }
+
+    /// How this kernel's activations are stored.
+    pub fn storage(&self) -> Storage {
+        self.storage
     }
 
     /// A plan for inputs of `shape` = `(N, C, *)` with the default stats chunk.
@@ -201,15 +217,12 @@ impl BatchNormKernel {
         }
         let dims = BnDims::of(OP, shape, config.num_features)?;
         let limits = BindLimits::of(device);
-        let x_bytes = dims.total * 4;
-        limits.check_size(OP, "input size in bytes", x_bytes)?;
-        let chunks = dims.m.div_ceil(u64::from(stats_chunk));
-        let stats_groups = fold_workgroups(OP, dims.c * chunks, limits.max_workgroups_per_dim)?;
-        let finalize_groups = fold_workgroups(OP, dims.c, limits.max_workgroups_per_dim)?;
-        let eval_groups = fold_workgroups(OP, dims.c.div_ceil(EVAL_WORKGROUP), limits.max_workgroups_per_dim)?;
-        // Both normalize variants handle 4 consecutive elements per invocation.
-        let normalize_groups = fold_workgroups(OP, dims.total.div_ceil(WORKGROUP * 4), limits.max_workgroups_per_dim)?;
-        let partials_bytes = dims.c * chunks * 8;
+        let max = limits.max_workgroups_per_dim;
+        let sample_elems = dims.c * dims.s;
+        let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, stats_chunk)?;
+        let finalize_groups = fold_workgroups(OP, dims.c, max)?;
+        let eval_groups = fold_workgroups(OP, dims.c.div_ceil(EVAL_WORKGROUP), max)?;
+        let partials_bytes = dims.c * parts * 16;
         limits.check_size(OP, "stats partials in bytes (use a larger stats chunk)", partials_bytes)?;
 
         let mut flags = 0;
@@ -222,7 +235,7 @@ impl BatchNormKernel {
         if config.momentum.is_none() {
             flags |= FLAG_CUMULATIVE;
         }
-        let uniform = |training: bool| -> Result<wgpu::Buffer> {
+        let uniform = |r: &SampleRange, training: bool| -> Result<wgpu::Buffer> {
             let d = match &options.dropout {
                 Some(d) => d.params(training)?,
                 None => DropParams {
@@ -232,25 +245,38 @@ impl BatchNormKernel {
                 },
             };
             let params = BnParams {
-                n: dims.n as u32,
+                n: r.range.count as u32,
                 c: dims.c as u32,
                 s: dims.s as u32,
-                m: dims.m as u32,
+                m: (r.range.count * dims.s) as u32,
                 chunk_len: stats_chunk,
-                chunks: chunks as u32,
+                chunks: r.stats_chunks as u32,
                 flags,
-                total: dims.total as u32,
+                total: (r.range.count * sample_elems) as u32,
                 eps: config.eps,
                 momentum: config.momentum.unwrap_or(0.0),
                 drop_threshold: d.threshold,
                 drop_flags: d.flags,
                 drop_scale: d.scale,
-                _pad0: 0,
-                _pad1: 0,
-                _pad2: 0,
+                part_base: r.part_base as u32,
+                parts: parts as u32,
+                m_all: dims.m as u32,
+                elem_base: (r.range.start * sample_elems) as u32,
+                first: u32::from(r.range.start == 0),
+                _pad: [0; 2],
             };
             Ok(uniform_buffer(device, "batch_norm params", &params))
         };
+        let mut chunks = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            chunks.push(BnChunk {
+                range: r.range,
+                uniforms: [uniform(r, false)?, uniform(r, true)?],
+                stats_groups: fold_workgroups(OP, dims.c * r.stats_chunks, max)?,
+                // Both normalize variants handle 4 consecutive elements per invocation.
+                normalize_groups: fold_workgroups(OP, (r.range.count * sample_elems).div_ceil(WORKGROUP * 4), max)?,
+            });
+        }
         let partials = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batch_norm partials"),
             size: partials_bytes,
@@ -270,16 +296,78 @@ impl BatchNormKernel {
             dims,
             limits,
             dropout: options.dropout,
-            uniforms: [uniform(false)?, uniform(true)?],
+            chunks,
             partials,
             partials_bytes,
             centre,
-            stats_groups,
             finalize_groups,
             eval_groups,
-            normalize_groups,
         })
     }
+}
+
+/// A range of whole samples dispatched together, with its stats chunks and the index of its
+/// first partial among a channel's partials.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SampleRange {
+    pub range: Chunk,
+    pub stats_chunks: u64,
+    pub part_base: u64,
+}
+
+/// Cuts the batch into ranges of whole samples that each fit in one storage binding (a single
+/// range unless the input is larger than `max_storage_buffer_binding_size`), starting at
+/// multiples of 4 elements (a fused dropout's Philox call covers 4 elements). Returns the
+/// ranges and the total partials per channel.
+pub(crate) fn sample_ranges(
+    op: &'static str,
+    dims: &BnDims,
+    storage: Storage,
+    limits: &BindLimits,
+    stats_chunk: u32,
+) -> Result<(Vec<SampleRange>, u64)> {
+    let sample_elems = dims.c * dims.s;
+    let ranges = chunk_ranges(
+        op,
+        "one sample (C·∏spatial elements) in bytes",
+        dims.n,
+        sample_elems * storage.element_bytes(),
+        limits,
+        4 / gcd4(sample_elems),
+    )?;
+    let mut parts = 0;
+    let mut out = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let stats_chunks = (range.count * dims.s).div_ceil(u64::from(stats_chunk));
+        out.push(SampleRange {
+            range,
+            stats_chunks,
+            part_base: parts,
+        });
+        parts += stats_chunks;
+    }
+    Ok((out, parts))
+}
+
+/// 1, 2 or 4: the largest of them dividing `n`.
+fn gcd4(n: u64) -> u64 {
+    if n.is_multiple_of(4) {
+        4
+    } else if n.is_multiple_of(2) {
+        2
+    } else {
+        1
+    }
+}
+
+/// One range of whole samples of a BatchNorm plan (the whole batch unless the input exceeds
+/// one storage binding): its uniforms ([eval, train]) and workgroup counts.
+#[derive(Debug)]
+struct BnChunk {
+    range: Chunk,
+    uniforms: [wgpu::Buffer; 2],
+    stats_groups: (u32, u32),
+    normalize_groups: (u32, u32),
 }
 
 /// `(N, C, S)` view of an `(N, C, *)` shape, with `M = N·S` and the element count.
@@ -345,7 +433,8 @@ impl BnDims {
 }
 
 /// The buffers of one BatchNorm forward. Slices may have offsets (aligned to
-/// `min_storage_buffer_offset_alignment`) and may be larger than needed. All are f32.
+/// `min_storage_buffer_offset_alignment`) and may be larger than needed. `x` and `y` are stored
+/// as the kernel's [`Storage`]; everything else is f32.
 #[derive(Clone, Debug)]
 pub struct BatchNormBuffers<'a> {
     /// Input, `(N, C, *)`, read only. Must not share a buffer with `y`.
@@ -384,19 +473,22 @@ pub struct BatchNormPlan {
     dims: BnDims,
     limits: BindLimits,
     dropout: Option<DropoutConfig>,
-    /// [eval, train]: they differ only in the fused dropout's parameters.
-    uniforms: [wgpu::Buffer; 2],
+    /// Sample ranges, one per storage binding's worth of samples.
+    chunks: Vec<BnChunk>,
     partials: wgpu::Buffer,
     partials_bytes: u64,
     /// Per channel (K, mean − K): the shift the statistics were taken around, for normalize.
     centre: wgpu::Buffer,
-    stats_groups: (u32, u32),
     finalize_groups: (u32, u32),
     eval_groups: (u32, u32),
-    normalize_groups: (u32, u32),
 }
 
 impl BatchNormPlan {
+    /// How the activations this plan reads and writes are stored (its kernel's storage).
+    pub fn storage(&self) -> Storage {
+        self.kernel.storage
+    }
+
     /// The input shape this plan was built for.
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -412,6 +504,11 @@ impl BatchNormPlan {
         self.dropout.as_ref()
     }
 
+    /// Sample ranges each call dispatches: 1 unless the input exceeds one storage binding.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
     /// Whether a call in this mode normalizes with batch statistics (training, or no running
     /// statistics to use) rather than the running ones.
     pub fn uses_batch_stats(&self, training: bool) -> bool {
@@ -420,7 +517,7 @@ impl BatchNormPlan {
 
     /// Checks `buffers` for this plan and mode without recording anything.
     pub fn validate(&self, training: bool, b: &BatchNormBuffers<'_>) -> Result<()> {
-        let x_bytes = self.dims.total * 4;
+        let x_bytes = self.dims.total * self.kernel.storage.element_bytes();
         let c_bytes = self.dims.c * 4;
         if self.uses_batch_stats(training) && self.dims.m == 1 {
             return Err(Error::shape(
@@ -431,8 +528,8 @@ impl BatchNormPlan {
             ));
         }
         let l = &self.limits;
-        l.check(OP, "x", &b.x, x_bytes)?;
-        l.check(OP, "y", &b.y, x_bytes)?;
+        l.check_chunked(OP, "x", &b.x, x_bytes)?;
+        l.check_chunked(OP, "y", &b.y, x_bytes)?;
         l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
         l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
         if self.config.affine {
@@ -506,9 +603,8 @@ impl BatchNormPlan {
     ) -> Result<()> {
         self.validate(training, b)?;
         let k = &self.kernel;
-        let x_bytes = self.dims.total * 4;
+        let sample_bytes = self.dims.c * self.dims.s * k.storage.element_bytes();
         let c_bytes = self.dims.c * 4;
-        let uniform = self.uniforms[usize::from(training)].as_entire_binding();
         let ph = &k.placeholders;
         let affine = self.config.affine;
         let tracking = self.config.track_running_stats;
@@ -517,7 +613,6 @@ impl BatchNormPlan {
         let running_mean = binding_or(tracking, &b.running_mean, &ph[2], c_bytes);
         let running_var = binding_or(tracking, &b.running_var, &ph[3], c_bytes);
         let nbt = binding_or(tracking, &b.num_batches_tracked, &ph[4], 8);
-        let x = binding(&b.x, x_bytes);
         let save_mean = binding(&b.save_mean, c_bytes);
         let save_invstd = binding(&b.save_invstd, c_bytes);
         let centre = self.centre.as_entire_binding();
@@ -526,20 +621,27 @@ impl BatchNormPlan {
             offset: 0,
             size: std::num::NonZeroU64::new(self.partials_bytes),
         });
+        let range_bytes = |c: &BnChunk| (c.range.start * sample_bytes, c.range.count * sample_bytes);
+        // The whole-call passes (finalize) take the first range's uniform: it holds the totals.
+        let uniform = self.chunks[0].uniforms[usize::from(training)].as_entire_binding();
 
         let batch_stats = self.uses_batch_stats(training);
         let mut groups = Vec::new();
         if batch_stats {
-            groups.push((
-                &k.stats,
-                bind_group(
-                    device,
-                    "bn_stats",
+            for c in &self.chunks {
+                let (at, len) = range_bytes(c);
+                let entries = [
+                    (0, c.uniforms[usize::from(training)].as_entire_binding()),
+                    (1, binding_at(&b.x, at, len)),
+                    (10, partials.clone()),
+                    (12, centre.clone()),
+                ];
+                groups.push((
                     &k.stats,
-                    &[(0, uniform.clone()), (1, x.clone()), (10, partials.clone())],
-                ),
-                self.stats_groups,
-            ));
+                    bind_group(device, "bn_stats", &k.stats, &entries),
+                    c.stats_groups,
+                ));
+            }
             if training && tracking {
                 groups.push((
                     &k.count,
@@ -555,7 +657,6 @@ impl BatchNormPlan {
                     &k.finalize,
                     &[
                         (0, uniform.clone()),
-                        (1, x.clone()),
                         (5, running_mean.clone()),
                         (6, running_var.clone()),
                         (7, nbt.clone()),
@@ -586,27 +687,30 @@ impl BatchNormPlan {
                 self.eval_groups,
             ));
         }
-        let mut normalize_entries = vec![
-            (0, uniform),
-            (1, x),
-            (2, binding(&b.y, x_bytes)),
-            (3, weight),
-            (4, bias),
-            (9, save_invstd),
-            (12, centre),
-        ];
         let normalize = match (&self.dropout, &b.rng) {
-            (Some(_), Some(rng)) => {
-                normalize_entries.push((11, binding(rng, RNG_STATE_BYTES)));
-                &k.normalize_dropout
-            }
+            (Some(_), Some(_)) => &k.normalize_dropout,
             _ => &k.normalize,
         };
-        groups.push((
-            normalize,
-            bind_group(device, "bn_normalize", normalize, &normalize_entries),
-            self.normalize_groups,
-        ));
+        for c in &self.chunks {
+            let (at, len) = range_bytes(c);
+            let mut entries = vec![
+                (0, c.uniforms[usize::from(training)].as_entire_binding()),
+                (1, binding_at(&b.x, at, len)),
+                (2, binding_at(&b.y, at, len)),
+                (3, weight.clone()),
+                (4, bias.clone()),
+                (9, save_invstd.clone()),
+                (12, centre.clone()),
+            ];
+            if let (Some(_), Some(rng)) = (&self.dropout, &b.rng) {
+                entries.push((11, binding(rng, RNG_STATE_BYTES)));
+            }
+            groups.push((
+                normalize,
+                bind_group(device, "bn_normalize", normalize, &entries),
+                c.normalize_groups,
+            ));
+        }
 
         // bn_finalize updates running statistics exactly when FLAG_TRACK is set: with tracking
         // it only runs in training mode (eval uses bn_finalize_eval), after bn_count.

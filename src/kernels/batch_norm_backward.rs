@@ -11,11 +11,11 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::batch_norm::{BatchNormConfig, BnDims, DEFAULT_STATS_CHUNK};
+use crate::kernels::batch_norm::{sample_ranges, BatchNormConfig, BnDims, SampleRange, DEFAULT_STATS_CHUNK};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder, record,
-    uniform_buffer, BindLimits,
+    bind_group, binding, binding_at, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder,
+    record, uniform_buffer, BindLimits, Chunk, Storage,
 };
 
 const OP: &str = "batch_norm backward";
@@ -45,9 +45,13 @@ struct BnBackwardParams {
     drop_threshold: u32,
     drop_flags: u32,
     drop_scale: f32,
-    _pad0: u32,
+    part_base: u32,
+    parts: u32,
+    m_all: u32,
+    elem_base: u32,
+    first: u32,
 }
-const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 48);
+const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 64);
 
 /// Whether gradients overwrite their buffers or are added to them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,9 +62,10 @@ pub struct Accumulate {
     pub params: bool,
 }
 
-/// Compiled BatchNorm backward pipelines for one device.
+/// Compiled BatchNorm backward pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
 pub struct BatchNormBackwardKernel {
+    storage: Storage,
     reduce: wgpu::ComputePipeline,
     finalize: wgpu::ComputePipeline,
     dx: wgpu::ComputePipeline,
@@ -69,9 +74,10 @@ pub struct BatchNormBackwardKernel {
 }
 
 impl Kernel for BatchNormBackwardKernel {
-    fn build(device: &wgpu::Device) -> Self {
-        let module = crate::kernels::shader_module(device, "batch_norm_backward.wgsl");
+    fn build(device: &wgpu::Device, storage: Storage) -> Self {
+        let module = crate::kernels::shader_module(device, "batch_norm_backward.wgsl", storage);
         Self {
+            storage,
             reduce: compute_pipeline(device, &module, "bnb_reduce"),
             finalize: compute_pipeline(device, &module, "bnb_finalize"),
             dx: compute_pipeline(device, &module, "bnb_dx"),
@@ -81,9 +87,20 @@ impl Kernel for BatchNormBackwardKernel {
 }
 
 impl BatchNormBackwardKernel {
-    /// Compiles the pipelines.
+    /// Compiles the pipelines for f32 activations.
     pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device)
+        <Self as Kernel>::build(device, Storage::F32)
+    }
+
+    /// Compiles the pipelines for activations (x, dy, dx) stored as `storage`.
+    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
+        crate::kernels::check_storage(device, storage)?;
+        Ok(<Self as Kernel>::build(device, storage))
+    }
+
+    /// How this kernel's activations are stored.
+    pub fn storage(&self) -> Storage {
+        self.storage
     }
 
     /// A backward plan for inputs of `shape` = `(N, C, *)`. `dropout` is the dropout fused
@@ -99,9 +116,11 @@ impl BatchNormBackwardKernel {
         config.validate()?;
         let dims = BnDims::of(OP, shape, config.num_features)?;
         let limits = BindLimits::of(device);
-        limits.check_size(OP, "input size in bytes", dims.total * 4)?;
-        let chunk = u64::from(DEFAULT_STATS_CHUNK);
-        let chunks = dims.m.div_ceil(chunk);
+        let max = limits.max_workgroups_per_dim;
+        let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, DEFAULT_STATS_CHUNK)?;
+        let partials_bytes = dims.c * parts * 16;
+        limits.check_size(OP, "partial sums in bytes", partials_bytes)?;
+        let sample_elems = dims.c * dims.s;
         let d = match &dropout {
             Some((d, training)) => d.params(*training)?,
             None => DropParams {
@@ -110,39 +129,54 @@ impl BatchNormBackwardKernel {
                 scale: 1.0,
             },
         };
-        // One uniform per (batch statistics, accumulate dx, accumulate params) combination,
-        // indexed as in `encode`.
-        let uniforms = (0..8usize)
-            .map(|variant| {
-                let mut flags = 0;
-                for (bit, flag) in [(1, FLAG_BATCH_STATS), (2, FLAG_ACCUM_DX), (4, FLAG_ACCUM_PARAMS)] {
-                    if variant & bit != 0 {
-                        flags |= flag;
+        // Per range, one uniform per (batch statistics, accumulate dx, accumulate params)
+        // combination, indexed as in `encode`.
+        let uniforms = |r: &SampleRange| -> Vec<wgpu::Buffer> {
+            (0..8usize)
+                .map(|variant| {
+                    let mut flags = 0;
+                    for (bit, flag) in [(1, FLAG_BATCH_STATS), (2, FLAG_ACCUM_DX), (4, FLAG_ACCUM_PARAMS)] {
+                        if variant & bit != 0 {
+                            flags |= flag;
+                        }
                     }
-                }
-                if config.affine {
-                    flags |= FLAG_AFFINE;
-                }
-                if dropout.is_some() {
-                    flags |= FLAG_DROPOUT;
-                }
-                let params = BnBackwardParams {
-                    n: dims.n as u32,
-                    c: dims.c as u32,
-                    s: dims.s as u32,
-                    m: dims.m as u32,
-                    chunk_len: DEFAULT_STATS_CHUNK,
-                    chunks: chunks as u32,
-                    flags,
-                    total: dims.total as u32,
-                    drop_threshold: d.threshold,
-                    drop_flags: d.flags,
-                    drop_scale: d.scale,
-                    _pad0: 0,
-                };
-                uniform_buffer(device, "batch_norm backward params", &params)
-            })
-            .collect();
+                    if config.affine {
+                        flags |= FLAG_AFFINE;
+                    }
+                    if dropout.is_some() {
+                        flags |= FLAG_DROPOUT;
+                    }
+                    let params = BnBackwardParams {
+                        n: r.range.count as u32,
+                        c: dims.c as u32,
+                        s: dims.s as u32,
+                        m: (r.range.count * dims.s) as u32,
+                        chunk_len: DEFAULT_STATS_CHUNK,
+                        chunks: r.stats_chunks as u32,
+                        flags,
+                        total: (r.range.count * sample_elems) as u32,
+                        drop_threshold: d.threshold,
+                        drop_flags: d.flags,
+                        drop_scale: d.scale,
+                        part_base: r.part_base as u32,
+                        parts: parts as u32,
+                        m_all: dims.m as u32,
+                        elem_base: (r.range.start * sample_elems) as u32,
+                        first: u32::from(r.range.start == 0),
+                    };
+                    uniform_buffer(device, "batch_norm backward params", &params)
+                })
+                .collect()
+        };
+        let mut chunks = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            chunks.push(BnbChunk {
+                range: r.range,
+                uniforms: uniforms(r),
+                reduce_groups: fold_workgroups(OP, dims.c * r.stats_chunks, max)?,
+                dx_groups: fold_workgroups(OP, (r.range.count * sample_elems).div_ceil(4 * WORKGROUP), max)?,
+            });
+        }
         let scratch = |label: &str, bytes: u64| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -158,17 +192,26 @@ impl BatchNormBackwardKernel {
             shape: shape.to_vec(),
             dims,
             limits,
-            uniforms,
-            partials: scratch("batch_norm backward partials", dims.c * chunks * 16),
+            chunks,
+            partials: scratch("batch_norm backward partials", partials_bytes),
             coef: scratch("batch_norm backward coefficients", dims.c * 16),
-            reduce_groups: fold_workgroups(OP, dims.c * chunks, limits.max_workgroups_per_dim)?,
-            finalize_groups: fold_workgroups(OP, dims.c, limits.max_workgroups_per_dim)?,
-            dx_groups: fold_workgroups(OP, dims.total.div_ceil(4 * WORKGROUP), limits.max_workgroups_per_dim)?,
+            finalize_groups: fold_workgroups(OP, dims.c, max)?,
         })
     }
 }
 
-/// The buffers of one BatchNorm backward (f32).
+/// One range of whole samples of a backward plan.
+#[derive(Debug)]
+struct BnbChunk {
+    range: Chunk,
+    /// Indexed by `batch_stats | accumulate.dx << 1 | accumulate.params << 2`.
+    uniforms: Vec<wgpu::Buffer>,
+    reduce_groups: (u32, u32),
+    dx_groups: (u32, u32),
+}
+
+/// The buffers of one BatchNorm backward. `x`, `dy` and `dx` are stored as the kernel's
+/// [`Storage`]; the rest is f32.
 #[derive(Clone, Debug)]
 pub struct BatchNormBackwardBuffers<'a> {
     /// The forward's input, `(N, C, *)`, unchanged since the forward.
@@ -200,15 +243,19 @@ pub struct BatchNormBackwardPlan {
     shape: Vec<usize>,
     dims: BnDims,
     limits: BindLimits,
-    uniforms: Vec<wgpu::Buffer>,
+    /// Sample ranges, one per storage binding's worth of samples.
+    chunks: Vec<BnbChunk>,
     partials: wgpu::Buffer,
     coef: wgpu::Buffer,
-    reduce_groups: (u32, u32),
     finalize_groups: (u32, u32),
-    dx_groups: (u32, u32),
 }
 
 impl BatchNormBackwardPlan {
+    /// How the activations this plan reads and writes are stored (its kernel's storage).
+    pub fn storage(&self) -> Storage {
+        self.kernel.storage
+    }
+
     /// The input shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -219,13 +266,19 @@ impl BatchNormBackwardPlan {
         self.dropout.as_ref()
     }
 
+    /// Sample ranges each call dispatches: 1 unless the input exceeds one storage binding.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
     /// Checks the buffers without recording anything.
     pub fn validate(&self, b: &BatchNormBackwardBuffers<'_>) -> Result<()> {
         let l = &self.limits;
-        let (x_bytes, c_bytes) = (self.dims.total * 4, self.dims.c * 4);
-        l.check(OP, "x", &b.x, x_bytes)?;
-        l.check(OP, "dy", &b.dy, x_bytes)?;
-        l.check(OP, "dx", &b.dx, x_bytes)?;
+        let x_bytes = self.dims.total * self.kernel.storage.element_bytes();
+        let c_bytes = self.dims.c * 4;
+        l.check_chunked(OP, "x", &b.x, x_bytes)?;
+        l.check_chunked(OP, "dy", &b.dy, x_bytes)?;
+        l.check_chunked(OP, "dx", &b.dx, x_bytes)?;
         l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
         l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
         let mut inputs = vec![
@@ -288,72 +341,61 @@ impl BatchNormBackwardPlan {
             ));
         }
         let k = &self.kernel;
-        let (x_bytes, c_bytes) = (self.dims.total * 4, self.dims.c * 4);
+        let sample_bytes = self.dims.c * self.dims.s * k.storage.element_bytes();
+        let c_bytes = self.dims.c * 4;
         let variant = usize::from(batch_stats) | usize::from(accumulate.dx) << 1 | usize::from(accumulate.params) << 2;
-        let uniform = self.uniforms[variant].as_entire_binding();
         let affine = self.config.affine;
         let ph = &k.placeholders;
-        let (x, dy) = (binding(&b.x, x_bytes), binding(&b.dy, x_bytes));
         let rng = binding_or(self.dropout.is_some(), &b.rng, &ph[3], RNG_STATE_BYTES);
         let (save_mean, save_invstd) = (binding(&b.save_mean, c_bytes), binding(&b.save_invstd, c_bytes));
         let (partials, coef) = (self.partials.as_entire_binding(), self.coef.as_entire_binding());
-        let passes = [
-            (
+        let mut passes = Vec::new();
+        for c in &self.chunks {
+            let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
+            let entries = [
+                (0, c.uniforms[variant].as_entire_binding()),
+                (1, binding_at(&b.x, at, len)),
+                (2, binding_at(&b.dy, at, len)),
+                (5, save_mean.clone()),
+                (7, partials.clone()),
+                (8, coef.clone()),
+                (11, rng.clone()),
+            ];
+            passes.push((
                 &k.reduce,
-                bind_group(
-                    device,
-                    "bnb_reduce",
-                    &k.reduce,
-                    &[
-                        (0, uniform.clone()),
-                        (1, x.clone()),
-                        (2, dy.clone()),
-                        (5, save_mean.clone()),
-                        (7, partials.clone()),
-                        (11, rng.clone()),
-                    ],
-                ),
-                self.reduce_groups,
-            ),
-            (
-                &k.finalize,
-                bind_group(
-                    device,
-                    "bnb_finalize",
-                    &k.finalize,
-                    &[
-                        (0, uniform.clone()),
-                        (1, x.clone()),
-                        (5, save_mean),
-                        (6, save_invstd.clone()),
-                        (7, partials),
-                        (8, coef.clone()),
-                        (9, binding_or(affine, &b.dweight, &ph[1], c_bytes)),
-                        (10, binding_or(affine, &b.dbias, &ph[2], c_bytes)),
-                    ],
-                ),
-                self.finalize_groups,
-            ),
-            (
-                &k.dx,
-                bind_group(
-                    device,
-                    "bnb_dx",
-                    &k.dx,
-                    &[
-                        (0, uniform),
-                        (1, x),
-                        (2, dy),
-                        (3, binding(&b.dx, x_bytes)),
-                        (4, binding_or(affine, &b.weight, &ph[0], c_bytes)),
-                        (6, save_invstd),
-                        (8, coef),
-                        (11, rng),
-                    ],
-                ),
-                self.dx_groups,
-            ),
+                bind_group(device, "bnb_reduce", &k.reduce, &entries),
+                c.reduce_groups,
+            ));
+        }
+        // The whole-call pass takes the first range's uniform: it holds the totals.
+        let entries = [
+            (0, self.chunks[0].uniforms[variant].as_entire_binding()),
+            (5, save_mean),
+            (6, save_invstd.clone()),
+            (7, partials),
+            (8, coef.clone()),
+            (9, binding_or(affine, &b.dweight, &ph[1], c_bytes)),
+            (10, binding_or(affine, &b.dbias, &ph[2], c_bytes)),
         ];
+        passes.push((
+            &k.finalize,
+            bind_group(device, "bnb_finalize", &k.finalize, &entries),
+            self.finalize_groups,
+        ));
+        for c in &self.chunks {
+            let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
+            let entries = [
+                (0, c.uniforms[variant].as_entire_binding()),
+                (1, binding_at(&b.x, at, len)),
+                (2, binding_at(&b.dy, at, len)),
+                (3, binding_at(&b.dx, at, len)),
+                (4, binding_or(affine, &b.weight, &ph[0], c_bytes)),
+                (6, save_invstd.clone()),
+                (8, coef.clone()),
+                (11, rng.clone()),
+            ];
+            passes.push((&k.dx, bind_group(device, "bnb_dx", &k.dx, &entries), c.dx_groups));
+        }
         record(encoder, "batch_norm backward", &passes);
         Ok(())
     }

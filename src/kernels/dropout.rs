@@ -10,7 +10,8 @@
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    bind_group, binding, check_distinct, compute_pipeline, fold_workgroups, record, uniform_buffer, BindLimits,
+    bind_group, binding, binding_at, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups, record,
+    uniform_buffer, BindLimits, Chunk, Storage,
 };
 use crate::rng::DropRule;
 
@@ -130,14 +131,15 @@ struct DropoutParams {
     threshold: u32,
     flags: u32,
     scale: f32,
-    _pad0: u32,
+    base: u32,
     _pad1: u32,
 }
 const _: () = assert!(std::mem::size_of::<DropoutParams>() == 32);
 
-/// Compiled dropout pipelines for one device.
+/// Compiled dropout pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
 pub struct DropoutKernel {
+    storage: Storage,
     forward: wgpu::ComputePipeline,
     apply_mask: wgpu::ComputePipeline,
     mask: wgpu::ComputePipeline,
@@ -145,9 +147,10 @@ pub struct DropoutKernel {
 }
 
 impl Kernel for DropoutKernel {
-    fn build(device: &wgpu::Device) -> Self {
-        let module = crate::kernels::shader_module(device, "dropout.wgsl");
+    fn build(device: &wgpu::Device, storage: Storage) -> Self {
+        let module = crate::kernels::shader_module(device, "dropout.wgsl", storage);
         Self {
+            storage,
             forward: compute_pipeline(device, &module, "dropout_forward"),
             apply_mask: compute_pipeline(device, &module, "dropout_apply_mask"),
             mask: compute_pipeline(device, &module, "dropout_mask"),
@@ -192,9 +195,20 @@ pub(crate) fn dropout_units(op: &'static str, shape: &[usize], unit: DropoutUnit
 }
 
 impl DropoutKernel {
-    /// Compiles the pipelines.
+    /// Compiles the pipelines for f32 activations.
     pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device)
+        <Self as Kernel>::build(device, Storage::F32)
+    }
+
+    /// Compiles the pipelines for activations stored as `storage`.
+    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
+        crate::kernels::check_storage(device, storage)?;
+        Ok(<Self as Kernel>::build(device, storage))
+    }
+
+    /// How this kernel's activations (x, y, dy, dx) are stored.
+    pub fn storage(&self) -> Storage {
+        self.storage
     }
 
     /// A plan for inputs of `shape`. `unit` picks Dropout or Dropout2d.
@@ -208,21 +222,42 @@ impl DropoutKernel {
         config.validate()?;
         let (numel, unit_len, units) = dropout_units(OP, shape, unit)?;
         let limits = BindLimits::of(device);
-        limits.check_size(OP, "input size in bytes", numel * 4)?;
-        let uniform = |training: bool, accumulate: bool| -> Result<wgpu::Buffer> {
+        let eb = self.storage.element_bytes();
+        // Chunks start at multiples of 4 elements: one Philox call covers 4 elements.
+        let chunks = chunk_ranges(OP, "4 elements", numel, eb, &limits, 4)?;
+        limits.check_size(OP, "packed mask in bytes", units.div_ceil(32) * 4)?;
+        let uniform = |chunk: &Chunk, training: bool, accumulate: bool| -> Result<wgpu::Buffer> {
             let d = config.params(training)?;
             let params = DropoutParams {
-                numel: numel as u32,
+                numel: chunk.count as u32,
                 unit_len: unit_len as u32,
                 units: units as u32,
                 threshold: d.threshold,
                 flags: d.flags | if accumulate { FLAG_ACCUMULATE } else { 0 },
                 scale: d.scale,
-                _pad0: 0,
+                base: chunk.start as u32,
                 _pad1: 0,
             };
             Ok(uniform_buffer(device, "dropout params", &params))
         };
+        let mut parts = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
+            parts.push(DropoutChunk {
+                chunk: *chunk,
+                uniforms: [
+                    uniform(chunk, false, false)?,
+                    uniform(chunk, true, false)?,
+                    uniform(chunk, false, true)?,
+                    uniform(chunk, true, true)?,
+                ],
+                apply_groups: fold_workgroups(OP, chunk.count.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
+                forward_groups: fold_workgroups(
+                    OP,
+                    chunk.count.div_ceil(4 * WORKGROUP),
+                    limits.max_workgroups_per_dim,
+                )?,
+            });
+        }
         Ok(DropoutPlan {
             kernel: self.clone(),
             config: *config,
@@ -231,14 +266,7 @@ impl DropoutKernel {
             numel,
             units,
             limits,
-            uniforms: [
-                uniform(false, false)?,
-                uniform(true, false)?,
-                uniform(false, true)?,
-                uniform(true, true)?,
-            ],
-            apply_groups: fold_workgroups(OP, numel.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
-            forward_groups: fold_workgroups(OP, numel.div_ceil(4 * WORKGROUP), limits.max_workgroups_per_dim)?,
+            chunks: parts,
             mask_groups: fold_workgroups(OP, units.div_ceil(32 * WORKGROUP), limits.max_workgroups_per_dim)?,
         })
     }
@@ -263,7 +291,8 @@ impl DropoutKernel {
     }
 }
 
-/// The buffers of one dropout call (f32, `numel` elements each; distinct buffers).
+/// The buffers of one dropout call (`numel` elements each, stored as the kernel's
+/// [`Storage`]; distinct buffers).
 #[derive(Clone, Debug)]
 pub struct DropoutBuffers<'a> {
     /// Input.
@@ -284,14 +313,34 @@ pub struct DropoutPlan {
     numel: u64,
     units: u64,
     limits: BindLimits,
+    /// One per storage binding's worth of elements (one unless the tensor exceeds
+    /// `max_storage_buffer_binding_size`).
+    chunks: Vec<DropoutChunk>,
+    mask_groups: (u32, u32),
+}
+
+/// The uniforms and workgroup counts of one chunk of a dropout plan.
+#[derive(Debug)]
+struct DropoutChunk {
+    chunk: Chunk,
     /// Indexed by `training + 2·accumulate`.
     uniforms: [wgpu::Buffer; 4],
     forward_groups: (u32, u32),
     apply_groups: (u32, u32),
-    mask_groups: (u32, u32),
+}
+
+impl DropoutChunk {
+    fn uniform(&self, training: bool, accumulate: bool) -> wgpu::BindingResource<'_> {
+        self.uniforms[usize::from(training) + 2 * usize::from(accumulate)].as_entire_binding()
+    }
 }
 
 impl DropoutPlan {
+    /// How the activations this plan reads and writes are stored (its kernel's storage).
+    pub fn storage(&self) -> Storage {
+        self.kernel.storage
+    }
+
     /// The input shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -336,10 +385,6 @@ impl DropoutPlan {
         self.encode_map(device, encoder, training, accumulate, b)
     }
 
-    fn uniform(&self, training: bool, accumulate: bool) -> wgpu::BindingResource<'_> {
-        self.uniforms[usize::from(training) + 2 * usize::from(accumulate)].as_entire_binding()
-    }
-
     fn encode_map(
         &self,
         device: &wgpu::Device,
@@ -348,31 +393,36 @@ impl DropoutPlan {
         accumulate: bool,
         b: &DropoutBuffers<'_>,
     ) -> Result<()> {
-        let bytes = self.numel * 4;
-        self.limits.check(OP, "x", &b.x, bytes)?;
-        self.limits.check(OP, "y", &b.y, bytes)?;
+        let bytes = self.numel * self.kernel.storage.element_bytes();
+        self.limits.check_chunked(OP, "x", &b.x, bytes)?;
+        self.limits.check_chunked(OP, "y", &b.y, bytes)?;
         check_rng(&self.limits, OP, &b.rng)?;
         // rng is declared read_write in dropout.wgsl (rng_advance writes it), so it counts as an
         // output here; y and rng must not share a buffer either.
         check_distinct(OP, &[("x", &b.x)], &[("y", &b.y), ("rng", &b.rng)])?;
         check_distinct(OP, &[("y", &b.y)], &[("rng", &b.rng)])?;
         let k = &self.kernel;
-        let group = bind_group(
-            device,
-            "dropout_forward",
-            &k.forward,
-            &[
-                (0, self.uniform(training, accumulate)),
-                (1, binding(&b.x, bytes)),
-                (2, binding(&b.y, bytes)),
-                (3, binding(&b.rng, RNG_STATE_BYTES)),
-            ],
-        );
-        record(
-            encoder,
-            "dropout",
-            &[(&k.forward, group, (self.forward_groups.0, self.forward_groups.1))],
-        );
+        let eb = k.storage.element_bytes();
+        let dispatches: Vec<_> = self
+            .chunks
+            .iter()
+            .map(|c| {
+                let (at, len) = (c.chunk.start * eb, c.chunk.count * eb);
+                let group = bind_group(
+                    device,
+                    "dropout_forward",
+                    &k.forward,
+                    &[
+                        (0, c.uniform(training, accumulate)),
+                        (1, binding_at(&b.x, at, len)),
+                        (2, binding_at(&b.y, at, len)),
+                        (3, binding(&b.rng, RNG_STATE_BYTES)),
+                    ],
+                );
+                (&k.forward, group, c.forward_groups)
+            })
+            .collect();
+        record(encoder, "dropout", &dispatches);
         Ok(())
     }
 
@@ -396,7 +446,7 @@ impl DropoutPlan {
             "dropout_mask",
             &k.mask,
             &[
-                (0, self.uniform(training, false)),
+                (0, self.chunks[0].uniform(training, false)),
                 (3, binding(rng, RNG_STATE_BYTES)),
                 (4, binding(mask, self.mask_words() * 4)),
             ],
@@ -422,30 +472,41 @@ impl DropoutPlan {
         dx: &wgpu::BufferSlice<'_>,
         mask: &wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        let bytes = self.numel * 4;
-        self.limits.check(OP, "dy", dy, bytes)?;
-        self.limits.check(OP, "dx", dx, bytes)?;
+        let eb = self.kernel.storage.element_bytes();
+        let bytes = self.numel * eb;
+        self.limits.check_chunked(OP, "dy", dy, bytes)?;
+        self.limits.check_chunked(OP, "dx", dx, bytes)?;
         self.limits.check(OP, "mask", mask, self.mask_words() * 4)?;
         check_distinct(OP, &[("dy", dy)], &[("dx", dx), ("mask", mask)])?;
         check_distinct(OP, &[("dx", dx)], &[("mask", mask)])?;
         let k = &self.kernel;
-        let group = bind_group(
-            device,
-            "dropout_apply_mask",
-            &k.apply_mask,
-            &[
-                (0, self.uniform(training, accumulate)),
-                (1, binding(dy, bytes)),
-                (2, binding(dx, bytes)),
-                (4, binding(mask, self.mask_words() * 4)),
-            ],
-        );
-        record(
-            encoder,
-            "dropout from mask",
-            &[(&k.apply_mask, group, (self.apply_groups.0, self.apply_groups.1))],
-        );
+        let dispatches: Vec<_> = self
+            .chunks
+            .iter()
+            .map(|c| {
+                let (at, len) = (c.chunk.start * eb, c.chunk.count * eb);
+                let group = bind_group(
+                    device,
+                    "dropout_apply_mask",
+                    &k.apply_mask,
+                    &[
+                        (0, c.uniform(training, accumulate)),
+                        (1, binding_at(dy, at, len)),
+                        (2, binding_at(dx, at, len)),
+                        (4, binding(mask, self.mask_words() * 4)),
+                    ],
+                );
+                (&k.apply_mask, group, c.apply_groups)
+            })
+            .collect();
+        record(encoder, "dropout from mask", &dispatches);
         Ok(())
+    }
+
+    /// How many dispatch chunks each call records: 1 unless the tensor is larger than one
+    /// storage binding (`max_storage_buffer_binding_size`).
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
     }
 
     /// The unit of this plan.

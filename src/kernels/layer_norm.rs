@@ -6,8 +6,8 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder, record,
-    uniform_buffer, BindLimits,
+    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
+    placeholder, record, uniform_buffer, BindLimits, Chunk, Storage,
 };
 
 const OP: &str = "layer_norm";
@@ -143,8 +143,10 @@ struct LnParams {
     drop_flags: u32,
     drop_scale: f32,
     lanes: u32,
+    row_base: u32,
+    _pad: [u32; 3],
 }
-const _: () = assert!(std::mem::size_of::<LnParams>() == 32);
+const _: () = assert!(std::mem::size_of::<LnParams>() == 48);
 
 /// Invocations per row in the forward: the smallest power of two in 8..=256 whose 16
 /// registers each hold the row (256 for rows too wide for registers). A workgroup of 256 runs
@@ -153,9 +155,10 @@ pub(crate) fn lanes_for(width: u64) -> u32 {
     (width.div_ceil(16).next_power_of_two().clamp(8, 256)) as u32
 }
 
-/// Compiled LayerNorm pipelines for one device.
+/// Compiled LayerNorm pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
 pub struct LayerNormKernel {
+    storage: Storage,
     forward: wgpu::ComputePipeline,
     dropout: wgpu::ComputePipeline,
     residual: wgpu::ComputePipeline,
@@ -164,9 +167,10 @@ pub struct LayerNormKernel {
 }
 
 impl Kernel for LayerNormKernel {
-    fn build(device: &wgpu::Device) -> Self {
-        let module = crate::kernels::shader_module(device, "layer_norm.wgsl");
+    fn build(device: &wgpu::Device, storage: Storage) -> Self {
+        let module = crate::kernels::shader_module(device, "layer_norm.wgsl", storage);
         Self {
+            storage,
             forward: compute_pipeline(device, &module, "ln_forward"),
             dropout: compute_pipeline(device, &module, "ln_dropout_forward"),
             residual: compute_pipeline(device, &module, "ln_residual_dropout_forward"),
@@ -176,9 +180,20 @@ impl Kernel for LayerNormKernel {
 }
 
 impl LayerNormKernel {
-    /// Compiles the pipelines.
+    /// Compiles the pipelines for f32 activations.
     pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device)
+        <Self as Kernel>::build(device, Storage::F32)
+    }
+
+    /// Compiles the pipelines for activations stored as `storage`.
+    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
+        crate::kernels::check_storage(device, storage)?;
+        Ok(<Self as Kernel>::build(device, storage))
+    }
+
+    /// How this kernel's activations (x, y, residual, h) are stored.
+    pub fn storage(&self) -> Storage {
+        self.storage
     }
 
     /// A plan for inputs of `shape` (trailing dims = `config.normalized_shape`).
@@ -192,8 +207,8 @@ impl LayerNormKernel {
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
         let limits = BindLimits::of(device);
-        let bytes = rows * width * 4;
-        limits.check_size(OP, "input size in bytes", bytes)?;
+        let row_bytes = width * self.storage.element_bytes();
+        let chunks = chunk_ranges(OP, "one row in bytes", rows, row_bytes, &limits, 1)?;
         let storage_limit = device.limits().max_storage_buffers_per_shader_stage;
         if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && storage_limit < RESIDUAL_STORAGE_BINDINGS {
             return Err(Error::ExceedsLimit {
@@ -217,7 +232,7 @@ impl LayerNormKernel {
         }
         let lanes = lanes_for(width);
         let rows_per_workgroup = u64::from(256 / lanes);
-        let uniform = |training: bool| -> Result<wgpu::Buffer> {
+        let uniform = |chunk: &Chunk, training: bool| -> Result<wgpu::Buffer> {
             let d = match dropout {
                 Some(d) => d.params(training)?,
                 None => crate::kernels::dropout::DropParams {
@@ -227,7 +242,7 @@ impl LayerNormKernel {
                 },
             };
             let params = LnParams {
-                rows: rows as u32,
+                rows: chunk.count as u32,
                 width: width as u32,
                 flags,
                 eps: config.eps,
@@ -235,9 +250,23 @@ impl LayerNormKernel {
                 drop_flags: d.flags,
                 drop_scale: d.scale,
                 lanes,
+                row_base: chunk.start as u32,
+                _pad: [0; 3],
             };
             Ok(uniform_buffer(device, "layer_norm params", &params))
         };
+        let mut parts = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
+            parts.push(LnChunk {
+                chunk: *chunk,
+                uniforms: [uniform(chunk, false)?, uniform(chunk, true)?],
+                groups: fold_workgroups(
+                    OP,
+                    chunk.count.div_ceil(rows_per_workgroup),
+                    limits.max_workgroups_per_dim,
+                )?,
+            });
+        }
         Ok(LayerNormPlan {
             kernel: self.clone(),
             config: config.clone(),
@@ -246,13 +275,14 @@ impl LayerNormKernel {
             rows,
             width,
             limits,
-            uniforms: [uniform(false)?, uniform(true)?],
-            groups: fold_workgroups(OP, rows.div_ceil(rows_per_workgroup), limits.max_workgroups_per_dim)?,
+            chunks: parts,
         })
     }
 }
 
-/// The buffers of one LayerNorm call. f32; distinct buffers for inputs and outputs.
+/// The buffers of one LayerNorm call; distinct buffers for inputs and outputs. Activations
+/// (`x`, `y`, `residual`, `h`) are stored as the kernel's [`Storage`]; γ, β, mean and rstd are
+/// f32.
 #[derive(Clone, Debug)]
 pub struct LayerNormBuffers<'a> {
     /// Input `(*, normalized_shape)`.
@@ -285,7 +315,15 @@ pub struct LayerNormPlan {
     rows: u64,
     width: u64,
     limits: BindLimits,
-    /// [eval, train]
+    /// Row ranges, one per storage binding's worth of rows (one unless the tensor exceeds
+    /// `max_storage_buffer_binding_size`).
+    chunks: Vec<LnChunk>,
+}
+
+/// One row range of a LayerNorm plan: its uniforms ([eval, train]) and workgroups.
+#[derive(Debug)]
+struct LnChunk {
+    chunk: Chunk,
     uniforms: [wgpu::Buffer; 2],
     groups: (u32, u32),
 }
@@ -303,6 +341,11 @@ fn required<'s, 'a>(
 }
 
 impl LayerNormPlan {
+    /// How the activations this plan reads and writes are stored (its kernel's storage).
+    pub fn storage(&self) -> Storage {
+        self.kernel.storage
+    }
+
     /// The input shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -323,12 +366,18 @@ impl LayerNormPlan {
         self.fusion
     }
 
+    /// Dispatch chunks per call: 1 unless the tensor exceeds one storage binding.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
     /// Checks the buffers without recording anything.
     pub fn validate(&self, b: &LayerNormBuffers<'_>) -> Result<()> {
         let l = &self.limits;
-        let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * 4, self.width * 4, self.rows * 4);
-        l.check(OP, "x", &b.x, x_bytes)?;
-        l.check(OP, "y", &b.y, x_bytes)?;
+        let eb = self.kernel.storage.element_bytes();
+        let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * eb, self.width * 4, self.rows * 4);
+        l.check_chunked(OP, "x", &b.x, x_bytes)?;
+        l.check_chunked(OP, "y", &b.y, x_bytes)?;
         l.check(OP, "mean", &b.mean, r_bytes)?;
         l.check(OP, "rstd", &b.rstd, r_bytes)?;
         let mut inputs = vec![("x", &b.x)];
@@ -351,8 +400,8 @@ impl LayerNormPlan {
         if let LayerNormFusion::ResidualDropout(_) = self.fusion {
             let res = required("residual", &b.residual, "with residual fusion")?;
             let h = required("h", &b.h, "with residual fusion")?;
-            l.check(OP, "residual", res, x_bytes)?;
-            l.check(OP, "h", h, x_bytes)?;
+            l.check_chunked(OP, "residual", res, x_bytes)?;
+            l.check_chunked(OP, "h", h, x_bytes)?;
             inputs.push(("residual", res));
             outputs.push(("h", h));
         }
@@ -372,38 +421,39 @@ impl LayerNormPlan {
     ) -> Result<()> {
         self.validate(b)?;
         let k = &self.kernel;
-        let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * 4, self.width * 4, self.rows * 4);
+        let row_bytes = self.width * k.storage.element_bytes();
+        let (w_bytes, r_bytes) = (self.width * 4, self.rows * 4);
         let weight = binding_or(self.config.has_weight(), &b.weight, &k.placeholders[0], w_bytes);
         let bias = binding_or(self.config.has_bias(), &b.bias, &k.placeholders[1], w_bytes);
-        let mut entries = vec![
-            (0, self.uniforms[usize::from(training)].as_entire_binding()),
-            (1, binding(&b.x, x_bytes)),
-            (2, binding(&b.y, x_bytes)),
-            (3, weight),
-            (4, bias),
-            (5, binding(&b.mean, r_bytes)),
-            (6, binding(&b.rstd, r_bytes)),
-        ];
         let pipeline = match self.fusion {
             LayerNormFusion::None => &k.forward,
             LayerNormFusion::Dropout(_) => &k.dropout,
             LayerNormFusion::ResidualDropout(_) => &k.residual,
         };
-        if let Some(rng) = &b.rng {
-            if self.fusion != LayerNormFusion::None {
-                entries.push((7, binding(rng, RNG_STATE_BYTES)));
+        let mut dispatches = Vec::with_capacity(self.chunks.len());
+        for c in &self.chunks {
+            let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
+            let mut entries = vec![
+                (0, c.uniforms[usize::from(training)].as_entire_binding()),
+                (1, binding_at(&b.x, at, len)),
+                (2, binding_at(&b.y, at, len)),
+                (3, weight.clone()),
+                (4, bias.clone()),
+                (5, binding(&b.mean, r_bytes)),
+                (6, binding(&b.rstd, r_bytes)),
+            ];
+            if let Some(rng) = &b.rng {
+                if self.fusion != LayerNormFusion::None {
+                    entries.push((7, binding(rng, RNG_STATE_BYTES)));
+                }
             }
+            if let (LayerNormFusion::ResidualDropout(_), Some(res), Some(h)) = (self.fusion, &b.residual, &b.h) {
+                entries.push((8, binding_at(res, at, len)));
+                entries.push((9, binding_at(h, at, len)));
+            }
+            dispatches.push((pipeline, bind_group(device, "layer_norm", pipeline, &entries), c.groups));
         }
-        if let (LayerNormFusion::ResidualDropout(_), Some(res), Some(h)) = (self.fusion, &b.residual, &b.h) {
-            entries.push((8, binding(res, x_bytes)));
-            entries.push((9, binding(h, x_bytes)));
-        }
-        let group = bind_group(device, "layer_norm", pipeline, &entries);
-        record(
-            encoder,
-            "layer_norm forward",
-            &[(pipeline, group, (self.groups.0, self.groups.1))],
-        );
+        record(encoder, "layer_norm forward", &dispatches);
         Ok(())
     }
 }

@@ -14,8 +14,8 @@ use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion};
 use crate::kernels::{
-    bind_group, binding, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder, record,
-    uniform_buffer, BindLimits,
+    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
+    placeholder, record, uniform_buffer, BindLimits, Chunk, Storage,
 };
 
 const OP: &str = "layer_norm backward";
@@ -46,15 +46,16 @@ struct LnBackwardParams {
     drop_scale: f32,
     col_tiles: u32,
     lanes: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    row_base: u32,
+    block_base: u32,
+    total_blocks: u32,
 }
 const _: () = assert!(std::mem::size_of::<LnBackwardParams>() == 48);
 
-/// Compiled LayerNorm backward pipelines for one device.
+/// Compiled LayerNorm backward pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
 pub struct LayerNormBackwardKernel {
+    storage: Storage,
     dx: wgpu::ComputePipeline,
     residual_dx: wgpu::ComputePipeline,
     params_partial: wgpu::ComputePipeline,
@@ -64,9 +65,10 @@ pub struct LayerNormBackwardKernel {
 }
 
 impl Kernel for LayerNormBackwardKernel {
-    fn build(device: &wgpu::Device) -> Self {
-        let module = crate::kernels::shader_module(device, "layer_norm_backward.wgsl");
+    fn build(device: &wgpu::Device, storage: Storage) -> Self {
+        let module = crate::kernels::shader_module(device, "layer_norm_backward.wgsl", storage);
         Self {
+            storage,
             dx: compute_pipeline(device, &module, "lnb_dx"),
             residual_dx: compute_pipeline(device, &module, "lnb_residual_dx"),
             params_partial: compute_pipeline(device, &module, "lnb_params_partial"),
@@ -77,9 +79,20 @@ impl Kernel for LayerNormBackwardKernel {
 }
 
 impl LayerNormBackwardKernel {
-    /// Compiles the pipelines.
+    /// Compiles the pipelines for f32 activations.
     pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device)
+        <Self as Kernel>::build(device, Storage::F32)
+    }
+
+    /// Compiles the pipelines for activations stored as `storage`.
+    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
+        crate::kernels::check_storage(device, storage)?;
+        Ok(<Self as Kernel>::build(device, storage))
+    }
+
+    /// How this kernel's activations (x, dy, dx, dh_in, dresidual) are stored.
+    pub fn storage(&self) -> Storage {
+        self.storage
     }
 
     /// A backward plan for the forward of `shape`, `config` and `fusion`. `dropout_training`
@@ -95,7 +108,9 @@ impl LayerNormBackwardKernel {
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
         let limits = BindLimits::of(device);
-        limits.check_size(OP, "input size in bytes", rows * width * 4)?;
+        let row_bytes = width * self.storage.element_bytes();
+        // Chunks hold whole 64-row blocks, so the dγ/dβ partial pass chunks with them.
+        let chunks = chunk_ranges(OP, "64 rows in bytes", rows, row_bytes, &limits, ROWS_PER_BLOCK)?;
         let storage_limit = device.limits().max_storage_buffers_per_shader_stage;
         if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && storage_limit < RESIDUAL_STORAGE_BINDINGS {
             return Err(Error::ExceedsLimit {
@@ -129,32 +144,44 @@ impl LayerNormBackwardKernel {
         if config.has_bias() {
             base_flags |= FLAG_BIAS;
         }
-        // One uniform per (accumulate dx, accumulate params, dh_in) combination.
-        let uniforms = (0..8usize)
-            .map(|variant| {
-                let mut flags = base_flags;
-                for (bit, flag) in [(1, FLAG_ACCUM_DX), (2, FLAG_ACCUM_PARAMS), (4, FLAG_DH_IN)] {
-                    if variant & bit != 0 {
-                        flags |= flag;
+        // Per chunk, one uniform per (accumulate dx, accumulate params, dh_in) combination.
+        let chunk_uniforms = |chunk: &Chunk| -> Vec<wgpu::Buffer> {
+            (0..8usize)
+                .map(|variant| {
+                    let mut flags = base_flags;
+                    for (bit, flag) in [(1, FLAG_ACCUM_DX), (2, FLAG_ACCUM_PARAMS), (4, FLAG_DH_IN)] {
+                        if variant & bit != 0 {
+                            flags |= flag;
+                        }
                     }
-                }
-                let params = LnBackwardParams {
-                    rows: rows as u32,
-                    width: width as u32,
-                    flags,
-                    row_blocks: row_blocks as u32,
-                    drop_threshold: d.threshold,
-                    drop_flags: d.flags,
-                    drop_scale: d.scale,
-                    col_tiles: col_tiles as u32,
-                    lanes,
-                    _pad0: 0,
-                    _pad1: 0,
-                    _pad2: 0,
-                };
-                uniform_buffer(device, "layer_norm backward params", &params)
-            })
-            .collect();
+                    let params = LnBackwardParams {
+                        rows: chunk.count as u32,
+                        width: width as u32,
+                        flags,
+                        row_blocks: chunk.count.div_ceil(ROWS_PER_BLOCK) as u32,
+                        drop_threshold: d.threshold,
+                        drop_flags: d.flags,
+                        drop_scale: d.scale,
+                        col_tiles: col_tiles as u32,
+                        lanes,
+                        row_base: chunk.start as u32,
+                        block_base: (chunk.start / ROWS_PER_BLOCK) as u32,
+                        total_blocks: row_blocks as u32,
+                    };
+                    uniform_buffer(device, "layer_norm backward params", &params)
+                })
+                .collect()
+        };
+        let mut parts = Vec::with_capacity(chunks.len());
+        for chunk in &chunks {
+            let max = limits.max_workgroups_per_dim;
+            parts.push(LnbChunk {
+                chunk: *chunk,
+                uniforms: chunk_uniforms(chunk),
+                dx_groups: fold_workgroups(OP, chunk.count.div_ceil(u64::from(256 / lanes)), max)?,
+                partial_groups: fold_workgroups(OP, chunk.count.div_ceil(ROWS_PER_BLOCK) * col_tiles, max)?,
+            });
+        }
         let scratch = |label: &str, bytes: u64| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -172,17 +199,16 @@ impl LayerNormBackwardKernel {
             rows,
             width,
             limits,
-            uniforms,
+            chunks: parts,
             row_centre: scratch("layer_norm backward row centres", rows * 8),
             partials: scratch("layer_norm backward partials", partial_bytes),
-            dx_groups: fold_workgroups(OP, rows.div_ceil(u64::from(256 / lanes)), limits.max_workgroups_per_dim)?,
-            partial_groups: fold_workgroups(OP, row_blocks * col_tiles, limits.max_workgroups_per_dim)?,
             final_groups: fold_workgroups(OP, col_tiles, limits.max_workgroups_per_dim)?,
         })
     }
 }
 
-/// The buffers of one LayerNorm backward (f32).
+/// The buffers of one LayerNorm backward. Activations and their gradients (`x`, `dy`, `dx`,
+/// `dh_in`, `dresidual`) are stored as the kernel's [`Storage`]; the rest is f32.
 #[derive(Clone, Debug)]
 pub struct LayerNormBackwardBuffers<'a> {
     /// The forward's LayerNorm input, unchanged since the forward: `x`, or the saved `h` of
@@ -219,15 +245,29 @@ pub struct LayerNormBackwardPlan {
     rows: u64,
     width: u64,
     limits: BindLimits,
-    uniforms: Vec<wgpu::Buffer>,
+    /// Ranges of whole 64-row blocks, one per storage binding's worth of rows.
+    chunks: Vec<LnbChunk>,
     row_centre: wgpu::Buffer,
     partials: wgpu::Buffer,
-    dx_groups: (u32, u32),
-    partial_groups: (u32, u32),
     final_groups: (u32, u32),
 }
 
+/// One row range of a LayerNorm backward plan.
+#[derive(Debug)]
+struct LnbChunk {
+    chunk: Chunk,
+    /// Indexed by `accumulate.dx | accumulate.params << 1 | dh_in << 2`.
+    uniforms: Vec<wgpu::Buffer>,
+    dx_groups: (u32, u32),
+    partial_groups: (u32, u32),
+}
+
 impl LayerNormBackwardPlan {
+    /// How the activations this plan reads and writes are stored (its kernel's storage).
+    pub fn storage(&self) -> Storage {
+        self.kernel.storage
+    }
+
     /// The input shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -243,13 +283,19 @@ impl LayerNormBackwardPlan {
         self.dropout_training
     }
 
+    /// Dispatch chunks per call: 1 unless the tensor exceeds one storage binding.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
     /// Checks the buffers without recording anything.
     pub fn validate(&self, b: &LayerNormBackwardBuffers<'_>) -> Result<()> {
         let l = &self.limits;
-        let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * 4, self.width * 4, self.rows * 4);
-        l.check(OP, "x", &b.x, x_bytes)?;
-        l.check(OP, "dy", &b.dy, x_bytes)?;
-        l.check(OP, "dx", &b.dx, x_bytes)?;
+        let eb = self.kernel.storage.element_bytes();
+        let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * eb, self.width * 4, self.rows * 4);
+        l.check_chunked(OP, "x", &b.x, x_bytes)?;
+        l.check_chunked(OP, "dy", &b.dy, x_bytes)?;
+        l.check_chunked(OP, "dx", &b.dx, x_bytes)?;
         l.check(OP, "rstd", &b.rstd, r_bytes)?;
         let mut inputs = vec![("x", &b.x), ("dy", &b.dy), ("rstd", &b.rstd)];
         let mut outputs = vec![("dx", &b.dx)];
@@ -290,10 +336,10 @@ impl LayerNormBackwardPlan {
                 .dresidual
                 .as_ref()
                 .ok_or_else(|| required("dresidual", "for the residual block"))?;
-            l.check(OP, "dresidual", dres, x_bytes)?;
+            l.check_chunked(OP, "dresidual", dres, x_bytes)?;
             outputs.push(("dresidual", dres));
             if let Some(dh) = &b.dh_in {
-                l.check(OP, "dh_in", dh, x_bytes)?;
+                l.check_chunked(OP, "dh_in", dh, x_bytes)?;
                 inputs.push(("dh_in", dh));
             }
         }
@@ -312,82 +358,84 @@ impl LayerNormBackwardPlan {
         self.validate(b)?;
         let k = &self.kernel;
         let ph = &k.placeholders;
-        let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * 4, self.width * 4, self.rows * 4);
+        let row_bytes = self.width * k.storage.element_bytes();
+        let (w_bytes, r_bytes) = (self.width * 4, self.rows * 4);
         let residual = matches!(self.fusion, LayerNormFusion::ResidualDropout(_));
         let has_dh = residual && b.dh_in.is_some();
         let variant = usize::from(accumulate.dx) | usize::from(accumulate.params) << 1 | usize::from(has_dh) << 2;
-        let uniform = self.uniforms[variant].as_entire_binding();
-        let (x, dy, rstd) = (
-            binding(&b.x, x_bytes),
-            binding(&b.dy, x_bytes),
-            binding(&b.rstd, r_bytes),
-        );
+        let rstd = binding(&b.rstd, r_bytes);
         let rng = binding_or(self.fusion != LayerNormFusion::None, &b.rng, &ph[3], RNG_STATE_BYTES);
         let (centre, partials) = (self.row_centre.as_entire_binding(), self.partials.as_entire_binding());
-        let mut dx_entries = vec![
-            (0, uniform.clone()),
-            (1, x.clone()),
-            (2, dy.clone()),
-            (3, binding(&b.dx, x_bytes)),
-            (4, binding_or(self.config.has_weight(), &b.weight, &ph[0], w_bytes)),
-            (5, rstd.clone()),
-            (6, centre.clone()),
-        ];
-        // Both the dx and the partial pass reach the generator state (the mask is applied to
-        // dy or to dh under a flag), so it is always bound: the placeholder without dropout.
-        dx_entries.push((10, rng.clone()));
-        let dx_pipeline = if residual {
-            dx_entries.push((11, binding_or(has_dh, &b.dh_in, &ph[4], x_bytes)));
-            if let Some(dres) = &b.dresidual {
-                dx_entries.push((12, binding(dres, x_bytes)));
+        let dx_pipeline = if residual { &k.residual_dx } else { &k.dx };
+        let mut dx_passes = Vec::new();
+        let mut partial_passes = Vec::new();
+        for c in &self.chunks {
+            let uniform = c.uniforms[variant].as_entire_binding();
+            let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
+            let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
+            // Both the dx and the partial pass reach the generator state (the mask is applied
+            // to dy or to dh under a flag), so it is always bound: the placeholder without dropout.
+            let mut dx_entries = vec![
+                (0, uniform.clone()),
+                (1, x.clone()),
+                (2, dy.clone()),
+                (3, binding_at(&b.dx, at, len)),
+                (4, binding_or(self.config.has_weight(), &b.weight, &ph[0], w_bytes)),
+                (5, rstd.clone()),
+                (6, centre.clone()),
+                (10, rng.clone()),
+            ];
+            if residual {
+                let dh_in = match &b.dh_in {
+                    Some(dh) => binding_at(dh, at, len),
+                    None => ph[4].as_entire_binding(),
+                };
+                dx_entries.push((11, dh_in));
+                if let Some(dres) = &b.dresidual {
+                    dx_entries.push((12, binding_at(dres, at, len)));
+                }
             }
-            &k.residual_dx
-        } else {
-            &k.dx
-        };
-        let partial_entries = vec![
-            (0, uniform.clone()),
-            (1, x),
-            (2, dy),
-            (5, rstd),
-            (6, centre),
-            (7, partials.clone()),
-            (10, rng),
-        ];
-        let passes = [
-            (
+            dx_passes.push((
                 dx_pipeline,
                 bind_group(device, "lnb_dx", dx_pipeline, &dx_entries),
-                self.dx_groups,
-            ),
-            (
+                c.dx_groups,
+            ));
+            let partial_entries = [
+                (0, uniform),
+                (1, x),
+                (2, dy),
+                (5, rstd.clone()),
+                (6, centre.clone()),
+                (7, partials.clone()),
+                (10, rng.clone()),
+            ];
+            partial_passes.push((
                 &k.params_partial,
                 bind_group(device, "lnb_params_partial", &k.params_partial, &partial_entries),
-                self.partial_groups,
-            ),
-            (
+                c.partial_groups,
+            ));
+        }
+        let mut passes = dx_passes;
+        // Without γ and β there is nothing to reduce; only the dx passes run.
+        if self.config.has_weight() || self.config.has_bias() {
+            passes.extend(partial_passes);
+            passes.push((
                 &k.params_final,
                 bind_group(
                     device,
                     "lnb_params_final",
                     &k.params_final,
                     &[
-                        (0, uniform),
+                        (0, self.chunks[0].uniforms[variant].as_entire_binding()),
                         (7, partials),
                         (8, binding_or(self.config.has_weight(), &b.dweight, &ph[1], w_bytes)),
                         (9, binding_or(self.config.has_bias(), &b.dbias, &ph[2], w_bytes)),
                     ],
                 ),
                 self.final_groups,
-            ),
-        ];
-        // Without γ and β there is nothing to reduce; only the dx pass runs.
-        let count = if self.config.has_weight() || self.config.has_bias() {
-            3
-        } else {
-            1
-        };
-        record(encoder, "layer_norm backward", &passes[..count]);
+            ));
+        }
+        record(encoder, "layer_norm backward", &passes);
         Ok(())
     }
 }

@@ -35,24 +35,38 @@ const SHADER_FILES: &[(&str, &str)] = &[
     ("welford.wgsl", include_str!("../../shaders/welford.wgsl")),
 ];
 
-/// The WGSL of `file` with its `// #include` directives expanded, as the kernels compile it.
-pub(crate) fn wgsl(file: &str) -> String {
-    let lookup = |name: &str| {
-        SHADER_FILES
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, s)| s.to_string())
-    };
-    let raw = lookup(file).unwrap_or_else(|| panic!("shader {file} is not in SHADER_FILES"));
-    crate::shader_source::expand(&raw, &lookup).unwrap_or_else(|e| panic!("{file}: {e}"))
+pub use crate::shader_source::Storage;
+
+fn raw_source(name: &str) -> Option<&'static str> {
+    SHADER_FILES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
 }
 
-/// Compiles `file` (expanded) into a shader module.
-pub(crate) fn shader_module(device: &wgpu::Device, file: &str) -> wgpu::ShaderModule {
+/// The WGSL of `file` with its directives expanded for `storage`, as the kernels compile it.
+pub(crate) fn wgsl(file: &str, storage: Storage) -> String {
+    let lookup = |name: &str| raw_source(name).map(str::to_string);
+    let raw = raw_source(file).unwrap_or_else(|| panic!("shader {file} is not in SHADER_FILES"));
+    crate::shader_source::expand(raw, &lookup, storage).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Compiles `file` (expanded for `storage`) into a shader module.
+pub(crate) fn shader_module(device: &wgpu::Device, file: &str, storage: Storage) -> wgpu::ShaderModule {
+    let label = format!("{file} [{}]", storage.name());
     device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some(file),
-        source: wgpu::ShaderSource::Wgsl(wgsl(file).into()),
+        label: Some(&label),
+        source: wgpu::ShaderSource::Wgsl(wgsl(file, storage).into()),
     })
+}
+
+/// Checks that `device` can run kernels with activations stored as `storage`: native f16
+/// needs `SHADER_F16`; f32 and packed f16 run everywhere.
+pub fn check_storage(device: &wgpu::Device, storage: Storage) -> Result<()> {
+    if storage == Storage::F16 && !device.features().contains(wgpu::Features::SHADER_F16) {
+        return Err(Error::Unsupported {
+            what: "native f16 storage (Storage::F16)".into(),
+            reason: "the device was created without wgpu::Features::SHADER_F16; use Storage::F16Packed".into(),
+        });
+    }
+    Ok(())
 }
 
 /// One WGSL module exactly as a kernel hands it to `create_shader_module`.
@@ -60,18 +74,19 @@ pub(crate) fn shader_module(device: &wgpu::Device, file: &str) -> wgpu::ShaderMo
 pub struct ShaderVariant {
     /// The file in `shaders/` it comes from.
     pub file: &'static str,
-    /// Which variant of that file (e.g. `"f32"`).
-    pub variant: &'static str,
+    /// How it stores activations.
+    pub storage: Storage,
     /// The WGSL source.
     pub source: String,
     /// The compute entry points the kernel builds pipelines for.
     pub entry_points: &'static [&'static str],
 }
 
-/// Every shader variant any kernel in this crate can build. The portability test translates
-/// each one to SPIR-V, MSL, HLSL and GLSL with naga.
+/// Every shader variant any kernel in this crate can build: each op's shader in f32, native
+/// f16 and packed f16; the copy and SGD shaders (no activations) in f32. The portability test
+/// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    [
+    let files: [(&'static str, &'static [&'static str]); 7] = [
         ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("copy.wgsl", copy::ENTRY_POINTS),
@@ -79,15 +94,25 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
         ("layer_norm_backward.wgsl", layer_norm_backward::ENTRY_POINTS),
         ("sgd.wgsl", sgd::ENTRY_POINTS),
-    ]
-    .into_iter()
-    .map(|(file, entry_points)| ShaderVariant {
-        file,
-        variant: "f32",
-        source: wgsl(file),
-        entry_points,
-    })
-    .collect()
+    ];
+    let mut out = Vec::new();
+    for (file, entry_points) in files {
+        let raw = raw_source(file).expect("listed shader exists");
+        let storages: &[Storage] = if crate::shader_source::has_activations(raw) {
+            &Storage::ALL
+        } else {
+            &[Storage::F32]
+        };
+        for &storage in storages {
+            out.push(ShaderVariant {
+                file,
+                storage,
+                source: wgsl(file, storage),
+                entry_points,
+            });
+        }
+    }
+    out
 }
 
 /// Names of the files that are only ever included (validated through their includers).
@@ -143,8 +168,21 @@ impl BindLimits {
         }
     }
 
-    /// Checks that `slice` can be bound as a storage buffer of `needed` bytes.
+    /// Checks that `slice` can be bound as one storage buffer of `needed` bytes.
     pub fn check(
+        &self,
+        op: &'static str,
+        what: &'static str,
+        slice: &wgpu::BufferSlice<'_>,
+        needed: u64,
+    ) -> Result<()> {
+        self.check_chunked(op, what, slice, needed)?;
+        self.check_size(op, what, needed)
+    }
+
+    /// Checks that `slice` holds `needed` bytes and can be bound in the chunks a plan cut
+    /// (see [`chunk_ranges`]): usage, offset alignment and size, but not the binding limit.
+    pub fn check_chunked(
         &self,
         op: &'static str,
         what: &'static str,
@@ -170,6 +208,8 @@ impl BindLimits {
                 ),
             });
         }
+        // Bindings are whole 4-byte words: an odd count of halves needs its last word.
+        let needed = needed.div_ceil(4) * 4;
         if slice.size() < needed {
             return Err(Error::BufferTooSmall {
                 op,
@@ -178,8 +218,73 @@ impl BindLimits {
                 got: slice.size(),
             });
         }
-        self.check_size(op, what, needed)
+        Ok(())
     }
+}
+
+/// One dispatch range of a chunked call: items `start .. start + count` (rows, samples or
+/// elements, as the plan defines them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Chunk {
+    pub start: u64,
+    pub count: u64,
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Cuts `items` consecutive items of `item_bytes` bytes each into as few chunks as possible
+/// such that each chunk's bytes fit in one storage binding (`max_storage_buffer_binding_size`)
+/// and each chunk starts at a byte offset that is a multiple of
+/// `min_storage_buffer_offset_alignment` and at an item index that is a multiple of `multiple`.
+/// A tensor that fits in one binding is one chunk. Fails, naming the limit, when not even one
+/// aligned group of items fits.
+pub(crate) fn chunk_ranges(
+    op: &'static str,
+    what: &'static str,
+    items: u64,
+    item_bytes: u64,
+    limits: &BindLimits,
+    multiple: u64,
+) -> Result<Vec<Chunk>> {
+    let max = limits.max_storage_binding / 4 * 4;
+    if items * item_bytes <= max {
+        return Ok(vec![Chunk { start: 0, count: items }]);
+    }
+    let align = limits.storage_offset_alignment.max(1);
+    let align_items = align / gcd(item_bytes, align);
+    let step_unit = multiple.max(1) / gcd(multiple.max(1), align_items) * align_items;
+    let step = max / item_bytes / step_unit * step_unit;
+    if step == 0 {
+        return Err(Error::ExceedsLimit {
+            op,
+            what,
+            value: step_unit * item_bytes,
+            limit: limits.max_storage_binding,
+            limit_name: "max_storage_buffer_binding_size",
+        });
+    }
+    Ok((0..items)
+        .step_by(step as usize)
+        .map(|start| Chunk {
+            start,
+            count: step.min(items - start),
+        })
+        .collect())
+}
+
+/// A storage binding of `bytes` bytes (rounded up to 4) starting `offset` bytes into `slice`.
+pub(crate) fn binding_at<'a>(slice: &wgpu::BufferSlice<'a>, offset: u64, bytes: u64) -> wgpu::BindingResource<'a> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer: slice.buffer(),
+        offset: slice.offset() + offset,
+        size: NonZeroU64::new(bytes.div_ceil(4).max(1) * 4),
+    })
 }
 
 impl BindLimits {

@@ -27,8 +27,8 @@ pub struct SgdKernel {
 }
 
 impl Kernel for SgdKernel {
-    fn build(device: &wgpu::Device) -> Self {
-        let module = crate::kernels::shader_module(device, "sgd.wgsl");
+    fn build(device: &wgpu::Device, _storage: crate::kernels::Storage) -> Self {
+        let module = crate::kernels::shader_module(device, "sgd.wgsl", crate::kernels::Storage::F32);
         Self {
             step: compute_pipeline(device, &module, "sgd_step"),
         }
@@ -38,7 +38,7 @@ impl Kernel for SgdKernel {
 impl SgdKernel {
     /// Compiles the pipeline.
     pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device)
+        <Self as Kernel>::build(device, crate::kernels::Storage::F32)
     }
 
     /// A plan updating `n` parameters with learning rate `lr` (finite).

@@ -74,8 +74,6 @@ pub struct GradTargets<'a> {
 pub struct BatchNorm {
     ctx: Context,
     config: BatchNormConfig,
-    kernel: std::sync::Arc<BatchNormKernel>,
-    backward_kernel: std::sync::Arc<BatchNormBackwardKernel>,
     backward_plan: Option<BatchNormBackwardPlan>,
     training: bool,
     weight: Option<Tensor>,
@@ -97,7 +95,9 @@ impl BatchNorm {
     /// A module with an explicit configuration (validated here).
     pub fn with_config(ctx: &Context, config: BatchNormConfig) -> Result<Self> {
         config.validate()?;
-        let kernel = ctx.kernel::<BatchNormKernel>()?;
+        // Compile the f32 kernels now, so that a device that cannot run them fails here.
+        ctx.kernel::<BatchNormKernel>()?;
+        ctx.kernel::<BatchNormBackwardKernel>()?;
         let c = config.num_features;
         let (weight, bias) = if config.affine {
             (
@@ -123,8 +123,6 @@ impl BatchNorm {
         Ok(Self {
             ctx: ctx.clone(),
             config,
-            kernel,
-            backward_kernel: ctx.kernel::<BatchNormBackwardKernel>()?,
             backward_plan: None,
             training: true,
             weight,
@@ -267,32 +265,28 @@ impl BatchNorm {
     /// [`BatchNorm::forward`], optionally with a dropout fused into the normalize pass that
     /// draws from `generator`'s current state (not advanced here).
     pub(crate) fn forward_impl(&mut self, x: &Tensor, dropout: Option<(DropoutConfig, &Generator)>) -> Result<Tensor> {
-        if x.dtype() != DType::F32 {
-            return Err(Error::DType {
-                op: OP,
-                what: "x",
-                got: x.dtype(),
-                expected: DType::F32,
-            });
-        }
         let fused = dropout.as_ref().map(|(d, _)| *d);
+        let storage = self.ctx.storage(x.dtype());
         if self
             .plan
             .as_ref()
-            .is_none_or(|p| p.shape() != x.shape() || p.dropout() != fused.as_ref())
+            .is_none_or(|p| p.shape() != x.shape() || p.dropout() != fused.as_ref() || p.storage() != storage)
         {
             let options = BatchNormPlanOptions {
                 dropout: fused,
                 ..Default::default()
             };
-            let plan = self
-                .kernel
-                .plan_with(self.ctx.device(), x.shape(), &self.config, &options)?;
+            let plan = self.ctx.kernel_with::<BatchNormKernel>(storage)?.plan_with(
+                self.ctx.device(),
+                x.shape(),
+                &self.config,
+                &options,
+            )?;
             self.plan = Some(plan);
         }
         let plan = self.plan.as_ref().expect("set above");
         let c = self.config.num_features;
-        let y = Tensor::zeros(&self.ctx, x.shape(), DType::F32)?;
+        let y = Tensor::zeros(&self.ctx, x.shape(), x.dtype())?;
         let mean = Tensor::zeros(&self.ctx, &[c], DType::F32)?;
         let invstd = Tensor::zeros(&self.ctx, &[c], DType::F32)?;
         let buffers = BatchNormBuffers {
@@ -356,7 +350,7 @@ impl BatchNorm {
     pub(crate) fn backward_with(&mut self, dy: &Tensor, generator: Option<&Generator>) -> Result<Grads> {
         let saved = self.check_backward(dy)?;
         let c = self.config.num_features;
-        let dx = Tensor::zeros(&self.ctx, &saved.shape, DType::F32)?;
+        let dx = Tensor::zeros(&self.ctx, &saved.shape, saved.x.dtype())?;
         let (dweight, dbias) = if self.config.affine {
             (
                 Some(Tensor::zeros(&self.ctx, &[c], DType::F32)?),
@@ -393,12 +387,12 @@ impl BatchNorm {
                 ),
             });
         }
-        if dy.dtype() != DType::F32 {
+        if dy.dtype() != saved.x.dtype() {
             return Err(Error::DType {
                 op: OP,
                 what: "dy",
                 got: dy.dtype(),
-                expected: DType::F32,
+                expected: saved.x.dtype(),
             });
         }
         if dy.shape() != saved.shape.as_slice() {
@@ -420,9 +414,9 @@ impl BatchNorm {
         generator: Option<&Generator>,
     ) -> Result<()> {
         let saved = self.check_backward(dy)?;
-        check_target(targets.dx, &saved.shape)?;
+        check_target(targets.dx, &saved.shape, saved.x.dtype())?;
         for t in [targets.dweight, targets.dbias].into_iter().flatten() {
-            check_target(t, &[self.config.num_features])?;
+            check_target(t, &[self.config.num_features], DType::F32)?;
         }
         // The fused dropout ran in the forward's mode, which check_backward pinned to this one.
         let dropout = saved.dropout.map(|(d, _, _)| (d, saved.training));
@@ -432,14 +426,16 @@ impl BatchNorm {
                 reason: "the forward fused a dropout; call backward on the fused module".into(),
             });
         }
-        if self
-            .backward_plan
-            .as_ref()
-            .is_none_or(|p| p.shape() != saved.shape.as_slice() || p.dropout() != dropout.as_ref())
-        {
-            let plan = self
-                .backward_kernel
-                .plan(self.ctx.device(), &saved.shape, &self.config, dropout)?;
+        let storage = self.ctx.storage(saved.x.dtype());
+        if self.backward_plan.as_ref().is_none_or(|p| {
+            p.shape() != saved.shape.as_slice() || p.dropout() != dropout.as_ref() || p.storage() != storage
+        }) {
+            let plan = self.ctx.kernel_with::<BatchNormBackwardKernel>(storage)?.plan(
+                self.ctx.device(),
+                &saved.shape,
+                &self.config,
+                dropout,
+            )?;
             self.backward_plan = Some(plan);
         }
         let plan = self.backward_plan.as_ref().expect("set above");

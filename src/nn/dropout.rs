@@ -1,7 +1,5 @@
 //! [`Dropout`] and [`Dropout2d`]: reproducible dropout modules with a framework-style generator.
 
-use std::sync::Arc;
-
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{
@@ -137,13 +135,13 @@ pub struct Dropout {
     ctx: Context,
     config: DropoutConfig,
     unit: DropoutUnit,
-    kernel: Arc<DropoutKernel>,
     training: bool,
     generator: Generator,
     plan: Option<DropoutPlan>,
     last: Option<DropoutCall>,
-    /// Input shape of the last successful call.
+    /// Input shape and dtype of the last successful call.
     last_shape: Vec<usize>,
+    last_dtype: DType,
 }
 
 impl Dropout {
@@ -159,16 +157,18 @@ impl Dropout {
 
     fn build(ctx: &Context, config: DropoutConfig, seed: u64, unit: DropoutUnit) -> Result<Self> {
         config.validate()?;
+        // Compile the f32 kernel now, so that a device that cannot run it fails here.
+        ctx.kernel::<DropoutKernel>()?;
         Ok(Self {
             ctx: ctx.clone(),
             config,
             unit,
-            kernel: ctx.kernel::<DropoutKernel>()?,
             training: true,
             generator: Generator::new(ctx, seed)?,
             plan: None,
             last: None,
             last_shape: Vec::new(),
+            last_dtype: DType::F32,
         })
     }
 
@@ -207,7 +207,8 @@ impl Dropout {
         self.last
     }
 
-    /// Applies dropout to `x` (f32, any shape; `(N, C, *)` for Dropout2d).
+    /// Applies dropout to `x` (f32 or f16, any shape; `(N, C, *)` for Dropout2d). The output
+    /// has `x`'s dtype.
     pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
         let (seed, offset) = self.generator.state();
         Ok(self.run(x, seed, offset, false, true)?.0)
@@ -233,20 +234,18 @@ impl Dropout {
         want_mask: bool,
         advance: bool,
     ) -> Result<(Tensor, Option<Mask>)> {
-        const OP: &str = "Dropout";
-        if x.dtype() != DType::F32 {
-            return Err(Error::DType {
-                op: OP,
-                what: "x",
-                got: x.dtype(),
-                expected: DType::F32,
-            });
-        }
-        if self.plan.as_ref().is_none_or(|p| p.shape() != x.shape()) {
-            self.plan = Some(
-                self.kernel
-                    .plan(self.ctx.device(), x.shape(), &self.config, self.unit)?,
-            );
+        let storage = self.ctx.storage(x.dtype());
+        if self
+            .plan
+            .as_ref()
+            .is_none_or(|p| p.shape() != x.shape() || p.storage() != storage)
+        {
+            self.plan = Some(self.ctx.kernel_with::<DropoutKernel>(storage)?.plan(
+                self.ctx.device(),
+                x.shape(),
+                &self.config,
+                self.unit,
+            )?);
         }
         let plan = self.plan.as_ref().expect("set above");
         let training = self.training;
@@ -254,7 +253,7 @@ impl Dropout {
         let (y, mask) = if identity && !want_mask {
             (x.clone(), None)
         } else {
-            let y = Tensor::zeros(&self.ctx, x.shape(), DType::F32)?;
+            let y = Tensor::zeros(&self.ctx, x.shape(), x.dtype())?;
             let mask = if want_mask {
                 Some(Mask::alloc(&self.ctx, plan.units())?)
             } else {
@@ -284,6 +283,7 @@ impl Dropout {
         };
         self.last = Some(DropoutCall { seed, offset, training });
         self.last_shape = x.shape().to_vec();
+        self.last_dtype = x.dtype();
         if training && advance {
             self.generator.advance();
         }
@@ -300,7 +300,7 @@ impl Dropout {
         if !last.training && self.config.scale(false) == 1.0 {
             return Ok(dy.clone());
         }
-        let dx = Tensor::zeros(&self.ctx, dy.shape(), DType::F32)?;
+        let dx = Tensor::zeros(&self.ctx, dy.shape(), dy.dtype())?;
         self.backward_into(dy, &dx, false)?;
         Ok(dx)
     }
@@ -308,7 +308,7 @@ impl Dropout {
     /// Backward into `dx`; with `accumulate`, `dx += dy·m`.
     pub fn backward_into(&mut self, dy: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
         let last = self.check_backward(dy)?;
-        check_target(dx, dy.shape())?;
+        check_target(dx, dy.shape(), dy.dtype())?;
         let plan = self.plan.as_ref().expect("a forward built the plan");
         let device = self.ctx.device();
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -336,7 +336,7 @@ impl Dropout {
                 format!("{} units for the forward's shape", plan.units()),
             ));
         }
-        let dx = Tensor::zeros(&self.ctx, dy.shape(), DType::F32)?;
+        let dx = Tensor::zeros(&self.ctx, dy.shape(), dy.dtype())?;
         let device = self.ctx.device();
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("Dropout backward"),
@@ -368,20 +368,20 @@ impl Dropout {
                 reason: "the module's mode changed since the forward; backward must use the forward's mode".into(),
             });
         }
-        check_target(dy, &self.last_shape)?;
+        check_target(dy, &self.last_shape, self.last_dtype)?;
         Ok(last)
     }
 }
 
-/// Checks that a gradient tensor is f32 of the expected shape.
-pub(crate) fn check_target(t: &Tensor, shape: &[usize]) -> Result<()> {
+/// Checks that a gradient tensor has the expected shape and dtype.
+pub(crate) fn check_target(t: &Tensor, shape: &[usize], dtype: DType) -> Result<()> {
     const OP: &str = "backward";
-    if t.dtype() != DType::F32 {
+    if t.dtype() != dtype {
         return Err(Error::DType {
             op: OP,
             what: "gradient",
             got: t.dtype(),
-            expected: DType::F32,
+            expected: dtype,
         });
     }
     if t.shape() != shape {

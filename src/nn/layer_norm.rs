@@ -1,7 +1,5 @@
 //! [`LayerNorm`]: PyTorch's `nn.LayerNorm` as a module owning γ and β on the GPU.
 
-use std::sync::Arc;
-
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm_backward::Accumulate;
@@ -50,8 +48,6 @@ pub struct ResidualGrads {
 pub struct LayerNorm {
     ctx: Context,
     config: LayerNormConfig,
-    kernel: Arc<LayerNormKernel>,
-    backward_kernel: Arc<LayerNormBackwardKernel>,
     backward_plan: Option<LayerNormBackwardPlan>,
     weight: Option<Tensor>,
     bias: Option<Tensor>,
@@ -80,10 +76,11 @@ impl LayerNorm {
         } else {
             None
         };
+        // Compile the f32 kernels now, so that a device that cannot run them fails here.
+        ctx.kernel::<LayerNormKernel>()?;
+        ctx.kernel::<LayerNormBackwardKernel>()?;
         Ok(Self {
             ctx: ctx.clone(),
-            kernel: ctx.kernel::<LayerNormKernel>()?,
-            backward_kernel: ctx.kernel::<LayerNormBackwardKernel>()?,
             backward_plan: None,
             config,
             weight,
@@ -196,7 +193,8 @@ impl LayerNorm {
         self.load_state_from_safetensors(&bytes, "")
     }
 
-    /// Normalizes `x` of shape `(*, normalized_shape)`; returns `y` of the same shape.
+    /// Normalizes `x` of shape `(*, normalized_shape)` (f32 or f16); returns `y` of the same
+    /// shape and dtype. γ and β stay f32 and the statistics are computed in f32.
     pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
         Ok(self.run(x, LayerNormFusion::None, None, None, true)?.0)
     }
@@ -211,15 +209,13 @@ impl LayerNorm {
         generator: Option<&Generator>,
         training: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        for (what, t) in [("x", Some(x)), ("residual", residual)] {
-            if let Some(t) = t.filter(|t| t.dtype() != DType::F32) {
-                return Err(Error::DType {
-                    op: OP,
-                    what,
-                    got: t.dtype(),
-                    expected: DType::F32,
-                });
-            }
+        if let Some(r) = residual.filter(|r| r.dtype() != x.dtype()) {
+            return Err(Error::DType {
+                op: OP,
+                what: "residual",
+                got: r.dtype(),
+                expected: x.dtype(),
+            });
         }
         if let Some(r) = residual.filter(|r| r.shape() != x.shape()) {
             return Err(Error::shape(
@@ -229,20 +225,26 @@ impl LayerNorm {
                 format!("the shape of x, {:?}", x.shape()),
             ));
         }
+        let storage = self.ctx.storage(x.dtype());
         if self
             .plan
             .as_ref()
-            .is_none_or(|p| p.shape() != x.shape() || p.fusion() != fusion)
+            .is_none_or(|p| p.shape() != x.shape() || p.fusion() != fusion || p.storage() != storage)
         {
-            self.plan = Some(self.kernel.plan(self.ctx.device(), x.shape(), &self.config, fusion)?);
+            self.plan = Some(self.ctx.kernel_with::<LayerNormKernel>(storage)?.plan(
+                self.ctx.device(),
+                x.shape(),
+                &self.config,
+                fusion,
+            )?);
         }
         let plan = self.plan.as_ref().expect("set above");
         let lead = &x.shape()[..x.shape().len() - self.config.normalized_shape.len()];
-        let y = Tensor::zeros(&self.ctx, x.shape(), DType::F32)?;
+        let y = Tensor::zeros(&self.ctx, x.shape(), x.dtype())?;
         let mean = Tensor::zeros(&self.ctx, lead, DType::F32)?;
         let rstd = Tensor::zeros(&self.ctx, lead, DType::F32)?;
         let h = match residual {
-            Some(_) => Some(Tensor::zeros(&self.ctx, x.shape(), DType::F32)?),
+            Some(_) => Some(Tensor::zeros(&self.ctx, x.shape(), x.dtype())?),
             None => None,
         };
         let buffers = LayerNormBuffers {
@@ -303,7 +305,8 @@ impl LayerNorm {
     ) -> Result<(Grads, Option<Tensor>)> {
         let saved = self.check_backward(dy)?;
         let zeros = |shape: &[usize]| Tensor::zeros(&self.ctx, shape, DType::F32);
-        let dx = zeros(&saved.shape)?;
+        let act = saved.input.dtype();
+        let dx = Tensor::zeros(&self.ctx, &saved.shape, act)?;
         let norm = self.config.normalized_shape.clone();
         let dweight = if self.config.has_weight() {
             Some(zeros(&norm)?)
@@ -316,7 +319,7 @@ impl LayerNorm {
             None
         };
         let dresidual = match saved.fusion {
-            LayerNormFusion::ResidualDropout(_) => Some(zeros(&saved.shape)?),
+            LayerNormFusion::ResidualDropout(_) => Some(Tensor::zeros(&self.ctx, &saved.shape, act)?),
             _ => None,
         };
         let targets = GradTargets {
@@ -333,7 +336,7 @@ impl LayerNorm {
             op: OP,
             reason: "backward before any forward".into(),
         })?;
-        check_target(dy, &saved.shape)?;
+        check_target(dy, &saved.shape, saved.input.dtype())?;
         Ok(saved)
     }
 
@@ -347,12 +350,13 @@ impl LayerNorm {
         generator: Option<&Generator>,
     ) -> Result<()> {
         let saved = self.check_backward(dy)?;
-        check_target(targets.dx, &saved.shape)?;
+        let act = saved.input.dtype();
+        check_target(targets.dx, &saved.shape, act)?;
         for t in [dresidual, dh_in].into_iter().flatten() {
-            check_target(t, &saved.shape)?;
+            check_target(t, &saved.shape, act)?;
         }
         for t in [targets.dweight, targets.dbias].into_iter().flatten() {
-            check_target(t, &self.config.normalized_shape)?;
+            check_target(t, &self.config.normalized_shape, DType::F32)?;
         }
         let state = match (saved.fusion, saved.dropout_state, generator) {
             (LayerNormFusion::None, _, _) => None,
@@ -366,12 +370,20 @@ impl LayerNorm {
         };
         let dropout_training = state.is_none_or(|(_, _, _, training)| training);
         let fusion = saved.fusion;
+        let storage = self.ctx.storage(act);
         if self.backward_plan.as_ref().is_none_or(|p| {
-            p.shape() != saved.shape.as_slice() || p.fusion() != fusion || p.dropout_training() != dropout_training
+            p.shape() != saved.shape.as_slice()
+                || p.fusion() != fusion
+                || p.dropout_training() != dropout_training
+                || p.storage() != storage
         }) {
-            let plan =
-                self.backward_kernel
-                    .plan(self.ctx.device(), &saved.shape, &self.config, fusion, dropout_training)?;
+            let plan = self.ctx.kernel_with::<LayerNormBackwardKernel>(storage)?.plan(
+                self.ctx.device(),
+                &saved.shape,
+                &self.config,
+                fusion,
+                dropout_training,
+            )?;
             self.backward_plan = Some(plan);
         }
         let plan = self.backward_plan.as_ref().expect("set above");
