@@ -339,11 +339,13 @@ fn bad_input_is_rejected() {
         d.forward(&Tensor::zeros(&ctx, &[0, 4], DType::F32).unwrap()),
         Err(Error::Shape { .. })
     ));
+    assert_eq!(d.state(), (0, 0), "failed calls must not advance the generator");
+    // A gradient whose dtype differs from the forward's input.
+    d.forward(&Tensor::zeros(&ctx, &[4], DType::F16).unwrap()).unwrap();
     assert!(matches!(
-        d.forward(&Tensor::zeros(&ctx, &[4], DType::F16).unwrap()),
+        d.backward(&Tensor::zeros(&ctx, &[4], DType::F32).unwrap()),
         Err(Error::DType { .. })
     ));
-    assert_eq!(d.state(), (0, 0), "failed calls must not advance the generator");
 
     let device = ctx.device();
     let kernel = ctx.kernel::<DropoutKernel>().unwrap();

@@ -151,10 +151,6 @@ fn bad_input_is_rejected() {
         assert!(matches!(e, Error::Shape { .. }), "{shape:?}: {e}");
     }
     assert!(matches!(ln.forward(&t(&[0, 4, 5])), Err(Error::Shape { .. })));
-    assert!(matches!(
-        ln.forward(&Tensor::zeros(&ctx, &[4, 5], DType::F16).unwrap()),
-        Err(Error::DType { .. })
-    ));
     // Weight and bias of the wrong length; no bias when bias = false.
     assert!(matches!(ln.set_weight(&[1.0; 19]), Err(Error::Shape { .. })));
     assert!(matches!(ln.set_bias(&[1.0; 21]), Err(Error::Shape { .. })));
@@ -173,6 +169,12 @@ fn bad_input_is_rejected() {
         "a failed set changed γ"
     );
     assert!(ln.saved().is_none(), "failed calls must not save anything");
+    // A gradient whose dtype differs from the forward's input.
+    ln.forward(&Tensor::zeros(&ctx, &[4, 5], DType::F16).unwrap()).unwrap();
+    assert!(matches!(
+        ln.backward(&Tensor::zeros(&ctx, &[4, 5], DType::F32).unwrap()),
+        Err(Error::DType { .. })
+    ));
 
     // Low level: buffers too small, missing pieces, aliasing.
     let device = ctx.device();
