@@ -51,9 +51,7 @@ fn paths() -> Vec<(Storage, Context)> {
 
 /// `n` random values rounded to f16, and the same values exactly in f64.
 fn halves(rng: &mut Rng, n: usize, mean: f64, std: f64) -> (Vec<f16>, Vec<f64>) {
-    let h: Vec<f16> = (0..n)
-        .map(|_| f16::from_f64(mean + std * rng.normal()))
-        .collect();
+    let h: Vec<f16> = (0..n).map(|_| f16::from_f64(mean + std * rng.normal())).collect();
     let w = h.iter().map(|v| f64::from(v.to_f32())).collect();
     (h, w)
 }
@@ -64,7 +62,11 @@ fn upload(ctx: &Context, h: &[f16], shape: &[usize]) -> Tensor {
 
 fn read16(ctx: &Context, t: &Tensor) -> Vec<f32> {
     assert_eq!(t.dtype(), DType::F16, "outputs keep the input's dtype");
-    t.to_vec_blocking::<f16>(ctx).unwrap().iter().map(|v| v.to_f32()).collect()
+    t.to_vec_blocking::<f16>(ctx)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect()
 }
 
 fn read32(ctx: &Context, t: &Tensor) -> Vec<f32> {
@@ -195,18 +197,22 @@ fn dropout_f16_keeps_the_exact_mask_and_scales_within_rounding() {
             let (seed, offset) = d.state();
             let y = read16(&ctx, &d.forward(&upload(&ctx, &xh, &[n])).unwrap());
             let (ry, mask) =
-                reference::dropout_forward(&f32s(&xw), &[n], &config, DropoutUnit::Element, seed, offset, true).unwrap();
+                reference::dropout_forward(&f32s(&xw), &[n], &config, DropoutUnit::Element, seed, offset, true)
+                    .unwrap();
             assert_close(&format!("{what} y"), &y, &ry, TOL, TOL);
             for i in 0..n {
                 if xw[i] != 0.0 {
-                    assert_eq!(y[i] != 0.0, mask[i], "{what}: element {i} kept/dropped differs from the CPU mask");
+                    assert_eq!(
+                        y[i] != 0.0,
+                        mask[i],
+                        "{what}: element {i} kept/dropped differs from the CPU mask"
+                    );
                 }
             }
             let (dyh, dyw) = halves(&mut rng, n, 0.0, 1.0);
             let dx = read16(&ctx, &d.backward(&upload(&ctx, &dyh, &[n])).unwrap());
-            let rdx =
-                reference::dropout_backward(&f32s(&dyw), &[n], &config, DropoutUnit::Element, seed, offset, true)
-                    .unwrap();
+            let rdx = reference::dropout_backward(&f32s(&dyw), &[n], &config, DropoutUnit::Element, seed, offset, true)
+                .unwrap();
             assert_close(&format!("{what} dx"), &dx, &rdx, TOL, TOL);
         }
         // Dropout2d with an odd element count.
@@ -215,9 +221,16 @@ fn dropout_f16_keeps_the_exact_mask_and_scales_within_rounding() {
         let mut d2 = Dropout2d::new(&ctx, 0.5).unwrap();
         let (seed, offset) = d2.state();
         let y = read16(&ctx, &d2.forward(&upload(&ctx, &xh, &shape)).unwrap());
-        let (ry, _) =
-            reference::dropout_forward(&f32s(&xw), &shape, &DropoutConfig::new(0.5), DropoutUnit::Channel, seed, offset, true)
-                .unwrap();
+        let (ry, _) = reference::dropout_forward(
+            &f32s(&xw),
+            &shape,
+            &DropoutConfig::new(0.5),
+            DropoutUnit::Channel,
+            seed,
+            offset,
+            true,
+        )
+        .unwrap();
         assert_close(&format!("{storage:?} dropout2d y"), &y, &ry, TOL, TOL);
     }
 }
@@ -265,18 +278,16 @@ fn fused_ops_in_f16_match_their_unfused_references() {
         let (rh, _) = halves(&mut rng, 385, 1.0, 1.0);
         let mut m = ResidualDropoutLayerNorm::new(&ctx, config.clone(), drop, 11).unwrap();
         let (seed, offset) = m.state();
-        let (y, h) = m.forward(&upload(&ctx, &xh, &shape), &upload(&ctx, &rh, &shape)).unwrap();
-        let (dropped, _) = reference::dropout_forward(
-            &f32s(&xw),
-            &shape,
-            &drop,
-            DropoutUnit::Element,
-            seed,
-            offset,
-            true,
-        )
-        .unwrap();
-        let rh_exact: Vec<f64> = rh.iter().zip(&dropped).map(|(r, d)| f64::from(r.to_f32()) + d).collect();
+        let (y, h) = m
+            .forward(&upload(&ctx, &xh, &shape), &upload(&ctx, &rh, &shape))
+            .unwrap();
+        let (dropped, _) =
+            reference::dropout_forward(&f32s(&xw), &shape, &drop, DropoutUnit::Element, seed, offset, true).unwrap();
+        let rh_exact: Vec<f64> = rh
+            .iter()
+            .zip(&dropped)
+            .map(|(r, d)| f64::from(r.to_f32()) + d)
+            .collect();
         let h = read16(&ctx, &h);
         assert_close(&format!("{storage:?} residual h"), &h, &rh_exact, TOL, TOL);
         // LayerNorm of the h the kernel stored (what PyTorch's f16 chain normalizes).

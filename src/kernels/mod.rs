@@ -426,6 +426,44 @@ pub(crate) fn placeholder(device: &wgpu::Device, label: &str) -> wgpu::Buffer {
 mod tests {
     use super::*;
 
+    fn limits(max: u64, align: u64) -> BindLimits {
+        BindLimits {
+            storage_offset_alignment: align,
+            max_storage_binding: max,
+            max_workgroups_per_dim: 65535,
+        }
+    }
+
+    #[test]
+    fn chunks_cover_every_item_once_at_aligned_offsets_within_the_limit() {
+        for (items, item_bytes, max, align, multiple) in [
+            (1000u64, 4u64, 1024u64, 256u64, 4u64),
+            (50_003, 4, 65536, 32, 4),
+            (100_001, 2, 65536, 256, 4),
+            (80, 2100, 65536, 32, 4),
+            (400, 202, 65536, 16, 64),
+            (7, 12, 1 << 20, 256, 1),
+        ] {
+            let chunks = chunk_ranges("t", "w", items, item_bytes, &limits(max, align), multiple).unwrap();
+            let mut next = 0;
+            for c in &chunks {
+                assert_eq!(c.start, next, "{items} x {item_bytes}: contiguous");
+                assert!(c.count > 0 && c.count * item_bytes <= max, "{c:?} over the limit");
+                if chunks.len() > 1 {
+                    assert_eq!(c.start * item_bytes % align, 0, "{c:?} offset not aligned");
+                    assert_eq!(c.start % multiple, 0, "{c:?} not a multiple of {multiple}");
+                }
+                next = c.start + c.count;
+            }
+            assert_eq!(next, items);
+        }
+        // Fits: one chunk, whatever the alignment.
+        assert_eq!(chunk_ranges("t", "w", 3, 5, &limits(16, 256), 4).unwrap().len(), 1);
+        // Not even one aligned group fits.
+        let e = chunk_ranges("t", "one row", 10, 1000, &limits(1024, 256), 4).unwrap_err();
+        assert!(e.to_string().contains("max_storage_buffer_binding_size"), "{e}");
+    }
+
     #[test]
     fn fold_keeps_small_counts_in_x() {
         assert_eq!(fold_workgroups("t", 1, 65535).unwrap(), (1, 1));
