@@ -49,6 +49,7 @@ pub use kernels::dropout::{DropoutBuffers, DropoutConfig, DropoutKernel, Dropout
 pub use kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
 pub use kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
 pub use kernels::sgd::{SgdKernel, SgdPlan};
+pub use kernels::Storage;
 pub use nn::sgd_step;
 pub use nn::{
     BatchNorm, BatchNormDropout, Dropout, Dropout2d, GradTargets, Grads, LayerNorm, LayerNormDropout, Mask,

@@ -301,3 +301,24 @@ fn fused_ops_in_f16_match_their_unfused_references() {
         assert!(read16(&ctx, &g.dresidual).iter().all(|v| v.is_finite()));
     }
 }
+
+#[test]
+fn native_f16_is_refused_where_the_device_lacks_it() {
+    let Some(ctx) = common::ctx() else { return };
+    let native = ctx.kernel_with::<normdrop::LayerNormKernel>(Storage::F16);
+    let direct = normdrop::LayerNormKernel::with_storage(ctx.device(), Storage::F16);
+    if ctx.features().contains(wgpu::Features::SHADER_F16) {
+        assert_eq!(native.unwrap().storage(), Storage::F16);
+        assert_eq!(direct.unwrap().storage(), Storage::F16);
+    } else {
+        for e in [native.map(|_| ()).unwrap_err(), direct.map(|_| ()).unwrap_err()] {
+            assert!(matches!(e, normdrop::Error::Unsupported { .. }), "{e}");
+            assert!(e.to_string().contains("SHADER_F16"), "{e}");
+        }
+    }
+    // The packed path is available everywhere.
+    let packed = ctx
+        .kernel_with::<normdrop::LayerNormKernel>(Storage::F16Packed)
+        .unwrap();
+    assert_eq!(packed.storage(), Storage::F16Packed);
+}
