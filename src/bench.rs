@@ -179,7 +179,20 @@ impl Runner {
     }
 }
 
-fn fill(ctx: &Context, shape: &[usize], seed: u64) -> Result<Tensor> {
+/// Deterministic inputs in [−1, 1) of `dtype` (f16 values are the f32 ones rounded).
+fn fill(ctx: &Context, shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
+    let data = fill_values(shape, seed, dtype);
+    match dtype {
+        DType::F32 => Tensor::from_slice(ctx, &data, shape),
+        DType::F16 => {
+            let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+            Tensor::from_slice(ctx, &h, shape)
+        }
+    }
+}
+
+/// The values [`fill`] uploads, as f32 (exact for f16).
+fn fill_values(shape: &[usize], seed: u64, dtype: DType) -> Vec<f32> {
     let n: usize = shape.iter().product();
     let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let data: Vec<f32> = (0..n)
@@ -190,11 +203,26 @@ fn fill(ctx: &Context, shape: &[usize], seed: u64) -> Result<Tensor> {
             (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
         .collect();
-    Tensor::from_slice(ctx, &data, shape)
+    match dtype {
+        DType::F32 => data,
+        DType::F16 => data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+    }
 }
 
 fn zeros(ctx: &Context, shape: &[usize]) -> Result<Tensor> {
     Tensor::zeros(ctx, shape, DType::F32)
+}
+
+/// Reads any tensor as f64.
+fn read_f64(ctx: &Context, t: &Tensor) -> Result<Vec<f64>> {
+    Ok(match t.dtype() {
+        DType::F32 => t.to_vec_blocking::<f32>(ctx)?.into_iter().map(f64::from).collect(),
+        DType::F16 => t
+            .to_vec_blocking::<half::f16>(ctx)?
+            .into_iter()
+            .map(|v| f64::from(v.to_f32()))
+            .collect(),
+    })
 }
 
 /// How many input copies to rotate through so that a small tensor is not served from cache:
@@ -203,17 +231,24 @@ pub fn rotation_sets(bytes: u64) -> usize {
     (256u64 << 20).div_ceil(bytes.max(1)).clamp(1, 4) as usize
 }
 
-/// Builds the runner of `name` at `shape`, rotating through `sets` input copies.
+/// Builds the f32 runner of `name` at `shape`, rotating through `sets` input copies.
 pub fn build(ctx: &Context, name: &str, shape: &[usize], sets: usize) -> Result<Runner> {
+    build_as(ctx, name, shape, sets, DType::F32)
+}
+
+/// Builds the runner of `name` at `shape` with activations of `dtype` (f16 runs the storage
+/// path [`Context::storage`] picks). Minimal bytes count the activations at their own size.
+pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: DType) -> Result<Runner> {
     let spec = spec(name)?;
     let numel: u64 = shape.iter().map(|&d| d as u64).product();
-    let bytes = spec.passes * numel * 4;
+    let bytes = spec.passes * numel * dtype.size() as u64;
     let sets = sets.max(1);
     let xs: Vec<Tensor> = (0..sets)
-        .map(|i| fill(ctx, shape, i as u64 + 1))
+        .map(|i| fill(ctx, shape, i as u64 + 1, dtype))
         .collect::<Result<_>>()?;
-    let dy = fill(ctx, shape, 99)?;
-    let y = zeros(ctx, shape)?;
+    let dy = fill(ctx, shape, 99, dtype)?;
+    let act = |shape: &[usize]| Tensor::zeros(ctx, shape, dtype);
+    let y = act(shape)?;
     let rng = zeros(ctx, &[4])?;
     ctx.queue().write_buffer(rng.buffer(), 0, &rng_state_bytes(1234, 0));
     let dropout = DropoutConfig::new(BENCH_DROPOUT);
@@ -231,7 +266,7 @@ pub fn build(ctx: &Context, name: &str, shape: &[usize], sets: usize) -> Result<
                 ..Default::default()
             };
             let plan = ctx
-                .kernel::<BatchNormKernel>()?
+                .kernel_for::<BatchNormKernel>(dtype)?
                 .plan_with(device, shape, &config, &options)?;
             let per_c = || -> Result<Vec<Tensor>> { (0..6).map(|_| zeros(ctx, &[c])).collect() };
             let p = per_c()?; // weight, bias, running_mean, running_var, save_mean, save_invstd
@@ -240,7 +275,7 @@ pub fn build(ctx: &Context, name: &str, shape: &[usize], sets: usize) -> Result<
             ctx.queue()
                 .write_buffer(p[3].buffer(), 0, bytemuck::cast_slice(&vec![1.0f32; c]));
             let nbt = zeros(ctx, &[2])?;
-            let (dx, dw, db) = (zeros(ctx, shape)?, zeros(ctx, &[c])?, zeros(ctx, &[c])?);
+            let (dx, dw, db) = (act(shape)?, zeros(ctx, &[c])?, zeros(ctx, &[c])?);
             if name.ends_with("_fwd") {
                 Box::new(move |device, encoder, i| {
                     let args = bn_args(&xs[i], &y, &p, &nbt, fused.then_some(&rng));
@@ -256,7 +291,7 @@ pub fn build(ctx: &Context, name: &str, shape: &[usize], sets: usize) -> Result<
                     &bn_args(&xs[0], &y, &p, &nbt, fused.then_some(&rng)),
                 )?;
                 ctx.queue().submit([encoder.finish()]);
-                let bplan = ctx.kernel::<BatchNormBackwardKernel>()?.plan(
+                let bplan = ctx.kernel_for::<BatchNormBackwardKernel>(dtype)?.plan(
                     device,
                     shape,
                     &config,
@@ -291,12 +326,14 @@ pub fn build(ctx: &Context, name: &str, shape: &[usize], sets: usize) -> Result<
                 _ => LayerNormFusion::None,
             };
             let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
-            let plan = ctx.kernel::<LayerNormKernel>()?.plan(device, shape, &config, fusion)?;
+            let plan = ctx
+                .kernel_for::<LayerNormKernel>(dtype)?
+                .plan(device, shape, &config, fusion)?;
             let (w, b) = (zeros(ctx, &[width])?, zeros(ctx, &[width])?);
             ctx.queue()
                 .write_buffer(w.buffer(), 0, bytemuck::cast_slice(&vec![1.0f32; width]));
             let (mean, rstd) = (zeros(ctx, &[rows])?, zeros(ctx, &[rows])?);
-            let (res, h) = (fill(ctx, shape, 7)?, zeros(ctx, shape)?);
+            let (res, h) = (fill(ctx, shape, 7, dtype)?, act(shape)?);
             let dropping = fusion != LayerNormFusion::None;
             let ln = LnSet {
                 y,
@@ -317,14 +354,9 @@ pub fn build(ctx: &Context, name: &str, shape: &[usize], sets: usize) -> Result<
                 plan.encode(device, &mut encoder, true, &ln.args(&xs[0], dropping, residual))?;
                 ctx.queue().submit([encoder.finish()]);
                 let bplan = ctx
-                    .kernel::<LayerNormBackwardKernel>()?
+                    .kernel_for::<LayerNormBackwardKernel>(dtype)?
                     .plan(device, shape, &config, fusion, true)?;
-                let (dx, dw, db, dres) = (
-                    zeros(ctx, shape)?,
-                    zeros(ctx, &[width])?,
-                    zeros(ctx, &[width])?,
-                    zeros(ctx, shape)?,
-                );
+                let (dx, dw, db, dres) = (act(shape)?, zeros(ctx, &[width])?, zeros(ctx, &[width])?, act(shape)?);
                 // The residual block's backward reads the h its forward wrote.
                 let input = if residual { ln.h.clone() } else { xs[0].clone() };
                 Box::new(move |device, encoder, _| {
@@ -350,7 +382,9 @@ pub fn build(ctx: &Context, name: &str, shape: &[usize], sets: usize) -> Result<
             } else {
                 DropoutUnit::Element
             };
-            let plan = ctx.kernel::<DropoutKernel>()?.plan(device, shape, &dropout, unit)?;
+            let plan = ctx
+                .kernel_for::<DropoutKernel>(dtype)?
+                .plan(device, shape, &dropout, unit)?;
             let backward = name.ends_with("_bwd");
             Box::new(move |device, encoder, i| {
                 let args = DropoutBuffers {
@@ -429,7 +463,7 @@ pub fn copy_runner(ctx: &Context, bytes: u64, sets: usize) -> Result<Runner> {
     let n = (bytes / 16).max(1) as usize * 4;
     let plan = ctx.kernel::<CopyKernel>()?.plan(ctx.device(), n)?;
     let srcs: Vec<Tensor> = (0..sets.max(1))
-        .map(|i| fill(ctx, &[n], i as u64 + 5))
+        .map(|i| fill(ctx, &[n], i as u64 + 5, DType::F32))
         .collect::<Result<_>>()?;
     let dst = zeros(ctx, &[n])?;
     let total = plan.bytes() * 2;
@@ -570,10 +604,17 @@ pub fn validation_shape(family: Family, shape: &[usize]) -> Vec<usize> {
     }
 }
 
-/// Runs `name` at `shape` through the modules and compares every output and gradient with the
-/// CPU reference (rule of `tests/fixtures/FORMAT.md`, rtol = atol = 1e-4). Returns the worst
-/// comparison.
+/// Runs `name` at `shape` through the modules in f32 and compares every output and gradient
+/// with the CPU reference (rule of `tests/fixtures/FORMAT.md`, rtol = atol = 1e-4). Returns the
+/// worst comparison.
 pub fn validate(ctx: &Context, name: &str, shape: &[usize]) -> Result<crate::fixture::Comparison> {
+    validate_as(ctx, name, shape, DType::F32)
+}
+
+/// [`validate`] with activations of `dtype`: f16 inputs are rounded to f16 first, the
+/// reference is computed from those values, and the tolerance is the float16 fixtures'
+/// (rtol = atol = 4e-3).
+pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> Result<crate::fixture::Comparison> {
     use crate::fixture::compare;
     use crate::nn::{
         BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, ResidualDropoutLayerNorm,
@@ -582,13 +623,14 @@ pub fn validate(ctx: &Context, name: &str, shape: &[usize]) -> Result<crate::fix
 
     let spec = spec(name)?;
     let numel: usize = shape.iter().product();
-    let x: Vec<f32> = fill(ctx, shape, 3)?.to_vec_blocking(ctx)?;
-    let dy: Vec<f32> = fill(ctx, shape, 4)?.to_vec_blocking(ctx)?;
-    let (xt, dyt) = (
-        Tensor::from_slice(ctx, &x, shape)?,
-        Tensor::from_slice(ctx, &dy, shape)?,
-    );
-    let read = |t: &Tensor| -> Result<Vec<f64>> { Ok(r::widen(&t.to_vec_blocking::<f32>(ctx)?)) };
+    let x = fill_values(shape, 3, dtype);
+    let dy = fill_values(shape, 4, dtype);
+    let (xt, dyt) = (fill(ctx, shape, 3, dtype)?, fill(ctx, shape, 4, dtype)?);
+    let read = |t: &Tensor| read_f64(ctx, t);
+    let tol = match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 4e-3,
+    };
     let dropout = DropoutConfig::new(BENCH_DROPOUT);
     let seed = 1234;
     let mut checks: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
@@ -644,14 +686,20 @@ pub fn validate(ctx: &Context, name: &str, shape: &[usize]) -> Result<crate::fix
             let width = *shape.last().expect("(rows, width)");
             let config = LayerNormConfig::new(&[width]);
             let m = factors(DropoutUnit::Element)?;
-            let residual: Vec<f32> = fill(ctx, shape, 5)?.to_vec_blocking(ctx)?;
+            let residual = fill_values(shape, 5, dtype);
             let xf = r::widen(&x);
             let ln_input: Vec<f64> = if name.starts_with("residual") {
-                // h = residual + x·m, in f32 as the kernel forms it.
+                // h = residual + x·m, in f32 as the kernel forms it, rounded as it stores it.
                 x.iter()
                     .zip(&m)
                     .zip(&residual)
-                    .map(|((&v, f), &res)| f64::from(res + (f64::from(v) * f) as f32))
+                    .map(|((&v, f), &res)| {
+                        let h = res + (f64::from(v) * f) as f32;
+                        f64::from(match dtype {
+                            DType::F32 => h,
+                            DType::F16 => half::f16::from_f32(h).to_f32(),
+                        })
+                    })
                     .collect()
             } else {
                 xf.clone()
@@ -668,7 +716,7 @@ pub fn validate(ctx: &Context, name: &str, shape: &[usize]) -> Result<crate::fix
                 (y, if backward { Some(module.backward(&dyt)?) } else { None }, None)
             } else if name.starts_with("residual") {
                 let mut module = ResidualDropoutLayerNorm::new(ctx, config.clone(), dropout, seed)?;
-                let (y, _h) = module.forward(&xt, &Tensor::from_slice(ctx, &residual, shape)?)?;
+                let (y, _h) = module.forward(&xt, &fill(ctx, shape, 5, dtype)?)?;
                 let g = if backward {
                     Some(module.backward(&dyt, None)?)
                 } else {
@@ -732,7 +780,7 @@ pub fn validate(ctx: &Context, name: &str, shape: &[usize]) -> Result<crate::fix
         passed: true,
     };
     for (got, exp) in &checks {
-        let c = compare(got, exp, 1e-4, 1e-4);
+        let c = compare(got, exp, tol, tol);
         if c.worst_ratio >= worst.worst_ratio || !c.passed {
             worst = crate::fixture::Comparison {
                 passed: worst.passed && c.passed,

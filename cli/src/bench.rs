@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// Dropout element counts, e.g. 16777216 (repeatable).
     #[arg(long = "dropout", value_parser = parse_shape)]
     dropout: Vec<Vec<usize>>,
+    /// Activation dtype: f32, or f16 (native shader-f16 where the adapter has it, else packed
+    /// in u32; `normdrop --packed-f16 bench --dtype f16` forces packed). Parameters and
+    /// statistics stay f32; minimal bytes count activations at their own size.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: normdrop::DType,
     /// Timed samples per row (default: 5 quick, 20 full).
     #[arg(long)]
     samples: Option<usize>,
@@ -42,6 +47,14 @@ pub struct BenchArgs {
     /// Add a column with the speed ratio against an earlier `--json` file.
     #[arg(long)]
     baseline: Option<PathBuf>,
+}
+
+fn parse_dtype(s: &str) -> Result<normdrop::DType, String> {
+    match s {
+        "f32" => Ok(normdrop::DType::F32),
+        "f16" => Ok(normdrop::DType::F16),
+        _ => Err(format!("{s:?}: expected f32 or f16")),
+    }
 }
 
 fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
@@ -70,6 +83,9 @@ pub struct Report {
     backend: String,
     clock: String,
     preset: String,
+    /// Activation storage: `f32`, `f16` (native) or `f16-packed`. Older reports lack it.
+    #[serde(default)]
+    storage: String,
     copy_gb_per_s: f64,
     copy_bytes: u64,
     rows: Vec<Row>,
@@ -162,7 +178,13 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         p.per_sample
     );
     println!(
-        "minimal bytes (E elements, s = 4 bytes): {}",
+        "minimal bytes (E elements, s = {} bytes: {}): {}",
+        args.dtype.size(),
+        match ctx.storage(args.dtype) {
+            normdrop::Storage::F32 => "f32",
+            normdrop::Storage::F16 => "f16, native shader-f16",
+            normdrop::Storage::F16Packed => "f16 packed in u32",
+        },
         OPS.iter()
             .map(|o| format!("{} {}Es", o.name, o.passes))
             .collect::<Vec<_>>()
@@ -177,7 +199,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     for (spec, shape) in &jobs {
         let small = bench::validation_shape(spec.family, shape);
         bar.set_message(format!("{} {}", spec.name, fmt_shape(&small)));
-        match bench::validate(ctx, spec.name, &small) {
+        match bench::validate_as(ctx, spec.name, &small, args.dtype) {
             Ok(c) if c.passed => worst = worst.max(c.worst_ratio),
             Ok(c) => failures.push(format!(
                 "{} {}: max_abs_err {:.3e} ({:.1}x tolerance)",
@@ -242,7 +264,8 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
                    medians: &mut BTreeMap<(String, Vec<usize>), f64>|
      -> normdrop::Result<(f64, f64, f64, u64)> {
         let numel: u64 = shape.iter().map(|&d| d as u64).product();
-        let runner = bench::build(ctx, name, shape, bench::rotation_sets(numel * 4))?;
+        let size = args.dtype.size() as u64;
+        let runner = bench::build_as(ctx, name, shape, bench::rotation_sets(numel * size), args.dtype)?;
         let (med, p20, p80) = bench::percentiles(&bench::time(ctx, &runner, 2, samples, p.per_sample)?);
         medians.insert((name.to_string(), shape.to_vec()), med);
         Ok((med, p20, p80, runner.bytes))
@@ -327,6 +350,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
             backend: format!("{:?}", info.backend),
             clock: bench::clock(ctx).to_string(),
             preset: p.name.to_string(),
+            storage: ctx.storage(args.dtype).name().to_string(),
             copy_gb_per_s: copy_gbps,
             copy_bytes,
             rows,

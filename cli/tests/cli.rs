@@ -171,3 +171,40 @@ fn bench_validates_times_and_writes_json_and_baseline_ratios() {
         "{text}"
     );
 }
+
+#[test]
+fn bench_runs_f16_on_both_storage_paths() {
+    for packed in [false, true] {
+        let mut args = vec![];
+        if packed {
+            args.push("--packed-f16");
+        }
+        args.extend([
+            "bench",
+            "--quick",
+            "--dtype",
+            "f16",
+            "--ops",
+            "bn_train_bwd,ln_dropout_fwd,dropout_fwd",
+            "--bn",
+            "2x3x5x7",
+            "--ln",
+            "9x77",
+            "--dropout",
+            "1001",
+            "--samples",
+            "2",
+        ]);
+        let Some(out) = normdrop(&args) else { return };
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("s = 2 bytes: f16"), "{text}");
+        if packed {
+            assert!(text.contains("packed in u32"), "{text}");
+        }
+        assert!(
+            text.contains("validation: all 3 op/shape pairs match the CPU reference"),
+            "{text}"
+        );
+    }
+}
