@@ -205,6 +205,7 @@ fn bn_normalize(
     }
     var c = (first / p.s) % p.c;
     var k = channel_coefficients(c);
+    var v: vec4<f32>;
     for (var j = 0u; j < 4u; j++) {
         let i = first + j;
         if (i >= p.total) {
@@ -215,7 +216,31 @@ fn bn_normalize(
             c = ci;
             k = channel_coefficients(c);
         }
-        st_y(i, ((ld_x(i) - k.x) - k.y) * k.z + k.w);
+        let val = ((ld_x(i) - k.x) - k.y) * k.z + k.w;
+        if (PAIR_STORES) {
+            v[j] = val;
+        } else {
+            st_y(i, val);
+        }
+    }
+    if (PAIR_STORES) {
+        store4(first, v);
+    }
+}
+
+// Packed f16 only (PAIR_STORES): stores the 4 consecutive outputs of an invocation (first is
+// a multiple of 4) as two whole words when all four exist, else element by element. The other
+// variants store each element as it is computed.
+fn store4(first: u32, v: vec4<f32>) {
+    if (first + 3u < p.total) {
+        st2_y(first, v.x, v.y);
+        st2_y(first + 2u, v.z, v.w);
+    } else {
+        for (var j = 0u; j < 4u; j++) {
+            if (first + j < p.total) {
+                st_y(first + j, v[j]);
+            }
+        }
     }
 }
 
@@ -258,10 +283,19 @@ fn bn_normalize_dropout(
     }
     let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
     let words = dropout_words(state, p.elem_base / 4u + g);
+    var v: vec4<f32>;
     for (var k = 0u; k < 4u; k++) {
         let i = first + k;
         if (i < p.total) {
-            st_y(i, normalized(i) * select(0.0, p.drop_scale, dropout_keep(words[k], p.drop_threshold, p.drop_flags)));
+            let val = normalized(i) * select(0.0, p.drop_scale, dropout_keep(words[k], p.drop_threshold, p.drop_flags));
+            if (PAIR_STORES) {
+                v[k] = val;
+            } else {
+                st_y(i, val);
+            }
         }
+    }
+    if (PAIR_STORES) {
+        store4(first, v);
     }
 }

@@ -195,6 +195,7 @@ fn bnb_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if (first >= p.total) {
         return;
     }
+    var out: vec4<f32>;
     for (var k = 0u; k < 4u; k++) {
         let i = first + k;
         if (i >= p.total) {
@@ -212,6 +213,25 @@ fn bnb_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
             let xhat = ((ld_x(i) - cf.x) - cf.y) * invstd;
             v = v - cf.z - xhat * cf.w;
         }
-        st_dx(i, select(0.0, ld_dx(i), has(FLAG_ACCUM_DX)) + a * v);
+        let val = select(0.0, ld_dx(i), has(FLAG_ACCUM_DX)) + a * v;
+        if (PAIR_STORES) {
+            out[k] = val;
+        } else {
+            st_dx(i, val);
+        }
+    }
+    if (!PAIR_STORES) {
+        return;
+    }
+    // Packed f16: all four exist: two whole words; else one by one.
+    if (first + 3u < p.total) {
+        st2_dx(first, out.x, out.y);
+        st2_dx(first + 2u, out.z, out.w);
+    } else {
+        for (var k = 0u; k < 4u; k++) {
+            if (first + k < p.total) {
+                st_dx(first + k, out[k]);
+            }
+        }
     }
 }

@@ -45,9 +45,14 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> rng_state: array<u32>; // (4) seed lo/hi, offset lo/hi
 @group(0) @binding(4) var<storage, read_write> mask: array<u32>;     // (⌈units/32⌉) packed bits
 
+// The value output element i gets: v, or y[i] + v with ACCUMULATE.
+fn out_value(i: u32, v: f32) -> f32 {
+    return select(0.0, ld_y(i), (p.flags & ACCUMULATE) != 0u) + v;
+}
+
 // Writes (or, with ACCUMULATE, adds) one output element.
 fn emit(i: u32, v: f32) {
-    st_y(i, select(0.0, ld_y(i), (p.flags & ACCUMULATE) != 0u) + v);
+    st_y(i, out_value(i, v));
 }
 
 fn load_state() -> vec4<u32> {
@@ -72,28 +77,39 @@ fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
         return;
     }
     let state = load_state();
+    var m: vec4<f32>;
     if (p.unit_len == 1u) {
         // Dropout: the four elements are the four words of one Philox call.
-        let words = dropout_words(state, p.base / 4u + g);
-        for (var k = 0u; k < 4u; k++) {
-            let i = first + k;
-            if (i < p.numel) {
-                emit(i, ld_x(i) * select(0.0, p.scale, dropout_keep(words[k], p.threshold, p.flags)));
-            }
-        }
+        let w = dropout_words(state, p.base / 4u + g);
+        let keep = vec4<bool>(
+            dropout_keep(w.x, p.threshold, p.flags),
+            dropout_keep(w.y, p.threshold, p.flags),
+            dropout_keep(w.z, p.threshold, p.flags),
+            dropout_keep(w.w, p.threshold, p.flags),
+        );
+        m = select(vec4<f32>(0.0), vec4<f32>(p.scale), keep);
     } else {
         // Dropout2d: usually all four elements share a channel; draw once per channel change.
         var unit = (p.base + first) / p.unit_len;
-        var m = select(0.0, p.scale, unit_keep(state, unit));
+        var f = select(0.0, p.scale, unit_keep(state, unit));
+        for (var k = 0u; k < 4u; k++) {
+            let u = (p.base + first + k) / p.unit_len;
+            if (u != unit) {
+                unit = u;
+                f = select(0.0, p.scale, unit_keep(state, unit));
+            }
+            m[k] = f;
+        }
+    }
+    if (PAIR_STORES && first + 3u < p.numel) {
+        // A whole group: this invocation owns both halves of each packed word.
+        st2_y(first, out_value(first, ld_x(first) * m.x), out_value(first + 1u, ld_x(first + 1u) * m.y));
+        st2_y(first + 2u, out_value(first + 2u, ld_x(first + 2u) * m.z), out_value(first + 3u, ld_x(first + 3u) * m.w));
+    } else {
         for (var k = 0u; k < 4u; k++) {
             let i = first + k;
             if (i < p.numel) {
-                let u = (p.base + i) / p.unit_len;
-                if (u != unit) {
-                    unit = u;
-                    m = select(0.0, p.scale, unit_keep(state, unit));
-                }
-                emit(i, ld_x(i) * m);
+                st_y(i, out_value(i, ld_x(i) * m[k]));
             }
         }
     }

@@ -12,7 +12,9 @@
 //!
 //! `#activation` declares an activation tensor (an input, output or gradient whose dtype the
 //! caller picks) and its accessors, all on the directive's own line (line numbers stay exact):
-//! `ld_NAME(i: u32) -> f32` for every tensor, and `st_NAME(i: u32, v: f32)` for `read_write` ones.
+//! `ld_NAME(i: u32) -> f32` for every tensor, and for `read_write` ones `st_NAME(i: u32, v: f32)`
+//! and `st2_NAME(i: u32, a: f32, b: f32)`, which stores elements `i` (even) and `i + 1` when the
+//! caller writes both (packed: one whole-word store instead of two half-word updates).
 //! Kernels touch activations only through these, and always compute in f32; `to_storage(v)`
 //! rounds a value as storing it would (for values a kernel both writes and keeps using). Each
 //! [`Storage`] variant generates a different body:
@@ -87,6 +89,12 @@ pub fn expand(source: &str, lookup: &dyn Fn(&str) -> Option<String>, storage: St
     text.push('\n');
     if has_activations(source) {
         // `to_storage(v)`: v rounded as storing it in an activation tensor would round it.
+        // `PAIR_STORES`: whether writing both halves of a word with `st2_*` pays (packed f16:
+        // one store instead of four atomics); elsewhere kernels keep their per-element stores.
+        text.push_str(&format!(
+            "const PAIR_STORES: bool = {};\n",
+            storage == Storage::F16Packed
+        ));
         text.push_str(match storage {
             Storage::F32 => "fn to_storage(v: f32) -> f32 { return v; }\n",
             Storage::F16 => "fn to_storage(v: f32) -> f32 { return f32(f16(v)); }\n",
@@ -136,38 +144,45 @@ fn activation(rest: &str, storage: Storage) -> Result<String, String> {
     let comment: Vec<&str> = words.collect();
     let writable = access == "read_write";
     let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, {access}> {name}: array<{ty}>;");
-    let mut s = match storage {
-        Storage::F32 => {
-            let mut s = decl("f32") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return {name}[i]; }}");
-            if writable {
-                s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = v; }}");
+    let mut s =
+        match storage {
+            Storage::F32 => {
+                let mut s = decl("f32") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return {name}[i]; }}");
+                if writable {
+                    s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = v; }}");
+                    s += &format!(" fn st2_{name}(i: u32, a: f32, b: f32) {{ {name}[i] = a; {name}[i + 1u] = b; }}");
+                }
+                s
             }
-            s
-        }
-        Storage::F16 => {
-            let mut s = decl("f16") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}");
-            if writable {
-                s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = f16(v); }}");
+            Storage::F16 => {
+                let mut s = decl("f16") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}");
+                if writable {
+                    s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = f16(v); }}");
+                    s += &format!(
+                        " fn st2_{name}(i: u32, a: f32, b: f32) {{ {name}[i] = f16(a); {name}[i + 1u] = f16(b); }}"
+                    );
+                }
+                s
             }
-            s
-        }
-        Storage::F16Packed if !writable => {
-            decl("u32")
-                + &format!(" fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float({name}[i >> 1u])[i & 1u]; }}")
-        }
-        Storage::F16Packed => {
-            decl("atomic<u32>")
-                + &format!(
+            Storage::F16Packed if !writable => {
+                decl("u32")
+                    + &format!(" fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float({name}[i >> 1u])[i & 1u]; }}")
+            }
+            Storage::F16Packed => {
+                decl("atomic<u32>")
+                    + &format!(
                     " fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float(atomicLoad(&{name}[i >> 1u]))[i & 1u]; }}"
-                )
-                + &format!(
+                ) + &format!(
                     " fn st_{name}(i: u32, v: f32) {{ let half_shift = (i & 1u) * 16u; \
                      let half_bits = pack2x16float(vec2<f32>(v, 0.0)) & 0xffffu; \
                      atomicAnd(&{name}[i >> 1u], ~(0xffffu << half_shift)); \
                      atomicOr(&{name}[i >> 1u], half_bits << half_shift); }}"
+                ) + &format!(
+                    " fn st2_{name}(i: u32, a: f32, b: f32) {{ \
+                     atomicStore(&{name}[i >> 1u], pack2x16float(vec2<f32>(a, b))); }}"
                 )
-        }
-    };
+            }
+        };
     if !comment.is_empty() {
         s += &format!(" // {}", comment.join(" "));
     }

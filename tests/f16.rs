@@ -214,6 +214,13 @@ fn dropout_f16_keeps_the_exact_mask_and_scales_within_rounding() {
             let rdx = reference::dropout_backward(&f32s(&dyw), &[n], &config, DropoutUnit::Element, seed, offset, true)
                 .unwrap();
             assert_close(&format!("{what} dx"), &dx, &rdx, TOL, TOL);
+            // Accumulating twice into a zeroed gradient gives 2·dy·m.
+            let acc = Tensor::zeros(&ctx, &[n], DType::F16).unwrap();
+            let dyt = upload(&ctx, &dyh, &[n]);
+            d.backward_into(&dyt, &acc, true).unwrap();
+            d.backward_into(&dyt, &acc, true).unwrap();
+            let twice: Vec<f64> = rdx.iter().map(|v| 2.0 * v).collect();
+            assert_close(&format!("{what} accumulated dx"), &read16(&ctx, &acc), &twice, TOL, TOL);
         }
         // Dropout2d with an odd element count.
         let shape = [3, 5, 7];
