@@ -181,14 +181,7 @@ impl Runner {
 
 /// Deterministic inputs in [−1, 1) of `dtype` (f16 values are the f32 ones rounded).
 fn fill(ctx: &Context, shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
-    let data = fill_values(shape, seed, dtype);
-    match dtype {
-        DType::F32 => Tensor::from_slice(ctx, &data, shape),
-        DType::F16 => {
-            let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
-            Tensor::from_slice(ctx, &h, shape)
-        }
-    }
+    Tensor::from_f32(ctx, &fill_values(shape, seed, dtype), shape, dtype)
 }
 
 /// The values [`fill`] uploads, as f32 (exact for f16).
@@ -211,18 +204,6 @@ fn fill_values(shape: &[usize], seed: u64, dtype: DType) -> Vec<f32> {
 
 fn zeros(ctx: &Context, shape: &[usize]) -> Result<Tensor> {
     Tensor::zeros(ctx, shape, DType::F32)
-}
-
-/// Reads any tensor as f64.
-fn read_f64(ctx: &Context, t: &Tensor) -> Result<Vec<f64>> {
-    Ok(match t.dtype() {
-        DType::F32 => t.to_vec_blocking::<f32>(ctx)?.into_iter().map(f64::from).collect(),
-        DType::F16 => t
-            .to_vec_blocking::<half::f16>(ctx)?
-            .into_iter()
-            .map(|v| f64::from(v.to_f32()))
-            .collect(),
-    })
 }
 
 /// How many input copies to rotate through so that a small tensor is not served from cache:
@@ -626,7 +607,7 @@ pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> 
     let x = fill_values(shape, 3, dtype);
     let dy = fill_values(shape, 4, dtype);
     let (xt, dyt) = (fill(ctx, shape, 3, dtype)?, fill(ctx, shape, 4, dtype)?);
-    let read = |t: &Tensor| read_f64(ctx, t);
+    let read = |t: &Tensor| t.to_f64_blocking(ctx);
     let tol = match dtype {
         DType::F32 => 1e-4,
         DType::F16 => 4e-3,

@@ -278,28 +278,12 @@ fn judge(fx: &Fixture, name: &str, got: Result<Vec<f64>>) -> Result<Verdict> {
     })
 }
 
-/// A tensor's values, widened exactly to f64 (f32 or f16 storage).
-fn to_f64(ctx: &Context, t: &Tensor) -> Result<Vec<f64>> {
-    Ok(match t.dtype() {
-        DType::F32 => t.to_vec_blocking::<f32>(ctx)?.into_iter().map(f64::from).collect(),
-        DType::F16 => t
-            .to_vec_blocking::<half::f16>(ctx)?
-            .into_iter()
-            .map(|v| f64::from(v.to_f32()))
-            .collect(),
-    })
-}
-
 /// An activation input (x, dy) on the GPU in the fixture's dtype: f16 fixtures run with f16
 /// tensors (their values are f16 already, so the conversion is exact).
 fn activation(ctx: &Context, fx: &Fixture, name: &str) -> Result<Tensor> {
     let (v, shape) = f32_input(fx, name)?;
-    if fx.dtype == "float16" {
-        let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-        Tensor::from_slice(ctx, &h, &shape)
-    } else {
-        Tensor::from_slice(ctx, &v, &shape)
-    }
+    let dtype = if fx.dtype == "float16" { DType::F16 } else { DType::F32 };
+    Tensor::from_f32(ctx, &v, &shape, dtype)
 }
 
 fn f32_input(fx: &Fixture, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
@@ -342,7 +326,7 @@ fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         }
         for step in 0..steps {
             let x = activation(ctx, fx, &format!("x.{step}"))?;
-            let y = bn.forward(&x).and_then(|y| to_f64(ctx, &y));
+            let y = bn.forward(&x).and_then(|y| y.to_f64_blocking(ctx));
             let name = format!("y.{step}");
             out.insert(name.clone(), (judge(fx, &name, y)?, note.clone()));
         }
@@ -361,11 +345,11 @@ fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
     if let (Some(rm), Some(rv)) = (bn.running_mean(), bn.running_var()) {
         out.insert(
             "running_mean.final".into(),
-            (judge(fx, "running_mean.final", to_f64(ctx, rm))?, note.clone()),
+            (judge(fx, "running_mean.final", rm.to_f64_blocking(ctx))?, note.clone()),
         );
         out.insert(
             "running_var.final".into(),
-            (judge(fx, "running_var.final", to_f64(ctx, rv))?, note.clone()),
+            (judge(fx, "running_var.final", rv.to_f64_blocking(ctx))?, note.clone()),
         );
         let count = bn.num_batches_tracked_blocking().map(|n| vec![n.unwrap_or(0) as f64]);
         out.insert(
@@ -376,7 +360,7 @@ fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
     if let Some(saved) = bn.saved().filter(|s| s.batch_stats) {
         for (name, t) in [("save_mean", &saved.mean), ("save_invstd", &saved.invstd)] {
             if fx.tensors.contains_key(name) {
-                out.insert(name.into(), (judge(fx, name, to_f64(ctx, t))?, note.clone()));
+                out.insert(name.into(), (judge(fx, name, t.to_f64_blocking(ctx))?, note.clone()));
             }
         }
     }
@@ -404,7 +388,7 @@ fn judge_grads(
                     });
                     out.insert(
                         name.to_string(),
-                        (judge(fx, name, got.and_then(|t| to_f64(ctx, &t)))?, note.clone()),
+                        (judge(fx, name, got.and_then(|t| t.to_f64_blocking(ctx)))?, note.clone()),
                     );
                 }
             }
@@ -454,7 +438,9 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         if config.has_bias() {
             ln.set_bias(&f32_input(fx, "bias")?.0)?;
         }
-        let y = ln.forward(&activation(ctx, fx, "x")?).and_then(|y| to_f64(ctx, &y));
+        let y = ln
+            .forward(&activation(ctx, fx, "x")?)
+            .and_then(|y| y.to_f64_blocking(ctx));
         out.insert("y".into(), (judge(fx, "y", y)?, note.clone()));
         Ok(ln)
     };
@@ -462,7 +448,7 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         Ok(mut ln) => {
             let saved = ln.saved().expect("a successful forward saves its statistics").clone();
             for (name, t) in [("mean", &saved.mean), ("rstd", &saved.rstd)] {
-                out.insert(name.into(), (judge(fx, name, to_f64(ctx, t))?, note.clone()));
+                out.insert(name.into(), (judge(fx, name, t.to_f64_blocking(ctx))?, note.clone()));
             }
             let grads = activation(ctx, fx, "dy").and_then(|dy| ln.backward(&dy));
             judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;

@@ -114,6 +114,18 @@ impl Tensor {
         Ok(t)
     }
 
+    /// Uploads f32 values as a tensor of `dtype`: as they are for F32, rounded to the nearest
+    /// half for F16 (exact when the values are halves already).
+    pub fn from_f32(ctx: &Context, data: &[f32], shape: &[usize], dtype: DType) -> Result<Self> {
+        match dtype {
+            DType::F32 => Self::from_slice(ctx, data, shape),
+            DType::F16 => {
+                let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+                Self::from_slice(ctx, &h, shape)
+            }
+        }
+    }
+
     /// Overwrites the contents with `data` (same element count and dtype).
     pub fn write<T: Element>(&self, ctx: &Context, data: &[T]) -> Result<()> {
         if T::DTYPE != self.dtype {
@@ -224,5 +236,17 @@ impl Tensor {
     /// Blocking [`Tensor::to_vec`].
     pub fn to_vec_blocking<T: Element>(&self, ctx: &Context) -> Result<Vec<T>> {
         pollster::block_on(self.to_vec(ctx))
+    }
+
+    /// Downloads the contents widened exactly to f64, whatever the dtype (blocking).
+    pub fn to_f64_blocking(&self, ctx: &Context) -> Result<Vec<f64>> {
+        Ok(match self.dtype {
+            DType::F32 => self.to_vec_blocking::<f32>(ctx)?.into_iter().map(f64::from).collect(),
+            DType::F16 => self
+                .to_vec_blocking::<half::f16>(ctx)?
+                .into_iter()
+                .map(|v| f64::from(v.to_f32()))
+                .collect(),
+        })
     }
 }

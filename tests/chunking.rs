@@ -376,11 +376,5 @@ fn values(rng: &mut Rng, n: usize, mean: f64, std: f64, dtype: DType) -> (Vec<f3
 
 /// Uploads f32 values as a tensor of `dtype` (exact: F16 values were rounded by [`values`]).
 fn upload(ctx: &Context, v: &[f32], shape: &[usize], dtype: DType) -> Tensor {
-    match dtype {
-        DType::F32 => Tensor::from_slice(ctx, v, shape).unwrap(),
-        DType::F16 => {
-            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
-            Tensor::from_slice(ctx, &h, shape).unwrap()
-        }
-    }
+    Tensor::from_f32(ctx, v, shape, dtype).unwrap()
 }

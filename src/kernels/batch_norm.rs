@@ -17,7 +17,7 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
+    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups, gcd,
     placeholder, record, uniform_buffer, BindLimits, Chunk, Storage,
 };
 
@@ -333,7 +333,7 @@ pub(crate) fn sample_ranges(
         dims.n,
         sample_elems * storage.element_bytes(),
         limits,
-        4 / gcd4(sample_elems),
+        4 / gcd(sample_elems, 4),
     )?;
     let mut parts = 0;
     let mut out = Vec::with_capacity(ranges.len());
@@ -347,17 +347,6 @@ pub(crate) fn sample_ranges(
         parts += stats_chunks;
     }
     Ok((out, parts))
-}
-
-/// 1, 2 or 4: the largest of them dividing `n`.
-fn gcd4(n: u64) -> u64 {
-    if n.is_multiple_of(4) {
-        4
-    } else if n.is_multiple_of(2) {
-        2
-    } else {
-        1
-    }
 }
 
 /// One range of whole samples of a BatchNorm plan (the whole batch unless the input exceeds

@@ -230,7 +230,8 @@ pub(crate) struct Chunk {
     pub count: u64,
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
+/// Greatest common divisor.
+pub(crate) fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
     } else {
@@ -353,11 +354,7 @@ pub(crate) fn record(encoder: &mut wgpu::CommandEncoder, label: &str, dispatches
 /// A storage binding of exactly `bytes` bytes at the slice's offset (rounded up to 4 bytes,
 /// which the checks guarantee fits in the slice for the 4-byte element types used here).
 pub(crate) fn binding<'a>(slice: &wgpu::BufferSlice<'a>, bytes: u64) -> wgpu::BindingResource<'a> {
-    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-        buffer: slice.buffer(),
-        offset: slice.offset(),
-        size: NonZeroU64::new(bytes.div_ceil(4).max(1) * 4),
-    })
+    binding_at(slice, 0, bytes)
 }
 
 /// `slice` bound as `bytes` when the configuration uses it (`used`) and it is given, otherwise
