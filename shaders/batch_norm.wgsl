@@ -39,6 +39,7 @@
 
 // #include "welford.wgsl"
 // #include "philox.wgsl"
+// #include "nchw.wgsl"
 
 const WG: u32 = 256u;
 
@@ -99,7 +100,7 @@ fn bn_stats(
     let begin = k * p.chunk_len;
     let end = min(begin + p.chunk_len, p.m);
 
-    // Phase 1: Welford over this invocation's strided slice of the chunk, shifted by K. The
+    // Phase 1: Welford over this invocation's share of the chunk, shifted by K. The
     // first range reads K = x[0, c, 0] and publishes it in centre[c].x for the later ranges
     // (later dispatches) and bn_finalize.
     var shift: f32;
@@ -108,11 +109,25 @@ fn bn_stats(
     } else {
         shift = centre[c].x;
     }
+    // Each invocation takes quads (4 consecutive elements of the channel) strided by 4·WG,
+    // walking (n, s) by increments; a quad inside one sample is merged as one triple.
+    let stride = 4u * WG;
+    let dn = stride / p.s;
+    let ds = stride - dn * p.s;
     var acc = Stat(0.0, 0.0, 0.0);
-    for (var i = begin + lid; i < end; i += WG) {
-        let n = i / p.s;
-        let s = i - n * p.s;
-        acc = welford_add(acc, ld_x((n * p.c + c) * p.s + s) - shift);
+    var at = walk_start(begin + 4u * lid, p.s);
+    for (var j = begin + 4u * lid; j < end; j += stride) {
+        let i = walk_flat(at, c, p.s, p.c);
+        if (at.s + 4u <= p.s && j + 4u <= end) {
+            acc = chan_merge(acc, quad_stat(load4(i) - shift));
+        } else {
+            var e = at;
+            for (var t = 0u; t < 4u && j + t < end; t++) {
+                acc = welford_add(acc, ld_x(walk_flat(e, c, p.s, p.c)) - shift);
+                e = walk_step(e, 0u, 1u, p.s);
+            }
+        }
+        at = walk_step(at, dn, ds, p.s);
     }
 
     // Phase 2: Chan merge across the workgroup; invocation 0 writes the chunk's partial.
@@ -192,6 +207,38 @@ fn bn_finalize_eval(
     centre[c] = vec2<f32>(running_mean[c], 0.0);
 }
 
+// True when the invocation's four elements from `first` (at `pos`) exist and share a channel:
+// always when S % 4 == 0 away from the tensor's end, and the straight-line path then applies.
+fn whole_quad(first: u32, pos: vec2<u32>) -> bool {
+    return pos.y + 4u <= p.s && first + 4u <= p.total;
+}
+
+fn load4(first: u32) -> vec4<f32> {
+    return vec4<f32>(ld_x(first), ld_x(first + 1u), ld_x(first + 2u), ld_x(first + 3u));
+}
+
+// Normalized values of the four elements from `first` (lanes past the end are 0): one channel's
+// coefficients in the common case, per element where a channel boundary falls inside.
+fn normalized4(first: u32) -> vec4<f32> {
+    var pos = channel_position(first, p.s, p.c);
+    var k = channel_coefficients(pos.x);
+    if (whole_quad(first, pos)) {
+        return ((load4(first) - k.x) - k.y) * k.z + k.w;
+    }
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u && first + j < p.total; j++) {
+        if (j > 0u) {
+            let next = next_position(pos, p.s, p.c);
+            if (next.x != pos.x) {
+                k = channel_coefficients(next.x);
+            }
+            pos = next;
+        }
+        v[j] = ((ld_x(first + j) - k.x) - k.y) * k.z + k.w;
+    }
+    return v;
+}
+
 @compute @workgroup_size(256)
 fn bn_normalize(
     @builtin(global_invocation_id) gid: vec3<u32>,
@@ -203,38 +250,22 @@ fn bn_normalize(
     if (first >= p.total) {
         return;
     }
-    var c = (first / p.s) % p.c;
-    var k = channel_coefficients(c);
-    var v: vec4<f32>;
-    for (var j = 0u; j < 4u; j++) {
-        let i = first + j;
-        if (i >= p.total) {
-            break;
-        }
-        let ci = (i / p.s) % p.c;
-        if (ci != c) {
-            c = ci;
-            k = channel_coefficients(c);
-        }
-        let val = ((ld_x(i) - k.x) - k.y) * k.z + k.w;
-        if (PAIR_STORES) {
-            v[j] = val;
-        } else {
-            st_y(i, val);
-        }
-    }
-    if (PAIR_STORES) {
-        store4(first, v);
-    }
+    store4(first, normalized4(first));
 }
 
-// Packed f16 only (PAIR_STORES): stores the 4 consecutive outputs of an invocation (first is
-// a multiple of 4) as two whole words when all four exist, else element by element. The other
-// variants store each element as it is computed.
+// Stores the 4 consecutive outputs of an invocation (first is a multiple of 4): whole words on
+// the packed path (PAIR_STORES) when all four exist, else element by element.
 fn store4(first: u32, v: vec4<f32>) {
     if (first + 3u < p.total) {
-        st2_y(first, v.x, v.y);
-        st2_y(first + 2u, v.z, v.w);
+        if (PAIR_STORES) {
+            st2_y(first, v.x, v.y);
+            st2_y(first + 2u, v.z, v.w);
+        } else {
+            st_y(first, v.x);
+            st_y(first + 1u, v.y);
+            st_y(first + 2u, v.z);
+            st_y(first + 3u, v.w);
+        }
     } else {
         for (var j = 0u; j < 4u; j++) {
             if (first + j < p.total) {
@@ -244,7 +275,9 @@ fn store4(first: u32, v: vec4<f32>) {
     }
 }
 
-// (K, mean − K, invstd·γ, β) of channel c.
+// (K, mean − K, invstd·γ, β) of channel c. Normalizing is ((x − K) − (mean − K))·(invstd·γ) + β:
+// the subtractions come first, since for off-centre inputs x·scale − mean·scale would cancel
+// catastrophically.
 fn channel_coefficients(c: u32) -> vec4<f32> {
     var scale = save_invstd[c];
     var beta = 0.0;
@@ -254,21 +287,6 @@ fn channel_coefficients(c: u32) -> vec4<f32> {
     }
     let k = centre[c];
     return vec4<f32>(k.x, k.y, scale, beta);
-}
-
-// Normalizes element i with its channel's statistics: ((x − K) − (mean − K))·(invstd·γ) + β.
-// The subtractions come first: for off-centre inputs x·scale − mean·scale would cancel
-// catastrophically.
-fn normalized(i: u32) -> f32 {
-    let c = (i / p.s) % p.c;
-    var scale = save_invstd[c];
-    var beta = 0.0;
-    if ((p.flags & FLAG_AFFINE) != 0u) {
-        scale *= weight[c];
-        beta = bias[c];
-    }
-    let k = centre[c];
-    return ((ld_x(i) - k.x) - k.y) * scale + beta;
 }
 
 @compute @workgroup_size(256)
@@ -281,21 +299,14 @@ fn bn_normalize_dropout(
     if (first >= p.total) {
         return;
     }
+    // elem_base is a multiple of 4: the four elements are the four words of one Philox call.
     let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let words = dropout_words(state, p.elem_base / 4u + g);
-    var v: vec4<f32>;
-    for (var k = 0u; k < 4u; k++) {
-        let i = first + k;
-        if (i < p.total) {
-            let val = normalized(i) * select(0.0, p.drop_scale, dropout_keep(words[k], p.drop_threshold, p.drop_flags));
-            if (PAIR_STORES) {
-                v[k] = val;
-            } else {
-                st_y(i, val);
-            }
-        }
-    }
-    if (PAIR_STORES) {
-        store4(first, v);
-    }
+    let w = dropout_words(state, p.elem_base / 4u + g);
+    let keep = vec4<bool>(
+        dropout_keep(w.x, p.drop_threshold, p.drop_flags),
+        dropout_keep(w.y, p.drop_threshold, p.drop_flags),
+        dropout_keep(w.z, p.drop_threshold, p.drop_flags),
+        dropout_keep(w.w, p.drop_threshold, p.drop_flags),
+    );
+    store4(first, normalized4(first) * select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep));
 }

@@ -24,6 +24,7 @@
 //   bnb_dx        one invocation per 4 consecutive elements: dx (written or added to).
 
 // #include "philox.wgsl"
+// #include "nchw.wgsl"
 
 const WG: u32 = 256u;
 
@@ -84,14 +85,37 @@ fn centre_of(c: u32) -> f32 {
     return coef[c].x;
 }
 
-// dy of element i, times the fused dropout's mask factor when there is one.
+// The fused dropout's mask factors of the Philox group holding flat element i (of this
+// range): m_j for the elements 4⌊(elem_base + i)/4⌋ + j. All ones without a fused dropout.
+fn mask_factors(i: u32) -> vec4<f32> {
+    if (!has(FLAG_DROPOUT)) {
+        return vec4<f32>(1.0);
+    }
+    let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
+    let w = dropout_words(state, (p.elem_base + i) / 4u);
+    let keep = vec4<bool>(
+        dropout_keep(w.x, p.drop_threshold, p.drop_flags),
+        dropout_keep(w.y, p.drop_threshold, p.drop_flags),
+        dropout_keep(w.z, p.drop_threshold, p.drop_flags),
+        dropout_keep(w.w, p.drop_threshold, p.drop_flags),
+    );
+    return select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep);
+}
+
+// dy of element i times its mask factor (one Philox call; the quad paths share one per 4).
 fn upstream(i: u32) -> f32 {
     if (!has(FLAG_DROPOUT)) {
         return ld_dy(i);
     }
-    let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let words = dropout_words(state, (p.elem_base + i) / 4u);
-    return ld_dy(i) * select(0.0, p.drop_scale, dropout_keep(words[i % 4u], p.drop_threshold, p.drop_flags));
+    return ld_dy(i) * mask_factors(i)[(p.elem_base + i) % 4u];
+}
+
+fn load_x4(i: u32) -> vec4<f32> {
+    return vec4<f32>(ld_x(i), ld_x(i + 1u), ld_x(i + 2u), ld_x(i + 3u));
+}
+
+fn load_dy4(i: u32) -> vec4<f32> {
+    return vec4<f32>(ld_dy(i), ld_dy(i + 1u), ld_dy(i + 2u), ld_dy(i + 3u));
 }
 
 fn workgroup_sum3(lid: u32, mine: vec3<f32>) -> vec3<f32> {
@@ -136,14 +160,32 @@ fn bnb_reduce(
     let end = min(begin + p.chunk_len, p.m);
     let centre = centre_of(c);
 
-    // Phase 1: this invocation's share of Σ(x − K), Σdy, Σdy·(x − K).
+    // Phase 1: this invocation's share of Σ(x − K), Σdy, Σdy·(x − K), over quads (4
+    // consecutive elements of the channel) strided by 4·WG, walking (n, s) by increments. A
+    // quad inside one sample that starts a Philox group (always when S % 4 == 0) is summed
+    // with vector operations and one Philox call; others element by element.
+    let stride = 4u * WG;
+    let dn = stride / p.s;
+    let ds = stride - dn * p.s;
     var acc = vec3<f32>(0.0);
-    for (var j = begin + lid; j < end; j += WG) {
-        let n = j / p.s;
-        let i = (n * p.c + c) * p.s + (j - n * p.s);
-        let xs = ld_x(i) - centre;
-        let g = upstream(i);
-        acc += vec3<f32>(xs, g, g * xs);
+    var at = walk_start(begin + 4u * lid, p.s);
+    for (var j = begin + 4u * lid; j < end; j += stride) {
+        let i = walk_flat(at, c, p.s, p.c);
+        if (at.s + 4u <= p.s && j + 4u <= end && (p.elem_base + i) % 4u == 0u) {
+            let xs = load_x4(i) - centre;
+            let g = load_dy4(i) * mask_factors(i);
+            acc += vec3<f32>(dot(xs, vec4<f32>(1.0)), dot(g, vec4<f32>(1.0)), dot(g, xs));
+        } else {
+            var e = at;
+            for (var t = 0u; t < 4u && j + t < end; t++) {
+                let ie = walk_flat(e, c, p.s, p.c);
+                let xs = ld_x(ie) - centre;
+                let g = upstream(ie);
+                acc += vec3<f32>(xs, g, g * xs);
+                e = walk_step(e, 0u, 1u, p.s);
+            }
+        }
+        at = walk_step(at, dn, ds, p.s);
     }
 
     // Phase 2: tree sum across the workgroup.
@@ -188,6 +230,32 @@ fn bnb_finalize(
     }
 }
 
+// dx coefficients of channel c: (K, mean − K, Σdy/M, Σdy·x̂/M) and (invstd, invstd·γ).
+struct DxCoef {
+    cf: vec4<f32>,
+    invstd: f32,
+    a: f32,
+}
+
+fn dx_coef(c: u32) -> DxCoef {
+    let invstd = save_invstd[c];
+    var a = invstd;
+    if (has(FLAG_AFFINE)) {
+        a *= weight[c];
+    }
+    return DxCoef(coef[c], invstd, a);
+}
+
+// dx (before accumulation) from x and the masked dy of elements of one channel.
+fn dx_of(k: DxCoef, x: vec4<f32>, g: vec4<f32>) -> vec4<f32> {
+    var v = g;
+    if (has(FLAG_BATCH_STATS)) {
+        let xhat = ((x - k.cf.x) - k.cf.y) * k.invstd;
+        v = v - k.cf.z - xhat * k.cf.w;
+    }
+    return k.a * v;
+}
+
 @compute @workgroup_size(256)
 fn bnb_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let g = gid.x + gid.y * nwg.x * WG;
@@ -195,42 +263,46 @@ fn bnb_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if (first >= p.total) {
         return;
     }
+    // first and elem_base are multiples of 4: the four elements share one Philox call.
+    let m = mask_factors(first);
+    var pos = channel_position(first, p.s, p.c);
+    var k = dx_coef(pos.x);
     var out: vec4<f32>;
-    for (var k = 0u; k < 4u; k++) {
-        let i = first + k;
-        if (i >= p.total) {
-            break;
+    if (pos.y + 4u <= p.s && first + 4u <= p.total) {
+        // One channel (always when S % 4 == 0 away from the end): vector arithmetic.
+        out = dx_of(k, load_x4(first), load_dy4(first) * m);
+        if (has(FLAG_ACCUM_DX)) {
+            out += vec4<f32>(ld_dx(first), ld_dx(first + 1u), ld_dx(first + 2u), ld_dx(first + 3u));
         }
-        let c = (i / p.s) % p.c;
-        let cf = coef[c];
-        let invstd = save_invstd[c];
-        var a = invstd;
-        if (has(FLAG_AFFINE)) {
-            a *= weight[c];
-        }
-        var v = upstream(i);
-        if (has(FLAG_BATCH_STATS)) {
-            let xhat = ((ld_x(i) - cf.x) - cf.y) * invstd;
-            v = v - cf.z - xhat * cf.w;
-        }
-        let val = select(0.0, ld_dx(i), has(FLAG_ACCUM_DX)) + a * v;
-        if (PAIR_STORES) {
-            out[k] = val;
-        } else {
-            st_dx(i, val);
-        }
-    }
-    if (!PAIR_STORES) {
-        return;
-    }
-    // Packed f16: all four exist: two whole words; else one by one.
-    if (first + 3u < p.total) {
-        st2_dx(first, out.x, out.y);
-        st2_dx(first + 2u, out.z, out.w);
     } else {
-        for (var k = 0u; k < 4u; k++) {
-            if (first + k < p.total) {
-                st_dx(first + k, out[k]);
+        for (var j = 0u; j < 4u && first + j < p.total; j++) {
+            if (j > 0u) {
+                let next = next_position(pos, p.s, p.c);
+                if (next.x != pos.x) {
+                    k = dx_coef(next.x);
+                }
+                pos = next;
+            }
+            let i = first + j;
+            let d = dx_of(k, vec4<f32>(ld_x(i)), vec4<f32>(ld_dy(i) * m[j])).x;
+            out[j] = select(0.0, ld_dx(i), has(FLAG_ACCUM_DX)) + d;
+        }
+    }
+    // Whole words on the packed path when all four exist (PAIR_STORES); else one by one.
+    if (first + 3u < p.total) {
+        if (PAIR_STORES) {
+            st2_dx(first, out.x, out.y);
+            st2_dx(first + 2u, out.z, out.w);
+        } else {
+            st_dx(first, out.x);
+            st_dx(first + 1u, out.y);
+            st_dx(first + 2u, out.z);
+            st_dx(first + 3u, out.w);
+        }
+    } else {
+        for (var j = 0u; j < 4u; j++) {
+            if (first + j < p.total) {
+                st_dx(first + j, out[j]);
             }
         }
     }

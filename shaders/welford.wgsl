@@ -19,6 +19,13 @@ fn welford_add(acc: Stat, v: f32) -> Stat {
     return Stat(n, mean, acc.m2 + d * (v - mean));
 }
 
+// The triple of four values (exact in registers: their mean, then the squared deviations).
+fn quad_stat(v: vec4<f32>) -> Stat {
+    let mean = (v.x + v.y + v.z + v.w) * 0.25;
+    let d = v - mean;
+    return Stat(4.0, mean, dot(d, d));
+}
+
 // Merges two triples (Chan, Golub, LeVeque).
 fn chan_merge(a: Stat, b: Stat) -> Stat {
     let n = a.n + b.n;

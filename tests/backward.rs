@@ -257,11 +257,14 @@ fn dropout_backward_regenerates_the_mask() {
 #[test]
 fn batch_norm_dropout_backward_equals_the_unfused_chain() {
     let ctx = gpu!();
-    let shape = [4, 3, 5, 5];
     let mut rng = Rng::new(31);
-    for (training, drop) in [
-        (true, DropoutConfig::new(0.3)),
+    // S = 25: Philox groups straddle channels and samples (element-by-element paths);
+    // S = 64: every quad lies in one channel and starts a Philox group (vector paths).
+    for (shape, training, drop) in [
+        ([4, 3, 5, 5], true, DropoutConfig::new(0.3)),
+        ([2, 3, 8, 8], true, DropoutConfig::new(0.3)),
         (
+            [4, 3, 5, 5],
             false,
             DropoutConfig {
                 p: 0.4,
@@ -269,6 +272,7 @@ fn batch_norm_dropout_backward_equals_the_unfused_chain() {
             },
         ),
     ] {
+        let numel: usize = shape.iter().product();
         let config = BatchNormConfig::new(3);
         let mut fused = BatchNormDropout::new(&ctx, config.clone(), drop, 5).unwrap();
         let mut bn = BatchNorm::with_config(&ctx, config).unwrap();
@@ -281,13 +285,13 @@ fn batch_norm_dropout_backward_equals_the_unfused_chain() {
             bn.eval();
             dropout.eval();
         }
-        let x = upload(&ctx, &rng.normal_vec(300, 1.0, 2.0), &shape);
-        let dy = upload(&ctx, &rng.normal_vec(300, 0.0, 1.0), &shape);
+        let x = upload(&ctx, &rng.normal_vec(numel, 1.0, 2.0), &shape);
+        let dy = upload(&ctx, &rng.normal_vec(numel, 0.0, 1.0), &shape);
         fused.forward(&x).unwrap();
         dropout.forward(&bn.forward(&x).unwrap()).unwrap();
         let gf = fused.backward(&dy).unwrap();
         let gu = bn.backward(&dropout.backward(&dy).unwrap()).unwrap();
-        let what = format!("training={training}");
+        let what = format!("{shape:?} training={training}");
         assert_close(
             &format!("{what} dx"),
             &read(&ctx, &gf.dx),

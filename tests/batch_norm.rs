@@ -151,7 +151,7 @@ fn check_against_reference(
             shape,
             config,
             &BatchNormPlanOptions {
-                stats_chunk: chunk,
+                stats_chunk: Some(chunk),
                 dropout: None,
             },
         )

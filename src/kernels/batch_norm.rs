@@ -35,8 +35,31 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
 const WORKGROUP: u64 = 256;
 const EVAL_WORKGROUP: u64 = 64;
 
-/// Default elements of one channel reduced by one `bn_stats` workgroup (16 per invocation).
+/// Default elements of one channel reduced by one `bn_stats` workgroup on a GPU (16 per
+/// invocation); see [`default_stats_chunk`].
 pub const DEFAULT_STATS_CHUNK: u32 = 4096;
+
+/// Largest default stats chunk on a CPU adapter (256 elements per invocation).
+pub const CPU_MAX_STATS_CHUNK: u32 = 65536;
+
+/// The split-reduction grain a plan uses unless told otherwise: elements of one channel that
+/// one reduce workgroup (`bn_stats`, `bnb_reduce`) takes, for `m` = N·∏spatial elements per
+/// channel on an adapter of `device_type`.
+///
+/// - GPUs: [`DEFAULT_STATS_CHUNK`], so that a small C with a large N·H·W still spreads over
+///   many workgroups (C = 1, M = 2^24: 4096 workgroups).
+/// - CPU adapters (lavapipe, llvmpipe, WARP): a whole channel per workgroup, rounded up to a
+///   multiple of 256, between 4096 and [`CPU_MAX_STATS_CHUNK`]. They run a few threads, and
+///   every workgroup beyond those only adds its fixed cost (fibers and barriers on lavapipe):
+///   `bn_train_fwd` 8x64x28x28 took 1.24x less time with one chunk per channel than with two
+///   (BENCHMARKS.md, optimisation 10).
+pub fn default_stats_chunk(device_type: wgpu::DeviceType, m: u64) -> u32 {
+    if device_type != wgpu::DeviceType::Cpu {
+        return DEFAULT_STATS_CHUNK;
+    }
+    let whole = m.div_ceil(WORKGROUP) * WORKGROUP;
+    whole.clamp(u64::from(DEFAULT_STATS_CHUNK), u64::from(CPU_MAX_STATS_CHUNK)) as u32
+}
 
 const FLAG_AFFINE: u32 = 1;
 const FLAG_TRACK: u32 = 2;
@@ -122,24 +145,15 @@ struct BnParams {
 const _: () = assert!(std::mem::size_of::<BnParams>() == 80);
 
 /// Options of a [`BatchNormPlan`] beyond the shape and configuration.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct BatchNormPlanOptions {
     /// Elements of one channel that one `bn_stats` workgroup reduces: a positive multiple of
     /// 256. Smaller chunks spread a channel over more workgroups (better for small C and large
-    /// N·H·W). Default [`DEFAULT_STATS_CHUNK`].
-    pub stats_chunk: u32,
+    /// N·H·W on a GPU). Default `None`: [`default_stats_chunk`] for the device's adapter.
+    pub stats_chunk: Option<u32>,
     /// Fuse a dropout into the normalize pass: `y = dropout(BatchNorm(x))` in one pass over the
     /// activations, with the mask of [`crate::rng`] over flat element indices. Default `None`.
     pub dropout: Option<DropoutConfig>,
-}
-
-impl Default for BatchNormPlanOptions {
-    fn default() -> Self {
-        Self {
-            stats_chunk: DEFAULT_STATS_CHUNK,
-            dropout: None,
-        }
-    }
 }
 
 /// Compiled BatchNorm pipelines for one device. Build once (or get it cached from
@@ -205,7 +219,11 @@ impl BatchNormKernel {
         options: &BatchNormPlanOptions,
     ) -> Result<BatchNormPlan> {
         config.validate()?;
-        let stats_chunk = options.stats_chunk;
+        let dims = BnDims::of(OP, shape, config.num_features)?;
+        let stats_chunk = match options.stats_chunk {
+            Some(chunk) => chunk,
+            None => default_stats_chunk(device.adapter_info().device_type, dims.m),
+        };
         if let Some(d) = &options.dropout {
             d.validate()?;
         }
@@ -215,7 +233,6 @@ impl BatchNormKernel {
                 format!("stats chunk must be a positive multiple of {WORKGROUP}, got {stats_chunk}"),
             ));
         }
-        let dims = BnDims::of(OP, shape, config.num_features)?;
         let limits = BindLimits::of(device);
         let max = limits.max_workgroups_per_dim;
         let sample_elems = dims.c * dims.s;

@@ -11,7 +11,7 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::batch_norm::{sample_ranges, BatchNormConfig, BnDims, SampleRange, DEFAULT_STATS_CHUNK};
+use crate::kernels::batch_norm::{default_stats_chunk, sample_ranges, BatchNormConfig, BnDims, SampleRange};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder,
@@ -117,7 +117,8 @@ impl BatchNormBackwardKernel {
         let dims = BnDims::of(OP, shape, config.num_features)?;
         let limits = BindLimits::of(device);
         let max = limits.max_workgroups_per_dim;
-        let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, DEFAULT_STATS_CHUNK)?;
+        let stats_chunk = default_stats_chunk(device.adapter_info().device_type, dims.m);
+        let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, stats_chunk)?;
         let partials_bytes = dims.c * parts * 16;
         limits.check_size(OP, "partial sums in bytes", partials_bytes)?;
         let sample_elems = dims.c * dims.s;
@@ -151,7 +152,7 @@ impl BatchNormBackwardKernel {
                         c: dims.c as u32,
                         s: dims.s as u32,
                         m: (r.range.count * dims.s) as u32,
-                        chunk_len: DEFAULT_STATS_CHUNK,
+                        chunk_len: stats_chunk,
                         chunks: r.stats_chunks as u32,
                         flags,
                         total: (r.range.count * sample_elems) as u32,

@@ -1,0 +1,49 @@
+// include-only: validated as part of the shaders that include it.
+// Index arithmetic over an (N, C, S) view without a division per element. Integer division is
+// scalarized on CPU drivers (lavapipe: 8 scalar divides per SIMD operation) and costly on GPUs,
+// so an invocation divides once to find where it starts and then advances by increments.
+//
+// Element-wise passes: a position is (channel, s) of a flat index, s in 0..S.
+// Channel reductions: a walk is (n, s) within one channel, j = n·S + s in channel order.
+
+// (channel, s) of flat element i: the one pair of divisions an element-wise invocation pays.
+fn channel_position(i: u32, s_len: u32, channels: u32) -> vec2<u32> {
+    let q = i / s_len;
+    return vec2<u32>(q % channels, i - q * s_len);
+}
+
+// The position of the flat element after `pos`: the next s, or the next channel's first (the
+// channel after the last is channel 0 of the next sample).
+fn next_position(pos: vec2<u32>, s_len: u32, channels: u32) -> vec2<u32> {
+    if (pos.y + 1u < s_len) {
+        return vec2<u32>(pos.x, pos.y + 1u);
+    }
+    return vec2<u32>(select(pos.x + 1u, 0u, pos.x + 1u == channels), 0u);
+}
+
+struct Walk {
+    n: u32,
+    s: u32,
+}
+
+// The walk position of channel-order index j.
+fn walk_start(j: u32, s_len: u32) -> Walk {
+    let n = j / s_len;
+    return Walk(n, j - n * s_len);
+}
+
+// Advances a walk by dn·S + ds elements (ds < S).
+fn walk_step(w: Walk, dn: u32, ds: u32, s_len: u32) -> Walk {
+    var n = w.n + dn;
+    var s = w.s + ds;
+    if (s >= s_len) {
+        s -= s_len;
+        n += 1u;
+    }
+    return Walk(n, s);
+}
+
+// Flat index of a walk position of channel c.
+fn walk_flat(w: Walk, c: u32, s_len: u32, channels: u32) -> u32 {
+    return (w.n * channels + c) * s_len + w.s;
+}
