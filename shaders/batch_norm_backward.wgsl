@@ -19,9 +19,11 @@
 //
 // Entry points, in order:
 //   bnb_reduce    one workgroup per (channel, chunk): the three sums of the chunk.
+//                 bnb_reduce_dropout: the same with dy·m (fused dropout).
 //   bnb_finalize  one workgroup per channel: merges chunk sums; writes (or adds to) dγ, dβ;
 //                 writes the channel's dx coefficients (K, mean − K, Σdy/M, Σdy·x̂/M).
 //   bnb_dx        one invocation per 4 consecutive elements: dx (written or added to).
+//                 bnb_dx_dropout: the same with dy·m.
 
 // #include "philox.wgsl"
 // #include "nchw.wgsl"
@@ -32,7 +34,6 @@ const FLAG_AFFINE: u32 = 1u;        // γ multiplies dx; dγ, dβ are produced
 const FLAG_BATCH_STATS: u32 = 2u;   // the forward used batch statistics
 const FLAG_ACCUM_DX: u32 = 4u;      // dx += instead of dx =
 const FLAG_ACCUM_PARAMS: u32 = 8u;  // dγ += and dβ += instead of =
-const FLAG_DROPOUT: u32 = 16u;      // dy ← dy·m (fused dropout)
 
 // Mirrors `BnBackwardParams` in src/kernels/batch_norm_backward.rs.
 struct Params {
@@ -87,8 +88,11 @@ fn centre_of(c: u32) -> f32 {
 
 // The fused dropout's mask factors of the Philox group holding flat element i (of this
 // range): m_j for the elements 4⌊(elem_base + i)/4⌋ + j. All ones without a fused dropout.
-fn mask_factors(i: u32) -> vec4<f32> {
-    if (!has(FLAG_DROPOUT)) {
+// `drop` is a literal at every call (separate entry points with and without dropout): CPU
+// drivers such as lavapipe execute both sides of every `if`, so a uniform flag would still pay
+// for the Philox call; a constant argument folds the branch away when the call is inlined.
+fn mask_factors(i: u32, drop: bool) -> vec4<f32> {
+    if (!drop) {
         return vec4<f32>(1.0);
     }
     let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
@@ -103,11 +107,11 @@ fn mask_factors(i: u32) -> vec4<f32> {
 }
 
 // dy of element i times its mask factor (one Philox call; the quad paths share one per 4).
-fn upstream(i: u32) -> f32 {
-    if (!has(FLAG_DROPOUT)) {
+fn upstream(i: u32, drop: bool) -> f32 {
+    if (!drop) {
         return ld_dy(i);
     }
-    return ld_dy(i) * mask_factors(i)[(p.elem_base + i) % 4u];
+    return ld_dy(i) * mask_factors(i, drop)[(p.elem_base + i) % 4u];
 }
 
 fn load_x4(i: u32) -> vec4<f32> {
@@ -150,7 +154,20 @@ fn bnb_reduce(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let w = wid.x + wid.y * nwg.x;
+    reduce(wid.x + wid.y * nwg.x, lid, false);
+}
+
+@compute @workgroup_size(256)
+fn bnb_reduce_dropout(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    reduce(wid.x + wid.y * nwg.x, lid, true);
+}
+
+// bnb_reduce of workgroup w; `drop`: dy is multiplied by the fused dropout's mask.
+fn reduce(w: u32, lid: u32, drop: bool) {
     if (w >= p.c * p.chunks) {
         return;
     }
@@ -173,14 +190,14 @@ fn bnb_reduce(
         let i = walk_flat(at, c, p.s, p.c);
         if (at.s + 4u <= p.s && j + 4u <= end && (p.elem_base + i) % 4u == 0u) {
             let xs = load_x4(i) - centre;
-            let g = load_dy4(i) * mask_factors(i);
+            let g = load_dy4(i) * mask_factors(i, drop);
             acc += vec3<f32>(dot(xs, vec4<f32>(1.0)), dot(g, vec4<f32>(1.0)), dot(g, xs));
         } else {
             var e = at;
             for (var t = 0u; t < 4u && j + t < end; t++) {
                 let ie = walk_flat(e, c, p.s, p.c);
                 let xs = ld_x(ie) - centre;
-                let g = upstream(ie);
+                let g = upstream(ie, drop);
                 acc += vec3<f32>(xs, g, g * xs);
                 e = walk_step(e, 0u, 1u, p.s);
             }
@@ -258,13 +275,22 @@ fn dx_of(k: DxCoef, x: vec4<f32>, g: vec4<f32>) -> vec4<f32> {
 
 @compute @workgroup_size(256)
 fn bnb_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = gid.x + gid.y * nwg.x * WG;
+    dx_quad(gid.x + gid.y * nwg.x * WG, false);
+}
+
+@compute @workgroup_size(256)
+fn bnb_dx_dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    dx_quad(gid.x + gid.y * nwg.x * WG, true);
+}
+
+// bnb_dx of invocation g (elements 4g .. 4g + 3); `drop` as in `reduce`.
+fn dx_quad(g: u32, drop: bool) {
     let first = g * 4u;
     if (first >= p.total) {
         return;
     }
     // first and elem_base are multiples of 4: the four elements share one Philox call.
-    let m = mask_factors(first);
+    let m = mask_factors(first, drop);
     var pos = channel_position(first, p.s, p.c);
     var k = dx_coef(pos.x);
     var out: vec4<f32>;

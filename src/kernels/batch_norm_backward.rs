@@ -4,8 +4,10 @@
 //! | dispatch       | workgroups      | reads                           | writes                 |
 //! |----------------|-----------------|---------------------------------|------------------------|
 //! | `bnb_reduce`   | C · chunks      | x, dy                           | partial sums           |
+//! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
 //! | `bnb_finalize` | C               | partial sums, saved stats       | dγ, dβ, coefficients   |
 //! | `bnb_dx`       | ⌈N·C·S / 1024⌉  | x, dy, coefficients, γ          | dx                     |
+//! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
 //!
 //! Traffic: 5 passes over the activations (reduce reads x and dy; dx reads both and writes dx).
 
@@ -22,13 +24,18 @@ const OP: &str = "batch_norm backward";
 const WORKGROUP: u64 = 256;
 
 /// Entry points in `shaders/batch_norm_backward.wgsl` that get a pipeline.
-pub(crate) const ENTRY_POINTS: &[&str] = &["bnb_reduce", "bnb_finalize", "bnb_dx"];
+pub(crate) const ENTRY_POINTS: &[&str] = &[
+    "bnb_reduce",
+    "bnb_reduce_dropout",
+    "bnb_finalize",
+    "bnb_dx",
+    "bnb_dx_dropout",
+];
 
 const FLAG_AFFINE: u32 = 1;
 const FLAG_BATCH_STATS: u32 = 2;
 const FLAG_ACCUM_DX: u32 = 4;
 const FLAG_ACCUM_PARAMS: u32 = 8;
-const FLAG_DROPOUT: u32 = 16;
 
 /// Mirrors `struct Params` in `shaders/batch_norm_backward.wgsl`.
 #[repr(C)]
@@ -66,9 +73,11 @@ pub struct Accumulate {
 #[derive(Clone, Debug)]
 pub struct BatchNormBackwardKernel {
     storage: Storage,
-    reduce: wgpu::ComputePipeline,
+    /// `[plain, with the fused dropout's mask on dy]`: separate entry points, so that a plain
+    /// backward never executes (not even predicated, as CPU drivers do) a Philox call.
+    reduce: [wgpu::ComputePipeline; 2],
     finalize: wgpu::ComputePipeline,
-    dx: wgpu::ComputePipeline,
+    dx: [wgpu::ComputePipeline; 2],
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
 }
@@ -78,9 +87,9 @@ impl Kernel for BatchNormBackwardKernel {
         let module = crate::kernels::shader_module(device, "batch_norm_backward.wgsl", storage);
         Self {
             storage,
-            reduce: compute_pipeline(device, &module, "bnb_reduce"),
+            reduce: ["bnb_reduce", "bnb_reduce_dropout"].map(|e| compute_pipeline(device, &module, e)),
             finalize: compute_pipeline(device, &module, "bnb_finalize"),
-            dx: compute_pipeline(device, &module, "bnb_dx"),
+            dx: ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, &module, e)),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
         }
     }
@@ -143,9 +152,6 @@ impl BatchNormBackwardKernel {
                     }
                     if config.affine {
                         flags |= FLAG_AFFINE;
-                    }
-                    if dropout.is_some() {
-                        flags |= FLAG_DROPOUT;
                     }
                     let params = BnBackwardParams {
                         n: r.range.count as u32,
@@ -350,6 +356,8 @@ impl BatchNormBackwardPlan {
         let rng = binding_or(self.dropout.is_some(), &b.rng, &ph[3], RNG_STATE_BYTES);
         let (save_mean, save_invstd) = (binding(&b.save_mean, c_bytes), binding(&b.save_invstd, c_bytes));
         let (partials, coef) = (self.partials.as_entire_binding(), self.coef.as_entire_binding());
+        let drop = usize::from(self.dropout.is_some());
+        let (reduce, dx) = (&k.reduce[drop], &k.dx[drop]);
         let mut passes = Vec::new();
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
@@ -363,8 +371,8 @@ impl BatchNormBackwardPlan {
                 (11, rng.clone()),
             ];
             passes.push((
-                &k.reduce,
-                bind_group(device, "bnb_reduce", &k.reduce, &entries),
+                reduce,
+                bind_group(device, "bnb_reduce", reduce, &entries),
                 c.reduce_groups,
             ));
         }
@@ -395,7 +403,7 @@ impl BatchNormBackwardPlan {
                 (8, coef.clone()),
                 (11, rng.clone()),
             ];
-            passes.push((&k.dx, bind_group(device, "bnb_dx", &k.dx, &entries), c.dx_groups));
+            passes.push((dx, bind_group(device, "bnb_dx", dx, &entries), c.dx_groups));
         }
         record(encoder, "batch_norm backward", &passes);
         Ok(())
