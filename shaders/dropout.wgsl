@@ -9,8 +9,9 @@
 // The product x·m (not a select) propagates NaN/Inf from dropped elements, as PyTorch does.
 //
 // Entry points:
-//   dropout_forward   one invocation per 4 consecutive elements: one Philox call serves them
-//                     (Dropout2d: one call per distinct channel among them).
+//   dropout_forward   one invocation per 4 consecutive elements: one Philox call serves them.
+//                     dropout2d_forward: the same for Dropout2d (one or two calls: the
+//                     elements span at most two channels). `_accumulate`: y += instead of y =.
 //   dropout_apply_mask  one invocation per element: y = x·m with m read from a packed mask
 //                     (the backward from a stored mask: dx = dy·m).
 //   dropout_mask      one invocation per mask word: the packed keep bits of 32 units, unit u
@@ -45,14 +46,14 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> rng_state: array<u32>; // (4) seed lo/hi, offset lo/hi
 @group(0) @binding(4) var<storage, read_write> mask: array<u32>;     // (⌈units/32⌉) packed bits
 
-// The value output element i gets: v, or y[i] + v with ACCUMULATE.
-fn out_value(i: u32, v: f32) -> f32 {
-    return select(0.0, ld_y(i), (p.flags & ACCUMULATE) != 0u) + v;
-}
-
-// Writes (or, with ACCUMULATE, adds) one output element.
+// Writes (or, with ACCUMULATE, adds) one output element. Written values are x·m exactly (a
+// dropped negative value stays −0, as in PyTorch), never 0 + x·m.
 fn emit(i: u32, v: f32) {
-    st_y(i, out_value(i, v));
+    var y = v;
+    if ((p.flags & ACCUMULATE) != 0u) {
+        y += ld_y(i);
+    }
+    st_y(i, y);
 }
 
 fn load_state() -> vec4<u32> {
@@ -69,50 +70,107 @@ fn unit_keep(state: vec4<u32>, u: u32) -> bool {
     return dropout_keep(words[u % 4u], p.threshold, p.flags);
 }
 
+// Four entry points, one per (unit, accumulate) pair, so that each runs only its own code: CPU
+// drivers such as lavapipe execute both sides of every `if` (predication), so a uniform flag
+// choosing between Dropout and Dropout2d would make every call pay for both. `forward` is
+// called with literal arguments and the untaken paths fold away.
 @compute @workgroup_size(256)
 fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let g = linear_id(gid, nwg);
+    forward(linear_id(gid, nwg), false, false);
+}
+
+@compute @workgroup_size(256)
+fn dropout_forward_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    forward(linear_id(gid, nwg), false, true);
+}
+
+@compute @workgroup_size(256)
+fn dropout2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    forward(linear_id(gid, nwg), true, false);
+}
+
+@compute @workgroup_size(256)
+fn dropout2d_forward_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    forward(linear_id(gid, nwg), true, true);
+}
+
+// Invocation g: elements 4g .. 4g + 3 of this dispatch. `channels`: Dropout2d (units of
+// unit_len elements) instead of Dropout; `accumulate`: y += instead of y =.
+fn forward(g: u32, channels: bool, accumulate: bool) {
     let first = g * 4u;
     if (first >= p.numel) {
         return;
     }
     let state = load_state();
-    var m: vec4<f32>;
-    if (p.unit_len == 1u) {
-        // Dropout: the four elements are the four words of one Philox call.
+    var keep: vec4<bool>;
+    if (!channels) {
+        // Dropout: base is a multiple of 4, so the four elements are the four words of one
+        // Philox call.
         let w = dropout_words(state, p.base / 4u + g);
-        let keep = vec4<bool>(
+        keep = vec4<bool>(
             dropout_keep(w.x, p.threshold, p.flags),
             dropout_keep(w.y, p.threshold, p.flags),
             dropout_keep(w.z, p.threshold, p.flags),
             dropout_keep(w.w, p.threshold, p.flags),
         );
-        m = select(vec4<f32>(0.0), vec4<f32>(p.scale), keep);
     } else {
-        // Dropout2d: usually all four elements share a channel; draw once per channel change.
-        var unit = (p.base + first) / p.unit_len;
-        var f = select(0.0, p.scale, unit_keep(state, unit));
-        for (var k = 0u; k < 4u; k++) {
-            let u = (p.base + first + k) / p.unit_len;
-            if (u != unit) {
-                unit = u;
-                f = select(0.0, p.scale, unit_keep(state, unit));
-            }
-            m[k] = f;
-        }
+        keep = channel_keep(state, p.base + first);
     }
-    if (PAIR_STORES && first + 3u < p.numel) {
-        // A whole group: this invocation owns both halves of each packed word.
-        st2_y(first, out_value(first, ld_x(first) * m.x), out_value(first + 1u, ld_x(first + 1u) * m.y));
-        st2_y(first + 2u, out_value(first + 2u, ld_x(first + 2u) * m.z), out_value(first + 3u, ld_x(first + 3u) * m.w));
+    let m = select(vec4<f32>(0.0), vec4<f32>(p.scale), keep);
+    var v: vec4<f32>;
+    if (first + 3u < p.numel) {
+        v = vec4<f32>(ld_x(first), ld_x(first + 1u), ld_x(first + 2u), ld_x(first + 3u)) * m;
+        if (accumulate) {
+            v += vec4<f32>(ld_y(first), ld_y(first + 1u), ld_y(first + 2u), ld_y(first + 3u));
+        }
+        if (PAIR_STORES) {
+            // This invocation owns both halves of each packed word.
+            st2_y(first, v.x, v.y);
+            st2_y(first + 2u, v.z, v.w);
+        } else {
+            st_y(first, v.x);
+            st_y(first + 1u, v.y);
+            st_y(first + 2u, v.z);
+            st_y(first + 3u, v.w);
+        }
     } else {
         for (var k = 0u; k < 4u; k++) {
             let i = first + k;
             if (i < p.numel) {
-                st_y(i, out_value(i, ld_x(i) * m[k]));
+                var y = ld_x(i) * m[k];
+                if (accumulate) {
+                    y += ld_y(i);
+                }
+                st_y(i, y);
             }
         }
     }
+}
+
+// Dropout2d keep decisions of the four elements from flat index e (a multiple of 4). With
+// unit_len >= 4 they span at most two consecutive units, u and u + 1: one division, and a
+// second Philox call only when u + 1 starts a new group of four units. Shorter units
+// (spatial size 1 to 3) take each element's unit by division.
+fn channel_keep(state: vec4<u32>, e: u32) -> vec4<bool> {
+    if (p.unit_len < 4u) {
+        return vec4<bool>(
+            unit_keep(state, e / p.unit_len),
+            unit_keep(state, (e + 1u) / p.unit_len),
+            unit_keep(state, (e + 2u) / p.unit_len),
+            unit_keep(state, (e + 3u) / p.unit_len),
+        );
+    }
+    let u = e / p.unit_len;
+    let r = e - u * p.unit_len;
+    let w = dropout_words(state, u / 4u);
+    var next = w[(u + 1u) % 4u];
+    if ((u + 1u) % 4u == 0u) {
+        next = dropout_words(state, (u + 1u) / 4u).x;
+    }
+    let a = dropout_keep(w[u % 4u], p.threshold, p.flags);
+    let b = dropout_keep(next, p.threshold, p.flags);
+    // Element k belongs to u + 1 once r + k reaches unit_len.
+    return select(vec4<bool>(a), vec4<bool>(b), vec4<u32>(r) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(p.unit_len));
 }
 
 @compute @workgroup_size(256)

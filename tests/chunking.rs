@@ -72,7 +72,8 @@ fn dropout_in_chunks_draws_exactly_the_unchunked_mask() {
     let mask = normdrop::rng::mask(1234, 77, n, config.rule().unwrap());
     let scale = config.scale(true);
     for i in 0..n {
-        let expected = if mask[i] { x[i] * scale } else { 0.0 };
+        // x·m, as PyTorch computes it: a dropped negative value gives −0.
+        let expected = x[i] * if mask[i] { scale } else { 0.0 };
         assert_eq!(y[i].to_bits(), expected.to_bits(), "element {i}");
     }
     // Backward (regenerated mask) and from the stored mask, also chunked.
@@ -85,12 +86,12 @@ fn dropout_in_chunks_draws_exactly_the_unchunked_mask() {
     let dx_mask = read(&ctx, &d.backward_from_mask(&dy, &m).unwrap());
     let dyv = read(&ctx, &dy);
     for i in 0..n {
-        let expected = if mask[i] { dyv[i] * scale } else { 0.0 };
+        let expected = dyv[i] * if mask[i] { scale } else { 0.0 };
         assert_eq!(dx[i].to_bits(), expected.to_bits(), "dx element {i}");
     }
     let mask2 = normdrop::rng::mask(1234, 78, n, config.rule().unwrap());
     for i in 0..n {
-        let expected = if mask2[i] { dyv[i] * scale } else { 0.0 };
+        let expected = dyv[i] * if mask2[i] { scale } else { 0.0 };
         assert_eq!(dx_mask[i].to_bits(), expected.to_bits(), "dx from mask, element {i}");
     }
 
@@ -134,7 +135,7 @@ fn packed_f16_dropout_in_chunks_keeps_the_mask() {
     let y = read(&ctx, &d.forward(&Tensor::from_slice(&ctx, &x, &[n]).unwrap()).unwrap());
     let mask = normdrop::rng::mask(0, 0, n, DropoutConfig::new(0.5).rule().unwrap());
     for i in 0..n {
-        let expected = if mask[i] { 2.0 * x[i].to_f32() } else { 0.0 };
+        let expected = x[i].to_f32() * if mask[i] { 2.0 } else { 0.0 };
         assert_eq!(y[i], expected, "element {i}");
     }
 }

@@ -19,7 +19,15 @@ const OP: &str = "dropout";
 const WORKGROUP: u64 = 256;
 
 /// Entry points in `shaders/dropout.wgsl` that get a pipeline.
-pub(crate) const ENTRY_POINTS: &[&str] = &["dropout_forward", "dropout_apply_mask", "dropout_mask", "rng_advance"];
+pub(crate) const ENTRY_POINTS: &[&str] = &[
+    "dropout_forward",
+    "dropout_forward_accumulate",
+    "dropout2d_forward",
+    "dropout2d_forward_accumulate",
+    "dropout_apply_mask",
+    "dropout_mask",
+    "rng_advance",
+];
 
 /// Bytes of a generator state buffer.
 pub const RNG_STATE_BYTES: u64 = 16;
@@ -140,7 +148,9 @@ const _: () = assert!(std::mem::size_of::<DropoutParams>() == 32);
 #[derive(Clone, Debug)]
 pub struct DropoutKernel {
     storage: Storage,
-    forward: wgpu::ComputePipeline,
+    /// `[Dropout, Dropout2d][write, accumulate]`: one entry point each, so that no call
+    /// executes the others' code (CPU drivers predicate every `if`).
+    forward: [[wgpu::ComputePipeline; 2]; 2],
     apply_mask: wgpu::ComputePipeline,
     mask: wgpu::ComputePipeline,
     advance: wgpu::ComputePipeline,
@@ -151,7 +161,11 @@ impl Kernel for DropoutKernel {
         let module = crate::kernels::shader_module(device, "dropout.wgsl", storage);
         Self {
             storage,
-            forward: compute_pipeline(device, &module, "dropout_forward"),
+            forward: [
+                ["dropout_forward", "dropout_forward_accumulate"],
+                ["dropout2d_forward", "dropout2d_forward_accumulate"],
+            ]
+            .map(|pair| pair.map(|e| compute_pipeline(device, &module, e))),
             apply_mask: compute_pipeline(device, &module, "dropout_apply_mask"),
             mask: compute_pipeline(device, &module, "dropout_mask"),
             advance: compute_pipeline(device, &module, "rng_advance"),
@@ -403,6 +417,7 @@ impl DropoutPlan {
         check_distinct(OP, &[("y", &b.y)], &[("rng", &b.rng)])?;
         let k = &self.kernel;
         let eb = k.storage.element_bytes();
+        let pipeline = &k.forward[usize::from(self.unit == DropoutUnit::Channel)][usize::from(accumulate)];
         let dispatches: Vec<_> = self
             .chunks
             .iter()
@@ -411,7 +426,7 @@ impl DropoutPlan {
                 let group = bind_group(
                     device,
                     "dropout_forward",
-                    &k.forward,
+                    pipeline,
                     &[
                         (0, c.uniform(training, accumulate)),
                         (1, binding_at(&b.x, at, len)),
@@ -419,7 +434,7 @@ impl DropoutPlan {
                         (3, binding(&b.rng, RNG_STATE_BYTES)),
                     ],
                 );
-                (&k.forward, group, c.forward_groups)
+                (pipeline, group, c.forward_groups)
             })
             .collect();
         record(encoder, "dropout", &dispatches);
