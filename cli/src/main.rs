@@ -87,11 +87,6 @@ fn info(ctx: &Context) {
             "native f16 storage (else packed u32)",
         ),
         (
-            "SUBGROUP",
-            wgpu::Features::SUBGROUP,
-            "subgroup reductions (else workgroup trees)",
-        ),
-        (
             "TIMESTAMP_QUERY",
             wgpu::Features::TIMESTAMP_QUERY,
             "GPU timestamps in bench (else wall time)",
