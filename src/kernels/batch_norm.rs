@@ -732,3 +732,31 @@ fn missing(what: &'static str, because: &str) -> Error {
         reason: format!("is required when {because} is set"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_stats_chunk_is_4096_on_gpus_and_a_whole_channel_within_bounds_on_cpus() {
+        for m in [1, 6272, 1 << 24] {
+            assert_eq!(
+                default_stats_chunk(wgpu::DeviceType::DiscreteGpu, m),
+                DEFAULT_STATS_CHUNK
+            );
+            assert_eq!(
+                default_stats_chunk(wgpu::DeviceType::IntegratedGpu, m),
+                DEFAULT_STATS_CHUNK
+            );
+        }
+        let cpu = |m| default_stats_chunk(wgpu::DeviceType::Cpu, m);
+        assert_eq!(cpu(1), 4096);
+        assert_eq!(cpu(4096), 4096);
+        assert_eq!(cpu(6272), 6400); // 8x64x28x28: one workgroup per channel
+        assert_eq!(cpu(65536), 65536);
+        assert_eq!(cpu(401_408), CPU_MAX_STATS_CHUNK); // 32x64x112x112: 7 chunks per channel
+        for m in [1u64, 257, 6272, 40_000, 1 << 20] {
+            assert_eq!(cpu(m) % 256, 0, "chunks are whole workgroup strides (m = {m})");
+        }
+    }
+}
