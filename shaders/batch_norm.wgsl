@@ -111,23 +111,21 @@ fn bn_stats(
     }
     // Each invocation takes quads (4 consecutive elements of the channel) strided by 4·WG,
     // walking (n, s) by increments; a quad inside one sample is merged as one triple.
-    let stride = 4u * WG;
-    let dn = stride / p.s;
-    let ds = stride - dn * p.s;
+    let step = walk_start(4u * WG, p.s);
     var acc = Stat(0.0, 0.0, 0.0);
     var at = walk_start(begin + 4u * lid, p.s);
-    for (var j = begin + 4u * lid; j < end; j += stride) {
+    for (var j = begin + 4u * lid; j < end; j += 4u * WG) {
         let i = walk_flat(at, c, p.s, p.c);
-        if (at.s + 4u <= p.s && j + 4u <= end) {
-            acc = chan_merge(acc, quad_stat(load4(i) - shift));
+        if (quad_fits(at.s, p.s, j, end)) {
+            acc = chan_merge(acc, quad_stat(ld4_x(i) - shift));
         } else {
             var e = at;
             for (var t = 0u; t < 4u && j + t < end; t++) {
                 acc = welford_add(acc, ld_x(walk_flat(e, c, p.s, p.c)) - shift);
-                e = walk_step(e, 0u, 1u, p.s);
+                e = walk_step(e, Walk(0u, 1u), p.s);
             }
         }
-        at = walk_step(at, dn, ds, p.s);
+        at = walk_step(at, step, p.s);
     }
 
     // Phase 2: Chan merge across the workgroup; invocation 0 writes the chunk's partial.
@@ -207,23 +205,13 @@ fn bn_finalize_eval(
     centre[c] = vec2<f32>(running_mean[c], 0.0);
 }
 
-// True when the invocation's four elements from `first` (at `pos`) exist and share a channel:
-// always when S % 4 == 0 away from the tensor's end, and the straight-line path then applies.
-fn whole_quad(first: u32, pos: vec2<u32>) -> bool {
-    return pos.y + 4u <= p.s && first + 4u <= p.total;
-}
-
-fn load4(first: u32) -> vec4<f32> {
-    return vec4<f32>(ld_x(first), ld_x(first + 1u), ld_x(first + 2u), ld_x(first + 3u));
-}
-
 // Normalized values of the four elements from `first` (lanes past the end are 0): one channel's
 // coefficients in the common case, per element where a channel boundary falls inside.
 fn normalized4(first: u32) -> vec4<f32> {
     var pos = channel_position(first, p.s, p.c);
     var k = channel_coefficients(pos.x);
-    if (whole_quad(first, pos)) {
-        return ((load4(first) - k.x) - k.y) * k.z + k.w;
+    if (quad_fits(pos.y, p.s, first, p.total)) {
+        return ((ld4_x(first) - k.x) - k.y) * k.z + k.w;
     }
     var v = vec4<f32>(0.0);
     for (var j = 0u; j < 4u && first + j < p.total; j++) {
@@ -250,29 +238,7 @@ fn bn_normalize(
     if (first >= p.total) {
         return;
     }
-    store4(first, normalized4(first));
-}
-
-// Stores the 4 consecutive outputs of an invocation (first is a multiple of 4): whole words on
-// the packed path (PAIR_STORES) when all four exist, else element by element.
-fn store4(first: u32, v: vec4<f32>) {
-    if (first + 3u < p.total) {
-        if (PAIR_STORES) {
-            st2_y(first, v.x, v.y);
-            st2_y(first + 2u, v.z, v.w);
-        } else {
-            st_y(first, v.x);
-            st_y(first + 1u, v.y);
-            st_y(first + 2u, v.z);
-            st_y(first + 3u, v.w);
-        }
-    } else {
-        for (var j = 0u; j < 4u; j++) {
-            if (first + j < p.total) {
-                st_y(first + j, v[j]);
-            }
-        }
-    }
+    st4_y(first, normalized4(first), p.total);
 }
 
 // (K, mean − K, invstd·γ, β) of channel c. Normalizing is ((x − K) − (mean − K))·(invstd·γ) + β:
@@ -301,12 +267,6 @@ fn bn_normalize_dropout(
     }
     // elem_base is a multiple of 4: the four elements are the four words of one Philox call.
     let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let w = dropout_words(state, p.elem_base / 4u + g);
-    let keep = vec4<bool>(
-        dropout_keep(w.x, p.drop_threshold, p.drop_flags),
-        dropout_keep(w.y, p.drop_threshold, p.drop_flags),
-        dropout_keep(w.z, p.drop_threshold, p.drop_flags),
-        dropout_keep(w.w, p.drop_threshold, p.drop_flags),
-    );
-    store4(first, normalized4(first) * select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep));
+    let keep = dropout_keep4(dropout_words(state, p.elem_base / 4u + g), p.drop_threshold, p.drop_flags);
+    st4_y(first, normalized4(first) * select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep), p.total);
 }

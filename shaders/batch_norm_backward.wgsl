@@ -96,13 +96,7 @@ fn mask_factors(i: u32, drop: bool) -> vec4<f32> {
         return vec4<f32>(1.0);
     }
     let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let w = dropout_words(state, (p.elem_base + i) / 4u);
-    let keep = vec4<bool>(
-        dropout_keep(w.x, p.drop_threshold, p.drop_flags),
-        dropout_keep(w.y, p.drop_threshold, p.drop_flags),
-        dropout_keep(w.z, p.drop_threshold, p.drop_flags),
-        dropout_keep(w.w, p.drop_threshold, p.drop_flags),
-    );
+    let keep = dropout_keep4(dropout_words(state, (p.elem_base + i) / 4u), p.drop_threshold, p.drop_flags);
     return select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep);
 }
 
@@ -112,14 +106,6 @@ fn upstream(i: u32, drop: bool) -> f32 {
         return ld_dy(i);
     }
     return ld_dy(i) * mask_factors(i, drop)[(p.elem_base + i) % 4u];
-}
-
-fn load_x4(i: u32) -> vec4<f32> {
-    return vec4<f32>(ld_x(i), ld_x(i + 1u), ld_x(i + 2u), ld_x(i + 3u));
-}
-
-fn load_dy4(i: u32) -> vec4<f32> {
-    return vec4<f32>(ld_dy(i), ld_dy(i + 1u), ld_dy(i + 2u), ld_dy(i + 3u));
 }
 
 fn workgroup_sum3(lid: u32, mine: vec3<f32>) -> vec3<f32> {
@@ -181,16 +167,14 @@ fn reduce(w: u32, lid: u32, drop: bool) {
     // consecutive elements of the channel) strided by 4·WG, walking (n, s) by increments. A
     // quad inside one sample that starts a Philox group (always when S % 4 == 0) is summed
     // with vector operations and one Philox call; others element by element.
-    let stride = 4u * WG;
-    let dn = stride / p.s;
-    let ds = stride - dn * p.s;
+    let step = walk_start(4u * WG, p.s);
     var acc = vec3<f32>(0.0);
     var at = walk_start(begin + 4u * lid, p.s);
-    for (var j = begin + 4u * lid; j < end; j += stride) {
+    for (var j = begin + 4u * lid; j < end; j += 4u * WG) {
         let i = walk_flat(at, c, p.s, p.c);
-        if (at.s + 4u <= p.s && j + 4u <= end && (p.elem_base + i) % 4u == 0u) {
-            let xs = load_x4(i) - centre;
-            let g = load_dy4(i) * mask_factors(i, drop);
+        if (quad_fits(at.s, p.s, j, end) && (p.elem_base + i) % 4u == 0u) {
+            let xs = ld4_x(i) - centre;
+            let g = ld4_dy(i) * mask_factors(i, drop);
             acc += vec3<f32>(dot(xs, vec4<f32>(1.0)), dot(g, vec4<f32>(1.0)), dot(g, xs));
         } else {
             var e = at;
@@ -199,10 +183,10 @@ fn reduce(w: u32, lid: u32, drop: bool) {
                 let xs = ld_x(ie) - centre;
                 let g = upstream(ie, drop);
                 acc += vec3<f32>(xs, g, g * xs);
-                e = walk_step(e, 0u, 1u, p.s);
+                e = walk_step(e, Walk(0u, 1u), p.s);
             }
         }
-        at = walk_step(at, dn, ds, p.s);
+        at = walk_step(at, step, p.s);
     }
 
     // Phase 2: tree sum across the workgroup.
@@ -294,11 +278,11 @@ fn dx_quad(g: u32, drop: bool) {
     var pos = channel_position(first, p.s, p.c);
     var k = dx_coef(pos.x);
     var out: vec4<f32>;
-    if (pos.y + 4u <= p.s && first + 4u <= p.total) {
+    if (quad_fits(pos.y, p.s, first, p.total)) {
         // One channel (always when S % 4 == 0 away from the end): vector arithmetic.
-        out = dx_of(k, load_x4(first), load_dy4(first) * m);
+        out = dx_of(k, ld4_x(first), ld4_dy(first) * m);
         if (has(FLAG_ACCUM_DX)) {
-            out += vec4<f32>(ld_dx(first), ld_dx(first + 1u), ld_dx(first + 2u), ld_dx(first + 3u));
+            out += ld4_dx(first);
         }
     } else {
         for (var j = 0u; j < 4u && first + j < p.total; j++) {
@@ -314,22 +298,5 @@ fn dx_quad(g: u32, drop: bool) {
             out[j] = select(0.0, ld_dx(i), has(FLAG_ACCUM_DX)) + d;
         }
     }
-    // Whole words on the packed path when all four exist (PAIR_STORES); else one by one.
-    if (first + 3u < p.total) {
-        if (PAIR_STORES) {
-            st2_dx(first, out.x, out.y);
-            st2_dx(first + 2u, out.z, out.w);
-        } else {
-            st_dx(first, out.x);
-            st_dx(first + 1u, out.y);
-            st_dx(first + 2u, out.z);
-            st_dx(first + 3u, out.w);
-        }
-    } else {
-        for (var j = 0u; j < 4u; j++) {
-            if (first + j < p.total) {
-                st_dx(first + j, out[j]);
-            }
-        }
-    }
+    st4_dx(first, out, p.total);
 }

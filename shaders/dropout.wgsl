@@ -106,45 +106,30 @@ fn forward(g: u32, channels: bool, accumulate: bool) {
     if (!channels) {
         // Dropout: base is a multiple of 4, so the four elements are the four words of one
         // Philox call.
-        let w = dropout_words(state, p.base / 4u + g);
-        keep = vec4<bool>(
-            dropout_keep(w.x, p.threshold, p.flags),
-            dropout_keep(w.y, p.threshold, p.flags),
-            dropout_keep(w.z, p.threshold, p.flags),
-            dropout_keep(w.w, p.threshold, p.flags),
-        );
+        keep = dropout_keep4(dropout_words(state, p.base / 4u + g), p.threshold, p.flags);
     } else {
         keep = channel_keep(state, p.base + first);
     }
     let m = select(vec4<f32>(0.0), vec4<f32>(p.scale), keep);
     var v: vec4<f32>;
     if (first + 3u < p.numel) {
-        v = vec4<f32>(ld_x(first), ld_x(first + 1u), ld_x(first + 2u), ld_x(first + 3u)) * m;
+        v = ld4_x(first) * m;
         if (accumulate) {
-            v += vec4<f32>(ld_y(first), ld_y(first + 1u), ld_y(first + 2u), ld_y(first + 3u));
-        }
-        if (PAIR_STORES) {
-            // This invocation owns both halves of each packed word.
-            st2_y(first, v.x, v.y);
-            st2_y(first + 2u, v.z, v.w);
-        } else {
-            st_y(first, v.x);
-            st_y(first + 1u, v.y);
-            st_y(first + 2u, v.z);
-            st_y(first + 3u, v.w);
+            v += ld4_y(first);
         }
     } else {
         for (var k = 0u; k < 4u; k++) {
             let i = first + k;
             if (i < p.numel) {
-                var y = ld_x(i) * m[k];
+                v[k] = ld_x(i) * m[k];
                 if (accumulate) {
-                    y += ld_y(i);
+                    v[k] += ld_y(i);
                 }
-                st_y(i, y);
             }
         }
     }
+    // Whole words on the packed path: this invocation owns both halves of each word it writes.
+    st4_y(first, v, p.numel);
 }
 
 // Dropout2d keep decisions of the four elements from flat index e (a multiple of 4). With

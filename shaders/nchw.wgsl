@@ -32,15 +32,21 @@ fn walk_start(j: u32, s_len: u32) -> Walk {
     return Walk(n, j - n * s_len);
 }
 
-// Advances a walk by dn·S + ds elements (ds < S).
-fn walk_step(w: Walk, dn: u32, ds: u32, s_len: u32) -> Walk {
-    var n = w.n + dn;
-    var s = w.s + ds;
+// Advances a walk by `by` = walk_start(distance) (by.s < S).
+fn walk_step(w: Walk, by: Walk, s_len: u32) -> Walk {
+    var n = w.n + by.n;
+    var s = w.s + by.s;
     if (s >= s_len) {
         s -= s_len;
         n += 1u;
     }
     return Walk(n, s);
+}
+
+// True when the four elements from index i (at spatial index s) lie in one run of S and
+// before `end`: the straight-line vector paths apply (always when S % 4 == 0, away from the end).
+fn quad_fits(s: u32, s_len: u32, i: u32, end: u32) -> bool {
+    return s + 4u <= s_len && i + 4u <= end;
 }
 
 // Flat index of a walk position of channel c.

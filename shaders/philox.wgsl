@@ -59,3 +59,13 @@ const DROP_ALL: u32 = 1u;   // p = 1: every element dropped, whatever the words
 fn dropout_keep(word: u32, threshold: u32, flags: u32) -> bool {
     return (flags & DROP_ALL) == 0u && word >= threshold;
 }
+
+// Keep decisions for the four words of one Philox call.
+fn dropout_keep4(words: vec4<u32>, threshold: u32, flags: u32) -> vec4<bool> {
+    return vec4<bool>(
+        dropout_keep(words.x, threshold, flags),
+        dropout_keep(words.y, threshold, flags),
+        dropout_keep(words.z, threshold, flags),
+        dropout_keep(words.w, threshold, flags),
+    );
+}

@@ -14,7 +14,10 @@
 //! caller picks) and its accessors, all on the directive's own line (line numbers stay exact):
 //! `ld_NAME(i: u32) -> f32` for every tensor, and for `read_write` ones `st_NAME(i: u32, v: f32)`
 //! and `st2_NAME(i: u32, a: f32, b: f32)`, which stores elements `i` (even) and `i + 1` when the
-//! caller writes both (packed: one whole-word store instead of two half-word updates).
+//! caller writes both (packed: one whole-word store instead of two half-word updates). Built on
+//! those, for every storage: `ld4_NAME(i) -> vec4<f32>` (elements `i .. i + 3`) and, writable,
+//! `st4_NAME(i, v: vec4<f32>, n: u32)`, which stores the elements of `v` whose index is below
+//! `n` (`i` a multiple of 4): whole words when all four exist and `PAIR_STORES`, else one by one.
 //! Kernels touch activations only through these, and always compute in f32; `to_storage(v)`
 //! rounds a value as storing it would (for values a kernel both writes and keeps using). Each
 //! [`Storage`] variant generates a different body:
@@ -183,6 +186,19 @@ fn activation(rest: &str, storage: Storage) -> Result<String, String> {
                 )
             }
         };
+    // Storage-independent four-element accessors over the ones above (i a multiple of 4).
+    s += &format!(
+        " fn ld4_{name}(i: u32) -> vec4<f32> {{ \
+         return vec4<f32>(ld_{name}(i), ld_{name}(i + 1u), ld_{name}(i + 2u), ld_{name}(i + 3u)); }}"
+    );
+    if writable {
+        s += &format!(
+            " fn st4_{name}(i: u32, v: vec4<f32>, n: u32) {{ \
+             if (i + 3u < n) {{ if (PAIR_STORES) {{ st2_{name}(i, v.x, v.y); st2_{name}(i + 2u, v.z, v.w); }} \
+             else {{ st_{name}(i, v.x); st_{name}(i + 1u, v.y); st_{name}(i + 2u, v.z); st_{name}(i + 3u, v.w); }} }} \
+             else {{ for (var j = 0u; j < 4u; j++) {{ if (i + j < n) {{ st_{name}(i + j, v[j]); }} }} }} }}"
+        );
+    }
     if !comment.is_empty() {
         s += &format!(" // {}", comment.join(" "));
     }
