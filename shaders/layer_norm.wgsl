@@ -9,15 +9,16 @@
 //   ln_residual_dropout_forward  h = residual + x·m, written out; y = LN(h)   (pre-norm block)
 //   m = drop_scale if kept else 0 (train), drop_scale with every element kept (eval).
 //
-// Geometry: a row gets `lanes` invocations, the smallest power of two in 8..256 with
-// lanes·16 >= width (256 past that); a workgroup of 256 runs 256/lanes rows side by side, each
-// reduced within its own lane segment, so narrow rows do not pay a whole workgroup each
-// (on CPU drivers a workgroup costs ~20 µs whatever its width). Workgroups fold into y.
-//   width <= 4096: the row is read once into registers (up to 16 per lane, strided by `lanes`
-//                  so loads coalesce). Each lane forms its exact local (count, mean, M2) by two
-//                  passes over its registers; the segment Chan-merges them. Traffic: read x
-//                  once, write y once.
-//   width  > 4096: Welford per lane over a strided slice, Chan merge, then a second read to
+// Geometry: a row gets `lanes` invocations, a power of two in 1..=256 the host picks
+// (`default_lanes`): on GPUs the smallest in 8..=256 with lanes·16 >= width (256 past that); on
+// CPU adapters as few as still keep every thread busy, down to a row per invocation. A
+// workgroup of 256 runs 256/lanes rows side by side, each reduced within its own lane segment,
+// so narrow rows do not pay a whole workgroup each. Workgroups fold into y.
+//   width <= 16·lanes: the row is read once into registers (up to 16 per lane, strided by
+//                  `lanes` so loads coalesce). Each lane forms its exact local (count, mean, M2)
+//                  by two passes over its registers; the segment Chan-merges them. Traffic:
+//                  read x once, write y once.
+//   wider rows:    Welford per lane over a strided slice, Chan merge, then a second read to
 //                  normalize (the residual variant re-reads the h it wrote).
 // Chunking: a tensor larger than one storage binding is processed in row ranges; the
 // activations are bound at the range's offset (indices here are local to it), mean and rstd are
@@ -33,7 +34,6 @@
 
 const WG: u32 = 256u;
 const REGS: u32 = 16u;
-const ONCHIP_MAX: u32 = 4096u;   // WG · REGS
 
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
@@ -47,7 +47,7 @@ struct Params {
     drop_threshold: u32,
     drop_flags: u32,
     drop_scale: f32,
-    lanes: u32,      // invocations per row: a power of two in 8..=256
+    lanes: u32,      // invocations per row: a power of two in 1..=256
     row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
     _pad0: u32,
     _pad1: u32,
@@ -73,10 +73,11 @@ struct Slot {
     live: bool,
 }
 
+// `lanes` is a power of two: shifts and masks, not divisions (a CPU driver divides lane by lane).
 fn slot_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
-    let rows_per_wg = WG / p.lanes;
-    let row = (wid.x + wid.y * nwg.x) * rows_per_wg + lid / p.lanes;
-    return Slot(row, lid % p.lanes, row < p.rows);
+    let shift = countTrailingZeros(p.lanes);
+    let row = (wid.x + wid.y * nwg.x) * (WG >> shift) + (lid >> shift);
+    return Slot(row, lid & (p.lanes - 1u), row < p.rows);
 }
 
 // γ and β of column j applied to a normalized value.
@@ -100,19 +101,31 @@ fn drop_factor(e_local: u32) -> f32 {
     return select(0.0, p.drop_scale, dropout_keep(words[e % 4u], p.drop_threshold, p.drop_flags));
 }
 
-// Chan-merges the triples of one row's lane segment; every lane gets the row's total.
+// Chan-merges the triples of one row's lane segment; every lane gets the row's total, in the
+// same merge order. Two barriers whatever the segment's width: the segment's first lane of
+// every group of SEG_FOLD folds its group, then every lane folds the group partials itself.
+// (A tree would take log2(lanes) + 2 barriers; on CPU drivers each barrier switches between all
+// of the workgroup's fibers, which cost more than the arithmetic.) Called once per dispatch:
+// a second call would need a barrier first, so no lane overwrites a partial still being read.
+const SEG_FOLD: u32 = 16u;
+
 fn segment_merge(lid: u32, lane: u32, mine: Stat) -> Stat {
     shared_stat[lid] = mine;
     workgroupBarrier();
-    for (var stride = p.lanes / 2u; stride > 0u; stride = stride / 2u) {
-        if (lane < stride) {
-            shared_stat[lid] = chan_merge(shared_stat[lid], shared_stat[lid + stride]);
+    let fold = min(p.lanes, SEG_FOLD);
+    if ((lane & (fold - 1u)) == 0u) {
+        var acc = mine;
+        for (var k = 1u; k < fold; k++) {
+            acc = chan_merge(acc, shared_stat[lid + k]);
         }
-        workgroupBarrier();
+        shared_stat[lid] = acc;
     }
-    let total = shared_stat[lid - lane];
-    // Keep a later call from overwriting the segment's first entry before everyone read it.
     workgroupBarrier();
+    let first = lid - lane;
+    var total = shared_stat[first];
+    for (var g = fold; g < p.lanes; g += fold) {
+        total = chan_merge(total, shared_stat[first + g]);
+    }
     return total;
 }
 
@@ -167,7 +180,7 @@ fn ln_forward(
     let at = slot_of(wid, nwg, lid);
     let base = at.row * p.width;
     let shift = first_of(at, base);
-    if (p.width <= ONCHIP_MAX) {
+    if (p.width <= p.lanes * REGS) {
         // Load the row once, reduce from registers, normalize from registers.
         var v: array<f32, REGS>;
         for (var k = 0u; k < REGS; k++) {
@@ -205,7 +218,7 @@ fn ln_dropout_forward(
     let at = slot_of(wid, nwg, lid);
     let base = at.row * p.width;
     let shift = first_of(at, base);
-    if (p.width <= ONCHIP_MAX) {
+    if (p.width <= p.lanes * REGS) {
         var v: array<f32, REGS>;
         for (var k = 0u; k < REGS; k++) {
             let j = at.lane + k * p.lanes;
@@ -245,7 +258,7 @@ fn ln_residual_dropout_forward(
     if (at.live) {
         shift = ld_residual(base);
     }
-    if (p.width <= ONCHIP_MAX) {
+    if (p.width <= p.lanes * REGS) {
         // h = residual + dropout(x) out to memory and, shifted, into registers; then LN(h).
         var v: array<f32, REGS>;
         for (var k = 0u; k < REGS; k++) {

@@ -4,7 +4,7 @@
 //   dγ_j = Σ_rows dy·x̂     dβ_j = Σ_rows dy
 //
 // Fusions (the forward's dropout, backward applied inside these passes, mask regenerated):
-//   LayerNorm → dropout (FLAG_DROPOUT): dy ← dy·m on load.
+//   LayerNorm → dropout (lnb_dx_dropout, lnb_params_partial_dropout): dy ← dy·m on load.
 //   residual block (lnb_residual_dx): forward h = residual + x·m, y = LN(h). Given dy (for y)
 //     and optionally dh_in (gradient reaching h from elsewhere, e.g. the next residual add):
 //     dh = LN_backward(dy) + dh_in, dresidual = dh, dx = dh·m.
@@ -20,7 +20,8 @@
 //
 // Entry points, in order:
 //   lnb_dx / lnb_residual_dx  `lanes` invocations per row, 256/lanes rows per workgroup (as in
-//                             the forward); width <= 4096 from registers, wider rows re-read;
+//                             the forward); rows of at most 16·lanes from registers, wider
+//                             rows re-read;
 //                             writes dx and the row's (K, mean − K).
 //   lnb_params_partial        one invocation per (column, block of 64 rows): partial dγ, dβ.
 //   lnb_params_final          one invocation per column: sums the partials (no float atomics).
@@ -29,14 +30,12 @@
 
 const WG: u32 = 256u;
 const REGS: u32 = 16u;
-const ONCHIP_MAX: u32 = 4096u;
 const ROWS_PER_BLOCK: u32 = 64u;
 
 const FLAG_WEIGHT: u32 = 1u;
 const FLAG_BIAS: u32 = 2u;
 const FLAG_ACCUM_DX: u32 = 4u;       // dx (and dresidual) +=
 const FLAG_ACCUM_PARAMS: u32 = 8u;   // dγ, dβ +=
-const FLAG_DROPOUT: u32 = 16u;       // LayerNorm → dropout: dy ← dy·m
 const FLAG_DH_IN: u32 = 32u;         // residual block: add dh_in to dh
 
 // Mirrors `LnBackwardParams` in src/kernels/layer_norm_backward.rs.
@@ -49,7 +48,7 @@ struct Params {
     drop_flags: u32,
     drop_scale: f32,
     col_tiles: u32,
-    lanes: u32,      // invocations per row in the dx passes (power of two, 8..=256)
+    lanes: u32,      // invocations per row in the dx passes (power of two, 1..=256)
     row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
     block_base: u32, // global index of this dispatch's first block of 64 rows
     total_blocks: u32, // row blocks of the whole call (lnb_params_final)
@@ -88,8 +87,10 @@ fn mask_factor(e_local: u32) -> f32 {
 }
 
 // dy of element e as LayerNorm's output gradient (times the mask for LayerNorm → dropout).
-fn upstream(e: u32) -> f32 {
-    if (has(FLAG_DROPOUT)) {
+// `drop` is a literal at every call, so each entry point holds only its own path: a CPU driver
+// runs both sides of a branch under a lane mask, and the Philox call would cost every element.
+fn upstream(e: u32, drop: bool) -> f32 {
+    if (drop) {
         return ld_dy(e) * mask_factor(e);
     }
     return ld_dy(e);
@@ -102,23 +103,36 @@ struct Slot {
     live: bool,
 }
 
+// `lanes` is a power of two: shifts and masks, not divisions (a CPU driver divides lane by lane).
 fn slot_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
-    let row = (wid.x + wid.y * nwg.x) * (WG / p.lanes) + lid / p.lanes;
-    return Slot(row, lid % p.lanes, row < p.rows);
+    let shift = countTrailingZeros(p.lanes);
+    let row = (wid.x + wid.y * nwg.x) * (WG >> shift) + (lid >> shift);
+    return Slot(row, lid & (p.lanes - 1u), row < p.rows);
 }
 
-// Sums one row's lane segment; every lane gets the total.
+// Sums one row's lane segment; every lane gets the total, added in the same order. Two
+// barriers whatever the segment's width (as segment_merge in layer_norm.wgsl): the first lane of
+// every group of SEG_FOLD sums its group, then every lane sums the group partials itself.
+// Called once per dispatch (a second call would need a barrier first).
+const SEG_FOLD: u32 = 16u;
+
 fn segment_sum3(lid: u32, lane: u32, mine: vec3<f32>) -> vec3<f32> {
     shared_sums[lid] = mine;
     workgroupBarrier();
-    for (var stride = p.lanes / 2u; stride > 0u; stride = stride / 2u) {
-        if (lane < stride) {
-            shared_sums[lid] = shared_sums[lid] + shared_sums[lid + stride];
+    let fold = min(p.lanes, SEG_FOLD);
+    if ((lane & (fold - 1u)) == 0u) {
+        var acc = mine;
+        for (var k = 1u; k < fold; k++) {
+            acc += shared_sums[lid + k];
         }
-        workgroupBarrier();
+        shared_sums[lid] = acc;
     }
-    let total = shared_sums[lid - lane];
     workgroupBarrier();
+    let first = lid - lane;
+    var total = shared_sums[first];
+    for (var g = fold; g < p.lanes; g += fold) {
+        total += shared_sums[first + g];
+    }
     return total;
 }
 
@@ -142,7 +156,11 @@ fn dh_of(xs: f32, g: f32, r: f32, cf: vec3<f32>) -> f32 {
 }
 
 fn emit(out_index: u32, v: f32) {
-    st_dx(out_index, select(0.0, ld_dx(out_index), has(FLAG_ACCUM_DX)) + v);
+    var out = v;
+    if (has(FLAG_ACCUM_DX)) {
+        out += ld_dx(out_index);
+    }
+    st_dx(out_index, out);
 }
 
 // The row's K (its first input value) and rstd, or zeros for a spare segment.
@@ -159,12 +177,25 @@ fn lnb_dx(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let at = slot_of(wid, nwg, lid);
+    dx_rows(slot_of(wid, nwg, lid), lid, false);
+}
+
+// LayerNorm → dropout: dy ← dy·m.
+@compute @workgroup_size(256)
+fn lnb_dx_dropout(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    dx_rows(slot_of(wid, nwg, lid), lid, true);
+}
+
+fn dx_rows(at: Slot, lid: u32, drop: bool) {
     let base = at.row * p.width;
     let start = row_start(at, base);
     let shift = start.x;
     let r = start.y;
-    if (p.width <= ONCHIP_MAX) {
+    if (p.width <= p.lanes * REGS) {
         // Read x and dy once into registers.
         var xs: array<f32, REGS>;
         var gs: array<f32, REGS>;
@@ -173,7 +204,7 @@ fn lnb_dx(
             let j = at.lane + k * p.lanes;
             if (at.live && j < p.width) {
                 xs[k] = ld_x(base + j) - shift;
-                gs[k] = upstream(base + j) * gamma(j);
+                gs[k] = upstream(base + j, drop) * gamma(j);
                 sums += vec3<f32>(xs[k], gs[k], gs[k] * xs[k]);
             }
         }
@@ -188,12 +219,12 @@ fn lnb_dx(
         var sums = vec3<f32>(0.0);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
             let xs = ld_x(base + j) - shift;
-            let g = upstream(base + j) * gamma(j);
+            let g = upstream(base + j, drop) * gamma(j);
             sums += vec3<f32>(xs, g, g * xs);
         }
         let cf = row_coefficients(lid, at, shift, r, sums);
         for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            emit(base + j, dh_of(ld_x(base + j) - shift, upstream(base + j) * gamma(j), r, cf));
+            emit(base + j, dh_of(ld_x(base + j) - shift, upstream(base + j, drop) * gamma(j), r, cf));
         }
     }
 }
@@ -205,9 +236,14 @@ fn residual_emit(e: u32, dh_ln: f32) {
     if (has(FLAG_DH_IN)) {
         dh += ld_dh_in(e);
     }
-    let accumulate = has(FLAG_ACCUM_DX);
-    st_dresidual(e, select(0.0, ld_dresidual(e), accumulate) + dh);
-    st_dx(e, select(0.0, ld_dx(e), accumulate) + dh * mask_factor(e));
+    var dres = dh;
+    var dx = dh * mask_factor(e);
+    if (has(FLAG_ACCUM_DX)) {
+        dres += ld_dresidual(e);
+        dx += ld_dx(e);
+    }
+    st_dresidual(e, dres);
+    st_dx(e, dx);
 }
 
 @compute @workgroup_size(256)
@@ -221,7 +257,7 @@ fn lnb_residual_dx(
     let start = row_start(at, base);
     let shift = start.x;
     let r = start.y;
-    if (p.width <= ONCHIP_MAX) {
+    if (p.width <= p.lanes * REGS) {
         var xs: array<f32, REGS>;
         var gs: array<f32, REGS>;
         var sums = vec3<f32>(0.0);
@@ -260,7 +296,20 @@ fn lnb_params_partial(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let w = wid.x + wid.y * nwg.x;
+    params_partial(wid.x + wid.y * nwg.x, lid, false);
+}
+
+// LayerNorm → dropout: dy ← dy·m.
+@compute @workgroup_size(256)
+fn lnb_params_partial_dropout(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    params_partial(wid.x + wid.y * nwg.x, lid, true);
+}
+
+fn params_partial(w: u32, lid: u32, drop: bool) {
     let tile = w % p.col_tiles;
     let block = w / p.col_tiles;
     let j = tile * WG + lid;
@@ -274,7 +323,7 @@ fn lnb_params_partial(
         let e = row * p.width + j;
         let rc = row_centre[p.row_base + row];
         let xhat = ((ld_x(e) - rc.x) - rc.y) * rstd[p.row_base + row];
-        let g = upstream(e);
+        let g = upstream(e, drop);
         acc += vec2<f32>(g * xhat, g);
     }
     partials[(p.block_base + block) * p.width + j] = acc;

@@ -46,7 +46,10 @@ pub use kernels::batch_norm_backward::{
     Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan,
 };
 pub use kernels::dropout::{DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit};
-pub use kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
+pub use kernels::layer_norm::{
+    default_lanes, LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan,
+    LayerNormPlanOptions,
+};
 pub use kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
 pub use kernels::sgd::{SgdKernel, SgdPlan};
 pub use kernels::Storage;

@@ -5,10 +5,10 @@ mod common;
 use common::{assert_close, Rng};
 use normdrop::fixture::{self, Fixture, Verdict};
 use normdrop::kernels::layer_norm::ONCHIP_MAX_WIDTH;
-use normdrop::reference::layer_norm_forward;
+use normdrop::reference::{layer_norm_backward, layer_norm_forward, widen};
 use normdrop::{
-    Context, DType, DropoutConfig, Error, LayerNorm, LayerNormBuffers, LayerNormConfig, LayerNormFusion,
-    LayerNormKernel, Tensor,
+    Accumulate, Context, DType, DropoutConfig, Error, LayerNorm, LayerNormBackwardBuffers, LayerNormBackwardKernel,
+    LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlanOptions, Tensor,
 };
 use proptest::prelude::*;
 
@@ -123,6 +123,118 @@ fn many_rows_fold_the_dispatch() {
     let ctx = gpu!();
     // 70000 rows > 65535 workgroups per dimension.
     check_against_reference(&ctx, &[70_000, 3], &LayerNormConfig::new(&[3]), 0.0, 5);
+}
+
+/// Every geometry a plan can take (1 to 256 invocations per row; the register path up to
+/// 16·lanes wide, the two-read path beyond) gives the reference's forward and backward. The
+/// device's own policy picks only some of them (a CPU driver takes few lanes, a GPU 8..=256), so
+/// this runs the GPU's geometry on a CPU driver and the reverse.
+#[test]
+fn every_lanes_choice_matches_the_reference() {
+    let ctx = gpu!();
+    let device = ctx.device();
+    let (forward, backward) = (
+        ctx.kernel::<LayerNormKernel>().unwrap(),
+        ctx.kernel::<LayerNormBackwardKernel>().unwrap(),
+    );
+    let mut rng = Rng::new(14);
+    for (rows, width) in [
+        (37usize, 1usize),
+        (37, 7),
+        (37, 16),
+        (37, 17),
+        (9, 300),
+        (9, 768),
+        (3, 4100),
+    ] {
+        let shape = [rows, width];
+        let config = LayerNormConfig::new(&[width]);
+        let x = rng.normal_vec(rows * width, 3.0, 2.0);
+        let dy = rng.normal_vec(rows * width, 0.0, 1.0);
+        let weight = rng.normal_vec(width, 1.0, 0.5);
+        let bias = rng.normal_vec(width, 0.0, 0.5);
+        let (xf, dyf): (Vec<f64>, Vec<f64>) = (widen(&x), widen(&dy));
+        let r = layer_norm_forward(&xf, &shape, &config, Some(&weight), Some(&bias)).unwrap();
+        let rb = layer_norm_backward(&xf, &dyf, &shape, &config, Some(&widen(&weight)), &r.mean, &r.rstd).unwrap();
+        let up = |v: &[f32], s: &[usize]| Tensor::from_slice(&ctx, v, s).unwrap();
+        let (xt, dyt, wt, bt) = (
+            up(&x, &shape),
+            up(&dy, &shape),
+            up(&weight, &[width]),
+            up(&bias, &[width]),
+        );
+        for lanes in (0..=8).map(|k| 1u32 << k) {
+            let options = LayerNormPlanOptions { lanes: Some(lanes) };
+            let what = format!("{rows}x{width}, lanes {lanes}");
+            let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
+            let (y, mean, rstd) = (zeros(&shape), zeros(&[rows]), zeros(&[rows]));
+            let (dx, dw, db) = (zeros(&shape), zeros(&[width]), zeros(&[width]));
+            let fplan = forward
+                .plan_with(device, &shape, &config, LayerNormFusion::None, &options)
+                .unwrap();
+            let bplan = backward
+                .plan_with(device, &shape, &config, LayerNormFusion::None, true, &options)
+                .unwrap();
+            let mut encoder = device.create_command_encoder(&Default::default());
+            fplan
+                .encode(
+                    device,
+                    &mut encoder,
+                    true,
+                    &LayerNormBuffers {
+                        x: xt.slice(),
+                        y: y.slice(),
+                        weight: Some(wt.slice()),
+                        bias: Some(bt.slice()),
+                        mean: mean.slice(),
+                        rstd: rstd.slice(),
+                        rng: None,
+                        residual: None,
+                        h: None,
+                    },
+                )
+                .unwrap();
+            bplan
+                .encode(
+                    device,
+                    &mut encoder,
+                    Accumulate::default(),
+                    &LayerNormBackwardBuffers {
+                        x: xt.slice(),
+                        dy: dyt.slice(),
+                        dx: dx.slice(),
+                        weight: Some(wt.slice()),
+                        rstd: rstd.slice(),
+                        dweight: Some(dw.slice()),
+                        dbias: Some(db.slice()),
+                        rng: None,
+                        dh_in: None,
+                        dresidual: None,
+                    },
+                )
+                .unwrap();
+            ctx.queue().submit([encoder.finish()]);
+            assert_close(&format!("{what} y"), &read(&ctx, &y), &r.y, RTOL, ATOL);
+            assert_close(&format!("{what} mean"), &read(&ctx, &mean), &r.mean, RTOL, ATOL);
+            assert_close(&format!("{what} rstd"), &read(&ctx, &rstd), &r.rstd, RTOL, ATOL);
+            assert_close(&format!("{what} dx"), &read(&ctx, &dx), &rb.dx, RTOL, ATOL);
+            assert_close(&format!("{what} dγ"), &read(&ctx, &dw), &rb.dweight, RTOL, 1e-4);
+            assert_close(&format!("{what} dβ"), &read(&ctx, &db), &rb.dbias, RTOL, 1e-4);
+        }
+    }
+    // Not a power of two, or past 256: refused by both plans before anything is built.
+    for lanes in [0u32, 3, 12, 512] {
+        let options = LayerNormPlanOptions { lanes: Some(lanes) };
+        let config = LayerNormConfig::new(&[8]);
+        let e = forward
+            .plan_with(device, &[2, 8], &config, LayerNormFusion::None, &options)
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{lanes}: {e}");
+        let e = backward
+            .plan_with(device, &[2, 8], &config, LayerNormFusion::None, true, &options)
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{lanes}: {e}");
+    }
 }
 
 #[test]

@@ -15,7 +15,8 @@ const OP: &str = "layer_norm";
 /// Entry points in `shaders/layer_norm.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"];
 
-/// Widest row kept in registers (one read of the input); wider rows take a second read.
+/// Widest row kept in registers (one read of the input) at the largest `lanes` (256, 16 values
+/// each); wider rows always take a second read. With fewer lanes the limit is `16·lanes`.
 pub const ONCHIP_MAX_WIDTH: usize = 4096;
 
 /// Storage buffers the residual variant binds in one dispatch.
@@ -148,11 +149,63 @@ struct LnParams {
 }
 const _: () = assert!(std::mem::size_of::<LnParams>() == 48);
 
-/// Invocations per row in the forward: the smallest power of two in 8..=256 whose 16
-/// registers each hold the row (256 for rows too wide for registers). A workgroup of 256 runs
-/// `256 / lanes` rows.
-pub(crate) fn lanes_for(width: u64) -> u32 {
+/// Invocations per row on a GPU: the smallest power of two in 8..=256 whose 16 registers each
+/// hold the row (256 for rows too wide for registers). A workgroup of 256 runs `256 / lanes`
+/// rows.
+pub(crate) fn gpu_lanes(width: u64) -> u32 {
     (width.div_ceil(16).next_power_of_two().clamp(8, 256)) as u32
+}
+
+/// Invocations per row (a power of two in 1..=256) that the LayerNorm passes (forward, and the
+/// backward's dx pass) give a `rows × width` input on an adapter of `device_type` whose host
+/// runs `threads` threads (used for CPU adapters only).
+///
+/// - GPUs: the smallest power of two in 8..=256 with `16·lanes >= width` (256 past 4096), so a
+///   row up to 4096 wide is read once into registers and wide rows spread over a workgroup.
+/// - CPU adapters (lavapipe, llvmpipe, WARP): as few as still give every thread two
+///   workgroups, down to one invocation per row. A CPU driver runs a SIMD group of 8
+///   invocations as one, so a lane's fixed cost (its share of the row merge, the barriers, the
+///   per-lane address arithmetic) is paid per invocation, not per element; a row per
+///   invocation pays it once. `ln_fwd` 1024x768 on lavapipe: 2.5x less time with 1 lane per row
+///   than with the GPU's 64 (BENCHMARKS.md, optimisation 14).
+pub fn default_lanes(device_type: wgpu::DeviceType, rows: u64, width: u64, threads: usize) -> u32 {
+    let gpu = gpu_lanes(width);
+    if device_type != wgpu::DeviceType::Cpu {
+        return gpu;
+    }
+    let wanted = 2 * threads.max(1) as u64;
+    let mut lanes = 1;
+    while lanes < gpu && rows.div_ceil(u64::from(256 / lanes)) < wanted {
+        lanes *= 2;
+    }
+    lanes
+}
+
+/// Geometry overrides for a LayerNorm plan, forward ([`LayerNormKernel::plan_with`]) or
+/// backward ([`crate::LayerNormBackwardKernel::plan_with`]). `Default` leaves every choice to
+/// the device's policy; results agree within rounding whatever is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerNormPlanOptions {
+    /// Invocations per row: a power of two in 1..=256. `None`: [`default_lanes`] for the
+    /// device's adapter type and the host's available parallelism.
+    pub lanes: Option<u32>,
+}
+
+impl LayerNormPlanOptions {
+    /// The lanes a plan for `rows × width` on `device` uses, after checking an override.
+    pub(crate) fn lanes(&self, op: &'static str, device: &wgpu::Device, rows: u64, width: u64) -> Result<u32> {
+        match self.lanes {
+            Some(lanes) if lanes.is_power_of_two() && lanes <= 256 => Ok(lanes),
+            Some(lanes) => Err(Error::invalid(
+                op,
+                format!("lanes must be a power of two in 1..=256, got {lanes}"),
+            )),
+            None => {
+                let threads = std::thread::available_parallelism().map_or(1, usize::from);
+                Ok(default_lanes(device.adapter_info().device_type, rows, width, threads))
+            }
+        }
+    }
 }
 
 /// Compiled LayerNorm pipelines for one device and activation storage.
@@ -196,7 +249,8 @@ impl LayerNormKernel {
         self.storage
     }
 
-    /// A plan for inputs of `shape` (trailing dims = `config.normalized_shape`).
+    /// A plan for inputs of `shape` (trailing dims = `config.normalized_shape`), with the
+    /// device's default geometry.
     pub fn plan(
         &self,
         device: &wgpu::Device,
@@ -204,8 +258,21 @@ impl LayerNormKernel {
         config: &LayerNormConfig,
         fusion: LayerNormFusion,
     ) -> Result<LayerNormPlan> {
+        self.plan_with(device, shape, config, fusion, &LayerNormPlanOptions::default())
+    }
+
+    /// [`Self::plan`] with geometry overrides (see [`LayerNormPlanOptions`]).
+    pub fn plan_with(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &LayerNormConfig,
+        fusion: LayerNormFusion,
+        options: &LayerNormPlanOptions,
+    ) -> Result<LayerNormPlan> {
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
+        let lanes = options.lanes(OP, device, rows, width)?;
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
         let chunks = chunk_ranges(OP, "one row in bytes", rows, row_bytes, &limits, 1)?;
@@ -230,7 +297,6 @@ impl LayerNormKernel {
         if config.has_bias() {
             flags |= FLAG_BIAS;
         }
-        let lanes = lanes_for(width);
         let rows_per_workgroup = u64::from(256 / lanes);
         let uniform = |chunk: &Chunk, training: bool| -> Result<wgpu::Buffer> {
             let d = match dropout {
@@ -455,5 +521,27 @@ impl LayerNormPlan {
         }
         record(encoder, "layer_norm forward", &dispatches);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_lanes_fill_registers_on_gpus_and_threads_on_cpus() {
+        let gpu = |rows, width| default_lanes(wgpu::DeviceType::DiscreteGpu, rows, width, 2);
+        assert_eq!(gpu(1, 1), 8);
+        assert_eq!(gpu(8192, 768), 64); // 16·64 >= 768
+        assert_eq!(gpu(4096, 4096), 256);
+        assert_eq!(gpu(2, 100_000), 256);
+        assert_eq!(default_lanes(wgpu::DeviceType::IntegratedGpu, 1 << 20, 1024, 64), 64);
+        let cpu = |rows, width, threads| default_lanes(wgpu::DeviceType::Cpu, rows, width, threads);
+        assert_eq!(cpu(1024, 768, 2), 1); // 4 workgroups of 256 rows: two per thread
+        assert_eq!(cpu(1024, 768, 16), 8); // 32 workgroups of 32 rows
+        assert_eq!(cpu(128, 4096, 2), 8); // 4 workgroups of 32 rows
+        assert_eq!(cpu(3, 100_000, 2), 256); // never more than the GPU's choice
+        assert_eq!(cpu(3, 8, 2), 8);
+        assert_eq!(cpu(1 << 20, 8, 64), 1);
     }
 }

@@ -4,15 +4,15 @@
 //!
 //! | dispatch                        | workgroups                 | writes                      |
 //! |---------------------------------|----------------------------|-----------------------------|
-//! | `lnb_dx` / `lnb_residual_dx`    | rows                       | dx (+ dresidual), row centre|
-//! | `lnb_params_partial`            | ⌈W/256⌉ · ⌈rows/64⌉        | per-block partial dγ, dβ    |
+//! | `lnb_dx[_dropout]` / `lnb_residual_dx` | rows · lanes / 256  | dx (+ dresidual), row centre|
+//! | `lnb_params_partial[_dropout]`  | ⌈W/256⌉ · ⌈rows/64⌉        | per-block partial dγ, dβ    |
 //! | `lnb_params_final`              | ⌈W/256⌉                    | dγ, dβ                      |
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
-use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion};
+use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion, LayerNormPlanOptions};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
     placeholder, record, uniform_buffer, BindLimits, Chunk, Storage,
@@ -24,13 +24,19 @@ const ROWS_PER_BLOCK: u64 = 64;
 const RESIDUAL_STORAGE_BINDINGS: u32 = 9;
 
 /// Entry points in `shaders/layer_norm_backward.wgsl` that get a pipeline.
-pub(crate) const ENTRY_POINTS: &[&str] = &["lnb_dx", "lnb_residual_dx", "lnb_params_partial", "lnb_params_final"];
+pub(crate) const ENTRY_POINTS: &[&str] = &[
+    "lnb_dx",
+    "lnb_dx_dropout",
+    "lnb_residual_dx",
+    "lnb_params_partial",
+    "lnb_params_partial_dropout",
+    "lnb_params_final",
+];
 
 const FLAG_WEIGHT: u32 = 1;
 const FLAG_BIAS: u32 = 2;
 const FLAG_ACCUM_DX: u32 = 4;
 const FLAG_ACCUM_PARAMS: u32 = 8;
-const FLAG_DROPOUT: u32 = 16;
 const FLAG_DH_IN: u32 = 32;
 
 /// Mirrors `struct Params` in `shaders/layer_norm_backward.wgsl`.
@@ -56,9 +62,11 @@ const _: () = assert!(std::mem::size_of::<LnBackwardParams>() == 48);
 #[derive(Clone, Debug)]
 pub struct LayerNormBackwardKernel {
     storage: Storage,
-    dx: wgpu::ComputePipeline,
+    /// `lnb_dx`, `lnb_dx_dropout` (LayerNorm → dropout), by "with dropout".
+    dx: [wgpu::ComputePipeline; 2],
     residual_dx: wgpu::ComputePipeline,
-    params_partial: wgpu::ComputePipeline,
+    /// `lnb_params_partial`, `lnb_params_partial_dropout`, by "with dropout".
+    params_partial: [wgpu::ComputePipeline; 2],
     params_final: wgpu::ComputePipeline,
     /// Stand-ins: γ, dγ, dβ, rng, dh_in.
     placeholders: [wgpu::Buffer; 5],
@@ -69,9 +77,10 @@ impl Kernel for LayerNormBackwardKernel {
         let module = crate::kernels::shader_module(device, "layer_norm_backward.wgsl", storage);
         Self {
             storage,
-            dx: compute_pipeline(device, &module, "lnb_dx"),
+            dx: ["lnb_dx", "lnb_dx_dropout"].map(|e| compute_pipeline(device, &module, e)),
             residual_dx: compute_pipeline(device, &module, "lnb_residual_dx"),
-            params_partial: compute_pipeline(device, &module, "lnb_params_partial"),
+            params_partial: ["lnb_params_partial", "lnb_params_partial_dropout"]
+                .map(|e| compute_pipeline(device, &module, e)),
             params_final: compute_pipeline(device, &module, "lnb_params_final"),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
         }
@@ -105,8 +114,29 @@ impl LayerNormBackwardKernel {
         fusion: LayerNormFusion,
         dropout_training: bool,
     ) -> Result<LayerNormBackwardPlan> {
+        self.plan_with(
+            device,
+            shape,
+            config,
+            fusion,
+            dropout_training,
+            &LayerNormPlanOptions::default(),
+        )
+    }
+
+    /// [`Self::plan`] with geometry overrides for the dx pass (see [`LayerNormPlanOptions`]).
+    pub fn plan_with(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &LayerNormConfig,
+        fusion: LayerNormFusion,
+        dropout_training: bool,
+        options: &LayerNormPlanOptions,
+    ) -> Result<LayerNormBackwardPlan> {
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
+        let lanes = options.lanes(OP, device, rows, width)?;
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
         // Chunks hold whole 64-row blocks, so the dγ/dβ partial pass chunks with them.
@@ -122,22 +152,18 @@ impl LayerNormBackwardKernel {
             });
         }
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
-        let lanes = crate::kernels::layer_norm::lanes_for(width);
         let col_tiles = width.div_ceil(WORKGROUP);
         let partial_bytes = row_blocks * width * 8;
         limits.check_size(OP, "dγ/dβ partials in bytes", partial_bytes)?;
-        let (d, mut base_flags) = match fusion {
-            LayerNormFusion::None => (
-                DropParams {
-                    threshold: 0,
-                    flags: 0,
-                    scale: 1.0,
-                },
-                0,
-            ),
-            LayerNormFusion::Dropout(d) => (d.params(dropout_training)?, FLAG_DROPOUT),
-            LayerNormFusion::ResidualDropout(d) => (d.params(dropout_training)?, 0),
+        let d = match fusion {
+            LayerNormFusion::None => DropParams {
+                threshold: 0,
+                flags: 0,
+                scale: 1.0,
+            },
+            LayerNormFusion::Dropout(d) | LayerNormFusion::ResidualDropout(d) => d.params(dropout_training)?,
         };
+        let mut base_flags = 0;
         if config.has_weight() {
             base_flags |= FLAG_WEIGHT;
         }
@@ -364,17 +390,25 @@ impl LayerNormBackwardPlan {
         let has_dh = residual && b.dh_in.is_some();
         let variant = usize::from(accumulate.dx) | usize::from(accumulate.params) << 1 | usize::from(has_dh) << 2;
         let rstd = binding(&b.rstd, r_bytes);
+        // LayerNorm → dropout applies the mask to dy in both the dx and the partial pass (the
+        // `_dropout` entry points); the residual block applies it to dh in its dx pass. Every
+        // entry point's layout holds the generator state (the paths share helpers), so it is
+        // always bound: the placeholder without dropout.
+        let drop_dy = matches!(self.fusion, LayerNormFusion::Dropout(_));
         let rng = binding_or(self.fusion != LayerNormFusion::None, &b.rng, &ph[3], RNG_STATE_BYTES);
         let (centre, partials) = (self.row_centre.as_entire_binding(), self.partials.as_entire_binding());
-        let dx_pipeline = if residual { &k.residual_dx } else { &k.dx };
+        let dx_pipeline = if residual {
+            &k.residual_dx
+        } else {
+            &k.dx[usize::from(drop_dy)]
+        };
+        let partial_pipeline = &k.params_partial[usize::from(drop_dy)];
         let mut dx_passes = Vec::new();
         let mut partial_passes = Vec::new();
         for c in &self.chunks {
             let uniform = c.uniforms[variant].as_entire_binding();
             let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
-            // Both the dx and the partial pass reach the generator state (the mask is applied
-            // to dy or to dh under a flag), so it is always bound: the placeholder without dropout.
             let mut dx_entries = vec![
                 (0, uniform.clone()),
                 (1, x.clone()),
@@ -410,8 +444,8 @@ impl LayerNormBackwardPlan {
                 (10, rng.clone()),
             ];
             partial_passes.push((
-                &k.params_partial,
-                bind_group(device, "lnb_params_partial", &k.params_partial, &partial_entries),
+                partial_pipeline,
+                bind_group(device, "lnb_params_partial", partial_pipeline, &partial_entries),
                 c.partial_groups,
             ));
         }
