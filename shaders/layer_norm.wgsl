@@ -80,6 +80,43 @@ fn slot_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
     return Slot(row, lid & (p.lanes - 1u), row < p.rows);
 }
 
+// A row laid over the dropout mask's quads: global flat quad q holds elements 4q .. 4q + 3, one
+// Philox call. The row's elements are global indices e0 .. e0 + W − 1, in quads q0 ..
+// q0 + quads − 1; lane ℓ takes the row's quads ℓ, ℓ + lanes, … so every quad's mask is drawn
+// once, and the element at column j is read at local index base + j.
+struct Row {
+    base: u32,   // local flat index of the row's first element
+    e0: u32,     // its global flat index
+    q0: u32,     // global quad holding it
+    quads: u32,  // quads the row touches
+}
+
+fn row_of(at: Slot) -> Row {
+    let base = at.row * p.width;
+    let e0 = p.row_base * p.width + base;
+    let q0 = e0 >> 2u;
+    return Row(base, e0, q0, ((e0 + p.width + 3u) >> 2u) - q0);
+}
+
+// Column of element t of the row's quad k. Outside the row it wraps past the width, so
+// `column(..) < p.width` is the "in this row" test.
+fn column(r: Row, k: u32, t: u32) -> u32 {
+    return 4u * (r.q0 + k) + t - r.e0;
+}
+
+// Most quads any row touches: W/4 when rows start on quads (W a multiple of 4), else up to two
+// partial quads more. Rows fit in registers when this is at most REGS/4 per lane.
+fn max_quads() -> u32 {
+    if ((p.width & 3u) == 0u) {
+        return p.width >> 2u;
+    }
+    return ((p.width + 2u) >> 2u) + 1u;
+}
+
+fn in_registers() -> bool {
+    return max_quads() <= (REGS / 4u) * p.lanes;
+}
+
 // γ and β of column j applied to a normalized value.
 fn affine(j: u32, v: f32) -> f32 {
     var r = v;
@@ -92,13 +129,14 @@ fn affine(j: u32, v: f32) -> f32 {
     return r;
 }
 
-// Dropout multiplier of this dispatch's element e (flat index row_base·W + e): one Philox
-// call, word e % 4.
-fn drop_factor(e_local: u32) -> f32 {
-    let e = p.row_base * p.width + e_local;
-    let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let words = dropout_words(state, e / 4u);
-    return select(0.0, p.drop_scale, dropout_keep(words[e % 4u], p.drop_threshold, p.drop_flags));
+fn load_state() -> vec4<u32> {
+    return vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
+}
+
+// Dropout multipliers of the four elements of global quad q: one Philox call.
+fn drop4(state: vec4<u32>, q: u32) -> vec4<f32> {
+    let keep = dropout_keep4(dropout_words(state, q), p.drop_threshold, p.drop_flags);
+    return select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep);
 }
 
 // Chan-merges the triples of one row's lane segment; every lane gets the row's total, in the
@@ -129,23 +167,29 @@ fn segment_merge(lid: u32, lane: u32, mine: Stat) -> Stat {
     return total;
 }
 
-// The row's (mean − K, rstd) from shifted values v = h − K in registers: exact local two-pass
-// per lane, Chan merge across the row's lanes. Lane 0 saves mean and rstd.
-fn stats_from_registers(lid: u32, at: Slot, shift: f32, v: ptr<function, array<f32, REGS>>) -> vec2<f32> {
+// The row's (mean − K, rstd) from shifted values v = h − K in registers (slot 4i + t: element t
+// of the lane's i-th quad): exact local two-pass per lane, Chan merge across the row's lanes.
+fn stats_from_registers(lid: u32, at: Slot, r: Row, shift: f32, v: ptr<function, array<f32, REGS>>) -> vec2<f32> {
     var n = 0.0;
     var sum = 0.0;
-    for (var k = 0u; k < REGS; k++) {
-        if (at.live && at.lane + k * p.lanes < p.width) {
-            n += 1.0;
-            sum += (*v)[k];
+    for (var i = 0u; i < REGS / 4u; i++) {
+        for (var t = 0u; t < 4u; t++) {
+            let k = at.lane + i * p.lanes;
+            if (at.live && k < r.quads && column(r, k, t) < p.width) {
+                n += 1.0;
+                sum += (*v)[4u * i + t];
+            }
         }
     }
     let local_mean = select(0.0, sum / n, n > 0.0);
     var m2 = 0.0;
-    for (var k = 0u; k < REGS; k++) {
-        if (at.live && at.lane + k * p.lanes < p.width) {
-            let d = (*v)[k] - local_mean;
-            m2 += d * d;
+    for (var i = 0u; i < REGS / 4u; i++) {
+        for (var t = 0u; t < 4u; t++) {
+            let k = at.lane + i * p.lanes;
+            if (at.live && k < r.quads && column(r, k, t) < p.width) {
+                let d = (*v)[4u * i + t] - local_mean;
+                m2 += d * d;
+            }
         }
     }
     return finish_stats(lid, at, shift, Stat(n, local_mean, m2));
@@ -163,50 +207,13 @@ fn finish_stats(lid: u32, at: Slot, shift: f32, mine: Stat) -> vec2<f32> {
     return vec2<f32>(total.mean, rstd);
 }
 
-// The first input value of a row (K), or 0 for a spare segment.
-fn first_of(at: Slot, base: u32) -> f32 {
-    if (at.live) {
-        return ld_x(base);
-    }
-    return 0.0;
-}
-
 @compute @workgroup_size(256)
 fn ln_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let at = slot_of(wid, nwg, lid);
-    let base = at.row * p.width;
-    let shift = first_of(at, base);
-    if (p.width <= p.lanes * REGS) {
-        // Load the row once, reduce from registers, normalize from registers.
-        var v: array<f32, REGS>;
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                v[k] = ld_x(base + j) - shift;
-            }
-        }
-        let st = stats_from_registers(lid, at, shift, &v);
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                st_y(base + j, affine(j, (v[k] - st.x) * st.y));
-            }
-        }
-    } else {
-        // Wide row (one per workgroup): Welford pass, then a second read to normalize.
-        var acc = Stat(0.0, 0.0, 0.0);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            acc = welford_add(acc, ld_x(base + j) - shift);
-        }
-        let st = finish_stats(lid, at, shift, acc);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            st_y(base + j, affine(j, ((ld_x(base + j) - shift) - st.x) * st.y));
-        }
-    }
+    forward(slot_of(wid, nwg, lid), lid, false);
 }
 
 @compute @workgroup_size(256)
@@ -215,36 +222,77 @@ fn ln_dropout_forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let at = slot_of(wid, nwg, lid);
-    let base = at.row * p.width;
-    let shift = first_of(at, base);
-    if (p.width <= p.lanes * REGS) {
+    forward(slot_of(wid, nwg, lid), lid, true);
+}
+
+// y = LN(x), then y ← y·m when `drop` (a literal at both calls, so each entry point holds only
+// its own path: a CPU driver runs both sides of a branch under a lane mask).
+fn forward(at: Slot, lid: u32, drop: bool) {
+    let r = row_of(at);
+    // Statistics are taken around the row's first value K.
+    var shift = 0.0;
+    if (at.live) {
+        shift = ld_x(r.base);
+    }
+    var state = vec4<u32>(0u);
+    if (drop) {
+        state = load_state();
+    }
+    if (in_registers()) {
+        // Load the row once, reduce from registers, normalize from registers.
         var v: array<f32, REGS>;
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                v[k] = ld_x(base + j) - shift;
+        for (var i = 0u; i < REGS / 4u; i++) {
+            let k = at.lane + i * p.lanes;
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (at.live && k < r.quads && j < p.width) {
+                    v[4u * i + t] = ld_x(r.base + j) - shift;
+                }
             }
         }
-        let st = stats_from_registers(lid, at, shift, &v);
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                st_y(base + j, affine(j, (v[k] - st.x) * st.y) * drop_factor(base + j));
+        let st = stats_from_registers(lid, at, r, shift, &v);
+        for (var i = 0u; i < REGS / 4u; i++) {
+            let k = at.lane + i * p.lanes;
+            var m = vec4<f32>(1.0);
+            if (drop && at.live && k < r.quads) {
+                m = drop4(state, r.q0 + k);
+            }
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (at.live && k < r.quads && j < p.width) {
+                    st_y(r.base + j, affine(j, (v[4u * i + t] - st.x) * st.y) * m[t]);
+                }
             }
         }
     } else {
+        // Wide row: Welford pass, then a second read to normalize.
         var acc = Stat(0.0, 0.0, 0.0);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            acc = welford_add(acc, ld_x(base + j) - shift);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    acc = welford_add(acc, ld_x(r.base + j) - shift);
+                }
+            }
         }
         let st = finish_stats(lid, at, shift, acc);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            st_y(base + j, affine(j, ((ld_x(base + j) - shift) - st.x) * st.y) * drop_factor(base + j));
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            var m = vec4<f32>(1.0);
+            if (drop) {
+                m = drop4(state, r.q0 + k);
+            }
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    st_y(r.base + j, affine(j, ((ld_x(r.base + j) - shift) - st.x) * st.y) * m[t]);
+                }
+            }
         }
     }
 }
 
+// Pre-norm residual block: h = residual + x·m written out, y = LN(h). Statistics are taken
+// around the row's first residual value (h is not formed yet).
 @compute @workgroup_size(256)
 fn ln_residual_dropout_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -252,43 +300,64 @@ fn ln_residual_dropout_forward(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let at = slot_of(wid, nwg, lid);
-    let base = at.row * p.width;
-    // Statistics are taken around the row's first residual value (h is not formed yet).
+    let r = row_of(at);
     var shift = 0.0;
     if (at.live) {
-        shift = ld_residual(base);
+        shift = ld_residual(r.base);
     }
-    if (p.width <= p.lanes * REGS) {
-        // h = residual + dropout(x) out to memory and, shifted, into registers; then LN(h).
+    let state = load_state();
+    if (in_registers()) {
+        // h out to memory and, shifted, into registers; then LN(h).
         var v: array<f32, REGS>;
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                let e = base + j;
-                let hv = to_storage(ld_residual(e) + ld_x(e) * drop_factor(e));
-                st_h(e, hv);
-                v[k] = hv - shift;
+        for (var i = 0u; i < REGS / 4u; i++) {
+            let k = at.lane + i * p.lanes;
+            var m = vec4<f32>(0.0);
+            if (at.live && k < r.quads) {
+                m = drop4(state, r.q0 + k);
+            }
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (at.live && k < r.quads && j < p.width) {
+                    let e = r.base + j;
+                    let hv = to_storage(ld_residual(e) + ld_x(e) * m[t]);
+                    st_h(e, hv);
+                    v[4u * i + t] = hv - shift;
+                }
             }
         }
-        let st = stats_from_registers(lid, at, shift, &v);
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                st_y(base + j, affine(j, (v[k] - st.x) * st.y));
+        let st = stats_from_registers(lid, at, r, shift, &v);
+        for (var i = 0u; i < REGS / 4u; i++) {
+            let k = at.lane + i * p.lanes;
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (at.live && k < r.quads && j < p.width) {
+                    st_y(r.base + j, affine(j, (v[4u * i + t] - st.x) * st.y));
+                }
             }
         }
     } else {
         // Each lane re-reads only the h elements it wrote itself, so no barrier is needed.
         var acc = Stat(0.0, 0.0, 0.0);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            let e = base + j;
-            let hv = to_storage(ld_residual(e) + ld_x(e) * drop_factor(e));
-            st_h(e, hv);
-            acc = welford_add(acc, hv - shift);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let m = drop4(state, r.q0 + k);
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    let e = r.base + j;
+                    let hv = to_storage(ld_residual(e) + ld_x(e) * m[t]);
+                    st_h(e, hv);
+                    acc = welford_add(acc, hv - shift);
+                }
+            }
         }
         let st = finish_stats(lid, at, shift, acc);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            st_y(base + j, affine(j, ((ld_h(base + j) - shift) - st.x) * st.y));
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    st_y(r.base + j, affine(j, ((ld_h(r.base + j) - shift) - st.x) * st.y));
+                }
+            }
         }
     }
 }

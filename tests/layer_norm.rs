@@ -125,115 +125,181 @@ fn many_rows_fold_the_dispatch() {
     check_against_reference(&ctx, &[70_000, 3], &LayerNormConfig::new(&[3]), 0.0, 5);
 }
 
-/// Every geometry a plan can take (1 to 256 invocations per row; the register path up to
-/// 16·lanes wide, the two-read path beyond) gives the reference's forward and backward. The
-/// device's own policy picks only some of them (a CPU driver takes few lanes, a GPU 8..=256), so
-/// this runs the GPU's geometry on a CPU driver and the reverse.
+/// Every geometry a plan can take (1 to 256 invocations per row; the register path up to 16
+/// values per lane, the two-read path beyond; rows on and off the mask's 4-element quads)
+/// gives the reference's forward and backward, plain, fused with dropout and as the residual
+/// block. The device's own policy picks only some of them (a CPU driver few lanes, a GPU
+/// 8..=256), so this runs the GPU's geometry on a CPU driver and the reverse.
 #[test]
 fn every_lanes_choice_matches_the_reference() {
     let ctx = gpu!();
-    let device = ctx.device();
-    let (forward, backward) = (
-        ctx.kernel::<LayerNormKernel>().unwrap(),
-        ctx.kernel::<LayerNormBackwardKernel>().unwrap(),
-    );
     let mut rng = Rng::new(14);
     for (rows, width) in [
         (37usize, 1usize),
         (37, 7),
         (37, 16),
-        (37, 17),
+        (21, 18),
         (9, 300),
         (9, 768),
         (3, 4100),
     ] {
-        let shape = [rows, width];
-        let config = LayerNormConfig::new(&[width]);
-        let x = rng.normal_vec(rows * width, 3.0, 2.0);
-        let dy = rng.normal_vec(rows * width, 0.0, 1.0);
-        let weight = rng.normal_vec(width, 1.0, 0.5);
-        let bias = rng.normal_vec(width, 0.0, 0.5);
-        let (xf, dyf): (Vec<f64>, Vec<f64>) = (widen(&x), widen(&dy));
-        let r = layer_norm_forward(&xf, &shape, &config, Some(&weight), Some(&bias)).unwrap();
-        let rb = layer_norm_backward(&xf, &dyf, &shape, &config, Some(&widen(&weight)), &r.mean, &r.rstd).unwrap();
-        let up = |v: &[f32], s: &[usize]| Tensor::from_slice(&ctx, v, s).unwrap();
-        let (xt, dyt, wt, bt) = (
-            up(&x, &shape),
-            up(&dy, &shape),
-            up(&weight, &[width]),
-            up(&bias, &[width]),
-        );
+        let case = LanesCase::new(&mut rng, rows, width);
         for lanes in (0..=8).map(|k| 1u32 << k) {
-            let options = LayerNormPlanOptions { lanes: Some(lanes) };
-            let what = format!("{rows}x{width}, lanes {lanes}");
-            let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
-            let (y, mean, rstd) = (zeros(&shape), zeros(&[rows]), zeros(&[rows]));
-            let (dx, dw, db) = (zeros(&shape), zeros(&[width]), zeros(&[width]));
-            let fplan = forward
-                .plan_with(device, &shape, &config, LayerNormFusion::None, &options)
-                .unwrap();
-            let bplan = backward
-                .plan_with(device, &shape, &config, LayerNormFusion::None, true, &options)
-                .unwrap();
-            let mut encoder = device.create_command_encoder(&Default::default());
-            fplan
-                .encode(
-                    device,
-                    &mut encoder,
-                    true,
-                    &LayerNormBuffers {
-                        x: xt.slice(),
-                        y: y.slice(),
-                        weight: Some(wt.slice()),
-                        bias: Some(bt.slice()),
-                        mean: mean.slice(),
-                        rstd: rstd.slice(),
-                        rng: None,
-                        residual: None,
-                        h: None,
-                    },
-                )
-                .unwrap();
-            bplan
-                .encode(
-                    device,
-                    &mut encoder,
-                    Accumulate::default(),
-                    &LayerNormBackwardBuffers {
-                        x: xt.slice(),
-                        dy: dyt.slice(),
-                        dx: dx.slice(),
-                        weight: Some(wt.slice()),
-                        rstd: rstd.slice(),
-                        dweight: Some(dw.slice()),
-                        dbias: Some(db.slice()),
-                        rng: None,
-                        dh_in: None,
-                        dresidual: None,
-                    },
-                )
-                .unwrap();
-            ctx.queue().submit([encoder.finish()]);
-            assert_close(&format!("{what} y"), &read(&ctx, &y), &r.y, RTOL, ATOL);
-            assert_close(&format!("{what} mean"), &read(&ctx, &mean), &r.mean, RTOL, ATOL);
-            assert_close(&format!("{what} rstd"), &read(&ctx, &rstd), &r.rstd, RTOL, ATOL);
-            assert_close(&format!("{what} dx"), &read(&ctx, &dx), &rb.dx, RTOL, ATOL);
-            assert_close(&format!("{what} dγ"), &read(&ctx, &dw), &rb.dweight, RTOL, 1e-4);
-            assert_close(&format!("{what} dβ"), &read(&ctx, &db), &rb.dbias, RTOL, 1e-4);
+            for fusion in [
+                LayerNormFusion::None,
+                LayerNormFusion::Dropout(DropoutConfig::new(0.5)),
+                LayerNormFusion::ResidualDropout(DropoutConfig::new(0.5)),
+            ] {
+                case.check(&ctx, lanes, fusion);
+            }
         }
     }
     // Not a power of two, or past 256: refused by both plans before anything is built.
+    let (forward, backward) = (
+        ctx.kernel::<LayerNormKernel>().unwrap(),
+        ctx.kernel::<LayerNormBackwardKernel>().unwrap(),
+    );
     for lanes in [0u32, 3, 12, 512] {
         let options = LayerNormPlanOptions { lanes: Some(lanes) };
         let config = LayerNormConfig::new(&[8]);
         let e = forward
-            .plan_with(device, &[2, 8], &config, LayerNormFusion::None, &options)
+            .plan_with(ctx.device(), &[2, 8], &config, LayerNormFusion::None, &options)
             .unwrap_err();
         assert!(matches!(e, Error::InvalidArgument { .. }), "{lanes}: {e}");
         let e = backward
-            .plan_with(device, &[2, 8], &config, LayerNormFusion::None, true, &options)
+            .plan_with(ctx.device(), &[2, 8], &config, LayerNormFusion::None, true, &options)
             .unwrap_err();
         assert!(matches!(e, Error::InvalidArgument { .. }), "{lanes}: {e}");
+    }
+}
+
+/// Inputs of one shape for [`every_lanes_choice_matches_the_reference`].
+struct LanesCase {
+    rows: usize,
+    width: usize,
+    x: Vec<f32>,
+    residual: Vec<f32>,
+    dy: Vec<f32>,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl LanesCase {
+    const SEED: u64 = 0x5eed_0123_4567;
+    const OFFSET: u64 = 3;
+
+    fn new(rng: &mut Rng, rows: usize, width: usize) -> Self {
+        Self {
+            rows,
+            width,
+            x: rng.normal_vec(rows * width, 3.0, 2.0),
+            residual: rng.normal_vec(rows * width, -1.0, 1.0),
+            dy: rng.normal_vec(rows * width, 0.0, 1.0),
+            weight: rng.normal_vec(width, 1.0, 0.5),
+            bias: rng.normal_vec(width, 0.0, 0.5),
+        }
+    }
+
+    /// Runs the forward and the backward with `lanes` and compares every output with the
+    /// reference (the mask from the CPU twin of the generator).
+    fn check(&self, ctx: &Context, lanes: u32, fusion: LayerNormFusion) {
+        let (rows, width) = (self.rows, self.width);
+        let (shape, n) = ([rows, width], rows * width);
+        let config = LayerNormConfig::new(&[width]);
+        let what = format!("{rows}x{width}, lanes {lanes}, {fusion:?}");
+        let device = ctx.device();
+        let options = LayerNormPlanOptions { lanes: Some(lanes) };
+        let fplan = ctx
+            .kernel::<LayerNormKernel>()
+            .unwrap()
+            .plan_with(device, &shape, &config, fusion, &options)
+            .unwrap();
+        let bplan = ctx
+            .kernel::<LayerNormBackwardKernel>()
+            .unwrap()
+            .plan_with(device, &shape, &config, fusion, true, &options)
+            .unwrap();
+
+        // Reference: m = 2 or 0 per element; LN input h = x, or residual + x·m (in f32).
+        let rule = normdrop::rng::DropRule::new(0.5).unwrap();
+        let keep = normdrop::rng::mask(Self::SEED, Self::OFFSET, n, rule);
+        let m: Vec<f32> = match fusion {
+            LayerNormFusion::None => vec![1.0; n],
+            _ => keep.iter().map(|&k| if k { 2.0 } else { 0.0 }).collect(),
+        };
+        let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
+        let h: Vec<f32> = if residual {
+            (0..n).map(|i| self.residual[i] + self.x[i] * m[i]).collect()
+        } else {
+            self.x.clone()
+        };
+        let r = layer_norm_forward(&widen(&h), &shape, &config, Some(&self.weight), Some(&self.bias)).unwrap();
+        // LayerNorm → dropout: y = LN(x)·m and LN's upstream gradient is dy·m.
+        let (y_ref, dy_ln): (Vec<f64>, Vec<f64>) = match fusion {
+            LayerNormFusion::Dropout(_) => (
+                r.y.iter().zip(&m).map(|(y, &m)| y * f64::from(m)).collect(),
+                self.dy.iter().zip(&m).map(|(&g, &m)| f64::from(g * m)).collect(),
+            ),
+            _ => (r.y.clone(), widen(&self.dy)),
+        };
+        let w64 = widen(&self.weight);
+        let rb = layer_norm_backward(&widen(&h), &dy_ln, &shape, &config, Some(&w64), &r.mean, &r.rstd).unwrap();
+
+        let up = |v: &[f32], s: &[usize]| Tensor::from_slice(ctx, v, s).unwrap();
+        let zeros = |s: &[usize]| Tensor::zeros(ctx, s, DType::F32).unwrap();
+        let (xt, rt, dyt) = (up(&self.x, &shape), up(&self.residual, &shape), up(&self.dy, &shape));
+        let (wt, bt) = (up(&self.weight, &[width]), up(&self.bias, &[width]));
+        let state = [Self::SEED as u32, (Self::SEED >> 32) as u32, Self::OFFSET as u32, 0];
+        let rng = up(&state.map(f32::from_bits), &[4]);
+        let (y, ht, mean, rstd) = (zeros(&shape), zeros(&shape), zeros(&[rows]), zeros(&[rows]));
+        let (dx, dres, dw, db) = (zeros(&shape), zeros(&shape), zeros(&[width]), zeros(&[width]));
+        let dropout = fusion != LayerNormFusion::None;
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let buffers = LayerNormBuffers {
+            x: xt.slice(),
+            y: y.slice(),
+            weight: Some(wt.slice()),
+            bias: Some(bt.slice()),
+            mean: mean.slice(),
+            rstd: rstd.slice(),
+            rng: dropout.then(|| rng.slice()),
+            residual: residual.then(|| rt.slice()),
+            h: residual.then(|| ht.slice()),
+        };
+        fplan.encode(device, &mut encoder, true, &buffers).unwrap();
+        let backward = LayerNormBackwardBuffers {
+            x: if residual { ht.slice() } else { xt.slice() },
+            dy: dyt.slice(),
+            dx: dx.slice(),
+            weight: Some(wt.slice()),
+            rstd: rstd.slice(),
+            dweight: Some(dw.slice()),
+            dbias: Some(db.slice()),
+            rng: dropout.then(|| rng.slice()),
+            dh_in: None,
+            dresidual: residual.then(|| dres.slice()),
+        };
+        bplan
+            .encode(device, &mut encoder, Accumulate::default(), &backward)
+            .unwrap();
+        ctx.queue().submit([encoder.finish()]);
+
+        let close = |name: &str, got: &Tensor, exp: &[f64], atol: f64| {
+            assert_close(&format!("{what} {name}"), &read(ctx, got), exp, RTOL, atol);
+        };
+        close("y", &y, &y_ref, ATOL);
+        close("mean", &mean, &r.mean, ATOL);
+        close("rstd", &rstd, &r.rstd, ATOL);
+        close("dγ", &dw, &rb.dweight, 1e-4);
+        close("dβ", &db, &rb.dbias, 1e-4);
+        if residual {
+            close("h", &ht, &widen(&h), ATOL);
+            close("dresidual", &dres, &rb.dx, ATOL);
+            let dx_ref: Vec<f64> = rb.dx.iter().zip(&m).map(|(d, &m)| d * f64::from(m)).collect();
+            close("dx", &dx, &dx_ref, ATOL);
+        } else {
+            close("dx", &dx, &rb.dx, ATOL);
+        }
     }
 }
 

@@ -149,19 +149,30 @@ struct LnParams {
 }
 const _: () = assert!(std::mem::size_of::<LnParams>() == 48);
 
-/// Invocations per row on a GPU: the smallest power of two in 8..=256 whose 16 registers each
-/// hold the row (256 for rows too wide for registers). A workgroup of 256 runs `256 / lanes`
-/// rows.
+/// Most 4-element mask quads a row of `width` touches (`max_quads` in the shaders): W/4 when
+/// every row starts on a quad, else up to two partial quads more.
+fn max_quads(width: u64) -> u64 {
+    if width.is_multiple_of(4) {
+        width / 4
+    } else {
+        (width + 2) / 4 + 1
+    }
+}
+
+/// Invocations per row on a GPU: the smallest power of two in 8..=256 whose registers (4 quads
+/// each) hold the row (256 for rows too wide for registers). A workgroup of 256 runs
+/// `256 / lanes` rows.
 pub(crate) fn gpu_lanes(width: u64) -> u32 {
-    (width.div_ceil(16).next_power_of_two().clamp(8, 256)) as u32
+    (max_quads(width).div_ceil(4).next_power_of_two().clamp(8, 256)) as u32
 }
 
 /// Invocations per row (a power of two in 1..=256) that the LayerNorm passes (forward, and the
 /// backward's dx pass) give a `rows × width` input on an adapter of `device_type` whose host
 /// runs `threads` threads (used for CPU adapters only).
 ///
-/// - GPUs: the smallest power of two in 8..=256 with `16·lanes >= width` (256 past 4096), so a
-///   row up to 4096 wide is read once into registers and wide rows spread over a workgroup.
+/// - GPUs: the smallest power of two in 8..=256 whose lanes hold the row in registers, 16 values
+///   (4 mask quads) each (256 past that), so a row up to 4096 wide is read once and wide rows
+///   spread over a workgroup.
 /// - CPU adapters (lavapipe, llvmpipe, WARP): as few as still give every thread two
 ///   workgroups, down to one invocation per row. A CPU driver runs a SIMD group of 8
 ///   invocations as one, so a lane's fixed cost (its share of the row merge, the barriers, the
@@ -215,8 +226,9 @@ pub struct LayerNormKernel {
     forward: wgpu::ComputePipeline,
     dropout: wgpu::ComputePipeline,
     residual: wgpu::ComputePipeline,
-    /// Stand-ins for γ and β when the configuration has none.
-    placeholders: [wgpu::Buffer; 2],
+    /// Stand-ins for γ and β when the configuration has none, and for the generator state
+    /// without dropout.
+    placeholders: [wgpu::Buffer; 3],
 }
 
 impl Kernel for LayerNormKernel {
@@ -508,11 +520,10 @@ impl LayerNormPlan {
                 (5, binding(&b.mean, r_bytes)),
                 (6, binding(&b.rstd, r_bytes)),
             ];
-            if let Some(rng) = &b.rng {
-                if self.fusion != LayerNormFusion::None {
-                    entries.push((7, binding(rng, RNG_STATE_BYTES)));
-                }
-            }
+            // ln_forward shares its code with ln_dropout_forward, so its layout holds the
+            // generator state too: the placeholder stands in without dropout.
+            let dropout = self.fusion != LayerNormFusion::None;
+            entries.push((7, binding_or(dropout, &b.rng, &k.placeholders[2], RNG_STATE_BYTES)));
             if let (LayerNormFusion::ResidualDropout(_), Some(res), Some(h)) = (self.fusion, &b.residual, &b.h) {
                 entries.push((8, binding_at(res, at, len)));
                 entries.push((9, binding_at(h, at, len)));
