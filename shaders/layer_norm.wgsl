@@ -31,6 +31,7 @@
 
 // #include "welford.wgsl"
 // #include "philox.wgsl"
+// #include "ln_rows.wgsl"
 
 const WG: u32 = 256u;
 const REGS: u32 = 16u;
@@ -65,58 +66,6 @@ struct Params {
 // #activation @binding(8) read residual (rows, W)
 // #activation @binding(9) read_write h (rows, W) residual + dropout(x)
 
-// Where an invocation works: its row, its lane within the row, and whether that row exists
-// (the last workgroup may have spare segments; they still take part in every barrier).
-struct Slot {
-    row: u32,
-    lane: u32,
-    live: bool,
-}
-
-// `lanes` is a power of two: shifts and masks, not divisions (a CPU driver divides lane by lane).
-fn slot_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
-    let shift = countTrailingZeros(p.lanes);
-    let row = (wid.x + wid.y * nwg.x) * (WG >> shift) + (lid >> shift);
-    return Slot(row, lid & (p.lanes - 1u), row < p.rows);
-}
-
-// A row laid over the dropout mask's quads: global flat quad q holds elements 4q .. 4q + 3, one
-// Philox call. The row's elements are global indices e0 .. e0 + W − 1, in quads q0 ..
-// q0 + quads − 1; lane ℓ takes the row's quads ℓ, ℓ + lanes, … so every quad's mask is drawn
-// once, and the element at column j is read at local index base + j.
-struct Row {
-    base: u32,   // local flat index of the row's first element
-    e0: u32,     // its global flat index
-    q0: u32,     // global quad holding it
-    quads: u32,  // quads the row touches
-}
-
-fn row_of(at: Slot) -> Row {
-    let base = at.row * p.width;
-    let e0 = p.row_base * p.width + base;
-    let q0 = e0 >> 2u;
-    return Row(base, e0, q0, ((e0 + p.width + 3u) >> 2u) - q0);
-}
-
-// Column of element t of the row's quad k. Outside the row it wraps past the width, so
-// `column(..) < p.width` is the "in this row" test.
-fn column(r: Row, k: u32, t: u32) -> u32 {
-    return 4u * (r.q0 + k) + t - r.e0;
-}
-
-// Most quads any row touches: W/4 when rows start on quads (W a multiple of 4), else up to two
-// partial quads more. Rows fit in registers when this is at most REGS/4 per lane.
-fn max_quads() -> u32 {
-    if ((p.width & 3u) == 0u) {
-        return p.width >> 2u;
-    }
-    return ((p.width + 2u) >> 2u) + 1u;
-}
-
-fn in_registers() -> bool {
-    return max_quads() <= (REGS / 4u) * p.lanes;
-}
-
 // γ and β of column j applied to a normalized value.
 fn affine(j: u32, v: f32) -> f32 {
     var r = v;
@@ -127,16 +76,6 @@ fn affine(j: u32, v: f32) -> f32 {
         r = r + bias[j];
     }
     return r;
-}
-
-fn load_state() -> vec4<u32> {
-    return vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-}
-
-// Dropout multipliers of the four elements of global quad q: one Philox call.
-fn drop4(state: vec4<u32>, q: u32) -> vec4<f32> {
-    let keep = dropout_keep4(dropout_words(state, q), p.drop_threshold, p.drop_flags);
-    return select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep);
 }
 
 // Chan-merges the triples of one row's lane segment; every lane gets the row's total, in the
@@ -253,10 +192,7 @@ fn forward(at: Slot, lid: u32, drop: bool) {
         let st = stats_from_registers(lid, at, r, shift, &v);
         for (var i = 0u; i < REGS / 4u; i++) {
             let k = at.lane + i * p.lanes;
-            var m = vec4<f32>(1.0);
-            if (drop && at.live && k < r.quads) {
-                m = drop4(state, r.q0 + k);
-            }
+            let m = quad_factors(state, r, k, drop);
             for (var t = 0u; t < 4u; t++) {
                 let j = column(r, k, t);
                 if (at.live && k < r.quads && j < p.width) {
@@ -277,10 +213,7 @@ fn forward(at: Slot, lid: u32, drop: bool) {
         }
         let st = finish_stats(lid, at, shift, acc);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
-            var m = vec4<f32>(1.0);
-            if (drop) {
-                m = drop4(state, r.q0 + k);
-            }
+            let m = quad_factors(state, r, k, drop);
             for (var t = 0u; t < 4u; t++) {
                 let j = column(r, k, t);
                 if (j < p.width) {
@@ -311,10 +244,7 @@ fn ln_residual_dropout_forward(
         var v: array<f32, REGS>;
         for (var i = 0u; i < REGS / 4u; i++) {
             let k = at.lane + i * p.lanes;
-            var m = vec4<f32>(0.0);
-            if (at.live && k < r.quads) {
-                m = drop4(state, r.q0 + k);
-            }
+            let m = drop4(state, r.q0 + k);
             for (var t = 0u; t < 4u; t++) {
                 let j = column(r, k, t);
                 if (at.live && k < r.quads && j < p.width) {

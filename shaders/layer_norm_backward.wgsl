@@ -23,10 +23,11 @@
 //                             the forward); rows of at most 16·lanes from registers, wider
 //                             rows re-read;
 //                             writes dx and the row's (K, mean − K).
-//   lnb_params_partial        one invocation per (column, block of 64 rows): partial dγ, dβ.
+//   lnb_params_partial        one invocation per (4 columns, block of 64 rows): partial dγ, dβ.
 //   lnb_params_final          one invocation per column: sums the partials (no float atomics).
 
 // #include "philox.wgsl"
+// #include "ln_rows.wgsl"
 
 const WG: u32 = 256u;
 const REGS: u32 = 16u;
@@ -76,38 +77,6 @@ fn has(flag: u32) -> bool {
 
 fn gamma(j: u32) -> f32 {
     return select(1.0, weight[j], has(FLAG_WEIGHT));
-}
-
-// The dropout multiplier of this dispatch's element e_local (flat index row_base·W + e_local).
-fn mask_factor(e_local: u32) -> f32 {
-    let e = p.row_base * p.width + e_local;
-    let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let words = dropout_words(state, e / 4u);
-    return select(0.0, p.drop_scale, dropout_keep(words[e % 4u], p.drop_threshold, p.drop_flags));
-}
-
-// dy of element e as LayerNorm's output gradient (times the mask for LayerNorm → dropout).
-// `drop` is a literal at every call, so each entry point holds only its own path: a CPU driver
-// runs both sides of a branch under a lane mask, and the Philox call would cost every element.
-fn upstream(e: u32, drop: bool) -> f32 {
-    if (drop) {
-        return ld_dy(e) * mask_factor(e);
-    }
-    return ld_dy(e);
-}
-
-// Where an invocation works in the dx passes: its row, its lane, whether the row exists.
-struct Slot {
-    row: u32,
-    lane: u32,
-    live: bool,
-}
-
-// `lanes` is a power of two: shifts and masks, not divisions (a CPU driver divides lane by lane).
-fn slot_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
-    let shift = countTrailingZeros(p.lanes);
-    let row = (wid.x + wid.y * nwg.x) * (WG >> shift) + (lid >> shift);
-    return Slot(row, lid & (p.lanes - 1u), row < p.rows);
 }
 
 // Sums one row's lane segment; every lane gets the total, added in the same order. Two
@@ -191,53 +160,77 @@ fn lnb_dx_dropout(
 }
 
 fn dx_rows(at: Slot, lid: u32, drop: bool) {
-    let base = at.row * p.width;
-    let start = row_start(at, base);
+    let r = row_of(at);
+    let start = row_start(at, r.base);
     let shift = start.x;
-    let r = start.y;
-    if (p.width <= p.lanes * REGS) {
-        // Read x and dy once into registers.
+    let rs = start.y;
+    var state = vec4<u32>(0u);
+    if (drop) {
+        state = load_state();
+    }
+    if (in_registers()) {
+        // Read x and dy once into registers (slot 4i + t: element t of the lane's i-th quad).
         var xs: array<f32, REGS>;
         var gs: array<f32, REGS>;
         var sums = vec3<f32>(0.0);
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                xs[k] = ld_x(base + j) - shift;
-                gs[k] = upstream(base + j, drop) * gamma(j);
-                sums += vec3<f32>(xs[k], gs[k], gs[k] * xs[k]);
+        for (var i = 0u; i < REGS / 4u; i++) {
+            let k = at.lane + i * p.lanes;
+            let m = quad_factors(state, r, k, drop);
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (at.live && k < r.quads && j < p.width) {
+                    xs[4u * i + t] = ld_x(r.base + j) - shift;
+                    gs[4u * i + t] = ld_dy(r.base + j) * m[t] * gamma(j);
+                    sums += vec3<f32>(xs[4u * i + t], gs[4u * i + t], gs[4u * i + t] * xs[4u * i + t]);
+                }
             }
         }
-        let cf = row_coefficients(lid, at, shift, r, sums);
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                emit(base + j, dh_of(xs[k], gs[k], r, cf));
+        let cf = row_coefficients(lid, at, shift, rs, sums);
+        for (var i = 0u; i < REGS / 4u; i++) {
+            let k = at.lane + i * p.lanes;
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (at.live && k < r.quads && j < p.width) {
+                    emit(r.base + j, dh_of(xs[4u * i + t], gs[4u * i + t], rs, cf));
+                }
             }
         }
     } else {
         var sums = vec3<f32>(0.0);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            let xs = ld_x(base + j) - shift;
-            let g = upstream(base + j, drop) * gamma(j);
-            sums += vec3<f32>(xs, g, g * xs);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let m = quad_factors(state, r, k, drop);
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    let xs = ld_x(r.base + j) - shift;
+                    let g = ld_dy(r.base + j) * m[t] * gamma(j);
+                    sums += vec3<f32>(xs, g, g * xs);
+                }
+            }
         }
-        let cf = row_coefficients(lid, at, shift, r, sums);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            emit(base + j, dh_of(ld_x(base + j) - shift, upstream(base + j, drop) * gamma(j), r, cf));
+        let cf = row_coefficients(lid, at, shift, rs, sums);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let m = quad_factors(state, r, k, drop);
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    let g = ld_dy(r.base + j) * m[t] * gamma(j);
+                    emit(r.base + j, dh_of(ld_x(r.base + j) - shift, g, rs, cf));
+                }
+            }
         }
     }
 }
 
 // The residual block's backward: x here is the saved h; dx is the gradient of the dropout's
-// input; dresidual = dh.
-fn residual_emit(e: u32, dh_ln: f32) {
+// input (dh·m, m the multiplier of element e); dresidual = dh.
+fn residual_emit(e: u32, dh_ln: f32, m: f32) {
     var dh = dh_ln;
     if (has(FLAG_DH_IN)) {
         dh += ld_dh_in(e);
     }
     var dres = dh;
-    var dx = dh * mask_factor(e);
+    var dx = dh * m;
     if (has(FLAG_ACCUM_DX)) {
         dres += ld_dresidual(e);
         dx += ld_dx(e);
@@ -253,39 +246,59 @@ fn lnb_residual_dx(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let at = slot_of(wid, nwg, lid);
-    let base = at.row * p.width;
-    let start = row_start(at, base);
+    let r = row_of(at);
+    let start = row_start(at, r.base);
     let shift = start.x;
-    let r = start.y;
-    if (p.width <= p.lanes * REGS) {
+    let rs = start.y;
+    let state = load_state();
+    if (in_registers()) {
         var xs: array<f32, REGS>;
         var gs: array<f32, REGS>;
         var sums = vec3<f32>(0.0);
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                xs[k] = ld_x(base + j) - shift;
-                gs[k] = ld_dy(base + j) * gamma(j);
-                sums += vec3<f32>(xs[k], gs[k], gs[k] * xs[k]);
+        for (var i = 0u; i < REGS / 4u; i++) {
+            let k = at.lane + i * p.lanes;
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (at.live && k < r.quads && j < p.width) {
+                    xs[4u * i + t] = ld_x(r.base + j) - shift;
+                    gs[4u * i + t] = ld_dy(r.base + j) * gamma(j);
+                    sums += vec3<f32>(xs[4u * i + t], gs[4u * i + t], gs[4u * i + t] * xs[4u * i + t]);
+                }
             }
         }
-        let cf = row_coefficients(lid, at, shift, r, sums);
-        for (var k = 0u; k < REGS; k++) {
-            let j = at.lane + k * p.lanes;
-            if (at.live && j < p.width) {
-                residual_emit(base + j, dh_of(xs[k], gs[k], r, cf));
+        let cf = row_coefficients(lid, at, shift, rs, sums);
+        for (var i = 0u; i < REGS / 4u; i++) {
+            let k = at.lane + i * p.lanes;
+            let m = drop4(state, r.q0 + k);
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (at.live && k < r.quads && j < p.width) {
+                    residual_emit(r.base + j, dh_of(xs[4u * i + t], gs[4u * i + t], rs, cf), m[t]);
+                }
             }
         }
     } else {
         var sums = vec3<f32>(0.0);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            let xs = ld_x(base + j) - shift;
-            let g = ld_dy(base + j) * gamma(j);
-            sums += vec3<f32>(xs, g, g * xs);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    let xs = ld_x(r.base + j) - shift;
+                    let g = ld_dy(r.base + j) * gamma(j);
+                    sums += vec3<f32>(xs, g, g * xs);
+                }
+            }
         }
-        let cf = row_coefficients(lid, at, shift, r, sums);
-        for (var j = at.lane; at.live && j < p.width; j += p.lanes) {
-            residual_emit(base + j, dh_of(ld_x(base + j) - shift, ld_dy(base + j) * gamma(j), r, cf));
+        let cf = row_coefficients(lid, at, shift, rs, sums);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let m = drop4(state, r.q0 + k);
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    let dh = dh_of(ld_x(r.base + j) - shift, ld_dy(r.base + j) * gamma(j), rs, cf);
+                    residual_emit(r.base + j, dh, m[t]);
+                }
+            }
         }
     }
 }
@@ -309,24 +322,59 @@ fn lnb_params_partial_dropout(
     params_partial(wid.x + wid.y * nwg.x, lid, true);
 }
 
+// Invocation (tile, lid) of block `block` takes columns j0 .. j0 + 3, j0 = 4·(tile·WG + lid): the
+// four elements of a row are consecutive, so their mask words come from at most two Philox
+// calls (one when rows start on quads).
 fn params_partial(w: u32, lid: u32, drop: bool) {
     let tile = w % p.col_tiles;
     let block = w / p.col_tiles;
-    let j = tile * WG + lid;
-    if (block >= p.row_blocks || j >= p.width) {
+    let j0 = 4u * (tile * WG + lid);
+    if (block >= p.row_blocks || j0 >= p.width) {
         return;
+    }
+    var state = vec4<u32>(0u);
+    if (drop) {
+        state = load_state();
     }
     let first = block * ROWS_PER_BLOCK;
     let last = min(first + ROWS_PER_BLOCK, p.rows);
-    var acc = vec2<f32>(0.0);
+    var gx = vec4<f32>(0.0);
+    var gs = vec4<f32>(0.0);
     for (var row = first; row < last; row++) {
-        let e = row * p.width + j;
+        let e = row * p.width + j0;
         let rc = row_centre[p.row_base + row];
-        let xhat = ((ld_x(e) - rc.x) - rc.y) * rstd[p.row_base + row];
-        let g = upstream(e, drop);
-        acc += vec2<f32>(g * xhat, g);
+        let rs = rstd[p.row_base + row];
+        var m = vec4<f32>(1.0);
+        if (drop) {
+            m = drop_span(state, p.row_base * p.width + e);
+        }
+        for (var t = 0u; t < 4u; t++) {
+            if (j0 + t < p.width) {
+                let xhat = ((ld_x(e + t) - rc.x) - rc.y) * rs;
+                let g = ld_dy(e + t) * m[t];
+                gx[t] += g * xhat;
+                gs[t] += g;
+            }
+        }
     }
-    partials[(p.block_base + block) * p.width + j] = acc;
+    for (var t = 0u; t < 4u; t++) {
+        if (j0 + t < p.width) {
+            partials[(p.block_base + block) * p.width + j0 + t] = vec2<f32>(gx[t], gs[t]);
+        }
+    }
+}
+
+// Dropout multipliers of the four consecutive elements from global flat index e: quad e/4,
+// and the next quad when e is not on a quad boundary.
+fn drop_span(state: vec4<u32>, e: u32) -> vec4<f32> {
+    let o = e & 3u;
+    let a = drop4(state, e >> 2u);
+    if (o == 0u) {
+        return a;
+    }
+    let b = drop4(state, (e >> 2u) + 1u);
+    var both = array<f32, 8>(a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w);
+    return vec4<f32>(both[o], both[o + 1u], both[o + 2u], both[o + 3u]);
 }
 
 @compute @workgroup_size(256)

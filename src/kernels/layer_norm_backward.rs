@@ -5,7 +5,7 @@
 //! | dispatch                        | workgroups                 | writes                      |
 //! |---------------------------------|----------------------------|-----------------------------|
 //! | `lnb_dx[_dropout]` / `lnb_residual_dx` | rows · lanes / 256  | dx (+ dresidual), row centre|
-//! | `lnb_params_partial[_dropout]`  | ⌈W/256⌉ · ⌈rows/64⌉        | per-block partial dγ, dβ    |
+//! | `lnb_params_partial[_dropout]`  | ⌈W/1024⌉ · ⌈rows/64⌉       | per-block partial dγ, dβ    |
 //! | `lnb_params_final`              | ⌈W/256⌉                    | dγ, dβ                      |
 
 use crate::context::Kernel;
@@ -152,7 +152,8 @@ impl LayerNormBackwardKernel {
             });
         }
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
-        let col_tiles = width.div_ceil(WORKGROUP);
+        // The partial pass takes 4 columns per invocation; the final pass one.
+        let col_tiles = width.div_ceil(4 * WORKGROUP);
         let partial_bytes = row_blocks * width * 8;
         limits.check_size(OP, "dγ/dβ partials in bytes", partial_bytes)?;
         let d = match fusion {
@@ -228,7 +229,7 @@ impl LayerNormBackwardKernel {
             chunks: parts,
             row_centre: scratch("layer_norm backward row centres", rows * 8),
             partials: scratch("layer_norm backward partials", partial_bytes),
-            final_groups: fold_workgroups(OP, col_tiles, limits.max_workgroups_per_dim)?,
+            final_groups: fold_workgroups(OP, width.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
         })
     }
 }

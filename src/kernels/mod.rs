@@ -30,6 +30,7 @@ const SHADER_FILES: &[(&str, &str)] = &[
         "layer_norm_backward.wgsl",
         include_str!("../../shaders/layer_norm_backward.wgsl"),
     ),
+    ("ln_rows.wgsl", include_str!("../../shaders/ln_rows.wgsl")),
     ("nchw.wgsl", include_str!("../../shaders/nchw.wgsl")),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("sgd.wgsl", include_str!("../../shaders/sgd.wgsl")),

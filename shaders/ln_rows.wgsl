@@ -1,0 +1,77 @@
+// include-only: validated as part of the shaders that include it.
+// Row geometry shared by the LayerNorm passes (layer_norm.wgsl, layer_norm_backward.wgsl): which
+// row and lane an invocation works on, and how a row lies over the dropout mask's quads. The
+// including shader declares `const WG` (256), `const REGS` (16), the generator state
+// `rng_state`, and a uniform `p` with rows, width, lanes, row_base, drop_threshold, drop_flags
+// and drop_scale.
+
+// Where an invocation works: its row, its lane within the row, and whether that row exists
+// (the last workgroup may have spare segments; they still take part in every barrier).
+struct Slot {
+    row: u32,
+    lane: u32,
+    live: bool,
+}
+
+// `lanes` is a power of two: shifts and masks, not divisions (a CPU driver divides lane by lane).
+fn slot_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
+    let shift = countTrailingZeros(p.lanes);
+    let row = (wid.x + wid.y * nwg.x) * (WG >> shift) + (lid >> shift);
+    return Slot(row, lid & (p.lanes - 1u), row < p.rows);
+}
+
+// A row laid over the dropout mask's quads: global flat quad q holds elements 4q .. 4q + 3, one
+// Philox call. The row's elements are global indices e0 .. e0 + W − 1, in quads q0 ..
+// q0 + quads − 1; lane ℓ takes the row's quads ℓ, ℓ + lanes, … so every quad's mask is drawn
+// once, and the element at column j is read at local index base + j.
+struct Row {
+    base: u32,   // local flat index of the row's first element
+    e0: u32,     // its global flat index
+    q0: u32,     // global quad holding it
+    quads: u32,  // quads the row touches
+}
+
+fn row_of(at: Slot) -> Row {
+    let base = at.row * p.width;
+    let e0 = p.row_base * p.width + base;
+    let q0 = e0 >> 2u;
+    return Row(base, e0, q0, ((e0 + p.width + 3u) >> 2u) - q0);
+}
+
+// Column of element t of the row's quad k. Outside the row it wraps past the width, so
+// `column(..) < p.width` is the "in this row" test.
+fn column(r: Row, k: u32, t: u32) -> u32 {
+    return 4u * (r.q0 + k) + t - r.e0;
+}
+
+// Most quads any row touches: W/4 when rows start on quads (W a multiple of 4), else up to two
+// partial quads more. Rows fit in registers when this is at most REGS/4 per lane.
+fn max_quads() -> u32 {
+    if ((p.width & 3u) == 0u) {
+        return p.width >> 2u;
+    }
+    return ((p.width + 2u) >> 2u) + 1u;
+}
+
+fn in_registers() -> bool {
+    return max_quads() <= (REGS / 4u) * p.lanes;
+}
+
+fn load_state() -> vec4<u32> {
+    return vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
+}
+
+// Dropout multipliers of the four elements of global quad q: one Philox call.
+fn drop4(state: vec4<u32>, q: u32) -> vec4<f32> {
+    let keep = dropout_keep4(dropout_words(state, q), p.drop_threshold, p.drop_flags);
+    return select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep);
+}
+
+// Multipliers of the row's quad k: the mask's when `drop` (a literal at every call, so the
+// path without dropout holds no Philox call), else ones.
+fn quad_factors(state: vec4<u32>, r: Row, k: u32, drop: bool) -> vec4<f32> {
+    if (drop) {
+        return drop4(state, r.q0 + k);
+    }
+    return vec4<f32>(1.0);
+}
