@@ -10,8 +10,8 @@
 //
 // Entry points:
 //   dropout_forward   one invocation per 4 consecutive elements: one Philox call serves them.
-//                     dropout2d_forward: the same for Dropout2d (one or two calls: the
-//                     elements span at most two channels). `_accumulate`: y += instead of y =.
+//                     dropout2d_forward: the same for Dropout2d (two calls: the four
+//                     elements' channels lie within eight consecutive units). `_accumulate`: y += instead of y =.
 //   dropout_apply_mask  one invocation per element: y = x·m with m read from a packed mask
 //                     (the backward from a stored mask: dx = dy·m).
 //   dropout_mask      one invocation per mask word: the packed keep bits of 32 units, unit u
@@ -62,12 +62,6 @@ fn load_state() -> vec4<u32> {
 
 fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
-}
-
-// The keep decision of one unit (its own Philox call).
-fn unit_keep(state: vec4<u32>, u: u32) -> bool {
-    let words = dropout_words(state, u / 4u);
-    return dropout_keep(words[u % 4u], p.threshold, p.flags);
 }
 
 // Four entry points, one per (unit, accumulate) pair, so that each runs only its own code: CPU
@@ -132,30 +126,28 @@ fn forward(g: u32, channels: bool, accumulate: bool) {
     st4_y(first, v, p.numel);
 }
 
-// Dropout2d keep decisions of the four elements from flat index e (a multiple of 4). With
-// unit_len >= 4 they span at most two consecutive units, u and u + 1: one division, and a
-// second Philox call only when u + 1 starts a new group of four units. Shorter units
-// (spatial size 1 to 3) take each element's unit by division.
+// Dropout2d keep decisions of the four elements from flat index e (a multiple of 4). They
+// belong to consecutive units u0 .. u0 + 3 at most, all within the eight units 4g .. 4g + 7
+// (g = u0 / 4) that two Philox calls decide: always exactly those two calls, never one under a
+// branch (a CPU driver runs both sides of a branch under a lane mask, so a conditional call
+// costs every invocation). One division per four elements.
 fn channel_keep(state: vec4<u32>, e: u32) -> vec4<bool> {
+    let u0 = e / p.unit_len;
+    let g = u0 >> 2u;
+    let lo = select(vec4<u32>(0u), vec4<u32>(1u, 2u, 4u, 8u), dropout_keep4(dropout_words(state, g), p.threshold, p.flags));
+    let hi = select(vec4<u32>(0u), vec4<u32>(16u, 32u, 64u, 128u), dropout_keep4(dropout_words(state, g + 1u), p.threshold, p.flags));
+    // Bit u − 4g: the keep decision of unit u.
+    let bits = lo.x | lo.y | lo.z | lo.w | hi.x | hi.y | hi.z | hi.w;
+    // Element e + k lies (r + k) / unit_len units past u0, r its offset in u0 (r + k <= 5 when
+    // unit_len < 4, where the quotient is computed without dividing: x·11 >> 5 = x / 3 for
+    // x <= 5).
+    let x = vec4<u32>(e - u0 * p.unit_len) + vec4<u32>(0u, 1u, 2u, 3u);
+    var step = select(vec4<u32>(0u), vec4<u32>(1u), x >= vec4<u32>(p.unit_len));
     if (p.unit_len < 4u) {
-        return vec4<bool>(
-            unit_keep(state, e / p.unit_len),
-            unit_keep(state, (e + 1u) / p.unit_len),
-            unit_keep(state, (e + 2u) / p.unit_len),
-            unit_keep(state, (e + 3u) / p.unit_len),
-        );
+        step = select(select((x * 11u) >> vec4<u32>(5u), x >> vec4<u32>(1u), p.unit_len == 2u), x, p.unit_len == 1u);
     }
-    let u = e / p.unit_len;
-    let r = e - u * p.unit_len;
-    let w = dropout_words(state, u / 4u);
-    var next = w[(u + 1u) % 4u];
-    if ((u + 1u) % 4u == 0u) {
-        next = dropout_words(state, (u + 1u) / 4u).x;
-    }
-    let a = dropout_keep(w[u % 4u], p.threshold, p.flags);
-    let b = dropout_keep(next, p.threshold, p.flags);
-    // Element k belongs to u + 1 once r + k reaches unit_len.
-    return select(vec4<bool>(a), vec4<bool>(b), vec4<u32>(r) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(p.unit_len));
+    let rel = vec4<u32>(u0 - 4u * g) + step;
+    return ((vec4<u32>(bits) >> rel) & vec4<u32>(1u)) == vec4<u32>(1u);
 }
 
 @compute @workgroup_size(256)

@@ -119,7 +119,20 @@ fn gpu_mask_equals_cpu_mask_over_ten_million_elements() {
 fn dropout2d_drops_whole_channels_with_the_cpu_mask() {
     let ctx = gpu!();
     let mut rng = Rng::new(77);
-    for shape in [&[2usize, 3, 4, 4][..], &[5, 7, 3], &[1, 40, 1], &[3, 11, 5, 3], &[2, 9]] {
+    // Spatial sizes 1, 2, 3 (units shorter than the four elements of a Philox call), 4, 5, 7,
+    // 15, 16 and 49.
+    let shapes: [&[usize]; 9] = [
+        &[2, 3, 4, 4],
+        &[5, 7, 3],
+        &[1, 40, 1],
+        &[3, 13, 2],
+        &[3, 11, 5, 3],
+        &[2, 9],
+        &[2, 5, 4],
+        &[3, 7, 5],
+        &[2, 9, 7, 7],
+    ];
+    for shape in shapes {
         let seed = rng.next_u64();
         assert_mask_matches(&ctx, shape, 0.5, seed, rng.next_u64() % 1000, DropoutUnit::Channel);
     }
