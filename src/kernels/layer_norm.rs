@@ -16,7 +16,9 @@ const OP: &str = "layer_norm";
 pub(crate) const ENTRY_POINTS: &[&str] = &["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"];
 
 /// Widest row kept in registers (one read of the input) at the largest `lanes` (256, 16 values
-/// each); wider rows always take a second read. With fewer lanes the limit is `16·lanes`.
+/// each); wider rows always take a second read. With fewer lanes, a row stays in registers when
+/// it touches at most `4·lanes` mask quads (`16·lanes` elements for widths that are multiples
+/// of 4).
 pub const ONCHIP_MAX_WIDTH: usize = 4096;
 
 /// Storage buffers the residual variant binds in one dispatch.
@@ -177,8 +179,8 @@ pub(crate) fn gpu_lanes(width: u64) -> u32 {
 ///   workgroups, down to one invocation per row. A CPU driver runs a SIMD group of 8
 ///   invocations as one, so a lane's fixed cost (its share of the row merge, the barriers, the
 ///   per-lane address arithmetic) is paid per invocation, not per element; a row per
-///   invocation pays it once. `ln_fwd` 1024x768 on lavapipe: 2.5x less time with 1 lane per row
-///   than with the GPU's 64 (BENCHMARKS.md, optimisation 14).
+///   invocation pays it once. `ln_fwd` 1024x768 on lavapipe: 2.0x less time with 1 lane per row
+///   than with the GPU's 64 (BENCHMARKS.md, optimisation 15).
 pub fn default_lanes(device_type: wgpu::DeviceType, rows: u64, width: u64, threads: usize) -> u32 {
     let gpu = gpu_lanes(width);
     if device_type != wgpu::DeviceType::Cpu {
