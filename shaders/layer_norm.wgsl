@@ -84,8 +84,6 @@ fn affine(j: u32, v: f32) -> f32 {
 // (A tree would take log2(lanes) + 2 barriers; on CPU drivers each barrier switches between all
 // of the workgroup's fibers, which cost more than the arithmetic.) Called once per dispatch:
 // a second call would need a barrier first, so no lane overwrites a partial still being read.
-const SEG_FOLD: u32 = 16u;
-
 fn segment_merge(lid: u32, lane: u32, mine: Stat) -> Stat {
     shared_stat[lid] = mine;
     workgroupBarrier();

@@ -83,8 +83,6 @@ fn gamma(j: u32) -> f32 {
 // barriers whatever the segment's width (as segment_merge in layer_norm.wgsl): the first lane of
 // every group of SEG_FOLD sums its group, then every lane sums the group partials itself.
 // Called once per dispatch (a second call would need a barrier first).
-const SEG_FOLD: u32 = 16u;
-
 fn segment_sum3(lid: u32, lane: u32, mine: vec3<f32>) -> vec3<f32> {
     shared_sums[lid] = mine;
     workgroupBarrier();
@@ -104,7 +102,6 @@ fn segment_sum3(lid: u32, lane: u32, mine: vec3<f32>) -> vec3<f32> {
     }
     return total;
 }
-
 
 // Row coefficients from the sums (Σ(x−K), Σg, Σg·(x−K)): (mean − K, mean(g), mean(g·x̂)).
 // Lane 0 stores (K, mean − K) for the column pass.

@@ -13,6 +13,10 @@ struct Slot {
     live: bool,
 }
 
+// A row's lane segment is merged in two levels: the first lane of every group of SEG_FOLD
+// folds its group, then every lane folds the group partials (segment_merge, segment_sum3).
+const SEG_FOLD: u32 = 16u;
+
 // `lanes` is a power of two: shifts and masks, not divisions (a CPU driver divides lane by lane).
 fn slot_of(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
     let shift = countTrailingZeros(p.lanes);

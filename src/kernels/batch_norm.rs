@@ -188,23 +188,9 @@ impl Kernel for BatchNormKernel {
     }
 }
 
+storage_constructors!(BatchNormKernel, "x, y");
+
 impl BatchNormKernel {
-    /// Compiles the pipelines for f32 activations.
-    pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device, Storage::F32)
-    }
-
-    /// Compiles the pipelines for activations (x, y) stored as `storage`.
-    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
-        crate::kernels::check_storage(device, storage)?;
-        Ok(<Self as Kernel>::build(device, storage))
-    }
-
-    /// How this kernel's activations are stored.
-    pub fn storage(&self) -> Storage {
-        self.storage
-    }
-
     /// A plan for inputs of `shape` = `(N, C, *)` with the default stats chunk.
     pub fn plan(&self, device: &wgpu::Device, shape: &[usize], config: &BatchNormConfig) -> Result<BatchNormPlan> {
         self.plan_with(device, shape, config, &BatchNormPlanOptions::default())

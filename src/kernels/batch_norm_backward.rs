@@ -95,23 +95,9 @@ impl Kernel for BatchNormBackwardKernel {
     }
 }
 
+storage_constructors!(BatchNormBackwardKernel, "x, dy, dx");
+
 impl BatchNormBackwardKernel {
-    /// Compiles the pipelines for f32 activations.
-    pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device, Storage::F32)
-    }
-
-    /// Compiles the pipelines for activations (x, dy, dx) stored as `storage`.
-    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
-        crate::kernels::check_storage(device, storage)?;
-        Ok(<Self as Kernel>::build(device, storage))
-    }
-
-    /// How this kernel's activations are stored.
-    pub fn storage(&self) -> Storage {
-        self.storage
-    }
-
     /// A backward plan for inputs of `shape` = `(N, C, *)`. `dropout` is the dropout fused
     /// into the forward (its mask is applied to `dy`) with the mode it ran in (eval keeps
     /// every element at the eval scale), if any.

@@ -208,23 +208,9 @@ pub(crate) fn dropout_units(op: &'static str, shape: &[usize], unit: DropoutUnit
     })
 }
 
+storage_constructors!(DropoutKernel, "x, y, dy, dx");
+
 impl DropoutKernel {
-    /// Compiles the pipelines for f32 activations.
-    pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device, Storage::F32)
-    }
-
-    /// Compiles the pipelines for activations stored as `storage`.
-    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
-        crate::kernels::check_storage(device, storage)?;
-        Ok(<Self as Kernel>::build(device, storage))
-    }
-
-    /// How this kernel's activations (x, y, dy, dx) are stored.
-    pub fn storage(&self) -> Storage {
-        self.storage
-    }
-
     /// A plan for inputs of `shape`. `unit` picks Dropout or Dropout2d.
     pub fn plan(
         &self,

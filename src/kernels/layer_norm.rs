@@ -246,23 +246,9 @@ impl Kernel for LayerNormKernel {
     }
 }
 
+storage_constructors!(LayerNormKernel, "x, y, residual, h");
+
 impl LayerNormKernel {
-    /// Compiles the pipelines for f32 activations.
-    pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device, Storage::F32)
-    }
-
-    /// Compiles the pipelines for activations stored as `storage`.
-    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
-        crate::kernels::check_storage(device, storage)?;
-        Ok(<Self as Kernel>::build(device, storage))
-    }
-
-    /// How this kernel's activations (x, y, residual, h) are stored.
-    pub fn storage(&self) -> Storage {
-        self.storage
-    }
-
     /// A plan for inputs of `shape` (trailing dims = `config.normalized_shape`), with the
     /// device's default geometry.
     pub fn plan(

@@ -87,23 +87,9 @@ impl Kernel for LayerNormBackwardKernel {
     }
 }
 
+storage_constructors!(LayerNormBackwardKernel, "x, dy, dx, dh_in, dresidual");
+
 impl LayerNormBackwardKernel {
-    /// Compiles the pipelines for f32 activations.
-    pub fn new(device: &wgpu::Device) -> Self {
-        <Self as Kernel>::build(device, Storage::F32)
-    }
-
-    /// Compiles the pipelines for activations stored as `storage`.
-    pub fn with_storage(device: &wgpu::Device, storage: Storage) -> Result<Self> {
-        crate::kernels::check_storage(device, storage)?;
-        Ok(<Self as Kernel>::build(device, storage))
-    }
-
-    /// How this kernel's activations (x, dy, dx, dh_in, dresidual) are stored.
-    pub fn storage(&self) -> Storage {
-        self.storage
-    }
-
     /// A backward plan for the forward of `shape`, `config` and `fusion`. `dropout_training`
     /// is the mode the forward's dropout ran in (eval keeps every element at the eval scale).
     pub fn plan(

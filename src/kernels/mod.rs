@@ -6,6 +6,33 @@
 //! a plan allocates nothing but bind groups. Every argument is checked before the first command
 //! is recorded, so a call that returns an error has recorded nothing.
 
+/// The constructors and storage getter every kernel with activations shares, over its
+/// [`crate::context::Kernel::build`]: `new` (f32 activations), `with_storage` (checked against
+/// the device: native f16 needs `SHADER_F16`) and `storage`. `$tensors` names the activations
+/// the storage applies to, for the getter's doc.
+macro_rules! storage_constructors {
+    ($kernel:ty, $tensors:literal) => {
+        impl $kernel {
+            /// Compiles the pipelines for f32 activations.
+            pub fn new(device: &wgpu::Device) -> Self {
+                <Self as crate::context::Kernel>::build(device, crate::kernels::Storage::F32)
+            }
+
+            /// Compiles the pipelines for activations stored as `storage`; fails when the
+            /// device cannot store them that way (see [`crate::kernels::check_storage`]).
+            pub fn with_storage(device: &wgpu::Device, storage: crate::kernels::Storage) -> crate::error::Result<Self> {
+                crate::kernels::check_storage(device, storage)?;
+                Ok(<Self as crate::context::Kernel>::build(device, storage))
+            }
+
+            #[doc = concat!("How this kernel's activations (", $tensors, ") are stored.")]
+            pub fn storage(&self) -> crate::kernels::Storage {
+                self.storage
+            }
+        }
+    };
+}
+
 pub mod batch_norm;
 pub mod batch_norm_backward;
 pub mod copy;
