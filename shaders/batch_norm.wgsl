@@ -266,7 +266,6 @@ fn bn_normalize_dropout(
         return;
     }
     // elem_base is a multiple of 4: the four elements are the four words of one Philox call.
-    let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let keep = dropout_keep4(dropout_words(state, p.elem_base / 4u + g), p.drop_threshold, p.drop_flags);
-    st4_y(first, normalized4(first) * select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep), p.total);
+    let m = dropout_factors4(load_state(), p.elem_base / 4u + g, p.drop_threshold, p.drop_flags, p.drop_scale);
+    st4_y(first, normalized4(first) * m, p.total);
 }

@@ -95,9 +95,7 @@ fn mask_factors(i: u32, drop: bool) -> vec4<f32> {
     if (!drop) {
         return vec4<f32>(1.0);
     }
-    let state = vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-    let keep = dropout_keep4(dropout_words(state, (p.elem_base + i) / 4u), p.drop_threshold, p.drop_flags);
-    return select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep);
+    return dropout_factors4(load_state(), (p.elem_base + i) / 4u, p.drop_threshold, p.drop_flags, p.drop_scale);
 }
 
 // dy of element i times its mask factor (one Philox call; the quad paths share one per 4).

@@ -56,10 +56,6 @@ fn emit(i: u32, v: f32) {
     st_y(i, y);
 }
 
-fn load_state() -> vec4<u32> {
-    return vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-}
-
 fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
 }

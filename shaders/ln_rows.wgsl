@@ -1,9 +1,8 @@
 // include-only: validated as part of the shaders that include it.
 // Row geometry shared by the LayerNorm passes (layer_norm.wgsl, layer_norm_backward.wgsl): which
 // row and lane an invocation works on, and how a row lies over the dropout mask's quads. The
-// including shader declares `const WG` (256), `const REGS` (16), the generator state
-// `rng_state`, and a uniform `p` with rows, width, lanes, row_base, drop_threshold, drop_flags
-// and drop_scale.
+// including shader includes philox.wgsl and declares `const WG` (256), `const REGS` (16), and a
+// uniform `p` with rows, width, lanes, row_base, drop_threshold, drop_flags and drop_scale.
 
 // Where an invocation works: its row, its lane within the row, and whether that row exists
 // (the last workgroup may have spare segments; they still take part in every barrier).
@@ -61,14 +60,9 @@ fn in_registers() -> bool {
     return max_quads() <= (REGS / 4u) * p.lanes;
 }
 
-fn load_state() -> vec4<u32> {
-    return vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
-}
-
 // Dropout multipliers of the four elements of global quad q: one Philox call.
 fn drop4(state: vec4<u32>, q: u32) -> vec4<f32> {
-    let keep = dropout_keep4(dropout_words(state, q), p.drop_threshold, p.drop_flags);
-    return select(vec4<f32>(0.0), vec4<f32>(p.drop_scale), keep);
+    return dropout_factors4(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
 }
 
 // Multipliers of the row's quad k: the mask's when `drop` (a literal at every call, so the

@@ -47,7 +47,12 @@ fn philox4x32_10(counter: vec4<u32>, key: vec2<u32>) -> vec4<u32> {
     return c;
 }
 
-// The generator state a kernel reads: (seed lo, seed hi, offset lo, offset hi).
+// The generator state a kernel reads: (seed lo, seed hi, offset lo, offset hi), from the
+// including shader's `rng_state` binding (every includer declares one).
+fn load_state() -> vec4<u32> {
+    return vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
+}
+
 // The four words serving elements 4g .. 4g+3.
 fn dropout_words(state: vec4<u32>, g: u32) -> vec4<u32> {
     return philox4x32_10(vec4<u32>(g, 0u, state.z, state.w), state.xy);
@@ -58,6 +63,12 @@ const DROP_ALL: u32 = 1u;   // p = 1: every element dropped, whatever the words
 // Keep decision for one word: an integer compare, never through floats.
 fn dropout_keep(word: u32, threshold: u32, flags: u32) -> bool {
     return (flags & DROP_ALL) == 0u && word >= threshold;
+}
+
+// Multipliers of elements 4g .. 4g+3: `scale` where kept, 0 where dropped (one Philox call).
+fn dropout_factors4(state: vec4<u32>, g: u32, threshold: u32, flags: u32, scale: f32) -> vec4<f32> {
+    let keep = dropout_keep4(dropout_words(state, g), threshold, flags);
+    return select(vec4<f32>(0.0), vec4<f32>(scale), keep);
 }
 
 // Keep decisions for the four words of one Philox call.
