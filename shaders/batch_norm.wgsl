@@ -14,9 +14,12 @@
 //                     `chunks` chunks of `chunk_len`; each invocation runs Welford over a strided
 //                     slice of its chunk, the workgroup merges with Chan's formula, and writes the
 //                     chunk's (mean − K, M2, count).
+//   bn_stats_serial   the same with one invocation per (channel, chunk) and no merge (CPU
+//                     adapters: `ReduceSplit::Invocation`).
 //   bn_finalize       one workgroup per channel: Chan-merges the channel's chunk partials, updates
 //                     the running statistics, writes the saved mean and invstd, and the
 //                     channel's (K, mean − K) for the normalize pass.
+//   bn_finalize_serial  the same with one invocation per channel (pairs with bn_stats_serial).
 //   bn_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
 //                     from the running statistics. Changes nothing.
 //   bn_normalize      one invocation per 4 consecutive elements: y = (x − mean)·(invstd·γ) + β.
@@ -53,7 +56,7 @@ struct Params {
     c: u32,          // channels C
     s: u32,          // spatial size S = ∏ dims after the channel axis
     m: u32,          // elements per channel in this range: n·S
-    chunk_len: u32,  // elements per stats chunk (multiple of WG)
+    chunk_len: u32,  // elements per stats chunk (multiple of WG for bn_stats, of 4 for bn_stats_serial)
     chunks: u32,     // stats chunks per channel in this range = ceil(m / chunk_len)
     flags: u32,      // FLAG_* bits
     total: u32,      // elements in this range: n·C·S
@@ -97,24 +100,48 @@ fn bn_stats(
     }
     let c = w / p.chunks;
     let k = w % p.chunks;
+    let shift = stats_shift(c);
+    // Each invocation takes quads strided by 4·WG; the workgroup merges with Chan's formula.
     let begin = k * p.chunk_len;
-    let end = min(begin + p.chunk_len, p.m);
-
-    // Phase 1: Welford over this invocation's share of the chunk, shifted by K. The
-    // first range reads K = x[0, c, 0] and publishes it in centre[c].x for the later ranges
-    // (later dispatches) and bn_finalize.
-    var shift: f32;
-    if (p.first != 0u) {
-        shift = ld_x(c * p.s);
-    } else {
-        shift = centre[c].x;
+    let mine = chunk_stat(c, begin + 4u * lid, min(begin + p.chunk_len, p.m), 4u * WG, shift);
+    let total = workgroup_merge(lid, mine);
+    if (lid == 0u) {
+        publish_partial(c, k, shift, total);
     }
-    // Each invocation takes quads (4 consecutive elements of the channel) strided by 4·WG,
-    // walking (n, s) by increments; a quad inside one sample is merged as one triple.
-    let step = walk_start(4u * WG, p.s);
+}
+
+// bn_stats with one invocation per (channel, chunk): no workgroup memory, no barriers. CPU
+// adapters (see `ReduceSplit::Invocation`), where a workgroup merge costs more than the loads.
+@compute @workgroup_size(256)
+fn bn_stats_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * WG;
+    if (t >= p.c * p.chunks) {
+        return;
+    }
+    let c = t / p.chunks;
+    let k = t % p.chunks;
+    let shift = stats_shift(c);
+    let begin = k * p.chunk_len;
+    publish_partial(c, k, shift, chunk_stat(c, begin, min(begin + p.chunk_len, p.m), 4u, shift));
+}
+
+// K of channel c: the first range reads x[0, c, 0] (and publishes it in centre[c].x for the
+// later ranges, later dispatches, and bn_finalize); later ranges read it back.
+fn stats_shift(c: u32) -> f32 {
+    if (p.first != 0u) {
+        return ld_x(c * p.s);
+    }
+    return centre[c].x;
+}
+
+// Welford triple of x − K over channel-order indices start, start + stride, … (< end) of
+// channel c, each the start of a quad of up to 4 consecutive elements (stride a multiple of 4),
+// walking (n, s) by increments. A quad inside one sample is merged as one triple.
+fn chunk_stat(c: u32, start: u32, end: u32, stride: u32, shift: f32) -> Stat {
+    let step = walk_start(stride, p.s);
     var acc = Stat(0.0, 0.0, 0.0);
-    var at = walk_start(begin + 4u * lid, p.s);
-    for (var j = begin + 4u * lid; j < end; j += 4u * WG) {
+    var at = walk_start(start, p.s);
+    for (var j = start; j < end; j += stride) {
         let i = walk_flat(at, c, p.s, p.c);
         if (quad_fits(at.s, p.s, j, end)) {
             acc = chan_merge(acc, quad_stat(ld4_x(i) - shift));
@@ -127,14 +154,15 @@ fn bn_stats(
         }
         at = walk_step(at, step, p.s);
     }
+    return acc;
+}
 
-    // Phase 2: Chan merge across the workgroup; invocation 0 writes the chunk's partial.
-    let total = workgroup_merge(lid, acc);
-    if (lid == 0u) {
-        partials[c * p.parts + p.part_base + k] = vec4<f32>(total.mean, total.m2, total.n, 0.0);
-        if (p.first != 0u && k == 0u) {
-            centre[c] = vec2<f32>(shift, 0.0);
-        }
+// Writes chunk k's triple (mean − K, M2, count) of channel c; the first range's chunk 0 also
+// publishes K.
+fn publish_partial(c: u32, k: u32, shift: f32, total: Stat) {
+    partials[c * p.parts + p.part_base + k] = vec4<f32>(total.mean, total.m2, total.n, 0.0);
+    if (p.first != 0u && k == 0u) {
+        centre[c] = vec2<f32>(shift, 0.0);
     }
 }
 
@@ -148,35 +176,53 @@ fn bn_finalize(
     if (c >= p.c) {
         return;
     }
+    // Each invocation merges a strided subset of the channel's chunk partials, then the
+    // workgroup merges; invocation 0 turns the triple into statistics.
+    let total = workgroup_merge(lid, merge_partials(c, lid, WG));
+    if (lid == 0u) {
+        finish_channel(c, total);
+    }
+}
 
-    // Phase 1: each invocation merges a strided subset of the channel's chunk partials.
+// bn_finalize with one invocation per channel merging all its partials in order: no workgroup
+// memory, no barriers. Pairs with bn_stats_serial (CPU adapters).
+@compute @workgroup_size(64)
+fn bn_finalize_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = gid.x + gid.y * nwg.x * 64u;
+    if (c >= p.c) {
+        return;
+    }
+    finish_channel(c, merge_partials(c, 0u, 1u));
+}
+
+// Chan merge of channel c's partials first, first + stride, … (< parts).
+fn merge_partials(c: u32, first: u32, stride: u32) -> Stat {
     var acc = Stat(0.0, 0.0, 0.0);
-    for (var k = lid; k < p.parts; k += WG) {
+    for (var k = first; k < p.parts; k += stride) {
         let part = partials[c * p.parts + k];
         acc = chan_merge(acc, Stat(part.z, part.x, part.y));
     }
+    return acc;
+}
 
-    // Phase 2: merge across the workgroup.
-    let total = workgroup_merge(lid, acc);
-
-    // Phase 3: one invocation turns the channel's triple into statistics.
-    if (lid == 0u) {
-        let shift = centre[c].x;
-        let mean = shift + total.mean;
-        let var_biased = max(total.m2 / f32(p.m_all), 0.0);
-        save_mean[c] = mean;
-        save_invstd[c] = 1.0 / sqrt(var_biased + p.eps);
-        centre[c] = vec2<f32>(shift, total.mean);
-        if ((p.flags & FLAG_TRACK) != 0u) {
-            // num_batches_tracked was already incremented by bn_count in this step.
-            var m = p.momentum;
-            if ((p.flags & FLAG_CUMULATIVE) != 0u) {
-                m = 1.0 / (f32(num_batches[0]) + f32(num_batches[1]) * 4294967296.0);
-            }
-            let var_unbiased = max(total.m2 / f32(p.m_all - 1u), 0.0);
-            running_mean[c] = (1.0 - m) * running_mean[c] + m * mean;
-            running_var[c] = (1.0 - m) * running_var[c] + m * var_unbiased;
+// Saved mean and invstd, (K, mean − K) for the normalize pass, and the running statistics of
+// channel c from its merged triple.
+fn finish_channel(c: u32, total: Stat) {
+    let shift = centre[c].x;
+    let mean = shift + total.mean;
+    let var_biased = max(total.m2 / f32(p.m_all), 0.0);
+    save_mean[c] = mean;
+    save_invstd[c] = 1.0 / sqrt(var_biased + p.eps);
+    centre[c] = vec2<f32>(shift, total.mean);
+    if ((p.flags & FLAG_TRACK) != 0u) {
+        // num_batches_tracked was already incremented by bn_count in this step.
+        var m = p.momentum;
+        if ((p.flags & FLAG_CUMULATIVE) != 0u) {
+            m = 1.0 / (f32(num_batches[0]) + f32(num_batches[1]) * 4294967296.0);
         }
+        let var_unbiased = max(total.m2 / f32(p.m_all - 1u), 0.0);
+        running_mean[c] = (1.0 - m) * running_mean[c] + m * mean;
+        running_var[c] = (1.0 - m) * running_var[c] + m * var_unbiased;
     }
 }
 

@@ -20,8 +20,11 @@
 // Entry points, in order:
 //   bnb_reduce    one workgroup per (channel, chunk): the three sums of the chunk.
 //                 bnb_reduce_dropout: the same with dy·m (fused dropout).
+//                 bnb_reduce_serial(_dropout): one invocation per (channel, chunk), no
+//                 workgroup merge (CPU adapters: `ReduceSplit::Invocation`).
 //   bnb_finalize  one workgroup per channel: merges chunk sums; writes (or adds to) dγ, dβ;
 //                 writes the channel's dx coefficients (K, mean − K, Σdy/M, Σdy·x̂/M).
+//                 bnb_finalize_serial: one invocation per channel (pairs with _serial reduce).
 //   bnb_dx        one invocation per 4 consecutive elements: dx (written or added to).
 //                 bnb_dx_dropout: the same with dy·m.
 
@@ -153,22 +156,53 @@ fn bnb_reduce_dropout(
 // bnb_reduce of workgroup w; `drop`: dy is multiplied by the fused dropout's mask.
 fn reduce(w: u32, lid: u32, drop: bool) {
     if (w >= p.c * p.chunks) {
-        return;
+        return; // padding workgroup of a folded dispatch (uniform across the workgroup)
     }
     let c = w / p.chunks;
     let k = w % p.chunks;
-    let begin = k * p.chunk_len;
-    let end = min(begin + p.chunk_len, p.m);
     let centre = centre_of(c);
+    // Each invocation takes quads strided by 4·WG; the workgroup sums.
+    let begin = k * p.chunk_len;
+    let mine = chunk_sums(c, begin + 4u * lid, min(begin + p.chunk_len, p.m), 4u * WG, centre, drop);
+    let total = workgroup_sum3(lid, mine);
+    if (lid == 0u) {
+        publish_partial(c, k, centre, total);
+    }
+}
 
-    // Phase 1: this invocation's share of Σ(x − K), Σdy, Σdy·(x − K), over quads (4
-    // consecutive elements of the channel) strided by 4·WG, walking (n, s) by increments. A
-    // quad inside one sample that starts a Philox group (always when S % 4 == 0) is summed
-    // with vector operations and one Philox call; others element by element.
-    let step = walk_start(4u * WG, p.s);
+// bnb_reduce with one invocation per (channel, chunk): no workgroup memory, no barriers (CPU
+// adapters, `ReduceSplit::Invocation`).
+@compute @workgroup_size(256)
+fn bnb_reduce_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    reduce_serial(gid.x + gid.y * nwg.x * WG, false);
+}
+
+@compute @workgroup_size(256)
+fn bnb_reduce_serial_dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    reduce_serial(gid.x + gid.y * nwg.x * WG, true);
+}
+
+fn reduce_serial(t: u32, drop: bool) {
+    if (t >= p.c * p.chunks) {
+        return;
+    }
+    let c = t / p.chunks;
+    let k = t % p.chunks;
+    let centre = centre_of(c);
+    let begin = k * p.chunk_len;
+    publish_partial(c, k, centre, chunk_sums(c, begin, min(begin + p.chunk_len, p.m), 4u, centre, drop));
+}
+
+// Σ(x − K), Σdy, Σdy·(x − K) over channel-order indices start, start + stride, … (< end) of
+// channel c, each the start of a quad of up to 4 consecutive elements (stride a multiple of
+// 4), walking (n, s) by increments. A quad inside one sample that starts a Philox group
+// (always when S % 4 == 0) is summed with vector operations and one Philox call; others
+// element by element.
+fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool) -> vec3<f32> {
+    let step = walk_start(stride, p.s);
     var acc = vec3<f32>(0.0);
-    var at = walk_start(begin + 4u * lid, p.s);
-    for (var j = begin + 4u * lid; j < end; j += 4u * WG) {
+    var at = walk_start(start, p.s);
+    for (var j = start; j < end; j += stride) {
         let i = walk_flat(at, c, p.s, p.c);
         if (quad_fits(at.s, p.s, j, end) && (p.elem_base + i) % 4u == 0u) {
             let xs = ld4_x(i) - centre;
@@ -186,14 +220,14 @@ fn reduce(w: u32, lid: u32, drop: bool) {
         }
         at = walk_step(at, step, p.s);
     }
+    return acc;
+}
 
-    // Phase 2: tree sum across the workgroup.
-    let total = workgroup_sum3(lid, acc);
-    if (lid == 0u) {
-        partials[c * p.parts + p.part_base + k] = vec4<f32>(total, 0.0);
-        if (p.first != 0u && k == 0u) {
-            coef[c] = vec4<f32>(centre, 0.0, 0.0, 0.0);
-        }
+// Writes chunk k's sums of channel c; the first range's chunk 0 also publishes K.
+fn publish_partial(c: u32, k: u32, centre: f32, total: vec3<f32>) {
+    partials[c * p.parts + p.part_base + k] = vec4<f32>(total, 0.0);
+    if (p.first != 0u && k == 0u) {
+        coef[c] = vec4<f32>(centre, 0.0, 0.0, 0.0);
     }
 }
 
@@ -207,26 +241,47 @@ fn bnb_finalize(
     if (c >= p.c) {
         return;
     }
+    let total = workgroup_sum3(lid, sum_partials(c, lid, WG));
+    if (lid == 0u) {
+        finish_channel(c, total);
+    }
+}
+
+// bnb_finalize with one invocation per channel summing its partials in order (pairs with
+// bnb_reduce_serial).
+@compute @workgroup_size(64)
+fn bnb_finalize_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = gid.x + gid.y * nwg.x * 64u;
+    if (c >= p.c) {
+        return;
+    }
+    finish_channel(c, sum_partials(c, 0u, 1u));
+}
+
+// Sum of channel c's partials first, first + stride, … (< parts).
+fn sum_partials(c: u32, first: u32, stride: u32) -> vec3<f32> {
     var acc = vec3<f32>(0.0);
-    for (var k = lid; k < p.parts; k += WG) {
+    for (var k = first; k < p.parts; k += stride) {
         acc += partials[c * p.parts + k].xyz;
     }
-    let total = workgroup_sum3(lid, acc);
-    if (lid == 0u) {
-        let m = f32(p.m_all);
-        let invstd = save_invstd[c];
-        let centre = select(save_mean[c], coef[c].x, has(FLAG_BATCH_STATS));
-        // mean − K: exact from the data with batch statistics; K is the mean otherwise.
-        let mk = select(0.0, total.x / m, has(FLAG_BATCH_STATS));
-        let sum_dy = total.y;
-        let sum_dy_xhat = invstd * (total.z - mk * sum_dy);
-        if (has(FLAG_AFFINE)) {
-            let accumulate = has(FLAG_ACCUM_PARAMS);
-            dweight[c] = select(0.0, dweight[c], accumulate) + sum_dy_xhat;
-            dbias[c] = select(0.0, dbias[c], accumulate) + sum_dy;
-        }
-        coef[c] = vec4<f32>(centre, mk, sum_dy / m, sum_dy_xhat / m);
+    return acc;
+}
+
+// dγ, dβ (written or added to) and the dx coefficients of channel c from its sums.
+fn finish_channel(c: u32, total: vec3<f32>) {
+    let m = f32(p.m_all);
+    let invstd = save_invstd[c];
+    let centre = select(save_mean[c], coef[c].x, has(FLAG_BATCH_STATS));
+    // mean − K: exact from the data with batch statistics; K is the mean otherwise.
+    let mk = select(0.0, total.x / m, has(FLAG_BATCH_STATS));
+    let sum_dy = total.y;
+    let sum_dy_xhat = invstd * (total.z - mk * sum_dy);
+    if (has(FLAG_AFFINE)) {
+        let accumulate = has(FLAG_ACCUM_PARAMS);
+        dweight[c] = select(0.0, dweight[c], accumulate) + sum_dy_xhat;
+        dbias[c] = select(0.0, dbias[c], accumulate) + sum_dy;
     }
+    coef[c] = vec4<f32>(centre, mk, sum_dy / m, sum_dy_xhat / m);
 }
 
 // dx coefficients of channel c: (K, mean − K, Σdy/M, Σdy·x̂/M) and (invstd, invstd·γ).

@@ -40,7 +40,8 @@ pub mod tensor;
 pub use context::{Context, ContextOptions, Kernel};
 pub use error::{Error, Result};
 pub use kernels::batch_norm::{
-    BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions,
+    default_reduce_split, BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions,
+    ReduceSplit,
 };
 pub use kernels::batch_norm_backward::{
     Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan,

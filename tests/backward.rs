@@ -11,7 +11,7 @@ use normdrop::reference::{
 };
 use normdrop::{
     Accumulate, BatchNorm, BatchNormConfig, BatchNormDropout, Context, DType, Dropout, Dropout2d, DropoutConfig,
-    DropoutMode, DropoutUnit, Error, GradTargets, LayerNorm, LayerNormConfig, LayerNormDropout,
+    DropoutMode, DropoutUnit, Error, GradTargets, LayerNorm, LayerNormConfig, LayerNormDropout, ReduceSplit,
     ResidualDropoutLayerNorm, Tensor,
 };
 use proptest::prelude::*;
@@ -28,7 +28,15 @@ fn upload(ctx: &Context, v: &[f32], shape: &[usize]) -> Tensor {
 }
 
 /// BatchNorm forward + backward on the GPU against the reference.
-fn check_batch_norm(ctx: &Context, shape: &[usize], config: &BatchNormConfig, training: bool, offset: f64, seed: u64) {
+fn check_batch_norm(
+    ctx: &Context,
+    shape: &[usize],
+    config: &BatchNormConfig,
+    training: bool,
+    split: ReduceSplit,
+    offset: f64,
+    seed: u64,
+) {
     let mut rng = Rng::new(seed);
     let c = shape[1];
     let numel: usize = shape.iter().product();
@@ -37,6 +45,7 @@ fn check_batch_norm(ctx: &Context, shape: &[usize], config: &BatchNormConfig, tr
     let gamma = rng.normal_vec(c, 1.0, 0.5);
     let beta = rng.normal_vec(c, 0.0, 0.5);
     let mut bn = BatchNorm::with_config(ctx, config.clone()).unwrap();
+    bn.set_reduce_split(Some(split));
     if config.affine {
         bn.set_weight(&gamma).unwrap();
         bn.set_bias(&beta).unwrap();
@@ -80,7 +89,7 @@ fn check_batch_norm(ctx: &Context, shape: &[usize], config: &BatchNormConfig, tr
         batch_stats,
     )
     .unwrap();
-    let what = format!("BN {shape:?} {config:?} training={training} offset={offset}");
+    let what = format!("BN {shape:?} {config:?} training={training} {split:?} offset={offset}");
     assert_close(&format!("{what} dx"), &read(ctx, &g.dx), &r.dx, RTOL, ATOL);
     if config.affine {
         assert_close(
@@ -151,6 +160,7 @@ proptest! {
         affine: bool,
         track: bool,
         training: bool,
+        split in common::reduce_splits(),
         off_centre: bool,
         seed: u64,
     ) {
@@ -160,7 +170,7 @@ proptest! {
         let m: usize = shape.iter().product::<usize>() / c;
         let config = BatchNormConfig { affine, track_running_stats: track, ..BatchNormConfig::new(c) };
         prop_assume!(m > 1 || (!training && track));
-        check_batch_norm(&ctx, &shape, &config, training, if off_centre { 1000.0 } else { 0.0 }, seed);
+        check_batch_norm(&ctx, &shape, &config, training, split, if off_centre { 1000.0 } else { 0.0 }, seed);
     }
 
     #[test]
@@ -184,13 +194,20 @@ proptest! {
 fn pinned_gradient_cases() {
     let ctx = gpu!();
     let cfg = BatchNormConfig::new;
-    // M = 2 (the smallest batch statistics), primes, off-centre, many chunks, eval.
-    check_batch_norm(&ctx, &[2, 5], &cfg(5), true, 0.0, 1);
-    check_batch_norm(&ctx, &[1, 3, 2], &cfg(3), true, 1000.0, 2);
-    check_batch_norm(&ctx, &[7, 13, 31], &cfg(13), true, 0.0, 3);
-    check_batch_norm(&ctx, &[16, 2, 64, 64], &cfg(2), true, 1000.0, 4);
-    check_batch_norm(&ctx, &[3, 4, 5], &cfg(4), false, 0.0, 5);
-    check_batch_norm(&ctx, &[1, 4], &cfg(4), false, 0.0, 6);
+    // M = 2 (the smallest batch statistics), primes, off-centre, many chunks, eval; each with
+    // workgroup chunks and with invocation chunks of one and of 25 quads.
+    for split in [
+        ReduceSplit::Workgroup { chunk: 256 },
+        ReduceSplit::Invocation { chunk: 4 },
+        ReduceSplit::Invocation { chunk: 100 },
+    ] {
+        check_batch_norm(&ctx, &[2, 5], &cfg(5), true, split, 0.0, 1);
+        check_batch_norm(&ctx, &[1, 3, 2], &cfg(3), true, split, 1000.0, 2);
+        check_batch_norm(&ctx, &[7, 13, 31], &cfg(13), true, split, 0.0, 3);
+        check_batch_norm(&ctx, &[16, 2, 64, 64], &cfg(2), true, split, 1000.0, 4);
+        check_batch_norm(&ctx, &[3, 4, 5], &cfg(4), false, split, 0.0, 5);
+        check_batch_norm(&ctx, &[1, 4], &cfg(4), false, split, 0.0, 6);
+    }
     for width in [1usize, 2, 255, 4096, 4097, 20_000] {
         check_layer_norm(&ctx, &[3, width], &LayerNormConfig::new(&[width]), 0.0, width as u64);
     }
@@ -259,23 +276,33 @@ fn batch_norm_dropout_backward_equals_the_unfused_chain() {
     let ctx = gpu!();
     let mut rng = Rng::new(31);
     // S = 25: Philox groups straddle channels and samples (element-by-element paths);
-    // S = 64: every quad lies in one channel and starts a Philox group (vector paths).
-    for (shape, training, drop) in [
-        ([4, 3, 5, 5], true, DropoutConfig::new(0.3)),
-        ([2, 3, 8, 8], true, DropoutConfig::new(0.3)),
-        (
-            [4, 3, 5, 5],
-            false,
-            DropoutConfig {
-                p: 0.4,
-                mode: DropoutMode::ScaleAtInference,
-            },
-        ),
-    ] {
+    // S = 64: every quad lies in one channel and starts a Philox group (vector paths). Both
+    // reduce splits (fused and unfused use the same, so their sums agree to rounding).
+    let splits = [
+        ReduceSplit::Workgroup { chunk: 256 },
+        ReduceSplit::Invocation { chunk: 12 },
+    ];
+    for (split, (shape, training, drop)) in splits.into_iter().flat_map(|s| {
+        [
+            ([4, 3, 5, 5], true, DropoutConfig::new(0.3)),
+            ([2, 3, 8, 8], true, DropoutConfig::new(0.3)),
+            (
+                [4, 3, 5, 5],
+                false,
+                DropoutConfig {
+                    p: 0.4,
+                    mode: DropoutMode::ScaleAtInference,
+                },
+            ),
+        ]
+        .map(|case| (s, case))
+    }) {
         let numel: usize = shape.iter().product();
         let config = BatchNormConfig::new(3);
         let mut fused = BatchNormDropout::new(&ctx, config.clone(), drop, 5).unwrap();
         let mut bn = BatchNorm::with_config(&ctx, config).unwrap();
+        fused.batch_norm_mut().set_reduce_split(Some(split));
+        bn.set_reduce_split(Some(split));
         let mut dropout = Dropout::with_config(&ctx, drop, 5).unwrap();
         let gamma = [0.5f32, 2.0, -1.5];
         fused.batch_norm_mut().set_weight(&gamma).unwrap();
@@ -291,7 +318,7 @@ fn batch_norm_dropout_backward_equals_the_unfused_chain() {
         dropout.forward(&bn.forward(&x).unwrap()).unwrap();
         let gf = fused.backward(&dy).unwrap();
         let gu = bn.backward(&dropout.backward(&dy).unwrap()).unwrap();
-        let what = format!("{shape:?} training={training}");
+        let what = format!("{shape:?} training={training} {split:?}");
         assert_close(
             &format!("{what} dx"),
             &read(&ctx, &gf.dx),

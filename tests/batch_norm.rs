@@ -6,8 +6,8 @@ use common::{assert_close, Rng};
 use normdrop::fixture::{self, Fixture, Verdict};
 use normdrop::reference::{batch_norm_forward, RefRunningStats};
 use normdrop::{
-    BatchNorm, BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions, Context, ContextOptions,
-    DType, Error, Tensor,
+    BatchNorm, BatchNormBackwardKernel, BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions,
+    Context, ContextOptions, DType, Error, ReduceSplit, Tensor,
 };
 use proptest::prelude::*;
 
@@ -122,7 +122,7 @@ fn check_against_reference(
     shape: &[usize],
     config: &BatchNormConfig,
     training: bool,
-    chunk: u32,
+    split: ReduceSplit,
     offset: f64,
     seed: u64,
     tol: (f64, f64),
@@ -142,7 +142,7 @@ fn check_against_reference(
     run.mean.iter_mut().for_each(|v| *v = f64::from(*v as f32));
     run.var.iter_mut().for_each(|v| *v = f64::from(*v as f32));
     let bufs = Bufs::new(ctx, &x, shape, &weight, &bias, &run);
-    let what = format!("shape {shape:?} {config:?} training={training} chunk={chunk}");
+    let what = format!("shape {shape:?} {config:?} training={training} {split:?}");
 
     let kernel = ctx.kernel::<BatchNormKernel>().unwrap();
     let plan = kernel
@@ -151,7 +151,7 @@ fn check_against_reference(
             shape,
             config,
             &BatchNormPlanOptions {
-                stats_chunk: Some(chunk),
+                split: Some(split),
                 dropout: None,
             },
         )
@@ -229,7 +229,7 @@ proptest! {
         momentum in prop_oneof![Just(None), (0.0f32..=1.0).prop_map(Some)],
         eps in prop_oneof![Just(1e-5f32), Just(1e-3), Just(0.5)],
         training: bool,
-        chunk_shift in 0u32..3,
+        split in common::reduce_splits(),
         off_centre: bool,
         seed: u64,
     ) {
@@ -238,7 +238,7 @@ proptest! {
         shape.extend(spatial);
         let (offset, tol) = if off_centre { (1000.0, (OFFSET_TOL, OFFSET_TOL)) } else { (0.0, (RTOL, ATOL)) };
         let cfg = config(c, momentum, affine, track, eps);
-        check_against_reference(&ctx, &shape, &cfg, training, 256 << chunk_shift, offset, seed, tol);
+        check_against_reference(&ctx, &shape, &cfg, training, split, offset, seed, tol);
     }
 }
 
@@ -246,8 +246,9 @@ proptest! {
 fn pinned_awkward_shapes() {
     let ctx = gpu!();
     let cfg = |c| config(c, Some(0.1), true, true, 1e-5);
-    // (shape, stats chunk): M = 2; primes; widths that are not multiples of 4 or 256;
-    // exactly one chunk; one element past a chunk.
+    // (shape, workgroup chunk): M = 2; primes; widths that are not multiples of 4 or 256;
+    // exactly one chunk; one element past a chunk. Each also with invocation chunks of one
+    // quad, of three quads (chunks cross samples when S is not a multiple of 12), and 256.
     for (shape, chunk) in [
         (vec![2, 3], 256),
         (vec![1, 3, 2], 256),
@@ -258,36 +259,44 @@ fn pinned_awkward_shapes() {
         (vec![2, 1000], 4096),
         (vec![5, 3, 3, 3, 3], 512),
     ] {
-        check_against_reference(&ctx, &shape, &cfg(shape[1]), true, chunk, 0.0, 7, (RTOL, ATOL));
-        check_against_reference(&ctx, &shape, &cfg(shape[1]), false, chunk, 0.0, 8, (RTOL, ATOL));
+        let splits = [
+            ReduceSplit::Workgroup { chunk },
+            ReduceSplit::Invocation { chunk: 4 },
+            ReduceSplit::Invocation { chunk: 12 },
+            ReduceSplit::Invocation { chunk: 256 },
+        ];
+        for split in splits {
+            check_against_reference(&ctx, &shape, &cfg(shape[1]), true, split, 0.0, 7, (RTOL, ATOL));
+            check_against_reference(&ctx, &shape, &cfg(shape[1]), false, split, 0.0, 8, (RTOL, ATOL));
+        }
     }
 }
 
 #[test]
 fn off_centre_large_m_is_stable() {
     let ctx = gpu!();
-    // 1000 + 0.1·randn: E[x²] − E[x]² loses every digit here; Welford + Chan does not.
+    // 1000 + 0.1·randn: E[x²] − E[x]² loses every digit here; Welford + Chan does not, with
+    // partials from 256-invocation workgroups or from single invocations (16384 one-quad
+    // chunks per channel merged in order by one invocation).
     let cfg = config(4, Some(0.1), true, true, 1e-5);
-    check_against_reference(
-        &ctx,
-        &[16, 4, 64, 64],
-        &cfg,
-        true,
-        4096,
-        1000.0,
-        11,
-        (OFFSET_TOL, OFFSET_TOL),
-    );
-    check_against_reference(
-        &ctx,
-        &[16, 4, 64, 64],
-        &cfg,
-        true,
-        256,
-        1000.0,
-        12,
-        (OFFSET_TOL, OFFSET_TOL),
-    );
+    let splits = [
+        ReduceSplit::Workgroup { chunk: 4096 },
+        ReduceSplit::Workgroup { chunk: 256 },
+        ReduceSplit::Invocation { chunk: 4 },
+        ReduceSplit::Invocation { chunk: 1000 },
+    ];
+    for (seed, split) in (11..).zip(splits) {
+        check_against_reference(
+            &ctx,
+            &[16, 4, 64, 64],
+            &cfg,
+            true,
+            split,
+            1000.0,
+            seed,
+            (OFFSET_TOL, OFFSET_TOL),
+        );
+    }
 }
 
 #[test]
@@ -303,39 +312,55 @@ fn off_centre_with_two_values_per_channel() {
             &[2, 12],
             &cfg,
             false,
-            1024,
+            ReduceSplit::Workgroup { chunk: 1024 },
             1000.0,
             seed,
             (OFFSET_TOL, OFFSET_TOL),
         );
-        check_against_reference(&ctx, &[2, 12], &cfg, true, 256, 1000.0, seed, (RTOL, RTOL));
+        for split in [
+            ReduceSplit::Workgroup { chunk: 256 },
+            ReduceSplit::Invocation { chunk: 4 },
+        ] {
+            check_against_reference(&ctx, &[2, 12], &cfg, true, split, 1000.0, seed, (RTOL, RTOL));
+        }
     }
 }
 
 #[test]
 fn many_channels_fold_stats_and_finalize_dispatches() {
     let ctx = gpu!();
-    // C = 70000 > 65535 workgroups in bn_stats and bn_finalize, with M = 2.
+    // C = 70000 > 65535 workgroups in bn_stats and bn_finalize, with M = 2; and the same
+    // channels one per invocation.
     let cfg = config(70_000, Some(0.1), true, true, 1e-5);
-    check_against_reference(&ctx, &[2, 70_000], &cfg, true, 256, 0.0, 21, (RTOL, ATOL));
+    for split in [
+        ReduceSplit::Workgroup { chunk: 256 },
+        ReduceSplit::Invocation { chunk: 4 },
+    ] {
+        check_against_reference(&ctx, &[2, 70_000], &cfg, true, split, 0.0, 21, (RTOL, ATOL));
+    }
 }
 
 #[test]
 fn one_channel_huge_m_folds_normalize_dispatch() {
     let ctx = gpu!();
     // C = 1, M = 2^24 + 12345: over 65535 normalize workgroups of 256, and 4099 stats chunks
-    // merged by one finalize workgroup.
+    // merged by one finalize workgroup, or by one invocation.
     let cfg = config(1, None, true, true, 1e-5);
-    check_against_reference(
-        &ctx,
-        &[1, 1, (1 << 24) + 12345],
-        &cfg,
-        true,
-        4096,
-        0.0,
-        31,
-        (RTOL, ATOL),
-    );
+    for split in [
+        ReduceSplit::Workgroup { chunk: 4096 },
+        ReduceSplit::Invocation { chunk: 4096 },
+    ] {
+        check_against_reference(
+            &ctx,
+            &[1, 1, (1 << 24) + 12345],
+            &cfg,
+            true,
+            split,
+            0.0,
+            31,
+            (RTOL, ATOL),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,6 +576,59 @@ fn bad_hyper_parameters_are_rejected() {
     // Boundary values are legal.
     BatchNorm::with_config(&ctx, config(3, Some(0.0), true, true, 1e-12)).unwrap();
     BatchNorm::with_config(&ctx, config(3, Some(1.0), true, true, 1e-5)).unwrap();
+}
+
+#[test]
+fn bad_reduce_splits_are_rejected_by_forward_backward_and_module() {
+    let ctx = gpu!();
+    let cfg = config(3, Some(0.1), true, true, 1e-5);
+    let shape = [4, 3, 10];
+    let fwd = ctx.kernel::<BatchNormKernel>().unwrap();
+    let bwd = ctx.kernel::<BatchNormBackwardKernel>().unwrap();
+    for split in [
+        ReduceSplit::Workgroup { chunk: 0 },
+        ReduceSplit::Workgroup { chunk: 100 },
+        ReduceSplit::Workgroup { chunk: 260 },
+        ReduceSplit::Invocation { chunk: 0 },
+        ReduceSplit::Invocation { chunk: 6 },
+    ] {
+        let options = BatchNormPlanOptions {
+            split: Some(split),
+            dropout: None,
+        };
+        let r = fwd.plan_with(ctx.device(), &shape, &cfg, &options);
+        assert!(matches!(r, Err(Error::InvalidArgument { .. })), "forward {split:?}");
+        let r = bwd.plan_with(ctx.device(), &shape, &cfg, None, Some(split));
+        assert!(matches!(r, Err(Error::InvalidArgument { .. })), "backward {split:?}");
+        let mut bn = BatchNorm::with_config(&ctx, cfg.clone()).unwrap();
+        bn.set_reduce_split(Some(split));
+        let x = Tensor::from_slice(&ctx, &[0.5f32; 120], &shape).unwrap();
+        assert!(
+            matches!(bn.forward(&x), Err(Error::InvalidArgument { .. })),
+            "module {split:?}"
+        );
+        assert_eq!(bn.num_batches_tracked_blocking().unwrap(), Some(0), "{split:?}");
+    }
+    // Plans report the split they use; the smallest legal chunks are accepted.
+    for split in [
+        ReduceSplit::Workgroup { chunk: 256 },
+        ReduceSplit::Invocation { chunk: 4 },
+    ] {
+        let options = BatchNormPlanOptions {
+            split: Some(split),
+            dropout: None,
+        };
+        assert_eq!(
+            fwd.plan_with(ctx.device(), &shape, &cfg, &options).unwrap().split(),
+            split
+        );
+        assert_eq!(
+            bwd.plan_with(ctx.device(), &shape, &cfg, None, Some(split))
+                .unwrap()
+                .split(),
+            split
+        );
+    }
 }
 
 #[test]

@@ -15,7 +15,7 @@ use normdrop::reference::{self, RefRunningStats};
 use normdrop::{
     BatchNorm, BatchNormBackwardKernel, BatchNormConfig, BatchNormDropout, BatchNormKernel, Context, ContextOptions,
     DType, Dropout, Dropout2d, DropoutConfig, DropoutKernel, DropoutUnit, LayerNorm, LayerNormBackwardKernel,
-    LayerNormConfig, LayerNormDropout, LayerNormFusion, LayerNormKernel, ResidualDropoutLayerNorm, Tensor,
+    LayerNormConfig, LayerNormDropout, LayerNormFusion, LayerNormKernel, ReduceSplit, ResidualDropoutLayerNorm, Tensor,
 };
 
 const LIMIT: u64 = 64 << 10;
@@ -230,7 +230,11 @@ fn layer_norm_in_row_chunks_matches_the_reference() {
 
 #[test]
 fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
-    for packed in [false, true] {
+    let splits = [
+        ReduceSplit::Workgroup { chunk: 256 },
+        ReduceSplit::Invocation { chunk: 64 },
+    ];
+    for (packed, split) in [false, true].into_iter().flat_map(|p| splits.map(|s| (p, s))) {
         let Some(ctx) = small(packed) else { return };
         let dtype = if packed { DType::F16 } else { DType::F32 };
         let tol = if packed { 4e-3 } else { 1e-4 };
@@ -264,6 +268,7 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
         let gamma = [0.5f32, 1.0, 2.0];
         let beta = [0.1f32, -0.2, 0.3];
         let mut bn = BatchNorm::with_config(&ctx, config.clone()).unwrap();
+        bn.set_reduce_split(Some(split));
         bn.set_weight(&gamma).unwrap();
         bn.set_bias(&beta).unwrap();
         let y = bn.forward(&upload(&ctx, &x, &shape, dtype)).unwrap();
@@ -321,6 +326,7 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
         // Fused BatchNorm → dropout: the unchunked mask over flat indices.
         let drop = DropoutConfig::new(0.2);
         let mut m = BatchNormDropout::new(&ctx, config.clone(), drop, 3).unwrap();
+        m.batch_norm_mut().set_reduce_split(Some(split));
         let (seed, offset) = m.state();
         let y = read(&ctx, &m.forward(&upload(&ctx, &x, &shape, dtype)).unwrap());
         let mut running = RefRunningStats::new(3);

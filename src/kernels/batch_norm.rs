@@ -26,8 +26,10 @@ const OP: &str = "batch_norm";
 /// Entry points in `shaders/batch_norm.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bn_stats",
+    "bn_stats_serial",
     "bn_count",
     "bn_finalize",
+    "bn_finalize_serial",
     "bn_finalize_eval",
     "bn_normalize",
     "bn_normalize_dropout",
@@ -35,30 +37,94 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
 const WORKGROUP: u64 = 256;
 const EVAL_WORKGROUP: u64 = 64;
 
-/// Default elements of one channel reduced by one `bn_stats` workgroup on a GPU (16 per
-/// invocation); see [`default_stats_chunk`].
+/// Default elements of one channel reduced by one `bn_stats` / `bnb_reduce` workgroup on a GPU
+/// (16 per invocation); see [`default_reduce_split`].
 pub const DEFAULT_STATS_CHUNK: u32 = 4096;
 
-/// Largest default stats chunk on a CPU adapter (256 elements per invocation).
-pub const CPU_MAX_STATS_CHUNK: u32 = 65536;
+/// Smallest chunk [`default_reduce_split`] gives one invocation on a CPU adapter.
+pub const MIN_INVOCATION_CHUNK: u32 = 64;
 
-/// The split-reduction grain a plan uses unless told otherwise: elements of one channel that
-/// one reduce workgroup (`bn_stats`, `bnb_reduce`) takes, for `m` = N·∏spatial elements per
-/// channel on an adapter of `device_type`.
-///
-/// - GPUs: [`DEFAULT_STATS_CHUNK`], so that a small C with a large N·H·W still spreads over
-///   many workgroups (C = 1, M = 2^24: 4096 workgroups).
-/// - CPU adapters (lavapipe, llvmpipe, WARP): a whole channel per workgroup, rounded up to a
-///   multiple of 256, between 4096 and [`CPU_MAX_STATS_CHUNK`]. They run a few threads, and
-///   every workgroup beyond those only adds its fixed cost (fibers and barriers on lavapipe):
-///   `bn_train_fwd` 8x64x28x28 took 1.24x less time with one chunk per channel than with two
-///   (BENCHMARKS.md, optimisation 10).
-pub fn default_stats_chunk(device_type: wgpu::DeviceType, m: u64) -> u32 {
-    if device_type != wgpu::DeviceType::Cpu {
-        return DEFAULT_STATS_CHUNK;
+/// How the BatchNorm reduce passes (forward statistics, backward sums) split each channel's
+/// `M = N·∏spatial` elements into chunks, and who reduces a chunk. Either way a channel's
+/// chunk results are merged in a fixed order by the finalize pass, so results agree within
+/// rounding whatever the split; forward and backward plans choose theirs independently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceSplit {
+    /// Chunks of `chunk` elements (a positive multiple of 256), one workgroup of 256
+    /// invocations each, merged in workgroup memory; one workgroup per channel merges the
+    /// chunks. Neighbouring invocations read neighbouring quads: the GPU layout. Smaller chunks
+    /// spread a channel over more workgroups (small C, large N·H·W).
+    Workgroup {
+        /// Elements of one channel per workgroup.
+        chunk: u32,
+    },
+    /// Chunks of `chunk` elements (a positive multiple of 4), one invocation each, and one
+    /// invocation per channel merging them: no workgroup memory and no barriers. The layout for
+    /// CPU adapters, which run a workgroup's invocations a SIMD group at a time, so that a
+    /// workgroup merge costs them more than the loads it merges (on lavapipe the two merges of
+    /// a BatchNorm forward took 40% of `bn_train_fwd`; BENCHMARKS.md, optimisation 19).
+    Invocation {
+        /// Elements of one channel per invocation.
+        chunk: u32,
+    },
+}
+
+impl ReduceSplit {
+    /// Elements of one channel per chunk.
+    pub fn chunk(&self) -> u32 {
+        match *self {
+            ReduceSplit::Workgroup { chunk } | ReduceSplit::Invocation { chunk } => chunk,
+        }
     }
-    let whole = m.div_ceil(WORKGROUP) * WORKGROUP;
-    whole.clamp(u64::from(DEFAULT_STATS_CHUNK), u64::from(CPU_MAX_STATS_CHUNK)) as u32
+
+    /// Whether a chunk is reduced by one invocation (the `_serial` entry points).
+    pub(crate) fn serial(&self) -> bool {
+        matches!(self, ReduceSplit::Invocation { .. })
+    }
+
+    /// The split a plan for `dims` on `device` uses: `split` after checking it, or the default.
+    pub(crate) fn resolve(split: Option<Self>, op: &'static str, device: &wgpu::Device, dims: &BnDims) -> Result<Self> {
+        let split = split.unwrap_or_else(|| {
+            let threads = std::thread::available_parallelism().map_or(1, usize::from);
+            default_reduce_split(device.adapter_info().device_type, dims.c, dims.m, threads)
+        });
+        let (multiple, kind) = match split {
+            ReduceSplit::Workgroup { .. } => (WORKGROUP as u32, "Workgroup"),
+            ReduceSplit::Invocation { .. } => (4, "Invocation"),
+        };
+        if split.chunk() == 0 || !split.chunk().is_multiple_of(multiple) {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "a ReduceSplit::{kind} chunk must be a positive multiple of {multiple}, got {}",
+                    split.chunk()
+                ),
+            ));
+        }
+        Ok(split)
+    }
+}
+
+/// The [`ReduceSplit`] a plan uses unless told otherwise, for `c` channels of `m` =
+/// N·∏spatial elements on an adapter of `device_type`, with `threads` host threads.
+///
+/// - GPUs: [`ReduceSplit::Workgroup`] with [`DEFAULT_STATS_CHUNK`], so that a small C with a
+///   large N·H·W still spreads over many workgroups (C = 1, M = 2^24: 4096 workgroups).
+/// - CPU adapters (lavapipe, llvmpipe, WARP): [`ReduceSplit::Invocation`], each channel cut
+///   into as many chunks as give every host thread two workgroups of 256 invocations, each chunk
+///   at least [`MIN_INVOCATION_CHUNK`] elements (a multiple of 4).
+pub fn default_reduce_split(device_type: wgpu::DeviceType, c: u64, m: u64, threads: usize) -> ReduceSplit {
+    if device_type != wgpu::DeviceType::Cpu {
+        return ReduceSplit::Workgroup {
+            chunk: DEFAULT_STATS_CHUNK,
+        };
+    }
+    let wanted = 2 * threads.max(1) as u64 * WORKGROUP;
+    let per_channel = wanted.div_ceil(c.max(1));
+    let chunk = m.div_ceil(per_channel).next_multiple_of(4);
+    ReduceSplit::Invocation {
+        chunk: chunk.clamp(u64::from(MIN_INVOCATION_CHUNK), 1 << 31) as u32,
+    }
 }
 
 const FLAG_AFFINE: u32 = 1;
@@ -147,10 +213,9 @@ const _: () = assert!(std::mem::size_of::<BnParams>() == 80);
 /// Options of a [`BatchNormPlan`] beyond the shape and configuration.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct BatchNormPlanOptions {
-    /// Elements of one channel that one `bn_stats` workgroup reduces: a positive multiple of
-    /// 256. Smaller chunks spread a channel over more workgroups (better for small C and large
-    /// N·H·W on a GPU). Default `None`: [`default_stats_chunk`] for the device's adapter.
-    pub stats_chunk: Option<u32>,
+    /// How the statistics pass splits each channel. Default `None`: [`default_reduce_split`]
+    /// for the device's adapter type and the host's available parallelism.
+    pub split: Option<ReduceSplit>,
     /// Fuse a dropout into the normalize pass: `y = dropout(BatchNorm(x))` in one pass over the
     /// activations, with the mask of [`crate::rng`] over flat element indices. Default `None`.
     pub dropout: Option<DropoutConfig>,
@@ -161,9 +226,11 @@ pub struct BatchNormPlanOptions {
 #[derive(Clone, Debug)]
 pub struct BatchNormKernel {
     storage: Storage,
-    stats: wgpu::ComputePipeline,
+    /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
+    stats: [wgpu::ComputePipeline; 2],
     count: wgpu::ComputePipeline,
-    finalize: wgpu::ComputePipeline,
+    /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
+    finalize: [wgpu::ComputePipeline; 2],
     finalize_eval: wgpu::ComputePipeline,
     normalize: wgpu::ComputePipeline,
     normalize_dropout: wgpu::ComputePipeline,
@@ -177,9 +244,9 @@ impl Kernel for BatchNormKernel {
         let module = crate::kernels::shader_module(device, "batch_norm.wgsl", storage);
         Self {
             storage,
-            stats: compute_pipeline(device, &module, "bn_stats"),
+            stats: ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, &module, e)),
             count: compute_pipeline(device, &module, "bn_count"),
-            finalize: compute_pipeline(device, &module, "bn_finalize"),
+            finalize: ["bn_finalize", "bn_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
             finalize_eval: compute_pipeline(device, &module, "bn_finalize_eval"),
             normalize: compute_pipeline(device, &module, "bn_normalize"),
             normalize_dropout: compute_pipeline(device, &module, "bn_normalize_dropout"),
@@ -191,12 +258,12 @@ impl Kernel for BatchNormKernel {
 storage_constructors!(BatchNormKernel, "x, y");
 
 impl BatchNormKernel {
-    /// A plan for inputs of `shape` = `(N, C, *)` with the default stats chunk.
+    /// A plan for inputs of `shape` = `(N, C, *)` with the default [`ReduceSplit`].
     pub fn plan(&self, device: &wgpu::Device, shape: &[usize], config: &BatchNormConfig) -> Result<BatchNormPlan> {
         self.plan_with(device, shape, config, &BatchNormPlanOptions::default())
     }
 
-    /// A plan with explicit [`BatchNormPlanOptions`] (stats chunk, fused dropout).
+    /// A plan with explicit [`BatchNormPlanOptions`] (reduce split, fused dropout).
     pub fn plan_with(
         &self,
         device: &wgpu::Device,
@@ -206,27 +273,27 @@ impl BatchNormKernel {
     ) -> Result<BatchNormPlan> {
         config.validate()?;
         let dims = BnDims::of(OP, shape, config.num_features)?;
-        let stats_chunk = match options.stats_chunk {
-            Some(chunk) => chunk,
-            None => default_stats_chunk(device.adapter_info().device_type, dims.m),
-        };
+        let split = ReduceSplit::resolve(options.split, OP, device, &dims)?;
+        let stats_chunk = split.chunk();
         if let Some(d) = &options.dropout {
             d.validate()?;
-        }
-        if stats_chunk == 0 || !u64::from(stats_chunk).is_multiple_of(WORKGROUP) {
-            return Err(Error::invalid(
-                OP,
-                format!("stats chunk must be a positive multiple of {WORKGROUP}, got {stats_chunk}"),
-            ));
         }
         let limits = BindLimits::of(device);
         let max = limits.max_workgroups_per_dim;
         let sample_elems = dims.c * dims.s;
         let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, stats_chunk)?;
-        let finalize_groups = fold_workgroups(OP, dims.c, max)?;
         let eval_groups = fold_workgroups(OP, dims.c.div_ceil(EVAL_WORKGROUP), max)?;
+        let finalize_groups = if split.serial() {
+            eval_groups
+        } else {
+            fold_workgroups(OP, dims.c, max)?
+        };
         let partials_bytes = dims.c * parts * 16;
-        limits.check_size(OP, "stats partials in bytes (use a larger stats chunk)", partials_bytes)?;
+        limits.check_size(
+            OP,
+            "stats partials in bytes (use a larger ReduceSplit chunk)",
+            partials_bytes,
+        )?;
 
         let mut flags = 0;
         if config.affine {
@@ -275,7 +342,7 @@ impl BatchNormKernel {
             chunks.push(BnChunk {
                 range: r.range,
                 uniforms: [uniform(r, false)?, uniform(r, true)?],
-                stats_groups: fold_workgroups(OP, dims.c * r.stats_chunks, max)?,
+                stats_groups: reduce_groups(OP, split, dims.c * r.stats_chunks, max)?,
                 // Both normalize variants handle 4 consecutive elements per invocation.
                 normalize_groups: fold_workgroups(OP, (r.range.count * sample_elems).div_ceil(WORKGROUP * 4), max)?,
             });
@@ -299,6 +366,7 @@ impl BatchNormKernel {
             dims,
             limits,
             dropout: options.dropout,
+            split,
             chunks,
             partials,
             partials_bytes,
@@ -307,6 +375,17 @@ impl BatchNormKernel {
             eval_groups,
         })
     }
+}
+
+/// Workgroups of a reduce pass over `units` (channel, chunk) pairs: one workgroup each, or one
+/// invocation each in workgroups of 256.
+pub(crate) fn reduce_groups(op: &'static str, split: ReduceSplit, units: u64, max: u32) -> Result<(u32, u32)> {
+    let groups = if split.serial() {
+        units.div_ceil(WORKGROUP)
+    } else {
+        units
+    };
+    fold_workgroups(op, groups, max)
 }
 
 /// A range of whole samples dispatched together, with its stats chunks and the index of its
@@ -465,6 +544,7 @@ pub struct BatchNormPlan {
     dims: BnDims,
     limits: BindLimits,
     dropout: Option<DropoutConfig>,
+    split: ReduceSplit,
     /// Sample ranges, one per storage binding's worth of samples.
     chunks: Vec<BnChunk>,
     partials: wgpu::Buffer,
@@ -499,6 +579,11 @@ impl BatchNormPlan {
     /// Sample ranges each call dispatches: 1 unless the input exceeds one storage binding.
     pub fn chunks(&self) -> usize {
         self.chunks.len()
+    }
+
+    /// How the statistics pass splits each channel.
+    pub fn split(&self) -> ReduceSplit {
+        self.split
     }
 
     /// Whether a call in this mode normalizes with batch statistics (training, or no running
@@ -619,6 +704,8 @@ impl BatchNormPlan {
 
         let batch_stats = self.uses_batch_stats(training);
         let mut groups = Vec::new();
+        let serial = usize::from(self.split.serial());
+        let (stats, finalize) = (&k.stats[serial], &k.finalize[serial]);
         if batch_stats {
             for c in &self.chunks {
                 let (at, len) = range_bytes(c);
@@ -628,11 +715,7 @@ impl BatchNormPlan {
                     (10, partials.clone()),
                     (12, centre.clone()),
                 ];
-                groups.push((
-                    &k.stats,
-                    bind_group(device, "bn_stats", &k.stats, &entries),
-                    c.stats_groups,
-                ));
+                groups.push((stats, bind_group(device, "bn_stats", stats, &entries), c.stats_groups));
             }
             if training && tracking {
                 groups.push((
@@ -642,11 +725,11 @@ impl BatchNormPlan {
                 ));
             }
             groups.push((
-                &k.finalize,
+                finalize,
                 bind_group(
                     device,
                     "bn_finalize",
-                    &k.finalize,
+                    finalize,
                     &[
                         (0, uniform.clone()),
                         (5, running_mean.clone()),
@@ -724,25 +807,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_stats_chunk_is_4096_on_gpus_and_a_whole_channel_within_bounds_on_cpus() {
-        for m in [1, 6272, 1 << 24] {
-            assert_eq!(
-                default_stats_chunk(wgpu::DeviceType::DiscreteGpu, m),
-                DEFAULT_STATS_CHUNK
-            );
-            assert_eq!(
-                default_stats_chunk(wgpu::DeviceType::IntegratedGpu, m),
-                DEFAULT_STATS_CHUNK
-            );
+    fn default_reduce_split_is_workgroups_on_gpus_and_invocations_filling_threads_on_cpus() {
+        for (c, m) in [(1, 1), (64, 6272), (1, 1 << 24)] {
+            for gpu in [wgpu::DeviceType::DiscreteGpu, wgpu::DeviceType::IntegratedGpu] {
+                assert_eq!(
+                    default_reduce_split(gpu, c, m, 2),
+                    ReduceSplit::Workgroup {
+                        chunk: DEFAULT_STATS_CHUNK
+                    }
+                );
+            }
         }
-        let cpu = |m| default_stats_chunk(wgpu::DeviceType::Cpu, m);
-        assert_eq!(cpu(1), 4096);
-        assert_eq!(cpu(4096), 4096);
-        assert_eq!(cpu(6272), 6400); // 8x64x28x28: one workgroup per channel
-        assert_eq!(cpu(65536), 65536);
-        assert_eq!(cpu(401_408), CPU_MAX_STATS_CHUNK); // 32x64x112x112: 7 chunks per channel
-        for m in [1u64, 257, 6272, 40_000, 1 << 20] {
-            assert_eq!(cpu(m) % 256, 0, "chunks are whole workgroup strides (m = {m})");
+        let cpu = |c, m, threads| match default_reduce_split(wgpu::DeviceType::Cpu, c, m, threads) {
+            ReduceSplit::Invocation { chunk } => chunk,
+            other => panic!("{other:?} on a CPU adapter"),
+        };
+        assert_eq!(cpu(64, 6272, 2), 392); // 8x64x28x28: 16 chunks per channel, 4 workgroups
+        assert_eq!(cpu(64, 401_408, 2), 25_088); // 32x64x112x112
+        assert_eq!(cpu(2048, 1568, 2), 1568); // 32x2048x7x7: a channel per invocation
+        assert_eq!(cpu(64, 6272, 16), MIN_INVOCATION_CHUNK); // 32 workgroups wanted, 25 given
+        assert_eq!(cpu(64, 401_408, 16), 3136); // 32 workgroups for 16 threads
+        assert_eq!(cpu(1, 10, 2), MIN_INVOCATION_CHUNK);
+        for (c, m) in [(1u64, 1u64), (3, 257), (64, 6272), (7, 40_001), (1, 1 << 24)] {
+            let chunk = cpu(c, m, 2);
+            assert_eq!(chunk % 4, 0, "chunks are whole quads (c = {c}, m = {m})");
+            assert!(chunk >= MIN_INVOCATION_CHUNK);
         }
     }
 }

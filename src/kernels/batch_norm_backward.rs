@@ -6,6 +6,10 @@
 //! | `bnb_reduce`   | C · chunks      | x, dy                           | partial sums           |
 //! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
 //! | `bnb_finalize` | C               | partial sums, saved stats       | dγ, dβ, coefficients   |
+//!
+//! With [`ReduceSplit::Invocation`] (the CPU-adapter default) `bnb_reduce_serial(_dropout)`
+//! takes a chunk per invocation (⌈C · chunks / 256⌉ workgroups) and `bnb_finalize_serial` a
+//! channel per invocation.
 //! | `bnb_dx`       | ⌈N·C·S / 1024⌉  | x, dy, coefficients, γ          | dx                     |
 //! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
 //!
@@ -13,7 +17,7 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::batch_norm::{default_stats_chunk, sample_ranges, BatchNormConfig, BnDims, SampleRange};
+use crate::kernels::batch_norm::{reduce_groups, sample_ranges, BatchNormConfig, BnDims, ReduceSplit, SampleRange};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder,
@@ -27,7 +31,10 @@ const WORKGROUP: u64 = 256;
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bnb_reduce",
     "bnb_reduce_dropout",
+    "bnb_reduce_serial",
+    "bnb_reduce_serial_dropout",
     "bnb_finalize",
+    "bnb_finalize_serial",
     "bnb_dx",
     "bnb_dx_dropout",
 ];
@@ -73,10 +80,12 @@ pub struct Accumulate {
 #[derive(Clone, Debug)]
 pub struct BatchNormBackwardKernel {
     storage: Storage,
-    /// `[plain, with the fused dropout's mask on dy]`: separate entry points, so that a plain
-    /// backward never executes (not even predicated, as CPU drivers do) a Philox call.
-    reduce: [wgpu::ComputePipeline; 2],
-    finalize: wgpu::ComputePipeline,
+    /// `[split][plain, with the fused dropout's mask on dy]`, split indexed
+    /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`: separate entry points, so that a
+    /// plain backward never executes (not even predicated, as CPU drivers do) a Philox call.
+    reduce: [[wgpu::ComputePipeline; 2]; 2],
+    /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
+    finalize: [wgpu::ComputePipeline; 2],
     dx: [wgpu::ComputePipeline; 2],
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
@@ -87,8 +96,12 @@ impl Kernel for BatchNormBackwardKernel {
         let module = crate::kernels::shader_module(device, "batch_norm_backward.wgsl", storage);
         Self {
             storage,
-            reduce: ["bnb_reduce", "bnb_reduce_dropout"].map(|e| compute_pipeline(device, &module, e)),
-            finalize: compute_pipeline(device, &module, "bnb_finalize"),
+            reduce: [
+                ["bnb_reduce", "bnb_reduce_dropout"],
+                ["bnb_reduce_serial", "bnb_reduce_serial_dropout"],
+            ]
+            .map(|pair| pair.map(|e| compute_pipeline(device, &module, e))),
+            finalize: ["bnb_finalize", "bnb_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
             dx: ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, &module, e)),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
         }
@@ -100,7 +113,8 @@ storage_constructors!(BatchNormBackwardKernel, "x, dy, dx");
 impl BatchNormBackwardKernel {
     /// A backward plan for inputs of `shape` = `(N, C, *)`. `dropout` is the dropout fused
     /// into the forward (its mask is applied to `dy`) with the mode it ran in (eval keeps
-    /// every element at the eval scale), if any.
+    /// every element at the eval scale), if any. The reduce pass takes the default
+    /// [`ReduceSplit`] ([`crate::default_reduce_split`]).
     pub fn plan(
         &self,
         device: &wgpu::Device,
@@ -108,11 +122,24 @@ impl BatchNormBackwardKernel {
         config: &BatchNormConfig,
         dropout: Option<(DropoutConfig, bool)>,
     ) -> Result<BatchNormBackwardPlan> {
+        self.plan_with(device, shape, config, dropout, None)
+    }
+
+    /// [`plan`](Self::plan) with the reduce pass's [`ReduceSplit`] given (`None`: the default).
+    pub fn plan_with(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &BatchNormConfig,
+        dropout: Option<(DropoutConfig, bool)>,
+        split: Option<ReduceSplit>,
+    ) -> Result<BatchNormBackwardPlan> {
         config.validate()?;
         let dims = BnDims::of(OP, shape, config.num_features)?;
+        let split = ReduceSplit::resolve(split, OP, device, &dims)?;
+        let stats_chunk = split.chunk();
         let limits = BindLimits::of(device);
         let max = limits.max_workgroups_per_dim;
-        let stats_chunk = default_stats_chunk(device.adapter_info().device_type, dims.m);
         let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, stats_chunk)?;
         let partials_bytes = dims.c * parts * 16;
         limits.check_size(OP, "partial sums in bytes", partials_bytes)?;
@@ -166,7 +193,7 @@ impl BatchNormBackwardKernel {
             chunks.push(BnbChunk {
                 range: r.range,
                 uniforms: uniforms(r),
-                reduce_groups: fold_workgroups(OP, dims.c * r.stats_chunks, max)?,
+                reduce_groups: reduce_groups(OP, split, dims.c * r.stats_chunks, max)?,
                 dx_groups: fold_workgroups(OP, (r.range.count * sample_elems).div_ceil(4 * WORKGROUP), max)?,
             });
         }
@@ -188,7 +215,12 @@ impl BatchNormBackwardKernel {
             chunks,
             partials: scratch("batch_norm backward partials", partials_bytes),
             coef: scratch("batch_norm backward coefficients", dims.c * 16),
-            finalize_groups: fold_workgroups(OP, dims.c, max)?,
+            split,
+            finalize_groups: if split.serial() {
+                fold_workgroups(OP, dims.c.div_ceil(64), max)?
+            } else {
+                fold_workgroups(OP, dims.c, max)?
+            },
         })
     }
 }
@@ -240,6 +272,7 @@ pub struct BatchNormBackwardPlan {
     chunks: Vec<BnbChunk>,
     partials: wgpu::Buffer,
     coef: wgpu::Buffer,
+    split: ReduceSplit,
     finalize_groups: (u32, u32),
 }
 
@@ -262,6 +295,11 @@ impl BatchNormBackwardPlan {
     /// Sample ranges each call dispatches: 1 unless the input exceeds one storage binding.
     pub fn chunks(&self) -> usize {
         self.chunks.len()
+    }
+
+    /// How the reduce pass splits each channel.
+    pub fn split(&self) -> ReduceSplit {
+        self.split
     }
 
     /// Checks the buffers without recording anything.
@@ -343,7 +381,8 @@ impl BatchNormBackwardPlan {
         let (save_mean, save_invstd) = (binding(&b.save_mean, c_bytes), binding(&b.save_invstd, c_bytes));
         let (partials, coef) = (self.partials.as_entire_binding(), self.coef.as_entire_binding());
         let drop = usize::from(self.dropout.is_some());
-        let (reduce, dx) = (&k.reduce[drop], &k.dx[drop]);
+        let serial = usize::from(self.split.serial());
+        let (reduce, finalize, dx) = (&k.reduce[serial][drop], &k.finalize[serial], &k.dx[drop]);
         let mut passes = Vec::new();
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
@@ -373,8 +412,8 @@ impl BatchNormBackwardPlan {
             (10, binding_or(affine, &b.dbias, &ph[2], c_bytes)),
         ];
         passes.push((
-            &k.finalize,
-            bind_group(device, "bnb_finalize", &k.finalize, &entries),
+            finalize,
+            bind_group(device, "bnb_finalize", finalize, &entries),
             self.finalize_groups,
         ));
         for c in &self.chunks {

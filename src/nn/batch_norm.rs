@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{
-    BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions,
+    BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions, ReduceSplit,
 };
 use crate::kernels::batch_norm_backward::{
     Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan,
@@ -84,6 +84,8 @@ pub struct BatchNorm {
     num_batches_tracked: Option<wgpu::Buffer>,
     plan: Option<BatchNormPlan>,
     saved: Option<BatchNormSaved>,
+    /// The reduce split of forward and backward plans; `None`: the device's default.
+    split: Option<ReduceSplit>,
 }
 
 impl BatchNorm {
@@ -132,6 +134,7 @@ impl BatchNorm {
             num_batches_tracked,
             plan: None,
             saved: None,
+            split: None,
         })
     }
 
@@ -173,6 +176,22 @@ impl BatchNorm {
     /// Running unbiased variance, `(C)`, when tracking.
     pub fn running_var(&self) -> Option<&Tensor> {
         self.running_var.as_ref()
+    }
+
+    /// How the forward's statistics pass and the backward's reduce pass split each channel:
+    /// `None` (the default) leaves it to [`crate::default_reduce_split`] for the device.
+    /// Results agree within rounding whatever the split; this is for tuning and testing.
+    pub fn set_reduce_split(&mut self, split: Option<ReduceSplit>) {
+        if split != self.split {
+            self.split = split;
+            self.plan = None;
+            self.backward_plan = None;
+        }
+    }
+
+    /// The split set with [`BatchNorm::set_reduce_split`] (`None`: the device's default).
+    pub fn reduce_split(&self) -> Option<ReduceSplit> {
+        self.split
     }
 
     /// What the last successful forward saved for backward.
@@ -274,7 +293,7 @@ impl BatchNorm {
         {
             let options = BatchNormPlanOptions {
                 dropout: fused,
-                ..Default::default()
+                split: self.split,
             };
             let plan = self.ctx.kernel_with::<BatchNormKernel>(storage)?.plan_with(
                 self.ctx.device(),
@@ -430,11 +449,12 @@ impl BatchNorm {
         if self.backward_plan.as_ref().is_none_or(|p| {
             p.shape() != saved.shape.as_slice() || p.dropout() != dropout.as_ref() || p.storage() != storage
         }) {
-            let plan = self.ctx.kernel_with::<BatchNormBackwardKernel>(storage)?.plan(
+            let plan = self.ctx.kernel_with::<BatchNormBackwardKernel>(storage)?.plan_with(
                 self.ctx.device(),
                 &saved.shape,
                 &self.config,
                 dropout,
+                self.split,
             )?;
             self.backward_plan = Some(plan);
         }

@@ -83,3 +83,14 @@ pub fn assert_close(what: &str, got: &[f32], exp: &[f64], rtol: f64, atol: f64) 
         exp.len()
     );
 }
+
+/// BatchNorm reduce splits for property tests: both kinds, whatever the default of the
+/// adapter under test, with chunks that do and do not divide typical channel sizes.
+pub fn reduce_splits() -> impl proptest::strategy::Strategy<Value = normdrop::ReduceSplit> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0u32..3).prop_map(|k| normdrop::ReduceSplit::Workgroup { chunk: 256 << k }),
+        prop_oneof![Just(4u32), Just(8), Just(12), Just(64), Just(392)]
+            .prop_map(|chunk| normdrop::ReduceSplit::Invocation { chunk }),
+    ]
+}
