@@ -155,7 +155,27 @@ fn bench_validates_times_and_writes_json_and_baseline_ratios() {
     assert!(fused.trim_end().ends_with('x'), "fused rows carry a speedup: {fused}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["rows"].as_array().unwrap().len(), 4);
-    assert!(report["copy_gb_per_s"].as_f64().unwrap() > 0.0);
+    // Percentages are against the faster of the copy measured before and after the ops.
+    let copy = report["copy_gb_per_s"].as_f64().unwrap();
+    let runs: Vec<f64> = report["copy_runs_gb_per_s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(
+        copy > 0.0 && runs.iter().all(|&r| r > 0.0 && r <= copy),
+        "{copy} {runs:?}"
+    );
+    assert!(runs.contains(&copy), "{copy} {runs:?}");
+    for row in report["rows"].as_array().unwrap() {
+        let expected = 100.0 * row["gb_per_s"].as_f64().unwrap() / copy;
+        assert!(
+            (row["pct_of_copy"].as_f64().unwrap() - expected).abs() < 1e-9 * expected,
+            "{row}"
+        );
+    }
 
     // The same run against itself as a baseline gets a ratio column.
     let mut with_base: Vec<&str> = args[..args.len() - 2].to_vec();
