@@ -36,9 +36,20 @@ fn main() {
         } else {
             &[shader_source::Storage::F32]
         };
-        for &storage in variants {
-            let shown = format!("{shown} [{}]", storage.name());
-            let source = match shader_source::expand(&raw, &lookup, storage) {
+        // With and without the subgroup alternatives of its includes, where they differ.
+        let plain = shader_source::expand_variant(&raw, &lookup, shader_source::Storage::F32, false);
+        let subgroup = shader_source::expand_variant(&raw, &lookup, shader_source::Storage::F32, true);
+        let subgroup_options: &[bool] = if plain == subgroup { &[false] } else { &[false, true] };
+        for (storage, subgroups) in variants
+            .iter()
+            .flat_map(|&st| subgroup_options.iter().map(move |&sg| (st, sg)))
+        {
+            let shown = format!(
+                "{shown} [{}{}]",
+                storage.name(),
+                if subgroups { ", subgroups" } else { "" }
+            );
+            let source = match shader_source::expand_variant(&raw, &lookup, storage, subgroups) {
                 Ok(s) => s,
                 Err(e) => {
                     failures.push(format!("{shown}: {e}"));

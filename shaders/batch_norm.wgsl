@@ -41,6 +41,7 @@
 // 1000: x − K is exact (Sterbenz) and mean_K is small.
 
 // #include "welford.wgsl"
+// #include "workgroup_reduce.wgsl"
 // #include "philox.wgsl"
 // #include "nchw.wgsl"
 

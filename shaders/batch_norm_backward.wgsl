@@ -30,6 +30,7 @@
 
 // #include "philox.wgsl"
 // #include "nchw.wgsl"
+// #include "workgroup_reduce.wgsl"
 
 const WG: u32 = 256u;
 
@@ -71,8 +72,6 @@ struct Params {
 @group(0) @binding(10) var<storage, read_write> dbias: array<f32>;        // (C) dβ
 @group(0) @binding(11) var<storage, read> rng_state: array<u32>;          // (4) seed lo/hi, offset lo/hi
 
-var<workgroup> shared_sums: array<vec3<f32>, WG>;
-
 fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
 }
@@ -107,32 +106,6 @@ fn upstream(i: u32, drop: bool) -> f32 {
         return ld_dy(i);
     }
     return ld_dy(i) * mask_factors(i, drop)[(p.elem_base + i) % 4u];
-}
-
-fn workgroup_sum3(lid: u32, mine: vec3<f32>) -> vec3<f32> {
-    // Two levels (16 × 16) rather than an 8-deep tree: fewer barriers, which CPU drivers pay
-    // dearly for. Requires WG = 256.
-    shared_sums[lid] = mine;
-    workgroupBarrier();
-    if (lid < 16u) {
-        var acc = vec3<f32>(0.0);
-        for (var k = 0u; k < 16u; k++) {
-            acc += shared_sums[lid * 16u + k];
-        }
-        shared_sums[lid * 16u] = acc;
-    }
-    workgroupBarrier();
-    if (lid == 0u) {
-        var acc = vec3<f32>(0.0);
-        for (var k = 0u; k < 16u; k++) {
-            acc += shared_sums[k * 16u];
-        }
-        shared_sums[0] = acc;
-    }
-    workgroupBarrier();
-    let total = shared_sums[0];
-    workgroupBarrier();
-    return total;
 }
 
 @compute @workgroup_size(256)

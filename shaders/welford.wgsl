@@ -1,6 +1,7 @@
 // include-only: validated as part of the shaders that include it.
-// Welford accumulation and Chan et al.'s pairwise merge of (count, mean, M2) triples, with a
-// workgroup tree reduction over them. Included by kernels that reduce statistics. The variance
+// Welford accumulation and Chan et al.'s pairwise merge of (count, mean, M2) triples, and
+// workgroup memory for merging them (LayerNorm's segment merges; BatchNorm's workgroup merges
+// are in workgroup_reduce.wgsl). Included by kernels that reduce statistics. The variance
 // of a triple is M2 / count; it is never formed as E[x²] − E[x]².
 //
 // The including shader must declare `const WG: u32` (its workgroup size, a power of two).
@@ -38,35 +39,3 @@ fn chan_merge(a: Stat, b: Stat) -> Stat {
 }
 
 var<workgroup> shared_stat: array<Stat, WG>;
-
-// Merges every invocation's triple; every invocation gets the workgroup's total. Two levels
-// instead of a log2(WG)-deep tree: 16 invocations each fold 16 entries, then one folds the 16
-// partials. Four barriers instead of ten matters on CPU drivers (lavapipe), where every
-// barrier switches between the workgroup's fibers; on GPUs the two short loops cost nothing.
-// Requires WG = 256.
-const FOLD: u32 = 16u;
-
-fn workgroup_merge(lid: u32, mine: Stat) -> Stat {
-    shared_stat[lid] = mine;
-    workgroupBarrier();
-    if (lid < FOLD) {
-        var acc = shared_stat[lid * FOLD];
-        for (var k = 1u; k < FOLD; k++) {
-            acc = chan_merge(acc, shared_stat[lid * FOLD + k]);
-        }
-        shared_stat[lid * FOLD] = acc;
-    }
-    workgroupBarrier();
-    if (lid == 0u) {
-        var acc = shared_stat[0];
-        for (var k = 1u; k < FOLD; k++) {
-            acc = chan_merge(acc, shared_stat[k * FOLD]);
-        }
-        shared_stat[0] = acc;
-    }
-    workgroupBarrier();
-    let total = shared_stat[0];
-    // Keep the next call from overwriting shared_stat[0] before everyone has read it.
-    workgroupBarrier();
-    return total;
-}

@@ -28,11 +28,19 @@ pub struct ContextOptions {
     /// Default `false`: native f16 where available, packed elsewhere. Tests set it to run the
     /// fallback path on devices that have the feature.
     pub force_packed_f16: bool,
+    /// Do not request `SUBGROUP`, so that kernels take their workgroup-memory reductions even
+    /// where the adapter has subgroup operations. Default `false`. Tests set it to run the
+    /// fallback path on devices that have the feature.
+    pub disable_subgroups: bool,
 }
 
-/// Optional adapter features normdrop uses when present. Each has a fallback path.
-/// (`SUBGROUP` is not requested: no kernel has a subgroup variant yet.)
-pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16.union(wgpu::Features::TIMESTAMP_QUERY);
+/// Optional adapter features normdrop uses when present. Each has a fallback path:
+/// `SHADER_F16` (native f16 storage, else packed in u32), `TIMESTAMP_QUERY` (GPU timestamps in
+/// `bench`, else wall time) and `SUBGROUP` (subgroup operations in BatchNorm's workgroup
+/// reductions, else workgroup memory only).
+pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::SUBGROUP);
 
 /// A GPU device and queue with normdrop's kernel cache. Cheap to clone (shared inside).
 ///
@@ -96,7 +104,10 @@ impl Context {
         let instance = wgpu::Instance::new(desc);
         let adapter = pick_adapter(&instance, backends, &options).await?;
         let limits = options.limits.clone().unwrap_or_else(|| adapter.limits());
-        let features = adapter.features() & OPTIONAL_FEATURES;
+        let mut features = adapter.features() & OPTIONAL_FEATURES;
+        if options.disable_subgroups {
+            features.remove(wgpu::Features::SUBGROUP);
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("normdrop"),

@@ -64,14 +64,29 @@ impl Storage {
     }
 }
 
+/// Include files with a subgroup-operation alternative: `(file, alternative)`. A variant
+/// expanded for a device with `SUBGROUP` includes the alternative wherever a shader includes
+/// the file; both define the same functions.
+pub const SUBGROUP_ALTERNATIVES: &[(&str, &str)] = &[("workgroup_reduce.wgsl", "workgroup_reduce_subgroup.wgsl")];
+
 /// Expands `// #include "name"` directives (each name at most once, resolving names with
-/// `lookup`) and `// #activation` directives for `storage`. Errors name the missing file or the
-/// malformed directive.
-pub fn expand(source: &str, lookup: &dyn Fn(&str) -> Option<String>, storage: Storage) -> Result<String, String> {
+/// `lookup`; with `subgroups`, the [`SUBGROUP_ALTERNATIVES`] of included files) and
+/// `// #activation` directives for `storage`. Errors name the missing file or the malformed
+/// directive.
+pub fn expand_variant(
+    source: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    storage: Storage,
+    subgroups: bool,
+) -> Result<String, String> {
     let mut out = source.to_string();
     let mut seen: Vec<String> = Vec::new();
     let mut pending = directives(source);
     while let Some(name) = pending.pop() {
+        let name = match SUBGROUP_ALTERNATIVES.iter().find(|(file, _)| *file == name) {
+            Some((_, alternative)) if subgroups => alternative.to_string(),
+            _ => name,
+        };
         if seen.contains(&name) {
             continue;
         }

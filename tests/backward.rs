@@ -10,9 +10,9 @@ use normdrop::reference::{
     RefRunningStats,
 };
 use normdrop::{
-    Accumulate, BatchNorm, BatchNormConfig, BatchNormDropout, Context, DType, Dropout, Dropout2d, DropoutConfig,
-    DropoutMode, DropoutUnit, Error, GradTargets, LayerNorm, LayerNormConfig, LayerNormDropout, ReduceSplit,
-    ResidualDropoutLayerNorm, Tensor,
+    Accumulate, BatchNorm, BatchNormConfig, BatchNormDropout, Context, ContextOptions, DType, Dropout, Dropout2d,
+    DropoutConfig, DropoutMode, DropoutUnit, Error, GradTargets, LayerNorm, LayerNormConfig, LayerNormDropout,
+    ReduceSplit, ResidualDropoutLayerNorm, Tensor,
 };
 use proptest::prelude::*;
 
@@ -213,6 +213,28 @@ fn pinned_gradient_cases() {
     }
     check_layer_norm(&ctx, &[4, 768], &LayerNormConfig::new(&[768]), 1000.0, 9);
     check_layer_norm(&ctx, &[300, 64], &LayerNormConfig::new(&[64]), 0.0, 10);
+}
+
+#[test]
+fn batch_norm_backward_workgroup_sums_with_and_without_subgroups() {
+    // The shared context sums with subgroup operations where the adapter has SUBGROUP; the
+    // second runs the workgroup-memory fallback on the same adapter.
+    let shared = gpu!();
+    let plain = Context::with_options_blocking(ContextOptions {
+        disable_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!plain.features().contains(wgpu::Features::SUBGROUP));
+    let cfg = BatchNormConfig::new;
+    for ctx in [&shared, &plain] {
+        for chunk in [256, 4096] {
+            let split = ReduceSplit::Workgroup { chunk };
+            check_batch_norm(ctx, &[7, 13, 31], &cfg(13), true, split, 0.0, 61);
+            check_batch_norm(ctx, &[16, 2, 64, 64], &cfg(2), true, split, 1000.0, 62);
+            check_batch_norm(ctx, &[3, 4, 5], &cfg(4), false, split, 0.0, 63);
+        }
+    }
 }
 
 #[test]

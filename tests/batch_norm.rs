@@ -300,6 +300,51 @@ fn off_centre_large_m_is_stable() {
 }
 
 #[test]
+fn workgroup_reductions_with_and_without_subgroups_match_the_reference() {
+    // The shared context requests SUBGROUP wherever the adapter has it (lavapipe's Vulkan
+    // does; GL does not), so its ReduceSplit::Workgroup passes merge with subgroup operations;
+    // a second context with subgroups disabled runs the workgroup-memory fallback on the same
+    // adapter. Both against the reference, forward and backward, with subgroup sizes dividing
+    // the workgroup and chunks that leave invocations without data.
+    let shared = gpu!();
+    let plain = Context::with_options_blocking(ContextOptions {
+        disable_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!plain.features().contains(wgpu::Features::SUBGROUP));
+    eprintln!(
+        "shared context has SUBGROUP: {}",
+        shared.features().contains(wgpu::Features::SUBGROUP)
+    );
+    for ctx in [&shared, &plain] {
+        for (i, (shape, chunk)) in [
+            (vec![7, 13, 31, 17], 256),
+            (vec![2, 3, 1000], 4096),
+            (vec![16, 4, 64, 64], 1024),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let c = shape[1];
+            let split = ReduceSplit::Workgroup { chunk };
+            let cfg = config(c, Some(0.1), true, true, 1e-5);
+            check_against_reference(ctx, &shape, &cfg, true, split, 0.0, 40 + i as u64, (RTOL, ATOL));
+            check_against_reference(
+                ctx,
+                &shape,
+                &cfg,
+                true,
+                split,
+                1000.0,
+                50 + i as u64,
+                (OFFSET_TOL, OFFSET_TOL),
+            );
+        }
+    }
+}
+
+#[test]
 fn off_centre_with_two_values_per_channel() {
     let ctx = gpu!();
     // Found by proptest on GL: M = 2 with 1000 + 0.1·randn, where the two values of a channel

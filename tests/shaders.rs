@@ -8,7 +8,12 @@ use naga::valid::{Capabilities, ValidationFlags, Validator};
 use normdrop::kernels::Storage;
 
 fn translate_all(v: &normdrop::kernels::ShaderVariant) {
-    let what = format!("{} [{}]", v.file, v.storage.name());
+    let what = format!(
+        "{} [{}{}]",
+        v.file,
+        v.storage.name(),
+        if v.subgroups { ", subgroups" } else { "" }
+    );
     let module =
         naga::front::wgsl::parse_str(&v.source).unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&v.source)));
     let info = Validator::new(ValidationFlags::all(), Capabilities::all())
@@ -86,8 +91,14 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
 #[test]
 fn every_shader_variant_translates_to_every_backend() {
     let variants = normdrop::kernels::shader_variants();
-    // 5 op shaders in 3 storage variants, plus copy and SGD in f32.
-    assert_eq!(variants.len(), 17);
+    // 5 op shaders in 3 storage variants, the 2 BatchNorm shaders again with subgroup
+    // operations in each storage, plus copy and SGD in f32.
+    assert_eq!(variants.len(), 23);
+    let subgroup_files: Vec<_> = variants.iter().filter(|v| v.subgroups).map(|v| v.file).collect();
+    assert_eq!(subgroup_files.len(), 6, "{subgroup_files:?}");
+    assert!(subgroup_files
+        .iter()
+        .all(|f| *f == "batch_norm.wgsl" || *f == "batch_norm_backward.wgsl"));
     for storage in [Storage::F32, Storage::F16, Storage::F16Packed] {
         assert!(
             variants.iter().filter(|v| v.storage == storage).count() >= 5,

@@ -91,6 +91,11 @@ fn info(ctx: &Context) {
             wgpu::Features::TIMESTAMP_QUERY,
             "GPU timestamps in bench (else wall time)",
         ),
+        (
+            "SUBGROUP",
+            wgpu::Features::SUBGROUP,
+            "subgroup operations in BatchNorm's workgroup reductions (else workgroup memory)",
+        ),
     ] {
         println!(
             "  {:<16} {:<4} {buys}",

@@ -62,6 +62,14 @@ const SHADER_FILES: &[(&str, &str)] = &[
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("sgd.wgsl", include_str!("../../shaders/sgd.wgsl")),
     ("welford.wgsl", include_str!("../../shaders/welford.wgsl")),
+    (
+        "workgroup_reduce.wgsl",
+        include_str!("../../shaders/workgroup_reduce.wgsl"),
+    ),
+    (
+        "workgroup_reduce_subgroup.wgsl",
+        include_str!("../../shaders/workgroup_reduce_subgroup.wgsl"),
+    ),
 ];
 
 pub use crate::shader_source::Storage;
@@ -70,19 +78,26 @@ fn raw_source(name: &str) -> Option<&'static str> {
     SHADER_FILES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
 }
 
-/// The WGSL of `file` with its directives expanded for `storage`, as the kernels compile it.
-pub(crate) fn wgsl(file: &str, storage: Storage) -> String {
+/// The WGSL of `file` with its directives expanded for `storage`, as the kernels compile it;
+/// `subgroups` picks the subgroup alternatives of its includes (for devices with `SUBGROUP`).
+pub(crate) fn wgsl(file: &str, storage: Storage, subgroups: bool) -> String {
     let lookup = |name: &str| raw_source(name).map(str::to_string);
     let raw = raw_source(file).unwrap_or_else(|| panic!("shader {file} is not in SHADER_FILES"));
-    crate::shader_source::expand(raw, &lookup, storage).unwrap_or_else(|e| panic!("{file}: {e}"))
+    crate::shader_source::expand_variant(raw, &lookup, storage, subgroups).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
-/// Compiles `file` (expanded for `storage`) into a shader module.
+/// Compiles `file` (expanded for `storage`, with subgroup operations when `device` has
+/// `SUBGROUP`) into a shader module.
 pub(crate) fn shader_module(device: &wgpu::Device, file: &str, storage: Storage) -> wgpu::ShaderModule {
-    let label = format!("{file} [{}]", storage.name());
+    let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
+    let label = format!(
+        "{file} [{}{}]",
+        storage.name(),
+        if subgroups { ", subgroups" } else { "" }
+    );
     device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(&label),
-        source: wgpu::ShaderSource::Wgsl(wgsl(file, storage).into()),
+        source: wgpu::ShaderSource::Wgsl(wgsl(file, storage, subgroups).into()),
     })
 }
 
@@ -105,6 +120,9 @@ pub struct ShaderVariant {
     pub file: &'static str,
     /// How it stores activations.
     pub storage: Storage,
+    /// Whether it is the variant for devices with `SUBGROUP` (subgroup operations in its
+    /// workgroup reductions). Only shaders whose includes have a subgroup alternative have one.
+    pub subgroups: bool,
     /// The WGSL source.
     pub source: String,
     /// The compute entry points the kernel builds pipelines for.
@@ -112,7 +130,8 @@ pub struct ShaderVariant {
 }
 
 /// Every shader variant any kernel in this crate can build: each op's shader in f32, native
-/// f16 and packed f16; the copy and SGD shaders (no activations) in f32. The portability test
+/// f16 and packed f16 (BatchNorm's also with subgroup operations); the copy and SGD shaders (no
+/// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
     let files: [(&'static str, &'static [&'static str]); 7] = [
@@ -133,10 +152,22 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
             &[Storage::F32]
         };
         for &storage in storages {
+            let plain = wgsl(file, storage, false);
+            let subgroup = wgsl(file, storage, true);
+            if subgroup != plain {
+                out.push(ShaderVariant {
+                    file,
+                    storage,
+                    subgroups: true,
+                    source: subgroup,
+                    entry_points,
+                });
+            }
             out.push(ShaderVariant {
                 file,
                 storage,
-                source: wgsl(file, storage),
+                subgroups: false,
+                source: plain,
                 entry_points,
             });
         }
