@@ -10,9 +10,9 @@ use normdrop::reference::{
     RefRunningStats,
 };
 use normdrop::{
-    Accumulate, BatchNorm, BatchNormConfig, BatchNormDropout, Context, ContextOptions, DType, Dropout, Dropout2d,
-    DropoutConfig, DropoutMode, DropoutUnit, Error, GradTargets, LayerNorm, LayerNormConfig, LayerNormDropout,
-    ReduceSplit, ResidualDropoutLayerNorm, Tensor,
+    Accumulate, BatchNorm, BatchNormConfig, BatchNormDropout, Context, DType, Dropout, Dropout2d, DropoutConfig,
+    DropoutMode, DropoutUnit, Error, GradTargets, LayerNorm, LayerNormConfig, LayerNormDropout, ReduceSplit,
+    ResidualDropoutLayerNorm, Tensor,
 };
 use proptest::prelude::*;
 
@@ -220,12 +220,7 @@ fn batch_norm_backward_workgroup_sums_with_and_without_subgroups() {
     // The shared context sums with subgroup operations where the adapter has SUBGROUP; the
     // second runs the workgroup-memory fallback on the same adapter.
     let shared = gpu!();
-    let plain = Context::with_options_blocking(ContextOptions {
-        disable_subgroups: true,
-        ..Default::default()
-    })
-    .unwrap();
-    assert!(!plain.features().contains(wgpu::Features::SUBGROUP));
+    let plain = common::ctx_without_subgroups();
     let cfg = BatchNormConfig::new;
     for ctx in [&shared, &plain] {
         for chunk in [256, 4096] {

@@ -304,15 +304,10 @@ fn workgroup_reductions_with_and_without_subgroups_match_the_reference() {
     // The shared context requests SUBGROUP wherever the adapter has it (lavapipe's Vulkan
     // does; GL does not), so its ReduceSplit::Workgroup passes merge with subgroup operations;
     // a second context with subgroups disabled runs the workgroup-memory fallback on the same
-    // adapter. Both against the reference, forward and backward, with subgroup sizes dividing
-    // the workgroup and chunks that leave invocations without data.
+    // adapter. Both against the reference (the backward's sums: tests/backward.rs), centred
+    // and off-centre, with chunks that leave invocations without data.
     let shared = gpu!();
-    let plain = Context::with_options_blocking(ContextOptions {
-        disable_subgroups: true,
-        ..Default::default()
-    })
-    .unwrap();
-    assert!(!plain.features().contains(wgpu::Features::SUBGROUP));
+    let plain = common::ctx_without_subgroups();
     eprintln!(
         "shared context has SUBGROUP: {}",
         shared.features().contains(wgpu::Features::SUBGROUP)

@@ -94,3 +94,15 @@ pub fn reduce_splits() -> impl proptest::strategy::Strategy<Value = normdrop::Re
             .prop_map(|chunk| normdrop::ReduceSplit::Invocation { chunk }),
     ]
 }
+
+/// A context on the default adapter with `SUBGROUP` not requested, so that kernels take their
+/// workgroup-memory fallbacks even where the adapter has subgroup operations.
+pub fn ctx_without_subgroups() -> Context {
+    let ctx = Context::with_options_blocking(normdrop::ContextOptions {
+        disable_subgroups: true,
+        ..Default::default()
+    })
+    .expect("the default adapter opens without subgroups");
+    assert!(!ctx.features().contains(wgpu::Features::SUBGROUP));
+    ctx
+}
