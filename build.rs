@@ -1,4 +1,5 @@
-//! Validates every `shaders/*.wgsl`, in every storage variant (f32, f16, packed f16), with naga (the same major version wgpu 30 uses) so that a
+//! Validates every `shaders/*.wgsl`, in every variant a kernel can build (f32, f16 and packed f16
+//! storage; with subgroup operations; vec4 f32), with naga (the same major version wgpu 30 uses) so that a
 //! broken shader fails `cargo build` with naga's own diagnostic, naming the file and line,
 //! instead of failing later at pipeline creation on somebody's GPU.
 
@@ -30,26 +31,16 @@ fn main() {
             continue;
         }
         let lookup = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
-        // Every storage variant the kernels can build: f32 only for shaders without activations.
-        let variants: &[shader_source::Storage] = if shader_source::has_activations(&raw) {
-            &shader_source::Storage::ALL
-        } else {
-            &[shader_source::Storage::F32]
-        };
-        // With and without the subgroup alternatives of its includes, where they differ.
-        let plain = shader_source::expand_variant(&raw, &lookup, shader_source::Storage::F32, false);
-        let subgroup = shader_source::expand_variant(&raw, &lookup, shader_source::Storage::F32, true);
-        let subgroup_options: &[bool] = if plain == subgroup { &[false] } else { &[false, true] };
-        for (storage, subgroups) in variants
-            .iter()
-            .flat_map(|&st| subgroup_options.iter().map(move |&sg| (st, sg)))
-        {
+        // Every variant the kernels can build (storage, subgroups, vec4).
+        let all = shader_source::variants_of(&raw, &lookup);
+        for variant in all {
             let shown = format!(
-                "{shown} [{}{}]",
-                storage.name(),
-                if subgroups { ", subgroups" } else { "" }
+                "{shown} [{}{}{}]",
+                variant.storage.name(),
+                if variant.subgroups { ", subgroups" } else { "" },
+                if variant.vec4 { ", vec4" } else { "" }
             );
-            let source = match shader_source::expand_variant(&raw, &lookup, storage, subgroups) {
+            let source = match shader_source::expand_variant(&raw, &lookup, variant) {
                 Ok(s) => s,
                 Err(e) => {
                     failures.push(format!("{shown}: {e}"));

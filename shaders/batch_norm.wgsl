@@ -44,6 +44,7 @@
 // #include "workgroup_reduce.wgsl"
 // #include "philox.wgsl"
 // #include "nchw.wgsl"
+// #vec4-variant
 
 const WG: u32 = 256u;
 
@@ -258,7 +259,7 @@ fn normalized4(first: u32) -> vec4<f32> {
     var pos = channel_position(first, p.s, p.c);
     var k = channel_coefficients(pos.x);
     if (quad_fits(pos.y, p.s, first, p.total)) {
-        return ((ld4_x(first) - k.x) - k.y) * k.z + k.w;
+        return ((ld4a_x(first) - k.x) - k.y) * k.z + k.w;
     }
     var v = vec4<f32>(0.0);
     for (var j = 0u; j < 4u && first + j < p.total; j++) {

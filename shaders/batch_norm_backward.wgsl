@@ -31,6 +31,7 @@
 // #include "philox.wgsl"
 // #include "nchw.wgsl"
 // #include "workgroup_reduce.wgsl"
+// #vec4-variant
 
 const WG: u32 = 256u;
 
@@ -306,9 +307,9 @@ fn dx_quad(g: u32, drop: bool) {
     var out: vec4<f32>;
     if (quad_fits(pos.y, p.s, first, p.total)) {
         // One channel (always when S % 4 == 0 away from the end): vector arithmetic.
-        out = dx_of(k, ld4_x(first), ld4_dy(first) * m);
+        out = dx_of(k, ld4a_x(first), ld4a_dy(first) * m);
         if (has(FLAG_ACCUM_DX)) {
-            out += ld4_dx(first);
+            out += ld4a_dx(first);
         }
     } else {
         for (var j = 0u; j < 4u && first + j < p.total; j++) {

@@ -21,9 +21,11 @@
 // Dispatches over 65535 workgroups fold into y. A tensor larger than one storage binding is
 // processed in chunks: x and y are bound at the chunk's offset and `base` is the flat index of
 // its first element, so the mask is the unchunked one. Precision: activations are stored as the
-// variant says (f32, f16, packed f16; see the #activation lines), arithmetic is f32.
+// variant says (f32, f16, packed f16; see the #activation lines), arithmetic is f32. The vec4
+// variant (f32 as array<vec4<f32>>) runs ranges bound as whole 16-byte vectors.
 
 // #include "philox.wgsl"
+// #vec4-variant
 
 const WG: u32 = 256u;
 const ACCUMULATE: u32 = 2u;   // flags: add to y instead of overwriting it
@@ -103,9 +105,9 @@ fn forward(g: u32, channels: bool, accumulate: bool) {
     let m = select(vec4<f32>(0.0), vec4<f32>(p.scale), keep);
     var v: vec4<f32>;
     if (first + 3u < p.numel) {
-        v = ld4_x(first) * m;
+        v = ld4a_x(first) * m;
         if (accumulate) {
-            v += ld4_y(first);
+            v += ld4a_y(first);
         }
     } else {
         for (var k = 0u; k < 4u; k++) {

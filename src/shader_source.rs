@@ -15,14 +15,16 @@
 //! `ld_NAME(i: u32) -> f32` for every tensor, and for `read_write` ones `st_NAME(i: u32, v: f32)`
 //! and `st2_NAME(i: u32, a: f32, b: f32)`, which stores elements `i` (even) and `i + 1` when the
 //! caller writes both (packed: one whole-word store instead of two half-word updates). Built on
-//! those, for every storage: `ld4_NAME(i) -> vec4<f32>` (elements `i .. i + 3`) and, writable,
-//! `st4_NAME(i, v: vec4<f32>, n: u32)`, which stores the elements of `v` whose index is below
-//! `n` (`i` a multiple of 4): whole words when all four exist and `PAIR_STORES`, else one by one.
+//! those, for every storage: `ld4_NAME(i) -> vec4<f32>` (elements `i .. i + 3`), `ld4a_NAME(i)`
+//! (the same for `i` a multiple of 4) and, writable, `st4_NAME(i, v: vec4<f32>, n: u32)`, which
+//! stores the elements of `v` whose index is below `n` (`i` a multiple of 4): whole words when
+//! all four exist and `PAIR_STORES`, else one by one.
 //! Kernels touch activations only through these, and always compute in f32; `to_storage(v)`
 //! rounds a value as storing it would (for values a kernel both writes and keeps using). Each
 //! [`Storage`] variant generates a different body:
 //!
-//! - `F32`: `array<f32>`.
+//! - `F32`: `array<f32>`; in the `vec4` variant of files marked `// #vec4-variant`,
+//!   `array<vec4<f32>>`, where `ld4a_` and `st4_` are one 16-byte access (see [`Variant`]).
 //! - `F16`: `array<f16>` with `enable f16;` (the device needs `SHADER_F16`).
 //! - `F16Packed`: pairs of halves in `u32` words, element `i` in the low (even `i`) or high
 //!   (odd `i`) half of word `i / 2`, converted with `unpack2x16float` / `pack2x16float`. Writable
@@ -69,16 +71,59 @@ impl Storage {
 /// the file; both define the same functions.
 pub const SUBGROUP_ALTERNATIVES: &[(&str, &str)] = &[("workgroup_reduce.wgsl", "workgroup_reduce_subgroup.wgsl")];
 
+/// The line that marks a shader file as having a `vec4` variant (see [`Variant::vec4`]).
+pub const VEC4_MARKER: &str = "// #vec4-variant";
+
+/// Everything that selects one expansion of a shader file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    /// How activations are stored.
+    pub storage: Storage,
+    /// Include the [`SUBGROUP_ALTERNATIVES`] (devices with `SUBGROUP`).
+    pub subgroups: bool,
+    /// f32 activations declared as `array<vec4<f32>>`, so that the aligned four-element
+    /// accessors (`ld4a_`, `st4_`) are one 16-byte access. Only for files with the
+    /// [`VEC4_MARKER`] line and `Storage::F32`, and only bindable when every activation binding
+    /// is a whole number of vectors at a 16-byte-aligned offset.
+    pub vec4: bool,
+}
+
+impl Variant {
+    /// Scalar activations of `storage`, no subgroup operations.
+    pub const fn plain(storage: Storage) -> Self {
+        Self {
+            storage,
+            subgroups: false,
+            vec4: false,
+        }
+    }
+}
+
+/// Whether `source` carries the [`VEC4_MARKER`] line (it has a `vec4` f32 variant).
+pub fn has_vec4_variant(source: &str) -> bool {
+    source.lines().any(|l| l.trim() == VEC4_MARKER)
+}
+
 /// Expands `// #include "name"` directives (each name at most once, resolving names with
-/// `lookup`; with `subgroups`, the [`SUBGROUP_ALTERNATIVES`] of included files) and
-/// `// #activation` directives for `storage`. Errors name the missing file or the malformed
+/// `lookup`; with `variant.subgroups`, the [`SUBGROUP_ALTERNATIVES`] of included files) and
+/// `// #activation` directives for `variant`. Errors name the missing file or the malformed
 /// directive.
 pub fn expand_variant(
     source: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
-    storage: Storage,
-    subgroups: bool,
+    variant: Variant,
 ) -> Result<String, String> {
+    let Variant {
+        storage,
+        subgroups,
+        vec4,
+    } = variant;
+    if vec4 && (storage != Storage::F32 || !has_vec4_variant(source)) {
+        return Err(format!(
+            "a vec4 variant needs f32 storage and a `{VEC4_MARKER}` line (storage {})",
+            storage.name()
+        ));
+    }
     let mut out = source.to_string();
     let mut seen: Vec<String> = Vec::new();
     let mut pending = directives(source);
@@ -99,7 +144,7 @@ pub fn expand_variant(
     let mut lines = Vec::new();
     for (n, line) in out.lines().enumerate() {
         match line.trim().strip_prefix("// #activation") {
-            Some(rest) => lines.push(activation(rest, storage).map_err(|e| format!("line {}: {e}", n + 1))?),
+            Some(rest) => lines.push(activation(rest, storage, vec4).map_err(|e| format!("line {}: {e}", n + 1))?),
             None => lines.push(line.to_string()),
         }
     }
@@ -128,6 +173,46 @@ pub fn expand_variant(
     Ok(text)
 }
 
+/// Every variant a kernel can build from the file `raw`: each storage (f32 only without
+/// activations); with and without the subgroup alternatives of its includes where they make a
+/// difference; and the vec4 f32 variant where the file has one. build.rs validates each, the
+/// portability test translates each.
+pub fn variants_of(raw: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Variant> {
+    let storages: &[Storage] = if has_activations(raw) {
+        &Storage::ALL
+    } else {
+        &[Storage::F32]
+    };
+    let with_subgroups = Variant {
+        subgroups: true,
+        ..Variant::plain(Storage::F32)
+    };
+    let subgroup_options: &[bool] =
+        if expand_variant(raw, lookup, Variant::plain(Storage::F32)) == expand_variant(raw, lookup, with_subgroups) {
+            &[false]
+        } else {
+            &[false, true]
+        };
+    let mut out = Vec::new();
+    for &storage in storages {
+        for &subgroups in subgroup_options {
+            out.push(Variant {
+                storage,
+                subgroups,
+                vec4: false,
+            });
+            if storage == Storage::F32 && has_vec4_variant(raw) {
+                out.push(Variant {
+                    storage,
+                    subgroups,
+                    vec4: true,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Whether `source` declares any activation tensor (and so has f16 variants).
 pub fn has_activations(source: &str) -> bool {
     source.lines().any(|l| l.trim().starts_with("// #activation"))
@@ -142,7 +227,7 @@ fn directives(source: &str) -> Vec<String> {
 }
 
 /// One `#activation @binding(N) ACCESS NAME [comment]` directive, expanded to one line.
-fn activation(rest: &str, storage: Storage) -> Result<String, String> {
+fn activation(rest: &str, storage: Storage, vec4: bool) -> Result<String, String> {
     let mut words = rest.split_whitespace();
     let usage = "expected `// #activation @binding(N) read|read_write NAME`";
     let binding = words
@@ -162,51 +247,73 @@ fn activation(rest: &str, storage: Storage) -> Result<String, String> {
     let comment: Vec<&str> = words.collect();
     let writable = access == "read_write";
     let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, {access}> {name}: array<{ty}>;");
-    let mut s =
-        match storage {
-            Storage::F32 => {
-                let mut s = decl("f32") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return {name}[i]; }}");
-                if writable {
-                    s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = v; }}");
-                    s += &format!(" fn st2_{name}(i: u32, a: f32, b: f32) {{ {name}[i] = a; {name}[i + 1u] = b; }}");
-                }
-                s
+    let mut s = match storage {
+        Storage::F32 if vec4 => {
+            let mut s =
+                decl("vec4<f32>") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return {name}[i >> 2u][i & 3u]; }}");
+            if writable {
+                s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i >> 2u][i & 3u] = v; }}");
+                s += &format!(" fn st2_{name}(i: u32, a: f32, b: f32) {{ st_{name}(i, a); st_{name}(i + 1u, b); }}");
             }
-            Storage::F16 => {
-                let mut s = decl("f16") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}");
-                if writable {
-                    s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = f16(v); }}");
-                    s += &format!(
-                        " fn st2_{name}(i: u32, a: f32, b: f32) {{ {name}[i] = f16(a); {name}[i + 1u] = f16(b); }}"
-                    );
-                }
-                s
+            s
+        }
+        Storage::F32 => {
+            let mut s = decl("f32") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return {name}[i]; }}");
+            if writable {
+                s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = v; }}");
+                s += &format!(" fn st2_{name}(i: u32, a: f32, b: f32) {{ {name}[i] = a; {name}[i + 1u] = b; }}");
             }
-            Storage::F16Packed if !writable => {
-                decl("u32")
-                    + &format!(" fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float({name}[i >> 1u])[i & 1u]; }}")
+            s
+        }
+        Storage::F16 => {
+            let mut s = decl("f16") + &format!(" fn ld_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}");
+            if writable {
+                s += &format!(" fn st_{name}(i: u32, v: f32) {{ {name}[i] = f16(v); }}");
+                s += &format!(
+                    " fn st2_{name}(i: u32, a: f32, b: f32) {{ {name}[i] = f16(a); {name}[i + 1u] = f16(b); }}"
+                );
             }
-            Storage::F16Packed => {
-                decl("atomic<u32>")
-                    + &format!(
+            s
+        }
+        Storage::F16Packed if !writable => {
+            decl("u32")
+                + &format!(" fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float({name}[i >> 1u])[i & 1u]; }}")
+        }
+        Storage::F16Packed => {
+            decl("atomic<u32>")
+                + &format!(
                     " fn ld_{name}(i: u32) -> f32 {{ return unpack2x16float(atomicLoad(&{name}[i >> 1u]))[i & 1u]; }}"
-                ) + &format!(
+                )
+                + &format!(
                     " fn st_{name}(i: u32, v: f32) {{ let half_shift = (i & 1u) * 16u; \
                      let half_bits = pack2x16float(vec2<f32>(v, 0.0)) & 0xffffu; \
                      atomicAnd(&{name}[i >> 1u], ~(0xffffu << half_shift)); \
                      atomicOr(&{name}[i >> 1u], half_bits << half_shift); }}"
-                ) + &format!(
+                )
+                + &format!(
                     " fn st2_{name}(i: u32, a: f32, b: f32) {{ \
                      atomicStore(&{name}[i >> 1u], pack2x16float(vec2<f32>(a, b))); }}"
                 )
-            }
-        };
-    // Storage-independent four-element accessors over the ones above (i a multiple of 4).
+        }
+    };
+    // Four-element accessors over the ones above: ld4_ from any i, ld4a_ and st4_ from i a
+    // multiple of 4 (one vector access in the vec4 variant).
     s += &format!(
         " fn ld4_{name}(i: u32) -> vec4<f32> {{ \
          return vec4<f32>(ld_{name}(i), ld_{name}(i + 1u), ld_{name}(i + 2u), ld_{name}(i + 3u)); }}"
     );
-    if writable {
+    if vec4 {
+        s += &format!(" fn ld4a_{name}(i: u32) -> vec4<f32> {{ return {name}[i >> 2u]; }}");
+    } else {
+        s += &format!(" fn ld4a_{name}(i: u32) -> vec4<f32> {{ return ld4_{name}(i); }}");
+    }
+    if writable && vec4 {
+        s += &format!(
+            " fn st4_{name}(i: u32, v: vec4<f32>, n: u32) {{ \
+             if (i + 3u < n) {{ {name}[i >> 2u] = v; }} \
+             else {{ for (var j = 0u; j < 4u; j++) {{ if (i + j < n) {{ st_{name}(i + j, v[j]); }} }} }} }}"
+        );
+    } else if writable {
         s += &format!(
             " fn st4_{name}(i: u32, v: vec4<f32>, n: u32) {{ \
              if (i + 3u < n) {{ if (PAIR_STORES) {{ st2_{name}(i, v.x, v.y); st2_{name}(i + 2u, v.z, v.w); }} \

@@ -9,10 +9,11 @@ use normdrop::kernels::Storage;
 
 fn translate_all(v: &normdrop::kernels::ShaderVariant) {
     let what = format!(
-        "{} [{}{}]",
+        "{} [{}{}{}]",
         v.file,
         v.storage.name(),
-        if v.subgroups { ", subgroups" } else { "" }
+        if v.subgroups { ", subgroups" } else { "" },
+        if v.vec4 { ", vec4" } else { "" }
     );
     let module =
         naga::front::wgsl::parse_str(&v.source).unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&v.source)));
@@ -91,14 +92,21 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
 #[test]
 fn every_shader_variant_translates_to_every_backend() {
     let variants = normdrop::kernels::shader_variants();
-    // 5 op shaders in 3 storage variants, the 2 BatchNorm shaders again with subgroup
-    // operations in each storage, plus copy and SGD in f32.
-    assert_eq!(variants.len(), 23);
-    let subgroup_files: Vec<_> = variants.iter().filter(|v| v.subgroups).map(|v| v.file).collect();
-    assert_eq!(subgroup_files.len(), 6, "{subgroup_files:?}");
+    // 5 op shaders in 3 storage variants; the 2 BatchNorm shaders again with subgroup
+    // operations; vec4 f32 variants of dropout and both BatchNorm shaders (BatchNorm's with
+    // and without subgroups); copy and SGD in f32.
+    assert_eq!(variants.len(), 28);
+    let files = |pick: fn(&normdrop::kernels::ShaderVariant) -> bool| -> Vec<&str> {
+        variants.iter().filter(|v| pick(v)).map(|v| v.file).collect()
+    };
+    let subgroup_files = files(|v| v.subgroups);
+    assert_eq!(subgroup_files.len(), 8, "{subgroup_files:?}");
     assert!(subgroup_files
         .iter()
         .all(|f| *f == "batch_norm.wgsl" || *f == "batch_norm_backward.wgsl"));
+    let vec4_files = files(|v| v.vec4);
+    assert_eq!(vec4_files.len(), 5, "{vec4_files:?}");
+    assert!(variants.iter().filter(|v| v.vec4).all(|v| v.storage == Storage::F32));
     for storage in [Storage::F32, Storage::F16, Storage::F16Packed] {
         assert!(
             variants.iter().filter(|v| v.storage == storage).count() >= 5,

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups, gcd,
-    placeholder, record, uniform_buffer, BindLimits, Chunk, Storage,
+    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
 };
 
 const OP: &str = "batch_norm";
@@ -234,6 +234,9 @@ pub struct BatchNormKernel {
     finalize_eval: wgpu::ComputePipeline,
     normalize: wgpu::ComputePipeline,
     normalize_dropout: wgpu::ComputePipeline,
+    /// `[normalize, normalize_dropout]` from the vec4 variant (f32 only), for ranges whose x
+    /// and y bind as whole 16-byte vectors.
+    normalize_vec4: Option<[wgpu::ComputePipeline; 2]>,
     /// Stand-ins for bindings a configuration does not use: γ, β (read) and running mean,
     /// running var, num_batches_tracked (read-write), each distinct.
     placeholders: [wgpu::Buffer; 5],
@@ -241,7 +244,7 @@ pub struct BatchNormKernel {
 
 impl Kernel for BatchNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "batch_norm.wgsl", storage);
+        let module = crate::kernels::shader_module(device, "batch_norm.wgsl", storage, false);
         Self {
             storage,
             stats: ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, &module, e)),
@@ -250,6 +253,8 @@ impl Kernel for BatchNormKernel {
             finalize_eval: compute_pipeline(device, &module, "bn_finalize_eval"),
             normalize: compute_pipeline(device, &module, "bn_normalize"),
             normalize_dropout: compute_pipeline(device, &module, "bn_normalize_dropout"),
+            normalize_vec4: vec4_module(device, "batch_norm.wgsl", storage)
+                .map(|m| ["bn_normalize", "bn_normalize_dropout"].map(|e| compute_pipeline(device, &m, e))),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
         }
     }
@@ -762,12 +767,14 @@ impl BatchNormPlan {
                 self.eval_groups,
             ));
         }
-        let normalize = match (&self.dropout, &b.rng) {
-            (Some(_), Some(_)) => &k.normalize_dropout,
-            _ => &k.normalize,
-        };
+        let drop = usize::from(self.dropout.is_some() && b.rng.is_some());
         for c in &self.chunks {
             let (at, len) = range_bytes(c);
+            let normalize = match &k.normalize_vec4 {
+                Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => &v[drop],
+                _ if drop == 1 => &k.normalize_dropout,
+                _ => &k.normalize,
+            };
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),

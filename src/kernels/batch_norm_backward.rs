@@ -21,7 +21,7 @@ use crate::kernels::batch_norm::{reduce_groups, sample_ranges, BatchNormConfig, 
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder,
-    record, uniform_buffer, BindLimits, Chunk, Storage,
+    record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
 };
 
 const OP: &str = "batch_norm backward";
@@ -87,13 +87,16 @@ pub struct BatchNormBackwardKernel {
     /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
     finalize: [wgpu::ComputePipeline; 2],
     dx: [wgpu::ComputePipeline; 2],
+    /// `dx` from the vec4 variant (f32 only), for ranges whose x, dy and dx bind as whole
+    /// 16-byte vectors.
+    dx_vec4: Option<[wgpu::ComputePipeline; 2]>,
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
 }
 
 impl Kernel for BatchNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "batch_norm_backward.wgsl", storage);
+        let module = crate::kernels::shader_module(device, "batch_norm_backward.wgsl", storage, false);
         Self {
             storage,
             reduce: [
@@ -103,6 +106,8 @@ impl Kernel for BatchNormBackwardKernel {
             .map(|pair| pair.map(|e| compute_pipeline(device, &module, e))),
             finalize: ["bnb_finalize", "bnb_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
             dx: ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, &module, e)),
+            dx_vec4: vec4_module(device, "batch_norm_backward.wgsl", storage)
+                .map(|m| ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, &m, e))),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
         }
     }
@@ -382,7 +387,7 @@ impl BatchNormBackwardPlan {
         let (partials, coef) = (self.partials.as_entire_binding(), self.coef.as_entire_binding());
         let drop = usize::from(self.dropout.is_some());
         let serial = usize::from(self.split.serial());
-        let (reduce, finalize, dx) = (&k.reduce[serial][drop], &k.finalize[serial], &k.dx[drop]);
+        let (reduce, finalize) = (&k.reduce[serial][drop], &k.finalize[serial]);
         let mut passes = Vec::new();
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
@@ -418,6 +423,10 @@ impl BatchNormBackwardPlan {
         ));
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
+            let dx = match &k.dx_vec4 {
+                Some(v) if vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) => &v[drop],
+                _ => &k.dx[drop],
+            };
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),

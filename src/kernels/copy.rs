@@ -18,7 +18,7 @@ pub struct CopyKernel {
 
 impl Kernel for CopyKernel {
     fn build(device: &wgpu::Device, _storage: crate::kernels::Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "copy.wgsl", crate::kernels::Storage::F32);
+        let module = crate::kernels::shader_module(device, "copy.wgsl", crate::kernels::Storage::F32, false);
         Self {
             copy: compute_pipeline(device, &module, "copy_vec4"),
         }

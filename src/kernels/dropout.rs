@@ -11,7 +11,7 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::{
     bind_group, binding, binding_at, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups, record,
-    uniform_buffer, BindLimits, Chunk, Storage,
+    uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
 };
 use crate::rng::DropRule;
 
@@ -151,6 +151,8 @@ pub struct DropoutKernel {
     /// `[Dropout, Dropout2d][write, accumulate]`: one entry point each, so that no call
     /// executes the others' code (CPU drivers predicate every `if`).
     forward: [[wgpu::ComputePipeline; 2]; 2],
+    /// The same from the vec4 variant (f32 only), for ranges bound as whole 16-byte vectors.
+    forward_vec4: Option<[[wgpu::ComputePipeline; 2]; 2]>,
     apply_mask: wgpu::ComputePipeline,
     mask: wgpu::ComputePipeline,
     advance: wgpu::ComputePipeline,
@@ -158,14 +160,18 @@ pub struct DropoutKernel {
 
 impl Kernel for DropoutKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "dropout.wgsl", storage);
-        Self {
-            storage,
-            forward: [
+        let module = crate::kernels::shader_module(device, "dropout.wgsl", storage, false);
+        let forward = |module: &wgpu::ShaderModule| {
+            [
                 ["dropout_forward", "dropout_forward_accumulate"],
                 ["dropout2d_forward", "dropout2d_forward_accumulate"],
             ]
-            .map(|pair| pair.map(|e| compute_pipeline(device, &module, e))),
+            .map(|pair| pair.map(|e| compute_pipeline(device, module, e)))
+        };
+        Self {
+            storage,
+            forward: forward(&module),
+            forward_vec4: vec4_module(device, "dropout.wgsl", storage).map(|m| forward(&m)),
             apply_mask: compute_pipeline(device, &module, "dropout_apply_mask"),
             mask: compute_pipeline(device, &module, "dropout_mask"),
             advance: compute_pipeline(device, &module, "rng_advance"),
@@ -403,12 +409,17 @@ impl DropoutPlan {
         check_distinct(OP, &[("y", &b.y)], &[("rng", &b.rng)])?;
         let k = &self.kernel;
         let eb = k.storage.element_bytes();
-        let pipeline = &k.forward[usize::from(self.unit == DropoutUnit::Channel)][usize::from(accumulate)];
+        let (unit, acc) = (usize::from(self.unit == DropoutUnit::Channel), usize::from(accumulate));
         let dispatches: Vec<_> = self
             .chunks
             .iter()
             .map(|c| {
                 let (at, len) = (c.chunk.start * eb, c.chunk.count * eb);
+                // One 16-byte access per four elements where the range allows it.
+                let pipeline = match &k.forward_vec4 {
+                    Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => &v[unit][acc],
+                    _ => &k.forward[unit][acc],
+                };
                 let group = bind_group(
                     device,
                     "dropout_forward",

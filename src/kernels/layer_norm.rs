@@ -235,7 +235,7 @@ pub struct LayerNormKernel {
 
 impl Kernel for LayerNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "layer_norm.wgsl", storage);
+        let module = crate::kernels::shader_module(device, "layer_norm.wgsl", storage, false);
         Self {
             storage,
             forward: compute_pipeline(device, &module, "ln_forward"),

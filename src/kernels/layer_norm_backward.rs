@@ -74,7 +74,7 @@ pub struct LayerNormBackwardKernel {
 
 impl Kernel for LayerNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "layer_norm_backward.wgsl", storage);
+        let module = crate::kernels::shader_module(device, "layer_norm_backward.wgsl", storage, false);
         Self {
             storage,
             dx: ["lnb_dx", "lnb_dx_dropout"].map(|e| compute_pipeline(device, &module, e)),

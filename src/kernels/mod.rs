@@ -73,31 +73,36 @@ const SHADER_FILES: &[(&str, &str)] = &[
 ];
 
 pub use crate::shader_source::Storage;
+use crate::shader_source::Variant;
 
 fn raw_source(name: &str) -> Option<&'static str> {
     SHADER_FILES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
 }
 
-/// The WGSL of `file` with its directives expanded for `storage`, as the kernels compile it;
-/// `subgroups` picks the subgroup alternatives of its includes (for devices with `SUBGROUP`).
-pub(crate) fn wgsl(file: &str, storage: Storage, subgroups: bool) -> String {
+/// The WGSL of `file` expanded for `variant`, as the kernels compile it.
+pub(crate) fn wgsl(file: &str, variant: Variant) -> String {
     let lookup = |name: &str| raw_source(name).map(str::to_string);
     let raw = raw_source(file).unwrap_or_else(|| panic!("shader {file} is not in SHADER_FILES"));
-    crate::shader_source::expand_variant(raw, &lookup, storage, subgroups).unwrap_or_else(|e| panic!("{file}: {e}"))
+    crate::shader_source::expand_variant(raw, &lookup, variant).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
-/// Compiles `file` (expanded for `storage`, with subgroup operations when `device` has
-/// `SUBGROUP`) into a shader module.
-pub(crate) fn shader_module(device: &wgpu::Device, file: &str, storage: Storage) -> wgpu::ShaderModule {
-    let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
+/// Compiles `file` for activations stored as `storage` (as `vec4` arrays when `vec4`), with
+/// subgroup operations when `device` has `SUBGROUP`.
+pub(crate) fn shader_module(device: &wgpu::Device, file: &str, storage: Storage, vec4: bool) -> wgpu::ShaderModule {
+    let variant = Variant {
+        storage,
+        subgroups: device.features().contains(wgpu::Features::SUBGROUP),
+        vec4,
+    };
     let label = format!(
-        "{file} [{}{}]",
+        "{file} [{}{}{}]",
         storage.name(),
-        if subgroups { ", subgroups" } else { "" }
+        if variant.subgroups { ", subgroups" } else { "" },
+        if vec4 { ", vec4" } else { "" }
     );
     device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(&label),
-        source: wgpu::ShaderSource::Wgsl(wgsl(file, storage, subgroups).into()),
+        source: wgpu::ShaderSource::Wgsl(wgsl(file, variant).into()),
     })
 }
 
@@ -123,6 +128,8 @@ pub struct ShaderVariant {
     /// Whether it is the variant for devices with `SUBGROUP` (subgroup operations in its
     /// workgroup reductions). Only shaders whose includes have a subgroup alternative have one.
     pub subgroups: bool,
+    /// Whether f32 activations are `vec4` arrays (files marked `// #vec4-variant`).
+    pub vec4: bool,
     /// The WGSL source.
     pub source: String,
     /// The compute entry points the kernel builds pipelines for.
@@ -143,31 +150,17 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         ("layer_norm_backward.wgsl", layer_norm_backward::ENTRY_POINTS),
         ("sgd.wgsl", sgd::ENTRY_POINTS),
     ];
+    let lookup = |name: &str| raw_source(name).map(str::to_string);
     let mut out = Vec::new();
     for (file, entry_points) in files {
         let raw = raw_source(file).expect("listed shader exists");
-        let storages: &[Storage] = if crate::shader_source::has_activations(raw) {
-            &Storage::ALL
-        } else {
-            &[Storage::F32]
-        };
-        for &storage in storages {
-            let plain = wgsl(file, storage, false);
-            let subgroup = wgsl(file, storage, true);
-            if subgroup != plain {
-                out.push(ShaderVariant {
-                    file,
-                    storage,
-                    subgroups: true,
-                    source: subgroup,
-                    entry_points,
-                });
-            }
+        for variant in crate::shader_source::variants_of(raw, &lookup) {
             out.push(ShaderVariant {
                 file,
-                storage,
-                subgroups: false,
-                source: plain,
+                storage: variant.storage,
+                subgroups: variant.subgroups,
+                vec4: variant.vec4,
+                source: wgsl(file, variant),
                 entry_points,
             });
         }
@@ -415,6 +408,17 @@ pub(crate) fn record(encoder: &mut wgpu::CommandEncoder, label: &str, dispatches
 /// which the checks guarantee fits in the slice for the 4-byte element types used here).
 pub(crate) fn binding<'a>(slice: &wgpu::BufferSlice<'a>, bytes: u64) -> wgpu::BindingResource<'a> {
     binding_at(slice, 0, bytes)
+}
+
+/// Whether `bytes` from byte `at` of every slice can be bound as `array<vec4<f32>>` (the vec4
+/// shader variants): a whole number of 16-byte vectors at 16-byte-aligned offsets.
+pub(crate) fn vec4_bindable(slices: &[&wgpu::BufferSlice<'_>], at: u64, bytes: u64) -> bool {
+    bytes.is_multiple_of(16) && slices.iter().all(|s| (s.offset() + at).is_multiple_of(16))
+}
+
+/// The vec4 variant of `file` (activations as `array<vec4<f32>>`) when `storage` is f32.
+pub(crate) fn vec4_module(device: &wgpu::Device, file: &str, storage: Storage) -> Option<wgpu::ShaderModule> {
+    (storage == Storage::F32).then(|| shader_module(device, file, storage, true))
 }
 
 /// `slice` bound as `bytes` when the configuration uses it (`used`) and it is given, otherwise
