@@ -19,7 +19,9 @@
 //                  by two passes over its registers; the segment Chan-merges them. Traffic:
 //                  read x once, write y once.
 //   wider rows:    Welford per lane over a strided slice, Chan merge, then a second read to
-//                  normalize (the residual variant re-reads the h it wrote).
+//                  normalize (the residual variant re-reads the h it wrote). In the vec4
+//                  variant (f32, W % 4 == 0, chosen by the host) a lane's quads are vector
+//                  loads and stores and each quad enters Welford as one exact triple.
 // Chunking: a tensor larger than one storage binding is processed in row ranges; the
 // activations are bound at the range's offset (indices here are local to it), mean and rstd are
 // bound whole and indexed by the global row p.row_base + row, and the dropout's element index
@@ -32,6 +34,7 @@
 // #include "welford.wgsl"
 // #include "philox.wgsl"
 // #include "ln_rows.wgsl"
+// #vec4-variant
 
 const WG: u32 = 256u;
 const REGS: u32 = 16u;
@@ -74,6 +77,18 @@ fn affine(j: u32, v: f32) -> f32 {
     }
     if ((p.flags & FLAG_BIAS) != 0u) {
         r = r + bias[j];
+    }
+    return r;
+}
+
+// affine of columns j .. j + 3.
+fn affine4(j: u32, v: vec4<f32>) -> vec4<f32> {
+    var r = v;
+    if ((p.flags & FLAG_WEIGHT) != 0u) {
+        r = r * vec4<f32>(weight[j], weight[j + 1u], weight[j + 2u], weight[j + 3u]);
+    }
+    if ((p.flags & FLAG_BIAS) != 0u) {
+        r = r + vec4<f32>(bias[j], bias[j + 1u], bias[j + 2u], bias[j + 3u]);
     }
     return r;
 }
@@ -199,6 +214,21 @@ fn forward(at: Slot, lid: u32, drop: bool) {
             }
         }
     } else {
+        if (VEC4) {
+            // Rows of whole quads (the host binds this variant only when W % 4 == 0): vector
+            // loads and stores, a quad's exact triple per Welford step.
+            var acc = Stat(0.0, 0.0, 0.0);
+            for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+                acc = chan_merge(acc, quad_stat(ld4a_x(r.base + 4u * k) - shift));
+            }
+            let st = finish_stats(lid, at, shift, acc);
+            for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+                let m = quad_factors(state, r, k, drop);
+                let e = r.base + 4u * k;
+                st4_y(e, affine4(4u * k, ((ld4a_x(e) - shift) - st.x) * st.y) * m, e + 4u);
+            }
+            return;
+        }
         // Wide row: Welford pass, then a second read to normalize.
         var acc = Stat(0.0, 0.0, 0.0);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
@@ -262,6 +292,20 @@ fn ln_residual_dropout_forward(
                     st_y(r.base + j, affine(j, (v[4u * i + t] - st.x) * st.y));
                 }
             }
+        }
+    } else if (VEC4) {
+        // Rows of whole quads, as in `forward`. Each lane re-reads only the h it wrote.
+        var acc = Stat(0.0, 0.0, 0.0);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let e = r.base + 4u * k;
+            let hv = ld4a_residual(e) + ld4a_x(e) * drop4(state, r.q0 + k);
+            st4_h(e, hv, e + 4u);
+            acc = chan_merge(acc, quad_stat(hv - shift));
+        }
+        let st = finish_stats(lid, at, shift, acc);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let e = r.base + 4u * k;
+            st4_y(e, affine4(4u * k, ((ld4a_h(e) - shift) - st.x) * st.y), e + 4u);
         }
     } else {
         // Each lane re-reads only the h elements it wrote itself, so no barrier is needed.

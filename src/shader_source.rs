@@ -158,6 +158,11 @@ pub fn expand_variant(
             "const PAIR_STORES: bool = {};\n",
             storage == Storage::F16Packed
         ));
+        if has_vec4_variant(source) {
+            // `VEC4`: this is the vec4 variant, which the host binds only where its guarantees
+            // hold (whole 16-byte vectors; kernels may add their own, e.g. rows of whole quads).
+            text.push_str(&format!("const VEC4: bool = {vec4};\n"));
+        }
         text.push_str(match storage {
             Storage::F32 => "fn to_storage(v: f32) -> f32 { return v; }\n",
             Storage::F16 => "fn to_storage(v: f32) -> f32 { return f32(f16(v)); }\n",

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
-    placeholder, record, uniform_buffer, BindLimits, Chunk, Storage,
+    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
 };
 
 const OP: &str = "layer_norm";
@@ -228,6 +228,9 @@ pub struct LayerNormKernel {
     forward: wgpu::ComputePipeline,
     dropout: wgpu::ComputePipeline,
     residual: wgpu::ComputePipeline,
+    /// `[forward, dropout, residual]` from the vec4 variant (f32 only): rows of whole quads
+    /// (W % 4 == 0) whose activations bind as whole 16-byte vectors.
+    vec4: Option<[wgpu::ComputePipeline; 3]>,
     /// Stand-ins for γ and β when the configuration has none, and for the generator state
     /// without dropout.
     placeholders: [wgpu::Buffer; 3],
@@ -241,6 +244,10 @@ impl Kernel for LayerNormKernel {
             forward: compute_pipeline(device, &module, "ln_forward"),
             dropout: compute_pipeline(device, &module, "ln_dropout_forward"),
             residual: compute_pipeline(device, &module, "ln_residual_dropout_forward"),
+            vec4: vec4_module(device, "layer_norm.wgsl", storage).map(|m| {
+                ["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"]
+                    .map(|e| compute_pipeline(device, &m, e))
+            }),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
         }
     }
@@ -491,14 +498,22 @@ impl LayerNormPlan {
         let (w_bytes, r_bytes) = (self.width * 4, self.rows * 4);
         let weight = binding_or(self.config.has_weight(), &b.weight, &k.placeholders[0], w_bytes);
         let bias = binding_or(self.config.has_bias(), &b.bias, &k.placeholders[1], w_bytes);
-        let pipeline = match self.fusion {
-            LayerNormFusion::None => &k.forward,
-            LayerNormFusion::Dropout(_) => &k.dropout,
-            LayerNormFusion::ResidualDropout(_) => &k.residual,
+        let which = match self.fusion {
+            LayerNormFusion::None => 0,
+            LayerNormFusion::Dropout(_) => 1,
+            LayerNormFusion::ResidualDropout(_) => 2,
         };
+        let mut activations = vec![&b.x, &b.y];
+        if let (LayerNormFusion::ResidualDropout(_), Some(res), Some(h)) = (self.fusion, &b.residual, &b.h) {
+            activations.extend([res, h]);
+        }
         let mut dispatches = Vec::with_capacity(self.chunks.len());
         for c in &self.chunks {
             let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
+            let pipeline = match &k.vec4 {
+                Some(v) if self.width.is_multiple_of(4) && vec4_bindable(&activations, at, len) => &v[which],
+                _ => [&k.forward, &k.dropout, &k.residual][which],
+            };
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),
