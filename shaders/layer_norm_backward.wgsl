@@ -28,6 +28,7 @@
 
 // #include "philox.wgsl"
 // #include "ln_rows.wgsl"
+// #vec4-variant
 
 const WG: u32 = 256u;
 const REGS: u32 = 16u;
@@ -79,6 +80,16 @@ fn gamma(j: u32) -> f32 {
     return select(1.0, weight[j], has(FLAG_WEIGHT));
 }
 
+// γ of columns j .. j + 3.
+fn gamma4(j: u32) -> vec4<f32> {
+    return vec4<f32>(gamma(j), gamma(j + 1u), gamma(j + 2u), gamma(j + 3u));
+}
+
+// (Σ(x − K), Σg, Σg·(x − K)) of one quad.
+fn quad_sums(xs: vec4<f32>, g: vec4<f32>) -> vec3<f32> {
+    return vec3<f32>(dot(xs, vec4<f32>(1.0)), dot(g, vec4<f32>(1.0)), dot(g, xs));
+}
+
 // Sums one row's lane segment; every lane gets the total, added in the same order. Two
 // barriers whatever the segment's width (as segment_merge in layer_norm.wgsl): the first lane of
 // every group of SEG_FOLD sums its group, then every lane sums the group partials itself.
@@ -119,6 +130,21 @@ fn row_coefficients(lid: u32, at: Slot, shift: f32, r: f32, sums: vec3<f32>) -> 
 fn dh_of(xs: f32, g: f32, r: f32, cf: vec3<f32>) -> f32 {
     let xhat = (xs - cf.x) * r;
     return r * (g - cf.y - xhat * cf.z);
+}
+
+// dh_of of a quad.
+fn dh_of4(xs: vec4<f32>, g: vec4<f32>, r: f32, cf: vec3<f32>) -> vec4<f32> {
+    let xhat = (xs - cf.x) * r;
+    return r * (g - cf.y - xhat * cf.z);
+}
+
+// emit of the quad from e (a multiple of 4).
+fn emit4(e: u32, v: vec4<f32>) {
+    var out = v;
+    if (has(FLAG_ACCUM_DX)) {
+        out += ld4a_dx(e);
+    }
+    st4_dx(e, out, e + 4u);
 }
 
 fn emit(out_index: u32, v: f32) {
@@ -192,6 +218,20 @@ fn dx_rows(at: Slot, lid: u32, drop: bool) {
                 }
             }
         }
+    } else if (VEC4) {
+        // Rows of whole quads (vec4 variant, W % 4 == 0): vector loads and stores.
+        var sums = vec3<f32>(0.0);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let e = r.base + 4u * k;
+            let g = ld4a_dy(e) * quad_factors(state, r, k, drop) * gamma4(4u * k);
+            sums += quad_sums(ld4a_x(e) - shift, g);
+        }
+        let cf = row_coefficients(lid, at, shift, rs, sums);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let e = r.base + 4u * k;
+            let g = ld4a_dy(e) * quad_factors(state, r, k, drop) * gamma4(4u * k);
+            emit4(e, dh_of4(ld4a_x(e) - shift, g, rs, cf));
+        }
     } else {
         var sums = vec3<f32>(0.0);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
@@ -236,6 +276,22 @@ fn residual_emit(e: u32, dh_ln: f32, m: f32) {
     st_dx(e, dx);
 }
 
+// residual_emit of the quad from e (a multiple of 4), m its multipliers.
+fn residual_emit4(e: u32, dh_ln: vec4<f32>, m: vec4<f32>) {
+    var dh = dh_ln;
+    if (has(FLAG_DH_IN)) {
+        dh += ld4a_dh_in(e);
+    }
+    var dres = dh;
+    var dx = dh * m;
+    if (has(FLAG_ACCUM_DX)) {
+        dres += ld4a_dresidual(e);
+        dx += ld4a_dx(e);
+    }
+    st4_dresidual(e, dres, e + 4u);
+    st4_dx(e, dx, e + 4u);
+}
+
 @compute @workgroup_size(256)
 fn lnb_residual_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -273,6 +329,19 @@ fn lnb_residual_dx(
                     residual_emit(r.base + j, dh_of(xs[4u * i + t], gs[4u * i + t], rs, cf), m[t]);
                 }
             }
+        }
+    } else if (VEC4) {
+        // Rows of whole quads, as in dx_rows.
+        var sums = vec3<f32>(0.0);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let e = r.base + 4u * k;
+            sums += quad_sums(ld4a_x(e) - shift, ld4a_dy(e) * gamma4(4u * k));
+        }
+        let cf = row_coefficients(lid, at, shift, rs, sums);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let e = r.base + 4u * k;
+            let dh = dh_of4(ld4a_x(e) - shift, ld4a_dy(e) * gamma4(4u * k), rs, cf);
+            residual_emit4(e, dh, drop4(state, r.q0 + k));
         }
     } else {
         var sums = vec3<f32>(0.0);
@@ -337,6 +406,25 @@ fn params_partial(w: u32, lid: u32, drop: bool) {
     let last = min(first + ROWS_PER_BLOCK, p.rows);
     var gx = vec4<f32>(0.0);
     var gs = vec4<f32>(0.0);
+    if (VEC4) {
+        // Rows of whole quads (W % 4 == 0): the four columns are one aligned quad of each
+        // row, and one Philox call's.
+        for (var row = first; row < last; row++) {
+            let e = row * p.width + j0;
+            let rc = row_centre[p.row_base + row];
+            let xhat = ((ld4a_x(e) - rc.x) - rc.y) * rstd[p.row_base + row];
+            var g = ld4a_dy(e);
+            if (drop) {
+                g *= drop4(state, (p.row_base * p.width + e) >> 2u);
+            }
+            gx += g * xhat;
+            gs += g;
+        }
+        for (var t = 0u; t < 4u; t++) {
+            partials[(p.block_base + block) * p.width + j0 + t] = vec2<f32>(gx[t], gs[t]);
+        }
+        return;
+    }
     for (var row = first; row < last; row++) {
         let e = row * p.width + j0;
         let rc = row_centre[p.row_base + row];

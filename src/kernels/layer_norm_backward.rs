@@ -15,7 +15,7 @@ use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion, LayerNormPlanOptions};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
-    placeholder, record, uniform_buffer, BindLimits, Chunk, Storage,
+    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
 };
 
 const OP: &str = "layer_norm backward";
@@ -68,8 +68,19 @@ pub struct LayerNormBackwardKernel {
     /// `lnb_params_partial`, `lnb_params_partial_dropout`, by "with dropout".
     params_partial: [wgpu::ComputePipeline; 2],
     params_final: wgpu::ComputePipeline,
+    /// `dx`, `residual_dx` and `params_partial` from the vec4 variant (f32 only), for rows of
+    /// whole quads (W % 4 == 0) whose activations bind as whole 16-byte vectors.
+    vec4: Option<LnbVec4>,
     /// Stand-ins: γ, dγ, dβ, rng, dh_in.
     placeholders: [wgpu::Buffer; 5],
+}
+
+/// The vec4 variant's pipelines of a [`LayerNormBackwardKernel`].
+#[derive(Clone, Debug)]
+struct LnbVec4 {
+    dx: [wgpu::ComputePipeline; 2],
+    residual_dx: wgpu::ComputePipeline,
+    params_partial: [wgpu::ComputePipeline; 2],
 }
 
 impl Kernel for LayerNormBackwardKernel {
@@ -81,6 +92,12 @@ impl Kernel for LayerNormBackwardKernel {
             residual_dx: compute_pipeline(device, &module, "lnb_residual_dx"),
             params_partial: ["lnb_params_partial", "lnb_params_partial_dropout"]
                 .map(|e| compute_pipeline(device, &module, e)),
+            vec4: vec4_module(device, "layer_norm_backward.wgsl", storage).map(|m| LnbVec4 {
+                dx: ["lnb_dx", "lnb_dx_dropout"].map(|e| compute_pipeline(device, &m, e)),
+                residual_dx: compute_pipeline(device, &m, "lnb_residual_dx"),
+                params_partial: ["lnb_params_partial", "lnb_params_partial_dropout"]
+                    .map(|e| compute_pipeline(device, &m, e)),
+            }),
             params_final: compute_pipeline(device, &module, "lnb_params_final"),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
         }
@@ -384,17 +401,33 @@ impl LayerNormBackwardPlan {
         let drop_dy = matches!(self.fusion, LayerNormFusion::Dropout(_));
         let rng = binding_or(self.fusion != LayerNormFusion::None, &b.rng, &ph[3], RNG_STATE_BYTES);
         let (centre, partials) = (self.row_centre.as_entire_binding(), self.partials.as_entire_binding());
-        let dx_pipeline = if residual {
-            &k.residual_dx
-        } else {
-            &k.dx[usize::from(drop_dy)]
-        };
-        let partial_pipeline = &k.params_partial[usize::from(drop_dy)];
+        let mut activations = vec![&b.x, &b.dy, &b.dx];
+        if residual {
+            activations.extend(b.dh_in.iter().chain(&b.dresidual));
+        }
         let mut dx_passes = Vec::new();
         let mut partial_passes = Vec::new();
         for c in &self.chunks {
             let uniform = c.uniforms[variant].as_entire_binding();
             let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
+            let (dx_pipeline, partial_pipeline) = match &k.vec4 {
+                Some(v) if self.width.is_multiple_of(4) && vec4_bindable(&activations, at, len) => (
+                    if residual {
+                        &v.residual_dx
+                    } else {
+                        &v.dx[usize::from(drop_dy)]
+                    },
+                    &v.params_partial[usize::from(drop_dy)],
+                ),
+                _ => (
+                    if residual {
+                        &k.residual_dx
+                    } else {
+                        &k.dx[usize::from(drop_dy)]
+                    },
+                    &k.params_partial[usize::from(drop_dy)],
+                ),
+            };
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
             let mut dx_entries = vec![
                 (0, uniform.clone()),
