@@ -145,7 +145,11 @@ fn chunk_stat(c: u32, start: u32, end: u32, stride: u32, shift: f32) -> Stat {
     var at = walk_start(start, p.s);
     for (var j = start; j < end; j += stride) {
         let i = walk_flat(at, c, p.s, p.c);
-        if (quad_fits(at.s, p.s, j, end)) {
+        if (VEC4) {
+            // The host runs the statistics from the vec4 variant only when S % 4 == 0: every
+            // quad then lies in one sample, starts on a vector, and ends by `end`.
+            acc = chan_merge(acc, quad_stat(ld4a_x(i) - shift));
+        } else if (quad_fits(at.s, p.s, j, end)) {
             acc = chan_merge(acc, quad_stat(ld4_x(i) - shift));
         } else {
             var e = at;

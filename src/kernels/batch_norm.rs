@@ -237,6 +237,8 @@ pub struct BatchNormKernel {
     /// `[normalize, normalize_dropout]` from the vec4 variant (f32 only), for ranges whose x
     /// and y bind as whole 16-byte vectors.
     normalize_vec4: Option<[wgpu::ComputePipeline; 2]>,
+    /// `stats` from the vec4 variant, for ranges whose x binds as whole vectors and S % 4 == 0.
+    stats_vec4: Option<[wgpu::ComputePipeline; 2]>,
     /// Stand-ins for bindings a configuration does not use: γ, β (read) and running mean,
     /// running var, num_batches_tracked (read-write), each distinct.
     placeholders: [wgpu::Buffer; 5],
@@ -245,6 +247,7 @@ pub struct BatchNormKernel {
 impl Kernel for BatchNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let module = crate::kernels::shader_module(device, "batch_norm.wgsl", storage, false);
+        let vec4 = vec4_module(device, "batch_norm.wgsl", storage);
         Self {
             storage,
             stats: ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, &module, e)),
@@ -253,8 +256,12 @@ impl Kernel for BatchNormKernel {
             finalize_eval: compute_pipeline(device, &module, "bn_finalize_eval"),
             normalize: compute_pipeline(device, &module, "bn_normalize"),
             normalize_dropout: compute_pipeline(device, &module, "bn_normalize_dropout"),
-            normalize_vec4: vec4_module(device, "batch_norm.wgsl", storage)
-                .map(|m| ["bn_normalize", "bn_normalize_dropout"].map(|e| compute_pipeline(device, &m, e))),
+            normalize_vec4: vec4
+                .as_ref()
+                .map(|m| ["bn_normalize", "bn_normalize_dropout"].map(|e| compute_pipeline(device, m, e))),
+            stats_vec4: vec4
+                .as_ref()
+                .map(|m| ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, m, e))),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
         }
     }
@@ -710,10 +717,14 @@ impl BatchNormPlan {
         let batch_stats = self.uses_batch_stats(training);
         let mut groups = Vec::new();
         let serial = usize::from(self.split.serial());
-        let (stats, finalize) = (&k.stats[serial], &k.finalize[serial]);
+        let finalize = &k.finalize[serial];
         if batch_stats {
             for c in &self.chunks {
                 let (at, len) = range_bytes(c);
+                let stats = match &k.stats_vec4 {
+                    Some(v) if self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x], at, len) => &v[serial],
+                    _ => &k.stats[serial],
+                };
                 let entries = [
                     (0, c.uniforms[usize::from(training)].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),

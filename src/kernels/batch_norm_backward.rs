@@ -90,6 +90,9 @@ pub struct BatchNormBackwardKernel {
     /// `dx` from the vec4 variant (f32 only), for ranges whose x, dy and dx bind as whole
     /// 16-byte vectors.
     dx_vec4: Option<[wgpu::ComputePipeline; 2]>,
+    /// `reduce` from the vec4 variant, for ranges whose x and dy bind as whole vectors and
+    /// S % 4 == 0.
+    reduce_vec4: Option<[[wgpu::ComputePipeline; 2]; 2]>,
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
 }
@@ -97,17 +100,23 @@ pub struct BatchNormBackwardKernel {
 impl Kernel for BatchNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let module = crate::kernels::shader_module(device, "batch_norm_backward.wgsl", storage, false);
-        Self {
-            storage,
-            reduce: [
+        let vec4 = vec4_module(device, "batch_norm_backward.wgsl", storage);
+        let reduce = |module: &wgpu::ShaderModule| {
+            [
                 ["bnb_reduce", "bnb_reduce_dropout"],
                 ["bnb_reduce_serial", "bnb_reduce_serial_dropout"],
             ]
-            .map(|pair| pair.map(|e| compute_pipeline(device, &module, e))),
+            .map(|pair| pair.map(|e| compute_pipeline(device, module, e)))
+        };
+        Self {
+            storage,
+            reduce: reduce(&module),
             finalize: ["bnb_finalize", "bnb_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
             dx: ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, &module, e)),
-            dx_vec4: vec4_module(device, "batch_norm_backward.wgsl", storage)
-                .map(|m| ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, &m, e))),
+            dx_vec4: vec4
+                .as_ref()
+                .map(|m| ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, m, e))),
+            reduce_vec4: vec4.as_ref().map(|m| reduce(m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
         }
     }
@@ -387,10 +396,14 @@ impl BatchNormBackwardPlan {
         let (partials, coef) = (self.partials.as_entire_binding(), self.coef.as_entire_binding());
         let drop = usize::from(self.dropout.is_some());
         let serial = usize::from(self.split.serial());
-        let (reduce, finalize) = (&k.reduce[serial][drop], &k.finalize[serial]);
+        let finalize = &k.finalize[serial];
         let mut passes = Vec::new();
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
+            let reduce = match &k.reduce_vec4 {
+                Some(v) if self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x, &b.dy], at, len) => &v[serial][drop],
+                _ => &k.reduce[serial][drop],
+            };
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),
