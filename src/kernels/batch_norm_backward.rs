@@ -116,7 +116,7 @@ impl Kernel for BatchNormBackwardKernel {
             dx_vec4: vec4
                 .as_ref()
                 .map(|m| ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, m, e))),
-            reduce_vec4: vec4.as_ref().map(|m| reduce(m)),
+            reduce_vec4: vec4.as_ref().map(reduce),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
         }
     }
