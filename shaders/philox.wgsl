@@ -16,19 +16,10 @@ const PHILOX_M1: u32 = 0xCD9E8D57u;
 const PHILOX_W0: u32 = 0x9E3779B9u;
 const PHILOX_W1: u32 = 0xBB67AE85u;
 
-// (hi, lo) words of the 64-bit product a·b. WGSL has no 64-bit integers, so the high word is
-// assembled from 16-bit halves; no partial sum below can exceed 2^32 − 1.
-fn mulhilo32(a: u32, b: u32) -> vec2<u32> {
-    let a_lo = a & 0xFFFFu;
-    let a_hi = a >> 16u;
-    let b_lo = b & 0xFFFFu;
-    let b_hi = b >> 16u;
-    let lo_lo = a_lo * b_lo;
-    let t = a_hi * b_lo + (lo_lo >> 16u);
-    let u = a_lo * b_hi + (t & 0xFFFFu);
-    let hi = a_hi * b_hi + (t >> 16u) + (u >> 16u);
-    return vec2<u32>(hi, a * b);
-}
+// mulhilo32(a, b): the (hi, lo) words of the 64-bit product, from philox_mul.wgsl (16-bit
+// halves, every device) or philox_mul_int64.wgsl (one 64-bit multiply, devices with
+// SHADER_INT64); shader_source swaps the second in (ALTERNATIVES).
+// #include "philox_mul.wgsl"
 
 fn philox_round(c: vec4<u32>, k: vec2<u32>) -> vec4<u32> {
     let p0 = mulhilo32(PHILOX_M0, c.x);

@@ -28,19 +28,21 @@ pub struct ContextOptions {
     /// Default `false`: native f16 where available, packed elsewhere. Tests set it to run the
     /// fallback path on devices that have the feature.
     pub force_packed_f16: bool,
-    /// Do not request `SUBGROUP`, so that kernels take their workgroup-memory reductions even
-    /// where the adapter has subgroup operations. Default `false`. Tests set it to run the
-    /// fallback path on devices that have the feature.
-    pub disable_subgroups: bool,
+    /// Optional features (of [`OPTIONAL_FEATURES`]) not to request even where the adapter has
+    /// them, so that kernels take their fallback paths. Default empty. Tests set it to run
+    /// the fallbacks on devices that have the features (e.g. `SUBGROUP | SHADER_INT64`).
+    pub disabled_features: wgpu::Features,
 }
 
 /// Optional adapter features normdrop uses when present. Each has a fallback path:
 /// `SHADER_F16` (native f16 storage, else packed in u32), `TIMESTAMP_QUERY` (GPU timestamps in
-/// `bench`, else wall time) and `SUBGROUP` (subgroup operations in BatchNorm's workgroup
-/// reductions, else workgroup memory only).
+/// `bench`, else wall time), `SUBGROUP` (subgroup operations in BatchNorm's workgroup
+/// reductions, else workgroup memory only) and `SHADER_INT64` (Philox's 32×32-bit products as
+/// one 64-bit multiply, else from 16-bit halves).
 pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::TIMESTAMP_QUERY)
-    .union(wgpu::Features::SUBGROUP);
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::SHADER_INT64);
 
 /// A GPU device and queue with normdrop's kernel cache. Cheap to clone (shared inside).
 ///
@@ -104,10 +106,7 @@ impl Context {
         let instance = wgpu::Instance::new(desc);
         let adapter = pick_adapter(&instance, backends, &options).await?;
         let limits = options.limits.clone().unwrap_or_else(|| adapter.limits());
-        let mut features = adapter.features() & OPTIONAL_FEATURES;
-        if options.disable_subgroups {
-            features.remove(wgpu::Features::SUBGROUP);
-        }
+        let features = adapter.features() & OPTIONAL_FEATURES & !options.disabled_features;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("normdrop"),

@@ -66,10 +66,26 @@ impl Storage {
     }
 }
 
-/// Include files with a subgroup-operation alternative: `(file, alternative)`. A variant
-/// expanded for a device with `SUBGROUP` includes the alternative wherever a shader includes
-/// the file; both define the same functions.
-pub const SUBGROUP_ALTERNATIVES: &[(&str, &str)] = &[("workgroup_reduce.wgsl", "workgroup_reduce_subgroup.wgsl")];
+/// An optional device feature a shader variant can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Feature {
+    /// Subgroup operations (`wgpu::Features::SUBGROUP`).
+    Subgroups,
+    /// 64-bit integers (`wgpu::Features::SHADER_INT64`).
+    Int64,
+}
+
+/// Include files with an alternative for devices with a feature: `(feature, file,
+/// alternative)`. A variant with the feature includes the alternative wherever a shader
+/// includes the file; both define the same functions with the same results (up to rounding).
+pub const ALTERNATIVES: &[(Feature, &str, &str)] = &[
+    (
+        Feature::Subgroups,
+        "workgroup_reduce.wgsl",
+        "workgroup_reduce_subgroup.wgsl",
+    ),
+    (Feature::Int64, "philox_mul.wgsl", "philox_mul_int64.wgsl"),
+];
 
 /// The line that marks a shader file as having a `vec4` variant (see [`Variant::vec4`]).
 pub const VEC4_MARKER: &str = "// #vec4-variant";
@@ -79,8 +95,10 @@ pub const VEC4_MARKER: &str = "// #vec4-variant";
 pub struct Variant {
     /// How activations are stored.
     pub storage: Storage,
-    /// Include the [`SUBGROUP_ALTERNATIVES`] (devices with `SUBGROUP`).
+    /// Include the subgroup [`ALTERNATIVES`] (devices with `SUBGROUP`).
     pub subgroups: bool,
+    /// Include the 64-bit-integer [`ALTERNATIVES`] (devices with `SHADER_INT64`).
+    pub int64: bool,
     /// f32 activations declared as `array<vec4<f32>>`, so that the aligned four-element
     /// accessors (`ld4a_`, `st4_`) are one 16-byte access. Only for files with the
     /// [`VEC4_MARKER`] line and `Storage::F32`, and only bindable when every activation binding
@@ -89,11 +107,20 @@ pub struct Variant {
 }
 
 impl Variant {
-    /// Scalar activations of `storage`, no subgroup operations.
+    /// Whether this variant includes the alternatives for `feature`.
+    pub const fn uses(&self, feature: Feature) -> bool {
+        match feature {
+            Feature::Subgroups => self.subgroups,
+            Feature::Int64 => self.int64,
+        }
+    }
+
+    /// Scalar activations of `storage`, no optional features.
     pub const fn plain(storage: Storage) -> Self {
         Self {
             storage,
             subgroups: false,
+            int64: false,
             vec4: false,
         }
     }
@@ -105,7 +132,7 @@ pub fn has_vec4_variant(source: &str) -> bool {
 }
 
 /// Expands `// #include "name"` directives (each name at most once, resolving names with
-/// `lookup`; with `variant.subgroups`, the [`SUBGROUP_ALTERNATIVES`] of included files) and
+/// `lookup`; for the features `variant` uses, the [`ALTERNATIVES`] of included files) and
 /// `// #activation` directives for `variant`. Errors name the missing file or the malformed
 /// directive.
 pub fn expand_variant(
@@ -113,11 +140,7 @@ pub fn expand_variant(
     lookup: &dyn Fn(&str) -> Option<String>,
     variant: Variant,
 ) -> Result<String, String> {
-    let Variant {
-        storage,
-        subgroups,
-        vec4,
-    } = variant;
+    let Variant { storage, vec4, .. } = variant;
     if vec4 && (storage != Storage::F32 || !has_vec4_variant(source)) {
         return Err(format!(
             "a vec4 variant needs f32 storage and a `{VEC4_MARKER}` line (storage {})",
@@ -128,8 +151,8 @@ pub fn expand_variant(
     let mut seen: Vec<String> = Vec::new();
     let mut pending = directives(source);
     while let Some(name) = pending.pop() {
-        let name = match SUBGROUP_ALTERNATIVES.iter().find(|(file, _)| *file == name) {
-            Some((_, alternative)) if subgroups => alternative.to_string(),
+        let name = match ALTERNATIVES.iter().find(|(_, file, _)| *file == name) {
+            Some((feature, _, alternative)) if variant.uses(*feature) => alternative.to_string(),
             _ => name,
         };
         if seen.contains(&name) {
@@ -179,8 +202,8 @@ pub fn expand_variant(
 }
 
 /// Every variant a kernel can build from the file `raw`: each storage (f32 only without
-/// activations); with and without the subgroup alternatives of its includes where they make a
-/// difference; and the vec4 f32 variant where the file has one. build.rs validates each, the
+/// activations); with and without each feature's [`ALTERNATIVES`] where they make a difference
+/// to this file; and the vec4 f32 variant where the file has one. build.rs validates each, the
 /// portability test translates each.
 pub fn variants_of(raw: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Variant> {
     let storages: &[Storage] = if has_activations(raw) {
@@ -188,30 +211,36 @@ pub fn variants_of(raw: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Va
     } else {
         &[Storage::F32]
     };
-    let with_subgroups = Variant {
+    let base = expand_variant(raw, lookup, Variant::plain(Storage::F32));
+    let differs = |v: Variant| expand_variant(raw, lookup, v) != base;
+    let options = |on: bool| -> &'static [bool] {
+        if on {
+            &[false, true]
+        } else {
+            &[false]
+        }
+    };
+    let subgroups = options(differs(Variant {
         subgroups: true,
         ..Variant::plain(Storage::F32)
-    };
-    let subgroup_options: &[bool] =
-        if expand_variant(raw, lookup, Variant::plain(Storage::F32)) == expand_variant(raw, lookup, with_subgroups) {
-            &[false]
-        } else {
-            &[false, true]
-        };
+    }));
+    let int64 = options(differs(Variant {
+        int64: true,
+        ..Variant::plain(Storage::F32)
+    }));
     let mut out = Vec::new();
     for &storage in storages {
-        for &subgroups in subgroup_options {
-            out.push(Variant {
-                storage,
-                subgroups,
-                vec4: false,
-            });
-            if storage == Storage::F32 && has_vec4_variant(raw) {
-                out.push(Variant {
-                    storage,
-                    subgroups,
-                    vec4: true,
-                });
+        for &subgroups in subgroups {
+            for &int64 in int64 {
+                let vec4s = options(storage == Storage::F32 && has_vec4_variant(raw));
+                for &vec4 in vec4s {
+                    out.push(Variant {
+                        storage,
+                        subgroups,
+                        int64,
+                        vec4,
+                    });
+                }
             }
         }
     }

@@ -220,7 +220,7 @@ fn batch_norm_backward_workgroup_sums_with_and_without_subgroups() {
     // The shared context sums with subgroup operations where the adapter has SUBGROUP; the
     // second runs the workgroup-memory fallback on the same adapter.
     let shared = gpu!();
-    let plain = common::ctx_without_subgroups();
+    let plain = common::ctx_without(wgpu::Features::SUBGROUP);
     let cfg = BatchNormConfig::new;
     for ctx in [&shared, &plain] {
         for chunk in [256, 4096] {

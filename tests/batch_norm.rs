@@ -307,7 +307,7 @@ fn workgroup_reductions_with_and_without_subgroups_match_the_reference() {
     // adapter. Both against the reference (the backward's sums: tests/backward.rs), centred
     // and off-centre, with chunks that leave invocations without data.
     let shared = gpu!();
-    let plain = common::ctx_without_subgroups();
+    let plain = common::ctx_without(wgpu::Features::SUBGROUP);
     eprintln!(
         "shared context has SUBGROUP: {}",
         shared.features().contains(wgpu::Features::SUBGROUP)

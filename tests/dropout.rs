@@ -102,6 +102,30 @@ fn gpu_mask_equals_cpu_mask_bit_for_bit() {
 }
 
 #[test]
+fn mask_is_the_same_with_and_without_64_bit_products() {
+    // The shared context multiplies Philox's words with 64-bit integers where the adapter has
+    // SHADER_INT64 (lavapipe's Vulkan does; GL does not); this one assembles the products from
+    // 16-bit halves on the same adapter. Both must give the CPU twin's mask bit for bit.
+    let shared = gpu!();
+    eprintln!(
+        "shared context has SHADER_INT64: {}",
+        shared.features().contains(wgpu::Features::SHADER_INT64)
+    );
+    let plain = common::ctx_without(wgpu::Features::SHADER_INT64);
+    for ctx in [&shared, &plain] {
+        for (shape, seed, offset) in [
+            (&[4097usize, 3][..], 7u64, 0u64),
+            (&[1000], u64::MAX, u64::MAX),
+            (&[33], 1 << 32, 5),
+        ] {
+            assert_mask_matches(ctx, shape, 0.5, seed, offset, DropoutUnit::Element);
+            assert_mask_matches(ctx, shape, 0.1, seed ^ 1, offset, DropoutUnit::Element);
+        }
+        assert_mask_matches(ctx, &[2, 3, 5, 7], 0.3, 11, 3, DropoutUnit::Channel);
+    }
+}
+
+#[test]
 fn gpu_mask_equals_cpu_mask_over_ten_million_elements() {
     let ctx = gpu!();
     // 10_000_019 elements (prime): over 2400 workgroups of dropout and 39 of mask words.

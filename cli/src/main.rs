@@ -96,6 +96,11 @@ fn info(ctx: &Context) {
             wgpu::Features::SUBGROUP,
             "subgroup operations in BatchNorm's workgroup reductions (else workgroup memory)",
         ),
+        (
+            "SHADER_INT64",
+            wgpu::Features::SHADER_INT64,
+            "Philox products as 64-bit multiplies (else from 16-bit halves)",
+        ),
     ] {
         println!(
             "  {:<16} {:<4} {buys}",

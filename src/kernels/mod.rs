@@ -62,6 +62,11 @@ const SHADER_FILES: &[(&str, &str)] = &[
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("sgd.wgsl", include_str!("../../shaders/sgd.wgsl")),
     ("welford.wgsl", include_str!("../../shaders/welford.wgsl")),
+    ("philox_mul.wgsl", include_str!("../../shaders/philox_mul.wgsl")),
+    (
+        "philox_mul_int64.wgsl",
+        include_str!("../../shaders/philox_mul_int64.wgsl"),
+    ),
     (
         "workgroup_reduce.wgsl",
         include_str!("../../shaders/workgroup_reduce.wgsl"),
@@ -73,7 +78,7 @@ const SHADER_FILES: &[(&str, &str)] = &[
 ];
 
 pub use crate::shader_source::Storage;
-use crate::shader_source::Variant;
+pub use crate::shader_source::Variant;
 
 fn raw_source(name: &str) -> Option<&'static str> {
     SHADER_FILES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
@@ -86,20 +91,28 @@ pub(crate) fn wgsl(file: &str, variant: Variant) -> String {
     crate::shader_source::expand_variant(raw, &lookup, variant).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
+/// `f32`, `f32, subgroups, int64, vec4`, …: a variant as labels and test output name it.
+pub fn variant_name(v: Variant) -> String {
+    let mut name = v.storage.name().to_string();
+    for (on, what) in [(v.subgroups, "subgroups"), (v.int64, "int64"), (v.vec4, "vec4")] {
+        if on {
+            name += ", ";
+            name += what;
+        }
+    }
+    name
+}
+
 /// Compiles `file` for activations stored as `storage` (as `vec4` arrays when `vec4`), with
-/// subgroup operations when `device` has `SUBGROUP`.
+/// the alternatives for the optional features `device` has (`SUBGROUP`, `SHADER_INT64`).
 pub(crate) fn shader_module(device: &wgpu::Device, file: &str, storage: Storage, vec4: bool) -> wgpu::ShaderModule {
     let variant = Variant {
         storage,
         subgroups: device.features().contains(wgpu::Features::SUBGROUP),
+        int64: device.features().contains(wgpu::Features::SHADER_INT64),
         vec4,
     };
-    let label = format!(
-        "{file} [{}{}{}]",
-        storage.name(),
-        if variant.subgroups { ", subgroups" } else { "" },
-        if vec4 { ", vec4" } else { "" }
-    );
+    let label = format!("{file} [{}]", variant_name(variant));
     device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(&label),
         source: wgpu::ShaderSource::Wgsl(wgsl(file, variant).into()),
@@ -128,6 +141,9 @@ pub struct ShaderVariant {
     /// Whether it is the variant for devices with `SUBGROUP` (subgroup operations in its
     /// workgroup reductions). Only shaders whose includes have a subgroup alternative have one.
     pub subgroups: bool,
+    /// Whether it is the variant for devices with `SHADER_INT64` (Philox's products with
+    /// 64-bit multiplies). Only shaders that draw dropout masks have one.
+    pub int64: bool,
     /// Whether f32 activations are `vec4` arrays (files marked `// #vec4-variant`).
     pub vec4: bool,
     /// The WGSL source.
@@ -159,6 +175,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
                 file,
                 storage: variant.storage,
                 subgroups: variant.subgroups,
+                int64: variant.int64,
                 vec4: variant.vec4,
                 source: wgsl(file, variant),
                 entry_points,

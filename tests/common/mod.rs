@@ -95,14 +95,14 @@ pub fn reduce_splits() -> impl proptest::strategy::Strategy<Value = normdrop::Re
     ]
 }
 
-/// A context on the default adapter with `SUBGROUP` not requested, so that kernels take their
-/// workgroup-memory fallbacks even where the adapter has subgroup operations.
-pub fn ctx_without_subgroups() -> Context {
+/// A context on the default adapter with `features` not requested, so that kernels take
+/// their fallback paths even where the adapter has them.
+pub fn ctx_without(features: wgpu::Features) -> Context {
     let ctx = Context::with_options_blocking(normdrop::ContextOptions {
-        disable_subgroups: true,
+        disabled_features: features,
         ..Default::default()
     })
-    .expect("the default adapter opens without subgroups");
-    assert!(!ctx.features().contains(wgpu::Features::SUBGROUP));
+    .expect("the default adapter opens without optional features");
+    assert!(!ctx.features().intersects(features));
     ctx
 }
