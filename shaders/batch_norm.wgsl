@@ -87,7 +87,7 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> save_mean: array<f32>;    // (C)
 @group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
 @group(0) @binding(10) var<storage, read_write> partials: array<vec4<f32>>; // (C, parts) (mean − K, M2, count, 0)
-@group(0) @binding(11) var<storage, read> rng_state: array<u32>;         // (4) seed lo/hi, offset lo/hi
+@group(0) @binding(11) var<storage, read> rng_state: vec4<u32>;         // (seed lo, seed hi, offset lo, offset hi)
 @group(0) @binding(12) var<storage, read_write> centre: array<vec2<f32>>; // (C) (K, mean − K) for normalize
 
 @compute @workgroup_size(256)

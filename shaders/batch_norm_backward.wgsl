@@ -71,7 +71,7 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> coef: array<vec4<f32>>;     // (C) (K, mean−K, Σdy/M, Σdy·x̂/M)
 @group(0) @binding(9) var<storage, read_write> dweight: array<f32>;       // (C) dγ
 @group(0) @binding(10) var<storage, read_write> dbias: array<f32>;        // (C) dβ
-@group(0) @binding(11) var<storage, read> rng_state: array<u32>;          // (4) seed lo/hi, offset lo/hi
+@group(0) @binding(11) var<storage, read> rng_state: vec4<u32>;          // (seed lo, seed hi, offset lo, offset hi)
 
 fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;

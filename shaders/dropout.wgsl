@@ -45,7 +45,7 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (numel)
 // #activation @binding(2) read_write y (numel)
-@group(0) @binding(3) var<storage, read_write> rng_state: array<u32>; // (4) seed lo/hi, offset lo/hi
+@group(0) @binding(3) var<storage, read_write> rng_state: vec4<u32>; // (seed lo, seed hi, offset lo, offset hi)
 @group(0) @binding(4) var<storage, read_write> mask: array<u32>;     // (⌈units/32⌉) packed bits
 
 // Writes (or, with ACCUMULATE, adds) one output element. Written values are x·m exactly (a
@@ -182,9 +182,9 @@ fn dropout_mask(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 
 @compute @workgroup_size(1)
 fn rng_advance() {
-    let lo = rng_state[2] + 1u;
-    rng_state[2] = lo;
+    let lo = rng_state.z + 1u;
+    rng_state.z = lo;
     if (lo == 0u) {
-        rng_state[3] = rng_state[3] + 1u;
+        rng_state.w = rng_state.w + 1u;
     }
 }

@@ -65,7 +65,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> bias: array<f32>;            // (W) β
 @group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;  // (rows)
 @group(0) @binding(6) var<storage, read_write> rstd_out: array<f32>;  // (rows)
-@group(0) @binding(7) var<storage, read> rng_state: array<u32>;       // (4) seed lo/hi, offset lo/hi
+@group(0) @binding(7) var<storage, read> rng_state: vec4<u32>;       // (seed lo, seed hi, offset lo, offset hi)
 // #activation @binding(8) read residual (rows, W)
 // #activation @binding(9) read_write h (rows, W) residual + dropout(x)
 

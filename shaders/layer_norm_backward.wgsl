@@ -66,7 +66,7 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> partials: array<vec2<f32>>;  // (row_blocks, W) (Σdy·x̂, Σdy)
 @group(0) @binding(8) var<storage, read_write> dweight: array<f32>;         // (W)
 @group(0) @binding(9) var<storage, read_write> dbias: array<f32>;           // (W)
-@group(0) @binding(10) var<storage, read> rng_state: array<u32>;            // (4)
+@group(0) @binding(10) var<storage, read> rng_state: vec4<u32>;            // (4)
 // #activation @binding(11) read dh_in (rows, W)
 // #activation @binding(12) read_write dresidual (rows, W)
 

@@ -41,7 +41,7 @@ fn philox4x32_10(counter: vec4<u32>, key: vec2<u32>) -> vec4<u32> {
 // The generator state a kernel reads: (seed lo, seed hi, offset lo, offset hi), from the
 // including shader's `rng_state` binding (every includer declares one).
 fn load_state() -> vec4<u32> {
-    return vec4<u32>(rng_state[0], rng_state[1], rng_state[2], rng_state[3]);
+    return rng_state;
 }
 
 // The four words serving elements 4g .. 4g+3.
