@@ -104,7 +104,8 @@ fn forward(g: u32, channels: bool, accumulate: bool) {
     }
     let m = select(vec4<f32>(0.0), vec4<f32>(p.scale), keep);
     var v: vec4<f32>;
-    if (first + 3u < p.numel) {
+    // The vec4 variant runs only where numel % 4 == 0: every quad is whole.
+    if (VEC4 || first + 3u < p.numel) {
         v = ld4a_x(first) * m;
         if (accumulate) {
             v += ld4a_y(first);

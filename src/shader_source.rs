@@ -18,7 +18,8 @@
 //! those, for every storage: `ld4_NAME(i) -> vec4<f32>` (elements `i .. i + 3`), `ld4a_NAME(i)`
 //! (the same for `i` a multiple of 4) and, writable, `st4_NAME(i, v: vec4<f32>, n: u32)`, which
 //! stores the elements of `v` whose index is below `n` (`i` a multiple of 4): whole words when
-//! all four exist and `PAIR_STORES`, else one by one.
+//! all four exist and `PAIR_STORES`, else one by one (in the vec4 variant, bound only to whole
+//! vectors, a quad starting below `n` is whole: one store).
 //! Kernels touch activations only through these, and always compute in f32; `to_storage(v)`
 //! rounds a value as storing it would (for values a kernel both writes and keeps using). Each
 //! [`Storage`] variant generates a different body:
@@ -342,11 +343,9 @@ fn activation(rest: &str, storage: Storage, vec4: bool) -> Result<String, String
         s += &format!(" fn ld4a_{name}(i: u32) -> vec4<f32> {{ return ld4_{name}(i); }}");
     }
     if writable && vec4 {
-        s += &format!(
-            " fn st4_{name}(i: u32, v: vec4<f32>, n: u32) {{ \
-             if (i + 3u < n) {{ {name}[i >> 2u] = v; }} \
-             else {{ for (var j = 0u; j < 4u; j++) {{ if (i + j < n) {{ st_{name}(i + j, v[j]); }} }} }} }}"
-        );
+        // The vec4 variant is bound only to whole 16-byte vectors, so a quad that starts below
+        // `n` ends below it: one store, no tail.
+        s += &format!(" fn st4_{name}(i: u32, v: vec4<f32>, n: u32) {{ {name}[i >> 2u] = v; }}");
     } else if writable {
         s += &format!(
             " fn st4_{name}(i: u32, v: vec4<f32>, n: u32) {{ \
