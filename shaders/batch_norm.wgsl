@@ -72,8 +72,9 @@ struct Params {
     m_all: u32,      // elements per channel of the whole call: N·S
     elem_base: u32,  // flat index of this range's first element (multiple of 4)
     first: u32,      // 1 for the range that starts at sample 0 (it picks K)
-    _pad0: u32,
-    _pad1: u32,
+    div_s: vec2<u32>, // multiply-shift pair of S (fast_div in nchw.wgsl)
+    div_c: vec2<u32>, // multiply-shift pair of C
+    _pad: vec2<u32>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -260,7 +261,7 @@ fn bn_finalize_eval(
 // Normalized values of the four elements from `first` (lanes past the end are 0): one channel's
 // coefficients in the common case, per element where a channel boundary falls inside.
 fn normalized4(first: u32) -> vec4<f32> {
-    var pos = channel_position(first, p.s, p.c);
+    var pos = channel_position(first, p.s, p.c, p.div_s, p.div_c);
     var k = channel_coefficients(pos.x);
     if (quad_fits(pos.y, p.s, first, p.total)) {
         return ((ld4a_x(first) - k.x) - k.y) * k.z + k.w;

@@ -58,6 +58,8 @@ struct Params {
     m_all: u32,      // elements per channel of the whole call: N·S
     elem_base: u32,  // flat index of this range's first element (multiple of 4)
     first: u32,      // 1 for the range that starts at sample 0 (it picks K)
+    div_s: vec2<u32>, // multiply-shift pair of S (fast_div in nchw.wgsl)
+    div_c: vec2<u32>, // multiply-shift pair of C
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -308,7 +310,7 @@ fn dx_quad(g: u32, drop: bool) {
     }
     // first and elem_base are multiples of 4: the four elements share one Philox call.
     let m = mask_factors(first, drop);
-    var pos = channel_position(first, p.s, p.c);
+    var pos = channel_position(first, p.s, p.c, p.div_s, p.div_c);
     var k = dx_coef(pos.x);
     var out: vec4<f32>;
     if (quad_fits(pos.y, p.s, first, p.total)) {

@@ -25,6 +25,7 @@
 // variant (f32 as array<vec4<f32>>) runs ranges bound as whole 16-byte vectors.
 
 // #include "philox.wgsl"
+// #include "nchw.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -40,6 +41,8 @@ struct Params {
     scale: f32,      // multiplier of kept elements
     base: u32,       // flat index of element 0 of this dispatch (chunked calls; multiple of 4)
     _pad1: u32,
+    div_unit: vec2<u32>, // multiply-shift pair of unit_len (fast_div in nchw.wgsl)
+    _pad2: vec2<u32>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -129,9 +132,9 @@ fn forward(g: u32, channels: bool, accumulate: bool) {
 // belong to consecutive units u0 .. u0 + 3 at most, all within the eight units 4g .. 4g + 7
 // (g = u0 / 4) that two Philox calls decide: always exactly those two calls, never one under a
 // branch (a CPU driver runs both sides of a branch under a lane mask, so a conditional call
-// costs every invocation). One division per four elements.
+// costs every invocation). One (multiply-shift) division per four elements.
 fn channel_keep(state: vec4<u32>, e: u32) -> vec4<bool> {
-    let u0 = e / p.unit_len;
+    let u0 = fast_div(e, p.div_unit);
     let g = u0 >> 2u;
     let lo = select(vec4<u32>(0u), vec4<u32>(1u, 2u, 4u, 8u), dropout_keep4(dropout_words(state, g), p.threshold, p.flags));
     let hi = select(vec4<u32>(0u), vec4<u32>(16u, 32u, 64u, 128u), dropout_keep4(dropout_words(state, g + 1u), p.threshold, p.flags));
@@ -155,7 +158,7 @@ fn dropout_apply_mask(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
     if (i >= p.numel) {
         return;
     }
-    let u = (p.base + i) / p.unit_len;
+    let u = fast_div(p.base + i, p.div_unit);
     let keep = ((mask[u / 32u] >> (u % 32u)) & 1u) == 1u;
     emit(i, ld_x(i) * select(0.0, p.scale, keep));
 }

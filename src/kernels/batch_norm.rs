@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups, gcd,
-    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
+    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Storage,
 };
 
 const OP: &str = "batch_norm";
@@ -206,9 +206,11 @@ struct BnParams {
     m_all: u32,
     elem_base: u32,
     first: u32,
+    div_s: [u32; 2],
+    div_c: [u32; 2],
     _pad: [u32; 2],
 }
-const _: () = assert!(std::mem::size_of::<BnParams>() == 80);
+const _: () = assert!(std::mem::size_of::<BnParams>() == 96);
 
 /// Options of a [`BatchNormPlan`] beyond the shape and configuration.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -345,6 +347,8 @@ impl BatchNormKernel {
                 m_all: dims.m as u32,
                 elem_base: (r.range.start * sample_elems) as u32,
                 first: u32::from(r.range.start == 0),
+                div_s: FastDiv::new(dims.s).words(),
+                div_c: FastDiv::new(dims.c).words(),
                 _pad: [0; 2],
             };
             Ok(uniform_buffer(device, "batch_norm params", &params))

@@ -21,7 +21,7 @@ use crate::kernels::batch_norm::{reduce_groups, sample_ranges, BatchNormConfig, 
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder,
-    record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
+    record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Storage,
 };
 
 const OP: &str = "batch_norm backward";
@@ -64,8 +64,10 @@ struct BnBackwardParams {
     m_all: u32,
     elem_base: u32,
     first: u32,
+    div_s: [u32; 2],
+    div_c: [u32; 2],
 }
-const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 64);
+const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 80);
 
 /// Whether gradients overwrite their buffers or are added to them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -197,6 +199,8 @@ impl BatchNormBackwardKernel {
                         m_all: dims.m as u32,
                         elem_base: (r.range.start * sample_elems) as u32,
                         first: u32::from(r.range.start == 0),
+                        div_s: FastDiv::new(dims.s).words(),
+                        div_c: FastDiv::new(dims.c).words(),
                     };
                     uniform_buffer(device, "batch_norm backward params", &params)
                 })

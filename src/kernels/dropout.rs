@@ -11,7 +11,7 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::{
     bind_group, binding, binding_at, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups, record,
-    uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
+    uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Storage,
 };
 use crate::rng::DropRule;
 
@@ -141,8 +141,10 @@ struct DropoutParams {
     scale: f32,
     base: u32,
     _pad1: u32,
+    div_unit: [u32; 2],
+    _pad2: [u32; 2],
 }
-const _: () = assert!(std::mem::size_of::<DropoutParams>() == 32);
+const _: () = assert!(std::mem::size_of::<DropoutParams>() == 48);
 
 /// Compiled dropout pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
@@ -243,6 +245,8 @@ impl DropoutKernel {
                 scale: d.scale,
                 base: chunk.start as u32,
                 _pad1: 0,
+                div_unit: FastDiv::new(unit_len).words(),
+                _pad2: [0; 2],
             };
             Ok(uniform_buffer(device, "dropout params", &params))
         };

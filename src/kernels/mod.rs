@@ -427,6 +427,47 @@ pub(crate) fn binding<'a>(slice: &wgpu::BufferSlice<'a>, bytes: u64) -> wgpu::Bi
     binding_at(slice, 0, bytes)
 }
 
+/// Division of indices below 2^31 by a divisor fixed per dispatch, as a multiply and a shift
+/// (`fast_div` in `shaders/nchw.wgsl`): `n / d = mulhi(n, m) >> s`, or `n` when `m = 0`
+/// (`d = 1`). With `l = ⌈log2 d⌉ ≥ 1`, `m = ⌈2^(31+l) / d⌉` and `s = l − 1`: for `n < 2^31` the
+/// rounding of `m` adds less than `n / 2^(31+l) < 1/d` to `n / d`, which never reaches the next
+/// integer; and `m < 2^32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FastDiv {
+    m: u32,
+    s: u32,
+}
+
+impl FastDiv {
+    /// The pair for divisor `d` (1 ..= 2^31).
+    pub(crate) fn new(d: u64) -> Self {
+        assert!((1..=1 << 31).contains(&d), "FastDiv divisor {d} out of range");
+        if d == 1 {
+            return Self { m: 0, s: 0 };
+        }
+        let l = 64 - (d - 1).leading_zeros();
+        let m = (1u64 << (31 + l)).div_ceil(d);
+        Self {
+            m: u32::try_from(m).expect("m < 2^32 for d > 1"),
+            s: l - 1,
+        }
+    }
+
+    /// `[m, s]`, as the shaders' `vec2<u32>` takes it.
+    pub(crate) fn words(self) -> [u32; 2] {
+        [self.m, self.s]
+    }
+
+    /// `n / d` computed the shaders' way (for tests).
+    #[cfg(test)]
+    fn apply(self, n: u32) -> u32 {
+        if self.m == 0 {
+            return n;
+        }
+        ((u64::from(n) * u64::from(self.m)) >> 32) as u32 >> self.s
+    }
+}
+
 /// Whether `bytes` from byte `at` of every slice can be bound as `array<vec4<f32>>` (the vec4
 /// shader variants): a whole number of 16-byte vectors at 16-byte-aligned offsets.
 pub(crate) fn vec4_bindable(slices: &[&wgpu::BufferSlice<'_>], at: u64, bytes: u64) -> bool {
@@ -502,6 +543,38 @@ pub(crate) fn placeholder(device: &wgpu::Device, label: &str) -> wgpu::Buffer {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fast_div_is_exact_below_2_pow_31() {
+        let mut divisors: Vec<u64> = (1..=2000).collect();
+        for k in 1..=31u32 {
+            let p = 1u64 << k;
+            divisors.extend([p - 1, p, p + 1]);
+        }
+        divisors.extend([3 * 7 * 49, 784, 3136, 12544, 65535, 65537, 1_000_003, (1 << 31) - 1]);
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for &d in divisors.iter().filter(|&&d| (1..=1 << 31).contains(&d)) {
+            let f = FastDiv::new(d);
+            let mut ns: Vec<u64> = vec![0, 1, d - 1, d, d + 1, (1 << 31) - 1, (1 << 31) - 2];
+            // Around multiples of d near the top of the range, and random values.
+            let top = ((1u64 << 31) - 1) / d * d;
+            ns.extend([
+                top,
+                top.saturating_sub(1),
+                top.saturating_sub(d),
+                top.saturating_sub(d + 1),
+            ]);
+            for _ in 0..64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ns.push(x % (1 << 31));
+            }
+            for n in ns.into_iter().filter(|&n| n < 1 << 31) {
+                assert_eq!(u64::from(f.apply(n as u32)), n / d, "{n} / {d} with {f:?}");
+            }
+        }
+    }
+
     use super::*;
 
     fn limits(max: u64, align: u64) -> BindLimits {
