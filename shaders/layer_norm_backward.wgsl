@@ -138,14 +138,6 @@ fn dh_of4(xs: vec4<f32>, g: vec4<f32>, r: f32, cf: vec3<f32>) -> vec4<f32> {
     return r * (g - cf.y - xhat * cf.z);
 }
 
-// emit of the quad from e (a multiple of 4).
-fn emit4(e: u32, v: vec4<f32>) {
-    var out = v;
-    if (has(FLAG_ACCUM_DX)) {
-        out += ld4a_dx(e);
-    }
-    st4_dx(e, out, e + 4u);
-}
 
 fn emit(out_index: u32, v: f32) {
     var out = v;
@@ -163,26 +155,46 @@ fn row_start(at: Slot, base: u32) -> vec2<f32> {
     return vec2<f32>(0.0);
 }
 
+// Four dx entry points: with or without LayerNorm → dropout's mask on dy (dy ← dy·m), and
+// writing dx (FLAG_ACCUM_DX clear) or adding to it (set; the `_accumulate` ones). Each is its
+// own path, as CPU drivers run both sides of a runtime branch.
 @compute @workgroup_size(256)
 fn lnb_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    dx_rows(slot_of(wid, nwg, lid), lid, false);
+    dx_rows(slot_of(wid, nwg, lid), lid, false, false);
 }
 
-// LayerNorm → dropout: dy ← dy·m.
 @compute @workgroup_size(256)
 fn lnb_dx_dropout(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    dx_rows(slot_of(wid, nwg, lid), lid, true);
+    dx_rows(slot_of(wid, nwg, lid), lid, true, false);
 }
 
-fn dx_rows(at: Slot, lid: u32, drop: bool) {
+@compute @workgroup_size(256)
+fn lnb_dx_accumulate(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    dx_rows(slot_of(wid, nwg, lid), lid, false, true);
+}
+
+@compute @workgroup_size(256)
+fn lnb_dx_dropout_accumulate(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    dx_rows(slot_of(wid, nwg, lid), lid, true, true);
+}
+
+fn dx_rows(at: Slot, lid: u32, drop: bool, accumulate: bool) {
     let r = row_of(at);
     let start = row_start(at, r.base);
     let shift = start.x;
@@ -219,18 +231,27 @@ fn dx_rows(at: Slot, lid: u32, drop: bool) {
             }
         }
     } else if (VEC4) {
-        // Rows of whole quads (vec4 variant, W % 4 == 0): vector loads and stores.
+        // Rows of whole quads (vec4 variant, W % 4 == 0): vector loads and stores. Writing dx,
+        // the first loop parks g = dy·m·γ in dx (this lane's own quads), so the second reads
+        // it back instead of drawing the mask and reading dy and γ again.
         var sums = vec3<f32>(0.0);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let e = r.base + 4u * k;
             let g = ld4a_dy(e) * quad_factors(state, r, k, drop) * gamma4(4u * k);
             sums += quad_sums(ld4a_x(e) - shift, g);
+            if (!accumulate) {
+                st4_dx(e, g, e + 4u);
+            }
         }
         let cf = row_coefficients(lid, at, shift, rs, sums);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let e = r.base + 4u * k;
-            let g = ld4a_dy(e) * quad_factors(state, r, k, drop) * gamma4(4u * k);
-            emit4(e, dh_of4(ld4a_x(e) - shift, g, rs, cf));
+            if (accumulate) {
+                let g = ld4a_dy(e) * quad_factors(state, r, k, drop) * gamma4(4u * k);
+                st4_dx(e, ld4a_dx(e) + dh_of4(ld4a_x(e) - shift, g, rs, cf), e + 4u);
+            } else {
+                st4_dx(e, dh_of4(ld4a_x(e) - shift, ld4a_dx(e), rs, cf), e + 4u);
+            }
         }
     } else {
         var sums = vec3<f32>(0.0);
@@ -276,15 +297,16 @@ fn residual_emit(e: u32, dh_ln: f32, m: f32) {
     st_dx(e, dx);
 }
 
-// residual_emit of the quad from e (a multiple of 4), m its multipliers.
-fn residual_emit4(e: u32, dh_ln: vec4<f32>, m: vec4<f32>) {
+// residual_emit of the quad from e (a multiple of 4), m its multipliers; `accumulate` is the
+// entry point's FLAG_ACCUM_DX.
+fn residual_emit4(e: u32, dh_ln: vec4<f32>, m: vec4<f32>, accumulate: bool) {
     var dh = dh_ln;
     if (has(FLAG_DH_IN)) {
         dh += ld4a_dh_in(e);
     }
     var dres = dh;
     var dx = dh * m;
-    if (has(FLAG_ACCUM_DX)) {
+    if (accumulate) {
         dres += ld4a_dresidual(e);
         dx += ld4a_dx(e);
     }
@@ -292,13 +314,26 @@ fn residual_emit4(e: u32, dh_ln: vec4<f32>, m: vec4<f32>) {
     st4_dx(e, dx, e + 4u);
 }
 
+// The residual block's dx writing dx and dresidual (FLAG_ACCUM_DX clear), or adding to them.
 @compute @workgroup_size(256)
 fn lnb_residual_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let at = slot_of(wid, nwg, lid);
+    residual_dx(slot_of(wid, nwg, lid), lid, false);
+}
+
+@compute @workgroup_size(256)
+fn lnb_residual_dx_accumulate(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    residual_dx(slot_of(wid, nwg, lid), lid, true);
+}
+
+fn residual_dx(at: Slot, lid: u32, accumulate: bool) {
     let r = row_of(at);
     let start = row_start(at, r.base);
     let shift = start.x;
@@ -331,17 +366,26 @@ fn lnb_residual_dx(
             }
         }
     } else if (VEC4) {
-        // Rows of whole quads, as in dx_rows.
+        // Rows of whole quads, as in dx_rows (g parked in dx when writing).
         var sums = vec3<f32>(0.0);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let e = r.base + 4u * k;
-            sums += quad_sums(ld4a_x(e) - shift, ld4a_dy(e) * gamma4(4u * k));
+            let g = ld4a_dy(e) * gamma4(4u * k);
+            sums += quad_sums(ld4a_x(e) - shift, g);
+            if (!accumulate) {
+                st4_dx(e, g, e + 4u);
+            }
         }
         let cf = row_coefficients(lid, at, shift, rs, sums);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let e = r.base + 4u * k;
-            let dh = dh_of4(ld4a_x(e) - shift, ld4a_dy(e) * gamma4(4u * k), rs, cf);
-            residual_emit4(e, dh, drop4(state, r.q0 + k));
+            var g: vec4<f32>;
+            if (accumulate) {
+                g = ld4a_dy(e) * gamma4(4u * k);
+            } else {
+                g = ld4a_dx(e);
+            }
+            residual_emit4(e, dh_of4(ld4a_x(e) - shift, g, rs, cf), drop4(state, r.q0 + k), accumulate);
         }
     } else {
         var sums = vec3<f32>(0.0);

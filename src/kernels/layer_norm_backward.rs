@@ -27,7 +27,10 @@ const RESIDUAL_STORAGE_BINDINGS: u32 = 9;
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "lnb_dx",
     "lnb_dx_dropout",
+    "lnb_dx_accumulate",
+    "lnb_dx_dropout_accumulate",
     "lnb_residual_dx",
+    "lnb_residual_dx_accumulate",
     "lnb_params_partial",
     "lnb_params_partial_dropout",
     "lnb_params_final",
@@ -62,25 +65,40 @@ const _: () = assert!(std::mem::size_of::<LnBackwardParams>() == 48);
 #[derive(Clone, Debug)]
 pub struct LayerNormBackwardKernel {
     storage: Storage,
-    /// `lnb_dx`, `lnb_dx_dropout` (LayerNorm → dropout), by "with dropout".
-    dx: [wgpu::ComputePipeline; 2],
-    residual_dx: wgpu::ComputePipeline,
-    /// `lnb_params_partial`, `lnb_params_partial_dropout`, by "with dropout".
-    params_partial: [wgpu::ComputePipeline; 2],
+    /// The row and column passes from the scalar module.
+    passes: LnbPasses,
+    /// The same from the vec4 variant (f32 only), for rows of whole quads (W % 4 == 0) whose
+    /// activations bind as whole 16-byte vectors.
+    vec4: Option<LnbPasses>,
     params_final: wgpu::ComputePipeline,
-    /// `dx`, `residual_dx` and `params_partial` from the vec4 variant (f32 only), for rows of
-    /// whole quads (W % 4 == 0) whose activations bind as whole 16-byte vectors.
-    vec4: Option<LnbVec4>,
     /// Stand-ins: γ, dγ, dβ, rng, dh_in.
     placeholders: [wgpu::Buffer; 5],
 }
 
-/// The vec4 variant's pipelines of a [`LayerNormBackwardKernel`].
+/// The per-range pipelines of one module of a [`LayerNormBackwardKernel`].
 #[derive(Clone, Debug)]
-struct LnbVec4 {
-    dx: [wgpu::ComputePipeline; 2],
-    residual_dx: wgpu::ComputePipeline,
+struct LnbPasses {
+    /// `lnb_dx[_dropout][_accumulate]`: `[with dropout][accumulate dx]`.
+    dx: [[wgpu::ComputePipeline; 2]; 2],
+    /// `lnb_residual_dx[_accumulate]`: `[accumulate dx]`.
+    residual_dx: [wgpu::ComputePipeline; 2],
+    /// `lnb_params_partial[_dropout]`: `[with dropout]`.
     params_partial: [wgpu::ComputePipeline; 2],
+}
+
+impl LnbPasses {
+    fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
+        let pipeline = |e: &str| compute_pipeline(device, module, e);
+        Self {
+            dx: [
+                ["lnb_dx", "lnb_dx_accumulate"],
+                ["lnb_dx_dropout", "lnb_dx_dropout_accumulate"],
+            ]
+            .map(|pair| pair.map(pipeline)),
+            residual_dx: ["lnb_residual_dx", "lnb_residual_dx_accumulate"].map(pipeline),
+            params_partial: ["lnb_params_partial", "lnb_params_partial_dropout"].map(pipeline),
+        }
+    }
 }
 
 impl Kernel for LayerNormBackwardKernel {
@@ -88,16 +106,8 @@ impl Kernel for LayerNormBackwardKernel {
         let module = crate::kernels::shader_module(device, "layer_norm_backward.wgsl", storage, false);
         Self {
             storage,
-            dx: ["lnb_dx", "lnb_dx_dropout"].map(|e| compute_pipeline(device, &module, e)),
-            residual_dx: compute_pipeline(device, &module, "lnb_residual_dx"),
-            params_partial: ["lnb_params_partial", "lnb_params_partial_dropout"]
-                .map(|e| compute_pipeline(device, &module, e)),
-            vec4: vec4_module(device, "layer_norm_backward.wgsl", storage).map(|m| LnbVec4 {
-                dx: ["lnb_dx", "lnb_dx_dropout"].map(|e| compute_pipeline(device, &m, e)),
-                residual_dx: compute_pipeline(device, &m, "lnb_residual_dx"),
-                params_partial: ["lnb_params_partial", "lnb_params_partial_dropout"]
-                    .map(|e| compute_pipeline(device, &m, e)),
-            }),
+            passes: LnbPasses::build(device, &module),
+            vec4: vec4_module(device, "layer_norm_backward.wgsl", storage).map(|m| LnbPasses::build(device, &m)),
             params_final: compute_pipeline(device, &module, "lnb_params_final"),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
         }
@@ -410,24 +420,17 @@ impl LayerNormBackwardPlan {
         for c in &self.chunks {
             let uniform = c.uniforms[variant].as_entire_binding();
             let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
-            let (dx_pipeline, partial_pipeline) = match &k.vec4 {
-                Some(v) if self.width.is_multiple_of(4) && vec4_bindable(&activations, at, len) => (
-                    if residual {
-                        &v.residual_dx
-                    } else {
-                        &v.dx[usize::from(drop_dy)]
-                    },
-                    &v.params_partial[usize::from(drop_dy)],
-                ),
-                _ => (
-                    if residual {
-                        &k.residual_dx
-                    } else {
-                        &k.dx[usize::from(drop_dy)]
-                    },
-                    &k.params_partial[usize::from(drop_dy)],
-                ),
+            let passes = match &k.vec4 {
+                Some(v) if self.width.is_multiple_of(4) && vec4_bindable(&activations, at, len) => v,
+                _ => &k.passes,
             };
+            let acc = usize::from(accumulate.dx);
+            let dx_pipeline = if residual {
+                &passes.residual_dx[acc]
+            } else {
+                &passes.dx[usize::from(drop_dy)][acc]
+            };
+            let partial_pipeline = &passes.params_partial[usize::from(drop_dy)];
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
             let mut dx_entries = vec![
                 (0, uniform.clone()),
