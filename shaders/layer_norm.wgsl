@@ -61,8 +61,8 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (rows, W)
 // #activation @binding(2) read_write y (rows, W)
-@group(0) @binding(3) var<storage, read> weight: array<f32>;          // (W) γ
-@group(0) @binding(4) var<storage, read> bias: array<f32>;            // (W) β
+// #param @binding(3) weight (W) γ
+// #param @binding(4) bias (W) β
 @group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;  // (rows)
 @group(0) @binding(6) var<storage, read_write> rstd_out: array<f32>;  // (rows)
 @group(0) @binding(7) var<storage, read> rng_state: vec4<u32>;       // (seed lo, seed hi, offset lo, offset hi)
@@ -73,10 +73,10 @@ struct Params {
 fn affine(j: u32, v: f32) -> f32 {
     var r = v;
     if ((p.flags & FLAG_WEIGHT) != 0u) {
-        r = r * weight[j];
+        r = r * ld_weight(j);
     }
     if ((p.flags & FLAG_BIAS) != 0u) {
-        r = r + bias[j];
+        r = r + ld_bias(j);
     }
     return r;
 }
@@ -85,10 +85,10 @@ fn affine(j: u32, v: f32) -> f32 {
 fn affine4(j: u32, v: vec4<f32>) -> vec4<f32> {
     var r = v;
     if ((p.flags & FLAG_WEIGHT) != 0u) {
-        r = r * vec4<f32>(weight[j], weight[j + 1u], weight[j + 2u], weight[j + 3u]);
+        r = r * ld4a_weight(j);
     }
     if ((p.flags & FLAG_BIAS) != 0u) {
-        r = r + vec4<f32>(bias[j], bias[j + 1u], bias[j + 2u], bias[j + 3u]);
+        r = r + ld4a_bias(j);
     }
     return r;
 }

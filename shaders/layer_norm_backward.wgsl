@@ -60,7 +60,7 @@ struct Params {
 // #activation @binding(1) read x (rows, W) LN input (h for the residual block)
 // #activation @binding(2) read dy (rows, W)
 // #activation @binding(3) read_write dx (rows, W)
-@group(0) @binding(4) var<storage, read> weight: array<f32>;                // (W) γ
+// #param @binding(4) weight (W) γ
 @group(0) @binding(5) var<storage, read> rstd: array<f32>;                  // (rows)
 @group(0) @binding(6) var<storage, read_write> row_centre: array<vec2<f32>>; // (rows) (K, mean − K)
 @group(0) @binding(7) var<storage, read_write> partials: array<vec2<f32>>;  // (row_blocks, W) (Σdy·x̂, Σdy)
@@ -77,12 +77,12 @@ fn has(flag: u32) -> bool {
 }
 
 fn gamma(j: u32) -> f32 {
-    return select(1.0, weight[j], has(FLAG_WEIGHT));
+    return select(1.0, ld_weight(j), has(FLAG_WEIGHT));
 }
 
-// γ of columns j .. j + 3.
+// γ of columns j .. j + 3 (j a multiple of 4).
 fn gamma4(j: u32) -> vec4<f32> {
-    return vec4<f32>(gamma(j), gamma(j + 1u), gamma(j + 2u), gamma(j + 3u));
+    return select(vec4<f32>(1.0), ld4a_weight(j), has(FLAG_WEIGHT));
 }
 
 // (Σ(x − K), Σg, Σg·(x − K)) of one quad.

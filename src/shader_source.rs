@@ -1,6 +1,7 @@
 //! Shader source preprocessing, shared by the library and `build.rs` (compiled into both via
-//! `#[path]`, so the build-time validation sees exactly what the kernels compile). Two
-//! directives, each a WGSL comment so that an unexpanded file still reads as WGSL:
+//! `#[path]`, so the build-time validation sees exactly what the kernels compile). Directives,
+//! each a WGSL comment so that an unexpanded file still reads as WGSL (`#param`, for f32
+//! per-column parameters read as vectors in the vec4 variant, is described at [`param`]):
 //!
 //! ```text
 //! // #include "philox.wgsl"
@@ -167,9 +168,13 @@ pub fn expand_variant(
     }
     let mut lines = Vec::new();
     for (n, line) in out.lines().enumerate() {
-        match line.trim().strip_prefix("// #activation") {
-            Some(rest) => lines.push(activation(rest, storage, vec4).map_err(|e| format!("line {}: {e}", n + 1))?),
-            None => lines.push(line.to_string()),
+        let line_no = |e: String| format!("line {}: {e}", n + 1);
+        if let Some(rest) = line.trim().strip_prefix("// #activation") {
+            lines.push(activation(rest, storage, vec4).map_err(line_no)?);
+        } else if let Some(rest) = line.trim().strip_prefix("// #param") {
+            lines.push(param(rest, vec4).map_err(line_no)?);
+        } else {
+            lines.push(line.to_string());
         }
     }
     let mut text = lines.join("\n");
@@ -259,6 +264,44 @@ fn directives(source: &str) -> Vec<String> {
         .filter_map(|l| l.trim().strip_prefix("// #include \"")?.strip_suffix('"'))
         .map(str::to_string)
         .collect()
+}
+
+/// One `#param @binding(N) NAME [comment]` directive: a read-only f32 per-column parameter
+/// (LayerNorm's γ, β), always f32 whatever the activations' storage, expanded to one line with
+/// `ld_NAME(j) -> f32` and `ld4a_NAME(j) -> vec4<f32>` (columns j .. j + 3, j a multiple of 4).
+/// In the vec4 variant it is an `array<vec4<f32>>` (the host binds that variant only where the
+/// parameter's binding is whole vectors), so `ld4a_` is one 16-byte load.
+fn param(rest: &str, vec4: bool) -> Result<String, String> {
+    let usage = "expected `// #param @binding(N) NAME`";
+    let mut words = rest.split_whitespace();
+    let binding = words
+        .next()
+        .and_then(|w| w.strip_prefix("@binding("))
+        .and_then(|w| w.strip_suffix(')'))
+        .and_then(|w| w.parse::<u32>().ok())
+        .ok_or(usage)?;
+    let name = words
+        .next()
+        .filter(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .ok_or(usage)?;
+    let comment: Vec<&str> = words.collect();
+    let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;");
+    let mut s = if vec4 {
+        decl("vec4<f32>")
+            + &format!(" fn ld_{name}(j: u32) -> f32 {{ return {name}[j >> 2u][j & 3u]; }}")
+            + &format!(" fn ld4a_{name}(j: u32) -> vec4<f32> {{ return {name}[j >> 2u]; }}")
+    } else {
+        decl("f32")
+            + &format!(" fn ld_{name}(j: u32) -> f32 {{ return {name}[j]; }}")
+            + &format!(
+                " fn ld4a_{name}(j: u32) -> vec4<f32> {{ \
+                 return vec4<f32>({name}[j], {name}[j + 1u], {name}[j + 2u], {name}[j + 3u]); }}"
+            )
+    };
+    if !comment.is_empty() {
+        s += &format!(" // {}", comment.join(" "));
+    }
+    Ok(s)
 }
 
 /// One `#activation @binding(N) ACCESS NAME [comment]` directive, expanded to one line.

@@ -507,11 +507,17 @@ impl LayerNormPlan {
         if let (LayerNormFusion::ResidualDropout(_), Some(res), Some(h)) = (self.fusion, &b.residual, &b.h) {
             activations.extend([res, h]);
         }
+        // The vec4 variant also reads γ and β as vectors.
+        let params: Vec<_> = [(self.config.has_weight(), &b.weight), (self.config.has_bias(), &b.bias)]
+            .into_iter()
+            .filter_map(|(used, s)| s.as_ref().filter(|_| used))
+            .collect();
+        let vec4 = self.width.is_multiple_of(4) && vec4_bindable(&params, 0, w_bytes);
         let mut dispatches = Vec::with_capacity(self.chunks.len());
         for c in &self.chunks {
             let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
             let pipeline = match &k.vec4 {
-                Some(v) if self.width.is_multiple_of(4) && vec4_bindable(&activations, at, len) => &v[which],
+                Some(v) if vec4 && vec4_bindable(&activations, at, len) => &v[which],
                 _ => [&k.forward, &k.dropout, &k.residual][which],
             };
             let mut entries = vec![

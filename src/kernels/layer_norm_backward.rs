@@ -415,13 +415,16 @@ impl LayerNormBackwardPlan {
         if residual {
             activations.extend(b.dh_in.iter().chain(&b.dresidual));
         }
+        // The vec4 variant also reads γ as vectors.
+        let weight: Vec<_> = b.weight.iter().filter(|_| self.config.has_weight()).collect();
+        let vec4 = self.width.is_multiple_of(4) && vec4_bindable(&weight, 0, w_bytes);
         let mut dx_passes = Vec::new();
         let mut partial_passes = Vec::new();
         for c in &self.chunks {
             let uniform = c.uniforms[variant].as_entire_binding();
             let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
             let passes = match &k.vec4 {
-                Some(v) if self.width.is_multiple_of(4) && vec4_bindable(&activations, at, len) => v,
+                Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
                 _ => &k.passes,
             };
             let acc = usize::from(accumulate.dx);
