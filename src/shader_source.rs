@@ -97,13 +97,13 @@ pub const VEC4_MARKER: &str = "// #vec4-variant";
 pub struct Variant {
     /// How activations are stored.
     pub storage: Storage,
-    /// Include the subgroup [`ALTERNATIVES`] (devices with `SUBGROUP`).
+    /// Use the subgroup alternatives of included files (devices with `SUBGROUP`).
     pub subgroups: bool,
-    /// Include the 64-bit-integer [`ALTERNATIVES`] (devices with `SHADER_INT64`).
+    /// Use the 64-bit-integer alternatives of included files (devices with `SHADER_INT64`).
     pub int64: bool,
     /// f32 activations declared as `array<vec4<f32>>`, so that the aligned four-element
     /// accessors (`ld4a_`, `st4_`) are one 16-byte access. Only for files with the
-    /// [`VEC4_MARKER`] line and `Storage::F32`, and only bindable when every activation binding
+    /// `// #vec4-variant` line and `Storage::F32`, and only bindable when every activation binding
     /// is a whole number of vectors at a 16-byte-aligned offset.
     pub vec4: bool,
 }
