@@ -18,7 +18,7 @@
 //                     adapters: `ReduceSplit::Invocation`).
 //   bn_finalize       one workgroup per channel: Chan-merges the channel's chunk partials, updates
 //                     the running statistics, writes the saved mean and invstd, and the
-//                     channel's (K, mean − K) for the normalize pass.
+//                     channel's (K, mean − K, invstd·γ, β) for the normalize pass.
 //   bn_finalize_serial  the same with one invocation per channel (pairs with bn_stats_serial).
 //   bn_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
 //                     from the running statistics. Changes nothing.
@@ -89,7 +89,7 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
 @group(0) @binding(10) var<storage, read_write> partials: array<vec4<f32>>; // (C, parts) (mean − K, M2, count, 0)
 @group(0) @binding(11) var<storage, read> rng_state: vec4<u32>;         // (seed lo, seed hi, offset lo, offset hi)
-@group(0) @binding(12) var<storage, read_write> centre: array<vec2<f32>>; // (C) (K, mean − K) for normalize
+@group(0) @binding(12) var<storage, read_write> centre: array<vec4<f32>>; // (C) (K, mean − K, invstd·γ, β) for normalize
 
 @compute @workgroup_size(256)
 fn bn_stats(
@@ -169,7 +169,7 @@ fn chunk_stat(c: u32, start: u32, end: u32, stride: u32, shift: f32) -> Stat {
 fn publish_partial(c: u32, k: u32, shift: f32, total: Stat) {
     partials[c * p.parts + p.part_base + k] = vec4<f32>(total.mean, total.m2, total.n, 0.0);
     if (p.first != 0u && k == 0u) {
-        centre[c] = vec2<f32>(shift, 0.0);
+        centre[c] = vec4<f32>(shift, 0.0, 0.0, 0.0);
     }
 }
 
@@ -212,15 +212,16 @@ fn merge_partials(c: u32, first: u32, stride: u32) -> Stat {
     return acc;
 }
 
-// Saved mean and invstd, (K, mean − K) for the normalize pass, and the running statistics of
+// Saved mean and invstd, the normalize pass's coefficients, and the running statistics of
 // channel c from its merged triple.
 fn finish_channel(c: u32, total: Stat) {
     let shift = centre[c].x;
     let mean = shift + total.mean;
     let var_biased = max(total.m2 / f32(p.m_all), 0.0);
+    let invstd = 1.0 / sqrt(var_biased + p.eps);
     save_mean[c] = mean;
-    save_invstd[c] = 1.0 / sqrt(var_biased + p.eps);
-    centre[c] = vec2<f32>(shift, total.mean);
+    save_invstd[c] = invstd;
+    centre[c] = coefficients(c, shift, total.mean, invstd);
     if ((p.flags & FLAG_TRACK) != 0u) {
         // num_batches_tracked was already incremented by bn_count in this step.
         var m = p.momentum;
@@ -253,9 +254,10 @@ fn bn_finalize_eval(
     if (c >= p.c) {
         return;
     }
+    let invstd = 1.0 / sqrt(running_var[c] + p.eps);
     save_mean[c] = running_mean[c];
-    save_invstd[c] = 1.0 / sqrt(running_var[c] + p.eps);
-    centre[c] = vec2<f32>(running_mean[c], 0.0);
+    save_invstd[c] = invstd;
+    centre[c] = coefficients(c, running_mean[c], 0.0, invstd);
 }
 
 // Normalized values of the four elements from `first` (lanes past the end are 0): one channel's
@@ -294,18 +296,22 @@ fn bn_normalize(
     st4_y(first, normalized4(first), p.total);
 }
 
-// (K, mean − K, invstd·γ, β) of channel c. Normalizing is ((x − K) − (mean − K))·(invstd·γ) + β:
-// the subtractions come first, since for off-centre inputs x·scale − mean·scale would cancel
+// (K, mean − K, invstd·γ, β) of channel c, which the finalize passes store in centre[c] so that
+// normalize reads them with one load. Normalizing is ((x − K) − (mean − K))·(invstd·γ) + β: the
+// subtractions come first, since for off-centre inputs x·scale − mean·scale would cancel
 // catastrophically.
-fn channel_coefficients(c: u32) -> vec4<f32> {
-    var scale = save_invstd[c];
+fn coefficients(c: u32, k: f32, mean_k: f32, invstd: f32) -> vec4<f32> {
+    var scale = invstd;
     var beta = 0.0;
     if ((p.flags & FLAG_AFFINE) != 0u) {
         scale *= weight[c];
         beta = bias[c];
     }
-    let k = centre[c];
-    return vec4<f32>(k.x, k.y, scale, beta);
+    return vec4<f32>(k, mean_k, scale, beta);
+}
+
+fn channel_coefficients(c: u32) -> vec4<f32> {
+    return centre[c];
 }
 
 @compute @workgroup_size(256)

@@ -371,7 +371,7 @@ impl BatchNormKernel {
         });
         let centre = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batch_norm centre"),
-            size: dims.c * 8,
+            size: dims.c * 16,
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
@@ -565,7 +565,8 @@ pub struct BatchNormPlan {
     chunks: Vec<BnChunk>,
     partials: wgpu::Buffer,
     partials_bytes: u64,
-    /// Per channel (K, mean − K): the shift the statistics were taken around, for normalize.
+    /// Per channel (K, mean − K, invstd·γ, β): the shift the statistics were taken around and
+    /// the normalize coefficients, written by the finalize passes.
     centre: wgpu::Buffer,
     finalize_groups: (u32, u32),
     eval_groups: (u32, u32),
@@ -755,6 +756,8 @@ impl BatchNormPlan {
                         (5, running_mean.clone()),
                         (6, running_var.clone()),
                         (7, nbt.clone()),
+                        (3, weight.clone()),
+                        (4, bias.clone()),
                         (8, save_mean.clone()),
                         (9, save_invstd.clone()),
                         (10, partials.clone()),
@@ -772,6 +775,8 @@ impl BatchNormPlan {
                     &k.finalize_eval,
                     &[
                         (0, uniform.clone()),
+                        (3, weight.clone()),
+                        (4, bias.clone()),
                         (5, running_mean.clone()),
                         (6, running_var.clone()),
                         (8, save_mean.clone()),
@@ -794,9 +799,6 @@ impl BatchNormPlan {
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),
                 (2, binding_at(&b.y, at, len)),
-                (3, weight.clone()),
-                (4, bias.clone()),
-                (9, save_invstd.clone()),
                 (12, centre.clone()),
             ];
             if let (Some(_), Some(rng)) = (&self.dropout, &b.rng) {
