@@ -23,7 +23,7 @@
 //                 bnb_reduce_serial(_dropout): one invocation per (channel, chunk), no
 //                 workgroup merge (CPU adapters: `ReduceSplit::Invocation`).
 //   bnb_finalize  one workgroup per channel: merges chunk sums; writes (or adds to) dγ, dβ;
-//                 writes the channel's dx coefficients (K, mean − K, Σdy/M, Σdy·x̂/M).
+//                 writes the channel's dx coefficients (K, a, q, r): dx = a·g + q + r·(x − K).
 //                 bnb_finalize_serial: one invocation per channel (pairs with _serial reduce).
 //   bnb_dx        one invocation per 4 consecutive elements: dx (written or added to).
 //                 bnb_dx_dropout: the same with dy·m.
@@ -70,7 +70,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> save_mean: array<f32>;           // (C)
 @group(0) @binding(6) var<storage, read> save_invstd: array<f32>;         // (C)
 @group(0) @binding(7) var<storage, read_write> partials: array<vec4<f32>>; // (C, chunks) (Σ(x−K), Σdy, Σdy(x−K), 0)
-@group(0) @binding(8) var<storage, read_write> coef: array<vec4<f32>>;     // (C) (K, mean−K, Σdy/M, Σdy·x̂/M)
+@group(0) @binding(8) var<storage, read_write> coef: array<vec4<f32>>;     // (C) (K, a, q, r): dx = a·g + q + r·(x − K)
 @group(0) @binding(9) var<storage, read_write> dweight: array<f32>;       // (C) dγ
 @group(0) @binding(10) var<storage, read_write> dbias: array<f32>;        // (C) dβ
 @group(0) @binding(11) var<storage, read> rng_state: vec4<u32>;          // (seed lo, seed hi, offset lo, offset hi)
@@ -258,38 +258,34 @@ fn finish_channel(c: u32, total: vec3<f32>) {
     let mk = select(0.0, total.x / m, has(FLAG_BATCH_STATS));
     let sum_dy = total.y;
     let sum_dy_xhat = invstd * (total.z - mk * sum_dy);
+    var a = invstd;
     if (has(FLAG_AFFINE)) {
         let accumulate = has(FLAG_ACCUM_PARAMS);
         dweight[c] = select(0.0, dweight[c], accumulate) + sum_dy_xhat;
         dbias[c] = select(0.0, dbias[c], accumulate) + sum_dy;
-    }
-    coef[c] = vec4<f32>(centre, mk, sum_dy / m, sum_dy_xhat / m);
-}
-
-// dx coefficients of channel c: (K, mean − K, Σdy/M, Σdy·x̂/M) and (invstd, invstd·γ).
-struct DxCoef {
-    cf: vec4<f32>,
-    invstd: f32,
-    a: f32,
-}
-
-fn dx_coef(c: u32) -> DxCoef {
-    let invstd = save_invstd[c];
-    var a = invstd;
-    if (has(FLAG_AFFINE)) {
         a *= weight[c];
     }
-    return DxCoef(coef[c], invstd, a);
+    // dx = a·(g − Σdy/M − x̂·Σdy·x̂/M), x̂ = ((x − K) − (mean − K))·invstd, as
+    // dx = a·g + q + r·(x − K) with r = −a·invstd·Σdy·x̂/M and q = −a·Σdy/M − r·(mean − K):
+    // one coefficient load per quad in the dx pass. Both r-terms are of the data's spread
+    // around K (a value of the channel), so nothing large cancels. Running statistics: a·g.
+    var q = 0.0;
+    var r = 0.0;
+    if (has(FLAG_BATCH_STATS)) {
+        r = -a * invstd * (sum_dy_xhat / m);
+        q = -a * (sum_dy / m) - r * mk;
+    }
+    coef[c] = vec4<f32>(centre, a, q, r);
+}
+
+// dx coefficients of channel c: (K, a, q, r), dx = a·g + q + r·(x − K) (see finish_channel).
+fn dx_coef(c: u32) -> vec4<f32> {
+    return coef[c];
 }
 
 // dx (before accumulation) from x and the masked dy of elements of one channel.
-fn dx_of(k: DxCoef, x: vec4<f32>, g: vec4<f32>) -> vec4<f32> {
-    var v = g;
-    if (has(FLAG_BATCH_STATS)) {
-        let xhat = ((x - k.cf.x) - k.cf.y) * k.invstd;
-        v = v - k.cf.z - xhat * k.cf.w;
-    }
-    return k.a * v;
+fn dx_of(k: vec4<f32>, x: vec4<f32>, g: vec4<f32>) -> vec4<f32> {
+    return k.y * g + k.z + k.w * (x - k.x);
 }
 
 @compute @workgroup_size(256)

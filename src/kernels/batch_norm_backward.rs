@@ -426,8 +426,9 @@ impl BatchNormBackwardPlan {
         // The whole-call pass takes the first range's uniform: it holds the totals.
         let entries = [
             (0, self.chunks[0].uniforms[variant].as_entire_binding()),
+            (4, binding_or(affine, &b.weight, &ph[0], c_bytes)),
             (5, save_mean),
-            (6, save_invstd.clone()),
+            (6, save_invstd),
             (7, partials),
             (8, coef.clone()),
             (9, binding_or(affine, &b.dweight, &ph[1], c_bytes)),
@@ -449,8 +450,6 @@ impl BatchNormBackwardPlan {
                 (1, binding_at(&b.x, at, len)),
                 (2, binding_at(&b.dy, at, len)),
                 (3, binding_at(&b.dx, at, len)),
-                (4, binding_or(affine, &b.weight, &ph[0], c_bytes)),
-                (6, save_invstd.clone()),
                 (8, coef.clone()),
                 (11, rng.clone()),
             ];
