@@ -12,6 +12,9 @@
 //   dropout_forward   one invocation per 4 consecutive elements: one Philox call serves them.
 //                     dropout2d_forward: the same for Dropout2d (two calls: the four
 //                     elements' channels lie within eight consecutive units). `_accumulate`: y += instead of y =.
+//   dropout2d_from_bits  Dropout2d (unit_len >= 4) from the channel keep bits dropout_mask
+//                     wrote into the plan's scratch just before: one invocation per 4 elements,
+//                     one word load instead of two Philox calls. `_accumulate`: y +=.
 //   dropout_apply_mask  one invocation per element: y = x·m with m read from a packed mask
 //                     (the backward from a stored mask: dx = dy·m).
 //   dropout_mask      one invocation per mask word: the packed keep bits of 32 units, unit u
@@ -106,8 +109,13 @@ fn forward(g: u32, channels: bool, accumulate: bool) {
         keep = channel_keep(state, p.base + first);
     }
     let m = select(vec4<f32>(0.0), vec4<f32>(p.scale), keep);
+    apply4(first, m, accumulate);
+}
+
+// y = x·m (or y += x·m) for the four elements from `first`. The vec4 variant runs only where
+// numel % 4 == 0: every quad is whole there.
+fn apply4(first: u32, m: vec4<f32>, accumulate: bool) {
     var v: vec4<f32>;
-    // The vec4 variant runs only where numel % 4 == 0: every quad is whole.
     if (VEC4 || first + 3u < p.numel) {
         v = ld4a_x(first) * m;
         if (accumulate) {
@@ -126,6 +134,35 @@ fn forward(g: u32, channels: bool, accumulate: bool) {
     }
     // Whole words on the packed path: this invocation owns both halves of each word it writes.
     st4_y(first, v, p.numel);
+}
+
+// Dropout2d from the channel keep bits that dropout_mask wrote into `mask` just before (the
+// host takes this path when unit_len >= 4, so that a quad spans at most two channels): one
+// word load instead of two Philox calls per quad.
+@compute @workgroup_size(256)
+fn dropout2d_from_bits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    forward_from_bits(linear_id(gid, nwg), false);
+}
+
+@compute @workgroup_size(256)
+fn dropout2d_from_bits_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    forward_from_bits(linear_id(gid, nwg), true);
+}
+
+fn forward_from_bits(g: u32, accumulate: bool) {
+    let first = g * 4u;
+    if (first >= p.numel) {
+        return;
+    }
+    let e = p.base + first;
+    let u0 = fast_div(e, p.div_unit);
+    // Element e + k is in unit u0 or u0 + 1 (unit_len >= 4). Both bits are in word u0 / 32:
+    // were u0 + 1 a multiple of 32, its first element S·(u0 + 1) would be a multiple of 4,
+    // a quad's start, so no quad (e is a multiple of 4) would hold elements of both units.
+    let step = select(vec4<u32>(0u), vec4<u32>(1u), vec4<u32>(e - u0 * p.unit_len) + vec4<u32>(0u, 1u, 2u, 3u) >= vec4<u32>(p.unit_len));
+    let bit = vec4<u32>(u0 & 31u) + step;
+    let keep = ((vec4<u32>(mask[u0 >> 5u]) >> bit) & vec4<u32>(1u)) == vec4<u32>(1u);
+    apply4(first, select(vec4<f32>(0.0), vec4<f32>(p.scale), keep), accumulate);
 }
 
 // Dropout2d keep decisions of the four elements from flat index e (a multiple of 4). They

@@ -24,6 +24,8 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "dropout_forward_accumulate",
     "dropout2d_forward",
     "dropout2d_forward_accumulate",
+    "dropout2d_from_bits",
+    "dropout2d_from_bits_accumulate",
     "dropout_apply_mask",
     "dropout_mask",
     "rng_advance",
@@ -150,11 +152,11 @@ const _: () = assert!(std::mem::size_of::<DropoutParams>() == 48);
 #[derive(Clone, Debug)]
 pub struct DropoutKernel {
     storage: Storage,
-    /// `[Dropout, Dropout2d][write, accumulate]`: one entry point each, so that no call
-    /// executes the others' code (CPU drivers predicate every `if`).
-    forward: [[wgpu::ComputePipeline; 2]; 2],
+    /// `[Dropout, Dropout2d, Dropout2d from channel keep bits][write, accumulate]`: one entry
+    /// point each, so that no call executes the others' code (CPU drivers predicate every `if`).
+    forward: [[wgpu::ComputePipeline; 2]; 3],
     /// The same from the vec4 variant (f32 only), for ranges bound as whole 16-byte vectors.
-    forward_vec4: Option<[[wgpu::ComputePipeline; 2]; 2]>,
+    forward_vec4: Option<[[wgpu::ComputePipeline; 2]; 3]>,
     apply_mask: wgpu::ComputePipeline,
     mask: wgpu::ComputePipeline,
     advance: wgpu::ComputePipeline,
@@ -167,6 +169,7 @@ impl Kernel for DropoutKernel {
             [
                 ["dropout_forward", "dropout_forward_accumulate"],
                 ["dropout2d_forward", "dropout2d_forward_accumulate"],
+                ["dropout2d_from_bits", "dropout2d_from_bits_accumulate"],
             ]
             .map(|pair| pair.map(|e| compute_pipeline(device, module, e)))
         };
@@ -278,6 +281,17 @@ impl DropoutKernel {
             limits,
             chunks: parts,
             mask_groups: fold_workgroups(OP, units.div_ceil(32 * WORKGROUP), limits.max_workgroups_per_dim)?,
+            // Dropout2d with channels of 4 or more elements draws each channel's decision once,
+            // into these bits, and the element pass reads them (a quad spans at most two
+            // channels); shorter channels keep the direct path.
+            channel_bits: (unit == DropoutUnit::Channel && unit_len >= 4).then(|| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("dropout2d channel keep bits"),
+                    size: units.div_ceil(32) * 4,
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                })
+            }),
         })
     }
 
@@ -327,6 +341,8 @@ pub struct DropoutPlan {
     /// `max_storage_buffer_binding_size`).
     chunks: Vec<DropoutChunk>,
     mask_groups: (u32, u32),
+    /// Dropout2d's channel keep bits, when channels hold 4 or more elements.
+    channel_bits: Option<wgpu::Buffer>,
 }
 
 /// The uniforms and workgroup counts of one chunk of a dropout plan.
@@ -413,31 +429,45 @@ impl DropoutPlan {
         check_distinct(OP, &[("y", &b.y)], &[("rng", &b.rng)])?;
         let k = &self.kernel;
         let eb = k.storage.element_bytes();
-        let (unit, acc) = (usize::from(self.unit == DropoutUnit::Channel), usize::from(accumulate));
-        let dispatches: Vec<_> = self
-            .chunks
-            .iter()
-            .map(|c| {
-                let (at, len) = (c.chunk.start * eb, c.chunk.count * eb);
-                // One 16-byte access per four elements where the range allows it.
-                let pipeline = match &k.forward_vec4 {
-                    Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => &v[unit][acc],
-                    _ => &k.forward[unit][acc],
-                };
-                let group = bind_group(
-                    device,
-                    "dropout_forward",
-                    pipeline,
-                    &[
-                        (0, c.uniform(training, accumulate)),
-                        (1, binding_at(&b.x, at, len)),
-                        (2, binding_at(&b.y, at, len)),
-                        (3, binding(&b.rng, RNG_STATE_BYTES)),
-                    ],
-                );
-                (pipeline, group, c.forward_groups)
-            })
-            .collect();
+        let unit = match (self.unit, &self.channel_bits) {
+            (DropoutUnit::Element, _) => 0,
+            (DropoutUnit::Channel, None) => 1,
+            (DropoutUnit::Channel, Some(_)) => 2,
+        };
+        let acc = usize::from(accumulate);
+        let mut dispatches = Vec::with_capacity(self.chunks.len() + 1);
+        if let Some(bits) = &self.channel_bits {
+            let group = bind_group(
+                device,
+                "dropout2d channel bits",
+                &k.mask,
+                &[
+                    (0, self.chunks[0].uniform(training, false)),
+                    (3, binding(&b.rng, RNG_STATE_BYTES)),
+                    (4, bits.as_entire_binding()),
+                ],
+            );
+            dispatches.push((&k.mask, group, self.mask_groups));
+        }
+        for c in &self.chunks {
+            let (at, len) = (c.chunk.start * eb, c.chunk.count * eb);
+            // One 16-byte access per four elements where the range allows it.
+            let pipeline = match &k.forward_vec4 {
+                Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => &v[unit][acc],
+                _ => &k.forward[unit][acc],
+            };
+            let mut entries = vec![
+                (0, c.uniform(training, accumulate)),
+                (1, binding_at(&b.x, at, len)),
+                (2, binding_at(&b.y, at, len)),
+            ];
+            match &self.channel_bits {
+                Some(bits) => entries.push((4, bits.as_entire_binding())),
+                None => entries.push((3, binding(&b.rng, RNG_STATE_BYTES))),
+            }
+            let group = bind_group(device, "dropout_forward", pipeline, &entries);
+            dispatches.push((pipeline, group, c.forward_groups));
+        }
         record(encoder, "dropout", &dispatches);
         Ok(())
     }
