@@ -6,6 +6,11 @@
 //! offset lo, offset hi)` as little-endian u32 words ([`rng_state_bytes`]). Kernels read it;
 //! [`DropoutKernel::encode_advance`] increments its offset on the GPU, so several dropout calls
 //! recorded into one submission each draw a fresh mask without host round trips.
+//!
+//! A Dropout2d plan whose channels hold 4 or more elements owns a scratch of ⌈N·C/32⌉ words:
+//! each call first writes the channels' keep bits there (`dropout_mask`), then the element
+//! pass reads one word per four elements instead of drawing the mask per element group. Calls
+//! recorded one after another reuse it in stream order.
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
