@@ -266,6 +266,20 @@ fn directives(source: &str) -> Vec<String> {
         .collect()
 }
 
+/// N of a directive's `@binding(N)` word.
+fn binding_of(word: Option<&str>, usage: &str) -> Result<u32, String> {
+    word.and_then(|w| w.strip_prefix("@binding("))
+        .and_then(|w| w.strip_suffix(')'))
+        .and_then(|w| w.parse::<u32>().ok())
+        .ok_or_else(|| usage.to_string())
+}
+
+/// A directive's NAME word: a WGSL identifier of ASCII letters, digits and `_`.
+fn name_of<'a>(word: Option<&'a str>, usage: &str) -> Result<&'a str, String> {
+    word.filter(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .ok_or_else(|| usage.to_string())
+}
+
 /// One `#param @binding(N) NAME [comment]` directive: a read-only f32 per-column parameter
 /// (LayerNorm's γ, β), always f32 whatever the activations' storage, expanded to one line with
 /// `ld_NAME(j) -> f32` and `ld4a_NAME(j) -> vec4<f32>` (columns j .. j + 3, j a multiple of 4).
@@ -274,16 +288,8 @@ fn directives(source: &str) -> Vec<String> {
 fn param(rest: &str, vec4: bool) -> Result<String, String> {
     let usage = "expected `// #param @binding(N) NAME`";
     let mut words = rest.split_whitespace();
-    let binding = words
-        .next()
-        .and_then(|w| w.strip_prefix("@binding("))
-        .and_then(|w| w.strip_suffix(')'))
-        .and_then(|w| w.parse::<u32>().ok())
-        .ok_or(usage)?;
-    let name = words
-        .next()
-        .filter(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        .ok_or(usage)?;
+    let binding = binding_of(words.next(), usage)?;
+    let name = name_of(words.next(), usage)?;
     let comment: Vec<&str> = words.collect();
     let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, read> {name}: array<{ty}>;");
     let mut s = if vec4 {
@@ -308,20 +314,12 @@ fn param(rest: &str, vec4: bool) -> Result<String, String> {
 fn activation(rest: &str, storage: Storage, vec4: bool) -> Result<String, String> {
     let mut words = rest.split_whitespace();
     let usage = "expected `// #activation @binding(N) read|read_write NAME`";
-    let binding = words
-        .next()
-        .and_then(|w| w.strip_prefix("@binding("))
-        .and_then(|w| w.strip_suffix(')'))
-        .and_then(|w| w.parse::<u32>().ok())
-        .ok_or(usage)?;
+    let binding = binding_of(words.next(), usage)?;
     let access = words
         .next()
         .filter(|a| *a == "read" || *a == "read_write")
         .ok_or(usage)?;
-    let name = words
-        .next()
-        .filter(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        .ok_or(usage)?;
+    let name = name_of(words.next(), usage)?;
     let comment: Vec<&str> = words.collect();
     let writable = access == "read_write";
     let decl = |ty: &str| format!("@group(0) @binding({binding}) var<storage, {access}> {name}: array<{ty}>;");
