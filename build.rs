@@ -31,15 +31,9 @@ fn main() {
             continue;
         }
         let lookup = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
-        // Every variant the kernels can build (storage, subgroups, vec4).
-        let all = shader_source::variants_of(&raw, &lookup);
-        for variant in all {
-            let shown = format!(
-                "{shown} [{}{}{}]",
-                variant.storage.name(),
-                if variant.subgroups { ", subgroups" } else { "" },
-                if variant.vec4 { ", vec4" } else { "" }
-            );
+        // Every variant the kernels can build (storage, subgroups, int64, vec4).
+        for variant in shader_source::variants_of(&raw, &lookup) {
+            let shown = format!("{shown} [{}]", variant.name());
             let source = match shader_source::expand_variant(&raw, &lookup, variant) {
                 Ok(s) => s,
                 Err(e) => {

@@ -117,6 +117,23 @@ impl Variant {
         }
     }
 
+    /// `f32`, `f32, subgroups, int64, vec4`, …: the variant as labels, build errors and test
+    /// output name it.
+    pub fn name(&self) -> String {
+        let mut name = self.storage.name().to_string();
+        for (on, what) in [
+            (self.subgroups, "subgroups"),
+            (self.int64, "int64"),
+            (self.vec4, "vec4"),
+        ] {
+            if on {
+                name += ", ";
+                name += what;
+            }
+        }
+        name
+    }
+
     /// Scalar activations of `storage`, no optional features.
     pub const fn plain(storage: Storage) -> Self {
         Self {

@@ -9,16 +9,7 @@ use naga::valid::{Capabilities, ValidationFlags, Validator};
 use normdrop::kernels::Storage;
 
 fn translate_all(v: &normdrop::kernels::ShaderVariant) {
-    let what = format!(
-        "{} [{}]",
-        v.file,
-        normdrop::kernels::variant_name(normdrop::kernels::Variant {
-            storage: v.storage,
-            subgroups: v.subgroups,
-            int64: v.int64,
-            vec4: v.vec4,
-        })
-    );
+    let what = format!("{} [{}]", v.file, v.variant.name());
     let module =
         naga::front::wgsl::parse_str(&v.source).unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&v.source)));
     let info = Validator::new(ValidationFlags::all(), Capabilities::all())
@@ -79,19 +70,19 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
             naga::proc::BoundsCheckPolicies::default(),
         )
         .and_then(|mut w| w.write());
-        if v.int64 {
+        if v.variant.int64 {
             // GLSL ES has no 64-bit integers and wgpu's GL backend never offers
             // SHADER_INT64: GL builds the variants with 16-bit-half products (translated below).
             // (A native f16 variant may fail on its f16 first.)
             let e = result.expect_err("64-bit integers unexpectedly translated to GLSL");
-            let f16_first = v.storage == Storage::F16 && e.to_string().contains("width: 2");
+            let f16_first = v.variant.storage == Storage::F16 && e.to_string().contains("width: 2");
             assert!(
                 e.to_string().contains("width: 8") || f16_first,
                 "{what} -> GLSL ({ep}): {e}"
             );
             continue;
         }
-        if v.storage == Storage::F16 {
+        if v.variant.storage == Storage::F16 {
             // The other exclusion: GLSL has no 16-bit floats, so naga's GLSL writer refuses native
             // f16, and wgpu's GL backend never offers SHADER_F16; on GL the kernels build the
             // packed variant instead (translated below like every other). Pin the reason, so
@@ -115,20 +106,23 @@ fn every_shader_variant_translates_to_every_backend() {
     let files = |pick: fn(&normdrop::kernels::ShaderVariant) -> bool| -> Vec<&str> {
         variants.iter().filter(|v| pick(v)).map(|v| v.file).collect()
     };
-    let subgroup_files = files(|v| v.subgroups);
+    let subgroup_files = files(|v| v.variant.subgroups);
     assert_eq!(subgroup_files.len(), 16, "{subgroup_files:?}");
     assert!(subgroup_files
         .iter()
         .all(|f| *f == "batch_norm.wgsl" || *f == "batch_norm_backward.wgsl"));
-    let vec4_files = files(|v| v.vec4);
+    let vec4_files = files(|v| v.variant.vec4);
     assert_eq!(vec4_files.len(), 14, "{vec4_files:?}");
-    let int64_files = files(|v| v.int64);
+    let int64_files = files(|v| v.variant.int64);
     assert_eq!(int64_files.len(), 28, "{int64_files:?}");
     assert!(!int64_files.contains(&"copy.wgsl") && !int64_files.contains(&"sgd.wgsl"));
-    assert!(variants.iter().filter(|v| v.vec4).all(|v| v.storage == Storage::F32));
+    assert!(variants
+        .iter()
+        .filter(|v| v.variant.vec4)
+        .all(|v| v.variant.storage == Storage::F32));
     for storage in [Storage::F32, Storage::F16, Storage::F16Packed] {
         assert!(
-            variants.iter().filter(|v| v.storage == storage).count() >= 5,
+            variants.iter().filter(|v| v.variant.storage == storage).count() >= 5,
             "{storage:?}"
         );
     }

@@ -91,18 +91,6 @@ pub(crate) fn wgsl(file: &str, variant: Variant) -> String {
     crate::shader_source::expand_variant(raw, &lookup, variant).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
-/// `f32`, `f32, subgroups, int64, vec4`, …: a variant as labels and test output name it.
-pub fn variant_name(v: Variant) -> String {
-    let mut name = v.storage.name().to_string();
-    for (on, what) in [(v.subgroups, "subgroups"), (v.int64, "int64"), (v.vec4, "vec4")] {
-        if on {
-            name += ", ";
-            name += what;
-        }
-    }
-    name
-}
-
 /// Compiles `file` for activations stored as `storage` (as `vec4` arrays when `vec4`), with
 /// the alternatives for the optional features `device` has (`SUBGROUP`, `SHADER_INT64`).
 pub(crate) fn shader_module(device: &wgpu::Device, file: &str, storage: Storage, vec4: bool) -> wgpu::ShaderModule {
@@ -112,7 +100,7 @@ pub(crate) fn shader_module(device: &wgpu::Device, file: &str, storage: Storage,
         int64: device.features().contains(wgpu::Features::SHADER_INT64),
         vec4,
     };
-    let label = format!("{file} [{}]", variant_name(variant));
+    let label = format!("{file} [{}]", variant.name());
     device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(&label),
         source: wgpu::ShaderSource::Wgsl(wgsl(file, variant).into()),
@@ -136,16 +124,10 @@ pub fn check_storage(device: &wgpu::Device, storage: Storage) -> Result<()> {
 pub struct ShaderVariant {
     /// The file in `shaders/` it comes from.
     pub file: &'static str,
-    /// How it stores activations.
-    pub storage: Storage,
-    /// Whether it is the variant for devices with `SUBGROUP` (subgroup operations in its
-    /// workgroup reductions). Only shaders whose includes have a subgroup alternative have one.
-    pub subgroups: bool,
-    /// Whether it is the variant for devices with `SHADER_INT64` (Philox's products with
-    /// 64-bit multiplies). Only shaders that draw dropout masks have one.
-    pub int64: bool,
-    /// Whether f32 activations are `vec4` arrays (files marked `// #vec4-variant`).
-    pub vec4: bool,
+    /// Its storage, optional-feature alternatives and vec4 activations. Only shaders whose
+    /// includes have a subgroup alternative (BatchNorm's) have subgroup variants, only shaders
+    /// that draw dropout masks have int64 ones, only files marked `// #vec4-variant` vec4 ones.
+    pub variant: Variant,
     /// The WGSL source.
     pub source: String,
     /// The compute entry points the kernel builds pipelines for.
@@ -173,10 +155,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         for variant in crate::shader_source::variants_of(raw, &lookup) {
             out.push(ShaderVariant {
                 file,
-                storage: variant.storage,
-                subgroups: variant.subgroups,
-                int64: variant.int64,
-                vec4: variant.vec4,
+                variant,
                 source: wgsl(file, variant),
                 entry_points,
             });
