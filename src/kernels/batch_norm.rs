@@ -35,7 +35,9 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bn_normalize_dropout",
 ];
 const WORKGROUP: u64 = 256;
-const EVAL_WORKGROUP: u64 = 64;
+/// Workgroup size of the one-invocation-per-channel passes (`bn_finalize_eval`, the `_serial`
+/// finalizes of forward and backward).
+const CHANNEL_WORKGROUP: u64 = 64;
 
 /// Default elements of one channel reduced by one `bn_stats` / `bnb_reduce` workgroup on a GPU
 /// (16 per invocation); see [`default_reduce_split`].
@@ -234,9 +236,9 @@ pub struct BatchNormKernel {
     /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
     finalize: [wgpu::ComputePipeline; 2],
     finalize_eval: wgpu::ComputePipeline,
-    normalize: wgpu::ComputePipeline,
-    normalize_dropout: wgpu::ComputePipeline,
-    /// `[normalize, normalize_dropout]` from the vec4 variant (f32 only), for ranges whose x
+    /// `[bn_normalize, bn_normalize_dropout]`.
+    normalize: [wgpu::ComputePipeline; 2],
+    /// The same from the vec4 variant (f32 only), for ranges whose x
     /// and y bind as whole 16-byte vectors.
     normalize_vec4: Option<[wgpu::ComputePipeline; 2]>,
     /// `stats` from the vec4 variant, for ranges whose x binds as whole vectors and S % 4 == 0.
@@ -256,8 +258,7 @@ impl Kernel for BatchNormKernel {
             count: compute_pipeline(device, &module, "bn_count"),
             finalize: ["bn_finalize", "bn_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
             finalize_eval: compute_pipeline(device, &module, "bn_finalize_eval"),
-            normalize: compute_pipeline(device, &module, "bn_normalize"),
-            normalize_dropout: compute_pipeline(device, &module, "bn_normalize_dropout"),
+            normalize: ["bn_normalize", "bn_normalize_dropout"].map(|e| compute_pipeline(device, &module, e)),
             normalize_vec4: vec4
                 .as_ref()
                 .map(|m| ["bn_normalize", "bn_normalize_dropout"].map(|e| compute_pipeline(device, m, e))),
@@ -296,12 +297,8 @@ impl BatchNormKernel {
         let max = limits.max_workgroups_per_dim;
         let sample_elems = dims.c * dims.s;
         let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, stats_chunk)?;
-        let eval_groups = fold_workgroups(OP, dims.c.div_ceil(EVAL_WORKGROUP), max)?;
-        let finalize_groups = if split.serial() {
-            eval_groups
-        } else {
-            fold_workgroups(OP, dims.c, max)?
-        };
+        let eval_groups = fold_workgroups(OP, dims.c.div_ceil(CHANNEL_WORKGROUP), max)?;
+        let finalize_groups = finalize_groups(OP, split, dims.c, max)?;
         let partials_bytes = dims.c * parts * 16;
         limits.check_size(
             OP,
@@ -319,6 +316,7 @@ impl BatchNormKernel {
         if config.momentum.is_none() {
             flags |= FLAG_CUMULATIVE;
         }
+        let (div_s, div_c) = (FastDiv::new(dims.s).words(), FastDiv::new(dims.c).words());
         let uniform = |r: &SampleRange, training: bool| -> Result<wgpu::Buffer> {
             let d = match &options.dropout {
                 Some(d) => d.params(training)?,
@@ -347,8 +345,8 @@ impl BatchNormKernel {
                 m_all: dims.m as u32,
                 elem_base: (r.range.start * sample_elems) as u32,
                 first: u32::from(r.range.start == 0),
-                div_s: FastDiv::new(dims.s).words(),
-                div_c: FastDiv::new(dims.c).words(),
+                div_s,
+                div_c,
                 _pad: [0; 2],
             };
             Ok(uniform_buffer(device, "batch_norm params", &params))
@@ -400,6 +398,17 @@ pub(crate) fn reduce_groups(op: &'static str, split: ReduceSplit, units: u64, ma
         units.div_ceil(WORKGROUP)
     } else {
         units
+    };
+    fold_workgroups(op, groups, max)
+}
+
+/// Workgroups of a finalize pass over `c` channels: one workgroup each, or one invocation each
+/// in workgroups of [`CHANNEL_WORKGROUP`] (`ReduceSplit::Invocation`).
+pub(crate) fn finalize_groups(op: &'static str, split: ReduceSplit, c: u64, max: u32) -> Result<(u32, u32)> {
+    let groups = if split.serial() {
+        c.div_ceil(CHANNEL_WORKGROUP)
+    } else {
+        c
     };
     fold_workgroups(op, groups, max)
 }
@@ -792,8 +801,7 @@ impl BatchNormPlan {
             let (at, len) = range_bytes(c);
             let normalize = match &k.normalize_vec4 {
                 Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => &v[drop],
-                _ if drop == 1 => &k.normalize_dropout,
-                _ => &k.normalize,
+                _ => &k.normalize[drop],
             };
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),

@@ -17,7 +17,9 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::batch_norm::{reduce_groups, sample_ranges, BatchNormConfig, BnDims, ReduceSplit, SampleRange};
+use crate::kernels::batch_norm::{
+    finalize_groups, reduce_groups, sample_ranges, BatchNormConfig, BnDims, ReduceSplit, SampleRange,
+};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder,
@@ -160,6 +162,7 @@ impl BatchNormBackwardKernel {
         let partials_bytes = dims.c * parts * 16;
         limits.check_size(OP, "partial sums in bytes", partials_bytes)?;
         let sample_elems = dims.c * dims.s;
+        let (div_s, div_c) = (FastDiv::new(dims.s).words(), FastDiv::new(dims.c).words());
         let d = match &dropout {
             Some((d, training)) => d.params(*training)?,
             None => DropParams {
@@ -199,8 +202,8 @@ impl BatchNormBackwardKernel {
                         m_all: dims.m as u32,
                         elem_base: (r.range.start * sample_elems) as u32,
                         first: u32::from(r.range.start == 0),
-                        div_s: FastDiv::new(dims.s).words(),
-                        div_c: FastDiv::new(dims.c).words(),
+                        div_s,
+                        div_c,
                     };
                     uniform_buffer(device, "batch_norm backward params", &params)
                 })
@@ -234,11 +237,7 @@ impl BatchNormBackwardKernel {
             partials: scratch("batch_norm backward partials", partials_bytes),
             coef: scratch("batch_norm backward coefficients", dims.c * 16),
             split,
-            finalize_groups: if split.serial() {
-                fold_workgroups(OP, dims.c.div_ceil(64), max)?
-            } else {
-                fold_workgroups(OP, dims.c, max)?
-            },
+            finalize_groups: finalize_groups(OP, split, dims.c, max)?,
         })
     }
 }
