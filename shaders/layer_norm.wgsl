@@ -213,22 +213,20 @@ fn forward(at: Slot, lid: u32, drop: bool) {
                 }
             }
         }
-    } else {
-        if (VEC4) {
-            // Rows of whole quads (the host binds this variant only when W % 4 == 0): vector
-            // loads and stores, a quad's exact triple per Welford step.
-            var acc = Stat(0.0, 0.0, 0.0);
-            for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
-                acc = chan_merge(acc, quad_stat(ld4a_x(r.base + 4u * k) - shift));
-            }
-            let st = finish_stats(lid, at, shift, acc);
-            for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
-                let m = quad_factors(state, r, k, drop);
-                let e = r.base + 4u * k;
-                st4_y(e, affine4(4u * k, ((ld4a_x(e) - shift) - st.x) * st.y) * m, e + 4u);
-            }
-            return;
+    } else if (VEC4) {
+        // Rows of whole quads (the host binds this variant only when W % 4 == 0): vector loads
+        // and stores, a quad's exact triple per Welford step.
+        var acc = Stat(0.0, 0.0, 0.0);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            acc = chan_merge(acc, quad_stat(ld4a_x(r.base + 4u * k) - shift));
         }
+        let st = finish_stats(lid, at, shift, acc);
+        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
+            let m = quad_factors(state, r, k, drop);
+            let e = r.base + 4u * k;
+            st4_y(e, affine4(4u * k, ((ld4a_x(e) - shift) - st.x) * st.y) * m, e + 4u);
+        }
+    } else {
         // Wide row: Welford pass, then a second read to normalize.
         var acc = Stat(0.0, 0.0, 0.0);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {

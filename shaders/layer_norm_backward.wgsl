@@ -66,7 +66,7 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> partials: array<vec2<f32>>;  // (row_blocks, W) (Σdy·x̂, Σdy)
 @group(0) @binding(8) var<storage, read_write> dweight: array<f32>;         // (W)
 @group(0) @binding(9) var<storage, read_write> dbias: array<f32>;           // (W)
-@group(0) @binding(10) var<storage, read> rng_state: vec4<u32>;            // (4)
+@group(0) @binding(10) var<storage, read> rng_state: vec4<u32>;            // (seed lo, seed hi, offset lo, offset hi)
 // #activation @binding(11) read dh_in (rows, W)
 // #activation @binding(12) read_write dresidual (rows, W)
 
@@ -83,6 +83,11 @@ fn gamma(j: u32) -> f32 {
 // γ of columns j .. j + 3 (j a multiple of 4).
 fn gamma4(j: u32) -> vec4<f32> {
     return select(vec4<f32>(1.0), ld4a_weight(j), has(FLAG_WEIGHT));
+}
+
+// g = dy·m·γ of the row's quad k (a whole quad; vec4 variant), m the mask's when `drop`.
+fn g4(state: vec4<u32>, r: Row, k: u32, drop: bool) -> vec4<f32> {
+    return ld4a_dy(r.base + 4u * k) * quad_factors(state, r, k, drop) * gamma4(4u * k);
 }
 
 // (Σ(x − K), Σg, Σg·(x − K)) of one quad.
@@ -137,7 +142,6 @@ fn dh_of4(xs: vec4<f32>, g: vec4<f32>, r: f32, cf: vec3<f32>) -> vec4<f32> {
     let xhat = (xs - cf.x) * r;
     return r * (g - cf.y - xhat * cf.z);
 }
-
 
 fn emit(out_index: u32, v: f32) {
     var out = v;
@@ -237,7 +241,7 @@ fn dx_rows(at: Slot, lid: u32, drop: bool, accumulate: bool) {
         var sums = vec3<f32>(0.0);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let e = r.base + 4u * k;
-            let g = ld4a_dy(e) * quad_factors(state, r, k, drop) * gamma4(4u * k);
+            let g = g4(state, r, k, drop);
             sums += quad_sums(ld4a_x(e) - shift, g);
             if (!accumulate) {
                 st4_dx(e, g, e + 4u);
@@ -247,8 +251,7 @@ fn dx_rows(at: Slot, lid: u32, drop: bool, accumulate: bool) {
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let e = r.base + 4u * k;
             if (accumulate) {
-                let g = ld4a_dy(e) * quad_factors(state, r, k, drop) * gamma4(4u * k);
-                st4_dx(e, ld4a_dx(e) + dh_of4(ld4a_x(e) - shift, g, rs, cf), e + 4u);
+                st4_dx(e, ld4a_dx(e) + dh_of4(ld4a_x(e) - shift, g4(state, r, k, drop), rs, cf), e + 4u);
             } else {
                 st4_dx(e, dh_of4(ld4a_x(e) - shift, ld4a_dx(e), rs, cf), e + 4u);
             }
@@ -370,7 +373,7 @@ fn residual_dx(at: Slot, lid: u32, accumulate: bool) {
         var sums = vec3<f32>(0.0);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let e = r.base + 4u * k;
-            let g = ld4a_dy(e) * gamma4(4u * k);
+            let g = g4(state, r, k, false);
             sums += quad_sums(ld4a_x(e) - shift, g);
             if (!accumulate) {
                 st4_dx(e, g, e + 4u);
@@ -381,7 +384,7 @@ fn residual_dx(at: Slot, lid: u32, accumulate: bool) {
             let e = r.base + 4u * k;
             var g: vec4<f32>;
             if (accumulate) {
-                g = ld4a_dy(e) * gamma4(4u * k);
+                g = g4(state, r, k, false);
             } else {
                 g = ld4a_dx(e);
             }
