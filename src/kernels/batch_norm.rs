@@ -87,7 +87,7 @@ impl ReduceSplit {
     /// The split a plan for `dims` on `device` uses: `split` after checking it, or the default.
     pub(crate) fn resolve(split: Option<Self>, op: &'static str, device: &wgpu::Device, dims: &BnDims) -> Result<Self> {
         let split = split.unwrap_or_else(|| {
-            let threads = std::thread::available_parallelism().map_or(1, usize::from);
+            let threads = crate::kernels::host_threads();
             default_reduce_split(device.adapter_info().device_type, dims.c, dims.m, threads)
         });
         let (multiple, kind) = match split {

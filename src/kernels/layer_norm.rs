@@ -214,7 +214,7 @@ impl LayerNormPlanOptions {
                 format!("lanes must be a power of two in 1..=256, got {lanes}"),
             )),
             None => {
-                let threads = std::thread::available_parallelism().map_or(1, usize::from);
+                let threads = crate::kernels::host_threads();
                 Ok(default_lanes(device.adapter_info().device_type, rows, width, threads))
             }
         }

@@ -447,6 +447,12 @@ impl FastDiv {
     }
 }
 
+/// Host threads the geometry policies for CPU adapters size their work for (a CPU driver runs
+/// about one worker per core): the available parallelism, at least 1.
+pub(crate) fn host_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// Whether `bytes` from byte `at` of every slice can be bound as `array<vec4<f32>>` (the vec4
 /// shader variants): a whole number of 16-byte vectors at 16-byte-aligned offsets.
 pub(crate) fn vec4_bindable(slices: &[&wgpu::BufferSlice<'_>], at: u64, bytes: u64) -> bool {
