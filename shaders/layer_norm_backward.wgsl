@@ -24,6 +24,8 @@
 //                             rows re-read;
 //                             writes dx and the row's (K, mean − K).
 //   lnb_params_partial        one invocation per (4 columns, block of 64 rows): partial dγ, dβ.
+//   lnb_block_dx / lnb_block_residual_dx   instead of the two above when `lanes` is 1: one
+//                             workgroup per block of 64 rows writes dx and the block's partials.
 //   lnb_params_final          one invocation per column: sums the partials (no float atomics).
 
 // #include "philox.wgsl"
@@ -413,6 +415,256 @@ fn residual_dx(at: Slot, lid: u32, accumulate: bool) {
                 }
             }
         }
+    }
+}
+
+// Row-block path (`lanes` = 1, chosen for CPU adapters): a workgroup of BLOCK invocations
+// takes a block of BLOCK rows, the partial pass's block, and does the dx pass and the dγ/dβ
+// partials itself. First one invocation per row sums its row; the row coefficients go to
+// workgroup memory. Then one invocation per column quad walks the block's rows (the same
+// bytes, now in the core's cache), writes dx and sums the column's dγ, dβ partials, reading
+// γ once per column instead of once per element. x and dy are read from memory once and dx
+// written once, the minimum; the mask is drawn once per element unless accumulating with
+// LayerNorm → dropout.
+const BLOCK: u32 = 64u;
+
+// Per row of the block: (K, mean − K, rstd, mean(g)) and mean(g·x̂), the coefficients of dh_of.
+var<workgroup> block_coef: array<vec4<f32>, BLOCK>;
+var<workgroup> block_slope: array<f32, BLOCK>;
+
+// Four row-block entry points as the dx ones (dropout on dy or not, writing or adding to dx),
+// and two for the residual block. One workgroup per block of BLOCK rows.
+@compute @workgroup_size(64)
+fn lnb_block_dx(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let block = wid.x + wid.y * nwg.x;
+    block_columns(block, lid, block_begin(block, lid, false, false, false), false, false);
+}
+
+@compute @workgroup_size(64)
+fn lnb_block_dx_dropout(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let block = wid.x + wid.y * nwg.x;
+    block_columns(block, lid, block_begin(block, lid, true, false, false), true, false);
+}
+
+@compute @workgroup_size(64)
+fn lnb_block_dx_accumulate(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let block = wid.x + wid.y * nwg.x;
+    block_columns(block, lid, block_begin(block, lid, false, false, true), false, true);
+}
+
+@compute @workgroup_size(64)
+fn lnb_block_dx_dropout_accumulate(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let block = wid.x + wid.y * nwg.x;
+    block_columns(block, lid, block_begin(block, lid, true, false, true), true, true);
+}
+
+@compute @workgroup_size(64)
+fn lnb_block_residual_dx(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let block = wid.x + wid.y * nwg.x;
+    block_columns_residual(block, lid, block_begin(block, lid, false, true, false), false);
+}
+
+@compute @workgroup_size(64)
+fn lnb_block_residual_dx_accumulate(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let block = wid.x + wid.y * nwg.x;
+    block_columns_residual(block, lid, block_begin(block, lid, false, true, true), true);
+}
+
+// The row phase of block `block`, then a barrier; returns the generator state (zeros unless
+// `drop`, LayerNorm → dropout with dy ← dy·m, or `residual`, the residual block's mask on dx).
+fn block_begin(block: u32, lid: u32, drop: bool, residual: bool, accumulate: bool) -> vec4<u32> {
+    var state = vec4<u32>(0u);
+    if (drop || residual) {
+        state = load_state();
+    }
+    block_row(block * BLOCK + lid, lid, state, drop, parks(drop, accumulate));
+    workgroupBarrier();
+    return state;
+}
+
+// In the vec4 variant, writing with LayerNorm → dropout, the row phase parks dy·m in dx (its
+// own row) for the column phase; otherwise the column phase reads dy and draws the mask again.
+fn parks(drop: bool, accumulate: bool) -> bool {
+    return VEC4 && drop && !accumulate;
+}
+
+// Row phase: row `row` (local to the dispatch) of the block, one invocation.
+fn block_row(row: u32, lid: u32, state: vec4<u32>, drop: bool, park: bool) {
+    if (row >= p.rows) {
+        return;
+    }
+    let r = row_of(Slot(row, 0u, true));
+    let shift = ld_x(r.base);
+    let rs = rstd[p.row_base + row];
+    var sums = vec3<f32>(0.0);
+    if (VEC4) {
+        for (var k = 0u; k < r.quads; k++) {
+            let e = r.base + 4u * k;
+            let d = ld4a_dy(e) * quad_factors(state, r, k, drop);
+            if (park) {
+                st4_dx(e, d, e + 4u);
+            }
+            sums += quad_sums(ld4a_x(e) - shift, d * gamma4(4u * k));
+        }
+    } else {
+        for (var k = 0u; k < r.quads; k++) {
+            let m = quad_factors(state, r, k, drop);
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    let xs = ld_x(r.base + j) - shift;
+                    let g = ld_dy(r.base + j) * m[t] * gamma(j);
+                    sums += vec3<f32>(xs, g, g * xs);
+                }
+            }
+        }
+    }
+    let w = f32(p.width);
+    let mk = sums.x / w;
+    block_coef[lid] = vec4<f32>(shift, mk, rs, sums.y / w);
+    block_slope[lid] = rs * (sums.z - mk * sums.y) / w;
+}
+
+// (x̂, dh) of quad x of row i of the block, d = dy·m its upstream gradient, gam its γ; dh as
+// dh_of, with g = d·γ formed as in the row phase, so g − mean(g) cancels as there.
+struct BlockQuad {
+    xhat: vec4<f32>,
+    dh: vec4<f32>,
+}
+
+fn block_quad(i: u32, x: vec4<f32>, d: vec4<f32>, gam: vec4<f32>) -> BlockQuad {
+    let c = block_coef[i];
+    let xhat = ((x - c.x) - c.y) * c.z;
+    return BlockQuad(xhat, c.z * (d * gam - c.w - xhat * block_slope[i]));
+}
+
+// block_quad of one element: (x̂, dh).
+fn block_element(i: u32, x: f32, d: f32, gam: f32) -> vec2<f32> {
+    let c = block_coef[i];
+    let xhat = ((x - c.x) - c.y) * c.z;
+    return vec2<f32>(xhat, c.z * (d * gam - c.w - xhat * block_slope[i]));
+}
+
+// The block's partial (Σd·x̂, Σd) of columns j0 .. j0 + 3 (those inside the row).
+fn block_partials(block: u32, j0: u32, gx: vec4<f32>, gs: vec4<f32>) {
+    for (var t = 0u; t < 4u; t++) {
+        if (j0 + t < p.width) {
+            partials[(p.block_base + block) * p.width + j0 + t] = vec2<f32>(gx[t], gs[t]);
+        }
+    }
+}
+
+// Column phase: invocation `lid` takes column quads lid, lid + BLOCK, … (columns j0 .. j0 + 3)
+// down the block's rows, writes dx and the block's dγ, dβ partials.
+fn block_columns(block: u32, lid: u32, state: vec4<u32>, drop: bool, accumulate: bool) {
+    let park = parks(drop, accumulate);
+    let first = block * BLOCK;
+    let last = min(first + BLOCK, p.rows);
+    for (var j0 = 4u * lid; j0 < p.width; j0 += 4u * BLOCK) {
+        var gx = vec4<f32>(0.0);
+        var gs = vec4<f32>(0.0);
+        if (VEC4) {
+            // Rows of whole quads: columns j0 .. j0 + 3 of a row are one aligned quad.
+            let gam = gamma4(j0);
+            for (var row = first; row < last; row++) {
+                let e = row * p.width + j0;
+                var d: vec4<f32>;
+                if (park) {
+                    d = ld4a_dx(e);
+                } else {
+                    d = ld4a_dy(e);
+                    if (drop) {
+                        d *= drop4(state, (p.row_base * p.width + e) >> 2u);
+                    }
+                }
+                let b = block_quad(row - first, ld4a_x(e), d, gam);
+                if (accumulate) {
+                    st4_dx(e, ld4a_dx(e) + b.dh, e + 4u);
+                } else {
+                    st4_dx(e, b.dh, e + 4u);
+                }
+                gx += d * b.xhat;
+                gs += d;
+            }
+        } else {
+            for (var row = first; row < last; row++) {
+                let e = row * p.width + j0;
+                var m = vec4<f32>(1.0);
+                if (drop) {
+                    m = drop_span(state, p.row_base * p.width + e);
+                }
+                for (var t = 0u; t < 4u; t++) {
+                    if (j0 + t < p.width) {
+                        let d = ld_dy(e + t) * m[t];
+                        let b = block_element(row - first, ld_x(e + t), d, gamma(j0 + t));
+                        emit(e + t, b.y);
+                        gx[t] += d * b.x;
+                        gs[t] += d;
+                    }
+                }
+            }
+        }
+        block_partials(block, j0, gx, gs);
+    }
+}
+
+// block_columns of the residual block: dy unmasked; dx = dh·m and dresidual = dh.
+fn block_columns_residual(block: u32, lid: u32, state: vec4<u32>, accumulate: bool) {
+    let first = block * BLOCK;
+    let last = min(first + BLOCK, p.rows);
+    for (var j0 = 4u * lid; j0 < p.width; j0 += 4u * BLOCK) {
+        var gx = vec4<f32>(0.0);
+        var gs = vec4<f32>(0.0);
+        if (VEC4) {
+            let gam = gamma4(j0);
+            for (var row = first; row < last; row++) {
+                let e = row * p.width + j0;
+                let d = ld4a_dy(e);
+                let b = block_quad(row - first, ld4a_x(e), d, gam);
+                residual_emit4(e, b.dh, drop4(state, (p.row_base * p.width + e) >> 2u), accumulate);
+                gx += d * b.xhat;
+                gs += d;
+            }
+        } else {
+            for (var row = first; row < last; row++) {
+                let e = row * p.width + j0;
+                let m = drop_span(state, p.row_base * p.width + e);
+                for (var t = 0u; t < 4u; t++) {
+                    if (j0 + t < p.width) {
+                        let d = ld_dy(e + t);
+                        let b = block_element(row - first, ld_x(e + t), d, gamma(j0 + t));
+                        residual_emit(e + t, b.y, m[t]);
+                        gx[t] += d * b.x;
+                        gs[t] += d;
+                    }
+                }
+            }
+        }
+        block_partials(block, j0, gx, gs);
     }
 }
 

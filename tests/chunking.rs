@@ -5,11 +5,14 @@
 //! and dropout with exactly the unchunked mask.
 
 mod common;
+#[path = "common/ln_case.rs"]
+mod ln_case;
 
 use std::sync::OnceLock;
 
 use common::{assert_close, Rng};
 use half::f16;
+use ln_case::LanesCase;
 use normdrop::kernels::Storage;
 use normdrop::reference::{self, RefRunningStats};
 use normdrop::{
@@ -225,6 +228,29 @@ fn layer_norm_in_row_chunks_matches_the_reference() {
             reference::dropout_forward(&xf, &shape, &drop, DropoutUnit::Element, seed, offset, true).unwrap();
         let rh: Vec<f64> = resw.iter().zip(&dropped).map(|(a, b)| a + b).collect();
         assert_close("chunked residual h", &read(&ctx, &h), &rh, tol, tol);
+    }
+}
+
+/// Both geometries of the LayerNorm backward in row chunks, each fusion: the row-block path
+/// (one lane per row: dx and the dγ/dβ partials in one pass) and the row pass with its separate
+/// partial pass (eight lanes), on rows of whole quads (the vec4 variant) and not. The mask is
+/// indexed globally across chunks, and each chunk's partials land at its own blocks.
+#[test]
+fn layer_norm_backward_geometries_in_row_chunks_match_the_reference() {
+    let Some(ctx) = small(false) else { return };
+    let mut rng = Rng::new(9);
+    for width in [100, 101] {
+        let case = LanesCase::new(&mut rng, 300, width);
+        for lanes in [1, 8] {
+            for fusion in [
+                LayerNormFusion::None,
+                LayerNormFusion::Dropout(DropoutConfig::new(0.5)),
+                LayerNormFusion::ResidualDropout(DropoutConfig::new(0.5)),
+            ] {
+                let chunks = case.check(&ctx, lanes, fusion);
+                assert!(chunks >= 2, "300x{width}, lanes {lanes}: {chunks} chunk(s)");
+            }
+        }
     }
 }
 

@@ -1,14 +1,17 @@
 //! LayerNorm forward on the GPU against PyTorch fixtures and the f64 CPU reference.
 
 mod common;
+#[path = "common/ln_case.rs"]
+mod ln_case;
 
 use common::{assert_close, Rng};
+use ln_case::LanesCase;
 use normdrop::fixture::{self, Fixture, Verdict};
 use normdrop::kernels::layer_norm::ONCHIP_MAX_WIDTH;
-use normdrop::reference::{layer_norm_backward, layer_norm_forward, widen};
+use normdrop::reference::layer_norm_forward;
 use normdrop::{
-    Accumulate, Context, DType, DropoutConfig, Error, LayerNorm, LayerNormBackwardBuffers, LayerNormBackwardKernel,
-    LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlanOptions, Tensor,
+    Context, DType, DropoutConfig, Error, LayerNorm, LayerNormBackwardKernel, LayerNormBuffers, LayerNormConfig,
+    LayerNormFusion, LayerNormKernel, LayerNormPlanOptions, Tensor,
 };
 use proptest::prelude::*;
 
@@ -129,7 +132,9 @@ fn many_rows_fold_the_dispatch() {
 /// values per lane, the two-read path beyond; rows on and off the mask's 4-element quads)
 /// gives the reference's forward and backward, plain, fused with dropout and as the residual
 /// block. The device's own policy picks only some of them (a CPU driver few lanes, a GPU
-/// 8..=256), so this runs the GPU's geometry on a CPU driver and the reverse.
+/// 8..=256), so this runs the GPU's geometry on a CPU driver and the reverse. One lane per
+/// row is also the backward's row-block path (64-row workgroups, dγ/dβ partials in the same
+/// pass).
 #[test]
 fn every_lanes_choice_matches_the_reference() {
     let ctx = gpu!();
@@ -142,6 +147,9 @@ fn every_lanes_choice_matches_the_reference() {
         (9, 300),
         (9, 768),
         (3, 4100),
+        // Several 64-row blocks for the backward's row-block path (lanes 1), the last partial.
+        (150, 20),
+        (70, 9),
     ] {
         let case = LanesCase::new(&mut rng, rows, width);
         for lanes in (0..=8).map(|k| 1u32 << k) {
@@ -170,141 +178,6 @@ fn every_lanes_choice_matches_the_reference() {
             .plan_with(ctx.device(), &[2, 8], &config, LayerNormFusion::None, true, &options)
             .unwrap_err();
         assert!(matches!(e, Error::InvalidArgument { .. }), "{lanes}: {e}");
-    }
-}
-
-/// Inputs of one shape for [`every_lanes_choice_matches_the_reference`].
-struct LanesCase {
-    rows: usize,
-    width: usize,
-    x: Vec<f32>,
-    residual: Vec<f32>,
-    dy: Vec<f32>,
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-}
-
-impl LanesCase {
-    const SEED: u64 = 0x5eed_0123_4567;
-    const OFFSET: u64 = 3;
-
-    fn new(rng: &mut Rng, rows: usize, width: usize) -> Self {
-        Self {
-            rows,
-            width,
-            x: rng.normal_vec(rows * width, 3.0, 2.0),
-            residual: rng.normal_vec(rows * width, -1.0, 1.0),
-            dy: rng.normal_vec(rows * width, 0.0, 1.0),
-            weight: rng.normal_vec(width, 1.0, 0.5),
-            bias: rng.normal_vec(width, 0.0, 0.5),
-        }
-    }
-
-    /// Runs the forward and the backward (writing, then accumulating) with `lanes` and
-    /// compares every output with the reference (the mask from the CPU twin of the generator).
-    fn check(&self, ctx: &Context, lanes: u32, fusion: LayerNormFusion) {
-        let (rows, width) = (self.rows, self.width);
-        let (shape, n) = ([rows, width], rows * width);
-        let config = LayerNormConfig::new(&[width]);
-        let what = format!("{rows}x{width}, lanes {lanes}, {fusion:?}");
-        let device = ctx.device();
-        let options = LayerNormPlanOptions { lanes: Some(lanes) };
-        let fplan = ctx
-            .kernel::<LayerNormKernel>()
-            .unwrap()
-            .plan_with(device, &shape, &config, fusion, &options)
-            .unwrap();
-        let bplan = ctx
-            .kernel::<LayerNormBackwardKernel>()
-            .unwrap()
-            .plan_with(device, &shape, &config, fusion, true, &options)
-            .unwrap();
-
-        // Reference: m = 2 or 0 per element; LN input h = x, or residual + x·m (in f32).
-        let rule = normdrop::rng::DropRule::new(0.5).unwrap();
-        let keep = normdrop::rng::mask(Self::SEED, Self::OFFSET, n, rule);
-        let m: Vec<f32> = match fusion {
-            LayerNormFusion::None => vec![1.0; n],
-            _ => keep.iter().map(|&k| if k { 2.0 } else { 0.0 }).collect(),
-        };
-        let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
-        let h: Vec<f32> = if residual {
-            (0..n).map(|i| self.residual[i] + self.x[i] * m[i]).collect()
-        } else {
-            self.x.clone()
-        };
-        let r = layer_norm_forward(&widen(&h), &shape, &config, Some(&self.weight), Some(&self.bias)).unwrap();
-        // LayerNorm → dropout: y = LN(x)·m and LN's upstream gradient is dy·m.
-        let (y_ref, dy_ln): (Vec<f64>, Vec<f64>) = match fusion {
-            LayerNormFusion::Dropout(_) => (
-                r.y.iter().zip(&m).map(|(y, &m)| y * f64::from(m)).collect(),
-                self.dy.iter().zip(&m).map(|(&g, &m)| f64::from(g * m)).collect(),
-            ),
-            _ => (r.y.clone(), widen(&self.dy)),
-        };
-        let w64 = widen(&self.weight);
-        let rb = layer_norm_backward(&widen(&h), &dy_ln, &shape, &config, Some(&w64), &r.mean, &r.rstd).unwrap();
-
-        let up = |v: &[f32], s: &[usize]| Tensor::from_slice(ctx, v, s).unwrap();
-        let zeros = |s: &[usize]| Tensor::zeros(ctx, s, DType::F32).unwrap();
-        let (xt, rt, dyt) = (up(&self.x, &shape), up(&self.residual, &shape), up(&self.dy, &shape));
-        let (wt, bt) = (up(&self.weight, &[width]), up(&self.bias, &[width]));
-        let state = [Self::SEED as u32, (Self::SEED >> 32) as u32, Self::OFFSET as u32, 0];
-        let rng = up(&state.map(f32::from_bits), &[4]);
-        let (y, ht, mean, rstd) = (zeros(&shape), zeros(&shape), zeros(&[rows]), zeros(&[rows]));
-        let (dx, dres, dw, db) = (zeros(&shape), zeros(&shape), zeros(&[width]), zeros(&[width]));
-        let dropout = fusion != LayerNormFusion::None;
-        let mut encoder = device.create_command_encoder(&Default::default());
-        let buffers = LayerNormBuffers {
-            x: xt.slice(),
-            y: y.slice(),
-            weight: Some(wt.slice()),
-            bias: Some(bt.slice()),
-            mean: mean.slice(),
-            rstd: rstd.slice(),
-            rng: dropout.then(|| rng.slice()),
-            residual: residual.then(|| rt.slice()),
-            h: residual.then(|| ht.slice()),
-        };
-        fplan.encode(device, &mut encoder, true, &buffers).unwrap();
-        let backward = LayerNormBackwardBuffers {
-            x: if residual { ht.slice() } else { xt.slice() },
-            dy: dyt.slice(),
-            dx: dx.slice(),
-            weight: Some(wt.slice()),
-            rstd: rstd.slice(),
-            dweight: Some(dw.slice()),
-            dbias: Some(db.slice()),
-            rng: dropout.then(|| rng.slice()),
-            dh_in: None,
-            dresidual: residual.then(|| dres.slice()),
-        };
-        // The backward twice: writing the gradients, then adding to them (the write and the
-        // accumulate entry points), so every gradient below is twice the reference's.
-        bplan
-            .encode(device, &mut encoder, Accumulate::default(), &backward)
-            .unwrap();
-        let both = Accumulate { dx: true, params: true };
-        bplan.encode(device, &mut encoder, both, &backward).unwrap();
-        ctx.queue().submit([encoder.finish()]);
-
-        let close = |name: &str, got: &Tensor, exp: &[f64], atol: f64| {
-            assert_close(&format!("{what} {name}"), &read(ctx, got), exp, RTOL, atol);
-        };
-        let twice = |v: &[f64]| v.iter().map(|g| 2.0 * g).collect::<Vec<_>>();
-        close("y", &y, &y_ref, ATOL);
-        close("mean", &mean, &r.mean, ATOL);
-        close("rstd", &rstd, &r.rstd, ATOL);
-        close("2·dγ", &dw, &twice(&rb.dweight), 2e-4);
-        close("2·dβ", &db, &twice(&rb.dbias), 2e-4);
-        if residual {
-            close("h", &ht, &widen(&h), ATOL);
-            close("2·dresidual", &dres, &twice(&rb.dx), 2.0 * ATOL);
-            let dx_ref: Vec<f64> = rb.dx.iter().zip(&m).map(|(d, &m)| 2.0 * d * f64::from(m)).collect();
-            close("2·dx", &dx, &dx_ref, 2.0 * ATOL);
-        } else {
-            close("2·dx", &dx, &twice(&rb.dx), 2.0 * ATOL);
-        }
     }
 }
 

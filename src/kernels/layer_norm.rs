@@ -194,19 +194,42 @@ pub fn default_lanes(device_type: wgpu::DeviceType, rows: u64, width: u64, threa
     lanes
 }
 
+/// Invocations per row (as [`default_lanes`]) for the LayerNorm backward's dx pass. On CPU
+/// adapters with at least two 64-row blocks per host thread this is 1, which selects the
+/// backward's row-block path (`lnb_block_*` in `shaders/layer_norm_backward.wgsl`: one
+/// workgroup per 64 rows sums each row, then writes dx and the block's dγ/dβ partials by
+/// columns from cache, without the separate partial pass that reads x and dy again);
+/// otherwise [`default_lanes`].
+pub fn default_backward_lanes(device_type: wgpu::DeviceType, rows: u64, width: u64, threads: usize) -> u32 {
+    if device_type == wgpu::DeviceType::Cpu && rows.div_ceil(64) >= 2 * threads.max(1) as u64 {
+        return 1;
+    }
+    default_lanes(device_type, rows, width, threads)
+}
+
 /// Geometry overrides for a LayerNorm plan, forward ([`LayerNormKernel::plan_with`]) or
 /// backward ([`crate::LayerNormBackwardKernel::plan_with`]). `Default` leaves every choice to
 /// the device's policy; results agree within rounding whatever is chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LayerNormPlanOptions {
-    /// Invocations per row: a power of two in 1..=256. `None`: [`default_lanes`] for the
-    /// device's adapter type and the host's available parallelism.
+    /// Invocations per row: a power of two in 1..=256. `None`: [`default_lanes`] (forward) or
+    /// [`default_backward_lanes`] (backward) for the device's adapter type and the host's
+    /// available parallelism. In the backward, 1 selects the row-block path (see
+    /// [`default_backward_lanes`]).
     pub lanes: Option<u32>,
 }
 
 impl LayerNormPlanOptions {
-    /// The lanes a plan for `rows × width` on `device` uses, after checking an override.
-    pub(crate) fn lanes(&self, op: &'static str, device: &wgpu::Device, rows: u64, width: u64) -> Result<u32> {
+    /// The lanes a plan for `rows × width` on `device` uses, after checking an override;
+    /// `backward` picks the backward's default policy.
+    pub(crate) fn lanes(
+        &self,
+        op: &'static str,
+        device: &wgpu::Device,
+        rows: u64,
+        width: u64,
+        backward: bool,
+    ) -> Result<u32> {
         match self.lanes {
             Some(lanes) if lanes.is_power_of_two() && lanes <= 256 => Ok(lanes),
             Some(lanes) => Err(Error::invalid(
@@ -214,8 +237,12 @@ impl LayerNormPlanOptions {
                 format!("lanes must be a power of two in 1..=256, got {lanes}"),
             )),
             None => {
-                let threads = crate::kernels::host_threads();
-                Ok(default_lanes(device.adapter_info().device_type, rows, width, threads))
+                let (kind, threads) = (device.adapter_info().device_type, crate::kernels::host_threads());
+                Ok(if backward {
+                    default_backward_lanes(kind, rows, width, threads)
+                } else {
+                    default_lanes(kind, rows, width, threads)
+                })
             }
         }
     }
@@ -279,7 +306,7 @@ impl LayerNormKernel {
     ) -> Result<LayerNormPlan> {
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
-        let lanes = options.lanes(OP, device, rows, width)?;
+        let lanes = options.lanes(OP, device, rows, width, false)?;
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
         let chunks = chunk_ranges(OP, "one row in bytes", rows, row_bytes, &limits, 1)?;
@@ -563,5 +590,16 @@ mod tests {
         assert_eq!(cpu(3, 100_000, 2), 256); // never more than the GPU's choice
         assert_eq!(cpu(3, 8, 2), 8);
         assert_eq!(cpu(1 << 20, 8, 64), 1);
+        // The backward takes its row-block path (1) from two 64-row blocks per thread.
+        let back = |rows, threads| default_backward_lanes(wgpu::DeviceType::Cpu, rows, 768, threads);
+        assert_eq!(back(1024, 2), 1);
+        assert_eq!(back(1024, 8), 1);
+        assert_eq!(back(1024, 16), 8); // 16 blocks for 16 threads: default_lanes
+        assert_eq!(back(255, 2), 1); // 4 blocks, the last one partial
+        assert_eq!(back(192, 2), 8); // 3 blocks: default_lanes
+        assert_eq!(
+            default_backward_lanes(wgpu::DeviceType::DiscreteGpu, 1 << 20, 768, 2),
+            64
+        );
     }
 }

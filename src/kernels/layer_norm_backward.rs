@@ -7,6 +7,10 @@
 //! | `lnb_dx[_dropout]` / `lnb_residual_dx` | rows · lanes / 256  | dx (+ dresidual), row centre|
 //! | `lnb_params_partial[_dropout]`  | ⌈W/1024⌉ · ⌈rows/64⌉       | per-block partial dγ, dβ    |
 //! | `lnb_params_final`              | ⌈W/256⌉                    | dγ, dβ                      |
+//!
+//! With one lane per row (the CPU-adapter default, [`crate::default_backward_lanes`]) the
+//! first two rows are one pass, `lnb_block_dx[_dropout]` / `lnb_block_residual_dx`: ⌈rows/64⌉
+//! workgroups of 64 invocations write dx (+ dresidual) and the per-block partial dγ, dβ.
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
@@ -34,6 +38,12 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "lnb_params_partial",
     "lnb_params_partial_dropout",
     "lnb_params_final",
+    "lnb_block_dx",
+    "lnb_block_dx_dropout",
+    "lnb_block_dx_accumulate",
+    "lnb_block_dx_dropout_accumulate",
+    "lnb_block_residual_dx",
+    "lnb_block_residual_dx_accumulate",
 ];
 
 const FLAG_WEIGHT: u32 = 1;
@@ -84,6 +94,11 @@ struct LnbPasses {
     residual_dx: [wgpu::ComputePipeline; 2],
     /// `lnb_params_partial[_dropout]`: `[with dropout]`.
     params_partial: [wgpu::ComputePipeline; 2],
+    /// The row-block path (one lane per row): `lnb_block_dx[_dropout][_accumulate]`, indexed
+    /// as `dx`.
+    block_dx: [[wgpu::ComputePipeline; 2]; 2],
+    /// `lnb_block_residual_dx[_accumulate]`: `[accumulate dx]`.
+    block_residual_dx: [wgpu::ComputePipeline; 2],
 }
 
 impl LnbPasses {
@@ -97,6 +112,12 @@ impl LnbPasses {
             .map(|pair| pair.map(pipeline)),
             residual_dx: ["lnb_residual_dx", "lnb_residual_dx_accumulate"].map(pipeline),
             params_partial: ["lnb_params_partial", "lnb_params_partial_dropout"].map(pipeline),
+            block_dx: [
+                ["lnb_block_dx", "lnb_block_dx_accumulate"],
+                ["lnb_block_dx_dropout", "lnb_block_dx_dropout_accumulate"],
+            ]
+            .map(|pair| pair.map(pipeline)),
+            block_residual_dx: ["lnb_block_residual_dx", "lnb_block_residual_dx_accumulate"].map(pipeline),
         }
     }
 }
@@ -149,7 +170,7 @@ impl LayerNormBackwardKernel {
     ) -> Result<LayerNormBackwardPlan> {
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
-        let lanes = options.lanes(OP, device, rows, width)?;
+        let lanes = options.lanes(OP, device, rows, width, true)?;
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
         // Chunks hold whole 64-row blocks, so the dγ/dβ partial pass chunks with them.
@@ -215,10 +236,16 @@ impl LayerNormBackwardKernel {
         let mut parts = Vec::with_capacity(chunks.len());
         for chunk in &chunks {
             let max = limits.max_workgroups_per_dim;
+            // The row-block path (one lane) runs a workgroup per 64-row block.
+            let rows_per_group = if lanes == 1 {
+                ROWS_PER_BLOCK
+            } else {
+                u64::from(256 / lanes)
+            };
             parts.push(LnbChunk {
                 chunk: *chunk,
                 uniforms: chunk_uniforms(chunk),
-                dx_groups: fold_workgroups(OP, chunk.count.div_ceil(u64::from(256 / lanes)), max)?,
+                dx_groups: fold_workgroups(OP, chunk.count.div_ceil(rows_per_group), max)?,
                 partial_groups: fold_workgroups(OP, chunk.count.div_ceil(ROWS_PER_BLOCK) * col_tiles, max)?,
             });
         }
@@ -238,6 +265,7 @@ impl LayerNormBackwardKernel {
             shape: shape.to_vec(),
             rows,
             width,
+            blocks: lanes == 1,
             limits,
             chunks: parts,
             row_centre: scratch("layer_norm backward row centres", rows * 8),
@@ -284,6 +312,8 @@ pub struct LayerNormBackwardPlan {
     shape: Vec<usize>,
     rows: u64,
     width: u64,
+    /// The row-block path: one pass writes dx and the dγ/dβ partials.
+    blocks: bool,
     limits: BindLimits,
     /// Ranges of whole 64-row blocks, one per storage binding's worth of rows.
     chunks: Vec<LnbChunk>,
@@ -418,6 +448,7 @@ impl LayerNormBackwardPlan {
         // The vec4 variant also reads γ as vectors.
         let weight: Vec<_> = b.weight.iter().filter(|_| self.config.has_weight()).collect();
         let vec4 = self.width.is_multiple_of(4) && vec4_bindable(&weight, 0, w_bytes);
+        let params = self.config.has_weight() || self.config.has_bias();
         let mut dx_passes = Vec::new();
         let mut partial_passes = Vec::new();
         for c in &self.chunks {
@@ -428,10 +459,11 @@ impl LayerNormBackwardPlan {
                 _ => &k.passes,
             };
             let acc = usize::from(accumulate.dx);
-            let dx_pipeline = if residual {
-                &passes.residual_dx[acc]
-            } else {
-                &passes.dx[usize::from(drop_dy)][acc]
+            let dx_pipeline = match (self.blocks, residual) {
+                (false, true) => &passes.residual_dx[acc],
+                (false, false) => &passes.dx[usize::from(drop_dy)][acc],
+                (true, true) => &passes.block_residual_dx[acc],
+                (true, false) => &passes.block_dx[usize::from(drop_dy)][acc],
             };
             let partial_pipeline = &passes.params_partial[usize::from(drop_dy)];
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
@@ -442,9 +474,15 @@ impl LayerNormBackwardPlan {
                 (3, binding_at(&b.dx, at, len)),
                 (4, binding_or(self.config.has_weight(), &b.weight, &ph[0], w_bytes)),
                 (5, rstd.clone()),
-                (6, centre.clone()),
                 (10, rng.clone()),
             ];
+            // The row-block pass writes the partials; the row pass the row centres for the
+            // partial pass.
+            dx_entries.push(if self.blocks {
+                (7, partials.clone())
+            } else {
+                (6, centre.clone())
+            });
             if residual {
                 let dh_in = match &b.dh_in {
                     Some(dh) => binding_at(dh, at, len),
@@ -460,24 +498,28 @@ impl LayerNormBackwardPlan {
                 bind_group(device, "lnb_dx", dx_pipeline, &dx_entries),
                 c.dx_groups,
             ));
-            let partial_entries = [
-                (0, uniform),
-                (1, x),
-                (2, dy),
-                (5, rstd.clone()),
-                (6, centre.clone()),
-                (7, partials.clone()),
-                (10, rng.clone()),
-            ];
-            partial_passes.push((
-                partial_pipeline,
-                bind_group(device, "lnb_params_partial", partial_pipeline, &partial_entries),
-                c.partial_groups,
-            ));
+            // Without γ and β there is nothing to reduce; the row-block pass sums the partials
+            // itself.
+            if params && !self.blocks {
+                let partial_entries = [
+                    (0, uniform),
+                    (1, x),
+                    (2, dy),
+                    (5, rstd.clone()),
+                    (6, centre.clone()),
+                    (7, partials.clone()),
+                    (10, rng.clone()),
+                ];
+                partial_passes.push((
+                    partial_pipeline,
+                    bind_group(device, "lnb_params_partial", partial_pipeline, &partial_entries),
+                    c.partial_groups,
+                ));
+            }
         }
         let mut passes = dx_passes;
-        // Without γ and β there is nothing to reduce; only the dx passes run.
-        if self.config.has_weight() || self.config.has_bias() {
+        // Without γ and β only the dx passes run.
+        if params {
             passes.extend(partial_passes);
             passes.push((
                 &k.params_final,
