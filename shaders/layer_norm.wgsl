@@ -22,6 +22,9 @@
 //                  normalize (the residual variant re-reads the h it wrote). In the vec4
 //                  variant (f32, W % 4 == 0, chosen by the host) a lane's quads are vector
 //                  loads and stores and each quad enters Welford as one exact triple.
+//   lanes = 1:     the row-block path (ln_block_*, workgroups of BLOCK = 64): one invocation
+//                  per row reduces it, then one per column quad normalizes the block's rows
+//                  (see the end of this file).
 // Chunking: a tensor larger than one storage binding is processed in row ranges; the
 // activations are bound at the range's offset (indices here are local to it), mean and rstd are
 // bound whole and indexed by the global row p.row_base + row, and the dropout's element index
@@ -326,6 +329,224 @@ fn ln_residual_dropout_forward(
                 let j = column(r, k, t);
                 if (j < p.width) {
                     st_y(r.base + j, affine(j, ((ld_h(r.base + j) - shift) - st.x) * st.y));
+                }
+            }
+        }
+    }
+}
+
+// Row-block path (`lanes` = 1, chosen for CPU adapters): a workgroup of BLOCK invocations
+// takes a block of BLOCK rows. One invocation per row reduces its row (the arithmetic, in the
+// same order, of the lane-per-row path above) and leaves (K, mean − K, rstd) in workgroup
+// memory; then one invocation per column
+// quad normalizes the block's rows from the core's cache with its γ and β in registers, read
+// once per column instead of once per row (on a CPU driver their per-row vector loads cost
+// about a quarter of `ln_fwd`).
+const BLOCK: u32 = 64u;
+
+var<workgroup> block_stats: array<vec3<f32>, BLOCK>;
+
+@compute @workgroup_size(64)
+fn ln_block_forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let block = wid.x + wid.y * nwg.x;
+    block_row_stats(block, lid);
+    workgroupBarrier();
+    block_normalize(block, lid, false);
+}
+
+@compute @workgroup_size(64)
+fn ln_block_dropout_forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let block = wid.x + wid.y * nwg.x;
+    block_row_stats(block, lid);
+    workgroupBarrier();
+    block_normalize(block, lid, true);
+}
+
+// The residual block: the row phase writes h; the column phase reads it back (other
+// invocations' writes, hence the storage barrier).
+@compute @workgroup_size(64)
+fn ln_block_residual_dropout_forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let block = wid.x + wid.y * nwg.x;
+    block_residual_row(block, lid);
+    workgroupBarrier();
+    storageBarrier();
+    block_normalize_h(block, lid);
+}
+
+// Saves the row's mean and rstd from its triple of values shifted by K, and keeps
+// (K, mean − K, rstd) for the column phase.
+fn block_finish(lid: u32, row: u32, shift: f32, acc: Stat) {
+    let rstd = 1.0 / sqrt(max(acc.m2 / f32(p.width), 0.0) + p.eps);
+    mean_out[p.row_base + row] = shift + acc.mean;
+    rstd_out[p.row_base + row] = rstd;
+    block_stats[lid] = vec3<f32>(shift, acc.mean, rstd);
+}
+
+// Row phase of the plain and dropout passes: row block·BLOCK + lid.
+fn block_row_stats(block: u32, lid: u32) {
+    let row = block * BLOCK + lid;
+    if (row >= p.rows) {
+        return;
+    }
+    let r = row_of(Slot(row, 0u, true));
+    let shift = ld_x(r.base);
+    var acc = Stat(0.0, 0.0, 0.0);
+    if (VEC4) {
+        for (var k = 0u; k < r.quads; k++) {
+            acc = chan_merge(acc, quad_stat(ld4a_x(r.base + 4u * k) - shift));
+        }
+    } else {
+        for (var k = 0u; k < r.quads; k++) {
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    acc = welford_add(acc, ld_x(r.base + j) - shift);
+                }
+            }
+        }
+    }
+    block_finish(lid, row, shift, acc);
+}
+
+// Row phase of the residual block: h = residual + x·m written out, statistics around the
+// row's first residual value.
+fn block_residual_row(block: u32, lid: u32) {
+    let row = block * BLOCK + lid;
+    if (row >= p.rows) {
+        return;
+    }
+    let state = load_state();
+    let r = row_of(Slot(row, 0u, true));
+    let shift = ld_residual(r.base);
+    var acc = Stat(0.0, 0.0, 0.0);
+    if (VEC4) {
+        for (var k = 0u; k < r.quads; k++) {
+            let e = r.base + 4u * k;
+            let hv = ld4a_residual(e) + ld4a_x(e) * drop4(state, r.q0 + k);
+            st4_h(e, hv, e + 4u);
+            acc = chan_merge(acc, quad_stat(hv - shift));
+        }
+    } else {
+        for (var k = 0u; k < r.quads; k++) {
+            let m = drop4(state, r.q0 + k);
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    let e = r.base + j;
+                    let hv = to_storage(ld_residual(e) + ld_x(e) * m[t]);
+                    st_h(e, hv);
+                    acc = welford_add(acc, hv - shift);
+                }
+            }
+        }
+    }
+    block_finish(lid, row, shift, acc);
+}
+
+// γ (ones without weight) and β (zeros without bias) of columns j0 .. j0 + 3, those inside the
+// row; affine4 with these is affine's arithmetic.
+struct ColumnParams {
+    gamma: vec4<f32>,
+    beta: vec4<f32>,
+}
+
+fn column_params(j0: u32) -> ColumnParams {
+    var c = ColumnParams(vec4<f32>(1.0), vec4<f32>(0.0));
+    if (VEC4) {
+        if ((p.flags & FLAG_WEIGHT) != 0u) {
+            c.gamma = ld4a_weight(j0);
+        }
+        if ((p.flags & FLAG_BIAS) != 0u) {
+            c.beta = ld4a_bias(j0);
+        }
+        return c;
+    }
+    for (var t = 0u; t < 4u; t++) {
+        if (j0 + t < p.width) {
+            if ((p.flags & FLAG_WEIGHT) != 0u) {
+                c.gamma[t] = ld_weight(j0 + t);
+            }
+            if ((p.flags & FLAG_BIAS) != 0u) {
+                c.beta[t] = ld_bias(j0 + t);
+            }
+        }
+    }
+    return c;
+}
+
+// y of input values v of row i of the block, under the column's γ and β.
+fn block_y(i: u32, v: vec4<f32>, c: ColumnParams) -> vec4<f32> {
+    let s = block_stats[i];
+    return ((v - s.x) - s.y) * s.z * c.gamma + c.beta;
+}
+
+// block_y of one value, γ and β.
+fn block_y1(i: u32, v: f32, gamma: f32, beta: f32) -> f32 {
+    let s = block_stats[i];
+    return ((v - s.x) - s.y) * s.z * gamma + beta;
+}
+
+// Column phase: invocation `lid` takes column quads lid, lid + BLOCK, … (columns j0 .. j0 + 3)
+// down the block's rows; y ← y·m with `drop`.
+fn block_normalize(block: u32, lid: u32, drop: bool) {
+    var state = vec4<u32>(0u);
+    if (drop) {
+        state = load_state();
+    }
+    let first = block * BLOCK;
+    let last = min(first + BLOCK, p.rows);
+    for (var j0 = 4u * lid; j0 < p.width; j0 += 4u * BLOCK) {
+        let c = column_params(j0);
+        for (var row = first; row < last; row++) {
+            let e = row * p.width + j0;
+            if (VEC4) {
+                var y = block_y(row - first, ld4a_x(e), c);
+                if (drop) {
+                    y *= drop4(state, (p.row_base * p.width + e) >> 2u);
+                }
+                st4_y(e, y, e + 4u);
+            } else {
+                var m = vec4<f32>(1.0);
+                if (drop) {
+                    m = drop_span(state, p.row_base * p.width + e);
+                }
+                for (var t = 0u; t < 4u; t++) {
+                    if (j0 + t < p.width) {
+                        st_y(e + t, block_y1(row - first, ld_x(e + t), c.gamma[t], c.beta[t]) * m[t]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// block_normalize of the residual block's h.
+fn block_normalize_h(block: u32, lid: u32) {
+    let first = block * BLOCK;
+    let last = min(first + BLOCK, p.rows);
+    for (var j0 = 4u * lid; j0 < p.width; j0 += 4u * BLOCK) {
+        let c = column_params(j0);
+        for (var row = first; row < last; row++) {
+            let e = row * p.width + j0;
+            if (VEC4) {
+                st4_y(e, block_y(row - first, ld4a_h(e), c), e + 4u);
+            } else {
+                for (var t = 0u; t < 4u; t++) {
+                    if (j0 + t < p.width) {
+                        st_y(e + t, block_y1(row - first, ld_h(e + t), c.gamma[t], c.beta[t]));
+                    }
                 }
             }
         }

@@ -501,8 +501,13 @@ fn block_begin(block: u32, lid: u32, drop: bool, residual: bool, accumulate: boo
     if (drop || residual) {
         state = load_state();
     }
-    block_row(block * BLOCK + lid, lid, state, drop, parks(drop, accumulate));
+    let park = parks(drop, accumulate);
+    block_row(block * BLOCK + lid, lid, state, drop, park);
     workgroupBarrier();
+    if (park) {
+        // The column phase reads dx that other invocations wrote.
+        storageBarrier();
+    }
     return state;
 }
 
@@ -746,19 +751,6 @@ fn params_partial(w: u32, lid: u32, drop: bool) {
             partials[(p.block_base + block) * p.width + j0 + t] = vec2<f32>(gx[t], gs[t]);
         }
     }
-}
-
-// Dropout multipliers of the four consecutive elements from global flat index e: quad e/4,
-// and the next quad when e is not on a quad boundary.
-fn drop_span(state: vec4<u32>, e: u32) -> vec4<f32> {
-    let o = e & 3u;
-    let a = drop4(state, e >> 2u);
-    if (o == 0u) {
-        return a;
-    }
-    let b = drop4(state, (e >> 2u) + 1u);
-    var both = array<f32, 8>(a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w);
-    return vec4<f32>(both[o], both[o + 1u], both[o + 2u], both[o + 3u]);
 }
 
 @compute @workgroup_size(256)

@@ -73,3 +73,16 @@ fn quad_factors(state: vec4<u32>, r: Row, k: u32, drop: bool) -> vec4<f32> {
     }
     return vec4<f32>(1.0);
 }
+
+// Dropout multipliers of the four consecutive elements from global flat index e: quad e/4,
+// and the next quad when e is not on a quad boundary.
+fn drop_span(state: vec4<u32>, e: u32) -> vec4<f32> {
+    let o = e & 3u;
+    let a = drop4(state, e >> 2u);
+    if (o == 0u) {
+        return a;
+    }
+    let b = drop4(state, (e >> 2u) + 1u);
+    var both = array<f32, 8>(a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w);
+    return vec4<f32>(both[o], both[o + 1u], both[o + 2u], both[o + 3u]);
+}

@@ -484,76 +484,98 @@ pub fn clock(ctx: &Context) -> Clock {
     }
 }
 
+/// Takes timed samples of runners on one context, with the clock of [`clock`].
+pub struct Timer<'c> {
+    ctx: &'c Context,
+    /// With `TIMESTAMP_QUERY`: two queries, their resolve buffer, and ns per tick.
+    stamps: Option<(wgpu::QuerySet, wgpu::Buffer, f64)>,
+}
+
+impl<'c> Timer<'c> {
+    /// A timer on `ctx`.
+    pub fn new(ctx: &'c Context) -> Result<Self> {
+        let stamps = match clock(ctx) {
+            Clock::Wall => None,
+            Clock::Timestamps => {
+                let queries = ctx.scoped(|| {
+                    ctx.device().create_query_set(&wgpu::QuerySetDescriptor {
+                        label: Some("bench timestamps"),
+                        ty: wgpu::QueryType::Timestamp,
+                        count: 2,
+                    })
+                })?;
+                let resolve = ctx.create_buffer(
+                    "bench resolve",
+                    16,
+                    wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                )?;
+                Some((queries, resolve, f64::from(ctx.queue().get_timestamp_period())))
+            }
+        };
+        Ok(Self { ctx, stamps })
+    }
+
+    /// Records `n` calls of `runner` from call number `*call` (which rotates its input sets).
+    fn record(&self, encoder: &mut wgpu::CommandEncoder, runner: &Runner, n: usize, call: &mut usize) -> Result<()> {
+        for _ in 0..n {
+            runner.encode(self.ctx.device(), encoder, *call)?;
+            *call += 1;
+        }
+        Ok(())
+    }
+
+    /// `calls` untimed calls of `runner`, waited for.
+    pub fn warm_up(&self, runner: &Runner, calls: usize, call: &mut usize) -> Result<()> {
+        let mut encoder = self.ctx.device().create_command_encoder(&Default::default());
+        self.record(&mut encoder, runner, calls, call)?;
+        self.ctx.scoped(|| self.ctx.queue().submit([encoder.finish()]))?;
+        self.ctx.synchronize()
+    }
+
+    /// One sample: `per_sample` calls of `runner` recorded into one submission. Returns seconds
+    /// per call.
+    pub fn sample(&self, runner: &Runner, per_sample: usize, call: &mut usize) -> Result<f64> {
+        let (ctx, per_sample) = (self.ctx, per_sample.max(1));
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        let Some((queries, resolve, period)) = &self.stamps else {
+            self.record(&mut encoder, runner, per_sample, call)?;
+            let start = Instant::now();
+            ctx.scoped(|| ctx.queue().submit([encoder.finish()]))?;
+            ctx.synchronize()?;
+            return Ok(start.elapsed().as_secs_f64() / per_sample as f64);
+        };
+        // Empty passes carry the timestamps, so the op's own passes need no changes.
+        let mark = |encoder: &mut wgpu::CommandEncoder, begin: Option<u32>, end: Option<u32>| {
+            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("bench mark"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: queries,
+                    beginning_of_pass_write_index: begin,
+                    end_of_pass_write_index: end,
+                }),
+            });
+        };
+        mark(&mut encoder, Some(0), None);
+        self.record(&mut encoder, runner, per_sample, call)?;
+        mark(&mut encoder, None, Some(1));
+        encoder.resolve_query_set(queries, 0..2, resolve, 0);
+        ctx.scoped(|| ctx.queue().submit([encoder.finish()]))?;
+        let bytes = pollster::block_on(ctx.read_buffer(resolve, 0, 16))?;
+        let t0 = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let t1 = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+        Ok(t1.saturating_sub(t0) as f64 * period * 1e-9 / per_sample as f64)
+    }
+}
+
 /// Times `runner`: `warmup` untimed calls, then `samples` samples of `per_sample` calls each
 /// recorded into one submission. Returns seconds per call for every sample.
 pub fn time(ctx: &Context, runner: &Runner, warmup: usize, samples: usize, per_sample: usize) -> Result<Vec<f64>> {
-    let device = ctx.device();
-    let per_sample = per_sample.max(1);
-    let mut call = 0usize;
-    let mut record = |encoder: &mut wgpu::CommandEncoder, n: usize| -> Result<()> {
-        for _ in 0..n {
-            runner.encode(device, encoder, call)?;
-            call += 1;
-        }
-        Ok(())
-    };
-    let mut encoder = device.create_command_encoder(&Default::default());
-    record(&mut encoder, warmup)?;
-    ctx.scoped(|| ctx.queue().submit([encoder.finish()]))?;
-    ctx.synchronize()?;
-
-    let mut out = Vec::with_capacity(samples);
-    match clock(ctx) {
-        Clock::Wall => {
-            for _ in 0..samples {
-                let mut encoder = device.create_command_encoder(&Default::default());
-                record(&mut encoder, per_sample)?;
-                let start = Instant::now();
-                ctx.scoped(|| ctx.queue().submit([encoder.finish()]))?;
-                ctx.synchronize()?;
-                out.push(start.elapsed().as_secs_f64() / per_sample as f64);
-            }
-        }
-        Clock::Timestamps => {
-            let queries = ctx.scoped(|| {
-                device.create_query_set(&wgpu::QuerySetDescriptor {
-                    label: Some("bench timestamps"),
-                    ty: wgpu::QueryType::Timestamp,
-                    count: 2,
-                })
-            })?;
-            let resolve = ctx.create_buffer(
-                "bench resolve",
-                16,
-                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            )?;
-            let period = f64::from(ctx.queue().get_timestamp_period());
-            for _ in 0..samples {
-                let mut encoder = device.create_command_encoder(&Default::default());
-                // Empty passes carry the timestamps, so the op's own passes need no changes.
-                let mark = |encoder: &mut wgpu::CommandEncoder, begin: Option<u32>, end: Option<u32>| {
-                    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("bench mark"),
-                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                            query_set: &queries,
-                            beginning_of_pass_write_index: begin,
-                            end_of_pass_write_index: end,
-                        }),
-                    });
-                };
-                mark(&mut encoder, Some(0), None);
-                record(&mut encoder, per_sample)?;
-                mark(&mut encoder, None, Some(1));
-                encoder.resolve_query_set(&queries, 0..2, &resolve, 0);
-                ctx.scoped(|| ctx.queue().submit([encoder.finish()]))?;
-                let bytes = pollster::block_on(ctx.read_buffer(&resolve, 0, 16))?;
-                let t0 = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-                let t1 = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-                out.push(t1.saturating_sub(t0) as f64 * period * 1e-9 / per_sample as f64);
-            }
-        }
-    }
-    Ok(out)
+    let timer = Timer::new(ctx)?;
+    let mut call = 0;
+    timer.warm_up(runner, warmup, &mut call)?;
+    (0..samples)
+        .map(|_| timer.sample(runner, per_sample, &mut call))
+        .collect()
 }
 
 /// Median, 20th and 80th percentile of `samples`.
@@ -564,10 +586,12 @@ pub fn percentiles(samples: &[f64]) -> (f64, f64, f64) {
     (at(0.5), at(0.2), at(0.8))
 }
 
-/// A smaller copy of a benchmark shape for validation: BatchNorm and Dropout2d keep C (up to
-/// 64) and shrink N and the spatial dims; LayerNorm keeps the row width (so the same path is
-/// validated) and shrinks the rows; flat dropout keeps up to 100003 elements.
-pub fn validation_shape(family: Family, shape: &[usize]) -> Vec<usize> {
+/// A smaller copy of a benchmark shape for validation on `ctx`: BatchNorm and Dropout2d keep C
+/// (up to 64) and shrink N and the spatial dims; LayerNorm keeps the row width (so the same
+/// vector path is validated) and the fewest rows, from 8, for which [`crate::default_lanes`]
+/// picks the full shape's geometry on this adapter (on a CPU adapter that is the row-block path
+/// over several blocks); flat dropout keeps up to 100003 elements.
+pub fn validation_shape(ctx: &Context, family: Family, shape: &[usize]) -> Vec<usize> {
     match family {
         Family::BatchNorm => {
             let mut s: Vec<usize> = shape.iter().map(|&d| d.min(7)).collect();
@@ -579,7 +603,15 @@ pub fn validation_shape(family: Family, shape: &[usize]) -> Vec<usize> {
         }
         Family::LayerNorm => {
             let width = *shape.last().unwrap_or(&1);
-            vec![(shape.iter().product::<usize>() / width.max(1)).min(8), width]
+            let rows = shape.iter().product::<usize>() / width.max(1);
+            let kind = ctx.device().adapter_info().device_type;
+            let threads = crate::kernels::host_threads();
+            let lanes = |r: usize| crate::default_lanes(kind, r as u64, width as u64, threads);
+            let mut small = rows.min(8);
+            while small < rows && lanes(small) != lanes(rows) {
+                small = (2 * small).min(rows);
+            }
+            vec![small, width]
         }
         Family::Dropout => vec![shape.iter().product::<usize>().min(100_003)],
     }

@@ -48,8 +48,8 @@ pub use kernels::batch_norm_backward::{
 };
 pub use kernels::dropout::{DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit};
 pub use kernels::layer_norm::{
-    default_backward_lanes, default_lanes, LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel,
-    LayerNormPlan, LayerNormPlanOptions,
+    default_lanes, LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan,
+    LayerNormPlanOptions,
 };
 pub use kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
 pub use kernels::sgd::{SgdKernel, SgdPlan};

@@ -231,12 +231,13 @@ fn layer_norm_in_row_chunks_matches_the_reference() {
     }
 }
 
-/// Both geometries of the LayerNorm backward in row chunks, each fusion: the row-block path
-/// (one lane per row: dx and the dγ/dβ partials in one pass) and the row pass with its separate
-/// partial pass (eight lanes), on rows of whole quads (the vec4 variant) and not. The mask is
-/// indexed globally across chunks, and each chunk's partials land at its own blocks.
+/// Both LayerNorm geometries in row chunks, forward and backward, each fusion: the row-block
+/// path (one lane per row; in the backward dx and the dγ/dβ partials in one pass) and lane
+/// segments (eight lanes, the backward's separate partial pass), on rows of whole quads (the
+/// vec4 variant) and not. The mask is indexed globally across chunks, and each chunk's partials
+/// land at its own blocks.
 #[test]
-fn layer_norm_backward_geometries_in_row_chunks_match_the_reference() {
+fn layer_norm_geometries_in_row_chunks_match_the_reference() {
     let Some(ctx) = small(false) else { return };
     let mut rng = Rng::new(9);
     for width in [100, 101] {

@@ -72,8 +72,13 @@ pub struct Row {
     p20_us: f64,
     p80_us: f64,
     gb_per_s: f64,
+    /// Against `copy_gb_per_s` of this row.
     pct_of_copy: f64,
     fused_speedup: Option<f64>,
+    /// The copy's bandwidth around this row: the mean of the copy measured just before and just
+    /// after it. Older reports lack it.
+    #[serde(default)]
+    copy_gb_per_s: f64,
 }
 
 /// The whole report, as `--json` writes it.
@@ -86,13 +91,22 @@ pub struct Report {
     /// Activation storage: `f32`, `f16` (native) or `f16-packed`. Older reports lack it.
     #[serde(default)]
     storage: String,
-    /// The copy bandwidth percentages are taken against: the fastest of `copy_runs_gb_per_s`.
+    /// The median of `copy_runs_gb_per_s` (older reports: the yardstick of every row).
     copy_gb_per_s: f64,
-    /// Each copy measurement of the run (before and after the ops). Older reports lack it.
+    /// Each copy measurement, in order: before the first row and after every row (older
+    /// reports: before and after the ops, or nothing).
     #[serde(default)]
     copy_runs_gb_per_s: Vec<f64>,
     copy_bytes: u64,
     rows: Vec<Row>,
+}
+
+/// One op's timing: median, p20, p80 (seconds per call) and its minimal bytes.
+struct Timed {
+    med: f64,
+    p20: f64,
+    p80: f64,
+    bytes: u64,
 }
 
 struct Preset {
@@ -111,7 +125,7 @@ fn preset(quick: bool) -> Preset {
             bn: vec![vec![8, 64, 28, 28]],
             ln: vec![vec![1024, 768]],
             dropout: vec![vec![1 << 20]],
-            samples: 5,
+            samples: 15,
             per_sample: 1,
         }
     } else {
@@ -177,7 +191,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         if cpu && !args.full { " (CPU adapter)" } else { "" }
     );
     println!(
-        "timing: {}; {samples} samples of {} call(s) after warm-up; inputs rotated through up to 4 copies",
+        "timing: {}; {samples} samples of {} call(s) after warm-up; inputs rotated through up to 4 copies; the vec4 copy measured the same way before the first row and after every row",
         bench::clock(ctx),
         p.per_sample
     );
@@ -201,7 +215,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     let mut failures = Vec::new();
     let mut worst = 0.0f64;
     for (spec, shape) in &jobs {
-        let small = bench::validation_shape(spec.family, shape);
+        let small = bench::validation_shape(ctx, spec.family, shape);
         bar.set_message(format!("{} {}", spec.name, fmt_shape(&small)));
         match bench::validate_as(ctx, spec.name, &small, args.dtype) {
             Ok(c) if c.passed => worst = worst.max(c.worst_ratio),
@@ -236,8 +250,10 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         .map(|(_, s)| s.iter().product::<usize>() as u64 * 4)
         .max()
         .unwrap_or(1 << 22);
-    // Measured before and after the ops; the faster median is the yardstick (on a shared
-    // machine one copy measurement can land in a slow moment and flatter every percentage).
+    // Measured before the first row and after every row; each row's yardstick is the mean of
+    // the measurements on either side of it, so a shared machine's slow and fast moments fall on
+    // an op and its yardstick alike (one measurement for the whole run can land in a moment that
+    // flatters or shames every row). The warm-up calls absorb the preceding op's cache state.
     let copy_bytes = largest.min(ctx.limits().max_storage_buffer_binding_size).max(1 << 20);
     let copy = bench::copy_runner(ctx, copy_bytes, bench::rotation_sets(copy_bytes))?;
     let copy_gbps_now = || -> normdrop::Result<f64> {
@@ -264,21 +280,24 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
     let bar = progress(jobs.len() as u64, "timing");
-    let time_op = |name: &str,
-                   shape: &[usize],
-                   medians: &mut BTreeMap<(String, Vec<usize>), f64>|
-     -> normdrop::Result<(f64, f64, f64, u64)> {
-        let numel: u64 = shape.iter().map(|&d| d as u64).product();
-        let size = args.dtype.size() as u64;
-        let runner = bench::build_as(ctx, name, shape, bench::rotation_sets(numel * size), args.dtype)?;
-        let (med, p20, p80) = bench::percentiles(&bench::time(ctx, &runner, 2, samples, p.per_sample)?);
-        medians.insert((name.to_string(), shape.to_vec()), med);
-        Ok((med, p20, p80, runner.bytes))
-    };
+    let time_op =
+        |name: &str, shape: &[usize], medians: &mut BTreeMap<(String, Vec<usize>), f64>| -> normdrop::Result<Timed> {
+            let numel: u64 = shape.iter().map(|&d| d as u64).product();
+            let size = args.dtype.size() as u64;
+            let runner = bench::build_as(ctx, name, shape, bench::rotation_sets(numel * size), args.dtype)?;
+            let (med, p20, p80) = bench::percentiles(&bench::time(ctx, &runner, 2, samples, p.per_sample)?);
+            medians.insert((name.to_string(), shape.to_vec()), med);
+            Ok(Timed {
+                med,
+                p20,
+                p80,
+                bytes: runner.bytes,
+            })
+        };
     for (spec, shape) in &jobs {
         bar.set_message(format!("{} {}", spec.name, fmt_shape(shape)));
         match time_op(spec.name, shape, &mut medians) {
-            Ok((med, p20, p80, bytes)) => {
+            Ok(Timed { med, p20, p80, bytes }) => {
                 let gbps = bytes as f64 / med / 1e9;
                 let mut fused_speedup = None;
                 if !spec.unfused.is_empty() {
@@ -287,7 +306,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
                         let key = (part.to_string(), shape.clone());
                         let t = match medians.get(&key) {
                             Some(&t) => t,
-                            None => time_op(part, shape, &mut medians)?.0,
+                            None => time_op(part, shape, &mut medians)?.med,
                         };
                         total += t;
                     }
@@ -300,30 +319,36 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
                     p20_us: p20 * 1e6,
                     p80_us: p80 * 1e6,
                     gb_per_s: gbps,
-                    pct_of_copy: 0.0, // once the copy is measured again, below
+                    pct_of_copy: 0.0, // against the copy after the row, below
                     fused_speedup,
+                    copy_gb_per_s: 0.0,
                 });
+                let before = *copy_runs.last().expect("measured before the first row");
+                let after = copy_gbps_now()?;
+                copy_runs.push(after);
+                let row = rows.last_mut().expect("just pushed");
+                row.copy_gb_per_s = (before + after) / 2.0;
+                row.pct_of_copy = 100.0 * gbps / row.copy_gb_per_s;
             }
             Err(e) => skipped.push(format!("{} {}: {e}", spec.name, fmt_shape(shape))),
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
-    copy_runs.push(copy_gbps_now()?);
-    let copy_gbps = copy_runs.iter().copied().fold(0.0, f64::max);
-    for r in &mut rows {
-        r.pct_of_copy = 100.0 * r.gb_per_s / copy_gbps;
-    }
+    let copy_gbps = bench::percentiles(&copy_runs).0;
+    let (low, high) = copy_runs
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(l, h), &g| (l.min(g), h.max(g)));
     println!(
-        "copy bandwidth: {copy_gbps:.2} GB/s (vec4 copy of {:.1} MiB, read + write; the faster of the medians before and after the ops: {})",
+        "copy bandwidth: {copy_gbps:.2} GB/s, the median of {} measurements (range {low:.2}–{high:.2}; vec4 copy of {:.1} MiB, read + write); each row's % copy is against the mean of the measurements before and after it, in the copy column",
+        copy_runs.len(),
         copy_bytes as f64 / (1 << 20) as f64,
-        copy_runs.iter().map(|g| format!("{g:.2}")).collect::<Vec<_>>().join(", ")
     );
 
     // 4. The table.
     println!();
     println!(
-        "{:<16} {:<18} {:>11} {:>11} {:>11} {:>8} {:>7} {:>7}{}",
+        "{:<16} {:<18} {:>11} {:>11} {:>11} {:>8} {:>7} {:>7} {:>7}{}",
         "op",
         "shape",
         "median µs",
@@ -331,6 +356,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         "p80 µs",
         "GB/s",
         "% copy",
+        "copy",
         "fused×",
         if baseline.is_some() { "  vs base" } else { "" }
     );
@@ -344,7 +370,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
                 })
         });
         println!(
-            "{:<16} {:<18} {:>11.1} {:>11.1} {:>11.1} {:>8.2} {:>6.1}% {:>7}{}",
+            "{:<16} {:<18} {:>11.1} {:>11.1} {:>11.1} {:>8.2} {:>6.1}% {:>7.2} {:>7}{}",
             r.op,
             fmt_shape(&r.shape),
             r.median_us,
@@ -352,6 +378,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
             r.p80_us,
             r.gb_per_s,
             r.pct_of_copy,
+            r.copy_gb_per_s,
             r.fused_speedup.map_or("-".to_string(), |s| format!("{s:.2}x")),
             base.unwrap_or_default()
         );

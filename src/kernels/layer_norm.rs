@@ -13,7 +13,17 @@ use crate::kernels::{
 const OP: &str = "layer_norm";
 
 /// Entry points in `shaders/layer_norm.wgsl` that get a pipeline.
-pub(crate) const ENTRY_POINTS: &[&str] = &["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"];
+pub(crate) const ENTRY_POINTS: &[&str] = &[
+    "ln_forward",
+    "ln_dropout_forward",
+    "ln_residual_dropout_forward",
+    "ln_block_forward",
+    "ln_block_dropout_forward",
+    "ln_block_residual_dropout_forward",
+];
+
+/// Rows per workgroup of the row-block path (one lane per row): `BLOCK` in the shaders.
+pub(crate) const BLOCK_ROWS: u64 = 64;
 
 /// Widest row kept in registers (one read of the input) at the largest `lanes` (256, 16 values
 /// each); wider rows always take a second read. With fewer lanes, a row stays in registers when
@@ -181,30 +191,28 @@ pub(crate) fn gpu_lanes(width: u64) -> u32 {
 ///   per-lane address arithmetic) is paid per invocation, not per element; a row per
 ///   invocation pays it once. `ln_fwd` 1024x768 on lavapipe: 2.0x less time with 1 lane per row
 ///   than with the GPU's 64 (BENCHMARKS.md, optimisation 15).
+///
+/// One lane per row is the row-block path: a workgroup of 64 invocations takes 64 rows, reduces
+/// them one row per invocation, then finishes them one column quad per invocation from the
+/// core's cache (γ and β read once per column; the backward's dγ/dβ partials summed in the same
+/// pass instead of a second read of x and dy). It is chosen when the input has two 64-row
+/// blocks per host thread (BENCHMARKS.md, optimisations 28 and 29).
 pub fn default_lanes(device_type: wgpu::DeviceType, rows: u64, width: u64, threads: usize) -> u32 {
     let gpu = gpu_lanes(width);
     if device_type != wgpu::DeviceType::Cpu {
         return gpu;
     }
     let wanted = 2 * threads.max(1) as u64;
-    let mut lanes = 1;
+    if rows.div_ceil(BLOCK_ROWS) >= wanted {
+        return 1;
+    }
+    // Fewer rows: the narrowest lane segments that still give every thread two workgroups
+    // (256/lanes rows each; 2 and 4 lanes give no more workgroups than the block path).
+    let mut lanes = 8;
     while lanes < gpu && rows.div_ceil(u64::from(256 / lanes)) < wanted {
         lanes *= 2;
     }
     lanes
-}
-
-/// Invocations per row (as [`default_lanes`]) for the LayerNorm backward's dx pass. On CPU
-/// adapters with at least two 64-row blocks per host thread this is 1, which selects the
-/// backward's row-block path (`lnb_block_*` in `shaders/layer_norm_backward.wgsl`: one
-/// workgroup per 64 rows sums each row, then writes dx and the block's dγ/dβ partials by
-/// columns from cache, without the separate partial pass that reads x and dy again);
-/// otherwise [`default_lanes`].
-pub fn default_backward_lanes(device_type: wgpu::DeviceType, rows: u64, width: u64, threads: usize) -> u32 {
-    if device_type == wgpu::DeviceType::Cpu && rows.div_ceil(64) >= 2 * threads.max(1) as u64 {
-        return 1;
-    }
-    default_lanes(device_type, rows, width, threads)
 }
 
 /// Geometry overrides for a LayerNorm plan, forward ([`LayerNormKernel::plan_with`]) or
@@ -212,24 +220,15 @@ pub fn default_backward_lanes(device_type: wgpu::DeviceType, rows: u64, width: u
 /// the device's policy; results agree within rounding whatever is chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LayerNormPlanOptions {
-    /// Invocations per row: a power of two in 1..=256. `None`: [`default_lanes`] (forward) or
-    /// [`default_backward_lanes`] (backward) for the device's adapter type and the host's
-    /// available parallelism. In the backward, 1 selects the row-block path (see
-    /// [`default_backward_lanes`]).
+    /// Invocations per row: a power of two in 1..=256. `None`: [`default_lanes`] for the
+    /// device's adapter type and the host's available parallelism. 1 selects the row-block
+    /// path (workgroups of 64 rows; see [`default_lanes`]).
     pub lanes: Option<u32>,
 }
 
 impl LayerNormPlanOptions {
-    /// The lanes a plan for `rows × width` on `device` uses, after checking an override;
-    /// `backward` picks the backward's default policy.
-    pub(crate) fn lanes(
-        &self,
-        op: &'static str,
-        device: &wgpu::Device,
-        rows: u64,
-        width: u64,
-        backward: bool,
-    ) -> Result<u32> {
+    /// The lanes a plan for `rows × width` on `device` uses, after checking an override.
+    pub(crate) fn lanes(&self, op: &'static str, device: &wgpu::Device, rows: u64, width: u64) -> Result<u32> {
         match self.lanes {
             Some(lanes) if lanes.is_power_of_two() && lanes <= 256 => Ok(lanes),
             Some(lanes) => Err(Error::invalid(
@@ -237,12 +236,8 @@ impl LayerNormPlanOptions {
                 format!("lanes must be a power of two in 1..=256, got {lanes}"),
             )),
             None => {
-                let (kind, threads) = (device.adapter_info().device_type, crate::kernels::host_threads());
-                Ok(if backward {
-                    default_backward_lanes(kind, rows, width, threads)
-                } else {
-                    default_lanes(kind, rows, width, threads)
-                })
+                let threads = crate::kernels::host_threads();
+                Ok(default_lanes(device.adapter_info().device_type, rows, width, threads))
             }
         }
     }
@@ -252,15 +247,37 @@ impl LayerNormPlanOptions {
 #[derive(Clone, Debug)]
 pub struct LayerNormKernel {
     storage: Storage,
-    forward: wgpu::ComputePipeline,
-    dropout: wgpu::ComputePipeline,
-    residual: wgpu::ComputePipeline,
-    /// `[forward, dropout, residual]` from the vec4 variant (f32 only): rows of whole quads
-    /// (W % 4 == 0) whose activations bind as whole 16-byte vectors.
-    vec4: Option<[wgpu::ComputePipeline; 3]>,
+    /// The passes from the scalar module.
+    passes: LnPasses,
+    /// The same from the vec4 variant (f32 only): rows of whole quads (W % 4 == 0) whose
+    /// activations bind as whole 16-byte vectors.
+    vec4: Option<LnPasses>,
     /// Stand-ins for γ and β when the configuration has none, and for the generator state
     /// without dropout.
     placeholders: [wgpu::Buffer; 3],
+}
+
+/// The pipelines of one module of a [`LayerNormKernel`], each `[plain, dropout, residual]`.
+#[derive(Clone, Debug)]
+struct LnPasses {
+    /// `lanes` invocations per row, 256/lanes rows per workgroup.
+    rows: [wgpu::ComputePipeline; 3],
+    /// The row-block path (one lane per row): a workgroup per 64-row block.
+    blocks: [wgpu::ComputePipeline; 3],
+}
+
+impl LnPasses {
+    fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
+        let pipelines = |names: [&str; 3]| names.map(|e| compute_pipeline(device, module, e));
+        Self {
+            rows: pipelines(["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"]),
+            blocks: pipelines([
+                "ln_block_forward",
+                "ln_block_dropout_forward",
+                "ln_block_residual_dropout_forward",
+            ]),
+        }
+    }
 }
 
 impl Kernel for LayerNormKernel {
@@ -268,13 +285,8 @@ impl Kernel for LayerNormKernel {
         let module = crate::kernels::shader_module(device, "layer_norm.wgsl", storage, false);
         Self {
             storage,
-            forward: compute_pipeline(device, &module, "ln_forward"),
-            dropout: compute_pipeline(device, &module, "ln_dropout_forward"),
-            residual: compute_pipeline(device, &module, "ln_residual_dropout_forward"),
-            vec4: vec4_module(device, "layer_norm.wgsl", storage).map(|m| {
-                ["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"]
-                    .map(|e| compute_pipeline(device, &m, e))
-            }),
+            passes: LnPasses::build(device, &module),
+            vec4: vec4_module(device, "layer_norm.wgsl", storage).map(|m| LnPasses::build(device, &m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
         }
     }
@@ -306,7 +318,7 @@ impl LayerNormKernel {
     ) -> Result<LayerNormPlan> {
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
-        let lanes = options.lanes(OP, device, rows, width, false)?;
+        let lanes = options.lanes(OP, device, rows, width)?;
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
         let chunks = chunk_ranges(OP, "one row in bytes", rows, row_bytes, &limits, 1)?;
@@ -331,7 +343,8 @@ impl LayerNormKernel {
         if config.has_bias() {
             flags |= FLAG_BIAS;
         }
-        let rows_per_workgroup = u64::from(256 / lanes);
+        let blocks = lanes == 1;
+        let rows_per_workgroup = if blocks { BLOCK_ROWS } else { u64::from(256 / lanes) };
         let uniform = |chunk: &Chunk, training: bool| -> Result<wgpu::Buffer> {
             let d = match dropout {
                 Some(d) => d.params(training)?,
@@ -374,6 +387,7 @@ impl LayerNormKernel {
             shape: shape.to_vec(),
             rows,
             width,
+            blocks,
             limits,
             chunks: parts,
         })
@@ -414,6 +428,8 @@ pub struct LayerNormPlan {
     shape: Vec<usize>,
     rows: u64,
     width: u64,
+    /// The row-block path (one lane per row).
+    blocks: bool,
     limits: BindLimits,
     /// Row ranges, one per storage binding's worth of rows (one unless the tensor exceeds
     /// `max_storage_buffer_binding_size`).
@@ -543,9 +559,14 @@ impl LayerNormPlan {
         let mut dispatches = Vec::with_capacity(self.chunks.len());
         for c in &self.chunks {
             let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
-            let pipeline = match &k.vec4 {
-                Some(v) if vec4 && vec4_bindable(&activations, at, len) => &v[which],
-                _ => [&k.forward, &k.dropout, &k.residual][which],
+            let passes = match &k.vec4 {
+                Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
+                _ => &k.passes,
+            };
+            let pipeline = if self.blocks {
+                &passes.blocks[which]
+            } else {
+                &passes.rows[which]
             };
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
@@ -584,22 +605,14 @@ mod tests {
         assert_eq!(gpu(2, 100_000), 256);
         assert_eq!(default_lanes(wgpu::DeviceType::IntegratedGpu, 1 << 20, 1024, 64), 64);
         let cpu = |rows, width, threads| default_lanes(wgpu::DeviceType::Cpu, rows, width, threads);
-        assert_eq!(cpu(1024, 768, 2), 1); // 4 workgroups of 256 rows: two per thread
+        assert_eq!(cpu(1024, 768, 2), 1); // 16 blocks of 64 rows: four per thread
+        assert_eq!(cpu(1024, 768, 8), 1);
+        assert_eq!(cpu(255, 768, 2), 1); // 4 blocks, the last one partial
+        assert_eq!(cpu(192, 768, 2), 8); // 3 blocks < 4: 6 workgroups of 32 rows
         assert_eq!(cpu(1024, 768, 16), 8); // 32 workgroups of 32 rows
         assert_eq!(cpu(128, 4096, 2), 8); // 4 workgroups of 32 rows
         assert_eq!(cpu(3, 100_000, 2), 256); // never more than the GPU's choice
         assert_eq!(cpu(3, 8, 2), 8);
         assert_eq!(cpu(1 << 20, 8, 64), 1);
-        // The backward takes its row-block path (1) from two 64-row blocks per thread.
-        let back = |rows, threads| default_backward_lanes(wgpu::DeviceType::Cpu, rows, 768, threads);
-        assert_eq!(back(1024, 2), 1);
-        assert_eq!(back(1024, 8), 1);
-        assert_eq!(back(1024, 16), 8); // 16 blocks for 16 threads: default_lanes
-        assert_eq!(back(255, 2), 1); // 4 blocks, the last one partial
-        assert_eq!(back(192, 2), 8); // 3 blocks: default_lanes
-        assert_eq!(
-            default_backward_lanes(wgpu::DeviceType::DiscreteGpu, 1 << 20, 768, 2),
-            64
-        );
     }
 }

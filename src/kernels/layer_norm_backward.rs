@@ -8,7 +8,7 @@
 //! | `lnb_params_partial[_dropout]`  | ⌈W/1024⌉ · ⌈rows/64⌉       | per-block partial dγ, dβ    |
 //! | `lnb_params_final`              | ⌈W/256⌉                    | dγ, dβ                      |
 //!
-//! With one lane per row (the CPU-adapter default, [`crate::default_backward_lanes`]) the
+//! With one lane per row (the CPU-adapter default, [`crate::default_lanes`]) the
 //! first two rows are one pass, `lnb_block_dx[_dropout]` / `lnb_block_residual_dx`: ⌈rows/64⌉
 //! workgroups of 64 invocations write dx (+ dresidual) and the per-block partial dγ, dβ.
 
@@ -170,7 +170,7 @@ impl LayerNormBackwardKernel {
     ) -> Result<LayerNormBackwardPlan> {
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
-        let lanes = options.lanes(OP, device, rows, width, true)?;
+        let lanes = options.lanes(OP, device, rows, width)?;
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
         // Chunks hold whole 64-row blocks, so the dγ/dβ partial pass chunks with them.
