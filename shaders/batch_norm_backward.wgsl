@@ -27,6 +27,11 @@
 //                 bnb_finalize_serial: one invocation per channel (pairs with _serial reduce).
 //   bnb_dx        one invocation per 4 consecutive elements: dx (written or added to).
 //                 bnb_dx_dropout: the same with dy·m.
+//
+// Running statistics (eval), where dx = γ·invstd·dy needs no reduction: bnb_eval_coef (one
+// invocation per channel) writes (K = running mean, a = γ·invstd) into coef, and
+// bnb_reduce[_serial]_eval[_dropout] sums as bnb_reduce and writes dx in the same pass; then
+// bnb_finalize (when affine, for dγ, dβ) and no dx pass. Traffic: 3 passes, the minimum.
 
 // #include "philox.wgsl"
 // #include "nchw.wgsl"
@@ -117,7 +122,7 @@ fn bnb_reduce(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    reduce(wid.x + wid.y * nwg.x, lid, false);
+    reduce(wid.x + wid.y * nwg.x, lid, false, false);
 }
 
 @compute @workgroup_size(256)
@@ -126,55 +131,116 @@ fn bnb_reduce_dropout(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    reduce(wid.x + wid.y * nwg.x, lid, true);
+    reduce(wid.x + wid.y * nwg.x, lid, true, false);
 }
 
-// bnb_reduce of workgroup w; `drop`: dy is multiplied by the fused dropout's mask.
-fn reduce(w: u32, lid: u32, drop: bool) {
+@compute @workgroup_size(256)
+fn bnb_reduce_eval(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    reduce(wid.x + wid.y * nwg.x, lid, false, true);
+}
+
+@compute @workgroup_size(256)
+fn bnb_reduce_eval_dropout(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    reduce(wid.x + wid.y * nwg.x, lid, true, true);
+}
+
+// bnb_reduce of workgroup w; `drop`: dy is multiplied by the fused dropout's mask; `eval`:
+// running statistics, dx written on the way (coef from bnb_eval_coef).
+fn reduce(w: u32, lid: u32, drop: bool, eval: bool) {
     if (w >= p.c * p.chunks) {
         return; // padding workgroup of a folded dispatch (uniform across the workgroup)
     }
     let c = w / p.chunks;
     let k = w % p.chunks;
-    let centre = centre_of(c);
+    let centre = reduce_centre(c, eval);
     // Each invocation takes quads strided by 4·WG; the workgroup sums.
     let begin = k * p.chunk_len;
-    let mine = chunk_sums(c, begin + 4u * lid, min(begin + p.chunk_len, p.m), 4u * WG, centre, drop);
+    let mine = chunk_sums(c, begin + 4u * lid, min(begin + p.chunk_len, p.m), 4u * WG, centre, drop, eval);
     let total = workgroup_sum3(lid, mine);
     if (lid == 0u) {
-        publish_partial(c, k, centre, total);
+        publish_partial(c, k, centre, total, eval);
     }
+}
+
+// The reduce's centre K: centre_of, or with `eval` the running mean bnb_eval_coef put in coef.
+fn reduce_centre(c: u32, eval: bool) -> f32 {
+    if (eval) {
+        return coef[c].x;
+    }
+    return centre_of(c);
 }
 
 // bnb_reduce with one invocation per (channel, chunk): no workgroup memory, no barriers (CPU
 // adapters, `ReduceSplit::Invocation`).
 @compute @workgroup_size(256)
 fn bnb_reduce_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, false);
+    reduce_serial(gid.x + gid.y * nwg.x * WG, false, false);
 }
 
 @compute @workgroup_size(256)
 fn bnb_reduce_serial_dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, true);
+    reduce_serial(gid.x + gid.y * nwg.x * WG, true, false);
 }
 
-fn reduce_serial(t: u32, drop: bool) {
+@compute @workgroup_size(256)
+fn bnb_reduce_serial_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    reduce_serial(gid.x + gid.y * nwg.x * WG, false, true);
+}
+
+@compute @workgroup_size(256)
+fn bnb_reduce_serial_eval_dropout(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    reduce_serial(gid.x + gid.y * nwg.x * WG, true, true);
+}
+
+fn reduce_serial(t: u32, drop: bool, eval: bool) {
     if (t >= p.c * p.chunks) {
         return;
     }
     let c = t / p.chunks;
     let k = t % p.chunks;
-    let centre = centre_of(c);
+    let centre = reduce_centre(c, eval);
     let begin = k * p.chunk_len;
-    publish_partial(c, k, centre, chunk_sums(c, begin, min(begin + p.chunk_len, p.m), 4u, centre, drop));
+    let sums = chunk_sums(c, begin, min(begin + p.chunk_len, p.m), 4u, centre, drop, eval);
+    publish_partial(c, k, centre, sums, eval);
+}
+
+// (K = running mean, a = γ·invstd) of every channel for the eval reduce passes (running
+// statistics: dx = a·dy·m), one invocation per channel.
+@compute @workgroup_size(64)
+fn bnb_eval_coef(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = gid.x + gid.y * nwg.x * 64u;
+    if (c >= p.c) {
+        return;
+    }
+    var a = save_invstd[c];
+    if (has(FLAG_AFFINE)) {
+        a *= weight[c];
+    }
+    coef[c] = vec4<f32>(save_mean[c], a, 0.0, 0.0);
 }
 
 // Σ(x − K), Σdy, Σdy·(x − K) over channel-order indices start, start + stride, … (< end) of
 // channel c, each the start of a quad of up to 4 consecutive elements (stride a multiple of
 // 4), walking (n, s) by increments. A quad inside one sample that starts a Philox group
 // (always when S % 4 == 0) is summed with vector operations and one Philox call; others
-// element by element.
-fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool) -> vec3<f32> {
+// element by element. With `eval` (running statistics) each element's dx = a·dy·m is written
+// (or added) on the way, a = coef[c].y.
+fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool, eval: bool) -> vec3<f32> {
+    var a = 0.0;
+    if (eval) {
+        a = coef[c].y;
+    }
     let step = walk_start(stride, p.s);
     var acc = vec3<f32>(0.0);
     var at = walk_start(start, p.s);
@@ -187,6 +253,13 @@ fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool
             let xs = ld4a_x(i) - centre;
             let g = ld4a_dy(i) * mask_factors(i, drop);
             acc += vec3<f32>(dot(xs, vec4<f32>(1.0)), dot(g, vec4<f32>(1.0)), dot(g, xs));
+            if (eval) {
+                var out = a * g;
+                if (has(FLAG_ACCUM_DX)) {
+                    out += ld4a_dx(i);
+                }
+                st4_dx(i, out, p.total);
+            }
         } else {
             var e = at;
             for (var t = 0u; t < 4u && j + t < end; t++) {
@@ -194,6 +267,9 @@ fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool
                 let xs = ld_x(ie) - centre;
                 let g = upstream(ie, drop);
                 acc += vec3<f32>(xs, g, g * xs);
+                if (eval) {
+                    st_dx(ie, select(0.0, ld_dx(ie), has(FLAG_ACCUM_DX)) + a * g);
+                }
                 e = walk_step(e, Walk(0u, 1u), p.s);
             }
         }
@@ -202,10 +278,12 @@ fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool
     return acc;
 }
 
-// Writes chunk k's sums of channel c; the first range's chunk 0 also publishes K.
-fn publish_partial(c: u32, k: u32, centre: f32, total: vec3<f32>) {
+// Writes chunk k's sums of channel c; the first range's chunk 0 also publishes K (not with
+// `eval`: coef then holds what the other chunks still read, and finalize's K is the running
+// mean).
+fn publish_partial(c: u32, k: u32, centre: f32, total: vec3<f32>, eval: bool) {
     partials[c * p.parts + p.part_base + k] = vec4<f32>(total, 0.0);
-    if (p.first != 0u && k == 0u) {
+    if (!eval && p.first != 0u && k == 0u) {
         coef[c] = vec4<f32>(centre, 0.0, 0.0, 0.0);
     }
 }

@@ -447,47 +447,69 @@ fn residual_block_backward_equals_the_unfused_chain() {
     }
 }
 
+/// Gradients accumulate when asked: BatchNorm in training and in eval mode (eval writes dx in
+/// its reduce pass), with spatial sizes that take the element path (S = 6) and the vector path
+/// (S = 8); LayerNorm's parameters without its dx.
 #[test]
 fn parameter_gradients_accumulate_over_backward_calls() {
     let ctx = gpu!();
-    let shape = [4, 3, 6];
+    let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
+    let triple = |t: &Tensor| widen(&read(&ctx, t)).iter().map(|v| 3.0 * v).collect::<Vec<_>>();
     let mut rng = Rng::new(61);
-    let mut bn = BatchNorm::new(&ctx, 3).unwrap();
+    for (training, s) in [(true, 6), (false, 6), (true, 8), (false, 8)] {
+        let shape = [4, 3, s];
+        let what = |name: &str| format!("BN training={training} S={s} {name}");
+        let n = 12 * s;
+        let mut bn = BatchNorm::new(&ctx, 3).unwrap();
+        bn.set_weight(&[0.5, -1.5, 2.0]).unwrap();
+        let x = upload(&ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
+        let dy = upload(&ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
+        // Running statistics away from (0, 1), so that eval normalizes differently.
+        bn.forward(&upload(&ctx, &rng.normal_vec(n, 2.0, 3.0), &shape)).unwrap();
+        if !training {
+            bn.eval();
+        }
+        bn.forward(&x).unwrap();
+        let once = bn.backward(&dy).unwrap();
+        let (dx, dw, db) = (zeros(&shape), zeros(&[3]), zeros(&[3]));
+        let targets = GradTargets {
+            dx: &dx,
+            dweight: Some(&dw),
+            dbias: Some(&db),
+        };
+        for _ in 0..3 {
+            bn.backward_into(&dy, targets, Accumulate { dx: true, params: true })
+                .unwrap();
+        }
+        assert_close(&what("dx x3"), &read(&ctx, &dx), &triple(&once.dx), 1e-6, 1e-6);
+        assert_close(
+            &what("dweight x3"),
+            &read(&ctx, &dw),
+            &triple(once.dweight.as_ref().unwrap()),
+            1e-6,
+            1e-6,
+        );
+        assert_close(
+            &what("dbias x3"),
+            &read(&ctx, &db),
+            &triple(once.dbias.as_ref().unwrap()),
+            1e-6,
+            1e-6,
+        );
+        // Without accumulate the targets are overwritten.
+        bn.backward_into(&dy, targets, Accumulate::default()).unwrap();
+        assert_eq!(
+            read(&ctx, &dw),
+            read(&ctx, once.dweight.as_ref().unwrap()),
+            "{}",
+            what("dγ")
+        );
+        assert_eq!(read(&ctx, &dx), read(&ctx, &once.dx), "{}", what("dx"));
+    }
+
+    let shape = [4, 3, 6];
     let x = upload(&ctx, &rng.normal_vec(72, 0.0, 1.0), &shape);
     let dy = upload(&ctx, &rng.normal_vec(72, 0.0, 1.0), &shape);
-    bn.forward(&x).unwrap();
-    let once = bn.backward(&dy).unwrap();
-    let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
-    let (dx, dw, db) = (zeros(&shape), zeros(&[3]), zeros(&[3]));
-    let targets = GradTargets {
-        dx: &dx,
-        dweight: Some(&dw),
-        dbias: Some(&db),
-    };
-    for _ in 0..3 {
-        bn.backward_into(&dy, targets, Accumulate { dx: true, params: true })
-            .unwrap();
-    }
-    let triple = |t: &Tensor| widen(&read(&ctx, t)).iter().map(|v| 3.0 * v).collect::<Vec<_>>();
-    assert_close("dx x3", &read(&ctx, &dx), &triple(&once.dx), 1e-6, 1e-6);
-    assert_close(
-        "dweight x3",
-        &read(&ctx, &dw),
-        &triple(once.dweight.as_ref().unwrap()),
-        1e-6,
-        1e-6,
-    );
-    assert_close(
-        "dbias x3",
-        &read(&ctx, &db),
-        &triple(once.dbias.as_ref().unwrap()),
-        1e-6,
-        1e-6,
-    );
-    // Without accumulate the targets are overwritten.
-    bn.backward_into(&dy, targets, Accumulate::default()).unwrap();
-    assert_eq!(read(&ctx, &dw), read(&ctx, once.dweight.as_ref().unwrap()));
-
     let mut ln = LayerNorm::new(&ctx, &[6]).unwrap();
     ln.forward(&x).unwrap();
     let once = ln.backward(&dy).unwrap();

@@ -350,6 +350,38 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
             tol,
         );
 
+        // Eval: running statistics, dx written by each range's reduce.
+        bn.eval();
+        bn.forward(&upload(&ctx, &x, &shape, dtype)).unwrap();
+        let re = reference::batch_norm_forward(
+            &xf,
+            &shape,
+            &config,
+            Some(&gamma),
+            Some(&beta),
+            Some(&mut running),
+            false,
+        )
+        .unwrap();
+        let g = bn.backward(&upload(&ctx, &dy, &shape, dtype)).unwrap();
+        let rg = reference::batch_norm_backward(&xw, &dyw, &shape, &config, Some(&w64), &re.mean, &re.invstd, false)
+            .unwrap();
+        assert_close("chunked eval BN dx", &read(&ctx, &g.dx), &rg.dx, tol, tol);
+        assert_close(
+            "chunked eval BN dγ",
+            &read(&ctx, g.dweight.as_ref().unwrap()),
+            &rg.dweight,
+            tol,
+            tol,
+        );
+        assert_close(
+            "chunked eval BN dβ",
+            &read(&ctx, g.dbias.as_ref().unwrap()),
+            &rg.dbias,
+            tol,
+            tol,
+        );
+
         // Fused BatchNorm → dropout: the unchunked mask over flat indices.
         let drop = DropoutConfig::new(0.2);
         let mut m = BatchNormDropout::new(&ctx, config.clone(), drop, 3).unwrap();

@@ -14,6 +14,11 @@
 //! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
 //!
 //! Traffic: 5 passes over the activations (reduce reads x and dy; dx reads both and writes dx).
+//!
+//! Running statistics (the backward of an eval-mode forward, `batch_stats` false), where
+//! dx = γ·invstd·dy needs no reduction: `bnb_eval_coef` (a channel per invocation) writes each
+//! channel's (running mean, γ·invstd), `bnb_reduce[_serial]_eval[_dropout]` writes dx while it
+//! sums, and `bnb_finalize` runs only for dγ, dβ (affine): 3 passes of traffic.
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
@@ -39,6 +44,11 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bnb_finalize_serial",
     "bnb_dx",
     "bnb_dx_dropout",
+    "bnb_reduce_eval",
+    "bnb_reduce_eval_dropout",
+    "bnb_reduce_serial_eval",
+    "bnb_reduce_serial_eval_dropout",
+    "bnb_eval_coef",
 ];
 
 const FLAG_AFFINE: u32 = 1;
@@ -84,19 +94,22 @@ pub struct Accumulate {
 #[derive(Clone, Debug)]
 pub struct BatchNormBackwardKernel {
     storage: Storage,
-    /// `[split][plain, with the fused dropout's mask on dy]`, split indexed
-    /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`: separate entry points, so that a
-    /// plain backward never executes (not even predicated, as CPU drivers do) a Philox call.
-    reduce: [[wgpu::ComputePipeline; 2]; 2],
+    /// `[batch statistics, running statistics (writes dx)][split][plain, with the fused
+    /// dropout's mask on dy]`, split indexed `[ReduceSplit::Workgroup,
+    /// ReduceSplit::Invocation]`: separate entry points, so that a plain backward never
+    /// executes (not even predicated, as CPU drivers do) a Philox call.
+    reduce: ReducePipelines,
     /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
     finalize: [wgpu::ComputePipeline; 2],
     dx: [wgpu::ComputePipeline; 2],
     /// `dx` from the vec4 variant (f32 only), for ranges whose x, dy and dx bind as whole
     /// 16-byte vectors.
     dx_vec4: Option<[wgpu::ComputePipeline; 2]>,
-    /// `reduce` from the vec4 variant, for ranges whose x and dy bind as whole vectors and
+    /// `reduce` from the vec4 variant, for ranges whose x, dy and dx bind as whole vectors and
     /// S % 4 == 0.
-    reduce_vec4: Option<[[wgpu::ComputePipeline; 2]; 2]>,
+    reduce_vec4: Option<ReducePipelines>,
+    /// `bnb_eval_coef`: the running-statistics dx coefficients before the eval reduce.
+    eval_coef: wgpu::ComputePipeline,
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
 }
@@ -107,10 +120,16 @@ impl Kernel for BatchNormBackwardKernel {
         let vec4 = vec4_module(device, "batch_norm_backward.wgsl", storage);
         let reduce = |module: &wgpu::ShaderModule| {
             [
-                ["bnb_reduce", "bnb_reduce_dropout"],
-                ["bnb_reduce_serial", "bnb_reduce_serial_dropout"],
+                [
+                    ["bnb_reduce", "bnb_reduce_dropout"],
+                    ["bnb_reduce_serial", "bnb_reduce_serial_dropout"],
+                ],
+                [
+                    ["bnb_reduce_eval", "bnb_reduce_eval_dropout"],
+                    ["bnb_reduce_serial_eval", "bnb_reduce_serial_eval_dropout"],
+                ],
             ]
-            .map(|pair| pair.map(|e| compute_pipeline(device, module, e)))
+            .map(|split| split.map(|pair| pair.map(|e| compute_pipeline(device, module, e))))
         };
         Self {
             storage,
@@ -121,10 +140,14 @@ impl Kernel for BatchNormBackwardKernel {
                 .as_ref()
                 .map(|m| ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, m, e))),
             reduce_vec4: vec4.as_ref().map(reduce),
+            eval_coef: compute_pipeline(device, &module, "bnb_eval_coef"),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
         }
     }
 }
+
+/// Reduce pipelines indexed `[eval][serial][drop]` (see [`BatchNormBackwardKernel`]).
+type ReducePipelines = [[[wgpu::ComputePipeline; 2]; 2]; 2];
 
 storage_constructors!(BatchNormBackwardKernel, "x, dy, dx");
 
@@ -238,6 +261,7 @@ impl BatchNormBackwardKernel {
             coef: scratch("batch_norm backward coefficients", dims.c * 16),
             split,
             finalize_groups: finalize_groups(OP, split, dims.c, max)?,
+            eval_coef_groups: fold_workgroups(OP, dims.c.div_ceil(64), max)?,
         })
     }
 }
@@ -291,6 +315,7 @@ pub struct BatchNormBackwardPlan {
     coef: wgpu::Buffer,
     split: ReduceSplit,
     finalize_groups: (u32, u32),
+    eval_coef_groups: (u32, u32),
 }
 
 impl BatchNormBackwardPlan {
@@ -399,18 +424,38 @@ impl BatchNormBackwardPlan {
         let (partials, coef) = (self.partials.as_entire_binding(), self.coef.as_entire_binding());
         let drop = usize::from(self.dropout.is_some());
         let serial = usize::from(self.split.serial());
+        let eval = usize::from(!batch_stats);
         let finalize = &k.finalize[serial];
+        let weight = binding_or(affine, &b.weight, &ph[0], c_bytes);
         let mut passes = Vec::new();
+        if !batch_stats {
+            let entries = [
+                (0, self.chunks[0].uniforms[variant].as_entire_binding()),
+                (4, weight.clone()),
+                (5, save_mean.clone()),
+                (6, save_invstd.clone()),
+                (8, coef.clone()),
+            ];
+            passes.push((
+                &k.eval_coef,
+                bind_group(device, "bnb_eval_coef", &k.eval_coef, &entries),
+                self.eval_coef_groups,
+            ));
+        }
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             let reduce = match &k.reduce_vec4 {
-                Some(v) if self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x, &b.dy], at, len) => &v[serial][drop],
-                _ => &k.reduce[serial][drop],
+                Some(v) if self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) => {
+                    &v[eval][serial][drop]
+                }
+                _ => &k.reduce[eval][serial][drop],
             };
+            // Every reduce entry point's layout holds dx (the eval ones write it).
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),
                 (2, binding_at(&b.dy, at, len)),
+                (3, binding_at(&b.dx, at, len)),
                 (5, save_mean.clone()),
                 (7, partials.clone()),
                 (8, coef.clone()),
@@ -425,7 +470,7 @@ impl BatchNormBackwardPlan {
         // The whole-call pass takes the first range's uniform: it holds the totals.
         let entries = [
             (0, self.chunks[0].uniforms[variant].as_entire_binding()),
-            (4, binding_or(affine, &b.weight, &ph[0], c_bytes)),
+            (4, weight),
             (5, save_mean),
             (6, save_invstd),
             (7, partials),
@@ -433,11 +478,20 @@ impl BatchNormBackwardPlan {
             (9, binding_or(affine, &b.dweight, &ph[1], c_bytes)),
             (10, binding_or(affine, &b.dbias, &ph[2], c_bytes)),
         ];
-        passes.push((
+        let finalize_pass = (
             finalize,
             bind_group(device, "bnb_finalize", finalize, &entries),
             self.finalize_groups,
-        ));
+        );
+        if !batch_stats {
+            // The reduce wrote dx; finalize only for dγ and dβ.
+            if affine {
+                passes.push(finalize_pass);
+            }
+            record(encoder, "batch_norm backward", &passes);
+            return Ok(());
+        }
+        passes.push(finalize_pass);
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             let dx = match &k.dx_vec4 {
