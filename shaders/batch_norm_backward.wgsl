@@ -27,6 +27,8 @@
 //                 bnb_finalize_serial: one invocation per channel (pairs with _serial reduce).
 //   bnb_dx        one invocation per 4 consecutive elements: dx (written or added to).
 //                 bnb_dx_dropout: the same with dy·m.
+//                 bnb_dx_parked: after bnb_reduce[_serial]_dropout_park, which wrote g = dy·m
+//                 into dx (CPU adapters, writing f32 dx): the mask is drawn once, not twice.
 //
 // Running statistics (eval), where dx = γ·invstd·dy needs no reduction: bnb_eval_coef (one
 // invocation per channel) writes (K = running mean, a = γ·invstd) into coef, and
@@ -122,7 +124,7 @@ fn bnb_reduce(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    reduce(wid.x + wid.y * nwg.x, lid, false, false);
+    reduce(wid.x + wid.y * nwg.x, lid, false, false, false);
 }
 
 @compute @workgroup_size(256)
@@ -131,7 +133,7 @@ fn bnb_reduce_dropout(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    reduce(wid.x + wid.y * nwg.x, lid, true, false);
+    reduce(wid.x + wid.y * nwg.x, lid, true, false, false);
 }
 
 @compute @workgroup_size(256)
@@ -140,7 +142,7 @@ fn bnb_reduce_eval(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    reduce(wid.x + wid.y * nwg.x, lid, false, true);
+    reduce(wid.x + wid.y * nwg.x, lid, false, true, false);
 }
 
 @compute @workgroup_size(256)
@@ -149,12 +151,24 @@ fn bnb_reduce_eval_dropout(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    reduce(wid.x + wid.y * nwg.x, lid, true, true);
+    reduce(wid.x + wid.y * nwg.x, lid, true, true, false);
+}
+
+// bnb_reduce_dropout that also parks g = dy·m in dx for bnb_dx_parked (CPU adapters, writing
+// f32 dx: the mask is drawn once instead of twice).
+@compute @workgroup_size(256)
+fn bnb_reduce_dropout_park(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    reduce(wid.x + wid.y * nwg.x, lid, true, false, true);
 }
 
 // bnb_reduce of workgroup w; `drop`: dy is multiplied by the fused dropout's mask; `eval`:
-// running statistics, dx written on the way (coef from bnb_eval_coef).
-fn reduce(w: u32, lid: u32, drop: bool, eval: bool) {
+// running statistics, dx written on the way (coef from bnb_eval_coef); `park`: g = dy·m
+// written to dx for bnb_dx_parked.
+fn reduce(w: u32, lid: u32, drop: bool, eval: bool, park: bool) {
     if (w >= p.c * p.chunks) {
         return; // padding workgroup of a folded dispatch (uniform across the workgroup)
     }
@@ -163,7 +177,7 @@ fn reduce(w: u32, lid: u32, drop: bool, eval: bool) {
     let centre = reduce_centre(c, eval);
     // Each invocation takes quads strided by 4·WG; the workgroup sums.
     let begin = k * p.chunk_len;
-    let mine = chunk_sums(c, begin + 4u * lid, min(begin + p.chunk_len, p.m), 4u * WG, centre, drop, eval);
+    let mine = chunk_sums(c, begin + 4u * lid, min(begin + p.chunk_len, p.m), 4u * WG, centre, drop, eval, park);
     let total = workgroup_sum3(lid, mine);
     if (lid == 0u) {
         publish_partial(c, k, centre, total, eval);
@@ -182,17 +196,17 @@ fn reduce_centre(c: u32, eval: bool) -> f32 {
 // adapters, `ReduceSplit::Invocation`).
 @compute @workgroup_size(256)
 fn bnb_reduce_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, false, false);
+    reduce_serial(gid.x + gid.y * nwg.x * WG, false, false, false);
 }
 
 @compute @workgroup_size(256)
 fn bnb_reduce_serial_dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, true, false);
+    reduce_serial(gid.x + gid.y * nwg.x * WG, true, false, false);
 }
 
 @compute @workgroup_size(256)
 fn bnb_reduce_serial_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, false, true);
+    reduce_serial(gid.x + gid.y * nwg.x * WG, false, true, false);
 }
 
 @compute @workgroup_size(256)
@@ -200,10 +214,18 @@ fn bnb_reduce_serial_eval_dropout(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, true, true);
+    reduce_serial(gid.x + gid.y * nwg.x * WG, true, true, false);
 }
 
-fn reduce_serial(t: u32, drop: bool, eval: bool) {
+@compute @workgroup_size(256)
+fn bnb_reduce_serial_dropout_park(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    reduce_serial(gid.x + gid.y * nwg.x * WG, true, false, true);
+}
+
+fn reduce_serial(t: u32, drop: bool, eval: bool, park: bool) {
     if (t >= p.c * p.chunks) {
         return;
     }
@@ -211,7 +233,7 @@ fn reduce_serial(t: u32, drop: bool, eval: bool) {
     let k = t % p.chunks;
     let centre = reduce_centre(c, eval);
     let begin = k * p.chunk_len;
-    let sums = chunk_sums(c, begin, min(begin + p.chunk_len, p.m), 4u, centre, drop, eval);
+    let sums = chunk_sums(c, begin, min(begin + p.chunk_len, p.m), 4u, centre, drop, eval, park);
     publish_partial(c, k, centre, sums, eval);
 }
 
@@ -235,8 +257,8 @@ fn bnb_eval_coef(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 // 4), walking (n, s) by increments. A quad inside one sample that starts a Philox group
 // (always when S % 4 == 0) is summed with vector operations and one Philox call; others
 // element by element. With `eval` (running statistics) each element's dx = a·dy·m is written
-// (or added) on the way, a = coef[c].y.
-fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool, eval: bool) -> vec3<f32> {
+// (or added) on the way, a = coef[c].y; with `park`, g = dy·m is written to dx.
+fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool, eval: bool, park: bool) -> vec3<f32> {
     var a = 0.0;
     if (eval) {
         a = coef[c].y;
@@ -253,6 +275,9 @@ fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool
             let xs = ld4a_x(i) - centre;
             let g = ld4a_dy(i) * mask_factors(i, drop);
             acc += vec3<f32>(dot(xs, vec4<f32>(1.0)), dot(g, vec4<f32>(1.0)), dot(g, xs));
+            if (park) {
+                st4_dx(i, g, p.total);
+            }
             if (eval) {
                 var out = a * g;
                 if (has(FLAG_ACCUM_DX)) {
@@ -267,6 +292,9 @@ fn chunk_sums(c: u32, start: u32, end: u32, stride: u32, centre: f32, drop: bool
                 let xs = ld_x(ie) - centre;
                 let g = upstream(ie, drop);
                 acc += vec3<f32>(xs, g, g * xs);
+                if (park) {
+                    st_dx(ie, g);
+                }
                 if (eval) {
                     st_dx(ie, select(0.0, ld_dx(ie), has(FLAG_ACCUM_DX)) + a * g);
                 }
@@ -365,16 +393,24 @@ fn dx_of(k: vec4<f32>, x: vec4<f32>, g: vec4<f32>) -> vec4<f32> {
 
 @compute @workgroup_size(256)
 fn bnb_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    dx_quad(gid.x + gid.y * nwg.x * WG, false);
+    dx_quad(gid.x + gid.y * nwg.x * WG, false, false);
 }
 
 @compute @workgroup_size(256)
 fn bnb_dx_dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    dx_quad(gid.x + gid.y * nwg.x * WG, true);
+    dx_quad(gid.x + gid.y * nwg.x * WG, true, false);
 }
 
-// bnb_dx of invocation g (elements 4g .. 4g + 3); `drop` as in `reduce`.
-fn dx_quad(g: u32, drop: bool) {
+// bnb_dx_dropout after bnb_reduce[_serial]_dropout_park: g = dy·m read back from dx (writing
+// only).
+@compute @workgroup_size(256)
+fn bnb_dx_parked(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    dx_quad(gid.x + gid.y * nwg.x * WG, false, true);
+}
+
+// bnb_dx of invocation g (elements 4g .. 4g + 3); `drop` as in `reduce`; `parked`: g = dy·m
+// from dx.
+fn dx_quad(g: u32, drop: bool, parked: bool) {
     let first = g * 4u;
     if (first >= p.total) {
         return;
@@ -386,7 +422,11 @@ fn dx_quad(g: u32, drop: bool) {
     var out: vec4<f32>;
     if (quad_fits(pos.y, p.s, first, p.total)) {
         // One channel (always when S % 4 == 0 away from the end): vector arithmetic.
-        out = dx_of(k, ld4a_x(first), ld4a_dy(first) * m);
+        var dy = ld4a_dy(first) * m;
+        if (parked) {
+            dy = ld4a_dx(first);
+        }
+        out = dx_of(k, ld4a_x(first), dy);
         if (has(FLAG_ACCUM_DX)) {
             out += ld4a_dx(first);
         }
@@ -400,7 +440,8 @@ fn dx_quad(g: u32, drop: bool) {
                 pos = next;
             }
             let i = first + j;
-            let d = dx_of(k, vec4<f32>(ld_x(i)), vec4<f32>(ld_dy(i) * m[j])).x;
+            let g = select(ld_dy(i) * m[j], ld_dx(i), parked);
+            let d = dx_of(k, vec4<f32>(ld_x(i)), vec4<f32>(g)).x;
             out[j] = select(0.0, ld_dx(i), has(FLAG_ACCUM_DX)) + d;
         }
     }

@@ -19,6 +19,11 @@
 //! dx = γ·invstd·dy needs no reduction: `bnb_eval_coef` (a channel per invocation) writes each
 //! channel's (running mean, γ·invstd), `bnb_reduce[_serial]_eval[_dropout]` writes dx while it
 //! sums, and `bnb_finalize` runs only for dγ, dβ (affine): 3 passes of traffic.
+//!
+//! With a fused dropout on a CPU adapter, writing f32 dx, `bnb_reduce[_serial]_dropout_park`
+//! also writes g = dy·m into dx and `bnb_dx_parked` reads it back: the mask is drawn once
+//! instead of twice, for one more write of the activations (a CPU driver spends more on a
+//! Philox call than on a store; a GPU the reverse).
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
@@ -49,6 +54,9 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bnb_reduce_serial_eval",
     "bnb_reduce_serial_eval_dropout",
     "bnb_eval_coef",
+    "bnb_reduce_dropout_park",
+    "bnb_reduce_serial_dropout_park",
+    "bnb_dx_parked",
 ];
 
 const FLAG_AFFINE: u32 = 1;
@@ -110,6 +118,10 @@ pub struct BatchNormBackwardKernel {
     reduce_vec4: Option<ReducePipelines>,
     /// `bnb_eval_coef`: the running-statistics dx coefficients before the eval reduce.
     eval_coef: wgpu::ComputePipeline,
+    /// Parking g = dy·m: `[reduce_dropout_park, reduce_serial_dropout_park, dx_parked]`,
+    /// scalar and (f32) vec4.
+    park: [wgpu::ComputePipeline; 3],
+    park_vec4: Option<[wgpu::ComputePipeline; 3]>,
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
 }
@@ -141,10 +153,20 @@ impl Kernel for BatchNormBackwardKernel {
                 .map(|m| ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, m, e))),
             reduce_vec4: vec4.as_ref().map(reduce),
             eval_coef: compute_pipeline(device, &module, "bnb_eval_coef"),
+            park: PARK_ENTRY_POINTS.map(|e| compute_pipeline(device, &module, e)),
+            park_vec4: vec4
+                .as_ref()
+                .map(|m| PARK_ENTRY_POINTS.map(|e| compute_pipeline(device, m, e))),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
         }
     }
 }
+
+const PARK_ENTRY_POINTS: [&str; 3] = [
+    "bnb_reduce_dropout_park",
+    "bnb_reduce_serial_dropout_park",
+    "bnb_dx_parked",
+];
 
 /// Reduce pipelines indexed `[eval][serial][drop]` (see [`BatchNormBackwardKernel`]).
 type ReducePipelines = [[[wgpu::ComputePipeline; 2]; 2]; 2];
@@ -262,6 +284,9 @@ impl BatchNormBackwardKernel {
             split,
             finalize_groups: finalize_groups(OP, split, dims.c, max)?,
             eval_coef_groups: fold_workgroups(OP, dims.c.div_ceil(64), max)?,
+            parks: dropout.is_some()
+                && self.storage == Storage::F32
+                && device.adapter_info().device_type == wgpu::DeviceType::Cpu,
         })
     }
 }
@@ -316,6 +341,9 @@ pub struct BatchNormBackwardPlan {
     split: ReduceSplit,
     finalize_groups: (u32, u32),
     eval_coef_groups: (u32, u32),
+    /// A fused dropout on a CPU adapter with f32 activations: training backwards that write
+    /// dx park g = dy·m in it (see the module docs).
+    parks: bool,
 }
 
 impl BatchNormBackwardPlan {
@@ -425,6 +453,7 @@ impl BatchNormBackwardPlan {
         let drop = usize::from(self.dropout.is_some());
         let serial = usize::from(self.split.serial());
         let eval = usize::from(!batch_stats);
+        let park = self.parks && batch_stats && !accumulate.dx;
         let finalize = &k.finalize[serial];
         let weight = binding_or(affine, &b.weight, &ph[0], c_bytes);
         let mut passes = Vec::new();
@@ -444,10 +473,11 @@ impl BatchNormBackwardPlan {
         }
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
-            let reduce = match &k.reduce_vec4 {
-                Some(v) if self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) => {
-                    &v[eval][serial][drop]
-                }
+            let vec4 = self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len);
+            let reduce = match (&k.reduce_vec4, &k.park_vec4) {
+                (_, Some(p)) if park && vec4 => &p[serial],
+                _ if park => &k.park[serial],
+                (Some(v), _) if vec4 => &v[eval][serial][drop],
                 _ => &k.reduce[eval][serial][drop],
             };
             // Every reduce entry point's layout holds dx (the eval ones write it).
@@ -494,8 +524,11 @@ impl BatchNormBackwardPlan {
         passes.push(finalize_pass);
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
-            let dx = match &k.dx_vec4 {
-                Some(v) if vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) => &v[drop],
+            let vec4 = vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len);
+            let dx = match (&k.dx_vec4, &k.park_vec4) {
+                (_, Some(p)) if park && vec4 => &p[2],
+                _ if park => &k.park[2],
+                (Some(v), _) if vec4 => &v[drop],
                 _ => &k.dx[drop],
             };
             let entries = [
