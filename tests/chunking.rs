@@ -330,25 +330,20 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
             1e-4,
         );
 
-        let g = bn.backward(&upload(&ctx, &dy, &shape, dtype)).unwrap();
+        // The backward's gradients against the reference's, with the statistics the forward
+        // normalized with (batch statistics in training, running ones in eval).
         let w64 = reference::widen(&gamma);
-        let rg =
-            reference::batch_norm_backward(&xw, &dyw, &shape, &config, Some(&w64), &r.mean, &r.invstd, true).unwrap();
-        assert_close("chunked BN dx", &read(&ctx, &g.dx), &rg.dx, tol, tol);
-        assert_close(
-            "chunked BN dγ",
-            &read(&ctx, g.dweight.as_ref().unwrap()),
-            &rg.dweight,
-            tol,
-            tol,
-        );
-        assert_close(
-            "chunked BN dβ",
-            &read(&ctx, g.dbias.as_ref().unwrap()),
-            &rg.dbias,
-            tol,
-            tol,
-        );
+        let check_backward = |bn: &mut BatchNorm, what: &str, mean: &[f64], invstd: &[f64], training: bool| {
+            let g = bn.backward(&upload(&ctx, &dy, &shape, dtype)).unwrap();
+            let rg =
+                reference::batch_norm_backward(&xw, &dyw, &shape, &config, Some(&w64), mean, invstd, training).unwrap();
+            assert_close(&format!("{what} dx"), &read(&ctx, &g.dx), &rg.dx, tol, tol);
+            let dw = read(&ctx, g.dweight.as_ref().unwrap());
+            assert_close(&format!("{what} dγ"), &dw, &rg.dweight, tol, tol);
+            let db = read(&ctx, g.dbias.as_ref().unwrap());
+            assert_close(&format!("{what} dβ"), &db, &rg.dbias, tol, tol);
+        };
+        check_backward(&mut bn, "chunked BN", &r.mean, &r.invstd, true);
 
         // Eval: running statistics, dx written by each range's reduce.
         bn.eval();
@@ -363,24 +358,7 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
             false,
         )
         .unwrap();
-        let g = bn.backward(&upload(&ctx, &dy, &shape, dtype)).unwrap();
-        let rg = reference::batch_norm_backward(&xw, &dyw, &shape, &config, Some(&w64), &re.mean, &re.invstd, false)
-            .unwrap();
-        assert_close("chunked eval BN dx", &read(&ctx, &g.dx), &rg.dx, tol, tol);
-        assert_close(
-            "chunked eval BN dγ",
-            &read(&ctx, g.dweight.as_ref().unwrap()),
-            &rg.dweight,
-            tol,
-            tol,
-        );
-        assert_close(
-            "chunked eval BN dβ",
-            &read(&ctx, g.dbias.as_ref().unwrap()),
-            &rg.dbias,
-            tol,
-            tol,
-        );
+        check_backward(&mut bn, "chunked eval BN", &re.mean, &re.invstd, false);
 
         // Fused BatchNorm → dropout: the unchunked mask over flat indices.
         let drop = DropoutConfig::new(0.2);
