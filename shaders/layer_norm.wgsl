@@ -180,6 +180,52 @@ fn ln_dropout_forward(
     forward(slot_of(wid, nwg, lid), lid, true);
 }
 
+// Welford triple of x − K over the row's quads first, first + stride, … (none unless `live`):
+// in the vec4 variant a quad's exact triple per step, else one value per step.
+fn lane_stat(r: Row, shift: f32, first: u32, stride: u32, live: bool) -> Stat {
+    var acc = Stat(0.0, 0.0, 0.0);
+    for (var k = first; live && k < r.quads; k += stride) {
+        if (VEC4) {
+            acc = chan_merge(acc, quad_stat(ld4a_x(r.base + 4u * k) - shift));
+        } else {
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    acc = welford_add(acc, ld_x(r.base + j) - shift);
+                }
+            }
+        }
+    }
+    return acc;
+}
+
+// The residual block's h = residual + x·m over the row's quads first, first + stride, … (none
+// unless `live`), written out; returns the Welford triple of h − K (rounded to the storage
+// type first, so that it is the h read back later).
+fn lane_residual_stat(r: Row, shift: f32, state: vec4<u32>, first: u32, stride: u32, live: bool) -> Stat {
+    var acc = Stat(0.0, 0.0, 0.0);
+    for (var k = first; live && k < r.quads; k += stride) {
+        let m = drop4(state, r.q0 + k);
+        if (VEC4) {
+            let e = r.base + 4u * k;
+            let hv = ld4a_residual(e) + ld4a_x(e) * m;
+            st4_h(e, hv, e + 4u);
+            acc = chan_merge(acc, quad_stat(hv - shift));
+        } else {
+            for (var t = 0u; t < 4u; t++) {
+                let j = column(r, k, t);
+                if (j < p.width) {
+                    let e = r.base + j;
+                    let hv = to_storage(ld_residual(e) + ld_x(e) * m[t]);
+                    st_h(e, hv);
+                    acc = welford_add(acc, hv - shift);
+                }
+            }
+        }
+    }
+    return acc;
+}
+
 // y = LN(x), then y ← y·m when `drop` (a literal at both calls, so each entry point holds only
 // its own path: a CPU driver runs both sides of a branch under a lane mask).
 fn forward(at: Slot, lid: u32, drop: bool) {
@@ -219,11 +265,7 @@ fn forward(at: Slot, lid: u32, drop: bool) {
     } else if (VEC4) {
         // Rows of whole quads (the host binds this variant only when W % 4 == 0): vector loads
         // and stores, a quad's exact triple per Welford step.
-        var acc = Stat(0.0, 0.0, 0.0);
-        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
-            acc = chan_merge(acc, quad_stat(ld4a_x(r.base + 4u * k) - shift));
-        }
-        let st = finish_stats(lid, at, shift, acc);
+        let st = finish_stats(lid, at, shift, lane_stat(r, shift, at.lane, p.lanes, at.live));
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let m = quad_factors(state, r, k, drop);
             let e = r.base + 4u * k;
@@ -231,16 +273,7 @@ fn forward(at: Slot, lid: u32, drop: bool) {
         }
     } else {
         // Wide row: Welford pass, then a second read to normalize.
-        var acc = Stat(0.0, 0.0, 0.0);
-        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
-            for (var t = 0u; t < 4u; t++) {
-                let j = column(r, k, t);
-                if (j < p.width) {
-                    acc = welford_add(acc, ld_x(r.base + j) - shift);
-                }
-            }
-        }
-        let st = finish_stats(lid, at, shift, acc);
+        let st = finish_stats(lid, at, shift, lane_stat(r, shift, at.lane, p.lanes, at.live));
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let m = quad_factors(state, r, k, drop);
             for (var t = 0u; t < 4u; t++) {
@@ -296,34 +329,14 @@ fn ln_residual_dropout_forward(
         }
     } else if (VEC4) {
         // Rows of whole quads, as in `forward`. Each lane re-reads only the h it wrote.
-        var acc = Stat(0.0, 0.0, 0.0);
-        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
-            let e = r.base + 4u * k;
-            let hv = ld4a_residual(e) + ld4a_x(e) * drop4(state, r.q0 + k);
-            st4_h(e, hv, e + 4u);
-            acc = chan_merge(acc, quad_stat(hv - shift));
-        }
-        let st = finish_stats(lid, at, shift, acc);
+        let st = finish_stats(lid, at, shift, lane_residual_stat(r, shift, state, at.lane, p.lanes, at.live));
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let e = r.base + 4u * k;
             st4_y(e, affine4(4u * k, ((ld4a_h(e) - shift) - st.x) * st.y), e + 4u);
         }
     } else {
         // Each lane re-reads only the h elements it wrote itself, so no barrier is needed.
-        var acc = Stat(0.0, 0.0, 0.0);
-        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
-            let m = drop4(state, r.q0 + k);
-            for (var t = 0u; t < 4u; t++) {
-                let j = column(r, k, t);
-                if (j < p.width) {
-                    let e = r.base + j;
-                    let hv = to_storage(ld_residual(e) + ld_x(e) * m[t]);
-                    st_h(e, hv);
-                    acc = welford_add(acc, hv - shift);
-                }
-            }
-        }
-        let st = finish_stats(lid, at, shift, acc);
+        let st = finish_stats(lid, at, shift, lane_residual_stat(r, shift, state, at.lane, p.lanes, at.live));
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             for (var t = 0u; t < 4u; t++) {
                 let j = column(r, k, t);
@@ -402,22 +415,7 @@ fn block_row_stats(block: u32, lid: u32) {
     }
     let r = row_of(Slot(row, 0u, true));
     let shift = ld_x(r.base);
-    var acc = Stat(0.0, 0.0, 0.0);
-    if (VEC4) {
-        for (var k = 0u; k < r.quads; k++) {
-            acc = chan_merge(acc, quad_stat(ld4a_x(r.base + 4u * k) - shift));
-        }
-    } else {
-        for (var k = 0u; k < r.quads; k++) {
-            for (var t = 0u; t < 4u; t++) {
-                let j = column(r, k, t);
-                if (j < p.width) {
-                    acc = welford_add(acc, ld_x(r.base + j) - shift);
-                }
-            }
-        }
-    }
-    block_finish(lid, row, shift, acc);
+    block_finish(lid, row, shift, lane_stat(r, shift, 0u, 1u, true));
 }
 
 // Row phase of the residual block: h = residual + x·m written out, statistics around the
@@ -427,32 +425,9 @@ fn block_residual_row(block: u32, lid: u32) {
     if (row >= p.rows) {
         return;
     }
-    let state = load_state();
     let r = row_of(Slot(row, 0u, true));
     let shift = ld_residual(r.base);
-    var acc = Stat(0.0, 0.0, 0.0);
-    if (VEC4) {
-        for (var k = 0u; k < r.quads; k++) {
-            let e = r.base + 4u * k;
-            let hv = ld4a_residual(e) + ld4a_x(e) * drop4(state, r.q0 + k);
-            st4_h(e, hv, e + 4u);
-            acc = chan_merge(acc, quad_stat(hv - shift));
-        }
-    } else {
-        for (var k = 0u; k < r.quads; k++) {
-            let m = drop4(state, r.q0 + k);
-            for (var t = 0u; t < 4u; t++) {
-                let j = column(r, k, t);
-                if (j < p.width) {
-                    let e = r.base + j;
-                    let hv = to_storage(ld_residual(e) + ld_x(e) * m[t]);
-                    st_h(e, hv);
-                    acc = welford_add(acc, hv - shift);
-                }
-            }
-        }
-    }
-    block_finish(lid, row, shift, acc);
+    block_finish(lid, row, shift, lane_residual_stat(r, shift, load_state(), 0u, 1u, true));
 }
 
 // γ (ones without weight) and β (zeros without bias) of columns j0 .. j0 + 3, those inside the
