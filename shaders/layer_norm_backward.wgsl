@@ -124,13 +124,36 @@ fn segment_sum3(lid: u32, lane: u32, mine: vec3<f32>) -> vec3<f32> {
 // Row coefficients from the sums (Σ(x−K), Σg, Σg·(x−K)): (mean − K, mean(g), mean(g·x̂)).
 // Lane 0 stores (K, mean − K) for the column pass.
 fn row_coefficients(lid: u32, at: Slot, shift: f32, r: f32, sums: vec3<f32>) -> vec3<f32> {
-    let total = segment_sum3(lid, at.lane, sums);
+    let cf = coefficients_of(segment_sum3(lid, at.lane, sums), r);
+    if (at.lane == 0u && at.live) {
+        row_centre[p.row_base + at.row] = vec2<f32>(shift, cf.x);
+    }
+    return cf;
+}
+
+// (mean − K, mean(g), mean(g·x̂)) from a whole row's sums (Σ(x−K), Σg, Σg·(x−K)) and rstd r.
+fn coefficients_of(total: vec3<f32>, r: f32) -> vec3<f32> {
     let w = f32(p.width);
     let mk = total.x / w;
-    if (at.lane == 0u && at.live) {
-        row_centre[p.row_base + at.row] = vec2<f32>(shift, mk);
-    }
     return vec3<f32>(mk, total.y / w, r * (total.z - mk * total.y) / w);
+}
+
+// (Σ(x − K), Σg, Σg·(x − K)), g = dy·m·γ (m the mask's when `drop`), over the row's quads
+// first, first + stride, … (none unless `live`), element by element (the scalar paths).
+fn lane_sums(state: vec4<u32>, r: Row, shift: f32, first: u32, stride: u32, live: bool, drop: bool) -> vec3<f32> {
+    var sums = vec3<f32>(0.0);
+    for (var k = first; live && k < r.quads; k += stride) {
+        let m = quad_factors(state, r, k, drop);
+        for (var t = 0u; t < 4u; t++) {
+            let j = column(r, k, t);
+            if (j < p.width) {
+                let xs = ld_x(r.base + j) - shift;
+                let g = ld_dy(r.base + j) * m[t] * gamma(j);
+                sums += vec3<f32>(xs, g, g * xs);
+            }
+        }
+    }
+    return sums;
 }
 
 // dh of one element from its centred input xs = x − K and its g = dy·γ.
@@ -259,18 +282,7 @@ fn dx_rows(at: Slot, lid: u32, drop: bool, accumulate: bool) {
             }
         }
     } else {
-        var sums = vec3<f32>(0.0);
-        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
-            let m = quad_factors(state, r, k, drop);
-            for (var t = 0u; t < 4u; t++) {
-                let j = column(r, k, t);
-                if (j < p.width) {
-                    let xs = ld_x(r.base + j) - shift;
-                    let g = ld_dy(r.base + j) * m[t] * gamma(j);
-                    sums += vec3<f32>(xs, g, g * xs);
-                }
-            }
-        }
+        let sums = lane_sums(state, r, shift, at.lane, p.lanes, at.live, drop);
         let cf = row_coefficients(lid, at, shift, rs, sums);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let m = quad_factors(state, r, k, drop);
@@ -393,17 +405,7 @@ fn residual_dx(at: Slot, lid: u32, accumulate: bool) {
             residual_emit4(e, dh_of4(ld4a_x(e) - shift, g, rs, cf), drop4(state, r.q0 + k), accumulate);
         }
     } else {
-        var sums = vec3<f32>(0.0);
-        for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
-            for (var t = 0u; t < 4u; t++) {
-                let j = column(r, k, t);
-                if (j < p.width) {
-                    let xs = ld_x(r.base + j) - shift;
-                    let g = ld_dy(r.base + j) * gamma(j);
-                    sums += vec3<f32>(xs, g, g * xs);
-                }
-            }
-        }
+        let sums = lane_sums(state, r, shift, at.lane, p.lanes, at.live, false);
         let cf = row_coefficients(lid, at, shift, rs, sums);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let m = drop4(state, r.q0 + k);
@@ -536,22 +538,11 @@ fn block_row(row: u32, lid: u32, state: vec4<u32>, drop: bool, park: bool) {
             sums += quad_sums(ld4a_x(e) - shift, d * gamma4(4u * k));
         }
     } else {
-        for (var k = 0u; k < r.quads; k++) {
-            let m = quad_factors(state, r, k, drop);
-            for (var t = 0u; t < 4u; t++) {
-                let j = column(r, k, t);
-                if (j < p.width) {
-                    let xs = ld_x(r.base + j) - shift;
-                    let g = ld_dy(r.base + j) * m[t] * gamma(j);
-                    sums += vec3<f32>(xs, g, g * xs);
-                }
-            }
-        }
+        sums = lane_sums(state, r, shift, 0u, 1u, true, drop);
     }
-    let w = f32(p.width);
-    let mk = sums.x / w;
-    block_coef[lid] = vec4<f32>(shift, mk, rs, sums.y / w);
-    block_slope[lid] = rs * (sums.z - mk * sums.y) / w;
+    let cf = coefficients_of(sums, rs);
+    block_coef[lid] = vec4<f32>(shift, cf.x, rs, cf.y);
+    block_slope[lid] = cf.z;
 }
 
 // (x̂, dh) of quad x of row i of the block, d = dy·m its upstream gradient, gam its γ; dh as
