@@ -245,11 +245,16 @@ fn bnb_eval_coef(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     if (c >= p.c) {
         return;
     }
+    coef[c] = vec4<f32>(save_mean[c], dx_scale(c), 0.0, 0.0);
+}
+
+// γ·invstd of channel c (invstd without affine): dx's factor on g.
+fn dx_scale(c: u32) -> f32 {
     var a = save_invstd[c];
     if (has(FLAG_AFFINE)) {
         a *= weight[c];
     }
-    coef[c] = vec4<f32>(save_mean[c], a, 0.0, 0.0);
+    return a;
 }
 
 // Σ(x − K), Σdy, Σdy·(x − K) over channel-order indices start, start + stride, … (< end) of
@@ -361,13 +366,12 @@ fn finish_channel(c: u32, total: vec3<f32>) {
     let mk = select(0.0, total.x / m, has(FLAG_BATCH_STATS));
     let sum_dy = total.y;
     let sum_dy_xhat = invstd * (total.z - mk * sum_dy);
-    var a = invstd;
     if (has(FLAG_AFFINE)) {
         let accumulate = has(FLAG_ACCUM_PARAMS);
         dweight[c] = select(0.0, dweight[c], accumulate) + sum_dy_xhat;
         dbias[c] = select(0.0, dbias[c], accumulate) + sum_dy;
-        a *= weight[c];
     }
+    let a = dx_scale(c);
     // dx = a·(g − Σdy/M − x̂·Σdy·x̂/M), x̂ = ((x − K) − (mean − K))·invstd, as
     // dx = a·g + q + r·(x − K) with r = −a·invstd·Σdy·x̂/M and q = −a·Σdy/M − r·(mean − K):
     // one coefficient load per quad in the dx pass. Both r-terms are of the data's spread
