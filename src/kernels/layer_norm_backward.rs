@@ -268,7 +268,9 @@ impl LayerNormBackwardKernel {
             blocks: lanes == 1,
             limits,
             chunks: parts,
-            row_centre: scratch("layer_norm backward row centres", rows * 8),
+            // Only the row pass publishes row centres (for the partial pass); the row-block
+            // pass keeps them in workgroup memory.
+            row_centre: scratch("layer_norm backward row centres", if lanes == 1 { 0 } else { rows * 8 }),
             partials: scratch("layer_norm backward partials", partial_bytes),
             final_groups: fold_workgroups(OP, width.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
         })
