@@ -23,8 +23,8 @@
 //                  variant (f32, W % 4 == 0, chosen by the host) a lane's quads are vector
 //                  loads and stores and each quad enters Welford as one exact triple.
 //   lanes = 1:     the row-block path (ln_block_*, workgroups of BLOCK = 64): one invocation
-//                  per row reduces it, then one per column quad normalizes the block's rows
-//                  (see the end of this file).
+//                  per row reduces it, then each invocation normalizes its column quads (up
+//                  to three at a time) down the block's rows (see the end of this file).
 // Chunking: a tensor larger than one storage binding is processed in row ranges; the
 // activations are bound at the range's offset (indices here are local to it), mean and rstd are
 // bound whole and indexed by the global row p.row_base + row, and the dropout's element index
@@ -351,10 +351,10 @@ fn ln_residual_dropout_forward(
 // Row-block path (`lanes` = 1, chosen for CPU adapters): a workgroup of BLOCK invocations
 // takes a block of BLOCK rows. One invocation per row reduces its row (the arithmetic, in the
 // same order, of the lane-per-row path above) and leaves (K, mean − K, rstd) in workgroup
-// memory; then one invocation per column
-// quad normalizes the block's rows from the core's cache with its γ and β in registers, read
-// once per column instead of once per row (on a CPU driver their per-row vector loads cost
-// about a quarter of `ln_fwd`).
+// memory; then each invocation normalizes its column quads down the block's rows from the
+// core's cache with their γ and β in registers, read once per column instead of once per row
+// (on a CPU driver their per-row vector loads cost about a quarter of `ln_fwd`), in tiles of
+// three column quads that share each row's statistics (below).
 const BLOCK: u32 = 64u;
 
 var<workgroup> block_stats: array<vec3<f32>, BLOCK>;
@@ -439,6 +439,9 @@ struct ColumnParams {
 
 fn column_params(j0: u32) -> ColumnParams {
     var c = ColumnParams(vec4<f32>(1.0), vec4<f32>(0.0));
+    if (j0 >= p.width) {
+        return c;
+    }
     if (VEC4) {
         if ((p.flags & FLAG_WEIGHT) != 0u) {
             c.gamma = ld4a_weight(j0);
@@ -461,69 +464,143 @@ fn column_params(j0: u32) -> ColumnParams {
     return c;
 }
 
-// y of input values v of row i of the block, under the column's γ and β.
-fn block_y(i: u32, v: vec4<f32>, c: ColumnParams) -> vec4<f32> {
-    let s = block_stats[i];
-    return ((v - s.x) - s.y) * s.z * c.gamma + c.beta;
+// Column tiles. Invocation `lid` takes the column quads lid, lid + BLOCK, lid + 2·BLOCK, … (its
+// slots 0, 1, 2, …). While every invocation has three slots left, it takes three at a time:
+// their γ and β in registers and each row's statistics read from workgroup memory once for the
+// three (a CPU driver loads workgroup memory lane by lane, and those loads were a tenth of
+// `ln_fwd`). The rest go one slot at a time, the last of which may lie past the row for some
+// invocations. The three slots are spelled out, not looped over arrays, so that no driver
+// needs to unroll a loop to keep them in registers.
+const TILE: u32 = 3u;
+
+// (full tiles of TILE, slots in all) of an invocation.
+fn tile_counts() -> vec2<u32> {
+    let quads = (p.width + 3u) / 4u;
+    return vec2<u32>(quads / BLOCK / TILE, (quads + BLOCK - 1u) / BLOCK);
 }
 
-// block_y of one value, γ and β.
-fn block_y1(i: u32, v: f32, gamma: f32, beta: f32) -> f32 {
-    let s = block_stats[i];
-    return ((v - s.x) - s.y) * s.z * gamma + beta;
+// First column of slot s of invocation `lid`.
+fn slot_column(lid: u32, s: u32) -> u32 {
+    return 4u * (lid + BLOCK * s);
 }
 
-// Column phase: invocation `lid` takes column quads lid, lid + BLOCK, … (columns j0 .. j0 + 3)
-// down the block's rows; y ← y·m with `drop`.
+// Column phase: every slot of invocation `lid` down the block's rows; y ← y·m with `drop`.
+// `tile` (a constant) takes slots s0 .. s0 + 2, else slot s0 alone. The residual block's twin,
+// block_normalize_h, reads h instead of x: an entry point's layout holds every binding its call
+// graph names, so the two walks stay separate functions.
 fn block_normalize(block: u32, lid: u32, drop: bool) {
     var state = vec4<u32>(0u);
     if (drop) {
         state = load_state();
     }
+    let counts = tile_counts();
+    for (var s = 0u; s < counts.x; s++) {
+        normalize_tile(block, lid, s * TILE, true, state, drop);
+    }
+    for (var s = counts.x * TILE; s < counts.y; s++) {
+        normalize_tile(block, lid, s, false, state, drop);
+    }
+}
+
+fn normalize_tile(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<u32>, drop: bool) {
+    let j = vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
+    let a = column_params(j.x);
+    var b = a;
+    var c = a;
+    if (tile) {
+        b = column_params(j.y);
+        c = column_params(j.z);
+    }
     let first = block * BLOCK;
-    let last = min(first + BLOCK, p.rows);
-    for (var j0 = 4u * lid; j0 < p.width; j0 += 4u * BLOCK) {
-        let c = column_params(j0);
-        for (var row = first; row < last; row++) {
-            let e = row * p.width + j0;
-            if (VEC4) {
-                var y = block_y(row - first, ld4a_x(e), c);
-                if (drop) {
-                    y *= drop4(state, (p.row_base * p.width + e) >> 2u);
-                }
-                st4_y(e, y, e + 4u);
-            } else {
-                var m = vec4<f32>(1.0);
-                if (drop) {
-                    m = drop_span(state, p.row_base * p.width + e);
-                }
-                for (var t = 0u; t < 4u; t++) {
-                    if (j0 + t < p.width) {
-                        st_y(e + t, block_y1(row - first, ld_x(e + t), c.gamma[t], c.beta[t]) * m[t]);
-                    }
-                }
-            }
+    for (var row = first; row < min(first + BLOCK, p.rows); row++) {
+        let st = block_stats[row - first];
+        normalize_step(row, j.x, st, a, state, drop);
+        if (tile) {
+            normalize_step(row, j.y, st, b, state, drop);
+            normalize_step(row, j.z, st, c, state, drop);
         }
     }
 }
 
-// block_normalize of the residual block's h.
-fn block_normalize_h(block: u32, lid: u32) {
-    let first = block * BLOCK;
-    let last = min(first + BLOCK, p.rows);
-    for (var j0 = 4u * lid; j0 < p.width; j0 += 4u * BLOCK) {
-        let c = column_params(j0);
-        for (var row = first; row < last; row++) {
-            let e = row * p.width + j0;
-            if (VEC4) {
-                st4_y(e, block_y(row - first, ld4a_h(e), c), e + 4u);
-            } else {
-                for (var t = 0u; t < 4u; t++) {
-                    if (j0 + t < p.width) {
-                        st_y(e + t, block_y1(row - first, ld_h(e + t), c.gamma[t], c.beta[t]));
-                    }
-                }
-            }
+// y of column quad j0 (nothing past the row) of `row`, whose statistics are
+// st = (K, mean − K, rstd), under the columns' γ and β.
+fn normalize_step(row: u32, j0: u32, st: vec3<f32>, c: ColumnParams, state: vec4<u32>, drop: bool) {
+    if (j0 >= p.width) {
+        return;
+    }
+    let e = row * p.width + j0;
+    if (VEC4) {
+        var y = quad_y(ld4a_x(e), st, c);
+        if (drop) {
+            y *= drop4(state, (p.row_base * p.width + e) >> 2u);
+        }
+        st4_y(e, y, e + 4u);
+        return;
+    }
+    var m = vec4<f32>(1.0);
+    if (drop) {
+        m = drop_span(state, p.row_base * p.width + e);
+    }
+    for (var u = 0u; u < 4u; u++) {
+        if (j0 + u < p.width) {
+            st_y(e + u, element_y(ld_x(e + u), st, c, u) * m[u]);
         }
     }
+}
+
+fn block_normalize_h(block: u32, lid: u32) {
+    let counts = tile_counts();
+    for (var s = 0u; s < counts.x; s++) {
+        normalize_tile_h(block, lid, s * TILE, true);
+    }
+    for (var s = counts.x * TILE; s < counts.y; s++) {
+        normalize_tile_h(block, lid, s, false);
+    }
+}
+
+fn normalize_tile_h(block: u32, lid: u32, s0: u32, tile: bool) {
+    let j = vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
+    let a = column_params(j.x);
+    var b = a;
+    var c = a;
+    if (tile) {
+        b = column_params(j.y);
+        c = column_params(j.z);
+    }
+    let first = block * BLOCK;
+    for (var row = first; row < min(first + BLOCK, p.rows); row++) {
+        let st = block_stats[row - first];
+        normalize_step_h(row, j.x, st, a);
+        if (tile) {
+            normalize_step_h(row, j.y, st, b);
+            normalize_step_h(row, j.z, st, c);
+        }
+    }
+}
+
+// normalize_step of the residual block's h (no mask: it is in h already).
+fn normalize_step_h(row: u32, j0: u32, st: vec3<f32>, c: ColumnParams) {
+    if (j0 >= p.width) {
+        return;
+    }
+    let e = row * p.width + j0;
+    if (VEC4) {
+        st4_y(e, quad_y(ld4a_h(e), st, c), e + 4u);
+        return;
+    }
+    for (var u = 0u; u < 4u; u++) {
+        if (j0 + u < p.width) {
+            st_y(e + u, element_y(ld_h(e + u), st, c, u));
+        }
+    }
+}
+
+// y of input values v of a row with statistics st = (K, mean − K, rstd), under γ and β c.
+fn quad_y(v: vec4<f32>, st: vec3<f32>, c: ColumnParams) -> vec4<f32> {
+    return ((v - st.x) - st.y) * st.z * c.gamma + c.beta;
+}
+
+// quad_y of one value, the column's u-th of the quad.
+fn element_y(v: f32, st: vec3<f32>, c: ColumnParams, u: u32) -> f32 {
+    return ((v - st.x) - st.y) * st.z * c.gamma[u] + c.beta[u];
 }

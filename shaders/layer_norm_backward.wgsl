@@ -423,9 +423,9 @@ fn residual_dx(at: Slot, lid: u32, accumulate: bool) {
 // Row-block path (`lanes` = 1, chosen for CPU adapters): a workgroup of BLOCK invocations
 // takes a block of BLOCK rows, the partial pass's block, and does the dx pass and the dγ/dβ
 // partials itself. First one invocation per row sums its row; the row coefficients go to
-// workgroup memory. Then one invocation per column quad walks the block's rows (the same
-// bytes, now in the core's cache), writes dx and sums the column's dγ, dβ partials, reading
-// γ once per column instead of once per element. x and dy are read from memory once and dx
+// workgroup memory. Then each invocation walks its column quads (up to three at a time, in
+// tiles below) down the block's rows (the same bytes, now in the core's cache), writes dx and
+// sums the columns' dγ, dβ partials, reading γ once per column instead of once per element. x and dy are read from memory once and dx
 // written once, the minimum; the mask is drawn once per element unless accumulating with
 // LayerNorm → dropout.
 const BLOCK: u32 = 64u;
@@ -545,123 +545,236 @@ fn block_row(row: u32, lid: u32, state: vec4<u32>, drop: bool, park: bool) {
     block_slope[lid] = cf.z;
 }
 
-// (x̂, dh) of quad x of row i of the block, d = dy·m its upstream gradient, gam its γ; dh as
-// dh_of, with g = d·γ formed as in the row phase, so g − mean(g) cancels as there.
+// (x̂, dh) of quad x of a block row with coefficients c = (K, mean − K, rstd, mean(g)) and
+// slope mean(g·x̂), d = dy·m its upstream gradient, gam its γ; dh as dh_of, with g = d·γ formed
+// as in the row phase, so g − mean(g) cancels as there.
 struct BlockQuad {
     xhat: vec4<f32>,
     dh: vec4<f32>,
 }
 
-fn block_quad(i: u32, x: vec4<f32>, d: vec4<f32>, gam: vec4<f32>) -> BlockQuad {
-    let c = block_coef[i];
+fn block_quad(c: vec4<f32>, slope: f32, x: vec4<f32>, d: vec4<f32>, gam: vec4<f32>) -> BlockQuad {
     let xhat = ((x - c.x) - c.y) * c.z;
-    return BlockQuad(xhat, c.z * (d * gam - c.w - xhat * block_slope[i]));
+    return BlockQuad(xhat, c.z * (d * gam - c.w - xhat * slope));
 }
 
 // block_quad of one element: (x̂, dh).
-fn block_element(i: u32, x: f32, d: f32, gam: f32) -> vec2<f32> {
-    let c = block_coef[i];
+fn block_element(c: vec4<f32>, slope: f32, x: f32, d: f32, gam: f32) -> vec2<f32> {
     let xhat = ((x - c.x) - c.y) * c.z;
-    return vec2<f32>(xhat, c.z * (d * gam - c.w - xhat * block_slope[i]));
+    return vec2<f32>(xhat, c.z * (d * gam - c.w - xhat * slope));
+}
+
+// Column tiles, as layer_norm.wgsl's forward: invocation `lid` takes the column quads lid,
+// lid + BLOCK, … (its slots), three at a time while every invocation has three left (γ and the
+// dγ, dβ sums of each in registers, each row's coefficients read from workgroup memory once for
+// the three: on a CPU driver those lane-by-lane loads were a tenth of `ln_bwd`), then one at a
+// time. The three slots are spelled out rather than looped over arrays: a CPU driver that
+// does not unroll such a loop indexes the sums in memory (the residual block's backward took
+// 1.5× as long).
+const TILE: u32 = 3u;
+
+// (full tiles of TILE, slots in all) of an invocation.
+fn tile_counts() -> vec2<u32> {
+    let quads = (p.width + 3u) / 4u;
+    return vec2<u32>(quads / BLOCK / TILE, (quads + BLOCK - 1u) / BLOCK);
+}
+
+// First column of slot s of invocation `lid`.
+fn slot_column(lid: u32, s: u32) -> u32 {
+    return 4u * (lid + BLOCK * s);
+}
+
+// γ of columns j0 .. j0 + 3 (ones past the row).
+fn column_gamma(j0: u32) -> vec4<f32> {
+    if (VEC4) {
+        if (j0 < p.width) {
+            return gamma4(j0);
+        }
+        return vec4<f32>(1.0);
+    }
+    var gam = vec4<f32>(1.0);
+    for (var u = 0u; u < 4u; u++) {
+        if (j0 + u < p.width) {
+            gam[u] = gamma(j0 + u);
+        }
+    }
+    return gam;
+}
+
+// A column quad's running (Σd·x̂, Σd) down the block's rows, and its γ.
+struct ColumnSums {
+    gx: vec4<f32>,
+    gs: vec4<f32>,
+    gam: vec4<f32>,
+}
+
+fn column_start(j0: u32) -> ColumnSums {
+    return ColumnSums(vec4<f32>(0.0), vec4<f32>(0.0), column_gamma(j0));
 }
 
 // The block's partial (Σd·x̂, Σd) of columns j0 .. j0 + 3 (those inside the row).
-fn block_partials(block: u32, j0: u32, gx: vec4<f32>, gs: vec4<f32>) {
+fn block_partials(block: u32, j0: u32, sums: ColumnSums) {
     for (var t = 0u; t < 4u; t++) {
         if (j0 + t < p.width) {
-            partials[(p.block_base + block) * p.width + j0 + t] = vec2<f32>(gx[t], gs[t]);
+            partials[(p.block_base + block) * p.width + j0 + t] = vec2<f32>(sums.gx[t], sums.gs[t]);
         }
     }
 }
 
-// Column phase: invocation `lid` takes column quads lid, lid + BLOCK, … (columns j0 .. j0 + 3)
-// down the block's rows, writes dx and the block's dγ, dβ partials.
+// Column phase: every slot of invocation `lid` down the block's rows; writes dx and the block's
+// dγ, dβ partials. `tile` (a constant) takes slots s0 .. s0 + 2, else slot s0 alone.
 fn block_columns(block: u32, lid: u32, state: vec4<u32>, drop: bool, accumulate: bool) {
-    let park = parks(drop, accumulate);
-    let first = block * BLOCK;
-    let last = min(first + BLOCK, p.rows);
-    for (var j0 = 4u * lid; j0 < p.width; j0 += 4u * BLOCK) {
-        var gx = vec4<f32>(0.0);
-        var gs = vec4<f32>(0.0);
-        if (VEC4) {
-            // Rows of whole quads: columns j0 .. j0 + 3 of a row are one aligned quad.
-            let gam = gamma4(j0);
-            for (var row = first; row < last; row++) {
-                let e = row * p.width + j0;
-                var d: vec4<f32>;
-                if (park) {
-                    d = ld4a_dx(e);
-                } else {
-                    d = ld4a_dy(e);
-                    if (drop) {
-                        d *= drop4(state, (p.row_base * p.width + e) >> 2u);
-                    }
-                }
-                let b = block_quad(row - first, ld4a_x(e), d, gam);
-                if (accumulate) {
-                    st4_dx(e, ld4a_dx(e) + b.dh, e + 4u);
-                } else {
-                    st4_dx(e, b.dh, e + 4u);
-                }
-                gx += d * b.xhat;
-                gs += d;
-            }
-        } else {
-            for (var row = first; row < last; row++) {
-                let e = row * p.width + j0;
-                var m = vec4<f32>(1.0);
-                if (drop) {
-                    m = drop_span(state, p.row_base * p.width + e);
-                }
-                for (var t = 0u; t < 4u; t++) {
-                    if (j0 + t < p.width) {
-                        let d = ld_dy(e + t) * m[t];
-                        let b = block_element(row - first, ld_x(e + t), d, gamma(j0 + t));
-                        emit(e + t, b.y);
-                        gx[t] += d * b.x;
-                        gs[t] += d;
-                    }
-                }
-            }
-        }
-        block_partials(block, j0, gx, gs);
+    let counts = tile_counts();
+    for (var s = 0u; s < counts.x; s++) {
+        columns_tile(block, lid, s * TILE, true, state, drop, accumulate);
+    }
+    for (var s = counts.x * TILE; s < counts.y; s++) {
+        columns_tile(block, lid, s, false, state, drop, accumulate);
     }
 }
 
-// block_columns of the residual block: dy unmasked; dx = dh·m and dresidual = dh.
-fn block_columns_residual(block: u32, lid: u32, state: vec4<u32>, accumulate: bool) {
+fn columns_tile(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<u32>, drop: bool, accumulate: bool) {
+    let j = vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
+    var a = column_start(j.x);
+    var b = a;
+    var c = a;
+    if (tile) {
+        b = column_start(j.y);
+        c = column_start(j.z);
+    }
     let first = block * BLOCK;
-    let last = min(first + BLOCK, p.rows);
-    for (var j0 = 4u * lid; j0 < p.width; j0 += 4u * BLOCK) {
-        var gx = vec4<f32>(0.0);
-        var gs = vec4<f32>(0.0);
-        if (VEC4) {
-            let gam = gamma4(j0);
-            for (var row = first; row < last; row++) {
-                let e = row * p.width + j0;
-                let d = ld4a_dy(e);
-                let b = block_quad(row - first, ld4a_x(e), d, gam);
-                residual_emit4(e, b.dh, drop4(state, (p.row_base * p.width + e) >> 2u), accumulate);
-                gx += d * b.xhat;
-                gs += d;
-            }
+    for (var row = first; row < min(first + BLOCK, p.rows); row++) {
+        let cf = block_coef[row - first];
+        let slope = block_slope[row - first];
+        a = column_step(a, row, j.x, cf, slope, state, drop, accumulate);
+        if (tile) {
+            b = column_step(b, row, j.y, cf, slope, state, drop, accumulate);
+            c = column_step(c, row, j.z, cf, slope, state, drop, accumulate);
+        }
+    }
+    tile_partials(block, j, tile, a, b, c);
+}
+
+// The partials of a tile's slots (of slot j.x alone unless `tile`).
+fn tile_partials(block: u32, j: vec3<u32>, tile: bool, a: ColumnSums, b: ColumnSums, c: ColumnSums) {
+    if (j.x < p.width) {
+        block_partials(block, j.x, a);
+    }
+    if (tile) {
+        block_partials(block, j.y, b);
+        block_partials(block, j.z, c);
+    }
+}
+
+// One row of column quad j0 (nothing past the row): dx written, the column's sums advanced.
+fn column_step(
+    sums: ColumnSums, row: u32, j0: u32, cf: vec4<f32>, slope: f32, state: vec4<u32>, drop: bool, accumulate: bool,
+) -> ColumnSums {
+    var out = sums;
+    if (j0 >= p.width) {
+        return out;
+    }
+    let park = parks(drop, accumulate);
+    let e = row * p.width + j0;
+    if (VEC4) {
+        // Rows of whole quads: columns j0 .. j0 + 3 of a row are one aligned quad.
+        var d: vec4<f32>;
+        if (park) {
+            d = ld4a_dx(e);
         } else {
-            for (var row = first; row < last; row++) {
-                let e = row * p.width + j0;
-                let m = drop_span(state, p.row_base * p.width + e);
-                for (var t = 0u; t < 4u; t++) {
-                    if (j0 + t < p.width) {
-                        let d = ld_dy(e + t);
-                        let b = block_element(row - first, ld_x(e + t), d, gamma(j0 + t));
-                        residual_emit(e + t, b.y, m[t]);
-                        gx[t] += d * b.x;
-                        gs[t] += d;
-                    }
-                }
+            d = ld4a_dy(e);
+            if (drop) {
+                d *= drop4(state, (p.row_base * p.width + e) >> 2u);
             }
         }
-        block_partials(block, j0, gx, gs);
+        let q = block_quad(cf, slope, ld4a_x(e), d, sums.gam);
+        if (accumulate) {
+            st4_dx(e, ld4a_dx(e) + q.dh, e + 4u);
+        } else {
+            st4_dx(e, q.dh, e + 4u);
+        }
+        out.gx += d * q.xhat;
+        out.gs += d;
+        return out;
     }
+    var m = vec4<f32>(1.0);
+    if (drop) {
+        m = drop_span(state, p.row_base * p.width + e);
+    }
+    for (var u = 0u; u < 4u; u++) {
+        if (j0 + u < p.width) {
+            let d = ld_dy(e + u) * m[u];
+            let q = block_element(cf, slope, ld_x(e + u), d, sums.gam[u]);
+            emit(e + u, q.y);
+            out.gx[u] += d * q.x;
+            out.gs[u] += d;
+        }
+    }
+    return out;
+}
+
+// block_columns of the residual block: dy unmasked; dx = dh·m and dresidual = dh. A separate
+// walk, since an entry point's layout holds every binding its call graph names.
+fn block_columns_residual(block: u32, lid: u32, state: vec4<u32>, accumulate: bool) {
+    let counts = tile_counts();
+    for (var s = 0u; s < counts.x; s++) {
+        columns_tile_residual(block, lid, s * TILE, true, state, accumulate);
+    }
+    for (var s = counts.x * TILE; s < counts.y; s++) {
+        columns_tile_residual(block, lid, s, false, state, accumulate);
+    }
+}
+
+fn columns_tile_residual(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<u32>, accumulate: bool) {
+    let j = vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
+    var a = column_start(j.x);
+    var b = a;
+    var c = a;
+    if (tile) {
+        b = column_start(j.y);
+        c = column_start(j.z);
+    }
+    let first = block * BLOCK;
+    for (var row = first; row < min(first + BLOCK, p.rows); row++) {
+        let cf = block_coef[row - first];
+        let slope = block_slope[row - first];
+        a = residual_step(a, row, j.x, cf, slope, state, accumulate);
+        if (tile) {
+            b = residual_step(b, row, j.y, cf, slope, state, accumulate);
+            c = residual_step(c, row, j.z, cf, slope, state, accumulate);
+        }
+    }
+    tile_partials(block, j, tile, a, b, c);
+}
+
+// column_step of the residual block.
+fn residual_step(
+    sums: ColumnSums, row: u32, j0: u32, cf: vec4<f32>, slope: f32, state: vec4<u32>, accumulate: bool,
+) -> ColumnSums {
+    var out = sums;
+    if (j0 >= p.width) {
+        return out;
+    }
+    let e = row * p.width + j0;
+    if (VEC4) {
+        let d = ld4a_dy(e);
+        let q = block_quad(cf, slope, ld4a_x(e), d, sums.gam);
+        residual_emit4(e, q.dh, drop4(state, (p.row_base * p.width + e) >> 2u), accumulate);
+        out.gx += d * q.xhat;
+        out.gs += d;
+        return out;
+    }
+    let m = drop_span(state, p.row_base * p.width + e);
+    for (var u = 0u; u < 4u; u++) {
+        if (j0 + u < p.width) {
+            let d = ld_dy(e + u);
+            let q = block_element(cf, slope, ld_x(e + u), d, sums.gam[u]);
+            residual_emit(e + u, q.y, m[u]);
+            out.gx[u] += d * q.x;
+            out.gs[u] += d;
+        }
+    }
+    return out;
 }
 
 @compute @workgroup_size(256)

@@ -147,6 +147,9 @@ fn every_lanes_choice_matches_the_reference() {
         (9, 300),
         (9, 768),
         (3, 4100),
+        // The row-block paths' column tiles (three slots of 64 column quads) and the slots
+        // after them, on rows off the quads.
+        (5, 1283),
         // Several 64-row blocks for the backward's row-block path (lanes 1), the last partial.
         (150, 20),
         (70, 9),
