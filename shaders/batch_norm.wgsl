@@ -22,10 +22,11 @@
 //   bn_finalize_serial  the same with one invocation per channel (pairs with bn_stats_serial).
 //   bn_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
 //                     from the running statistics. Changes nothing.
-//   bn_normalize      one invocation per 4 consecutive elements: y = (x − mean)·(invstd·γ) + β.
-//   bn_normalize_dropout  BatchNorm then dropout in one pass: one invocation per 4 consecutive
-//                     elements (one Philox call), y = ((x − mean)·(invstd·γ) + β)·m with the
-//                     mask of philox.wgsl over flat element indices.
+//   bn_normalize      one invocation per p.run quads of 4 consecutive elements:
+//                     y = (x − mean)·(invstd·γ) + β.
+//   bn_normalize_dropout  BatchNorm then dropout in one pass, the same geometry (one Philox call
+//                     per quad), y = ((x − mean)·(invstd·γ) + β)·m with the mask of philox.wgsl
+//                     over flat element indices.
 //
 // Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
 // linear workgroup index from `num_workgroups`.
@@ -74,7 +75,8 @@ struct Params {
     first: u32,      // 1 for the range that starts at sample 0 (it picks K)
     div_s: vec2<u32>, // multiply-shift pair of S (fast_div in nchw.wgsl)
     div_c: vec2<u32>, // multiply-shift pair of C
-    _pad: vec2<u32>,
+    run: u32,        // quads (4 consecutive elements) per normalize invocation
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -260,14 +262,15 @@ fn bn_finalize_eval(
     centre[c] = coefficients(c, running_mean[c], 0.0, invstd);
 }
 
-// Normalized values of the four elements from `first` (lanes past the end are 0): one channel's
-// coefficients in the common case, per element where a channel boundary falls inside.
-fn normalized4(first: u32) -> vec4<f32> {
-    var pos = channel_position(first, p.s, p.c, p.div_s, p.div_c);
-    var k = channel_coefficients(pos.x);
-    if (quad_fits(pos.y, p.s, first, p.total)) {
-        return ((ld4a_x(first) - k.x) - k.y) * k.z + k.w;
+// Normalized values of the four elements from `first` (lanes past the end are 0), `pos` its
+// (channel, s) and `k` that channel's coefficients: one channel in the common case, per element
+// where a channel boundary falls inside.
+fn normalized4(first: u32, pos0: vec2<u32>, k0: vec4<f32>) -> vec4<f32> {
+    if (quad_fits(pos0.y, p.s, first, p.total)) {
+        return ((ld4a_x(first) - k0.x) - k0.y) * k0.z + k0.w;
     }
+    var pos = pos0;
+    var k = k0;
     var v = vec4<f32>(0.0);
     for (var j = 0u; j < 4u && first + j < p.total; j++) {
         if (j > 0u) {
@@ -287,13 +290,44 @@ fn bn_normalize(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    // Four consecutive elements per invocation: they nearly always share a channel, so the
-    // channel index and its coefficients are computed once.
-    let first = (gid.x + gid.y * nwg.x * WG) * 4u;
+    normalize_run(gid.x + gid.y * nwg.x * WG, vec4<u32>(0u), false);
+}
+
+@compute @workgroup_size(256)
+fn bn_normalize_dropout(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    normalize_run(gid.x + gid.y * nwg.x * WG, load_state(), true);
+}
+
+// Invocation g normalizes the p.run quads from element 4·run·g (the host's choice: 1 on GPUs,
+// 4 on CPU adapters). Consecutive quads nearly always share a channel, so the channel index
+// (two divisions) and its coefficients (a lane-by-lane load on a CPU driver, a tenth of
+// `bn_eval_fwd` there when read per quad) are found once per run and again only where the
+// run enters the next channel. `drop`: y ← y·m with the fused dropout's mask from generator
+// state `state` (the entry point loads it: only the dropout entry binds rng_state); elem_base
+// is a multiple of 4, so each quad is the four words of one Philox call.
+fn normalize_run(g: u32, state: vec4<u32>, drop: bool) {
+    var first = g * p.run * 4u;
     if (first >= p.total) {
         return;
     }
-    st4_y(first, normalized4(first), p.total);
+    var pos = channel_position(first, p.s, p.c, p.div_s, p.div_c);
+    var k = channel_coefficients(pos.x);
+    for (var r = 0u; r < p.run && first < p.total; r++) {
+        var y = normalized4(first, pos, k);
+        if (drop) {
+            y *= dropout_factors4(state, (p.elem_base + first) / 4u, p.drop_threshold, p.drop_flags, p.drop_scale);
+        }
+        st4_y(first, y, p.total);
+        first += 4u;
+        pos.y += 4u;
+        if (pos.y >= p.s && first < p.total) {
+            pos = channel_position(first, p.s, p.c, p.div_s, p.div_c);
+            k = channel_coefficients(pos.x);
+        }
+    }
 }
 
 // (K, mean − K, invstd·γ, β) of channel c, which the finalize passes store in centre[c] so that
@@ -312,19 +346,4 @@ fn coefficients(c: u32, k: f32, mean_k: f32, invstd: f32) -> vec4<f32> {
 
 fn channel_coefficients(c: u32) -> vec4<f32> {
     return centre[c];
-}
-
-@compute @workgroup_size(256)
-fn bn_normalize_dropout(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    let g = gid.x + gid.y * nwg.x * WG;
-    let first = g * 4u;
-    if (first >= p.total) {
-        return;
-    }
-    // elem_base is a multiple of 4: the four elements are the four words of one Philox call.
-    let m = dropout_factors4(load_state(), p.elem_base / 4u + g, p.drop_threshold, p.drop_flags, p.drop_scale);
-    st4_y(first, normalized4(first) * m, p.total);
 }

@@ -40,8 +40,8 @@ pub mod tensor;
 pub use context::{Context, ContextOptions, Kernel};
 pub use error::{Error, Result};
 pub use kernels::batch_norm::{
-    default_reduce_split, BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions,
-    ReduceSplit,
+    default_normalize_run, default_reduce_split, BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan,
+    BatchNormPlanOptions, ReduceSplit, MAX_NORMALIZE_RUN,
 };
 pub use kernels::batch_norm_backward::{
     Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan,

@@ -4,12 +4,15 @@ mod common;
 
 use common::{assert_close, Rng};
 use normdrop::fixture::{self, Fixture, Verdict};
-use normdrop::reference::{batch_norm_forward, RefRunningStats};
+use normdrop::kernels::dropout::rng_state_bytes;
+use normdrop::reference::{batch_norm_forward, dropout_forward, RefRunningStats};
 use normdrop::{
     BatchNorm, BatchNormBackwardKernel, BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions,
-    Context, ContextOptions, DType, Error, ReduceSplit, Tensor,
+    Context, ContextOptions, DType, DropoutConfig, DropoutMode, DropoutUnit, Error, ReduceSplit, Tensor,
+    MAX_NORMALIZE_RUN,
 };
 use proptest::prelude::*;
+use wgpu::util::DeviceExt;
 
 const RTOL: f64 = 1e-4;
 const ATOL: f64 = 1e-5;
@@ -114,7 +117,7 @@ fn read(ctx: &Context, t: &Tensor) -> Vec<f32> {
     t.to_vec_blocking(ctx).unwrap()
 }
 
-/// Runs one low-level forward with `chunk` and checks y, saved stats, running stats and the
+/// Runs one low-level forward with `split` and checks y, saved stats, running stats and the
 /// counter against the reference.
 #[allow(clippy::too_many_arguments)]
 fn check_against_reference(
@@ -123,6 +126,29 @@ fn check_against_reference(
     config: &BatchNormConfig,
     training: bool,
     split: ReduceSplit,
+    offset: f64,
+    seed: u64,
+    tol: (f64, f64),
+) {
+    let options = BatchNormPlanOptions {
+        split: Some(split),
+        ..Default::default()
+    };
+    check_with_options(ctx, shape, config, training, &options, offset, seed, tol);
+}
+
+/// Generator offset of the fused dropout in [`check_with_options`].
+const DROP_OFFSET: u64 = 5;
+
+/// [`check_against_reference`] with any plan options. With a fused dropout, y is checked
+/// against the reference's y through the CPU dropout (seed `seed`, offset [`DROP_OFFSET`]).
+#[allow(clippy::too_many_arguments)]
+fn check_with_options(
+    ctx: &Context,
+    shape: &[usize],
+    config: &BatchNormConfig,
+    training: bool,
+    options: &BatchNormPlanOptions,
     offset: f64,
     seed: u64,
     tol: (f64, f64),
@@ -142,26 +168,32 @@ fn check_against_reference(
     run.mean.iter_mut().for_each(|v| *v = f64::from(*v as f32));
     run.var.iter_mut().for_each(|v| *v = f64::from(*v as f32));
     let bufs = Bufs::new(ctx, &x, shape, &weight, &bias, &run);
-    let what = format!("shape {shape:?} {config:?} training={training} {split:?}");
+    let what = format!("shape {shape:?} {config:?} training={training} {options:?}");
 
     let kernel = ctx.kernel::<BatchNormKernel>().unwrap();
-    let plan = kernel
-        .plan_with(
-            ctx.device(),
-            shape,
-            config,
-            &BatchNormPlanOptions {
-                split: Some(split),
-                dropout: None,
-            },
-        )
-        .unwrap();
+    let plan = kernel.plan_with(ctx.device(), shape, config, options).unwrap();
     let reference = batch_norm_forward(&x, shape, config, Some(&weight), Some(&bias), Some(&mut run), training);
+    let state = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: &rng_state_bytes(seed, DROP_OFFSET),
+        usage: wgpu::BufferUsages::STORAGE,
+    });
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    let encoded = plan.encode(ctx.device(), &mut encoder, training, &bufs.args());
+    let args = BatchNormBuffers {
+        rng: Some(state.slice(..)),
+        ..bufs.args()
+    };
+    let encoded = plan.encode(ctx.device(), &mut encoder, training, &args);
     let reference = match reference {
-        Ok(r) => {
+        Ok(mut r) => {
             encoded.unwrap_or_else(|e| panic!("{what}: {e}"));
+            if let Some(d) = &options.dropout {
+                let y: Vec<f32> = r.y.iter().map(|&v| v as f32).collect();
+                let unit = DropoutUnit::Element;
+                r.y = dropout_forward(&y, shape, d, unit, seed, DROP_OFFSET, training)
+                    .unwrap()
+                    .0;
+            }
             r
         }
         Err(_) => {
@@ -269,6 +301,55 @@ fn pinned_awkward_shapes() {
             check_against_reference(&ctx, &shape, &cfg(shape[1]), true, split, 0.0, 7, (RTOL, ATOL));
             check_against_reference(&ctx, &shape, &cfg(shape[1]), false, split, 0.0, 8, (RTOL, ATOL));
         }
+    }
+}
+
+/// The normalize pass's runs of quads per invocation (1, the GPU default; 8, the CPU default;
+/// others), plain and fused with dropout, on shapes whose runs start mid-channel, cross one or
+/// several channels (S < 4, S not a multiple of 4) and end past the tensor; refused outside
+/// 1..=MAX_NORMALIZE_RUN before anything is built.
+#[test]
+fn normalize_runs_match_the_reference() {
+    let ctx = gpu!();
+    let drops = [
+        None,
+        Some(DropoutConfig::new(0.4)),
+        Some(DropoutConfig {
+            p: 0.3,
+            mode: DropoutMode::ScaleAtInference,
+        }),
+    ];
+    for shape in [
+        vec![2, 3, 1],
+        vec![3, 2, 3],
+        vec![2, 3, 7, 5],
+        vec![4, 2, 36],
+        vec![3, 5, 257],
+    ] {
+        let cfg = config(shape[1], Some(0.1), true, true, 1e-5);
+        for run in [1, 2, 3, 8, MAX_NORMALIZE_RUN] {
+            for (i, dropout) in drops.iter().enumerate() {
+                let options = BatchNormPlanOptions {
+                    normalize_run: Some(run),
+                    dropout: *dropout,
+                    ..Default::default()
+                };
+                for training in [true, false] {
+                    let seed = 60 + i as u64;
+                    check_with_options(&ctx, &shape, &cfg, training, &options, 0.0, seed, (RTOL, ATOL));
+                }
+            }
+        }
+    }
+    let kernel = ctx.kernel::<BatchNormKernel>().unwrap();
+    let cfg = config(3, Some(0.1), true, true, 1e-5);
+    for run in [0, MAX_NORMALIZE_RUN + 1] {
+        let options = BatchNormPlanOptions {
+            normalize_run: Some(run),
+            ..Default::default()
+        };
+        let r = kernel.plan_with(ctx.device(), &[2, 3, 4], &cfg, &options);
+        assert!(matches!(r, Err(Error::InvalidArgument { .. })), "run {run}: {r:?}");
     }
 }
 
@@ -634,7 +715,7 @@ fn bad_reduce_splits_are_rejected_by_forward_backward_and_module() {
     ] {
         let options = BatchNormPlanOptions {
             split: Some(split),
-            dropout: None,
+            ..Default::default()
         };
         let r = fwd.plan_with(ctx.device(), &shape, &cfg, &options);
         assert!(matches!(r, Err(Error::InvalidArgument { .. })), "forward {split:?}");
@@ -656,7 +737,7 @@ fn bad_reduce_splits_are_rejected_by_forward_backward_and_module() {
     ] {
         let options = BatchNormPlanOptions {
             split: Some(split),
-            dropout: None,
+            ..Default::default()
         };
         assert_eq!(
             fwd.plan_with(ctx.device(), &shape, &cfg, &options).unwrap().split(),

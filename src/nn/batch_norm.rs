@@ -294,6 +294,7 @@ impl BatchNorm {
             let options = BatchNormPlanOptions {
                 dropout: fused,
                 split: self.split,
+                ..Default::default()
             };
             let plan = self.ctx.kernel_with::<BatchNormKernel>(storage)?.plan_with(
                 self.ctx.device(),
