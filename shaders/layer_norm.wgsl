@@ -514,36 +514,37 @@ fn normalize_tile(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<u32>, d
     let first = block * BLOCK;
     for (var row = first; row < min(first + BLOCK, p.rows); row++) {
         let st = block_stats[row - first];
-        normalize_step(row, j.x, st, a, state, drop);
+        var m = Factors3(vec4<f32>(1.0), vec4<f32>(1.0), vec4<f32>(1.0));
+        if (VEC4 && drop) {
+            m = tile_masks(state, row, j, tile);
+        }
+        normalize_step(row, j.x, st, a, m.a, state, drop);
         if (tile) {
-            normalize_step(row, j.y, st, b, state, drop);
-            normalize_step(row, j.z, st, c, state, drop);
+            normalize_step(row, j.y, st, b, m.b, state, drop);
+            normalize_step(row, j.z, st, c, m.c, state, drop);
         }
     }
 }
 
 // y of column quad j0 (nothing past the row) of `row`, whose statistics are
-// st = (K, mean − K, rstd), under the columns' γ and β.
-fn normalize_step(row: u32, j0: u32, st: vec3<f32>, c: ColumnParams, state: vec4<u32>, drop: bool) {
+// st = (K, mean − K, rstd), under the columns' γ and β; with `drop`, times the mask: `m` in the
+// vec4 variant (the caller's draw), drawn here otherwise (a quad may span two Philox groups).
+fn normalize_step(row: u32, j0: u32, st: vec3<f32>, c: ColumnParams, m: vec4<f32>, state: vec4<u32>, drop: bool) {
     if (j0 >= p.width) {
         return;
     }
     let e = row * p.width + j0;
     if (VEC4) {
-        var y = quad_y(ld4a_x(e), st, c);
-        if (drop) {
-            y *= drop4(state, (p.row_base * p.width + e) >> 2u);
-        }
-        st4_y(e, y, e + 4u);
+        st4_y(e, quad_y(ld4a_x(e), st, c) * m, e + 4u);
         return;
     }
-    var m = vec4<f32>(1.0);
+    var ms = vec4<f32>(1.0);
     if (drop) {
-        m = drop_span(state, p.row_base * p.width + e);
+        ms = drop_span(state, p.row_base * p.width + e);
     }
     for (var u = 0u; u < 4u; u++) {
         if (j0 + u < p.width) {
-            st_y(e + u, element_y(ld_x(e + u), st, c, u) * m[u]);
+            st_y(e + u, element_y(ld_x(e + u), st, c, u) * ms[u]);
         }
     }
 }

@@ -529,13 +529,19 @@ fn block_row(row: u32, lid: u32, state: vec4<u32>, drop: bool, park: bool) {
     let rs = rstd[p.row_base + row];
     var sums = vec3<f32>(0.0);
     if (VEC4) {
-        for (var k = 0u; k < r.quads; k++) {
-            let e = r.base + 4u * k;
-            let d = ld4a_dy(e) * quad_factors(state, r, k, drop);
-            if (park) {
-                st4_dx(e, d, e + 4u);
+        // With the mask, three quads at a time: three interleaved Philox calls.
+        var k = 0u;
+        if (drop) {
+            for (; k + 3u <= r.quads; k += 3u) {
+                let q = vec3<u32>(r.q0 + k, r.q0 + k + 1u, r.q0 + k + 2u);
+                let m = dropout_factors4x3(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
+                sums += row_quad(r, k, shift, m.a, park);
+                sums += row_quad(r, k + 1u, shift, m.b, park);
+                sums += row_quad(r, k + 2u, shift, m.c, park);
             }
-            sums += quad_sums(ld4a_x(e) - shift, d * gamma4(4u * k));
+        }
+        for (; k < r.quads; k++) {
+            sums += row_quad(r, k, shift, quad_factors(state, r, k, drop), park);
         }
     } else {
         sums = lane_sums(state, r, shift, 0u, 1u, true, drop);
@@ -543,6 +549,17 @@ fn block_row(row: u32, lid: u32, state: vec4<u32>, drop: bool, park: bool) {
     let cf = coefficients_of(sums, rs);
     block_coef[lid] = vec4<f32>(shift, cf.x, rs, cf.y);
     block_slope[lid] = cf.z;
+}
+
+// quad_sums of the row's quad k (vec4 variant), its dy times the mask factors m; with `park`,
+// dy·m is written to dx for the column phase.
+fn row_quad(r: Row, k: u32, shift: f32, m: vec4<f32>, park: bool) -> vec3<f32> {
+    let e = r.base + 4u * k;
+    let d = ld4a_dy(e) * m;
+    if (park) {
+        st4_dx(e, d, e + 4u);
+    }
+    return quad_sums(ld4a_x(e) - shift, d * gamma4(4u * k));
 }
 
 // (x̂, dh) of quad x of a block row with coefficients c = (K, mean − K, rstd, mean(g)) and
@@ -738,18 +755,23 @@ fn columns_tile_residual(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<
     for (var row = first; row < min(first + BLOCK, p.rows); row++) {
         let cf = block_coef[row - first];
         let slope = block_slope[row - first];
-        a = residual_step(a, row, j.x, cf, slope, state, accumulate);
+        var m = Factors3(vec4<f32>(1.0), vec4<f32>(1.0), vec4<f32>(1.0));
+        if (VEC4) {
+            m = tile_masks(state, row, j, tile);
+        }
+        a = residual_step(a, row, j.x, cf, slope, m.a, state, accumulate);
         if (tile) {
-            b = residual_step(b, row, j.y, cf, slope, state, accumulate);
-            c = residual_step(c, row, j.z, cf, slope, state, accumulate);
+            b = residual_step(b, row, j.y, cf, slope, m.b, state, accumulate);
+            c = residual_step(c, row, j.z, cf, slope, m.c, state, accumulate);
         }
     }
     tile_partials(block, j, tile, a, b, c);
 }
 
-// column_step of the residual block.
+// column_step of the residual block; `m` is the vec4 variant's mask factors (the caller's draw),
+// drawn here otherwise (a quad may span two Philox groups).
 fn residual_step(
-    sums: ColumnSums, row: u32, j0: u32, cf: vec4<f32>, slope: f32, state: vec4<u32>, accumulate: bool,
+    sums: ColumnSums, row: u32, j0: u32, cf: vec4<f32>, slope: f32, m: vec4<f32>, state: vec4<u32>, accumulate: bool,
 ) -> ColumnSums {
     var out = sums;
     if (j0 >= p.width) {
@@ -759,17 +781,17 @@ fn residual_step(
     if (VEC4) {
         let d = ld4a_dy(e);
         let q = block_quad(cf, slope, ld4a_x(e), d, sums.gam);
-        residual_emit4(e, q.dh, drop4(state, (p.row_base * p.width + e) >> 2u), accumulate);
+        residual_emit4(e, q.dh, m, accumulate);
         out.gx += d * q.xhat;
         out.gs += d;
         return out;
     }
-    let m = drop_span(state, p.row_base * p.width + e);
+    let ms = drop_span(state, p.row_base * p.width + e);
     for (var u = 0u; u < 4u; u++) {
         if (j0 + u < p.width) {
             let d = ld_dy(e + u);
             let q = block_element(cf, slope, ld_x(e + u), d, sums.gam[u]);
-            residual_emit(e + u, q.y, m[u]);
+            residual_emit(e + u, q.y, ms[u]);
             out.gx[u] += d * q.x;
             out.gs[u] += d;
         }

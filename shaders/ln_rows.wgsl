@@ -74,6 +74,17 @@ fn quad_factors(state: vec4<u32>, r: Row, k: u32, drop: bool) -> vec4<f32> {
     return vec4<f32>(1.0);
 }
 
+// Mask factors of the row-block paths' column tile at columns j (multiples of 4) of `row`
+// (local to the dispatch) in the vec4 variant, where rows start on quads: the three quads'
+// from three interleaved Philox calls, or j.x's alone (the others ones) unless `tile`.
+fn tile_masks(state: vec4<u32>, row: u32, j: vec3<u32>, tile: bool) -> Factors3 {
+    let q = (vec3<u32>((p.row_base + row) * p.width) + j) >> vec3<u32>(2u);
+    if (tile) {
+        return dropout_factors4x3(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
+    }
+    return Factors3(drop4(state, q.x), vec4<f32>(1.0), vec4<f32>(1.0));
+}
+
 // Dropout multipliers of the four consecutive elements from global flat index e: quad e/4,
 // and the next quad when e is not on a quad boundary.
 fn drop_span(state: vec4<u32>, e: u32) -> vec4<f32> {

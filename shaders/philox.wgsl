@@ -49,6 +49,48 @@ fn dropout_words(state: vec4<u32>, g: u32) -> vec4<u32> {
     return philox4x32_10(vec4<u32>(g, 0u, state.z, state.w), state.xy);
 }
 
+// Three calls' words, for quads g.x, g.y, g.z, computed round by round together. One call is
+// a chain of ten dependent multiplies, so a CPU core mostly waits on their latency; three
+// independent chains interleaved fill those waits (lavapipe: a second call beside the first
+// costs a small part of the first; BENCHMARKS.md optimisation 34).
+struct Words3 {
+    a: vec4<u32>,
+    b: vec4<u32>,
+    c: vec4<u32>,
+}
+
+fn dropout_words3(state: vec4<u32>, g: vec3<u32>) -> Words3 {
+    var w = Words3(
+        philox_round(vec4<u32>(g.x, 0u, state.z, state.w), state.xy),
+        philox_round(vec4<u32>(g.y, 0u, state.z, state.w), state.xy),
+        philox_round(vec4<u32>(g.z, 0u, state.z, state.w), state.xy),
+    );
+    var k = state.xy;
+    for (var r = 1u; r < 10u; r++) {
+        k = k + vec2<u32>(PHILOX_W0, PHILOX_W1);
+        w = Words3(philox_round(w.a, k), philox_round(w.b, k), philox_round(w.c, k));
+    }
+    return w;
+}
+
+// Multipliers of quads g.x, g.y, g.z (dropout_factors4 of each), from dropout_words3.
+struct Factors3 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+    c: vec4<f32>,
+}
+
+fn dropout_factors4x3(state: vec4<u32>, g: vec3<u32>, threshold: u32, flags: u32, scale: f32) -> Factors3 {
+    let w = dropout_words3(state, g);
+    let z = vec4<f32>(0.0);
+    let s = vec4<f32>(scale);
+    return Factors3(
+        select(z, s, dropout_keep4(w.a, threshold, flags)),
+        select(z, s, dropout_keep4(w.b, threshold, flags)),
+        select(z, s, dropout_keep4(w.c, threshold, flags)),
+    );
+}
+
 const DROP_ALL: u32 = 1u;   // p = 1: every element dropped, whatever the words
 
 // Keep decision for one word: an integer compare, never through floats.
