@@ -470,19 +470,8 @@ fn column_params(j0: u32) -> ColumnParams {
 // three (a CPU driver loads workgroup memory lane by lane, and those loads were a tenth of
 // `ln_fwd`). The rest go one slot at a time, the last of which may lie past the row for some
 // invocations. The three slots are spelled out, not looped over arrays, so that no driver
-// needs to unroll a loop to keep them in registers.
-const TILE: u32 = 3u;
-
-// (full tiles of TILE, slots in all) of an invocation.
-fn tile_counts() -> vec2<u32> {
-    let quads = (p.width + 3u) / 4u;
-    return vec2<u32>(quads / BLOCK / TILE, (quads + BLOCK - 1u) / BLOCK);
-}
-
-// First column of slot s of invocation `lid`.
-fn slot_column(lid: u32, s: u32) -> u32 {
-    return 4u * (lid + BLOCK * s);
-}
+// needs to unroll a loop to keep them in registers (TILE, tile_counts,
+// tile_columns: ln_rows.wgsl).
 
 // Column phase: every slot of invocation `lid` down the block's rows; y ← y·m with `drop`.
 // `tile` (a constant) takes slots s0 .. s0 + 2, else slot s0 alone. The residual block's twin,
@@ -503,7 +492,7 @@ fn block_normalize(block: u32, lid: u32, drop: bool) {
 }
 
 fn normalize_tile(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<u32>, drop: bool) {
-    let j = vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
+    let j = tile_columns(lid, s0);
     let a = column_params(j.x);
     var b = a;
     var c = a;
@@ -560,7 +549,7 @@ fn block_normalize_h(block: u32, lid: u32) {
 }
 
 fn normalize_tile_h(block: u32, lid: u32, s0: u32, tile: bool) {
-    let j = vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
+    let j = tile_columns(lid, s0);
     let a = column_params(j.x);
     var b = a;
     var c = a;

@@ -587,19 +587,7 @@ fn block_element(c: vec4<f32>, slope: f32, x: f32, d: f32, gam: f32) -> vec2<f32
 // the three: on a CPU driver those lane-by-lane loads were a tenth of `ln_bwd`), then one at a
 // time. The three slots are spelled out rather than looped over arrays: a CPU driver that
 // does not unroll such a loop indexes the sums in memory (the residual block's backward took
-// 1.5× as long).
-const TILE: u32 = 3u;
-
-// (full tiles of TILE, slots in all) of an invocation.
-fn tile_counts() -> vec2<u32> {
-    let quads = (p.width + 3u) / 4u;
-    return vec2<u32>(quads / BLOCK / TILE, (quads + BLOCK - 1u) / BLOCK);
-}
-
-// First column of slot s of invocation `lid`.
-fn slot_column(lid: u32, s: u32) -> u32 {
-    return 4u * (lid + BLOCK * s);
-}
+// 1.5× as long). TILE, tile_counts, tile_columns: ln_rows.wgsl.
 
 // γ of columns j0 .. j0 + 3 (ones past the row).
 fn column_gamma(j0: u32) -> vec4<f32> {
@@ -651,7 +639,7 @@ fn block_columns(block: u32, lid: u32, state: vec4<u32>, drop: bool, accumulate:
 }
 
 fn columns_tile(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<u32>, drop: bool, accumulate: bool) {
-    let j = vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
+    let j = tile_columns(lid, s0);
     var a = column_start(j.x);
     var b = a;
     var c = a;
@@ -743,7 +731,7 @@ fn block_columns_residual(block: u32, lid: u32, state: vec4<u32>, accumulate: bo
 }
 
 fn columns_tile_residual(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<u32>, accumulate: bool) {
-    let j = vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
+    let j = tile_columns(lid, s0);
     var a = column_start(j.x);
     var b = a;
     var c = a;

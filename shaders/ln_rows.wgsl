@@ -1,7 +1,8 @@
 // include-only: validated as part of the shaders that include it.
 // Row geometry shared by the LayerNorm passes (layer_norm.wgsl, layer_norm_backward.wgsl): which
 // row and lane an invocation works on, and how a row lies over the dropout mask's quads. The
-// including shader includes philox.wgsl and declares `const WG` (256), `const REGS` (16), and a
+// including shader includes philox.wgsl and declares `const WG` (256), `const REGS` (16), `const
+// BLOCK` (64, the row-block paths' rows per workgroup), and a
 // uniform `p` with rows, width, lanes, row_base, drop_threshold, drop_flags and drop_scale.
 
 // Where an invocation works: its row, its lane within the row, and whether that row exists
@@ -72,6 +73,28 @@ fn quad_factors(state: vec4<u32>, r: Row, k: u32, drop: bool) -> vec4<f32> {
         return drop4(state, r.q0 + k);
     }
     return vec4<f32>(1.0);
+}
+
+// The row-block paths' column tiles (layer_norm.wgsl, layer_norm_backward.wgsl; the includer
+// declares `const BLOCK`, the rows and invocations of a block): invocation `lid` takes the
+// column quads lid, lid + BLOCK, … (its slots), TILE at a time while every invocation has TILE
+// left, then one at a time.
+const TILE: u32 = 3u;
+
+// (full tiles of TILE, slots in all) of an invocation.
+fn tile_counts() -> vec2<u32> {
+    let quads = (p.width + 3u) / 4u;
+    return vec2<u32>(quads / BLOCK / TILE, (quads + BLOCK - 1u) / BLOCK);
+}
+
+// First column of slot s of invocation `lid`.
+fn slot_column(lid: u32, s: u32) -> u32 {
+    return 4u * (lid + BLOCK * s);
+}
+
+// First columns of slots s0, s0 + 1, s0 + 2 (the last two past the row outside full tiles).
+fn tile_columns(lid: u32, s0: u32) -> vec3<u32> {
+    return vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
 }
 
 // Mask factors of the row-block paths' column tile at columns j (multiples of 4) of `row`

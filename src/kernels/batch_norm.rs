@@ -9,9 +9,10 @@
 //! | `bn_stats`          | C · chunks              | x                        | partials (mean, M2)       |
 //! | `bn_count`          | 1 (when tracking)       | num_batches_tracked      | num_batches_tracked       |
 //! | `bn_finalize`       | C                       | partials                 | save_mean/invstd, running |
-//! | `bn_normalize`      | ⌈N·C·S / 256⌉           | x, saved stats, γ, β     | y                         |
+//! | `bn_normalize`      | ⌈N·C·S / (1024·run)⌉    | x, centre (K, mean, γ, β)| y                         |
 //!
-//! In eval mode with running statistics only `bn_finalize_eval` and `bn_normalize` run.
+//! In eval mode with running statistics only `bn_finalize_eval` and `bn_normalize` run. `run`
+//! is [`BatchNormPlanOptions::normalize_run`] (quads of 4 elements per invocation).
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
