@@ -503,10 +503,7 @@ fn normalize_tile(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<u32>, d
     let first = block * BLOCK;
     for (var row = first; row < min(first + BLOCK, p.rows); row++) {
         let st = block_stats[row - first];
-        var m = Factors3(vec4<f32>(1.0), vec4<f32>(1.0), vec4<f32>(1.0));
-        if (VEC4 && drop) {
-            m = tile_masks(state, row, j, tile);
-        }
+        let m = tile_masks(state, row, j, tile, drop);
         normalize_step(row, j.x, st, a, m.a, state, drop);
         if (tile) {
             normalize_step(row, j.y, st, b, m.b, state, drop);

@@ -743,10 +743,7 @@ fn columns_tile_residual(block: u32, lid: u32, s0: u32, tile: bool, state: vec4<
     for (var row = first; row < min(first + BLOCK, p.rows); row++) {
         let cf = block_coef[row - first];
         let slope = block_slope[row - first];
-        var m = Factors3(vec4<f32>(1.0), vec4<f32>(1.0), vec4<f32>(1.0));
-        if (VEC4) {
-            m = tile_masks(state, row, j, tile);
-        }
+        let m = tile_masks(state, row, j, tile, true);
         a = residual_step(a, row, j.x, cf, slope, m.a, state, accumulate);
         if (tile) {
             b = residual_step(b, row, j.y, cf, slope, m.b, state, accumulate);

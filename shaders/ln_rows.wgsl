@@ -99,13 +99,19 @@ fn tile_columns(lid: u32, s0: u32) -> vec3<u32> {
 
 // Mask factors of the row-block paths' column tile at columns j (multiples of 4) of `row`
 // (local to the dispatch) in the vec4 variant, where rows start on quads: the three quads'
-// from three interleaved Philox calls, or j.x's alone (the others ones) unless `tile`.
-fn tile_masks(state: vec4<u32>, row: u32, j: vec3<u32>, tile: bool) -> Factors3 {
+// from three interleaved Philox calls, or j.x's alone (the others ones) unless `tile`. Ones
+// without `drop` (a literal at every call) and in the scalar variant, whose quads may span two
+// Philox groups and draw their own (drop_span).
+fn tile_masks(state: vec4<u32>, row: u32, j: vec3<u32>, tile: bool, drop: bool) -> Factors3 {
+    let ones = vec4<f32>(1.0);
+    if (!VEC4 || !drop) {
+        return Factors3(ones, ones, ones);
+    }
     let q = (vec3<u32>((p.row_base + row) * p.width) + j) >> vec3<u32>(2u);
     if (tile) {
         return dropout_factors4x3(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
     }
-    return Factors3(drop4(state, q.x), vec4<f32>(1.0), vec4<f32>(1.0));
+    return Factors3(drop4(state, q.x), ones, ones);
 }
 
 // Dropout multipliers of the four consecutive elements from global flat index e: quad e/4,

@@ -82,12 +82,10 @@ struct Factors3 {
 
 fn dropout_factors4x3(state: vec4<u32>, g: vec3<u32>, threshold: u32, flags: u32, scale: f32) -> Factors3 {
     let w = dropout_words3(state, g);
-    let z = vec4<f32>(0.0);
-    let s = vec4<f32>(scale);
     return Factors3(
-        select(z, s, dropout_keep4(w.a, threshold, flags)),
-        select(z, s, dropout_keep4(w.b, threshold, flags)),
-        select(z, s, dropout_keep4(w.c, threshold, flags)),
+        word_factors4(w.a, threshold, flags, scale),
+        word_factors4(w.b, threshold, flags, scale),
+        word_factors4(w.c, threshold, flags, scale),
     );
 }
 
@@ -100,8 +98,12 @@ fn dropout_keep(word: u32, threshold: u32, flags: u32) -> bool {
 
 // Multipliers of elements 4g .. 4g+3: `scale` where kept, 0 where dropped (one Philox call).
 fn dropout_factors4(state: vec4<u32>, g: u32, threshold: u32, flags: u32, scale: f32) -> vec4<f32> {
-    let keep = dropout_keep4(dropout_words(state, g), threshold, flags);
-    return select(vec4<f32>(0.0), vec4<f32>(scale), keep);
+    return word_factors4(dropout_words(state, g), threshold, flags, scale);
+}
+
+// Multipliers of the four elements whose mask words are `words`: `scale` kept, 0 dropped.
+fn word_factors4(words: vec4<u32>, threshold: u32, flags: u32, scale: f32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), vec4<f32>(scale), dropout_keep4(words, threshold, flags));
 }
 
 // Keep decisions for the four words of one Philox call.
