@@ -27,6 +27,8 @@
 //   bn_normalize_dropout  BatchNorm then dropout in one pass, the same geometry (one Philox call
 //                     per quad), y = ((x − mean)·(invstd·γ) + β)·m with the mask of philox.wgsl
 //                     over flat element indices.
+//   bn_normalize_aligned, bn_normalize_dropout_aligned  the same two for S % 4 == 0 and
+//                     S ≥ 4·run, without the walk across channel boundaries inside a quad.
 //
 // Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
 // linear workgroup index from `num_workgroups`.
@@ -290,7 +292,7 @@ fn bn_normalize(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    normalize_run(gid.x + gid.y * nwg.x * WG, vec4<u32>(0u), false);
+    normalize_run(gid.x + gid.y * nwg.x * WG, vec4<u32>(0u), false, false);
 }
 
 @compute @workgroup_size(256)
@@ -298,23 +300,66 @@ fn bn_normalize_dropout(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    normalize_run(gid.x + gid.y * nwg.x * WG, load_state(), true);
+    normalize_run(gid.x + gid.y * nwg.x * WG, load_state(), true, false);
+}
+
+// bn_normalize for S % 4 == 0 and S ≥ 4·run (the host's choice): see normalize_run.
+@compute @workgroup_size(256)
+fn bn_normalize_aligned(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    normalize_run(gid.x + gid.y * nwg.x * WG, vec4<u32>(0u), false, true);
+}
+
+// bn_normalize_dropout for S % 4 == 0 and S ≥ 4·run (the host's choice): see normalize_run.
+@compute @workgroup_size(256)
+fn bn_normalize_dropout_aligned(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    normalize_run(gid.x + gid.y * nwg.x * WG, load_state(), true, true);
 }
 
 // Invocation g normalizes the p.run quads from element 4·run·g (the host's choice: 1 on GPUs,
-// 4 on CPU adapters). Consecutive quads nearly always share a channel, so the channel index
+// 8 on CPU adapters). Consecutive quads nearly always share a channel, so the channel index
 // (two divisions) and its coefficients (a lane-by-lane load on a CPU driver, a tenth of
 // `bn_eval_fwd` there when read per quad) are found once per run and again only where the
 // run enters the next channel. `drop`: y ← y·m with the fused dropout's mask from generator
 // state `state` (the entry point loads it: only the dropout entry binds rng_state); elem_base
 // is a multiple of 4, so each quad is the four words of one Philox call.
-fn normalize_run(g: u32, state: vec4<u32>, drop: bool) {
+// `aligned` (a literal of the entry point): S % 4 == 0 and S ≥ 4·run, so every quad lies in
+// one channel and a run enters at most one next channel, whose coefficients are read up front
+// and taken by a select. The general walk below has a per-element path for quads that cross
+// channels and re-finds the channel where a run crosses; a CPU driver executes both under a
+// lane mask for every quad even when no lane needs them (lavapipe: the aligned path makes
+// `bn_dropout_fwd` and `bn_eval_fwd` about 1.25x faster, BENCHMARKS.md optimisation 35).
+fn normalize_run(g: u32, state: vec4<u32>, drop: bool, aligned: bool) {
     var first = g * p.run * 4u;
     if (first >= p.total) {
         return;
     }
     var pos = channel_position(first, p.s, p.c, p.div_s, p.div_c);
     var k = channel_coefficients(pos.x);
+    if (aligned) {
+        var k_next = k;
+        if (p.run > 1u) {
+            k_next = channel_coefficients(select(pos.x + 1u, 0u, pos.x + 1u == p.c));
+        }
+        var s = pos.y;
+        for (var r = 0u; r < p.run && first < p.total; r++) {
+            var y = ((ld4a_x(first) - k.x) - k.y) * k.z + k.w;
+            if (drop) {
+                y *= dropout_factors4(state, (p.elem_base + first) / 4u, p.drop_threshold, p.drop_flags, p.drop_scale);
+            }
+            st4_y(first, y, p.total);
+            first += 4u;
+            // The one entry into the next channel (s passes S once: 4·run ≤ S).
+            s += 4u;
+            k = select(k, k_next, s == p.s);
+        }
+        return;
+    }
     for (var r = 0u; r < p.run && first < p.total; r++) {
         var y = normalized4(first, pos, k);
         if (drop) {

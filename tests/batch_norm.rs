@@ -307,7 +307,10 @@ fn pinned_awkward_shapes() {
 /// The normalize pass's runs of quads per invocation (1, the GPU default; 8, the CPU default;
 /// others), plain and fused with dropout, on shapes whose runs start mid-channel, cross one or
 /// several channels (S < 4, S not a multiple of 4) and end past the tensor; refused outside
-/// 1..=MAX_NORMALIZE_RUN before anything is built.
+/// 1..=MAX_NORMALIZE_RUN before anything is built. S % 4 == 0 with S ≥ 4·run takes the aligned
+/// entry points: S = 8 (run 2 ends exactly at a channel's end), 12 (run 2 enters the next
+/// channel mid-run, run 3 fills a channel), 36 (run 8 enters the next channel mid-run, the last
+/// channel's next is channel 0 of the next sample).
 #[test]
 fn normalize_runs_match_the_reference() {
     let ctx = gpu!();
@@ -324,6 +327,8 @@ fn normalize_runs_match_the_reference() {
         vec![3, 2, 3],
         vec![2, 3, 7, 5],
         vec![4, 2, 36],
+        vec![3, 4, 8],
+        vec![2, 5, 12],
         vec![3, 5, 257],
     ] {
         let cfg = config(shape[1], Some(0.1), true, true, 1e-5);

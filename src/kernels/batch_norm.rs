@@ -34,6 +34,14 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bn_finalize_eval",
     "bn_normalize",
     "bn_normalize_dropout",
+    "bn_normalize_aligned",
+    "bn_normalize_dropout_aligned",
+];
+/// Normalize entry points, `[general, aligned][plain, dropout]`: the aligned pair serves
+/// S % 4 == 0 and S ≥ 4·run (see `normalize_run` in the shader).
+const NORMALIZE_ENTRIES: [[&str; 2]; 2] = [
+    ["bn_normalize", "bn_normalize_dropout"],
+    ["bn_normalize_aligned", "bn_normalize_dropout_aligned"],
 ];
 const WORKGROUP: u64 = 256;
 /// Workgroup size of the one-invocation-per-channel passes (`bn_finalize_eval`, the `_serial`
@@ -257,11 +265,11 @@ pub struct BatchNormKernel {
     /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
     finalize: [wgpu::ComputePipeline; 2],
     finalize_eval: wgpu::ComputePipeline,
-    /// `[bn_normalize, bn_normalize_dropout]`.
-    normalize: [wgpu::ComputePipeline; 2],
+    /// `[general, aligned][plain, dropout]` (`NORMALIZE_ENTRIES`).
+    normalize: [[wgpu::ComputePipeline; 2]; 2],
     /// The same from the vec4 variant (f32 only), for ranges whose x
     /// and y bind as whole 16-byte vectors.
-    normalize_vec4: Option<[wgpu::ComputePipeline; 2]>,
+    normalize_vec4: Option<[[wgpu::ComputePipeline; 2]; 2]>,
     /// `stats` from the vec4 variant, for ranges whose x binds as whole vectors and S % 4 == 0.
     stats_vec4: Option<[wgpu::ComputePipeline; 2]>,
     /// Stand-ins for bindings a configuration does not use: γ, β (read) and running mean,
@@ -279,10 +287,10 @@ impl Kernel for BatchNormKernel {
             count: compute_pipeline(device, &module, "bn_count"),
             finalize: ["bn_finalize", "bn_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
             finalize_eval: compute_pipeline(device, &module, "bn_finalize_eval"),
-            normalize: ["bn_normalize", "bn_normalize_dropout"].map(|e| compute_pipeline(device, &module, e)),
+            normalize: NORMALIZE_ENTRIES.map(|pair| pair.map(|e| compute_pipeline(device, &module, e))),
             normalize_vec4: vec4
                 .as_ref()
-                .map(|m| ["bn_normalize", "bn_normalize_dropout"].map(|e| compute_pipeline(device, m, e))),
+                .map(|m| NORMALIZE_ENTRIES.map(|pair| pair.map(|e| compute_pipeline(device, m, e)))),
             stats_vec4: vec4
                 .as_ref()
                 .map(|m| ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, m, e))),
@@ -423,6 +431,7 @@ impl BatchNormKernel {
             centre,
             finalize_groups,
             eval_groups,
+            aligned: dims.s % 4 == 0 && dims.s >= 4 * u64::from(run),
         })
     }
 }
@@ -615,6 +624,9 @@ pub struct BatchNormPlan {
     centre: wgpu::Buffer,
     finalize_groups: (u32, u32),
     eval_groups: (u32, u32),
+    /// S % 4 == 0 and S ≥ 4·run: the normalize pass takes its aligned entry points, where every
+    /// quad lies in one channel and a run enters at most one next channel.
+    aligned: bool,
 }
 
 impl BatchNormPlan {
@@ -833,11 +845,12 @@ impl BatchNormPlan {
             ));
         }
         let drop = usize::from(self.dropout.is_some() && b.rng.is_some());
+        let aligned = usize::from(self.aligned);
         for c in &self.chunks {
             let (at, len) = range_bytes(c);
             let normalize = match &k.normalize_vec4 {
-                Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => &v[drop],
-                _ => &k.normalize[drop],
+                Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => &v[aligned][drop],
+                _ => &k.normalize[aligned][drop],
             };
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
