@@ -29,6 +29,8 @@
 //                 bnb_dx_dropout: the same with dy·m.
 //                 bnb_dx_parked: after bnb_reduce[_serial]_dropout_park, which wrote g = dy·m
 //                 into dx (CPU adapters, writing f32 dx): the mask is drawn once, not twice.
+//                 bnb_dx[_dropout|_parked]_aligned, bnb_dx[_dropout]_accumulate_aligned: the
+//                 same for S % 4 == 0 (every quad in one channel), writing or adding to dx.
 //
 // Running statistics (eval), where dx = γ·invstd·dy needs no reduction: bnb_eval_coef (one
 // invocation per channel) writes (K = running mean, a = γ·invstd) into coef, and
@@ -426,14 +428,7 @@ fn dx_quad(g: u32, drop: bool, parked: bool) {
     var out: vec4<f32>;
     if (quad_fits(pos.y, p.s, first, p.total)) {
         // One channel (always when S % 4 == 0 away from the end): vector arithmetic.
-        var dy = ld4a_dy(first) * m;
-        if (parked) {
-            dy = ld4a_dx(first);
-        }
-        out = dx_of(k, ld4a_x(first), dy);
-        if (has(FLAG_ACCUM_DX)) {
-            out += ld4a_dx(first);
-        }
+        out = dx_vector(first, k, m, parked, has(FLAG_ACCUM_DX));
     } else {
         for (var j = 0u; j < 4u && first + j < p.total; j++) {
             if (j > 0u) {
@@ -450,4 +445,60 @@ fn dx_quad(g: u32, drop: bool, parked: bool) {
         }
     }
     st4_dx(first, out, p.total);
+}
+
+// dx of the quad from element `first`, all four in the channel of coefficients k; m: its mask
+// factors; `parked`: g = dy·m from dx; `accumulate`: added to dx.
+fn dx_vector(first: u32, k: vec4<f32>, m: vec4<f32>, parked: bool, accumulate: bool) -> vec4<f32> {
+    var g = ld4a_dy(first) * m;
+    if (parked) {
+        g = ld4a_dx(first);
+    }
+    var out = dx_of(k, ld4a_x(first), g);
+    if (accumulate) {
+        out += ld4a_dx(first);
+    }
+    return out;
+}
+
+// bnb_dx for S % 4 == 0 (the host's choice), where every quad lies in one channel: no
+// per-element walk, and writing or accumulating as a literal of the entry point. A CPU driver
+// executes an `if` under a lane mask whether or not a lane takes it, so dx_quad pays for its
+// per-element path and the accumulating load on every quad (lavapipe: bn_train_bwd about
+// 1.25x faster without them, BENCHMARKS.md optimisation 35).
+fn dx_aligned(g: u32, drop: bool, parked: bool, accumulate: bool) {
+    let first = g * 4u;
+    if (first >= p.total) {
+        return;
+    }
+    let k = dx_coef(channel_position(first, p.s, p.c, p.div_s, p.div_c).x);
+    st4_dx(first, dx_vector(first, k, mask_factors(first, drop), parked, accumulate), p.total);
+}
+
+@compute @workgroup_size(256)
+fn bnb_dx_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    dx_aligned(gid.x + gid.y * nwg.x * WG, false, false, false);
+}
+
+@compute @workgroup_size(256)
+fn bnb_dx_dropout_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    dx_aligned(gid.x + gid.y * nwg.x * WG, true, false, false);
+}
+
+@compute @workgroup_size(256)
+fn bnb_dx_parked_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    dx_aligned(gid.x + gid.y * nwg.x * WG, false, true, false);
+}
+
+@compute @workgroup_size(256)
+fn bnb_dx_accumulate_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    dx_aligned(gid.x + gid.y * nwg.x * WG, false, false, true);
+}
+
+@compute @workgroup_size(256)
+fn bnb_dx_dropout_accumulate_aligned(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    dx_aligned(gid.x + gid.y * nwg.x * WG, true, false, true);
 }

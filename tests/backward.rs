@@ -548,6 +548,62 @@ fn parameter_gradients_accumulate_over_backward_calls() {
     assert_eq!(read(&ctx, &dx), read(&ctx, &once.dx), "dx was not accumulated");
 }
 
+/// The fused BatchNorm+dropout backward accumulates like BatchNorm's: three accumulating calls
+/// give three times one call's gradients, in training and eval, at S = 6 (quads cross channels:
+/// the general dx pass) and S = 8 (the S % 4 == 0 entry points), and a writing call overwrites.
+/// (On a CPU adapter a writing f32 call parks dy·m in dx; an accumulating one cannot, so the
+/// masked dx pass itself runs here.)
+#[test]
+fn batch_norm_dropout_gradients_accumulate_over_backward_calls() {
+    let ctx = gpu!();
+    let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
+    let triple = |t: &Tensor| widen(&read(&ctx, t)).iter().map(|v| 3.0 * v).collect::<Vec<_>>();
+    let mut rng = Rng::new(67);
+    for (training, s) in [(true, 6), (false, 6), (true, 8), (false, 8)] {
+        let shape = [4, 3, s];
+        let what = |name: &str| format!("BN+dropout training={training} S={s} {name}");
+        let n = 12 * s;
+        let mut m = BatchNormDropout::new(&ctx, BatchNormConfig::new(3), DropoutConfig::new(0.3), 9).unwrap();
+        m.batch_norm_mut().set_weight(&[0.5, -1.5, 2.0]).unwrap();
+        let x = upload(&ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
+        let dy = upload(&ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
+        m.forward(&upload(&ctx, &rng.normal_vec(n, 2.0, 3.0), &shape)).unwrap();
+        if !training {
+            m.eval();
+        }
+        m.forward(&x).unwrap();
+        let once = m.backward(&dy).unwrap();
+        let (dx, dw, db) = (zeros(&shape), zeros(&[3]), zeros(&[3]));
+        let targets = GradTargets {
+            dx: &dx,
+            dweight: Some(&dw),
+            dbias: Some(&db),
+        };
+        for _ in 0..3 {
+            m.backward_into(&dy, targets, Accumulate { dx: true, params: true })
+                .unwrap();
+        }
+        assert_close(&what("dx x3"), &read(&ctx, &dx), &triple(&once.dx), 1e-6, 1e-6);
+        for (name, got, one) in [("dweight x3", &dw, &once.dweight), ("dbias x3", &db, &once.dbias)] {
+            assert_close(
+                &what(name),
+                &read(&ctx, got),
+                &triple(one.as_ref().unwrap()),
+                1e-6,
+                1e-6,
+            );
+        }
+        m.backward_into(&dy, targets, Accumulate::default()).unwrap();
+        assert_eq!(read(&ctx, &dx), read(&ctx, &once.dx), "{}", what("dx"));
+        assert_eq!(
+            read(&ctx, &dw),
+            read(&ctx, once.dweight.as_ref().unwrap()),
+            "{}",
+            what("dγ")
+        );
+    }
+}
+
 fn state<T: std::fmt::Debug>(e: Result<T, Error>) {
     assert!(matches!(e, Err(Error::State { .. })), "{e:?}");
 }

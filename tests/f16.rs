@@ -309,6 +309,56 @@ fn fused_ops_in_f16_match_their_unfused_references() {
     }
 }
 
+/// The fused BatchNorm+dropout backward in f16 against the reference BatchNorm backward of
+/// dy·m (the forward's mask regenerated on the CPU): S = 8 takes the dx pass's S % 4 == 0 entry
+/// points, S = 7 the general walk, in training (batch statistics). f16 dx is never parked in
+/// dx, so the mask is drawn in the dx pass itself here, on every adapter.
+#[test]
+fn batch_norm_dropout_backward_f16_matches_reference() {
+    let mut rng = Rng::new(1610);
+    for (storage, ctx) in paths() {
+        for shape in [[2, 3, 8], [3, 3, 7]] {
+            let numel: usize = shape.iter().product();
+            let what = format!("{storage:?} {shape:?} bn+dropout backward");
+            let config = BatchNormConfig::new(3);
+            let drop = DropoutConfig::new(0.25);
+            let gamma = [0.5f32, -1.5, 2.0];
+            let (xh, xw) = halves(&mut rng, numel, 0.5, 2.0);
+            let (dyh, dyw) = halves(&mut rng, numel, 0.0, 1.0);
+            let mut m = BatchNormDropout::new(&ctx, config.clone(), drop, 13).unwrap();
+            m.batch_norm_mut().set_weight(&gamma).unwrap();
+            let (seed, offset) = m.state();
+            m.forward(&upload(&ctx, &xh, &shape)).unwrap();
+            let g = m.backward(&upload(&ctx, &dyh, &shape)).unwrap();
+            let gamma = reference::widen(&gamma);
+            let mut running = RefRunningStats::new(3);
+            let fwd = reference::batch_norm_forward(
+                &f32s(&xw),
+                &shape,
+                &config,
+                Some(&f32s(&gamma)),
+                None,
+                Some(&mut running),
+                true,
+            )
+            .unwrap();
+            let dym = reference::dropout_backward(&f32s(&dyw), &shape, &drop, DropoutUnit::Element, seed, offset, true)
+                .unwrap();
+            let r =
+                reference::batch_norm_backward(&xw, &dym, &shape, &config, Some(&gamma), &fwd.mean, &fwd.invstd, true)
+                    .unwrap();
+            assert_close(&format!("{what} dx"), &read16(&ctx, &g.dx), &r.dx, TOL, TOL);
+            assert_close(
+                &format!("{what} dweight"),
+                &read32(&ctx, g.dweight.as_ref().unwrap()),
+                &r.dweight,
+                TOL,
+                TOL,
+            );
+        }
+    }
+}
+
 #[test]
 fn native_f16_is_refused_where_the_device_lacks_it() {
     let Some(ctx) = common::ctx() else { return };

@@ -6,12 +6,14 @@
 //! | `bnb_reduce`   | C · chunks      | x, dy                           | partial sums           |
 //! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
 //! | `bnb_finalize` | C               | partial sums, saved stats       | dγ, dβ, coefficients   |
+//! | `bnb_dx`       | ⌈N·C·S / 1024⌉  | x, dy, coefficients             | dx                     |
+//! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
 //!
 //! With [`ReduceSplit::Invocation`] (the CPU-adapter default) `bnb_reduce_serial(_dropout)`
 //! takes a chunk per invocation (⌈C · chunks / 256⌉ workgroups) and `bnb_finalize_serial` a
-//! channel per invocation.
-//! | `bnb_dx`       | ⌈N·C·S / 1024⌉  | x, dy, coefficients, γ          | dx                     |
-//! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
+//! channel per invocation. Where S % 4 == 0 the dx pass takes its `_aligned` entry points
+//! (every quad in one channel; writing and accumulating as separate entries), which skip the
+//! per-element walk a CPU driver would otherwise execute under a lane mask for every quad.
 //!
 //! Traffic: 5 passes over the activations (reduce reads x and dy; dx reads both and writes dx).
 //!
@@ -57,6 +59,11 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bnb_reduce_dropout_park",
     "bnb_reduce_serial_dropout_park",
     "bnb_dx_parked",
+    "bnb_dx_aligned",
+    "bnb_dx_dropout_aligned",
+    "bnb_dx_parked_aligned",
+    "bnb_dx_accumulate_aligned",
+    "bnb_dx_dropout_accumulate_aligned",
 ];
 
 const FLAG_AFFINE: u32 = 1;
@@ -109,19 +116,19 @@ pub struct BatchNormBackwardKernel {
     reduce: ReducePipelines,
     /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
     finalize: [wgpu::ComputePipeline; 2],
-    dx: [wgpu::ComputePipeline; 2],
+    dx: DxPipelines,
     /// `dx` from the vec4 variant (f32 only), for ranges whose x, dy and dx bind as whole
     /// 16-byte vectors.
-    dx_vec4: Option<[wgpu::ComputePipeline; 2]>,
+    dx_vec4: Option<DxPipelines>,
     /// `reduce` from the vec4 variant, for ranges whose x, dy and dx bind as whole vectors and
     /// S % 4 == 0.
     reduce_vec4: Option<ReducePipelines>,
     /// `bnb_eval_coef`: the running-statistics dx coefficients before the eval reduce.
     eval_coef: wgpu::ComputePipeline,
-    /// Parking g = dy·m: `[reduce_dropout_park, reduce_serial_dropout_park, dx_parked]`,
-    /// scalar and (f32) vec4.
-    park: [wgpu::ComputePipeline; 3],
-    park_vec4: Option<[wgpu::ComputePipeline; 3]>,
+    /// Parking g = dy·m: `[reduce_dropout_park, reduce_serial_dropout_park]`, scalar and
+    /// (f32) vec4; the dx pass that reads g back is in `dx`.
+    park: [wgpu::ComputePipeline; 2],
+    park_vec4: Option<[wgpu::ComputePipeline; 2]>,
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
 }
@@ -147,10 +154,8 @@ impl Kernel for BatchNormBackwardKernel {
             storage,
             reduce: reduce(&module),
             finalize: ["bnb_finalize", "bnb_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
-            dx: ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, &module, e)),
-            dx_vec4: vec4
-                .as_ref()
-                .map(|m| ["bnb_dx", "bnb_dx_dropout"].map(|e| compute_pipeline(device, m, e))),
+            dx: DxPipelines::build(device, &module),
+            dx_vec4: vec4.as_ref().map(|m| DxPipelines::build(device, m)),
             reduce_vec4: vec4.as_ref().map(reduce),
             eval_coef: compute_pipeline(device, &module, "bnb_eval_coef"),
             park: PARK_ENTRY_POINTS.map(|e| compute_pipeline(device, &module, e)),
@@ -162,11 +167,45 @@ impl Kernel for BatchNormBackwardKernel {
     }
 }
 
-const PARK_ENTRY_POINTS: [&str; 3] = [
-    "bnb_reduce_dropout_park",
-    "bnb_reduce_serial_dropout_park",
-    "bnb_dx_parked",
-];
+const PARK_ENTRY_POINTS: [&str; 2] = ["bnb_reduce_dropout_park", "bnb_reduce_serial_dropout_park"];
+
+/// Where the dx pass takes dy·m from: `DxPipelines` columns.
+const DX_PLAIN: usize = 0;
+const DX_DROPOUT: usize = 1;
+const DX_PARKED: usize = 2;
+
+/// The dx pass's pipelines of one shader module, columns `[plain, with the fused dropout's
+/// mask, parked g = dy·m]`: for any S (writing or adding to dx by the uniform's flag), for
+/// S % 4 == 0 writing dx, and for S % 4 == 0 adding to it (`[plain, dropout]`: parking only
+/// runs when dx is written). The S % 4 == 0 entry points have no per-element walk across
+/// channel boundaries and no runtime flag test, which a CPU driver would pay on every quad.
+#[derive(Clone, Debug)]
+struct DxPipelines {
+    general: [wgpu::ComputePipeline; 3],
+    aligned: [wgpu::ComputePipeline; 3],
+    aligned_accumulate: [wgpu::ComputePipeline; 2],
+}
+
+impl DxPipelines {
+    fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
+        let pipeline = |e| compute_pipeline(device, module, e);
+        Self {
+            general: ["bnb_dx", "bnb_dx_dropout", "bnb_dx_parked"].map(pipeline),
+            aligned: ["bnb_dx_aligned", "bnb_dx_dropout_aligned", "bnb_dx_parked_aligned"].map(pipeline),
+            aligned_accumulate: ["bnb_dx_accumulate_aligned", "bnb_dx_dropout_accumulate_aligned"].map(pipeline),
+        }
+    }
+
+    /// The pipeline for S % 4 == 0 (`aligned`) or not, adding to dx or not, reading dy·m from
+    /// `source` (`DX_PLAIN`, `DX_DROPOUT`, `DX_PARKED`).
+    fn pick(&self, aligned: bool, accumulate: bool, source: usize) -> &wgpu::ComputePipeline {
+        match (aligned, accumulate) {
+            (true, false) => &self.aligned[source],
+            (true, true) if source != DX_PARKED => &self.aligned_accumulate[source],
+            _ => &self.general[source],
+        }
+    }
+}
 
 /// Reduce pipelines indexed `[eval][serial][drop]` (see [`BatchNormBackwardKernel`]).
 type ReducePipelines = [[[wgpu::ComputePipeline; 2]; 2]; 2];
@@ -525,12 +564,16 @@ impl BatchNormBackwardPlan {
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             let vec4 = vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len);
-            let dx = match (&k.dx_vec4, &k.park_vec4) {
-                (_, Some(p)) if park && vec4 => &p[2],
-                _ if park => &k.park[2],
-                (Some(v), _) if vec4 => &v[drop],
-                _ => &k.dx[drop],
+            let pipelines = match &k.dx_vec4 {
+                Some(v) if vec4 => v,
+                _ => &k.dx,
             };
+            let source = match (park, drop) {
+                (true, _) => DX_PARKED,
+                (false, 1) => DX_DROPOUT,
+                _ => DX_PLAIN,
+            };
+            let dx = pipelines.pick(self.dims.s.is_multiple_of(4), accumulate.dx, source);
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),

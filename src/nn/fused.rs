@@ -15,9 +15,10 @@ use std::sync::Arc;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::BatchNormConfig;
+use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{DropoutConfig, DropoutKernel, DropoutUnit};
 use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion};
-use crate::nn::batch_norm::Grads;
+use crate::nn::batch_norm::{GradTargets, Grads};
 use crate::nn::dropout::{DropoutCall, Generator, Mask};
 use crate::nn::layer_norm::ResidualGrads;
 use crate::nn::{BatchNorm, LayerNorm};
@@ -169,6 +170,15 @@ impl BatchNormDropout {
     /// offset) is applied to `dy` inside BatchNorm's backward passes.
     pub fn backward(&mut self, dy: &Tensor) -> Result<Grads> {
         self.bn.backward_with(dy, Some(&self.drop.generator))
+    }
+
+    /// Backward into caller tensors (`dx` of the input's shape and dtype; `dweight`, `dbias` of
+    /// `(C)`, f32, required when affine); with `accumulate` set, gradients are added to them,
+    /// as [`BatchNorm::backward_into`]. Errors, changing nothing, as [`BatchNormDropout::backward`]
+    /// does and when a target does not match.
+    pub fn backward_into(&mut self, dy: &Tensor, targets: GradTargets<'_>, accumulate: Accumulate) -> Result<()> {
+        self.bn
+            .backward_impl(dy, targets, accumulate, Some(&self.drop.generator))
     }
 }
 
