@@ -344,7 +344,7 @@ fn normalize_run(g: u32, state: vec4<u32>, drop: bool, aligned: bool) {
     if (aligned) {
         var k_next = k;
         if (p.run > 1u) {
-            k_next = channel_coefficients(select(pos.x + 1u, 0u, pos.x + 1u == p.c));
+            k_next = channel_coefficients(next_channel(pos.x, p.c));
         }
         var s = pos.y;
         for (var r = 0u; r < p.run && first < p.total; r++) {

@@ -30,7 +30,8 @@
 //                 bnb_dx_parked: after bnb_reduce[_serial]_dropout_park, which wrote g = dy·m
 //                 into dx (CPU adapters, writing f32 dx): the mask is drawn once, not twice.
 //                 bnb_dx[_dropout|_parked]_aligned, bnb_dx[_dropout]_accumulate_aligned: the
-//                 same for S % 4 == 0 (every quad in one channel), writing or adding to dx.
+//                 same for S % 4 == 0 (every quad in one channel), writing or adding to dx,
+//                 p.run quads per invocation.
 //
 // Running statistics (eval), where dx = γ·invstd·dy needs no reduction: bnb_eval_coef (one
 // invocation per channel) writes (K = running mean, a = γ·invstd) into coef, and
@@ -69,6 +70,8 @@ struct Params {
     first: u32,      // 1 for the range that starts at sample 0 (it picks K)
     div_s: vec2<u32>, // multiply-shift pair of S (fast_div in nchw.wgsl)
     div_c: vec2<u32>, // multiply-shift pair of C
+    run: u32,         // quads per invocation of the aligned dx entry points (S ≥ 4·run)
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -465,14 +468,29 @@ fn dx_vector(first: u32, k: vec4<f32>, m: vec4<f32>, parked: bool, accumulate: b
 // per-element walk, and writing or accumulating as a literal of the entry point. A CPU driver
 // executes an `if` under a lane mask whether or not a lane takes it, so dx_quad pays for its
 // per-element path and the accumulating load on every quad (lavapipe: bn_train_bwd about
-// 1.25x faster without them, BENCHMARKS.md optimisation 35).
+// 1.17x faster without them, BENCHMARKS.md optimisation 36). Invocation g takes the p.run
+// quads from element 4·run·g (the host keeps S ≥ 4·run: 8 on CPU adapters where S allows, else
+// 1), reading its channel's coefficients and the next channel's once, as the forward's
+// normalize_run does.
 fn dx_aligned(g: u32, drop: bool, parked: bool, accumulate: bool) {
-    let first = g * 4u;
+    var first = g * p.run * 4u;
     if (first >= p.total) {
         return;
     }
-    let k = dx_coef(channel_position(first, p.s, p.c, p.div_s, p.div_c).x);
-    st4_dx(first, dx_vector(first, k, mask_factors(first, drop), parked, accumulate), p.total);
+    let pos = channel_position(first, p.s, p.c, p.div_s, p.div_c);
+    var k = dx_coef(pos.x);
+    var k_next = k;
+    if (p.run > 1u) {
+        k_next = dx_coef(next_channel(pos.x, p.c));
+    }
+    var s = pos.y;
+    for (var r = 0u; r < p.run && first < p.total; r++) {
+        st4_dx(first, dx_vector(first, k, mask_factors(first, drop), parked, accumulate), p.total);
+        first += 4u;
+        // The one entry into the next channel (s passes S once: 4·run ≤ S).
+        s += 4u;
+        k = select(k, k_next, s == p.s);
+    }
 }
 
 @compute @workgroup_size(256)

@@ -29,7 +29,12 @@ fn next_position(pos: vec2<u32>, s_len: u32, channels: u32) -> vec2<u32> {
     if (pos.y + 1u < s_len) {
         return vec2<u32>(pos.x, pos.y + 1u);
     }
-    return vec2<u32>(select(pos.x + 1u, 0u, pos.x + 1u == channels), 0u);
+    return vec2<u32>(next_channel(pos.x, channels), 0u);
+}
+
+// The channel after c in flat order: c + 1, or channel 0 of the next sample after the last.
+fn next_channel(c: u32, channels: u32) -> u32 {
+    return select(c + 1u, 0u, c + 1u == channels);
 }
 
 struct Walk {

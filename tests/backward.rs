@@ -207,6 +207,8 @@ fn pinned_gradient_cases() {
         check_batch_norm(&ctx, &[16, 2, 64, 64], &cfg(2), true, split, 1000.0, 4);
         check_batch_norm(&ctx, &[3, 4, 5], &cfg(4), false, split, 0.0, 5);
         check_batch_norm(&ctx, &[1, 4], &cfg(4), false, split, 0.0, 6);
+        // S = 36: on CPU adapters the dx pass's runs of 8 quads enter the next channel mid-run.
+        check_batch_norm(&ctx, &[4, 3, 36], &cfg(3), true, split, 0.0, 7);
     }
     for width in [1usize, 2, 255, 4096, 4097, 20_000] {
         check_layer_norm(&ctx, &[3, width], &LayerNormConfig::new(&[width]), 0.0, width as u64);
@@ -293,7 +295,8 @@ fn batch_norm_dropout_backward_equals_the_unfused_chain() {
     let ctx = gpu!();
     let mut rng = Rng::new(31);
     // S = 25: Philox groups straddle channels and samples (element-by-element paths);
-    // S = 64: every quad lies in one channel and starts a Philox group (vector paths). Both
+    // S = 64: every quad lies in one channel and starts a Philox group (vector paths); S = 36:
+    // the same, with the dx pass's runs (CPU adapters) entering the next channel mid-run. Both
     // reduce splits (fused and unfused use the same, so their sums agree to rounding).
     let splits = [
         ReduceSplit::Workgroup { chunk: 256 },
@@ -303,6 +306,7 @@ fn batch_norm_dropout_backward_equals_the_unfused_chain() {
         [
             ([4, 3, 5, 5], true, DropoutConfig::new(0.3)),
             ([2, 3, 8, 8], true, DropoutConfig::new(0.3)),
+            ([3, 3, 6, 6], true, DropoutConfig::new(0.3)),
             (
                 [4, 3, 5, 5],
                 false,
@@ -449,14 +453,15 @@ fn residual_block_backward_equals_the_unfused_chain() {
 
 /// Gradients accumulate when asked: BatchNorm in training and in eval mode (eval writes dx in
 /// its reduce pass), with spatial sizes that take the element path (S = 6) and the vector path
-/// (S = 8); LayerNorm's parameters without its dx.
+/// (S = 8, and 36 where runs of quads enter the next channel mid-run); LayerNorm's parameters
+/// without its dx.
 #[test]
 fn parameter_gradients_accumulate_over_backward_calls() {
     let ctx = gpu!();
     let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
     let triple = |t: &Tensor| widen(&read(&ctx, t)).iter().map(|v| 3.0 * v).collect::<Vec<_>>();
     let mut rng = Rng::new(61);
-    for (training, s) in [(true, 6), (false, 6), (true, 8), (false, 8)] {
+    for (training, s) in [(true, 6), (false, 6), (true, 8), (false, 8), (true, 36)] {
         let shape = [4, 3, s];
         let what = |name: &str| format!("BN training={training} S={s} {name}");
         let n = 12 * s;
@@ -550,7 +555,8 @@ fn parameter_gradients_accumulate_over_backward_calls() {
 
 /// The fused BatchNorm+dropout backward accumulates like BatchNorm's: three accumulating calls
 /// give three times one call's gradients, in training and eval, at S = 6 (quads cross channels:
-/// the general dx pass) and S = 8 (the S % 4 == 0 entry points), and a writing call overwrites.
+/// the general dx pass), S = 8 and 36 (the S % 4 == 0 entry points; at 36 a CPU adapter's runs
+/// of 8 quads enter the next channel mid-run), and a writing call overwrites.
 /// (On a CPU adapter a writing f32 call parks dy·m in dx; an accumulating one cannot, so the
 /// masked dx pass itself runs here.)
 #[test]
@@ -559,7 +565,7 @@ fn batch_norm_dropout_gradients_accumulate_over_backward_calls() {
     let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
     let triple = |t: &Tensor| widen(&read(&ctx, t)).iter().map(|v| 3.0 * v).collect::<Vec<_>>();
     let mut rng = Rng::new(67);
-    for (training, s) in [(true, 6), (false, 6), (true, 8), (false, 8)] {
+    for (training, s) in [(true, 6), (false, 6), (true, 8), (false, 8), (true, 36)] {
         let shape = [4, 3, s];
         let what = |name: &str| format!("BN+dropout training={training} S={s} {name}");
         let n = 12 * s;

@@ -310,14 +310,15 @@ fn fused_ops_in_f16_match_their_unfused_references() {
 }
 
 /// The fused BatchNorm+dropout backward in f16 against the reference BatchNorm backward of
-/// dy·m (the forward's mask regenerated on the CPU): S = 8 takes the dx pass's S % 4 == 0 entry
-/// points, S = 7 the general walk, in training (batch statistics). f16 dx is never parked in
+/// dy·m (the forward's mask regenerated on the CPU): S = 8 and 36 take the dx pass's S % 4 == 0
+/// entry points (at 36 with runs entering the next channel mid-run on CPU adapters), S = 7 the
+/// general walk, in training (batch statistics). f16 dx is never parked in
 /// dx, so the mask is drawn in the dx pass itself here, on every adapter.
 #[test]
 fn batch_norm_dropout_backward_f16_matches_reference() {
     let mut rng = Rng::new(1610);
     for (storage, ctx) in paths() {
-        for shape in [[2, 3, 8], [3, 3, 7]] {
+        for shape in [[2, 3, 8], [2, 3, 36], [3, 3, 7]] {
             let numel: usize = shape.iter().product();
             let what = format!("{storage:?} {shape:?} bn+dropout backward");
             let config = BatchNormConfig::new(3);

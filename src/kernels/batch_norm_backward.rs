@@ -6,14 +6,16 @@
 //! | `bnb_reduce`   | C · chunks      | x, dy                           | partial sums           |
 //! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
 //! | `bnb_finalize` | C               | partial sums, saved stats       | dγ, dβ, coefficients   |
-//! | `bnb_dx`       | ⌈N·C·S / 1024⌉  | x, dy, coefficients             | dx                     |
+//! | `bnb_dx`       | ⌈N·C·S/(1024·run)⌉| x, dy, coefficients             | dx                     |
 //! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
 //!
 //! With [`ReduceSplit::Invocation`] (the CPU-adapter default) `bnb_reduce_serial(_dropout)`
 //! takes a chunk per invocation (⌈C · chunks / 256⌉ workgroups) and `bnb_finalize_serial` a
 //! channel per invocation. Where S % 4 == 0 the dx pass takes its `_aligned` entry points
 //! (every quad in one channel; writing and accumulating as separate entries), which skip the
-//! per-element walk a CPU driver would otherwise execute under a lane mask for every quad.
+//! per-element walk a CPU driver would otherwise execute under a lane mask for every quad, and
+//! take runs of [`default_normalize_run`] quads per invocation where S ≥ 4·run (8 on CPU
+//! adapters, 1 on GPUs), reading a channel's coefficients once per run.
 //!
 //! Traffic: 5 passes over the activations (reduce reads x and dy; dx reads both and writes dx).
 //!
@@ -30,7 +32,8 @@
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{
-    finalize_groups, reduce_groups, sample_ranges, BatchNormConfig, BnDims, ReduceSplit, SampleRange,
+    default_normalize_run, finalize_groups, reduce_groups, sample_ranges, BatchNormConfig, BnDims, ReduceSplit,
+    SampleRange,
 };
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
@@ -93,8 +96,10 @@ struct BnBackwardParams {
     first: u32,
     div_s: [u32; 2],
     div_c: [u32; 2],
+    run: u32,
+    _pad: u32,
 }
-const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 80);
+const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 88);
 
 /// Whether gradients overwrite their buffers or are added to them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -247,6 +252,12 @@ impl BatchNormBackwardKernel {
         limits.check_size(OP, "partial sums in bytes", partials_bytes)?;
         let sample_elems = dims.c * dims.s;
         let (div_s, div_c) = (FastDiv::new(dims.s).words(), FastDiv::new(dims.c).words());
+        // Quads per invocation of the dx pass: the aligned entry points take runs (S % 4 == 0
+        // and S ≥ 4·run), the general one single quads.
+        let run = match default_normalize_run(device.adapter_info().device_type) {
+            run if dims.s % 4 == 0 && dims.s >= 4 * u64::from(run) => run,
+            _ => 1,
+        };
         let d = match &dropout {
             Some((d, training)) => d.params(*training)?,
             None => DropParams {
@@ -288,6 +299,8 @@ impl BatchNormBackwardKernel {
                         first: u32::from(r.range.start == 0),
                         div_s,
                         div_c,
+                        run,
+                        _pad: 0,
                     };
                     uniform_buffer(device, "batch_norm backward params", &params)
                 })
@@ -299,7 +312,11 @@ impl BatchNormBackwardKernel {
                 range: r.range,
                 uniforms: uniforms(r),
                 reduce_groups: reduce_groups(OP, split, dims.c * r.stats_chunks, max)?,
-                dx_groups: fold_workgroups(OP, (r.range.count * sample_elems).div_ceil(4 * WORKGROUP), max)?,
+                dx_groups: fold_workgroups(
+                    OP,
+                    (r.range.count * sample_elems).div_ceil(4 * WORKGROUP * u64::from(run)),
+                    max,
+                )?,
             });
         }
         let scratch = |label: &str, bytes: u64| {

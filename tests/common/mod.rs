@@ -106,3 +106,13 @@ pub fn ctx_without(features: wgpu::Features) -> Context {
     assert!(!ctx.features().intersects(features));
     ctx
 }
+
+/// A context of its own on the default adapter (not the shared one), for a test whose single
+/// submission runs for seconds on a CPU driver. wgpu's GL backend holds an adapter-wide lock
+/// while it executes a submission and panics a thread that waits for it longer than 6 s
+/// ("Could not lock adapter context"), so on GL such a test would fail the tests running beside
+/// it on the shared context; a separate context has its own lock.
+pub fn own_ctx() -> Option<Context> {
+    ctx()?;
+    Some(Context::new_blocking().expect("the default adapter opens a second time"))
+}
