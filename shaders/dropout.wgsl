@@ -9,8 +9,9 @@
 // The product x·m (not a select) propagates NaN/Inf from dropped elements, as PyTorch does.
 //
 // Entry points:
-//   dropout_forward   one invocation per 4 consecutive elements: one Philox call serves them.
-//                     dropout2d_forward: the same for Dropout2d (two calls: the four
+//   dropout_forward   one invocation per three quads of 4 consecutive elements, quads g, g + t,
+//                     g + 2t (t invocations): one Philox call serves a quad, the three
+//                     interleaved. dropout2d_forward: one invocation per quad (two calls: the four
 //                     elements' channels lie within eight consecutive units). `_accumulate`: y += instead of y =.
 //   dropout2d_from_bits  Dropout2d (unit_len >= 4) from the channel keep bits dropout_mask
 //                     wrote into the plan's scratch just before: one invocation per 4 elements,
@@ -70,45 +71,60 @@ fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 
 // Four entry points, one per (unit, accumulate) pair, so that each runs only its own code: CPU
 // drivers such as lavapipe execute both sides of every `if` (predication), so a uniform flag
-// choosing between Dropout and Dropout2d would make every call pay for both. `forward` is
-// called with literal arguments and the untaken paths fold away.
+// choosing between Dropout and Dropout2d would make every call pay for both.
+// `forward_elements` and `forward_channels` take `accumulate` as a literal, which folds away.
 @compute @workgroup_size(256)
 fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward(linear_id(gid, nwg), false, false);
+    forward_elements(linear_id(gid, nwg), false);
 }
 
 @compute @workgroup_size(256)
 fn dropout_forward_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward(linear_id(gid, nwg), false, true);
+    forward_elements(linear_id(gid, nwg), true);
 }
 
 @compute @workgroup_size(256)
 fn dropout2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward(linear_id(gid, nwg), true, false);
+    forward_channels(linear_id(gid, nwg), false);
 }
 
 @compute @workgroup_size(256)
 fn dropout2d_forward_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward(linear_id(gid, nwg), true, true);
+    forward_channels(linear_id(gid, nwg), true);
 }
 
-// Invocation g: elements 4g .. 4g + 3 of this dispatch. `channels`: Dropout2d (units of
-// unit_len elements) instead of Dropout; `accumulate`: y += instead of y =.
-fn forward(g: u32, channels: bool, accumulate: bool) {
+// Dropout, invocation g: quads (4 consecutive elements) g, g + t and g + 2t of this dispatch,
+// t = ⌈quads / 3⌉ (the host dispatches t invocations). base is a multiple of 4, so a quad's
+// four elements are the four words of one Philox call; the three calls run round by round
+// together (dropout_factors4x3): one call is a chain of dependent multiplies that leaves a CPU
+// core waiting (lavapipe: dropout 1.45-1.6x faster than one quad per invocation, BENCHMARKS.md
+// optimisation 38). Strided by t rather than consecutive, so that neighbouring invocations still
+// read neighbouring quads (GPUs coalesce those accesses). `accumulate`: y += instead of y =.
+fn forward_elements(g: u32, accumulate: bool) {
+    let quads = (p.numel + 3u) / 4u;
+    let t = (quads + 2u) / 3u;
+    if (g >= t) {
+        return;
+    }
+    let q = vec3<u32>(g, g + t, g + 2u * t);
+    let m = dropout_factors4x3(load_state(), vec3<u32>(p.base / 4u) + q, p.threshold, p.flags, p.scale);
+    apply4(4u * q.x, m.a, accumulate);
+    if (q.y < quads) {
+        apply4(4u * q.y, m.b, accumulate);
+    }
+    if (q.z < quads) {
+        apply4(4u * q.z, m.c, accumulate);
+    }
+}
+
+// Dropout2d, invocation g: elements 4g .. 4g + 3 of this dispatch (units of unit_len
+// elements); `accumulate`: y += instead of y =.
+fn forward_channels(g: u32, accumulate: bool) {
     let first = g * 4u;
     if (first >= p.numel) {
         return;
     }
-    let state = load_state();
-    var keep: vec4<bool>;
-    if (!channels) {
-        // Dropout: base is a multiple of 4, so the four elements are the four words of one
-        // Philox call.
-        keep = dropout_keep4(dropout_words(state, p.base / 4u + g), p.threshold, p.flags);
-    } else {
-        keep = channel_keep(state, p.base + first);
-    }
-    let m = select(vec4<f32>(0.0), vec4<f32>(p.scale), keep);
+    let m = select(vec4<f32>(0.0), vec4<f32>(p.scale), channel_keep(load_state(), p.base + first));
     apply4(first, m, accumulate);
 }
 

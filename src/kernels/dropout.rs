@@ -258,6 +258,12 @@ impl DropoutKernel {
             };
             Ok(uniform_buffer(device, "dropout params", &params))
         };
+        // dropout_forward takes three quads per invocation (three interleaved Philox calls),
+        // dropout2d_forward and dropout2d_from_bits one.
+        let quads_per_invocation = match unit {
+            DropoutUnit::Element => 3,
+            DropoutUnit::Channel => 1,
+        };
         let mut parts = Vec::with_capacity(chunks.len());
         for chunk in &chunks {
             parts.push(DropoutChunk {
@@ -271,7 +277,11 @@ impl DropoutKernel {
                 apply_groups: fold_workgroups(OP, chunk.count.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
                 forward_groups: fold_workgroups(
                     OP,
-                    chunk.count.div_ceil(4 * WORKGROUP),
+                    chunk
+                        .count
+                        .div_ceil(4)
+                        .div_ceil(quads_per_invocation)
+                        .div_ceil(WORKGROUP),
                     limits.max_workgroups_per_dim,
                 )?,
             });
