@@ -11,7 +11,7 @@ use normdrop::reference::{
 };
 use normdrop::{
     Accumulate, BatchNorm, BatchNormConfig, BatchNormDropout, Context, DType, Dropout, Dropout2d, DropoutConfig,
-    DropoutMode, DropoutUnit, Error, GradTargets, LayerNorm, LayerNormConfig, LayerNormDropout, ReduceSplit,
+    DropoutMode, DropoutUnit, Error, GradTargets, Grads, LayerNorm, LayerNormConfig, LayerNormDropout, ReduceSplit,
     ResidualDropoutLayerNorm, Tensor,
 };
 use proptest::prelude::*;
@@ -459,57 +459,18 @@ fn residual_block_backward_equals_the_unfused_chain() {
 fn parameter_gradients_accumulate_over_backward_calls() {
     let ctx = gpu!();
     let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
-    let triple = |t: &Tensor| widen(&read(&ctx, t)).iter().map(|v| 3.0 * v).collect::<Vec<_>>();
     let mut rng = Rng::new(61);
     for (training, s) in [(true, 6), (false, 6), (true, 8), (false, 8), (true, 36)] {
-        let shape = [4, 3, s];
-        let what = |name: &str| format!("BN training={training} S={s} {name}");
-        let n = 12 * s;
         let mut bn = BatchNorm::new(&ctx, 3).unwrap();
         bn.set_weight(&[0.5, -1.5, 2.0]).unwrap();
-        let x = upload(&ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
-        let dy = upload(&ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
-        // Running statistics away from (0, 1), so that eval normalizes differently.
-        bn.forward(&upload(&ctx, &rng.normal_vec(n, 2.0, 3.0), &shape)).unwrap();
-        if !training {
-            bn.eval();
-        }
-        bn.forward(&x).unwrap();
-        let once = bn.backward(&dy).unwrap();
-        let (dx, dw, db) = (zeros(&shape), zeros(&[3]), zeros(&[3]));
-        let targets = GradTargets {
-            dx: &dx,
-            dweight: Some(&dw),
-            dbias: Some(&db),
-        };
-        for _ in 0..3 {
-            bn.backward_into(&dy, targets, Accumulate { dx: true, params: true })
-                .unwrap();
-        }
-        assert_close(&what("dx x3"), &read(&ctx, &dx), &triple(&once.dx), 1e-6, 1e-6);
-        assert_close(
-            &what("dweight x3"),
-            &read(&ctx, &dw),
-            &triple(once.dweight.as_ref().unwrap()),
-            1e-6,
-            1e-6,
+        check_bn_accumulates(
+            &ctx,
+            &mut bn,
+            &format!("BN training={training} S={s}"),
+            training,
+            s,
+            &mut rng,
         );
-        assert_close(
-            &what("dbias x3"),
-            &read(&ctx, &db),
-            &triple(once.dbias.as_ref().unwrap()),
-            1e-6,
-            1e-6,
-        );
-        // Without accumulate the targets are overwritten.
-        bn.backward_into(&dy, targets, Accumulate::default()).unwrap();
-        assert_eq!(
-            read(&ctx, &dw),
-            read(&ctx, once.dweight.as_ref().unwrap()),
-            "{}",
-            what("dγ")
-        );
-        assert_eq!(read(&ctx, &dx), read(&ctx, &once.dx), "{}", what("dx"));
     }
 
     let shape = [4, 3, 6];
@@ -562,52 +523,87 @@ fn parameter_gradients_accumulate_over_backward_calls() {
 #[test]
 fn batch_norm_dropout_gradients_accumulate_over_backward_calls() {
     let ctx = gpu!();
-    let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
-    let triple = |t: &Tensor| widen(&read(&ctx, t)).iter().map(|v| 3.0 * v).collect::<Vec<_>>();
     let mut rng = Rng::new(67);
     for (training, s) in [(true, 6), (false, 6), (true, 8), (false, 8), (true, 36)] {
-        let shape = [4, 3, s];
-        let what = |name: &str| format!("BN+dropout training={training} S={s} {name}");
-        let n = 12 * s;
         let mut m = BatchNormDropout::new(&ctx, BatchNormConfig::new(3), DropoutConfig::new(0.3), 9).unwrap();
         m.batch_norm_mut().set_weight(&[0.5, -1.5, 2.0]).unwrap();
-        let x = upload(&ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
-        let dy = upload(&ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
-        m.forward(&upload(&ctx, &rng.normal_vec(n, 2.0, 3.0), &shape)).unwrap();
-        if !training {
-            m.eval();
+        let what = format!("BN+dropout training={training} S={s}");
+        check_bn_accumulates(&ctx, &mut m, &what, training, s, &mut rng);
+    }
+}
+
+/// The BatchNorm modules' backward calls, for check_bn_accumulates.
+trait BnModule {
+    fn run_forward(&mut self, x: &Tensor);
+    fn set_eval(&mut self);
+    fn run_backward(&mut self, dy: &Tensor) -> Grads;
+    fn run_backward_into(&mut self, dy: &Tensor, targets: GradTargets<'_>, accumulate: Accumulate);
+}
+
+// The same four calls on both modules (inherent methods of the same names).
+macro_rules! bn_module {
+    ($($module:ty),*) => {$(
+        impl BnModule for $module {
+            fn run_forward(&mut self, x: &Tensor) {
+                self.forward(x).unwrap();
+            }
+            fn set_eval(&mut self) {
+                self.eval();
+            }
+            fn run_backward(&mut self, dy: &Tensor) -> Grads {
+                self.backward(dy).unwrap()
+            }
+            fn run_backward_into(&mut self, dy: &Tensor, targets: GradTargets<'_>, accumulate: Accumulate) {
+                self.backward_into(dy, targets, accumulate).unwrap();
+            }
         }
-        m.forward(&x).unwrap();
-        let once = m.backward(&dy).unwrap();
-        let (dx, dw, db) = (zeros(&shape), zeros(&[3]), zeros(&[3]));
-        let targets = GradTargets {
-            dx: &dx,
-            dweight: Some(&dw),
-            dbias: Some(&db),
-        };
-        for _ in 0..3 {
-            m.backward_into(&dy, targets, Accumulate { dx: true, params: true })
-                .unwrap();
-        }
-        assert_close(&what("dx x3"), &read(&ctx, &dx), &triple(&once.dx), 1e-6, 1e-6);
-        for (name, got, one) in [("dweight x3", &dw, &once.dweight), ("dbias x3", &db, &once.dbias)] {
-            assert_close(
-                &what(name),
-                &read(&ctx, got),
-                &triple(one.as_ref().unwrap()),
-                1e-6,
-                1e-6,
-            );
-        }
-        m.backward_into(&dy, targets, Accumulate::default()).unwrap();
-        assert_eq!(read(&ctx, &dx), read(&ctx, &once.dx), "{}", what("dx"));
-        assert_eq!(
-            read(&ctx, &dw),
-            read(&ctx, once.dweight.as_ref().unwrap()),
-            "{}",
-            what("dγ")
+    )*};
+}
+bn_module!(BatchNorm, BatchNormDropout);
+
+/// Module `m` (3 channels, affine) on (4, 3, s): after a forward on shifted data (running
+/// statistics away from (0, 1), so that eval normalizes differently) and, unless `training`,
+/// eval mode, three accumulating backward calls give three times one call's dx, dγ, dβ, and a
+/// writing call overwrites them.
+fn check_bn_accumulates(ctx: &Context, m: &mut impl BnModule, what: &str, training: bool, s: usize, rng: &mut Rng) {
+    let shape = [4, 3, s];
+    let n = 12 * s;
+    let zeros = |s: &[usize]| Tensor::zeros(ctx, s, DType::F32).unwrap();
+    let triple = |t: &Tensor| widen(&read(ctx, t)).iter().map(|v| 3.0 * v).collect::<Vec<_>>();
+    let x = upload(ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
+    let dy = upload(ctx, &rng.normal_vec(n, 0.0, 1.0), &shape);
+    m.run_forward(&upload(ctx, &rng.normal_vec(n, 2.0, 3.0), &shape));
+    if !training {
+        m.set_eval();
+    }
+    m.run_forward(&x);
+    let once = m.run_backward(&dy);
+    let (dx, dw, db) = (zeros(&shape), zeros(&[3]), zeros(&[3]));
+    let targets = GradTargets {
+        dx: &dx,
+        dweight: Some(&dw),
+        dbias: Some(&db),
+    };
+    for _ in 0..3 {
+        m.run_backward_into(&dy, targets, Accumulate { dx: true, params: true });
+    }
+    assert_close(&format!("{what} dx x3"), &read(ctx, &dx), &triple(&once.dx), 1e-6, 1e-6);
+    for (name, got, one) in [("dweight", &dw, &once.dweight), ("dbias", &db, &once.dbias)] {
+        assert_close(
+            &format!("{what} {name} x3"),
+            &read(ctx, got),
+            &triple(one.as_ref().unwrap()),
+            1e-6,
+            1e-6,
         );
     }
+    m.run_backward_into(&dy, targets, Accumulate::default());
+    assert_eq!(read(ctx, &dx), read(ctx, &once.dx), "{what} dx overwritten");
+    assert_eq!(
+        read(ctx, &dw),
+        read(ctx, once.dweight.as_ref().unwrap()),
+        "{what} dγ overwritten"
+    );
 }
 
 fn state<T: std::fmt::Debug>(e: Result<T, Error>) {
