@@ -254,6 +254,13 @@ pub fn default_normalize_run(device_type: wgpu::DeviceType) -> u32 {
     }
 }
 
+/// Whether runs of `run` quads over a spatial size `s` take the `_aligned` entry points of the
+/// element-wise passes (forward normalize, backward dx): S % 4 == 0, so every quad lies in one
+/// channel, and S ≥ 4·run, so a run enters at most one next channel.
+pub(crate) fn runs_align(s: u64, run: u32) -> bool {
+    s.is_multiple_of(4) && s >= 4 * u64::from(run)
+}
+
 /// Compiled BatchNorm pipelines for one device. Build once (or get it cached from
 /// [`Context::kernel`](crate::Context::kernel)); make a [`BatchNormPlan`] per input shape.
 #[derive(Clone, Debug)]
@@ -431,7 +438,7 @@ impl BatchNormKernel {
             centre,
             finalize_groups,
             eval_groups,
-            aligned: dims.s % 4 == 0 && dims.s >= 4 * u64::from(run),
+            aligned: runs_align(dims.s, run),
         })
     }
 }

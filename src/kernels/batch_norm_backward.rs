@@ -32,8 +32,8 @@
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{
-    default_normalize_run, finalize_groups, reduce_groups, sample_ranges, BatchNormConfig, BnDims, ReduceSplit,
-    SampleRange,
+    default_normalize_run, finalize_groups, reduce_groups, runs_align, sample_ranges, BatchNormConfig, BnDims,
+    ReduceSplit, SampleRange,
 };
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
@@ -252,10 +252,10 @@ impl BatchNormBackwardKernel {
         limits.check_size(OP, "partial sums in bytes", partials_bytes)?;
         let sample_elems = dims.c * dims.s;
         let (div_s, div_c) = (FastDiv::new(dims.s).words(), FastDiv::new(dims.c).words());
-        // Quads per invocation of the dx pass: the aligned entry points take runs (S % 4 == 0
-        // and S ≥ 4·run), the general one single quads.
+        // Quads per invocation of the dx pass: the aligned entry points take runs, the general
+        // one single quads (S % 4 == 0 with S < 4·run: aligned single quads).
         let run = match default_normalize_run(device.adapter_info().device_type) {
-            run if dims.s % 4 == 0 && dims.s >= 4 * u64::from(run) => run,
+            run if runs_align(dims.s, run) => run,
             _ => 1,
         };
         let d = match &dropout {
@@ -343,6 +343,7 @@ impl BatchNormBackwardKernel {
             parks: dropout.is_some()
                 && self.storage == Storage::F32
                 && device.adapter_info().device_type == wgpu::DeviceType::Cpu,
+            aligned: runs_align(dims.s, run),
         })
     }
 }
@@ -400,6 +401,8 @@ pub struct BatchNormBackwardPlan {
     /// A fused dropout on a CPU adapter with f32 activations: training backwards that write
     /// dx park g = dy·m in it (see the module docs).
     parks: bool,
+    /// The dx pass takes its `_aligned` entry points ([`runs_align`] with the uniform's run).
+    aligned: bool,
 }
 
 impl BatchNormBackwardPlan {
@@ -590,7 +593,7 @@ impl BatchNormBackwardPlan {
                 (false, 1) => DX_DROPOUT,
                 _ => DX_PLAIN,
             };
-            let dx = pipelines.pick(self.dims.s.is_multiple_of(4), accumulate.dx, source);
+            let dx = pipelines.pick(self.aligned, accumulate.dx, source);
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),
