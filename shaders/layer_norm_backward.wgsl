@@ -24,6 +24,7 @@
 //                             rows re-read;
 //                             writes dx and the row's (K, mean − K).
 //   lnb_params_partial        one invocation per (4 columns, block of 64 rows): partial dγ, dβ.
+//   lnb_gamma_stage           before the row-block pass: γ into its uniform copy.
 //   lnb_block_dx / lnb_block_residual_dx   instead of the two above when `lanes` is 1: one
 //                             workgroup per block of 64 rows writes dx and the block's partials.
 //   lnb_params_final          one invocation per column: sums the partials (no float atomics).
@@ -71,6 +72,14 @@ struct Params {
 @group(0) @binding(10) var<storage, read> rng_state: vec4<u32>;            // (seed lo, seed hi, offset lo, offset hi)
 // #activation @binding(11) read dh_in (rows, W)
 // #activation @binding(12) read_write dresidual (rows, W)
+// γ of the first 4·GAMMA_QUADS columns (ones without γ) as a uniform buffer, for the row-block
+// pass's row phase, where every invocation reads all of γ once per row: lavapipe loads a
+// uniform buffer as one vector gather, a storage buffer lane by lane with a branch per lane
+// (BENCHMARKS.md optimisation 39). lnb_gamma_stage fills it (binding 14, the same buffer)
+// before the pass; the other dx passes bind it without reading it.
+const GAMMA_QUADS: u32 = 1024u;
+@group(0) @binding(13) var<uniform> gamma_u: array<vec4<f32>, GAMMA_QUADS>;
+@group(0) @binding(14) var<storage, read_write> gamma_stage: array<f32>;
 
 var<workgroup> shared_sums: array<vec3<f32>, WG>;
 
@@ -85,6 +94,24 @@ fn gamma(j: u32) -> f32 {
 // γ of columns j .. j + 3 (j a multiple of 4).
 fn gamma4(j: u32) -> vec4<f32> {
     return select(vec4<f32>(1.0), ld4a_weight(j), has(FLAG_WEIGHT));
+}
+
+// γ of column j from the uniform copy when `staged` (a literal at every call; j <
+// 4·GAMMA_QUADS), else from `weight`.
+fn row_gamma(j: u32, staged: bool) -> f32 {
+    if (staged) {
+        return gamma_u[j >> 2u][j & 3u];
+    }
+    return gamma(j);
+}
+
+// Copies γ (ones without it) of the first 4·GAMMA_QUADS columns into the uniform copy; one
+// invocation per column.
+@compute @workgroup_size(256)
+fn lnb_gamma_stage(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x < min(p.width, 4u * GAMMA_QUADS)) {
+        gamma_stage[gid.x] = gamma(gid.x);
+    }
 }
 
 // g = dy·m·γ of the row's quad k (a whole quad; vec4 variant), m the mask's when `drop`.
@@ -139,16 +166,19 @@ fn coefficients_of(total: vec3<f32>, r: f32) -> vec3<f32> {
 }
 
 // (Σ(x − K), Σg, Σg·(x − K)), g = dy·m·γ (m the mask's when `drop`), over the row's quads
-// first, first + stride, … (none unless `live`), element by element (the scalar paths).
-fn lane_sums(state: vec4<u32>, r: Row, shift: f32, first: u32, stride: u32, live: bool, drop: bool) -> vec3<f32> {
+// first, first + stride, … below `end` (none unless `live`), element by element (the scalar
+// paths); γ from the uniform copy when `staged` (quads below GAMMA_QUADS only).
+fn lane_sums(
+    state: vec4<u32>, r: Row, shift: f32, first: u32, end: u32, stride: u32, live: bool, drop: bool, staged: bool,
+) -> vec3<f32> {
     var sums = vec3<f32>(0.0);
-    for (var k = first; live && k < r.quads; k += stride) {
+    for (var k = first; live && k < end; k += stride) {
         let m = quad_factors(state, r, k, drop);
         for (var t = 0u; t < 4u; t++) {
             let j = column(r, k, t);
             if (j < p.width) {
                 let xs = ld_x(r.base + j) - shift;
-                let g = ld_dy(r.base + j) * m[t] * gamma(j);
+                let g = ld_dy(r.base + j) * m[t] * row_gamma(j, staged);
                 sums += vec3<f32>(xs, g, g * xs);
             }
         }
@@ -282,7 +312,7 @@ fn dx_rows(at: Slot, lid: u32, drop: bool, accumulate: bool) {
             }
         }
     } else {
-        let sums = lane_sums(state, r, shift, at.lane, p.lanes, at.live, drop);
+        let sums = lane_sums(state, r, shift, at.lane, r.quads, p.lanes, at.live, drop, false);
         let cf = row_coefficients(lid, at, shift, rs, sums);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let m = quad_factors(state, r, k, drop);
@@ -405,7 +435,7 @@ fn residual_dx(at: Slot, lid: u32, accumulate: bool) {
             residual_emit4(e, dh_of4(ld4a_x(e) - shift, g, rs, cf), drop4(state, r.q0 + k), accumulate);
         }
     } else {
-        let sums = lane_sums(state, r, shift, at.lane, p.lanes, at.live, false);
+        let sums = lane_sums(state, r, shift, at.lane, r.quads, p.lanes, at.live, false, false);
         let cf = row_coefficients(lid, at, shift, rs, sums);
         for (var k = at.lane; at.live && k < r.quads; k += p.lanes) {
             let m = drop4(state, r.q0 + k);
@@ -527,24 +557,33 @@ fn block_row(row: u32, lid: u32, state: vec4<u32>, drop: bool, park: bool) {
     let r = row_of(Slot(row, 0u, true));
     let shift = ld_x(r.base);
     let rs = rstd[p.row_base + row];
+    // γ from the uniform copy for the first GAMMA_QUADS quads (every quad of rows up to
+    // 4·GAMMA_QUADS wide), from `weight` for the rest.
+    let staged = min(r.quads, GAMMA_QUADS);
     var sums = vec3<f32>(0.0);
     if (VEC4) {
         // With the mask, three quads at a time: three interleaved Philox calls.
         var k = 0u;
         if (drop) {
-            for (; k + 3u <= r.quads; k += 3u) {
+            for (; k + 3u <= staged; k += 3u) {
                 let q = vec3<u32>(r.q0 + k, r.q0 + k + 1u, r.q0 + k + 2u);
                 let m = dropout_factors4x3(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
-                sums += row_quad(r, k, shift, m.a, park);
-                sums += row_quad(r, k + 1u, shift, m.b, park);
-                sums += row_quad(r, k + 2u, shift, m.c, park);
+                sums += row_quad(r, k, shift, m.a, park, true);
+                sums += row_quad(r, k + 1u, shift, m.b, park, true);
+                sums += row_quad(r, k + 2u, shift, m.c, park, true);
             }
         }
+        for (; k < staged; k++) {
+            sums += row_quad(r, k, shift, quad_factors(state, r, k, drop), park, true);
+        }
+        // Rows wider than the copy: one quad at a time (for narrower rows an empty loop,
+        // whose body a CPU driver still runs once, masked).
         for (; k < r.quads; k++) {
-            sums += row_quad(r, k, shift, quad_factors(state, r, k, drop), park);
+            sums += row_quad(r, k, shift, quad_factors(state, r, k, drop), park, false);
         }
     } else {
-        sums = lane_sums(state, r, shift, 0u, 1u, true, drop);
+        sums = lane_sums(state, r, shift, 0u, staged, 1u, true, drop, true)
+            + lane_sums(state, r, shift, staged, r.quads, 1u, true, drop, false);
     }
     let cf = coefficients_of(sums, rs);
     block_coef[lid] = vec4<f32>(shift, cf.x, rs, cf.y);
@@ -552,14 +591,21 @@ fn block_row(row: u32, lid: u32, state: vec4<u32>, drop: bool, park: bool) {
 }
 
 // quad_sums of the row's quad k (vec4 variant), its dy times the mask factors m; with `park`,
-// dy·m is written to dx for the column phase.
-fn row_quad(r: Row, k: u32, shift: f32, m: vec4<f32>, park: bool) -> vec3<f32> {
+// dy·m is written to dx for the column phase. γ from the uniform copy when `staged` (k <
+// GAMMA_QUADS).
+fn row_quad(r: Row, k: u32, shift: f32, m: vec4<f32>, park: bool, staged: bool) -> vec3<f32> {
     let e = r.base + 4u * k;
     let d = ld4a_dy(e) * m;
     if (park) {
         st4_dx(e, d, e + 4u);
     }
-    return quad_sums(ld4a_x(e) - shift, d * gamma4(4u * k));
+    var gam: vec4<f32>;
+    if (staged) {
+        gam = gamma_u[k];
+    } else {
+        gam = gamma4(4u * k);
+    }
+    return quad_sums(ld4a_x(e) - shift, d * gam);
 }
 
 // (x̂, dh) of quad x of a block row with coefficients c = (K, mean − K, rstd, mean(g)) and

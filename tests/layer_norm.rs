@@ -146,7 +146,10 @@ fn every_lanes_choice_matches_the_reference() {
         (21, 18),
         (9, 300),
         (9, 768),
+        // The backward's row-block pass reads γ of the first 4096 columns from a uniform copy
+        // and the rest from storage: rows past it, of whole quads (4100, vec4) and not (4103).
         (3, 4100),
+        (3, 4103),
         // The row-block paths' column tiles (three slots of 64 column quads) and the slots
         // after them, on rows off the quads.
         (5, 1283),

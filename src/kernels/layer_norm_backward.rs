@@ -11,6 +11,8 @@
 //! With one lane per row (the CPU-adapter default, [`crate::default_lanes`]) the
 //! first two rows are one pass, `lnb_block_dx[_dropout]` / `lnb_block_residual_dx`: ⌈rows/64⌉
 //! workgroups of 64 invocations write dx (+ dresidual) and the per-block partial dγ, dβ.
+//! Before it, `lnb_gamma_stage` (⌈min(W, 4096)/256⌉ workgroups) copies γ into the plan's
+//! uniform buffer, which the pass's row phase reads instead of the storage binding.
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
@@ -26,6 +28,9 @@ const OP: &str = "layer_norm backward";
 const WORKGROUP: u64 = 256;
 const ROWS_PER_BLOCK: u64 = 64;
 const RESIDUAL_STORAGE_BINDINGS: u32 = 9;
+/// Columns of γ in the uniform copy the row-block pass reads (`GAMMA_QUADS` quads in the
+/// shader): 16 KiB, the smallest `max_uniform_buffer_binding_size` wgpu allows.
+const GAMMA_UNIFORM_COLUMNS: u64 = 4096;
 
 /// Entry points in `shaders/layer_norm_backward.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
@@ -38,6 +43,7 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "lnb_params_partial",
     "lnb_params_partial_dropout",
     "lnb_params_final",
+    "lnb_gamma_stage",
     "lnb_block_dx",
     "lnb_block_dx_dropout",
     "lnb_block_dx_accumulate",
@@ -81,6 +87,8 @@ pub struct LayerNormBackwardKernel {
     /// activations bind as whole 16-byte vectors.
     vec4: Option<LnbPasses>,
     params_final: wgpu::ComputePipeline,
+    /// `lnb_gamma_stage`: γ into the row-block pass's uniform copy.
+    gamma_stage: wgpu::ComputePipeline,
     /// Stand-ins: γ, dγ, dβ, rng, dh_in.
     placeholders: [wgpu::Buffer; 5],
 }
@@ -130,6 +138,7 @@ impl Kernel for LayerNormBackwardKernel {
             passes: LnbPasses::build(device, &module),
             vec4: vec4_module(device, "layer_norm_backward.wgsl", storage).map(|m| LnbPasses::build(device, &m)),
             params_final: compute_pipeline(device, &module, "lnb_params_final"),
+            gamma_stage: compute_pipeline(device, &module, "lnb_gamma_stage"),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
         }
     }
@@ -273,6 +282,14 @@ impl LayerNormBackwardKernel {
             row_centre: scratch("layer_norm backward row centres", if lanes == 1 { 0 } else { rows * 8 }),
             partials: scratch("layer_norm backward partials", partial_bytes),
             final_groups: fold_workgroups(OP, width.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
+            // Bound by every dx pass (their layouts share the row-sum helpers), filled and
+            // read only by the row-block path.
+            gamma_uniform: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("layer_norm backward γ uniform copy"),
+                size: GAMMA_UNIFORM_COLUMNS * 4,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
         })
     }
 }
@@ -322,6 +339,8 @@ pub struct LayerNormBackwardPlan {
     row_centre: wgpu::Buffer,
     partials: wgpu::Buffer,
     final_groups: (u32, u32),
+    /// γ of the first [`GAMMA_UNIFORM_COLUMNS`] columns for the row-block pass's row phase.
+    gamma_uniform: wgpu::Buffer,
 }
 
 /// One row range of a LayerNorm backward plan.
@@ -477,6 +496,7 @@ impl LayerNormBackwardPlan {
                 (4, binding_or(self.config.has_weight(), &b.weight, &ph[0], w_bytes)),
                 (5, rstd.clone()),
                 (10, rng.clone()),
+                (13, self.gamma_uniform.as_entire_binding()),
             ];
             // The row-block pass writes the partials; the row pass the row centres for the
             // partial pass.
@@ -519,7 +539,25 @@ impl LayerNormBackwardPlan {
                 ));
             }
         }
-        let mut passes = dx_passes;
+        let mut passes = Vec::new();
+        if self.blocks {
+            let weight = binding_or(self.config.has_weight(), &b.weight, &ph[0], w_bytes);
+            passes.push((
+                &k.gamma_stage,
+                bind_group(
+                    device,
+                    "lnb_gamma_stage",
+                    &k.gamma_stage,
+                    &[
+                        (0, self.chunks[0].uniforms[variant].as_entire_binding()),
+                        (4, weight),
+                        (14, self.gamma_uniform.as_entire_binding()),
+                    ],
+                ),
+                (self.width.min(GAMMA_UNIFORM_COLUMNS).div_ceil(WORKGROUP) as u32, 1),
+            ));
+        }
+        passes.extend(dx_passes);
         // Without γ and β only the dx passes run.
         if params {
             passes.extend(partial_passes);
