@@ -12,7 +12,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions};
 use crate::kernels::batch_norm_backward::{Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel};
-use crate::kernels::copy::CopyKernel;
+use crate::kernels::copy::{CopyGrain, CopyKernel};
 use crate::kernels::dropout::{rng_state_bytes, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutUnit};
 use crate::kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel};
 use crate::kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel};
@@ -439,10 +439,11 @@ impl LnSet {
     }
 }
 
-/// A runner of the vec4 copy kernel over `bytes` (rounded to a multiple of 16).
-pub fn copy_runner(ctx: &Context, bytes: u64, sets: usize) -> Result<Runner> {
+/// A runner of the vec4 copy kernel over `bytes` (rounded to a multiple of 16), `grain` quads
+/// per invocation.
+pub fn copy_runner(ctx: &Context, bytes: u64, sets: usize, grain: CopyGrain) -> Result<Runner> {
     let n = (bytes / 16).max(1) as usize * 4;
-    let plan = ctx.kernel::<CopyKernel>()?.plan(ctx.device(), n)?;
+    let plan = ctx.kernel::<CopyKernel>()?.plan_with(ctx.device(), n, grain)?;
     let srcs: Vec<Tensor> = (0..sets.max(1))
         .map(|i| fill(ctx, &[n], i as u64 + 5, DType::F32))
         .collect::<Result<_>>()?;

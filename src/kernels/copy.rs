@@ -8,26 +8,59 @@ use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, rec
 const OP: &str = "copy";
 
 /// Entry points in `shaders/copy.wgsl` that get a pipeline.
-pub(crate) const ENTRY_POINTS: &[&str] = &["copy_vec4"];
+pub(crate) const ENTRY_POINTS: &[&str] = &["copy_vec4", "copy_vec4_x4"];
 
-/// The compiled copy pipeline.
+/// How many 16-byte quads one invocation of the copy moves. The bandwidth yardstick is the
+/// faster of the two on the adapter at hand: GPUs reach their copy bandwidth with one quad per
+/// invocation, a CPU driver (lavapipe) only when a fixed per-invocation cost is spread over
+/// several.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CopyGrain {
+    /// `copy_vec4`: quad `i` per invocation.
+    One,
+    /// `copy_vec4_x4`: quads `g`, `g + t`, `g + 2t`, `g + 3t` per invocation, `t = ⌈n/16⌉`
+    /// invocations.
+    Four,
+}
+
+impl CopyGrain {
+    /// Both grains, in the order `normdrop bench` measures them.
+    pub const ALL: [CopyGrain; 2] = [CopyGrain::One, CopyGrain::Four];
+
+    /// Quads per invocation.
+    pub fn quads(self) -> u64 {
+        match self {
+            CopyGrain::One => 1,
+            CopyGrain::Four => 4,
+        }
+    }
+}
+
+/// The compiled copy pipelines, one per [`CopyGrain`].
 #[derive(Clone, Debug)]
 pub struct CopyKernel {
-    copy: wgpu::ComputePipeline,
+    one: wgpu::ComputePipeline,
+    four: wgpu::ComputePipeline,
 }
 
 impl Kernel for CopyKernel {
     fn build(device: &wgpu::Device, _storage: crate::kernels::Storage) -> Self {
         let module = crate::kernels::shader_module(device, "copy.wgsl", crate::kernels::Storage::F32, false);
         Self {
-            copy: compute_pipeline(device, &module, "copy_vec4"),
+            one: compute_pipeline(device, &module, "copy_vec4"),
+            four: compute_pipeline(device, &module, "copy_vec4_x4"),
         }
     }
 }
 
 impl CopyKernel {
-    /// A plan copying `n` f32 values (`n` a multiple of 4).
+    /// A plan copying `n` f32 values (`n` a multiple of 4), one quad per invocation.
     pub fn plan(&self, device: &wgpu::Device, n: usize) -> Result<CopyPlan> {
+        self.plan_with(device, n, CopyGrain::One)
+    }
+
+    /// A plan copying `n` f32 values (`n` a multiple of 4) with `grain` quads per invocation.
+    pub fn plan_with(&self, device: &wgpu::Device, n: usize, grain: CopyGrain) -> Result<CopyPlan> {
         if n == 0 || !n.is_multiple_of(4) || n as u64 > 1 << 31 {
             return Err(Error::invalid(
                 OP,
@@ -39,10 +72,15 @@ impl CopyKernel {
         let uniform = uniform_buffer(device, "copy params", &[n4, 0u32, 0, 0]);
         Ok(CopyPlan {
             kernel: self.clone(),
+            grain,
             bytes: n as u64 * 4,
             limits,
             uniform,
-            groups: fold_workgroups(OP, u64::from(n4).div_ceil(256), limits.max_workgroups_per_dim)?,
+            groups: fold_workgroups(
+                OP,
+                u64::from(n4).div_ceil(grain.quads()).div_ceil(256),
+                limits.max_workgroups_per_dim,
+            )?,
         })
     }
 }
@@ -51,6 +89,7 @@ impl CopyKernel {
 #[derive(Debug)]
 pub struct CopyPlan {
     kernel: CopyKernel,
+    grain: CopyGrain,
     bytes: u64,
     limits: BindLimits,
     uniform: wgpu::Buffer,
@@ -58,6 +97,11 @@ pub struct CopyPlan {
 }
 
 impl CopyPlan {
+    /// Quads per invocation.
+    pub fn grain(&self) -> CopyGrain {
+        self.grain
+    }
+
     /// Bytes copied (each is read once and written once).
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -80,18 +124,21 @@ impl CopyPlan {
                 reason: "shares a buffer with `src`".into(),
             });
         }
-        let k = &self.kernel;
+        let pipeline = match self.grain {
+            CopyGrain::One => &self.kernel.one,
+            CopyGrain::Four => &self.kernel.four,
+        };
         let group = bind_group(
             device,
             "copy_vec4",
-            &k.copy,
+            pipeline,
             &[
                 (0, self.uniform.as_entire_binding()),
                 (1, binding(src, self.bytes)),
                 (2, binding(dst, self.bytes)),
             ],
         );
-        record(encoder, "copy", &[(&k.copy, group, (self.groups.0, self.groups.1))]);
+        record(encoder, "copy", &[(pipeline, group, (self.groups.0, self.groups.1))]);
         Ok(())
     }
 }
