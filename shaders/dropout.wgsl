@@ -11,11 +11,13 @@
 // Entry points:
 //   dropout_forward   one invocation per three quads of 4 consecutive elements, quads g, g + t,
 //                     g + 2t (t invocations): one Philox call serves a quad, the three
-//                     interleaved. dropout2d_forward: one invocation per quad (two calls: the four
-//                     elements' channels lie within eight consecutive units). `_accumulate`: y += instead of y =.
+//                     interleaved. dropout2d_forward: one invocation per four quads g, g + t,
+//                     g + 2t, g + 3t (two calls per quad: its elements' channels lie within
+//                     eight consecutive units). `_accumulate`: y += instead of y =.
 //   dropout2d_from_bits  Dropout2d (unit_len >= 4) from the channel keep bits dropout_mask
-//                     wrote into the plan's scratch just before: one invocation per 4 elements,
-//                     one word load instead of two Philox calls. `_accumulate`: y +=.
+//                     wrote into the plan's scratch just before: four quads per invocation as
+//                     dropout2d_forward, one word load per quad instead of two Philox calls.
+//                     `_accumulate`: y +=.
 //   dropout_apply_mask  one invocation per element: y = x·m with m read from a packed mask
 //                     (the backward from a stored mask: dx = dy·m).
 //   dropout_mask      one invocation per mask word: the packed keep bits of 32 units, unit u
@@ -117,15 +119,31 @@ fn forward_elements(g: u32, accumulate: bool) {
     }
 }
 
-// Dropout2d, invocation g: elements 4g .. 4g + 3 of this dispatch (units of unit_len
-// elements); `accumulate`: y += instead of y =.
+// Dropout2d's element passes: invocation g takes quads g, g + t, g + 2t and g + 3t of this
+// dispatch, t = ⌈quads / 4⌉ (the host dispatches t invocations): a CPU driver pays a fixed cost
+// per invocation that one quad does not amortise (as the copy yardstick's grains show). Strided
+// by t, so that neighbouring invocations still touch neighbouring quads (GPUs coalesce those).
+// Returns (quads, t); g takes part when g < t, and its quad g + k·t exists when below quads.
+fn channel_grid() -> vec2<u32> {
+    let quads = (p.numel + 3u) / 4u;
+    return vec2<u32>(quads, (quads + 3u) / 4u);
+}
+
+// Dropout2d, invocation g: its quads (channel_grid) of this dispatch (units of unit_len
+// elements), each decided by channel_keep; `accumulate`: y += instead of y =.
 fn forward_channels(g: u32, accumulate: bool) {
-    let first = g * 4u;
-    if (first >= p.numel) {
+    let grid = channel_grid();
+    if (g >= grid.y) {
         return;
     }
-    let m = select(vec4<f32>(0.0), vec4<f32>(p.scale), channel_keep(load_state(), p.base + first));
-    apply4(first, m, accumulate);
+    let state = load_state();
+    for (var k = 0u; k < 4u; k++) {
+        let first = 4u * (g + k * grid.y);
+        if (first < p.numel) {
+            let m = select(vec4<f32>(0.0), vec4<f32>(p.scale), channel_keep(state, p.base + first));
+            apply4(first, m, accumulate);
+        }
+    }
 }
 
 // y = x·m (or y += x·m) for the four elements from `first`. The vec4 variant runs only where
@@ -166,10 +184,20 @@ fn dropout2d_from_bits_accumulate(@builtin(global_invocation_id) gid: vec3<u32>,
 }
 
 fn forward_from_bits(g: u32, accumulate: bool) {
-    let first = g * 4u;
-    if (first >= p.numel) {
+    let grid = channel_grid();
+    if (g >= grid.y) {
         return;
     }
+    for (var k = 0u; k < 4u; k++) {
+        let first = 4u * (g + k * grid.y);
+        if (first < p.numel) {
+            quad_from_bits(first, accumulate);
+        }
+    }
+}
+
+// Dropout2d of the quad at `first` from the channel keep bits.
+fn quad_from_bits(first: u32, accumulate: bool) {
     let e = p.base + first;
     let u0 = fast_div(e, p.div_unit);
     // Element e + k is in unit u0 or u0 + 1 (unit_len >= 4). Both bits are in word u0 / 32:

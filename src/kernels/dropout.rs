@@ -259,10 +259,10 @@ impl DropoutKernel {
             Ok(uniform_buffer(device, "dropout params", &params))
         };
         // dropout_forward takes three quads per invocation (three interleaved Philox calls),
-        // dropout2d_forward and dropout2d_from_bits one.
+        // dropout2d_forward and dropout2d_from_bits four.
         let quads_per_invocation = match unit {
             DropoutUnit::Element => 3,
-            DropoutUnit::Channel => 1,
+            DropoutUnit::Channel => 4,
         };
         let mut parts = Vec::with_capacity(chunks.len());
         for chunk in &chunks {
