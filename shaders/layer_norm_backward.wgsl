@@ -72,11 +72,12 @@ struct Params {
 @group(0) @binding(10) var<storage, read> rng_state: vec4<u32>;            // (seed lo, seed hi, offset lo, offset hi)
 // #activation @binding(11) read dh_in (rows, W)
 // #activation @binding(12) read_write dresidual (rows, W)
-// γ of the first 4·GAMMA_QUADS columns (ones without γ) as a uniform buffer, for the row-block
-// pass's row phase, where every invocation reads all of γ once per row: lavapipe loads a
-// uniform buffer as one vector gather, a storage buffer lane by lane with a branch per lane
-// (BENCHMARKS.md optimisation 39). lnb_gamma_stage fills it (binding 14, the same buffer)
-// before the pass; the other dx passes bind it without reading it.
+// γ of the first 4·GAMMA_QUADS columns as a uniform buffer, for the row-block pass's row phase,
+// where every invocation reads all of γ once per row: lavapipe loads a uniform buffer as one
+// vector gather, a storage buffer lane by lane with a branch per lane (BENCHMARKS.md
+// optimisation 39). With γ, lnb_gamma_stage fills it (binding 14, the same buffer) before the
+// pass; without γ the host created it holding ones. The other dx passes bind it without
+// reading it.
 const GAMMA_QUADS: u32 = 1024u;
 @group(0) @binding(13) var<uniform> gamma_u: array<vec4<f32>, GAMMA_QUADS>;
 @group(0) @binding(14) var<storage, read_write> gamma_stage: array<f32>;
@@ -105,12 +106,12 @@ fn row_gamma(j: u32, staged: bool) -> f32 {
     return gamma(j);
 }
 
-// Copies γ (ones without it) of the first 4·GAMMA_QUADS columns into the uniform copy; one
+// Copies γ of the first 4·GAMMA_QUADS columns into the uniform copy (run only with γ); one
 // invocation per column.
 @compute @workgroup_size(256)
 fn lnb_gamma_stage(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x < min(p.width, 4u * GAMMA_QUADS)) {
-        gamma_stage[gid.x] = gamma(gid.x);
+        gamma_stage[gid.x] = ld_weight(gid.x);
     }
 }
 

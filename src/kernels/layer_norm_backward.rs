@@ -11,8 +11,10 @@
 //! With one lane per row (the CPU-adapter default, [`crate::default_lanes`]) the
 //! first two rows are one pass, `lnb_block_dx[_dropout]` / `lnb_block_residual_dx`: ⌈rows/64⌉
 //! workgroups of 64 invocations write dx (+ dresidual) and the per-block partial dγ, dβ.
-//! Before it, `lnb_gamma_stage` (⌈min(W, 4096)/256⌉ workgroups) copies γ into the plan's
+//! Before it, with γ, `lnb_gamma_stage` (⌈min(W, 4096)/256⌉ workgroups) copies γ into the plan's
 //! uniform buffer, which the pass's row phase reads instead of the storage binding.
+
+use wgpu::util::DeviceExt;
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
@@ -282,13 +284,13 @@ impl LayerNormBackwardKernel {
             row_centre: scratch("layer_norm backward row centres", if lanes == 1 { 0 } else { rows * 8 }),
             partials: scratch("layer_norm backward partials", partial_bytes),
             final_groups: fold_workgroups(OP, width.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
-            // Bound by every dx pass (their layouts share the row-sum helpers), filled and
-            // read only by the row-block path.
-            gamma_uniform: device.create_buffer(&wgpu::BufferDescriptor {
+            // Bound by every dx pass (their layouts share the row-sum helpers), read only by the
+            // row-block path. Without γ it holds ones from here on; with γ, `lnb_gamma_stage`
+            // copies it in at every call (γ changes between steps).
+            gamma_uniform: device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("layer_norm backward γ uniform copy"),
-                size: GAMMA_UNIFORM_COLUMNS * 4,
+                contents: bytemuck::cast_slice(&[1.0f32; GAMMA_UNIFORM_COLUMNS as usize]),
                 usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
             }),
         })
     }
@@ -540,8 +542,8 @@ impl LayerNormBackwardPlan {
             }
         }
         let mut passes = Vec::new();
-        if self.blocks {
-            let weight = binding_or(self.config.has_weight(), &b.weight, &ph[0], w_bytes);
+        // γ into the row-block pass's uniform copy (validate made γ present with a weight).
+        if let Some(w) = b.weight.as_ref().filter(|_| self.blocks && self.config.has_weight()) {
             passes.push((
                 &k.gamma_stage,
                 bind_group(
@@ -550,7 +552,7 @@ impl LayerNormBackwardPlan {
                     &k.gamma_stage,
                     &[
                         (0, self.chunks[0].uniforms[variant].as_entire_binding()),
-                        (4, weight),
+                        (4, binding(w, w_bytes)),
                         (14, self.gamma_uniform.as_entire_binding()),
                     ],
                 ),

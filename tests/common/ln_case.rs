@@ -25,6 +25,9 @@ pub struct LanesCase {
     dy: Vec<f32>,
     weight: Vec<f32>,
     bias: Vec<f32>,
+    /// γ and β (`elementwise_affine`, the default); without them no parameter buffers are
+    /// bound and no parameter gradients exist.
+    affine: bool,
 }
 
 impl LanesCase {
@@ -40,7 +43,14 @@ impl LanesCase {
             dy: rng.normal_vec(rows * width, 0.0, 1.0),
             weight: rng.normal_vec(width, 1.0, 0.5),
             bias: rng.normal_vec(width, 0.0, 0.5),
+            affine: true,
         }
+    }
+
+    /// The same case without γ and β (`elementwise_affine: false`).
+    #[allow(dead_code)] // the chunking tests include this file and use affine cases only
+    pub fn without_affine(self) -> Self {
+        Self { affine: false, ..self }
     }
 
     /// Runs the forward and the backward (writing, then accumulating) with `lanes` and
@@ -49,8 +59,12 @@ impl LanesCase {
     pub fn check(&self, ctx: &Context, lanes: u32, fusion: LayerNormFusion) -> usize {
         let (rows, width) = (self.rows, self.width);
         let (shape, n) = ([rows, width], rows * width);
-        let config = LayerNormConfig::new(&[width]);
-        let what = format!("{rows}x{width}, lanes {lanes}, {fusion:?}");
+        let config = LayerNormConfig {
+            elementwise_affine: self.affine,
+            bias: self.affine,
+            ..LayerNormConfig::new(&[width])
+        };
+        let what = format!("{rows}x{width}, lanes {lanes}, {fusion:?}, affine {}", self.affine);
         let device = ctx.device();
         let options = LayerNormPlanOptions { lanes: Some(lanes) };
         let fplan = ctx
@@ -102,8 +116,8 @@ impl LanesCase {
         let buffers = LayerNormBuffers {
             x: xt.slice(),
             y: y.slice(),
-            weight: Some(wt.slice()),
-            bias: Some(bt.slice()),
+            weight: self.affine.then(|| wt.slice()),
+            bias: self.affine.then(|| bt.slice()),
             mean: mean.slice(),
             rstd: rstd.slice(),
             rng: dropout.then(|| rng.slice()),
@@ -115,10 +129,10 @@ impl LanesCase {
             x: if residual { ht.slice() } else { xt.slice() },
             dy: dyt.slice(),
             dx: dx.slice(),
-            weight: Some(wt.slice()),
+            weight: self.affine.then(|| wt.slice()),
             rstd: rstd.slice(),
-            dweight: Some(dw.slice()),
-            dbias: Some(db.slice()),
+            dweight: self.affine.then(|| dw.slice()),
+            dbias: self.affine.then(|| db.slice()),
             rng: dropout.then(|| rng.slice()),
             dh_in: None,
             dresidual: residual.then(|| dres.slice()),
@@ -139,8 +153,10 @@ impl LanesCase {
         close("y", &y, &y_ref, ATOL);
         close("mean", &mean, &r.mean, ATOL);
         close("rstd", &rstd, &r.rstd, ATOL);
-        close("2·dγ", &dw, &twice(&rb.dweight), 2e-4);
-        close("2·dβ", &db, &twice(&rb.dbias), 2e-4);
+        if self.affine {
+            close("2·dγ", &dw, &twice(&rb.dweight), 2e-4);
+            close("2·dβ", &db, &twice(&rb.dbias), 2e-4);
+        }
         if residual {
             close("h", &ht, &widen(&h), ATOL);
             close("2·dresidual", &dres, &twice(&rb.dx), 2.0 * ATOL);
