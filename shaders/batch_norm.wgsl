@@ -342,21 +342,29 @@ fn normalize_run(g: u32, state: vec4<u32>, drop: bool, aligned: bool) {
     var pos = channel_position(first, p.s, p.c, p.div_s, p.div_c);
     var k = channel_coefficients(pos.x);
     if (aligned) {
-        var k_next = k;
+        var w = AlignedWalk(first, pos.y, k, k);
         if (p.run > 1u) {
-            k_next = channel_coefficients(next_channel(pos.x, p.c));
+            w.k_next = channel_coefficients(next_channel(pos.x, p.c));
         }
-        var s = pos.y;
-        for (var r = 0u; r < p.run && first < p.total; r++) {
-            var y = ((ld4a_x(first) - k.x) - k.y) * k.z + k.w;
-            if (drop) {
-                y *= dropout_factors4(state, (p.elem_base + first) / 4u, p.drop_threshold, p.drop_flags, p.drop_scale);
+        if (!drop) {
+            for (var r = 0u; r < p.run && w.first < p.total; r++) {
+                aligned_quad(&w, vec4<f32>(1.0));
             }
-            st4_y(first, y, p.total);
-            first += 4u;
-            // The one entry into the next channel (s passes S once: 4·run ≤ S).
-            s += 4u;
-            k = select(k, k_next, s == p.s);
+            return;
+        }
+        // Three quads' masks per Philox step (dropout_factors4x3: one call is a chain of
+        // dependent multiplies; three interleaved fill a CPU core's waits, BENCHMARKS.md 42).
+        // A run that is not a multiple of three draws the last step's spare words unused.
+        for (var r = 0u; r < p.run && w.first < p.total; r += 3u) {
+            let q = vec3<u32>((p.elem_base + w.first) / 4u) + vec3<u32>(0u, 1u, 2u);
+            let m = dropout_factors4x3(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
+            aligned_quad(&w, m.a);
+            if (r + 1u < p.run && w.first < p.total) {
+                aligned_quad(&w, m.b);
+            }
+            if (r + 2u < p.run && w.first < p.total) {
+                aligned_quad(&w, m.c);
+            }
         }
         return;
     }
@@ -373,6 +381,26 @@ fn normalize_run(g: u32, state: vec4<u32>, drop: bool, aligned: bool) {
             k = channel_coefficients(pos.x);
         }
     }
+}
+
+// An aligned run's walk: the next quad's first element, its position s in the channel, the
+// channel's coefficients and those of the next channel (taken once, where s reaches S).
+struct AlignedWalk {
+    first: u32,
+    s: u32,
+    k: vec4<f32>,
+    k_next: vec4<f32>,
+}
+
+// Normalizes the walk's quad, multiplies it by `m` (the dropout factors, or ones: exact) and
+// steps to the next quad. The one entry into the next channel: s passes S once (4·run ≤ S).
+fn aligned_quad(w: ptr<function, AlignedWalk>, m: vec4<f32>) {
+    let k = (*w).k;
+    let y = ((ld4a_x((*w).first) - k.x) - k.y) * k.z + k.w;
+    st4_y((*w).first, y * m, p.total);
+    (*w).first += 4u;
+    (*w).s += 4u;
+    (*w).k = select(k, (*w).k_next, (*w).s == p.s);
 }
 
 // (K, mean − K, invstd·γ, β) of channel c, which the finalize passes store in centre[c] so that
