@@ -28,7 +28,8 @@
 //                     per quad), y = ((x − mean)·(invstd·γ) + β)·m with the mask of philox.wgsl
 //                     over flat element indices.
 //   bn_normalize_aligned, bn_normalize_dropout_aligned  the same two for S % 4 == 0 and
-//                     S ≥ 4·run, without the walk across channel boundaries inside a quad.
+//                     S ≥ 4·run, without the walk across channel boundaries inside a quad;
+//                     the dropout one draws three quads' masks per interleaved Philox step.
 //
 // Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
 // linear workgroup index from `num_workgroups`.
