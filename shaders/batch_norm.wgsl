@@ -14,6 +14,8 @@
 //                     `chunks` chunks of `chunk_len`; each invocation runs Welford over a strided
 //                     slice of its chunk, the workgroup merges with Chan's formula, and writes the
 //                     chunk's (mean − K, M2, count).
+//                     In training with running statistics, the invocation that writes channel
+//                     0's first chunk also increments num_batches_tracked (no dispatch of its own).
 //   bn_stats_serial   the same with one invocation per (channel, chunk) and no merge (CPU
 //                     adapters: `ReduceSplit::Invocation`).
 //   bn_finalize       one workgroup per channel: Chan-merges the channel's chunk partials, updates
@@ -55,6 +57,7 @@ const WG: u32 = 256u;
 const FLAG_AFFINE: u32 = 1u;         // read γ, β (otherwise γ = 1, β = 0)
 const FLAG_TRACK: u32 = 2u;          // update running stats and num_batches_tracked in bn_finalize
 const FLAG_CUMULATIVE: u32 = 4u;     // m = 1 / num_batches_tracked instead of momentum
+const FLAG_COUNT: u32 = 8u;          // training with running stats: the stats pass increments num_batches_tracked
 
 // Mirrors `BnParams` in src/kernels/batch_norm.rs field by field.
 struct Params {
@@ -170,11 +173,18 @@ fn chunk_stat(c: u32, start: u32, end: u32, stride: u32, shift: f32) -> Stat {
 }
 
 // Writes chunk k's triple (mean − K, M2, count) of channel c; the first range's chunk 0 also
-// publishes K.
+// publishes K. With FLAG_COUNT (training with running statistics) the one invocation that
+// writes channel 0's first chunk of the first range also increments num_batches_tracked: once
+// per call, before bn_finalize (the next dispatch) reads it for the cumulative average, as
+// PyTorch increments before it averages. A dispatch of its own for that one increment cost
+// about as much as a whole pass on a CPU driver (BENCHMARKS.md 43).
 fn publish_partial(c: u32, k: u32, shift: f32, total: Stat) {
     partials[c * p.parts + p.part_base + k] = vec4<f32>(total.mean, total.m2, total.n, 0.0);
     if (p.first != 0u && k == 0u) {
         centre[c] = vec4<f32>(shift, 0.0, 0.0, 0.0);
+        if (c == 0u && (p.flags & FLAG_COUNT) != 0u) {
+            count_batch();
+        }
     }
 }
 
@@ -228,7 +238,7 @@ fn finish_channel(c: u32, total: Stat) {
     save_invstd[c] = invstd;
     centre[c] = coefficients(c, shift, total.mean, invstd);
     if ((p.flags & FLAG_TRACK) != 0u) {
-        // num_batches_tracked was already incremented by bn_count in this step.
+        // num_batches_tracked was already incremented by the stats pass of this step.
         var m = p.momentum;
         if ((p.flags & FLAG_CUMULATIVE) != 0u) {
             m = 1.0 / (f32(num_batches[0]) + f32(num_batches[1]) * 4294967296.0);
@@ -239,10 +249,9 @@ fn finish_channel(c: u32, total: Stat) {
     }
 }
 
-// Increments the 64-bit num_batches_tracked counter, held as (lo, hi) u32 words. One invocation.
-// Recorded before bn_finalize so that the cumulative average sees the new count, as PyTorch's does.
-@compute @workgroup_size(1)
-fn bn_count() {
+// Increments the 64-bit num_batches_tracked counter, held as (lo, hi) u32 words. One invocation
+// of the stats pass calls it (publish_partial).
+fn count_batch() {
     let lo = num_batches[0] + 1u;
     num_batches[0] = lo;
     if (lo == 0u) {

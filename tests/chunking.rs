@@ -329,6 +329,8 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
             1e-4,
             1e-4,
         );
+        // One call, one count, however many ranges ran the stats pass.
+        assert_eq!(bn.num_batches_tracked_blocking().unwrap(), Some(1), "chunked BN count");
 
         // The backward's gradients against the reference's, with the statistics the forward
         // normalized with (batch statistics in training, running ones in eval).

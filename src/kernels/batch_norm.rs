@@ -6,8 +6,7 @@
 //!
 //! | dispatch            | workgroups              | reads                    | writes                    |
 //! |---------------------|-------------------------|--------------------------|---------------------------|
-//! | `bn_stats`          | C · chunks              | x                        | partials (mean, M2)       |
-//! | `bn_count`          | 1 (when tracking)       | num_batches_tracked      | num_batches_tracked       |
+//! | `bn_stats`          | C · chunks              | x                        | partials (mean, M2), +1 to num_batches_tracked (when tracking) |
 //! | `bn_finalize`       | C                       | partials                 | save_mean/invstd, running |
 //! | `bn_normalize`      | ⌈N·C·S / (1024·run)⌉    | x, centre (K, mean, γ, β)| y                         |
 //!
@@ -28,7 +27,6 @@ const OP: &str = "batch_norm";
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bn_stats",
     "bn_stats_serial",
-    "bn_count",
     "bn_finalize",
     "bn_finalize_serial",
     "bn_finalize_eval",
@@ -141,6 +139,8 @@ pub fn default_reduce_split(device_type: wgpu::DeviceType, c: u64, m: u64, threa
 const FLAG_AFFINE: u32 = 1;
 const FLAG_TRACK: u32 = 2;
 const FLAG_CUMULATIVE: u32 = 4;
+/// Training with running statistics: the stats pass increments num_batches_tracked.
+const FLAG_COUNT: u32 = 8;
 
 /// Largest element count a single call indexes with u32 arithmetic (with headroom for one
 /// chunk past the end).
@@ -268,7 +268,6 @@ pub struct BatchNormKernel {
     storage: Storage,
     /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
     stats: [wgpu::ComputePipeline; 2],
-    count: wgpu::ComputePipeline,
     /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
     finalize: [wgpu::ComputePipeline; 2],
     finalize_eval: wgpu::ComputePipeline,
@@ -291,7 +290,6 @@ impl Kernel for BatchNormKernel {
         Self {
             storage,
             stats: ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, &module, e)),
-            count: compute_pipeline(device, &module, "bn_count"),
             finalize: ["bn_finalize", "bn_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
             finalize_eval: compute_pipeline(device, &module, "bn_finalize_eval"),
             normalize: NORMALIZE_ENTRIES.map(|pair| pair.map(|e| compute_pipeline(device, &module, e))),
@@ -364,6 +362,13 @@ impl BatchNormKernel {
         }
         let (div_s, div_c) = (FastDiv::new(dims.s).words(), FastDiv::new(dims.c).words());
         let uniform = |r: &SampleRange, training: bool| -> Result<wgpu::Buffer> {
+            // Only a training step counts; the stats pass also runs in eval without running
+            // statistics, where FLAG_TRACK is off anyway.
+            let flags = if training && config.track_running_stats {
+                flags | FLAG_COUNT
+            } else {
+                flags
+            };
             let d = match &options.dropout {
                 Some(d) => d.params(training)?,
                 None => DropParams {
@@ -797,17 +802,11 @@ impl BatchNormPlan {
                 let entries = [
                     (0, c.uniforms[usize::from(training)].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),
+                    (7, nbt.clone()),
                     (10, partials.clone()),
                     (12, centre.clone()),
                 ];
                 groups.push((stats, bind_group(device, "bn_stats", stats, &entries), c.stats_groups));
-            }
-            if training && tracking {
-                groups.push((
-                    &k.count,
-                    bind_group(device, "bn_count", &k.count, &[(7, nbt.clone())]),
-                    (1, 1),
-                ));
             }
             groups.push((
                 finalize,
@@ -876,7 +875,8 @@ impl BatchNormPlan {
         }
 
         // bn_finalize updates running statistics exactly when FLAG_TRACK is set: with tracking
-        // it only runs in training mode (eval uses bn_finalize_eval), after bn_count.
+        // it only runs in training mode (eval uses bn_finalize_eval), after the stats pass that
+        // incremented num_batches_tracked (FLAG_COUNT).
         record(encoder, "batch_norm forward", &groups);
         Ok(())
     }
