@@ -579,6 +579,31 @@ pub fn time(ctx: &Context, runner: &Runner, warmup: usize, samples: usize, per_s
         .collect()
 }
 
+/// Times `op` and `yardstick` in alternation: `warmup` untimed calls of each, then `samples`
+/// pairs, each a sample of `op` (as in [`time`]) followed at once by a sample of `yardstick`.
+/// Returns seconds per call of both for every pair. On a shared machine whose speed drifts
+/// within seconds, the two samples of a pair see the same moment, so the ratio of a pair is
+/// steadier than the ratio of two separate runs' medians.
+pub fn time_paired(
+    ctx: &Context,
+    op: &Runner,
+    yardstick: &Runner,
+    warmup: usize,
+    samples: usize,
+    per_sample: usize,
+) -> Result<Vec<(f64, f64)>> {
+    let timer = Timer::new(ctx)?;
+    let (mut op_call, mut yard_call) = (0, 0);
+    timer.warm_up(op, warmup, &mut op_call)?;
+    timer.warm_up(yardstick, warmup, &mut yard_call)?;
+    (0..samples)
+        .map(|_| {
+            let t = timer.sample(op, per_sample, &mut op_call)?;
+            Ok((t, timer.sample(yardstick, per_sample, &mut yard_call)?))
+        })
+        .collect()
+}
+
 /// Median, 20th and 80th percentile of `samples`.
 pub fn percentiles(samples: &[f64]) -> (f64, f64, f64) {
     let mut s = samples.to_vec();

@@ -73,13 +73,18 @@ pub struct Row {
     p20_us: f64,
     p80_us: f64,
     gb_per_s: f64,
-    /// Against `copy_gb_per_s` of this row.
+    /// The median over the row's pairs of 100 × (the op's GB/s ÷ the copy's GB/s in the same
+    /// pair) (older reports: against `copy_gb_per_s`).
     pct_of_copy: f64,
     fused_speedup: Option<f64>,
-    /// The copy's bandwidth around this row: the mean of the copy measured just before and just
-    /// after it. Older reports lack it.
+    /// The median of the copy's bandwidth over the row's pairs (older reports: the mean of the
+    /// copy measured just before and just after the row, or nothing).
     #[serde(default)]
     copy_gb_per_s: f64,
+    /// (op µs, copy µs) of every timed pair: a sample of the op, then at once a sample of the
+    /// copy. The row's median, p20 and p80 are the op's. Older reports lack them.
+    #[serde(default)]
+    pairs_us: Vec<[f64; 2]>,
 }
 
 /// The whole report, as `--json` writes it.
@@ -94,8 +99,9 @@ pub struct Report {
     storage: String,
     /// The median of `copy_runs_gb_per_s` (older reports: the yardstick of every row).
     copy_gb_per_s: f64,
-    /// Each copy measurement, in order: before the first row and after every row (older
-    /// reports: before and after the ops, or nothing).
+    /// The copy's bandwidth, in order: the chosen grain's first measurement, then each row's
+    /// `copy_gb_per_s` (older reports: before the first row and after every row, or before
+    /// and after the ops, or nothing).
     #[serde(default)]
     copy_runs_gb_per_s: Vec<f64>,
     copy_bytes: u64,
@@ -211,7 +217,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         if cpu && !args.full { " (CPU adapter)" } else { "" }
     );
     println!(
-        "timing: {}; {samples} samples of {} call(s) after warm-up; inputs rotated through up to 4 copies; the vec4 copy measured the same way before the first row and after every row",
+        "timing: {}; {samples} samples of {} call(s) after warm-up; inputs rotated through up to 4 copies; every op sample paired with a sample of the vec4 copy taken right after it",
         bench::clock(ctx),
         p.per_sample
     );
@@ -270,10 +276,11 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         .map(|(_, s)| s.iter().product::<usize>() as u64 * 4)
         .max()
         .unwrap_or(1 << 22);
-    // Measured before the first row and after every row; each row's yardstick is the mean of
-    // the measurements on either side of it, so a shared machine's slow and fast moments fall on
-    // an op and its yardstick alike (one measurement for the whole run can land in a moment that
-    // flatters or shames every row). The warm-up calls absorb the preceding op's cache state.
+    // Every sample of a row's op is followed at once by a sample of the copy, and the row's
+    // percentage is the median of the pairs' ratios: a shared machine's speed drifts within
+    // seconds (lavapipe on a 2-core VM: 2-3x between runs of one binary), and the two samples of
+    // a pair see the same moment, where separate measurements before and after a row need not.
+    // The warm-up calls absorb the preceding op's cache state.
     let copy_bytes = largest.min(ctx.limits().max_storage_buffer_binding_size).max(1 << 20);
     let gbps_of = |runner: &bench::Runner| -> normdrop::Result<f64> {
         let (med, _, _) = bench::percentiles(&bench::time(ctx, runner, 2, samples, p.per_sample)?);
@@ -308,7 +315,6 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let copy_gbps_now = || gbps_of(&copy);
     let mut copy_runs = vec![first_gbps];
 
     // 3. Time every op; unfused sequences too, for the fused speedups.
@@ -343,10 +349,37 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
                 bytes: runner.bytes,
             })
         };
+    // A row's op, paired with the copy: (timing, the median of the pairs' percentages, the
+    // median of the copy's GB/s, the pairs in µs).
+    let time_row = |name: &str,
+                    shape: &[usize],
+                    medians: &mut BTreeMap<(String, Vec<usize>), f64>|
+     -> normdrop::Result<(Timed, f64, f64, Vec<[f64; 2]>)> {
+        let numel: u64 = shape.iter().map(|&d| d as u64).product();
+        let size = args.dtype.size() as u64;
+        let runner = bench::build_as(ctx, name, shape, bench::rotation_sets(numel * size), args.dtype)?;
+        let pairs = bench::time_paired(ctx, &runner, &copy, 2, samples, p.per_sample)?;
+        let ops: Vec<f64> = pairs.iter().map(|&(t, _)| t).collect();
+        let (med, p20, p80) = bench::percentiles(&ops);
+        medians.insert((name.to_string(), shape.to_vec()), med);
+        let pcts: Vec<f64> = pairs
+            .iter()
+            .map(|&(t, c)| 100.0 * (runner.bytes as f64 / t) / (copy.bytes as f64 / c))
+            .collect();
+        let copies: Vec<f64> = pairs.iter().map(|&(_, c)| copy.bytes as f64 / c / 1e9).collect();
+        let timed = Timed {
+            med,
+            p20,
+            p80,
+            bytes: runner.bytes,
+        };
+        let us = pairs.iter().map(|&(t, c)| [t * 1e6, c * 1e6]).collect();
+        Ok((timed, bench::percentiles(&pcts).0, bench::percentiles(&copies).0, us))
+    };
     for (spec, shape) in &jobs {
         bar.set_message(format!("{} {}", spec.name, fmt_shape(shape)));
-        match time_op(spec.name, shape, &mut medians) {
-            Ok(Timed { med, p20, p80, bytes }) => {
+        match time_row(spec.name, shape, &mut medians) {
+            Ok((Timed { med, p20, p80, bytes }, pct_of_copy, copy_gb_per_s, pairs_us)) => {
                 let gbps = bytes as f64 / med / 1e9;
                 let mut fused_speedup = None;
                 if !spec.unfused.is_empty() {
@@ -368,16 +401,12 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
                     p20_us: p20 * 1e6,
                     p80_us: p80 * 1e6,
                     gb_per_s: gbps,
-                    pct_of_copy: 0.0, // against the copy after the row, below
+                    pct_of_copy,
                     fused_speedup,
-                    copy_gb_per_s: 0.0,
+                    copy_gb_per_s,
+                    pairs_us,
                 });
-                let before = *copy_runs.last().expect("measured before the first row");
-                let after = copy_gbps_now()?;
-                copy_runs.push(after);
-                let row = rows.last_mut().expect("just pushed");
-                row.copy_gb_per_s = (before + after) / 2.0;
-                row.pct_of_copy = 100.0 * gbps / row.copy_gb_per_s;
+                copy_runs.push(copy_gb_per_s);
             }
             Err(e) => skipped.push(format!("{} {}: {e}", spec.name, fmt_shape(shape))),
         }
@@ -389,7 +418,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         .iter()
         .fold((f64::INFINITY, 0.0f64), |(l, h), &g| (l.min(g), h.max(g)));
     println!(
-        "copy bandwidth: {copy_gbps:.2} GB/s, the median of {} measurements (range {low:.2}–{high:.2}; vec4 copy of {:.1} MiB, read + write); each row's % copy is against the mean of the measurements before and after it, in the copy column",
+        "copy bandwidth: {copy_gbps:.2} GB/s, the median of {} measurements (range {low:.2}–{high:.2}; vec4 copy of {:.1} MiB, read + write: the first, then each row's median, in the copy column); each row's % copy is the median of its pairs' ratios",
         copy_runs.len(),
         copy_bytes as f64 / (1 << 20) as f64,
     );

@@ -155,9 +155,13 @@ fn bench_validates_times_and_writes_json_and_baseline_ratios() {
     assert!(fused.trim_end().ends_with('x'), "fused rows carry a speedup: {fused}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["rows"].as_array().unwrap().len(), 4);
-    // The copy is measured before the first row and after every row; each row's percentage is
-    // against the mean of the measurements on either side of it; the header figure is their
-    // median.
+    // Every op sample is paired with a copy sample taken right after it: a row's percentage is
+    // the median of its pairs' ratios and its copy figure the median of its copy samples; the
+    // header's copy figure is the median of the first measurement and every row's.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * 0.5).round() as usize]
+    };
     let copy = report["copy_gb_per_s"].as_f64().unwrap();
     let runs: Vec<f64> = report["copy_runs_gb_per_s"]
         .as_array()
@@ -167,18 +171,35 @@ fn bench_validates_times_and_writes_json_and_baseline_ratios() {
         .collect();
     assert_eq!(runs.len(), 5, "{runs:?}");
     assert!(runs.iter().all(|&r| r > 0.0), "{runs:?}");
-    let mut sorted = runs.clone();
-    sorted.sort_by(f64::total_cmp);
-    assert_eq!(copy, sorted[2], "{copy} {runs:?}");
+    assert_eq!(copy, median(runs.clone()), "{copy} {runs:?}");
+    // The copy reads and writes a buffer of copy_bytes.
+    let copy_bytes = 2.0 * report["copy_bytes"].as_f64().unwrap();
     for (i, row) in report["rows"].as_array().unwrap().iter().enumerate() {
-        let around = (runs[i] + runs[i + 1]) / 2.0;
-        let row_copy = row["copy_gb_per_s"].as_f64().unwrap();
-        assert!((row_copy - around).abs() < 1e-9 * around, "{row} {runs:?}");
-        let expected = 100.0 * row["gb_per_s"].as_f64().unwrap() / around;
+        let pairs: Vec<(f64, f64)> = row["pairs_us"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_f64().unwrap(), p[1].as_f64().unwrap()))
+            .collect();
+        assert_eq!(pairs.len(), 2, "one pair per sample: {row}");
+        let op_median = median(pairs.iter().map(|p| p.0).collect());
         assert!(
-            (row["pct_of_copy"].as_f64().unwrap() - expected).abs() < 1e-9 * expected,
+            (row["median_us"].as_f64().unwrap() - op_median).abs() < 1e-9 * op_median,
             "{row}"
         );
+        let row_copy = row["copy_gb_per_s"].as_f64().unwrap();
+        let copy_median = median(pairs.iter().map(|p| copy_bytes / p.1 / 1e3).collect());
+        assert!((row_copy - copy_median).abs() < 1e-9 * copy_median, "{row}");
+        assert_eq!(row_copy, runs[i + 1], "{row} {runs:?}");
+        // Minimal bytes of the op, from its GB/s and median.
+        let bytes = row["gb_per_s"].as_f64().unwrap() * op_median * 1e3;
+        let pct = median(
+            pairs
+                .iter()
+                .map(|p| 100.0 * (bytes / p.0) / (copy_bytes / p.1))
+                .collect(),
+        );
+        assert!((row["pct_of_copy"].as_f64().unwrap() - pct).abs() < 1e-6 * pct, "{row}");
     }
 
     // The same run against itself as a baseline gets a ratio column.
