@@ -583,7 +583,11 @@ pub fn time(ctx: &Context, runner: &Runner, warmup: usize, samples: usize, per_s
 /// pairs, each a sample of `op` (as in [`time`]) followed at once by a sample of `yardstick`.
 /// Returns seconds per call of both for every pair. On a shared machine whose speed drifts
 /// within seconds, the two samples of a pair see the same moment, so the ratio of a pair is
-/// steadier than the ratio of two separate runs' medians.
+/// steadier than the ratio of two separate runs' medians. Each sample follows an untimed call
+/// of its own runner, so it finds the caches as a sample of [`time`] does (after its own
+/// previous call) and not as the other runner left them: without that, a copy sampled right
+/// after a BatchNorm op ran up to 20% faster than one after a LayerNorm op (BENCHMARKS.md,
+/// "Method: the copy yardstick").
 pub fn time_paired(
     ctx: &Context,
     op: &Runner,
@@ -598,7 +602,9 @@ pub fn time_paired(
     timer.warm_up(yardstick, warmup, &mut yard_call)?;
     (0..samples)
         .map(|_| {
+            timer.warm_up(op, 1, &mut op_call)?;
             let t = timer.sample(op, per_sample, &mut op_call)?;
+            timer.warm_up(yardstick, 1, &mut yard_call)?;
             Ok((t, timer.sample(yardstick, per_sample, &mut yard_call)?))
         })
         .collect()
