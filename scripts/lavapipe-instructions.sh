@@ -30,5 +30,5 @@ jit_ir 2 "$@" >"$out/a" &
 jit_ir 12 "$@" >"$out/b"
 wait
 a=$(cat "$out/a") b=$(cat "$out/b")
-echo "$op $* : $(( (b - a) / 10 )) JIT instructions per sample"
+echo "$bin $op $* : $(( (b - a) / 10 )) JIT instructions per sample"
 rm -rf "$out"
