@@ -39,7 +39,7 @@ pub struct BenchArgs {
     /// statistics stay f32; minimal bytes count activations at their own size.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: normdrop::DType,
-    /// Timed samples per row (default: 5 quick, 20 full).
+    /// Timed samples per row (default: 15 quick, 20 full).
     #[arg(long)]
     samples: Option<usize>,
     /// Write the results as JSON.
