@@ -55,7 +55,7 @@
 const WG: u32 = 256u;
 
 const FLAG_AFFINE: u32 = 1u;         // read γ, β (otherwise γ = 1, β = 0)
-const FLAG_TRACK: u32 = 2u;          // update running stats and num_batches_tracked in bn_finalize
+const FLAG_TRACK: u32 = 2u;          // update running stats in bn_finalize
 const FLAG_CUMULATIVE: u32 = 4u;     // m = 1 / num_batches_tracked instead of momentum
 const FLAG_COUNT: u32 = 8u;          // training with running stats: the stats pass increments num_batches_tracked
 
@@ -95,7 +95,7 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> num_batches: array<u32>;  // (2) u64 as (lo, hi)
 @group(0) @binding(8) var<storage, read_write> save_mean: array<f32>;    // (C)
 @group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
-@group(0) @binding(10) var<storage, read_write> partials: array<vec4<f32>>; // (C, parts) (mean − K, M2, count, 0)
+@group(0) @binding(10) var<storage, read_write> partials: array<vec4<f32>>; // (C, parts) (mean − K, M2, count, 0), then (num_batches_tracked, 0, 0, 0)
 @group(0) @binding(11) var<storage, read> rng_state: vec4<u32>;         // (seed lo, seed hi, offset lo, offset hi)
 @group(0) @binding(12) var<storage, read_write> centre: array<vec4<f32>>; // (C) (K, mean − K, invstd·γ, β) for normalize
 
@@ -238,10 +238,12 @@ fn finish_channel(c: u32, total: Stat) {
     save_invstd[c] = invstd;
     centre[c] = coefficients(c, shift, total.mean, invstd);
     if ((p.flags & FLAG_TRACK) != 0u) {
-        // num_batches_tracked was already incremented by the stats pass of this step.
+        // num_batches_tracked was already incremented by the stats pass of this step, which
+        // left its new value as an f32 in the partials' last slot (count_batch): reading it
+        // there keeps this pass at 8 storage bindings, WebGPU's default limit.
         var m = p.momentum;
         if ((p.flags & FLAG_CUMULATIVE) != 0u) {
-            m = 1.0 / (f32(num_batches[0]) + f32(num_batches[1]) * 4294967296.0);
+            m = 1.0 / partials[p.c * p.parts].x;
         }
         let var_unbiased = max(total.m2 / f32(p.m_all - 1u), 0.0);
         running_mean[c] = (1.0 - m) * running_mean[c] + m * mean;
@@ -249,14 +251,18 @@ fn finish_channel(c: u32, total: Stat) {
     }
 }
 
-// Increments the 64-bit num_batches_tracked counter, held as (lo, hi) u32 words. One invocation
-// of the stats pass calls it (publish_partial).
+// Increments the 64-bit num_batches_tracked counter, held as (lo, hi) u32 words, and leaves the
+// new count as an f32 in the slot after the partials (index C·parts) for bn_finalize's
+// cumulative average. One invocation of the stats pass calls it (publish_partial).
 fn count_batch() {
     let lo = num_batches[0] + 1u;
-    num_batches[0] = lo;
+    var hi = num_batches[1];
     if (lo == 0u) {
-        num_batches[1] = num_batches[1] + 1u;
+        hi += 1u;
+        num_batches[1] = hi;
     }
+    num_batches[0] = lo;
+    partials[p.c * p.parts] = vec4<f32>(f32(lo) + f32(hi) * 4294967296.0, 0.0, 0.0, 0.0);
 }
 
 @compute @workgroup_size(64)

@@ -343,7 +343,9 @@ impl BatchNormKernel {
         let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, stats_chunk)?;
         let eval_groups = fold_workgroups(OP, dims.c.div_ceil(CHANNEL_WORKGROUP), max)?;
         let finalize_groups = finalize_groups(OP, split, dims.c, max)?;
-        let partials_bytes = dims.c * parts * 16;
+        // One vec4 per (channel, partial), then one slot where the stats pass leaves the new
+        // num_batches_tracked for bn_finalize (which then needs no binding of the counter).
+        let partials_bytes = (dims.c * parts + 1) * 16;
         limits.check_size(
             OP,
             "stats partials in bytes (use a larger ReduceSplit chunk)",
@@ -818,7 +820,6 @@ impl BatchNormPlan {
                         (0, uniform.clone()),
                         (5, running_mean.clone()),
                         (6, running_var.clone()),
-                        (7, nbt.clone()),
                         (3, weight.clone()),
                         (4, bias.clone()),
                         (8, save_mean.clone()),

@@ -258,17 +258,27 @@ pub struct LayerNormKernel {
 }
 
 /// The pipelines of one module of a [`LayerNormKernel`], each `[plain, dropout, residual]`.
+/// The residual ones bind 9 storage buffers and exist only on devices whose
+/// `max_storage_buffers_per_shader_stage` allows that (WebGPU's default is 8): elsewhere the
+/// kernel still serves the plain and dropout passes, and a residual plan is refused.
 #[derive(Clone, Debug)]
 struct LnPasses {
     /// `lanes` invocations per row, 256/lanes rows per workgroup.
-    rows: [wgpu::ComputePipeline; 3],
+    rows: [Option<wgpu::ComputePipeline>; 3],
     /// The row-block path (one lane per row): a workgroup per 64-row block.
-    blocks: [wgpu::ComputePipeline; 3],
+    blocks: [Option<wgpu::ComputePipeline>; 3],
 }
 
 impl LnPasses {
     fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        let pipelines = |names: [&str; 3]| names.map(|e| compute_pipeline(device, module, e));
+        let residual = device.limits().max_storage_buffers_per_shader_stage >= RESIDUAL_STORAGE_BINDINGS;
+        let pipelines = |names: [&str; 3]| {
+            let mut i = 0;
+            names.map(|e| {
+                i += 1;
+                (i < 3 || residual).then(|| compute_pipeline(device, module, e))
+            })
+        };
         Self {
             rows: pipelines(["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"]),
             blocks: pipelines([
@@ -322,15 +332,10 @@ impl LayerNormKernel {
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
         let chunks = chunk_ranges(OP, "one row in bytes", rows, row_bytes, &limits, 1)?;
-        let storage_limit = device.limits().max_storage_buffers_per_shader_stage;
-        if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && storage_limit < RESIDUAL_STORAGE_BINDINGS {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "storage buffers of the fused residual+dropout+LayerNorm pass",
-                value: u64::from(RESIDUAL_STORAGE_BINDINGS),
-                limit: u64::from(storage_limit),
-                limit_name: "max_storage_buffers_per_shader_stage",
-            });
+        if matches!(fusion, LayerNormFusion::ResidualDropout(_))
+            && device.limits().max_storage_buffers_per_shader_stage < RESIDUAL_STORAGE_BINDINGS
+        {
+            return Err(residual_limit(device));
         }
         let dropout = match fusion {
             LayerNormFusion::None => None,
@@ -568,6 +573,9 @@ impl LayerNormPlan {
             } else {
                 &passes.rows[which]
             };
+            // Absent only for the residual pass on a device below its binding count, which
+            // plan creation refuses; a plan used with another device's kernel lands here.
+            let pipeline = pipeline.as_ref().ok_or_else(|| residual_limit(device))?;
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),
@@ -589,6 +597,17 @@ impl LayerNormPlan {
         }
         record(encoder, "layer_norm forward", &dispatches);
         Ok(())
+    }
+}
+
+/// The residual block's pass binds more storage buffers than `device` allows.
+fn residual_limit(device: &wgpu::Device) -> Error {
+    Error::ExceedsLimit {
+        op: OP,
+        what: "storage buffers of the fused residual+dropout+LayerNorm pass",
+        value: u64::from(RESIDUAL_STORAGE_BINDINGS),
+        limit: u64::from(device.limits().max_storage_buffers_per_shader_stage),
+        limit_name: "max_storage_buffers_per_shader_stage",
     }
 }
 

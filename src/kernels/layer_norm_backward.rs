@@ -100,34 +100,38 @@ pub struct LayerNormBackwardKernel {
 struct LnbPasses {
     /// `lnb_dx[_dropout][_accumulate]`: `[with dropout][accumulate dx]`.
     dx: [[wgpu::ComputePipeline; 2]; 2],
-    /// `lnb_residual_dx[_accumulate]`: `[accumulate dx]`.
-    residual_dx: [wgpu::ComputePipeline; 2],
+    /// `lnb_residual_dx[_accumulate]`: `[accumulate dx]`. These and `block_residual_dx` bind 9
+    /// storage buffers and exist only where `max_storage_buffers_per_shader_stage` allows
+    /// (WebGPU's default is 8); elsewhere a residual plan is refused.
+    residual_dx: Option<[wgpu::ComputePipeline; 2]>,
     /// `lnb_params_partial[_dropout]`: `[with dropout]`.
     params_partial: [wgpu::ComputePipeline; 2],
     /// The row-block path (one lane per row): `lnb_block_dx[_dropout][_accumulate]`, indexed
     /// as `dx`.
     block_dx: [[wgpu::ComputePipeline; 2]; 2],
     /// `lnb_block_residual_dx[_accumulate]`: `[accumulate dx]`.
-    block_residual_dx: [wgpu::ComputePipeline; 2],
+    block_residual_dx: Option<[wgpu::ComputePipeline; 2]>,
 }
 
 impl LnbPasses {
     fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
         let pipeline = |e: &str| compute_pipeline(device, module, e);
+        let residual = device.limits().max_storage_buffers_per_shader_stage >= RESIDUAL_STORAGE_BINDINGS;
         Self {
             dx: [
                 ["lnb_dx", "lnb_dx_accumulate"],
                 ["lnb_dx_dropout", "lnb_dx_dropout_accumulate"],
             ]
             .map(|pair| pair.map(pipeline)),
-            residual_dx: ["lnb_residual_dx", "lnb_residual_dx_accumulate"].map(pipeline),
+            residual_dx: residual.then(|| ["lnb_residual_dx", "lnb_residual_dx_accumulate"].map(pipeline)),
             params_partial: ["lnb_params_partial", "lnb_params_partial_dropout"].map(pipeline),
             block_dx: [
                 ["lnb_block_dx", "lnb_block_dx_accumulate"],
                 ["lnb_block_dx_dropout", "lnb_block_dx_dropout_accumulate"],
             ]
             .map(|pair| pair.map(pipeline)),
-            block_residual_dx: ["lnb_block_residual_dx", "lnb_block_residual_dx_accumulate"].map(pipeline),
+            block_residual_dx: residual
+                .then(|| ["lnb_block_residual_dx", "lnb_block_residual_dx_accumulate"].map(pipeline)),
         }
     }
 }
@@ -186,15 +190,10 @@ impl LayerNormBackwardKernel {
         let row_bytes = width * self.storage.element_bytes();
         // Chunks hold whole 64-row blocks, so the dγ/dβ partial pass chunks with them.
         let chunks = chunk_ranges(OP, "64 rows in bytes", rows, row_bytes, &limits, ROWS_PER_BLOCK)?;
-        let storage_limit = device.limits().max_storage_buffers_per_shader_stage;
-        if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && storage_limit < RESIDUAL_STORAGE_BINDINGS {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "storage buffers of the fused residual backward pass",
-                value: u64::from(RESIDUAL_STORAGE_BINDINGS),
-                limit: u64::from(storage_limit),
-                limit_name: "max_storage_buffers_per_shader_stage",
-            });
+        if matches!(fusion, LayerNormFusion::ResidualDropout(_))
+            && device.limits().max_storage_buffers_per_shader_stage < RESIDUAL_STORAGE_BINDINGS
+        {
+            return Err(residual_limit(device));
         }
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
         // The partial pass takes 4 columns per invocation; the final pass one.
@@ -482,12 +481,15 @@ impl LayerNormBackwardPlan {
                 _ => &k.passes,
             };
             let acc = usize::from(accumulate.dx);
+            // The residual pipelines are absent only on a device below their binding count,
+            // which plan creation refuses; a plan used with another device's kernel lands here.
             let dx_pipeline = match (self.blocks, residual) {
-                (false, true) => &passes.residual_dx[acc],
-                (false, false) => &passes.dx[usize::from(drop_dy)][acc],
-                (true, true) => &passes.block_residual_dx[acc],
-                (true, false) => &passes.block_dx[usize::from(drop_dy)][acc],
-            };
+                (false, true) => passes.residual_dx.as_ref().map(|r| &r[acc]),
+                (false, false) => Some(&passes.dx[usize::from(drop_dy)][acc]),
+                (true, true) => passes.block_residual_dx.as_ref().map(|r| &r[acc]),
+                (true, false) => Some(&passes.block_dx[usize::from(drop_dy)][acc]),
+            }
+            .ok_or_else(|| residual_limit(device))?;
             let partial_pipeline = &passes.params_partial[usize::from(drop_dy)];
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
             let mut dx_entries = vec![
@@ -581,5 +583,16 @@ impl LayerNormBackwardPlan {
         }
         record(encoder, "layer_norm backward", &passes);
         Ok(())
+    }
+}
+
+/// The residual block's backward pass binds more storage buffers than `device` allows.
+fn residual_limit(device: &wgpu::Device) -> Error {
+    Error::ExceedsLimit {
+        op: OP,
+        what: "storage buffers of the fused residual backward pass",
+        value: u64::from(RESIDUAL_STORAGE_BINDINGS),
+        limit: u64::from(device.limits().max_storage_buffers_per_shader_stage),
+        limit_name: "max_storage_buffers_per_shader_stage",
     }
 }
