@@ -24,34 +24,31 @@ fn default_limits_ctx() -> Option<Context> {
 #[test]
 fn every_kernel_builds_under_the_default_limits() {
     let Some(ctx) = default_limits_ctx() else { return };
-    let results = [
-        (
-            "BatchNormKernel",
-            ctx.kernel_with::<BatchNormKernel>(Storage::F32).map(drop),
-        ),
-        (
-            "BatchNormBackwardKernel",
-            ctx.kernel_with::<BatchNormBackwardKernel>(Storage::F32).map(drop),
-        ),
-        (
-            "LayerNormKernel",
-            ctx.kernel_with::<LayerNormKernel>(Storage::F32).map(drop),
-        ),
-        (
-            "LayerNormBackwardKernel",
-            ctx.kernel_with::<LayerNormBackwardKernel>(Storage::F32).map(drop),
-        ),
-        (
-            "DropoutKernel",
-            ctx.kernel_with::<DropoutKernel>(Storage::F32).map(drop),
-        ),
+    // f32 and packed f16 (a default device has no SHADER_F16).
+    let mut results = Vec::new();
+    for storage in [Storage::F32, Storage::F16Packed] {
+        results.extend([
+            ("BatchNormKernel", ctx.kernel_with::<BatchNormKernel>(storage).map(drop)),
+            (
+                "BatchNormBackwardKernel",
+                ctx.kernel_with::<BatchNormBackwardKernel>(storage).map(drop),
+            ),
+            ("LayerNormKernel", ctx.kernel_with::<LayerNormKernel>(storage).map(drop)),
+            (
+                "LayerNormBackwardKernel",
+                ctx.kernel_with::<LayerNormBackwardKernel>(storage).map(drop),
+            ),
+            ("DropoutKernel", ctx.kernel_with::<DropoutKernel>(storage).map(drop)),
+        ]);
+    }
+    results.extend([
         (
             "CopyKernel",
             ctx.kernel_with::<normdrop::kernels::copy::CopyKernel>(Storage::F32)
                 .map(drop),
         ),
         ("SgdKernel", ctx.kernel_with::<SgdKernel>(Storage::F32).map(drop)),
-    ];
+    ]);
     let failed: Vec<String> = results
         .into_iter()
         .filter_map(|(what, r)| r.err().map(|e| format!("{what}: {e}")))
