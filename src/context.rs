@@ -215,27 +215,7 @@ impl Context {
     /// error wgpu reported in them. On native backends wgpu reports errors synchronously, so the
     /// scope futures are already resolved and `block_on` does not wait.
     pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        let device = self.device();
-        let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
-        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let out = f();
-        // Scopes pop in reverse order of pushing.
-        let validation = validation.pop();
-        let oom = oom.pop();
-        let internal = internal.pop();
-        let first_error = [
-            pollster::block_on(validation),
-            pollster::block_on(oom),
-            pollster::block_on(internal),
-        ]
-        .into_iter()
-        .flatten()
-        .next();
-        match first_error {
-            Some(e) => Err(e.into()),
-            None => Ok(out),
-        }
+        scoped_on(self.device(), f)
     }
 
     /// Submits `encoder` inside error scopes; does not wait.
@@ -361,4 +341,29 @@ async fn pick_adapter(
         })
         .await
         .map_err(|e| Error::NoAdapter(format!("{e} ({})", describe(&adapters))))
+}
+
+/// Runs `f` inside validation, out-of-memory and internal error scopes on `device` and returns
+/// the first error wgpu reported in them ([`Context`]'s `scoped`, for callers without one).
+pub(crate) fn scoped_on<T>(device: &wgpu::Device, f: impl FnOnce() -> T) -> Result<T> {
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let out = f();
+    // Scopes pop in reverse order of pushing.
+    let validation = validation.pop();
+    let oom = oom.pop();
+    let internal = internal.pop();
+    let first_error = [
+        pollster::block_on(validation),
+        pollster::block_on(oom),
+        pollster::block_on(internal),
+    ]
+    .into_iter()
+    .flatten()
+    .next();
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(out),
+    }
 }

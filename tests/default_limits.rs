@@ -107,3 +107,28 @@ fn layer_norm_runs_and_the_residual_block_is_refused_by_name() {
         other => panic!("expected ExceedsLimit, got {other:?}"),
     }
 }
+
+#[test]
+fn a_device_below_a_kernels_needs_gets_an_error_not_a_panic() {
+    if common::ctx().is_none() {
+        return;
+    }
+    // 4 storage buffers per stage: BatchNorm's finalize needs 8. Both the embedder's
+    // constructor and the context report wgpu's refusal as an error.
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default())).unwrap();
+    let limits = wgpu::Limits {
+        max_storage_buffers_per_shader_stage: 4,
+        ..wgpu::Limits::default()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .unwrap();
+    let direct = BatchNormKernel::with_storage(&device, Storage::F32);
+    assert!(matches!(direct, Err(Error::Validation(_))), "{:?}", direct.map(drop));
+    let ctx = Context::from_wgpu(device, queue);
+    let cached = ctx.kernel::<BatchNormKernel>();
+    assert!(matches!(cached, Err(Error::Validation(_))), "{:?}", cached.map(drop));
+}

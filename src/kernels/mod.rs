@@ -13,16 +13,22 @@
 macro_rules! storage_constructors {
     ($kernel:ty, $tensors:literal) => {
         impl $kernel {
-            /// Compiles the pipelines for f32 activations.
+            /// Compiles the pipelines for f32 activations. A pipeline wgpu refuses goes to the
+            /// device's uncaptured-error handler (wgpu's default panics);
+            /// [`with_storage`](Self::with_storage) returns it as an error instead.
             pub fn new(device: &wgpu::Device) -> Self {
                 <Self as crate::context::Kernel>::build(device, crate::kernels::Storage::F32)
             }
 
-            /// Compiles the pipelines for activations stored as `storage`; fails when the
-            /// device cannot store them that way (see [`crate::kernels::check_storage`]).
+            /// Compiles the pipelines for activations stored as `storage`, inside wgpu error
+            /// scopes: fails when the device cannot store them that way (see
+            /// [`crate::kernels::check_storage`]) or refuses a pipeline (a limit below what a
+            /// pass needs), with the error wgpu reported.
             pub fn with_storage(device: &wgpu::Device, storage: crate::kernels::Storage) -> crate::error::Result<Self> {
                 crate::kernels::check_storage(device, storage)?;
-                Ok(<Self as crate::context::Kernel>::build(device, storage))
+                crate::context::scoped_on(device, || {
+                    <Self as crate::context::Kernel>::build(device, storage)
+                })
             }
 
             #[doc = concat!("How this kernel's activations (", $tensors, ") are stored.")]
