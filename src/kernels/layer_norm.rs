@@ -31,8 +31,9 @@ pub(crate) const BLOCK_ROWS: u64 = 64;
 /// of 4).
 pub const ONCHIP_MAX_WIDTH: usize = 4096;
 
-/// Storage buffers the residual variant binds in one dispatch.
-const RESIDUAL_STORAGE_BINDINGS: u32 = 9;
+/// Storage buffers the residual variant binds in one dispatch (forward and backward).
+pub(crate) const RESIDUAL_STORAGE_BINDINGS: u32 = 9;
+const RESIDUAL_PASS: &str = "storage buffers of the fused residual+dropout+LayerNorm pass";
 
 const FLAG_WEIGHT: u32 = 1;
 const FLAG_BIAS: u32 = 2;
@@ -335,7 +336,7 @@ impl LayerNormKernel {
         if matches!(fusion, LayerNormFusion::ResidualDropout(_))
             && device.limits().max_storage_buffers_per_shader_stage < RESIDUAL_STORAGE_BINDINGS
         {
-            return Err(residual_limit(device));
+            return Err(residual_limit(OP, RESIDUAL_PASS, device));
         }
         let dropout = match fusion {
             LayerNormFusion::None => None,
@@ -575,7 +576,9 @@ impl LayerNormPlan {
             };
             // Absent only for the residual pass on a device below its binding count, which
             // plan creation refuses; a plan used with another device's kernel lands here.
-            let pipeline = pipeline.as_ref().ok_or_else(|| residual_limit(device))?;
+            let pipeline = pipeline
+                .as_ref()
+                .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?;
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),
@@ -600,11 +603,11 @@ impl LayerNormPlan {
     }
 }
 
-/// The residual block's pass binds more storage buffers than `device` allows.
-fn residual_limit(device: &wgpu::Device) -> Error {
+/// The residual block's pass `what` of `op` binds more storage buffers than `device` allows.
+pub(crate) fn residual_limit(op: &'static str, what: &'static str, device: &wgpu::Device) -> Error {
     Error::ExceedsLimit {
-        op: OP,
-        what: "storage buffers of the fused residual+dropout+LayerNorm pass",
+        op,
+        what,
         value: u64::from(RESIDUAL_STORAGE_BINDINGS),
         limit: u64::from(device.limits().max_storage_buffers_per_shader_stage),
         limit_name: "max_storage_buffers_per_shader_stage",

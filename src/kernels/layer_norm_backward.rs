@@ -20,7 +20,9 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
-use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion, LayerNormPlanOptions};
+use crate::kernels::layer_norm::{
+    residual_limit, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, RESIDUAL_STORAGE_BINDINGS,
+};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
     placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
@@ -29,7 +31,7 @@ use crate::kernels::{
 const OP: &str = "layer_norm backward";
 const WORKGROUP: u64 = 256;
 const ROWS_PER_BLOCK: u64 = 64;
-const RESIDUAL_STORAGE_BINDINGS: u32 = 9;
+const RESIDUAL_PASS: &str = "storage buffers of the fused residual backward pass";
 /// Columns of γ in the uniform copy the row-block pass reads (`GAMMA_QUADS` quads in the
 /// shader): 16 KiB, the smallest `max_uniform_buffer_binding_size` wgpu allows.
 const GAMMA_UNIFORM_COLUMNS: u64 = 4096;
@@ -193,7 +195,7 @@ impl LayerNormBackwardKernel {
         if matches!(fusion, LayerNormFusion::ResidualDropout(_))
             && device.limits().max_storage_buffers_per_shader_stage < RESIDUAL_STORAGE_BINDINGS
         {
-            return Err(residual_limit(device));
+            return Err(residual_limit(OP, RESIDUAL_PASS, device));
         }
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
         // The partial pass takes 4 columns per invocation; the final pass one.
@@ -489,7 +491,7 @@ impl LayerNormBackwardPlan {
                 (true, true) => passes.block_residual_dx.as_ref().map(|r| &r[acc]),
                 (true, false) => Some(&passes.block_dx[usize::from(drop_dy)][acc]),
             }
-            .ok_or_else(|| residual_limit(device))?;
+            .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?;
             let partial_pipeline = &passes.params_partial[usize::from(drop_dy)];
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
             let mut dx_entries = vec![
@@ -583,16 +585,5 @@ impl LayerNormBackwardPlan {
         }
         record(encoder, "layer_norm backward", &passes);
         Ok(())
-    }
-}
-
-/// The residual block's backward pass binds more storage buffers than `device` allows.
-fn residual_limit(device: &wgpu::Device) -> Error {
-    Error::ExceedsLimit {
-        op: OP,
-        what: "storage buffers of the fused residual backward pass",
-        value: u64::from(RESIDUAL_STORAGE_BINDINGS),
-        limit: u64::from(device.limits().max_storage_buffers_per_shader_stage),
-        limit_name: "max_storage_buffers_per_shader_stage",
     }
 }
