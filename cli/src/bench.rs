@@ -335,19 +335,34 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
     let bar = progress(jobs.len() as u64, "timing");
+    // An op's runner at a shape, its inputs rotated as the tensor size asks.
+    let runner_for = |name: &str, shape: &[usize]| -> normdrop::Result<bench::Runner> {
+        let numel: u64 = shape.iter().map(|&d| d as u64).product();
+        let size = args.dtype.size() as u64;
+        bench::build_as(ctx, name, shape, bench::rotation_sets(numel * size), args.dtype)
+    };
+    // Median, p20 and p80 of an op's seconds per call; the median is kept for fused speedups.
+    let timed = |name: &str,
+                 shape: &[usize],
+                 runner: &bench::Runner,
+                 secs: &[f64],
+                 medians: &mut BTreeMap<(String, Vec<usize>), f64>|
+     -> Timed {
+        let (med, p20, p80) = bench::percentiles(secs);
+        medians.insert((name.to_string(), shape.to_vec()), med);
+        Timed {
+            med,
+            p20,
+            p80,
+            bytes: runner.bytes,
+        }
+    };
+    // An op alone (the parts of an unfused sequence).
     let time_op =
         |name: &str, shape: &[usize], medians: &mut BTreeMap<(String, Vec<usize>), f64>| -> normdrop::Result<Timed> {
-            let numel: u64 = shape.iter().map(|&d| d as u64).product();
-            let size = args.dtype.size() as u64;
-            let runner = bench::build_as(ctx, name, shape, bench::rotation_sets(numel * size), args.dtype)?;
-            let (med, p20, p80) = bench::percentiles(&bench::time(ctx, &runner, 2, samples, p.per_sample)?);
-            medians.insert((name.to_string(), shape.to_vec()), med);
-            Ok(Timed {
-                med,
-                p20,
-                p80,
-                bytes: runner.bytes,
-            })
+            let runner = runner_for(name, shape)?;
+            let secs = bench::time(ctx, &runner, 2, samples, p.per_sample)?;
+            Ok(timed(name, shape, &runner, &secs, medians))
         };
     // A row's op, paired with the copy: (timing, the median of the pairs' percentages, the
     // median of the copy's GB/s, the pairs in µs).
@@ -355,26 +370,21 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
                     shape: &[usize],
                     medians: &mut BTreeMap<(String, Vec<usize>), f64>|
      -> normdrop::Result<(Timed, f64, f64, Vec<[f64; 2]>)> {
-        let numel: u64 = shape.iter().map(|&d| d as u64).product();
-        let size = args.dtype.size() as u64;
-        let runner = bench::build_as(ctx, name, shape, bench::rotation_sets(numel * size), args.dtype)?;
+        let runner = runner_for(name, shape)?;
         let pairs = bench::time_paired(ctx, &runner, &copy, 2, samples, p.per_sample)?;
         let ops: Vec<f64> = pairs.iter().map(|&(t, _)| t).collect();
-        let (med, p20, p80) = bench::percentiles(&ops);
-        medians.insert((name.to_string(), shape.to_vec()), med);
         let pcts: Vec<f64> = pairs
             .iter()
             .map(|&(t, c)| 100.0 * (runner.bytes as f64 / t) / (copy.bytes as f64 / c))
             .collect();
         let copies: Vec<f64> = pairs.iter().map(|&(_, c)| copy.bytes as f64 / c / 1e9).collect();
-        let timed = Timed {
-            med,
-            p20,
-            p80,
-            bytes: runner.bytes,
-        };
         let us = pairs.iter().map(|&(t, c)| [t * 1e6, c * 1e6]).collect();
-        Ok((timed, bench::percentiles(&pcts).0, bench::percentiles(&copies).0, us))
+        Ok((
+            timed(name, shape, &runner, &ops, medians),
+            bench::percentiles(&pcts).0,
+            bench::percentiles(&copies).0,
+            us,
+        ))
     };
     for (spec, shape) in &jobs {
         bar.set_message(format!("{} {}", spec.name, fmt_shape(shape)));

@@ -32,7 +32,7 @@ pub(crate) const BLOCK_ROWS: u64 = 64;
 pub const ONCHIP_MAX_WIDTH: usize = 4096;
 
 /// Storage buffers the residual variant binds in one dispatch (forward and backward).
-pub(crate) const RESIDUAL_STORAGE_BINDINGS: u32 = 9;
+const RESIDUAL_STORAGE_BINDINGS: u32 = 9;
 const RESIDUAL_PASS: &str = "storage buffers of the fused residual+dropout+LayerNorm pass";
 
 const FLAG_WEIGHT: u32 = 1;
@@ -272,13 +272,13 @@ struct LnPasses {
 
 impl LnPasses {
     fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        let residual = device.limits().max_storage_buffers_per_shader_stage >= RESIDUAL_STORAGE_BINDINGS;
-        let pipelines = |names: [&str; 3]| {
-            let mut i = 0;
-            names.map(|e| {
-                i += 1;
-                (i < 3 || residual).then(|| compute_pipeline(device, module, e))
-            })
+        let pipeline = |e: &str| compute_pipeline(device, module, e);
+        let pipelines = |[plain, dropout, residual]: [&str; 3]| {
+            [
+                Some(pipeline(plain)),
+                Some(pipeline(dropout)),
+                residual_fits(device).then(|| pipeline(residual)),
+            ]
         };
         Self {
             rows: pipelines(["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"]),
@@ -333,9 +333,7 @@ impl LayerNormKernel {
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
         let chunks = chunk_ranges(OP, "one row in bytes", rows, row_bytes, &limits, 1)?;
-        if matches!(fusion, LayerNormFusion::ResidualDropout(_))
-            && device.limits().max_storage_buffers_per_shader_stage < RESIDUAL_STORAGE_BINDINGS
-        {
+        if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && !residual_fits(device) {
             return Err(residual_limit(OP, RESIDUAL_PASS, device));
         }
         let dropout = match fusion {
@@ -601,6 +599,12 @@ impl LayerNormPlan {
         record(encoder, "layer_norm forward", &dispatches);
         Ok(())
     }
+}
+
+/// Whether `device` can bind the residual passes' storage buffers (forward and backward): the
+/// kernels build those pipelines, and plans accept the residual fusion, only then.
+pub(crate) fn residual_fits(device: &wgpu::Device) -> bool {
+    device.limits().max_storage_buffers_per_shader_stage >= RESIDUAL_STORAGE_BINDINGS
 }
 
 /// The residual block's pass `what` of `op` binds more storage buffers than `device` allows.

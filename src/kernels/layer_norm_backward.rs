@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{
-    residual_limit, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, RESIDUAL_STORAGE_BINDINGS,
+    residual_fits, residual_limit, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions,
 };
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
@@ -118,7 +118,7 @@ struct LnbPasses {
 impl LnbPasses {
     fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
         let pipeline = |e: &str| compute_pipeline(device, module, e);
-        let residual = device.limits().max_storage_buffers_per_shader_stage >= RESIDUAL_STORAGE_BINDINGS;
+        let residual = residual_fits(device);
         Self {
             dx: [
                 ["lnb_dx", "lnb_dx_accumulate"],
@@ -192,9 +192,7 @@ impl LayerNormBackwardKernel {
         let row_bytes = width * self.storage.element_bytes();
         // Chunks hold whole 64-row blocks, so the dγ/dβ partial pass chunks with them.
         let chunks = chunk_ranges(OP, "64 rows in bytes", rows, row_bytes, &limits, ROWS_PER_BLOCK)?;
-        if matches!(fusion, LayerNormFusion::ResidualDropout(_))
-            && device.limits().max_storage_buffers_per_shader_stage < RESIDUAL_STORAGE_BINDINGS
-        {
+        if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && !residual_fits(device) {
             return Err(residual_limit(OP, RESIDUAL_PASS, device));
         }
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
