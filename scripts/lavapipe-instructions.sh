@@ -2,15 +2,17 @@
 # Deterministic A/B figure for lavapipe, where wall time on a shared 2-core VM swings 2-3x
 # between runs of one binary: the instructions executed in lavapipe's JIT-compiled shader code
 # per bench sample, counted by valgrind's callgrind (which counts instructions, not time, so
-# the count repeats exactly for the same binary and arguments).
+# the count repeats exactly for the same binary and arguments when one script runs at a time;
+# two at once moved it by up to 2%).
 #
 #   scripts/lavapipe-instructions.sh BINARY OP [bench arguments...]
 #   e.g. scripts/lavapipe-instructions.sh target/release/normdrop ln_fwd --ln 1024x768
 #
 # Runs `BINARY bench --ops OP` twice under callgrind, with 2 and 12 samples, and prints the
 # difference of the instructions counted in JIT code (callgrind's object "???") divided by 10:
-# one sample of OP plus the copy yardstick measured around its row (the same for any build, so
-# the difference between two builds is the difference of OP). Each run takes a minute or two,
+# what one bench sample runs, i.e. OP's untimed and timed calls, the copy's paired with them,
+# and for a fused op the parts of its unfused sequence (the copy is the same for any build, so
+# the difference between two builds is the difference of the ops). Each run takes a minute or two,
 # most of it LLVM compiling every pipeline under valgrind. It counts instructions, so it misses
 # what is not one: latency chains (a Philox call's dependent multiplies), cache misses, and the
 # per-dispatch thread wake-ups. Needs valgrind (apt-get install valgrind).
