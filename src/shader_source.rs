@@ -183,6 +183,7 @@ pub fn expand_variant(
         out.push_str(&text);
         seen.push(name);
     }
+    let out = expand_unrolls(&out)?;
     let mut lines = Vec::new();
     for (n, line) in out.lines().enumerate() {
         let line_no = |e: String| format!("line {}: {e}", n + 1);
@@ -222,6 +223,48 @@ pub fn expand_variant(
         text.insert_str(0, "enable f16; ");
     }
     Ok(text)
+}
+
+/// Expands `// #unroll NAME COUNT` … `// #end-unroll` blocks: the lines between are written
+/// COUNT times, the i-th time with every `{NAME}` replaced by i (0-based). For code that must
+/// stay in registers on every driver: a loop over a private array indexed by its counter is
+/// a gather and scatter per lane on a CPU driver unless the driver unrolls it (Mesa 22.3's
+/// lavapipe does not unroll long bodies), while unrolled straight-line code with its own names
+/// is plain SSA values. Blocks do not nest.
+fn expand_unrolls(source: &str) -> Result<String, String> {
+    let mut out = Vec::new();
+    let mut block: Option<(usize, String, u32, Vec<&str>)> = None;
+    for (n, line) in source.lines().enumerate() {
+        let trimmed = line.trim();
+        if let Some(rest) = trimmed.strip_prefix("// #unroll ") {
+            if block.is_some() {
+                return Err(format!("line {}: #unroll blocks do not nest", n + 1));
+            }
+            let usage = || format!("line {}: expected `// #unroll NAME COUNT`", n + 1);
+            let mut words = rest.split_whitespace();
+            let name = name_of(words.next(), "").map_err(|_| usage())?;
+            let count = words.next().and_then(|w| w.parse::<u32>().ok()).ok_or_else(usage)?;
+            if words.next().is_some() || name.is_empty() {
+                return Err(usage());
+            }
+            block = Some((n, format!("{{{name}}}"), count, Vec::new()));
+        } else if trimmed == "// #end-unroll" {
+            let (_, key, count, body) = block
+                .take()
+                .ok_or_else(|| format!("line {}: #end-unroll without #unroll", n + 1))?;
+            for i in 0..count {
+                out.extend(body.iter().map(|l| l.replace(&key, &i.to_string())));
+            }
+        } else if let Some((_, _, _, body)) = block.as_mut() {
+            body.push(line);
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if let Some((start, ..)) = block {
+        return Err(format!("line {}: #unroll without #end-unroll", start + 1));
+    }
+    Ok(out.join("\n"))
 }
 
 /// Every variant a kernel can build from the file `raw`: each storage (f32 only without
@@ -416,4 +459,37 @@ fn activation(rest: &str, storage: Storage, vec4: bool) -> Result<String, String
         s += &format!(" // {}", comment.join(" "));
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_unrolls;
+
+    #[test]
+    fn unroll_repeats_its_block_with_the_index() {
+        let src = "a\n  // #unroll t 3\nlet v{t} = {t}u + w{t};\n// #end-unroll\nb";
+        assert_eq!(
+            expand_unrolls(src).unwrap(),
+            "a\nlet v0 = 0u + w0;\nlet v1 = 1u + w1;\nlet v2 = 2u + w2;\nb"
+        );
+        assert_eq!(expand_unrolls("// #unroll i 0\nx\n// #end-unroll").unwrap(), "");
+    }
+
+    #[test]
+    fn unroll_errors_name_the_line() {
+        for (src, line) in [
+            ("x\n// #unroll t 2\ny", "line 2"),
+            ("// #end-unroll", "line 1"),
+            (
+                "// #unroll t 2\n// #unroll u 2\n// #end-unroll\n// #end-unroll",
+                "line 2",
+            ),
+            ("// #unroll t\n// #end-unroll", "line 1"),
+            ("// #unroll t two\n// #end-unroll", "line 1"),
+            ("// #unroll t-1 2\n// #end-unroll", "line 1"),
+        ] {
+            let e = expand_unrolls(src).unwrap_err();
+            assert!(e.starts_with(line), "{src:?}: {e}");
+        }
+    }
 }

@@ -168,6 +168,15 @@ fn every_lanes_choice_matches_the_reference() {
                 case.check(&ctx, lanes, fusion);
             }
         }
+        // One lane per row takes the row-per-subgroup forward where the device has it (see
+        // subgroup_rows_*): the row-block forward too.
+        let blocks = LayerNormPlanOptions {
+            lanes: Some(1),
+            subgroup_rows: Some(false),
+        };
+        for fusion in fusions {
+            case.check_with(&ctx, &blocks, fusion);
+        }
     }
     // Without γ and β: the row-block backward reads the ones its plan's uniform copy was
     // created with (there is no γ to stage); the lane paths read no γ at all.
@@ -185,7 +194,10 @@ fn every_lanes_choice_matches_the_reference() {
         ctx.kernel::<LayerNormBackwardKernel>().unwrap(),
     );
     for lanes in [0u32, 3, 12, 512] {
-        let options = LayerNormPlanOptions { lanes: Some(lanes) };
+        let options = LayerNormPlanOptions {
+            lanes: Some(lanes),
+            ..Default::default()
+        };
         let config = LayerNormConfig::new(&[8]);
         let e = forward
             .plan_with(ctx.device(), &[2, 8], &config, LayerNormFusion::None, &options)
@@ -354,4 +366,90 @@ fn state_round_trips_with_pytorch_keys() {
         Err(Error::SafeTensors(_))
     ));
     assert_eq!(read(&ctx, wrong.weight().unwrap()), vec![1.0; 6]);
+}
+
+/// The row-per-subgroup forward (CPU adapters with SUBGROUP; `shaders/layer_norm_subgroup.wgsl`)
+/// gives the reference's y, mean and rstd, with dropout the CPU twin's mask, for each of its
+/// entry points' register budgets (2, 4 and 8 triples of quads per lane: widths up to 192,
+/// 384 and 768 at 8 lanes), partial last triples, rows that leave subgroups of a 64-row block
+/// idle, and without γ and β. On devices without it the forced option is refused; everywhere
+/// the widths and fusions it cannot take are refused, and the default takes it exactly where
+/// it can.
+#[test]
+fn subgroup_rows_forward_matches_the_reference_where_the_device_has_it() {
+    let ctx = gpu!();
+    let device = ctx.device();
+    let info = device.adapter_info();
+    let has = ctx.features().contains(wgpu::Features::SUBGROUP) && info.device_type == wgpu::DeviceType::Cpu;
+    let forced = LayerNormPlanOptions {
+        lanes: Some(1),
+        subgroup_rows: Some(true),
+    };
+    let kernel = ctx.kernel::<LayerNormKernel>().unwrap();
+    let plan = |shape: &[usize], fusion, options: &LayerNormPlanOptions| {
+        let config = LayerNormConfig::new(&shape[1..]);
+        kernel.plan_with(device, shape, &config, fusion, options)
+    };
+    let drop = LayerNormFusion::Dropout(DropoutConfig::new(0.5));
+    let residual = LayerNormFusion::ResidualDropout(DropoutConfig::new(0.5));
+    let widest = 96 * info.subgroup_min_size as usize;
+    // Refused everywhere: a width off the quads, one past the widest entry point, the residual
+    // block, a lane-segment geometry.
+    for (shape, fusion, lanes) in [
+        (vec![4, 10], LayerNormFusion::None, 1),
+        (vec![4, widest + 4], LayerNormFusion::None, 1),
+        (vec![4, 64], residual, 1),
+        (vec![4, 64], LayerNormFusion::None, 8),
+    ] {
+        let options = LayerNormPlanOptions {
+            lanes: Some(lanes),
+            subgroup_rows: Some(true),
+        };
+        let e = plan(&shape, fusion, &options).unwrap_err();
+        assert!(
+            matches!(e, Error::Unsupported { .. }),
+            "{shape:?} {fusion:?} lanes {lanes}: {e}"
+        );
+        let by_default = plan(
+            &shape,
+            fusion,
+            &LayerNormPlanOptions {
+                lanes: Some(lanes),
+                ..Default::default()
+            },
+        );
+        assert!(!by_default.unwrap().subgroup_rows(), "{shape:?} {fusion:?}");
+    }
+    if !has {
+        let e = plan(&[4, 64], LayerNormFusion::None, &forced).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        return;
+    }
+    let mut rng = Rng::new(31);
+    for (rows, width) in [
+        (1usize, 4usize),
+        (70, 8),
+        (9, 100),
+        (65, 192),
+        (64, 196),
+        (3, 384),
+        (17, 388),
+        (5, 764),
+        (130, widest),
+    ] {
+        let case = LanesCase::new(&mut rng, rows, width);
+        for fusion in [LayerNormFusion::None, drop] {
+            assert!(plan(&[rows, width], fusion, &forced).unwrap().subgroup_rows());
+            let by_default = LayerNormPlanOptions {
+                lanes: Some(1),
+                ..Default::default()
+            };
+            assert!(plan(&[rows, width], fusion, &by_default).unwrap().subgroup_rows());
+            case.check_with(&ctx, &forced, fusion);
+        }
+    }
+    let case = LanesCase::new(&mut rng, 66, 128).without_affine();
+    for fusion in [LayerNormFusion::None, drop] {
+        case.check_with(&ctx, &forced, fusion);
+    }
 }

@@ -22,6 +22,21 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "ln_block_residual_dropout_forward",
 ];
 
+/// Entry points in `shaders/layer_norm_subgroup.wgsl` (the row-per-subgroup forward): plain
+/// and dropout for each of [`SG_TRIPLES`].
+pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
+    "ln_sg_forward_2",
+    "ln_sg_forward_4",
+    "ln_sg_forward_8",
+    "ln_sg_dropout_forward_2",
+    "ln_sg_dropout_forward_4",
+    "ln_sg_dropout_forward_8",
+];
+
+/// Triples of column quads per lane the row-per-subgroup entry points keep in registers (the
+/// `_T` of their names): a row fits when ⌈W/4 / subgroup size⌉ ≤ 3·T.
+pub(crate) const SG_TRIPLES: [u64; 3] = [2, 4, 8];
+
 /// Rows per workgroup of the row-block path (one lane per row): `BLOCK` in the shaders.
 pub(crate) const BLOCK_ROWS: u64 = 64;
 
@@ -225,6 +240,14 @@ pub struct LayerNormPlanOptions {
     /// device's adapter type and the host's available parallelism. 1 selects the row-block
     /// path (workgroups of 64 rows; see [`default_lanes`]).
     pub lanes: Option<u32>,
+    /// Forward only: where the row-block path runs on a CPU adapter with `SUBGROUP`, f32
+    /// activations and a width that is a multiple of 4 and at most `96 ×` the adapter's
+    /// smallest subgroup size (768 on lavapipe), a subgroup takes a row whole in registers
+    /// (`shaders/layer_norm_subgroup.wgsl`: x read once, no workgroup memory) instead. `None`:
+    /// wherever it can (not for the residual block); `Some(false)`: never; `Some(true)`: the
+    /// plan fails with [`Error::Unsupported`] where it cannot. Calls whose buffers cannot bind
+    /// as 16-byte vectors take the row-block path either way.
+    pub subgroup_rows: Option<bool>,
 }
 
 impl LayerNormPlanOptions {
@@ -256,6 +279,9 @@ pub struct LayerNormKernel {
     /// Stand-ins for γ and β when the configuration has none, and for the generator state
     /// without dropout.
     placeholders: [wgpu::Buffer; 3],
+    /// The row-per-subgroup forward (vec4 variant), `[plain, dropout]` per [`SG_TRIPLES`]:
+    /// built on CPU adapters with `SUBGROUP` and f32 storage only.
+    subgroup: Option<[[wgpu::ComputePipeline; 2]; 3]>,
 }
 
 /// The pipelines of one module of a [`LayerNormKernel`], each `[plain, dropout, residual]`.
@@ -299,8 +325,38 @@ impl Kernel for LayerNormKernel {
             passes: LnPasses::build(device, &module),
             vec4: vec4_module(device, "layer_norm.wgsl", storage).map(|m| LnPasses::build(device, &m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
+            subgroup: subgroup_rows_possible(device, storage).then(|| {
+                let module = crate::kernels::shader_module(device, "layer_norm_subgroup.wgsl", storage, true);
+                std::array::from_fn(|t| {
+                    let triples = SG_TRIPLES[t];
+                    [
+                        compute_pipeline(device, &module, &format!("ln_sg_forward_{triples}")),
+                        compute_pipeline(device, &module, &format!("ln_sg_dropout_forward_{triples}")),
+                    ]
+                })
+            }),
         }
     }
+}
+
+/// Whether the row-per-subgroup forward can run on `device` for `storage`: a CPU adapter
+/// (where it pays: GPUs keep their lanes geometry) with `SUBGROUP`, f32 activations.
+fn subgroup_rows_possible(device: &wgpu::Device, storage: Storage) -> bool {
+    storage == Storage::F32
+        && device.features().contains(wgpu::Features::SUBGROUP)
+        && device.adapter_info().device_type == wgpu::DeviceType::Cpu
+        && device.adapter_info().subgroup_min_size >= 1
+}
+
+/// Index into [`SG_TRIPLES`] of the entry point that holds a row of `width` at the adapter's
+/// smallest subgroup size `min_size`, if any does (f32, W % 4 == 0).
+fn subgroup_triples(width: u64, min_size: u32) -> Option<usize> {
+    if !width.is_multiple_of(4) || min_size == 0 {
+        return None;
+    }
+    let lanes = u64::from(min_size).min(BLOCK_ROWS);
+    let per_lane = (width / 4).div_ceil(lanes).div_ceil(3);
+    SG_TRIPLES.iter().position(|&t| t >= per_lane)
 }
 
 storage_constructors!(LayerNormKernel, "x, y, residual, h");
@@ -348,6 +404,7 @@ impl LayerNormKernel {
             flags |= FLAG_BIAS;
         }
         let blocks = lanes == 1;
+        let subgroup = self.subgroup_choice(device, width, blocks, fusion, options.subgroup_rows)?;
         let rows_per_workgroup = if blocks { BLOCK_ROWS } else { u64::from(256 / lanes) };
         let uniform = |chunk: &Chunk, training: bool| -> Result<wgpu::Buffer> {
             let d = match dropout {
@@ -392,9 +449,39 @@ impl LayerNormKernel {
             rows,
             width,
             blocks,
+            subgroup,
             limits,
             chunks: parts,
         })
+    }
+
+    /// The [`SG_TRIPLES`] entry a forward plan uses, if it takes the row-per-subgroup path
+    /// (see [`LayerNormPlanOptions::subgroup_rows`]).
+    fn subgroup_choice(
+        &self,
+        device: &wgpu::Device,
+        width: u64,
+        blocks: bool,
+        fusion: LayerNormFusion,
+        wanted: Option<bool>,
+    ) -> Result<Option<usize>> {
+        if wanted == Some(false) {
+            return Ok(None);
+        }
+        let triples = subgroup_triples(width, device.adapter_info().subgroup_min_size);
+        let possible = self.subgroup.is_some() && blocks && !matches!(fusion, LayerNormFusion::ResidualDropout(_));
+        match (possible, triples) {
+            (true, Some(t)) => Ok(Some(t)),
+            _ if wanted == Some(true) => Err(Error::Unsupported {
+                what: "the row-per-subgroup LayerNorm forward".into(),
+                reason: format!(
+                    "it needs a CPU adapter with SUBGROUP, f32 activations, the row-block path \
+                     (lanes 1), no residual block, and a width that is a multiple of 4 and at most 96 × \
+                     the smallest subgroup size (width {width})"
+                ),
+            }),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -434,6 +521,9 @@ pub struct LayerNormPlan {
     width: u64,
     /// The row-block path (one lane per row).
     blocks: bool,
+    /// Within it, the row-per-subgroup entry points ([`SG_TRIPLES`] index) where the call binds
+    /// as vectors.
+    subgroup: Option<usize>,
     limits: BindLimits,
     /// Row ranges, one per storage binding's worth of rows (one unless the tensor exceeds
     /// `max_storage_buffer_binding_size`).
@@ -484,6 +574,12 @@ impl LayerNormPlan {
     /// The fusion.
     pub fn fusion(&self) -> LayerNormFusion {
         self.fusion
+    }
+
+    /// Whether the plan takes the row-per-subgroup forward (see
+    /// [`LayerNormPlanOptions::subgroup_rows`]) for calls whose buffers bind as 16-byte vectors.
+    pub fn subgroup_rows(&self) -> bool {
+        self.subgroup.is_some()
     }
 
     /// Dispatch chunks per call: 1 unless the tensor exceeds one storage binding.
@@ -567,16 +663,22 @@ impl LayerNormPlan {
                 Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
                 _ => &k.passes,
             };
-            let pipeline = if self.blocks {
-                &passes.blocks[which]
-            } else {
-                &passes.rows[which]
+            let subgroup = match (&k.vec4, &k.subgroup, self.subgroup) {
+                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) && which < 2 => Some(&sg[t][which]),
+                _ => None,
             };
-            // Absent only for the residual pass on a device below its binding count, which
-            // plan creation refuses; a plan used with another device's kernel lands here.
-            let pipeline = pipeline
+            let pipeline = match subgroup {
+                Some(p) => p,
+                None => if self.blocks {
+                    &passes.blocks[which]
+                } else {
+                    &passes.rows[which]
+                }
+                // Absent only for the residual pass on a device below its binding count, which
+                // plan creation refuses; a plan used with another device's kernel lands here.
                 .as_ref()
-                .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?;
+                .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?,
+            };
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),

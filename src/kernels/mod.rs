@@ -63,6 +63,10 @@ const SHADER_FILES: &[(&str, &str)] = &[
         "layer_norm_backward.wgsl",
         include_str!("../../shaders/layer_norm_backward.wgsl"),
     ),
+    (
+        "layer_norm_subgroup.wgsl",
+        include_str!("../../shaders/layer_norm_subgroup.wgsl"),
+    ),
     ("ln_rows.wgsl", include_str!("../../shaders/ln_rows.wgsl")),
     ("nchw.wgsl", include_str!("../../shaders/nchw.wgsl")),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
@@ -145,13 +149,14 @@ pub struct ShaderVariant {
 /// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let files: [(&'static str, &'static [&'static str]); 7] = [
+    let files: [(&'static str, &'static [&'static str]); 8] = [
         ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("copy.wgsl", copy::ENTRY_POINTS),
         ("dropout.wgsl", dropout::ENTRY_POINTS),
         ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
         ("layer_norm_backward.wgsl", layer_norm_backward::ENTRY_POINTS),
+        ("layer_norm_subgroup.wgsl", layer_norm::SUBGROUP_ENTRY_POINTS),
         ("sgd.wgsl", sgd::ENTRY_POINTS),
     ];
     let lookup = |name: &str| raw_source(name).map(str::to_string);

@@ -57,6 +57,15 @@ impl LanesCase {
     /// compares every output with the reference (the mask from the CPU twin of the generator).
     /// Returns the backward plan's dispatch chunks.
     pub fn check(&self, ctx: &Context, lanes: u32, fusion: LayerNormFusion) -> usize {
+        let options = LayerNormPlanOptions {
+            lanes: Some(lanes),
+            ..Default::default()
+        };
+        self.check_with(ctx, &options, fusion)
+    }
+
+    /// [`Self::check`] with every geometry option given.
+    pub fn check_with(&self, ctx: &Context, options: &LayerNormPlanOptions, fusion: LayerNormFusion) -> usize {
         let (rows, width) = (self.rows, self.width);
         let (shape, n) = ([rows, width], rows * width);
         let config = LayerNormConfig {
@@ -64,18 +73,17 @@ impl LanesCase {
             bias: self.affine,
             ..LayerNormConfig::new(&[width])
         };
-        let what = format!("{rows}x{width}, lanes {lanes}, {fusion:?}, affine {}", self.affine);
+        let what = format!("{rows}x{width}, {options:?}, {fusion:?}, affine {}", self.affine);
         let device = ctx.device();
-        let options = LayerNormPlanOptions { lanes: Some(lanes) };
         let fplan = ctx
             .kernel::<LayerNormKernel>()
             .unwrap()
-            .plan_with(device, &shape, &config, fusion, &options)
+            .plan_with(device, &shape, &config, fusion, options)
             .unwrap();
         let bplan = ctx
             .kernel::<LayerNormBackwardKernel>()
             .unwrap()
-            .plan_with(device, &shape, &config, fusion, true, &options)
+            .plan_with(device, &shape, &config, fusion, true, options)
             .unwrap();
 
         // Reference: m = 2 or 0 per element; LN input h = x, or residual + x·m (in f32).
