@@ -15,23 +15,18 @@
 // does (the host dispatches the same grid). Subgroups are taken to be consecutive blocks of
 // `size` invocations of local_invocation_index (as workgroup_reduce_subgroup.wgsl does); each
 // of the 64 / size subgroups takes the block's rows sub, sub + 64/size, …, and lane ℓ of a row
-// takes its quads ℓ, ℓ + size, ℓ + 2·size, … (neighbouring lanes, neighbouring quads). Lanes hold
-// their quads in TRIPLES groups of three (the interleaved Philox calls' grain), spelled out by
-// the preprocessor's #unroll so that they are registers, not a private array (which a CPU
-// driver gathers and scatters lane by lane). `T` in an entry point's name is the triples it
-// keeps: a literal, so the driver drops the others; the host picks the smallest that holds
-// ⌈W / 4 / size⌉ quads per lane at the adapter's smallest subgroup size. Only the vec4 variant
-// (f32, W % 4 == 0) is ever bound.
+// takes its quads in registers as ln_subgroup_rows.wgsl lays them out (`T` in an entry point's
+// name: the triples of quads per lane it keeps). Only the vec4 variant (f32, W % 4 == 0) is
+// ever bound.
 //
 // Statistics: exact two-pass from registers around K = x[r, 0]: mean of x − K by one
 // subgroupAdd, then Σ (x − K − mean')² by a second; the variance is never E[x²] − E[x]².
 
 // #include "philox.wgsl"
+// #include "ln_subgroup_rows.wgsl"
 // #vec4-variant
 
 const BLOCK: u32 = 64u;
-// At most 8 triples per lane (the #unroll counts below; 24 quads: W ≤ 768 at 8 lanes). The host
-// mirrors the entry points' triples in SG_TRIPLES (src/kernels/layer_norm.rs).
 
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
@@ -91,19 +86,7 @@ fn ln_sg_dropout_forward_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     sg_forward(wid.x + wid.y * nwg.x, lid, size, 8u, true);
 }
 
-// Quads u = 0, 1, 2 of triple t: the lane's quads 3t + u, i.e. row quads lane + size·(3t + u).
-fn triple_quads(lane: u32, size: u32, t: u32) -> vec3<u32> {
-    return vec3<u32>(lane) + size * (vec3<u32>(3u * t) + vec3<u32>(0u, 1u, 2u));
-}
-
-// γ of row quad k (ones past the row or without weight), and β (zeros likewise).
-fn quad_gamma(k: u32, quads: u32) -> vec4<f32> {
-    if (k < quads && (p.flags & FLAG_WEIGHT) != 0u) {
-        return ld4a_weight(4u * k);
-    }
-    return vec4<f32>(1.0);
-}
-
+// β of row quad k (zeros past the row's `quads`, or without β).
 fn quad_beta(k: u32, quads: u32) -> vec4<f32> {
     if (k < quads && (p.flags & FLAG_BIAS) != 0u) {
         return ld4a_bias(4u * k);

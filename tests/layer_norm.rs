@@ -368,33 +368,46 @@ fn state_round_trips_with_pytorch_keys() {
     assert_eq!(read(&ctx, wrong.weight().unwrap()), vec![1.0; 6]);
 }
 
-/// The row-per-subgroup forward (CPU adapters with SUBGROUP; `shaders/layer_norm_subgroup.wgsl`)
-/// gives the reference's y, mean and rstd, with dropout the CPU twin's mask, for each of its
-/// entry points' register budgets (2, 4 and 8 triples of quads per lane: widths up to 192,
-/// 384 and 768 at 8 lanes), partial last triples, rows that leave subgroups of a 64-row block
-/// idle, and without γ and β. On devices without it the forced option is refused; everywhere
-/// the widths and fusions it cannot take are refused, and the default takes it exactly where
-/// it can.
+/// The row-per-subgroup passes (CPU adapters with SUBGROUP: the forward,
+/// `shaders/layer_norm_subgroup.wgsl`, and the backward's dx pass,
+/// `shaders/layer_norm_backward_subgroup.wgsl`) give the reference's y, mean, rstd, dx, dγ and
+/// dβ (writing and accumulating), with dropout the CPU twin's mask, for each of their entry
+/// points' register budgets (2, 4 and 8 triples of quads per lane: widths up to 192, 384 and
+/// 768 at 8 lanes), partial last triples, rows that leave subgroups of a 64-row block idle, and
+/// without γ and β. On devices without them the forced option is refused; everywhere the widths
+/// and fusions they cannot take are refused, and the default takes them exactly where they can.
 #[test]
-fn subgroup_rows_forward_matches_the_reference_where_the_device_has_it() {
+fn subgroup_rows_match_the_reference_where_the_device_has_them() {
     let ctx = gpu!();
     let device = ctx.device();
     let info = device.adapter_info();
-    let has = ctx.features().contains(wgpu::Features::SUBGROUP) && info.device_type == wgpu::DeviceType::Cpu;
+    let has = ctx.features().contains(wgpu::Features::SUBGROUP)
+        && info.device_type == wgpu::DeviceType::Cpu
+        && info.subgroup_min_size >= 8;
     let forced = LayerNormPlanOptions {
         lanes: Some(1),
         subgroup_rows: Some(true),
     };
-    let kernel = ctx.kernel::<LayerNormKernel>().unwrap();
-    let plan = |shape: &[usize], fusion, options: &LayerNormPlanOptions| {
+    let (forward, backward) = (
+        ctx.kernel::<LayerNormKernel>().unwrap(),
+        ctx.kernel::<LayerNormBackwardKernel>().unwrap(),
+    );
+    // Whether the forward and the backward plan take the subgroup passes (or the error).
+    let plans = |shape: &[usize], fusion, options: &LayerNormPlanOptions| -> Result<(bool, bool), Error> {
         let config = LayerNormConfig::new(&shape[1..]);
-        kernel.plan_with(device, shape, &config, fusion, options)
+        let f = forward.plan_with(device, shape, &config, fusion, options)?;
+        let b = backward.plan_with(device, shape, &config, fusion, true, options)?;
+        Ok((f.subgroup_rows(), b.subgroup_rows()))
     };
     let drop = LayerNormFusion::Dropout(DropoutConfig::new(0.5));
     let residual = LayerNormFusion::ResidualDropout(DropoutConfig::new(0.5));
-    let widest = 96 * info.subgroup_min_size as usize;
-    // Refused everywhere: a width off the quads, one past the widest entry point, the residual
-    // block, a lane-segment geometry.
+    let by_default = |lanes| LayerNormPlanOptions {
+        lanes: Some(lanes),
+        ..Default::default()
+    };
+    // Refused everywhere: a width off the quads, one past 96 per lane, the residual block, a
+    // lane-segment geometry; the default takes the other passes there.
+    let widest = 96 * info.subgroup_min_size.min(8) as usize;
     for (shape, fusion, lanes) in [
         (vec![4, 10], LayerNormFusion::None, 1),
         (vec![4, widest + 4], LayerNormFusion::None, 1),
@@ -405,26 +418,27 @@ fn subgroup_rows_forward_matches_the_reference_where_the_device_has_it() {
             lanes: Some(lanes),
             subgroup_rows: Some(true),
         };
-        let e = plan(&shape, fusion, &options).unwrap_err();
+        let e = plans(&shape, fusion, &options).unwrap_err();
         assert!(
             matches!(e, Error::Unsupported { .. }),
             "{shape:?} {fusion:?} lanes {lanes}: {e}"
         );
-        let by_default = plan(
-            &shape,
-            fusion,
-            &LayerNormPlanOptions {
-                lanes: Some(lanes),
-                ..Default::default()
-            },
+        assert_eq!(
+            plans(&shape, fusion, &by_default(lanes)).unwrap(),
+            (false, false),
+            "{shape:?}"
         );
-        assert!(!by_default.unwrap().subgroup_rows(), "{shape:?} {fusion:?}");
     }
     if !has {
-        let e = plan(&[4, 64], LayerNormFusion::None, &forced).unwrap_err();
+        let e = plans(&[4, 64], LayerNormFusion::None, &forced).unwrap_err();
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
         return;
     }
+    let refused = LayerNormPlanOptions {
+        lanes: Some(1),
+        subgroup_rows: Some(false),
+    };
+    assert_eq!(plans(&[4, 64], drop, &refused).unwrap(), (false, false));
     let mut rng = Rng::new(31);
     for (rows, width) in [
         (1usize, 4usize),
@@ -439,12 +453,7 @@ fn subgroup_rows_forward_matches_the_reference_where_the_device_has_it() {
     ] {
         let case = LanesCase::new(&mut rng, rows, width);
         for fusion in [LayerNormFusion::None, drop] {
-            assert!(plan(&[rows, width], fusion, &forced).unwrap().subgroup_rows());
-            let by_default = LayerNormPlanOptions {
-                lanes: Some(1),
-                ..Default::default()
-            };
-            assert!(plan(&[rows, width], fusion, &by_default).unwrap().subgroup_rows());
+            assert_eq!(plans(&[rows, width], fusion, &by_default(1)).unwrap(), (true, true));
             case.check_with(&ctx, &forced, fusion);
         }
     }

@@ -240,13 +240,15 @@ pub struct LayerNormPlanOptions {
     /// device's adapter type and the host's available parallelism. 1 selects the row-block
     /// path (workgroups of 64 rows; see [`default_lanes`]).
     pub lanes: Option<u32>,
-    /// Forward only: where the row-block path runs on a CPU adapter with `SUBGROUP`, f32
-    /// activations and a width that is a multiple of 4 and at most `96 ×` the adapter's
-    /// smallest subgroup size (768 on lavapipe), a subgroup takes a row whole in registers
-    /// (`shaders/layer_norm_subgroup.wgsl`: x read once, no workgroup memory) instead. `None`:
-    /// wherever it can (not for the residual block); `Some(false)`: never; `Some(true)`: the
-    /// plan fails with [`Error::Unsupported`] where it cannot. Calls whose buffers cannot bind
-    /// as 16-byte vectors take the row-block path either way.
+    /// Where the row-block path runs on a CPU adapter with `SUBGROUP`, f32 activations and a
+    /// width that is a multiple of 4 and at most 96 per subgroup lane (768 on lavapipe's 8
+    /// lanes), a subgroup takes a row whole in registers instead: x (and dy) read once, no
+    /// workgroup memory (`shaders/layer_norm_subgroup.wgsl`, forward, lanes = the adapter's
+    /// smallest subgroup size; `shaders/layer_norm_backward_subgroup.wgsl`, the backward's dx
+    /// pass, 8 lanes, only where subgroups have at least 8). `None`: wherever it can (not for
+    /// the residual block); `Some(false)`: never; `Some(true)`: the plan fails with
+    /// [`Error::Unsupported`] where it cannot. Calls whose buffers cannot bind as 16-byte
+    /// vectors take the row-block path either way.
     pub subgroup_rows: Option<bool>,
 }
 
@@ -339,24 +341,45 @@ impl Kernel for LayerNormKernel {
     }
 }
 
-/// Whether the row-per-subgroup forward can run on `device` for `storage`: a CPU adapter
-/// (where it pays: GPUs keep their lanes geometry) with `SUBGROUP`, f32 activations.
-fn subgroup_rows_possible(device: &wgpu::Device, storage: Storage) -> bool {
+/// Whether the row-per-subgroup passes can run on `device` for `storage`: a CPU adapter
+/// (where they pay: GPUs keep their lanes geometry) with `SUBGROUP`, f32 activations.
+pub(crate) fn subgroup_rows_possible(device: &wgpu::Device, storage: Storage) -> bool {
     storage == Storage::F32
         && device.features().contains(wgpu::Features::SUBGROUP)
         && device.adapter_info().device_type == wgpu::DeviceType::Cpu
         && device.adapter_info().subgroup_min_size >= 1
 }
 
-/// Index into [`SG_TRIPLES`] of the entry point that holds a row of `width` at the adapter's
-/// smallest subgroup size `min_size`, if any does (f32, W % 4 == 0).
-fn subgroup_triples(width: u64, min_size: u32) -> Option<usize> {
-    if !width.is_multiple_of(4) || min_size == 0 {
+/// Index into [`SG_TRIPLES`] of the entry points that hold a row of `width` (a multiple of 4)
+/// with `lanes` invocations per row, if any does.
+fn subgroup_triples(width: u64, lanes: u32) -> Option<usize> {
+    if !width.is_multiple_of(4) || lanes == 0 {
         return None;
     }
-    let lanes = u64::from(min_size).min(BLOCK_ROWS);
-    let per_lane = (width / 4).div_ceil(lanes).div_ceil(3);
+    let per_lane = (width / 4).div_ceil(u64::from(lanes)).div_ceil(3);
     SG_TRIPLES.iter().position(|&t| t >= per_lane)
+}
+
+/// The [`SG_TRIPLES`] index a plan (forward or backward) takes the row-per-subgroup pass with,
+/// if it does: where the kernel has the pipelines and the plan's geometry and fusion allow
+/// (`possible`), and a row of `width` fits `lanes` lanes, unless the caller said no (`wanted`,
+/// [`LayerNormPlanOptions::subgroup_rows`]; `Some(true)` where it cannot is an error).
+pub(crate) fn subgroup_choice(possible: bool, width: u64, lanes: u32, wanted: Option<bool>) -> Result<Option<usize>> {
+    if wanted == Some(false) {
+        return Ok(None);
+    }
+    match (possible, subgroup_triples(width, lanes)) {
+        (true, Some(t)) => Ok(Some(t)),
+        _ if wanted == Some(true) => Err(Error::Unsupported {
+            what: "the row-per-subgroup LayerNorm pass".into(),
+            reason: format!(
+                "it needs a CPU adapter with SUBGROUP, f32 activations, the row-block path (lanes 1), \
+                 no residual block, and a width that is a multiple of 4 and at most 96 per subgroup \
+                 lane (width {width}, {lanes} lanes)"
+            ),
+        }),
+        _ => Ok(None),
+    }
 }
 
 storage_constructors!(LayerNormKernel, "x, y, residual, h");
@@ -404,7 +427,12 @@ impl LayerNormKernel {
             flags |= FLAG_BIAS;
         }
         let blocks = lanes == 1;
-        let subgroup = self.subgroup_choice(device, width, blocks, fusion, options.subgroup_rows)?;
+        let subgroup = subgroup_choice(
+            self.subgroup.is_some() && blocks && !matches!(fusion, LayerNormFusion::ResidualDropout(_)),
+            width,
+            device.adapter_info().subgroup_min_size.min(BLOCK_ROWS as u32),
+            options.subgroup_rows,
+        )?;
         let rows_per_workgroup = if blocks { BLOCK_ROWS } else { u64::from(256 / lanes) };
         let uniform = |chunk: &Chunk, training: bool| -> Result<wgpu::Buffer> {
             let d = match dropout {
@@ -453,35 +481,6 @@ impl LayerNormKernel {
             limits,
             chunks: parts,
         })
-    }
-
-    /// The [`SG_TRIPLES`] entry a forward plan uses, if it takes the row-per-subgroup path
-    /// (see [`LayerNormPlanOptions::subgroup_rows`]).
-    fn subgroup_choice(
-        &self,
-        device: &wgpu::Device,
-        width: u64,
-        blocks: bool,
-        fusion: LayerNormFusion,
-        wanted: Option<bool>,
-    ) -> Result<Option<usize>> {
-        if wanted == Some(false) {
-            return Ok(None);
-        }
-        let triples = subgroup_triples(width, device.adapter_info().subgroup_min_size);
-        let possible = self.subgroup.is_some() && blocks && !matches!(fusion, LayerNormFusion::ResidualDropout(_));
-        match (possible, triples) {
-            (true, Some(t)) => Ok(Some(t)),
-            _ if wanted == Some(true) => Err(Error::Unsupported {
-                what: "the row-per-subgroup LayerNorm forward".into(),
-                reason: format!(
-                    "it needs a CPU adapter with SUBGROUP, f32 activations, the row-block path \
-                     (lanes 1), no residual block, and a width that is a multiple of 4 and at most 96 × \
-                     the smallest subgroup size (width {width})"
-                ),
-            }),
-            _ => Ok(None),
-        }
     }
 }
 

@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{
-    residual_fits, residual_limit, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions,
+    residual_fits, residual_limit, subgroup_choice, subgroup_rows_possible, LayerNormConfig, LayerNormFusion,
+    LayerNormPlanOptions, SG_TRIPLES,
 };
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
@@ -55,6 +56,27 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "lnb_block_residual_dx",
     "lnb_block_residual_dx_accumulate",
 ];
+
+/// Entry points in `shaders/layer_norm_backward_subgroup.wgsl` (the row-per-subgroup dx pass):
+/// `lnb_sg_dx[_dropout][_accumulate]_T` for each T of [`SG_TRIPLES`].
+pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
+    "lnb_sg_dx_2",
+    "lnb_sg_dx_4",
+    "lnb_sg_dx_8",
+    "lnb_sg_dx_dropout_2",
+    "lnb_sg_dx_dropout_4",
+    "lnb_sg_dx_dropout_8",
+    "lnb_sg_dx_accumulate_2",
+    "lnb_sg_dx_accumulate_4",
+    "lnb_sg_dx_accumulate_8",
+    "lnb_sg_dx_dropout_accumulate_2",
+    "lnb_sg_dx_dropout_accumulate_4",
+    "lnb_sg_dx_dropout_accumulate_8",
+];
+
+/// Invocations of a row-per-subgroup backward workgroup (`LANES` in the shader): one subgroup
+/// wherever the adapter's smallest subgroup has at least this many.
+const SG_LANES: u32 = 8;
 
 const FLAG_WEIGHT: u32 = 1;
 const FLAG_BIAS: u32 = 2;
@@ -95,6 +117,10 @@ pub struct LayerNormBackwardKernel {
     gamma_stage: wgpu::ComputePipeline,
     /// Stand-ins: γ, dγ, dβ, rng, dh_in.
     placeholders: [wgpu::Buffer; 5],
+    /// The row-per-subgroup dx pass (vec4 variant), `[triples][with dropout][accumulate dx]`
+    /// for [`SG_TRIPLES`]: built on CPU adapters with `SUBGROUP` of at least 8 lanes and f32
+    /// storage only.
+    subgroup: Option<[[[wgpu::ComputePipeline; 2]; 2]; 3]>,
 }
 
 /// The per-range pipelines of one module of a [`LayerNormBackwardKernel`].
@@ -148,6 +174,18 @@ impl Kernel for LayerNormBackwardKernel {
             params_final: compute_pipeline(device, &module, "lnb_params_final"),
             gamma_stage: compute_pipeline(device, &module, "lnb_gamma_stage"),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
+            subgroup: (subgroup_rows_possible(device, storage) && device.adapter_info().subgroup_min_size >= SG_LANES)
+                .then(|| {
+                    let module =
+                        crate::kernels::shader_module(device, "layer_norm_backward_subgroup.wgsl", storage, true);
+                    SG_TRIPLES.map(|t| {
+                        [
+                            ["lnb_sg_dx", "lnb_sg_dx_accumulate"],
+                            ["lnb_sg_dx_dropout", "lnb_sg_dx_dropout_accumulate"],
+                        ]
+                        .map(|pair| pair.map(|e| compute_pipeline(device, &module, &format!("{e}_{t}"))))
+                    })
+                }),
         }
     }
 }
@@ -195,6 +233,12 @@ impl LayerNormBackwardKernel {
         if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && !residual_fits(device) {
             return Err(residual_limit(OP, RESIDUAL_PASS, device));
         }
+        let subgroup = subgroup_choice(
+            self.subgroup.is_some() && lanes == 1 && !matches!(fusion, LayerNormFusion::ResidualDropout(_)),
+            width,
+            SG_LANES,
+            options.subgroup_rows,
+        )?;
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
         // The partial pass takes 4 columns per invocation; the final pass one.
         let col_tiles = width.div_ceil(4 * WORKGROUP);
@@ -276,6 +320,7 @@ impl LayerNormBackwardKernel {
             rows,
             width,
             blocks: lanes == 1,
+            subgroup,
             limits,
             chunks: parts,
             // Only the row pass publishes row centres (for the partial pass); the row-block
@@ -334,6 +379,9 @@ pub struct LayerNormBackwardPlan {
     width: u64,
     /// The row-block path: one pass writes dx and the dγ/dβ partials.
     blocks: bool,
+    /// Within it, the row-per-subgroup dx pass ([`SG_TRIPLES`] index) for ranges whose buffers
+    /// bind as vectors.
+    subgroup: Option<usize>,
     limits: BindLimits,
     /// Ranges of whole 64-row blocks, one per storage binding's worth of rows.
     chunks: Vec<LnbChunk>,
@@ -373,6 +421,12 @@ impl LayerNormBackwardPlan {
     /// The mode of the forward's dropout this plan differentiates.
     pub fn dropout_training(&self) -> bool {
         self.dropout_training
+    }
+
+    /// Whether the plan's dx pass is the row-per-subgroup one (see
+    /// [`LayerNormPlanOptions::subgroup_rows`]) for calls whose buffers bind as 16-byte vectors.
+    pub fn subgroup_rows(&self) -> bool {
+        self.subgroup.is_some()
     }
 
     /// Dispatch chunks per call: 1 unless the tensor exceeds one storage binding.
@@ -473,6 +527,8 @@ impl LayerNormBackwardPlan {
         let params = self.config.has_weight() || self.config.has_bias();
         let mut dx_passes = Vec::new();
         let mut partial_passes = Vec::new();
+        // Whether a row-block dx pass reads the uniform copy of γ.
+        let mut stages_gamma = false;
         for c in &self.chunks {
             let uniform = c.uniforms[variant].as_entire_binding();
             let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
@@ -490,6 +546,13 @@ impl LayerNormBackwardPlan {
                 (true, false) => Some(&passes.block_dx[usize::from(drop_dy)][acc]),
             }
             .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?;
+            // The row-per-subgroup pass where the plan has one and this range binds as vectors.
+            let subgroup = match (&k.vec4, &k.subgroup, self.subgroup) {
+                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => Some(&sg[t][usize::from(drop_dy)][acc]),
+                _ => None,
+            };
+            let dx_pipeline = subgroup.unwrap_or(dx_pipeline);
+            stages_gamma |= self.blocks && subgroup.is_none();
             let partial_pipeline = &passes.params_partial[usize::from(drop_dy)];
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
             let mut dx_entries = vec![
@@ -500,8 +563,11 @@ impl LayerNormBackwardPlan {
                 (4, binding_or(self.config.has_weight(), &b.weight, &ph[0], w_bytes)),
                 (5, rstd.clone()),
                 (10, rng.clone()),
-                (13, self.gamma_uniform.as_entire_binding()),
             ];
+            // The subgroup pass keeps γ in registers; the others bind the uniform copy.
+            if subgroup.is_none() {
+                dx_entries.push((13, self.gamma_uniform.as_entire_binding()));
+            }
             // The row-block pass writes the partials; the row pass the row centres for the
             // partial pass.
             dx_entries.push(if self.blocks {
@@ -545,7 +611,7 @@ impl LayerNormBackwardPlan {
         }
         let mut passes = Vec::new();
         // γ into the row-block pass's uniform copy (validate made γ present with a weight).
-        if let Some(w) = b.weight.as_ref().filter(|_| self.blocks && self.config.has_weight()) {
+        if let Some(w) = b.weight.as_ref().filter(|_| stages_gamma && self.config.has_weight()) {
             passes.push((
                 &k.gamma_stage,
                 bind_group(

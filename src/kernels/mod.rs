@@ -64,10 +64,18 @@ const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/layer_norm_backward.wgsl"),
     ),
     (
+        "layer_norm_backward_subgroup.wgsl",
+        include_str!("../../shaders/layer_norm_backward_subgroup.wgsl"),
+    ),
+    (
         "layer_norm_subgroup.wgsl",
         include_str!("../../shaders/layer_norm_subgroup.wgsl"),
     ),
     ("ln_rows.wgsl", include_str!("../../shaders/ln_rows.wgsl")),
+    (
+        "ln_subgroup_rows.wgsl",
+        include_str!("../../shaders/ln_subgroup_rows.wgsl"),
+    ),
     ("nchw.wgsl", include_str!("../../shaders/nchw.wgsl")),
     ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
     ("sgd.wgsl", include_str!("../../shaders/sgd.wgsl")),
@@ -149,7 +157,7 @@ pub struct ShaderVariant {
 /// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let files: [(&'static str, &'static [&'static str]); 8] = [
+    let files: [(&'static str, &'static [&'static str]); 9] = [
         ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("copy.wgsl", copy::ENTRY_POINTS),
@@ -157,6 +165,10 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
         ("layer_norm_backward.wgsl", layer_norm_backward::ENTRY_POINTS),
         ("layer_norm_subgroup.wgsl", layer_norm::SUBGROUP_ENTRY_POINTS),
+        (
+            "layer_norm_backward_subgroup.wgsl",
+            layer_norm_backward::SUBGROUP_ENTRY_POINTS,
+        ),
         ("sgd.wgsl", sgd::ENTRY_POINTS),
     ];
     let lookup = |name: &str| raw_source(name).map(str::to_string);
