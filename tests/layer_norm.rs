@@ -405,8 +405,9 @@ fn subgroup_rows_match_the_reference_where_the_device_has_them() {
         lanes: Some(lanes),
         ..Default::default()
     };
-    // Refused everywhere: a width off the quads, one past 96 per lane, the residual block, a
-    // lane-segment geometry; the default takes the other passes there.
+    // Refused everywhere: a width off the quads, one past 96 per lane, the residual block's
+    // forward, a lane-segment geometry; the default takes the other passes there (the residual
+    // block's backward below).
     let widest = 96 * info.subgroup_min_size.min(8) as usize;
     for (shape, fusion, lanes) in [
         (vec![4, 10], LayerNormFusion::None, 1),
@@ -423,10 +424,11 @@ fn subgroup_rows_match_the_reference_where_the_device_has_them() {
             matches!(e, Error::Unsupported { .. }),
             "{shape:?} {fusion:?} lanes {lanes}: {e}"
         );
+        let backward_only = has && fusion == residual && lanes == 1;
         assert_eq!(
             plans(&shape, fusion, &by_default(lanes)).unwrap(),
-            (false, false),
-            "{shape:?}"
+            (false, backward_only),
+            "{shape:?} {fusion:?}"
         );
     }
     if !has {
@@ -456,9 +458,13 @@ fn subgroup_rows_match_the_reference_where_the_device_has_them() {
             assert_eq!(plans(&[rows, width], fusion, &by_default(1)).unwrap(), (true, true));
             case.check_with(&ctx, &forced, fusion);
         }
+        // The residual block: the row-block forward, the subgroup backward.
+        assert_eq!(plans(&[rows, width], residual, &by_default(1)).unwrap(), (false, true));
+        case.check_with(&ctx, &by_default(1), residual);
     }
     let case = LanesCase::new(&mut rng, 66, 128).without_affine();
     for fusion in [LayerNormFusion::None, drop] {
         case.check_with(&ctx, &forced, fusion);
     }
+    case.check_with(&ctx, &by_default(1), residual);
 }

@@ -246,7 +246,7 @@ pub struct LayerNormPlanOptions {
     /// workgroup memory (`shaders/layer_norm_subgroup.wgsl`, forward, lanes = the adapter's
     /// smallest subgroup size; `shaders/layer_norm_backward_subgroup.wgsl`, the backward's dx
     /// pass, 8 lanes, only where subgroups have at least 8). `None`: wherever it can (not for
-    /// the residual block); `Some(false)`: never; `Some(true)`: the plan fails with
+    /// the residual block's forward); `Some(false)`: never; `Some(true)`: the plan fails with
     /// [`Error::Unsupported`] where it cannot. Calls whose buffers cannot bind as 16-byte
     /// vectors take the row-block path either way.
     pub subgroup_rows: Option<bool>,
@@ -374,8 +374,8 @@ pub(crate) fn subgroup_choice(possible: bool, width: u64, lanes: u32, wanted: Op
             what: "the row-per-subgroup LayerNorm pass".into(),
             reason: format!(
                 "it needs a CPU adapter with SUBGROUP, f32 activations, the row-block path (lanes 1), \
-                 no residual block, and a width that is a multiple of 4 and at most 96 per subgroup \
-                 lane (width {width}, {lanes} lanes)"
+                 for the forward no residual block, and a width that is a multiple of 4 and at most \
+                 96 per subgroup lane (width {width}, {lanes} lanes)"
             ),
         }),
         _ => Ok(None),

@@ -74,6 +74,17 @@ pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
     "lnb_sg_dx_dropout_accumulate_8",
 ];
 
+/// Entry points in `shaders/layer_norm_residual_backward_subgroup.wgsl`: the residual block's
+/// row-per-subgroup dx pass, `lnb_sg_residual_dx[_accumulate]_T` for each T of [`SG_TRIPLES`].
+pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &[
+    "lnb_sg_residual_dx_2",
+    "lnb_sg_residual_dx_4",
+    "lnb_sg_residual_dx_8",
+    "lnb_sg_residual_dx_accumulate_2",
+    "lnb_sg_residual_dx_accumulate_4",
+    "lnb_sg_residual_dx_accumulate_8",
+];
+
 /// Invocations of a row-per-subgroup backward workgroup (`LANES` in the shader): one subgroup
 /// wherever the adapter's smallest subgroup has at least this many.
 const SG_LANES: u32 = 8;
@@ -117,10 +128,19 @@ pub struct LayerNormBackwardKernel {
     gamma_stage: wgpu::ComputePipeline,
     /// Stand-ins: γ, dγ, dβ, rng, dh_in.
     placeholders: [wgpu::Buffer; 5],
-    /// The row-per-subgroup dx pass (vec4 variant), `[triples][with dropout][accumulate dx]`
-    /// for [`SG_TRIPLES`]: built on CPU adapters with `SUBGROUP` of at least 8 lanes and f32
-    /// storage only.
-    subgroup: Option<[[[wgpu::ComputePipeline; 2]; 2]; 3]>,
+    /// The row-per-subgroup dx passes (vec4 variant): built on CPU adapters with `SUBGROUP` of
+    /// at least 8 lanes and f32 storage only.
+    subgroup: Option<SgPasses>,
+}
+
+/// The row-per-subgroup dx pipelines of a [`LayerNormBackwardKernel`], per [`SG_TRIPLES`].
+#[derive(Clone, Debug)]
+struct SgPasses {
+    /// `lnb_sg_dx[_dropout][_accumulate]_T`: `[triples][with dropout][accumulate dx]`.
+    dx: [[[wgpu::ComputePipeline; 2]; 2]; 3],
+    /// `lnb_sg_residual_dx[_accumulate]_T`: `[triples][accumulate dx]`; only where the device
+    /// binds the residual block's 9 storage buffers (as `LnbPasses::residual_dx`).
+    residual_dx: Option<[[wgpu::ComputePipeline; 2]; 3]>,
 }
 
 /// The per-range pipelines of one module of a [`LayerNormBackwardKernel`].
@@ -178,13 +198,26 @@ impl Kernel for LayerNormBackwardKernel {
                 .then(|| {
                     let module =
                         crate::kernels::shader_module(device, "layer_norm_backward_subgroup.wgsl", storage, true);
-                    SG_TRIPLES.map(|t| {
-                        [
-                            ["lnb_sg_dx", "lnb_sg_dx_accumulate"],
-                            ["lnb_sg_dx_dropout", "lnb_sg_dx_dropout_accumulate"],
-                        ]
-                        .map(|pair| pair.map(|e| compute_pipeline(device, &module, &format!("{e}_{t}"))))
-                    })
+                    let pipeline = |module: &wgpu::ShaderModule, e: &str, t: u64| {
+                        compute_pipeline(device, module, &format!("{e}_{t}"))
+                    };
+                    SgPasses {
+                        dx: SG_TRIPLES.map(|t| {
+                            [
+                                ["lnb_sg_dx", "lnb_sg_dx_accumulate"],
+                                ["lnb_sg_dx_dropout", "lnb_sg_dx_dropout_accumulate"],
+                            ]
+                            .map(|pair| pair.map(|e| pipeline(&module, e, t)))
+                        }),
+                        residual_dx: residual_fits(device).then(|| {
+                            let file = "layer_norm_residual_backward_subgroup.wgsl";
+                            let residual = crate::kernels::shader_module(device, file, storage, true);
+                            SG_TRIPLES.map(|t| {
+                                ["lnb_sg_residual_dx", "lnb_sg_residual_dx_accumulate"]
+                                    .map(|e| pipeline(&residual, e, t))
+                            })
+                        }),
+                    }
                 }),
         }
     }
@@ -234,7 +267,9 @@ impl LayerNormBackwardKernel {
             return Err(residual_limit(OP, RESIDUAL_PASS, device));
         }
         let subgroup = subgroup_choice(
-            self.subgroup.is_some() && lanes == 1 && !matches!(fusion, LayerNormFusion::ResidualDropout(_)),
+            self.subgroup.as_ref().is_some_and(|sg| {
+                lanes == 1 && (sg.residual_dx.is_some() || !matches!(fusion, LayerNormFusion::ResidualDropout(_)))
+            }),
             width,
             SG_LANES,
             options.subgroup_rows,
@@ -548,7 +583,11 @@ impl LayerNormBackwardPlan {
             .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?;
             // The row-per-subgroup pass where the plan has one and this range binds as vectors.
             let subgroup = match (&k.vec4, &k.subgroup, self.subgroup) {
-                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => Some(&sg[t][usize::from(drop_dy)][acc]),
+                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => match (residual, &sg.residual_dx) {
+                    (true, Some(r)) => Some(&r[t][acc]),
+                    (true, None) => None,
+                    (false, _) => Some(&sg.dx[t][usize::from(drop_dy)][acc]),
+                },
                 _ => None,
             };
             let dx_pipeline = subgroup.unwrap_or(dx_pipeline);

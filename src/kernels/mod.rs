@@ -68,10 +68,18 @@ const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/layer_norm_backward_subgroup.wgsl"),
     ),
     (
+        "layer_norm_residual_backward_subgroup.wgsl",
+        include_str!("../../shaders/layer_norm_residual_backward_subgroup.wgsl"),
+    ),
+    (
         "layer_norm_subgroup.wgsl",
         include_str!("../../shaders/layer_norm_subgroup.wgsl"),
     ),
     ("ln_rows.wgsl", include_str!("../../shaders/ln_rows.wgsl")),
+    (
+        "ln_subgroup_backward.wgsl",
+        include_str!("../../shaders/ln_subgroup_backward.wgsl"),
+    ),
     (
         "ln_subgroup_rows.wgsl",
         include_str!("../../shaders/ln_subgroup_rows.wgsl"),
@@ -157,7 +165,7 @@ pub struct ShaderVariant {
 /// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let files: [(&'static str, &'static [&'static str]); 9] = [
+    let files: [(&'static str, &'static [&'static str]); 10] = [
         ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("copy.wgsl", copy::ENTRY_POINTS),
@@ -168,6 +176,10 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         (
             "layer_norm_backward_subgroup.wgsl",
             layer_norm_backward::SUBGROUP_ENTRY_POINTS,
+        ),
+        (
+            "layer_norm_residual_backward_subgroup.wgsl",
+            layer_norm_backward::SUBGROUP_RESIDUAL_ENTRY_POINTS,
         ),
         ("sgd.wgsl", sgd::ENTRY_POINTS),
     ];

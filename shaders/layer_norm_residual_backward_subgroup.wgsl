@@ -1,0 +1,83 @@
+// The residual block's LayerNorm backward with a row per subgroup (CPU adapters with
+// SUBGROUP): in place of layer_norm_backward.wgsl's `lnb_block_residual_dx*`, as
+// layer_norm_backward_subgroup.wgsl replaces the plain row-block pass (the walk is shared:
+// ln_subgroup_backward.wgsl). The forward was h = residual + x·m, y = LN(h); here x is the
+// saved h and d = dy:
+//
+//   dh = dx_LN (+ dh_in with FLAG_DH_IN)    dresidual = dh    dx = dh·m
+//   lnb_sg_residual_dx[_accumulate]_T      writing dx and dresidual, or adding to them
+//
+// Its layout binds 9 storage buffers: the host builds it only where the device allows that.
+
+// #include "philox.wgsl"
+// #include "ln_subgroup_rows.wgsl"
+// #include "ln_subgroup_backward.wgsl"
+// #vec4-variant
+
+// #activation @binding(1) read x (rows, W) h, the LN input
+// #activation @binding(2) read dy (rows, W)
+// #activation @binding(3) read_write dx (rows, W)
+// #param @binding(4) weight (W) γ
+// #activation @binding(11) read dh_in (rows, W)
+// #activation @binding(12) read_write dresidual (rows, W)
+
+const RESIDUAL: bool = true;
+const FLAG_DH_IN: u32 = 32u;         // add dh_in to dh
+
+@compute @workgroup_size(8)
+fn lnb_sg_residual_dx_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_block(wid.x + wid.y * nwg.x, lid, 2u, false, false);
+}
+
+@compute @workgroup_size(8)
+fn lnb_sg_residual_dx_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_block(wid.x + wid.y * nwg.x, lid, 4u, false, false);
+}
+
+@compute @workgroup_size(8)
+fn lnb_sg_residual_dx_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_block(wid.x + wid.y * nwg.x, lid, 8u, false, false);
+}
+
+@compute @workgroup_size(8)
+fn lnb_sg_residual_dx_accumulate_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_block(wid.x + wid.y * nwg.x, lid, 2u, false, true);
+}
+
+@compute @workgroup_size(8)
+fn lnb_sg_residual_dx_accumulate_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_block(wid.x + wid.y * nwg.x, lid, 4u, false, true);
+}
+
+@compute @workgroup_size(8)
+fn lnb_sg_residual_dx_accumulate_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_block(wid.x + wid.y * nwg.x, lid, 8u, false, true);
+}
+
+// The residual block's dx and dresidual of row quad k (nothing past the row) from the
+// LayerNorm's dh: dh (+ dh_in), and dh·m; written or, with `accumulate`, added to.
+fn quad_residual(base: u32, k: u32, quads: u32, dh_ln: vec4<f32>, m: vec4<f32>, accumulate: bool) {
+    if (k < quads) {
+        let e = base + 4u * k;
+        var dh = dh_ln;
+        if ((p.flags & FLAG_DH_IN) != 0u) {
+            dh += ld4a_dh_in(e);
+        }
+        var dres = dh;
+        var dx = dh * m;
+        if (accumulate) {
+            dres += ld4a_dresidual(e);
+            dx += ld4a_dx(e);
+        }
+        st4_dresidual(e, dres, e + 4u);
+        st4_dx(e, dx, e + 4u);
+    }
+}
+
+// dx and dresidual of a triple of row quads: their three mask draws interleaved.
+fn sg_emit3(base: u32, k: vec3<u32>, quads: u32, q: vec3<u32>, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, state: vec4<u32>, accumulate: bool) {
+    let m = dropout_factors4x3(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
+    quad_residual(base, k.x, quads, a, m.a, accumulate);
+    quad_residual(base, k.y, quads, b, m.b, accumulate);
+    quad_residual(base, k.z, quads, c, m.c, accumulate);
+}
