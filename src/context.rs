@@ -37,7 +37,8 @@ pub struct ContextOptions {
 /// Optional adapter features normdrop uses when present. Each has a fallback path:
 /// `SHADER_F16` (native f16 storage, else packed in u32), `TIMESTAMP_QUERY` (GPU timestamps in
 /// `bench`, else wall time), `SUBGROUP` (subgroup operations in BatchNorm's workgroup
-/// reductions, else workgroup memory only) and `SHADER_INT64` (Philox's 32×32-bit products as
+/// reductions, else workgroup memory only; on CPU adapters LayerNorm's row-per-subgroup
+/// passes, else the row-block path) and `SHADER_INT64` (Philox's 32×32-bit products as
 /// one 64-bit multiply, else from 16-bit halves).
 pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::TIMESTAMP_QUERY)

@@ -94,7 +94,7 @@ fn info(ctx: &Context) {
         (
             "SUBGROUP",
             wgpu::Features::SUBGROUP,
-            "subgroup operations in BatchNorm's workgroup reductions (else workgroup memory)",
+            "subgroup operations in BatchNorm's workgroup reductions (else workgroup memory); on CPU adapters LayerNorm's row-per-subgroup passes (else the row-block path)",
         ),
         (
             "SHADER_INT64",

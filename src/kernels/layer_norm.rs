@@ -23,7 +23,8 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
 ];
 
 /// Entry points in `shaders/layer_norm_subgroup.wgsl` (the row-per-subgroup forward): plain
-/// and dropout for each of [`SG_TRIPLES`].
+/// and dropout for each of [`SG_TRIPLES`]; the residual block's are
+/// [`SUBGROUP_RESIDUAL_ENTRY_POINTS`].
 pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
     "ln_sg_forward_2",
     "ln_sg_forward_4",
@@ -31,6 +32,14 @@ pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
     "ln_sg_dropout_forward_2",
     "ln_sg_dropout_forward_4",
     "ln_sg_dropout_forward_8",
+];
+
+/// Entry points in `shaders/layer_norm_residual_subgroup.wgsl`: the residual block's
+/// row-per-subgroup forward for each of [`SG_TRIPLES`].
+pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &[
+    "ln_sg_residual_dropout_forward_2",
+    "ln_sg_residual_dropout_forward_4",
+    "ln_sg_residual_dropout_forward_8",
 ];
 
 /// Triples of column quads per lane the row-per-subgroup entry points keep in registers (the
@@ -240,13 +249,13 @@ pub struct LayerNormPlanOptions {
     /// device's adapter type and the host's available parallelism. 1 selects the row-block
     /// path (workgroups of 64 rows; see [`default_lanes`]).
     pub lanes: Option<u32>,
-    /// Where the row-block path runs on a CPU adapter with `SUBGROUP`, f32 activations and a
-    /// width that is a multiple of 4 and at most 96 per subgroup lane (768 on lavapipe's 8
-    /// lanes), a subgroup takes a row whole in registers instead: x (and dy) read once, no
-    /// workgroup memory (`shaders/layer_norm_subgroup.wgsl`, forward, lanes = the adapter's
-    /// smallest subgroup size; `shaders/layer_norm_backward_subgroup.wgsl`, the backward's dx
-    /// pass, 8 lanes, only where subgroups have at least 8). `None`: wherever it can (not for
-    /// the residual block's forward); `Some(false)`: never; `Some(true)`: the plan fails with
+    /// Where the row-block path runs on a CPU adapter with `SUBGROUP` of at least 8 lanes, f32
+    /// activations and a width that is a multiple of 4 and at most 768 (96 per lane), a
+    /// workgroup of one 8-lane subgroup walks each 64-row block holding one row at a time in
+    /// registers instead: x (and dy) read once, no workgroup memory, no barrier (forward:
+    /// `shaders/layer_norm_subgroup.wgsl`, `layer_norm_residual_subgroup.wgsl`; the backward's
+    /// dx pass: `layer_norm_backward_subgroup.wgsl`, `layer_norm_residual_backward_subgroup.wgsl`).
+    /// `None`: wherever it can; `Some(false)`: never; `Some(true)`: the plan fails with
     /// [`Error::Unsupported`] where it cannot. Calls whose buffers cannot bind as 16-byte
     /// vectors take the row-block path either way.
     pub subgroup_rows: Option<bool>,
@@ -281,9 +290,10 @@ pub struct LayerNormKernel {
     /// Stand-ins for γ and β when the configuration has none, and for the generator state
     /// without dropout.
     placeholders: [wgpu::Buffer; 3],
-    /// The row-per-subgroup forward (vec4 variant), `[plain, dropout]` per [`SG_TRIPLES`]:
-    /// built on CPU adapters with `SUBGROUP` and f32 storage only.
-    subgroup: Option<[[wgpu::ComputePipeline; 2]; 3]>,
+    /// The row-per-subgroup forward (vec4 variant), `[plain, dropout, residual]` per
+    /// [`SG_TRIPLES`]: built where [`subgroup_rows_possible`]; the residual block's only
+    /// where its 9 storage buffers fit (as [`LnPasses`]).
+    subgroup: Option<[[Option<wgpu::ComputePipeline>; 3]; 3]>,
 }
 
 /// The pipelines of one module of a [`LayerNormKernel`], each `[plain, dropout, residual]`.
@@ -329,11 +339,15 @@ impl Kernel for LayerNormKernel {
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
             subgroup: subgroup_rows_possible(device, storage).then(|| {
                 let module = crate::kernels::shader_module(device, "layer_norm_subgroup.wgsl", storage, true);
-                std::array::from_fn(|t| {
-                    let triples = SG_TRIPLES[t];
+                let residual = residual_fits(device)
+                    .then(|| crate::kernels::shader_module(device, "layer_norm_residual_subgroup.wgsl", storage, true));
+                SG_TRIPLES.map(|t| {
                     [
-                        compute_pipeline(device, &module, &format!("ln_sg_forward_{triples}")),
-                        compute_pipeline(device, &module, &format!("ln_sg_dropout_forward_{triples}")),
+                        Some(compute_pipeline(device, &module, &format!("ln_sg_forward_{t}"))),
+                        Some(compute_pipeline(device, &module, &format!("ln_sg_dropout_forward_{t}"))),
+                        residual
+                            .as_ref()
+                            .map(|m| compute_pipeline(device, m, &format!("ln_sg_residual_dropout_forward_{t}"))),
                     ]
                 })
             }),
@@ -341,13 +355,27 @@ impl Kernel for LayerNormKernel {
     }
 }
 
+/// Invocations of a row-per-subgroup workgroup (`LANES` in the shaders): one subgroup wherever
+/// the adapter's smallest subgroup has at least this many.
+pub(crate) const SG_LANES: u32 = 8;
+
 /// Whether the row-per-subgroup passes can run on `device` for `storage`: a CPU adapter
-/// (where they pay: GPUs keep their lanes geometry) with `SUBGROUP`, f32 activations.
+/// (where they pay: GPUs keep their lanes geometry) with `SUBGROUP` of at least [`SG_LANES`]
+/// lanes, f32 activations.
 pub(crate) fn subgroup_rows_possible(device: &wgpu::Device, storage: Storage) -> bool {
     storage == Storage::F32
         && device.features().contains(wgpu::Features::SUBGROUP)
         && device.adapter_info().device_type == wgpu::DeviceType::Cpu
-        && device.adapter_info().subgroup_min_size >= 1
+        && device.adapter_info().subgroup_min_size >= SG_LANES
+}
+
+/// `[plain, dropout, residual]` index of a fusion's pipelines.
+fn fusion_index(fusion: LayerNormFusion) -> usize {
+    match fusion {
+        LayerNormFusion::None => 0,
+        LayerNormFusion::Dropout(_) => 1,
+        LayerNormFusion::ResidualDropout(_) => 2,
+    }
 }
 
 /// Index into [`SG_TRIPLES`] of the entry points that hold a row of `width` (a multiple of 4)
@@ -373,9 +401,10 @@ pub(crate) fn subgroup_choice(possible: bool, width: u64, lanes: u32, wanted: Op
         _ if wanted == Some(true) => Err(Error::Unsupported {
             what: "the row-per-subgroup LayerNorm pass".into(),
             reason: format!(
-                "it needs a CPU adapter with SUBGROUP, f32 activations, the row-block path (lanes 1), \
-                 for the forward no residual block, and a width that is a multiple of 4 and at most \
-                 96 per subgroup lane (width {width}, {lanes} lanes)"
+                "it needs a CPU adapter with SUBGROUP of at least {SG_LANES} lanes, f32 activations, \
+                 the row-block path (lanes 1), the device's binding limit for the residual block, \
+                 and a width that is a multiple of 4 and at most 96 per subgroup lane (width \
+                 {width}, {lanes} lanes)"
             ),
         }),
         _ => Ok(None),
@@ -427,10 +456,11 @@ impl LayerNormKernel {
             flags |= FLAG_BIAS;
         }
         let blocks = lanes == 1;
+        let which = fusion_index(fusion);
         let subgroup = subgroup_choice(
-            self.subgroup.is_some() && blocks && !matches!(fusion, LayerNormFusion::ResidualDropout(_)),
+            blocks && self.subgroup.as_ref().is_some_and(|sg| sg[0][which].is_some()),
             width,
-            device.adapter_info().subgroup_min_size.min(BLOCK_ROWS as u32),
+            SG_LANES,
             options.subgroup_rows,
         )?;
         let rows_per_workgroup = if blocks { BLOCK_ROWS } else { u64::from(256 / lanes) };
@@ -640,11 +670,7 @@ impl LayerNormPlan {
         let (w_bytes, r_bytes) = (self.width * 4, self.rows * 4);
         let weight = binding_or(self.config.has_weight(), &b.weight, &k.placeholders[0], w_bytes);
         let bias = binding_or(self.config.has_bias(), &b.bias, &k.placeholders[1], w_bytes);
-        let which = match self.fusion {
-            LayerNormFusion::None => 0,
-            LayerNormFusion::Dropout(_) => 1,
-            LayerNormFusion::ResidualDropout(_) => 2,
-        };
+        let which = fusion_index(self.fusion);
         let mut activations = vec![&b.x, &b.y];
         if let (LayerNormFusion::ResidualDropout(_), Some(res), Some(h)) = (self.fusion, &b.residual, &b.h) {
             activations.extend([res, h]);
@@ -663,7 +689,7 @@ impl LayerNormPlan {
                 _ => &k.passes,
             };
             let subgroup = match (&k.vec4, &k.subgroup, self.subgroup) {
-                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) && which < 2 => Some(&sg[t][which]),
+                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => sg[t][which].as_ref(),
                 _ => None,
             };
             let pipeline = match subgroup {

@@ -22,7 +22,7 @@ use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{
     residual_fits, residual_limit, subgroup_choice, subgroup_rows_possible, LayerNormConfig, LayerNormFusion,
-    LayerNormPlanOptions, SG_TRIPLES,
+    LayerNormPlanOptions, SG_LANES, SG_TRIPLES,
 };
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
@@ -84,10 +84,6 @@ pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &[
     "lnb_sg_residual_dx_accumulate_4",
     "lnb_sg_residual_dx_accumulate_8",
 ];
-
-/// Invocations of a row-per-subgroup backward workgroup (`LANES` in the shader): one subgroup
-/// wherever the adapter's smallest subgroup has at least this many.
-const SG_LANES: u32 = 8;
 
 const FLAG_WEIGHT: u32 = 1;
 const FLAG_BIAS: u32 = 2;
@@ -194,31 +190,28 @@ impl Kernel for LayerNormBackwardKernel {
             params_final: compute_pipeline(device, &module, "lnb_params_final"),
             gamma_stage: compute_pipeline(device, &module, "lnb_gamma_stage"),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
-            subgroup: (subgroup_rows_possible(device, storage) && device.adapter_info().subgroup_min_size >= SG_LANES)
-                .then(|| {
-                    let module =
-                        crate::kernels::shader_module(device, "layer_norm_backward_subgroup.wgsl", storage, true);
-                    let pipeline = |module: &wgpu::ShaderModule, e: &str, t: u64| {
-                        compute_pipeline(device, module, &format!("{e}_{t}"))
-                    };
-                    SgPasses {
-                        dx: SG_TRIPLES.map(|t| {
-                            [
-                                ["lnb_sg_dx", "lnb_sg_dx_accumulate"],
-                                ["lnb_sg_dx_dropout", "lnb_sg_dx_dropout_accumulate"],
-                            ]
-                            .map(|pair| pair.map(|e| pipeline(&module, e, t)))
-                        }),
-                        residual_dx: residual_fits(device).then(|| {
-                            let file = "layer_norm_residual_backward_subgroup.wgsl";
-                            let residual = crate::kernels::shader_module(device, file, storage, true);
-                            SG_TRIPLES.map(|t| {
-                                ["lnb_sg_residual_dx", "lnb_sg_residual_dx_accumulate"]
-                                    .map(|e| pipeline(&residual, e, t))
-                            })
-                        }),
-                    }
-                }),
+            subgroup: subgroup_rows_possible(device, storage).then(|| {
+                let module = crate::kernels::shader_module(device, "layer_norm_backward_subgroup.wgsl", storage, true);
+                let pipeline = |module: &wgpu::ShaderModule, e: &str, t: u64| {
+                    compute_pipeline(device, module, &format!("{e}_{t}"))
+                };
+                SgPasses {
+                    dx: SG_TRIPLES.map(|t| {
+                        [
+                            ["lnb_sg_dx", "lnb_sg_dx_accumulate"],
+                            ["lnb_sg_dx_dropout", "lnb_sg_dx_dropout_accumulate"],
+                        ]
+                        .map(|pair| pair.map(|e| pipeline(&module, e, t)))
+                    }),
+                    residual_dx: residual_fits(device).then(|| {
+                        let file = "layer_norm_residual_backward_subgroup.wgsl";
+                        let residual = crate::kernels::shader_module(device, file, storage, true);
+                        SG_TRIPLES.map(|t| {
+                            ["lnb_sg_residual_dx", "lnb_sg_residual_dx_accumulate"].map(|e| pipeline(&residual, e, t))
+                        })
+                    }),
+                }
+            }),
         }
     }
 }

@@ -68,6 +68,10 @@ const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/layer_norm_backward_subgroup.wgsl"),
     ),
     (
+        "layer_norm_residual_subgroup.wgsl",
+        include_str!("../../shaders/layer_norm_residual_subgroup.wgsl"),
+    ),
+    (
         "layer_norm_residual_backward_subgroup.wgsl",
         include_str!("../../shaders/layer_norm_residual_backward_subgroup.wgsl"),
     ),
@@ -76,6 +80,10 @@ const SHADER_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/layer_norm_subgroup.wgsl"),
     ),
     ("ln_rows.wgsl", include_str!("../../shaders/ln_rows.wgsl")),
+    (
+        "ln_subgroup_forward.wgsl",
+        include_str!("../../shaders/ln_subgroup_forward.wgsl"),
+    ),
     (
         "ln_subgroup_backward.wgsl",
         include_str!("../../shaders/ln_subgroup_backward.wgsl"),
@@ -165,7 +173,7 @@ pub struct ShaderVariant {
 /// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let files: [(&'static str, &'static [&'static str]); 10] = [
+    let files: [(&'static str, &'static [&'static str]); 11] = [
         ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("copy.wgsl", copy::ENTRY_POINTS),
@@ -173,6 +181,10 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
         ("layer_norm_backward.wgsl", layer_norm_backward::ENTRY_POINTS),
         ("layer_norm_subgroup.wgsl", layer_norm::SUBGROUP_ENTRY_POINTS),
+        (
+            "layer_norm_residual_subgroup.wgsl",
+            layer_norm::SUBGROUP_RESIDUAL_ENTRY_POINTS,
+        ),
         (
             "layer_norm_backward_subgroup.wgsl",
             layer_norm_backward::SUBGROUP_ENTRY_POINTS,

@@ -1,0 +1,72 @@
+// The pre-norm residual block's forward with a row per subgroup (CPU adapters with SUBGROUP):
+// in place of layer_norm.wgsl's `ln_block_residual_dropout_forward`, as
+// layer_norm_subgroup.wgsl replaces the plain row-block pass (the walk is shared:
+// ln_subgroup_forward.wgsl).
+//
+//   ln_sg_residual_dropout_forward_T   h = residual + x·m written out, y = LN(h)
+//
+// h is formed on the way in (three interleaved mask draws per triple), written, and normalized
+// from the registers: residual and x read once, h and y written once. Statistics around
+// K = residual[r, 0] (h is not formed yet), as the row-block path. Its layout binds 9 storage
+// buffers: the host builds it only where the device allows that.
+
+// #include "philox.wgsl"
+// #include "ln_subgroup_rows.wgsl"
+// #include "ln_subgroup_forward.wgsl"
+// #vec4-variant
+
+// #activation @binding(1) read x (rows, W)
+// #activation @binding(2) read_write y (rows, W)
+// #param @binding(3) weight (W) γ
+// #param @binding(4) bias (W) β
+// #activation @binding(8) read residual (rows, W)
+// #activation @binding(9) read_write h (rows, W) residual + dropout(x)
+
+const NEEDS_STATE: bool = true;
+
+@compute @workgroup_size(8)
+fn ln_sg_residual_dropout_forward_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_forward(wid.x + wid.y * nwg.x, lid, 2u, false);
+}
+
+@compute @workgroup_size(8)
+fn ln_sg_residual_dropout_forward_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_forward(wid.x + wid.y * nwg.x, lid, 4u, false);
+}
+
+@compute @workgroup_size(8)
+fn ln_sg_residual_dropout_forward_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_forward(wid.x + wid.y * nwg.x, lid, 8u, false);
+}
+
+fn sg_shift(base: u32) -> f32 {
+    return ld_residual(base);
+}
+
+// h = residual + x·m of row quad k, written; returns h − K (zeros past the row).
+fn quad_h(base: u32, k: u32, quads: u32, m: vec4<f32>, shift: f32) -> vec4<f32> {
+    if (k < quads) {
+        let e = base + 4u * k;
+        let hv = ld4a_residual(e) + ld4a_x(e) * m;
+        st4_h(e, hv, e + 4u);
+        return hv - shift;
+    }
+    return vec4<f32>(0.0);
+}
+
+fn sg_load3(base: u32, k: vec3<u32>, quads: u32, q: vec3<u32>, state: vec4<u32>, shift: f32) -> Quads3 {
+    let m = dropout_factors4x3(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
+    return Quads3(quad_h(base, k.x, quads, m.a, shift), quad_h(base, k.y, quads, m.b, shift), quad_h(base, k.z, quads, m.c, shift));
+}
+
+fn sg_store3(base: u32, k: vec3<u32>, quads: u32, q: vec3<u32>, state: vec4<u32>, y: Quads3, drop: bool) {
+    if (k.x < quads) {
+        st4_y(base + 4u * k.x, y.a, base + 4u * k.x + 4u);
+    }
+    if (k.y < quads) {
+        st4_y(base + 4u * k.y, y.b, base + 4u * k.y + 4u);
+    }
+    if (k.z < quads) {
+        st4_y(base + 4u * k.z, y.c, base + 4u * k.z + 4u);
+    }
+}
