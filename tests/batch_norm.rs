@@ -1000,3 +1000,103 @@ fn encodes_into_callers_encoder_with_offsets() {
     let count = pollster::block_on(ctx.read_buffer(&outputs, 0, 8)).unwrap();
     assert_eq!(u64::from_le_bytes(count[..8].try_into().unwrap()), 2);
 }
+
+/// The one-pass-per-channel training forward (CPU adapters with SUBGROUP of 8 lanes or more;
+/// `shaders/batch_norm_subgroup.wgsl`) gives the reference's y, saved statistics, running
+/// statistics and count, with dropout the CPU twin's mask (both scaling modes), with and
+/// without γ/β and running statistics, in training and in eval without running statistics
+/// (batch statistics, no count), for planes narrower and wider than the subgroup's 8 quads and
+/// off-centre data. Where the device lacks it, forcing it is refused; everywhere the cumulative
+/// average, S % 4 ≠ 0 and f16 are refused, and the default takes it exactly where it can.
+#[test]
+fn channel_pass_matches_the_reference_where_the_device_has_it() {
+    let ctx = gpu!();
+    let device = ctx.device();
+    let info = device.adapter_info();
+    let has = info.device_type == wgpu::DeviceType::Cpu
+        && ctx.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size >= 8
+        && device.limits().max_storage_buffers_per_shader_stage >= 10;
+    let kernel = ctx.kernel::<BatchNormKernel>().unwrap();
+    let forced = BatchNormPlanOptions {
+        channel_pass: Some(true),
+        ..Default::default()
+    };
+    let momentum = config(16, Some(0.1), true, true, 1e-5);
+    // Refused everywhere: the cumulative average (momentum None), S off the quads.
+    for (shape, cfg) in [
+        (vec![2, 16, 8], config(16, None, true, true, 1e-5)),
+        (vec![2, 16, 7], momentum.clone()),
+    ] {
+        let e = kernel.plan_with(device, &shape, &cfg, &forced).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{shape:?}: {e}");
+        let plan = kernel.plan_with(device, &shape, &cfg, &Default::default()).unwrap();
+        assert!(!plan.channel_pass(), "{shape:?}");
+    }
+    let f16 = BatchNormKernel::with_storage(device, normdrop::Storage::F16Packed).unwrap();
+    let e = f16.plan_with(device, &[2, 16, 8], &momentum, &forced).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    if !has {
+        let e = kernel.plan_with(device, &[2, 16, 8], &momentum, &forced).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        return;
+    }
+    // The default takes it with enough channels, no split override, and not otherwise.
+    let momentum = config(64, Some(0.1), true, true, 1e-5);
+    assert!(kernel
+        .plan_with(device, &[2, 64, 8], &momentum, &Default::default())
+        .unwrap()
+        .channel_pass());
+    let split = BatchNormPlanOptions {
+        split: Some(ReduceSplit::Invocation { chunk: 64 }),
+        ..Default::default()
+    };
+    assert!(!kernel
+        .plan_with(device, &[2, 64, 8], &momentum, &split)
+        .unwrap()
+        .channel_pass());
+    let never = BatchNormPlanOptions {
+        channel_pass: Some(false),
+        ..Default::default()
+    };
+    assert!(!kernel
+        .plan_with(device, &[2, 64, 8], &momentum, &never)
+        .unwrap()
+        .channel_pass());
+    let drops = [
+        None,
+        Some(DropoutConfig::new(0.4)),
+        Some(DropoutConfig {
+            p: 0.3,
+            mode: DropoutMode::ScaleAtInference,
+        }),
+    ];
+    for shape in [vec![2, 3, 4], vec![3, 5, 36], vec![1, 2, 4, 60], vec![4, 7, 132]] {
+        let c = shape[1];
+        for (affine, track) in [(true, true), (false, true), (true, false)] {
+            let cfg = config(c, Some(0.1), affine, track, 1e-5);
+            for (i, dropout) in drops.iter().enumerate() {
+                let options = BatchNormPlanOptions {
+                    dropout: *dropout,
+                    ..forced
+                };
+                for training in [true, false] {
+                    let seed = 90 + i as u64;
+                    check_with_options(&ctx, &shape, &cfg, training, &options, 0.0, seed, (RTOL, ATOL));
+                }
+            }
+        }
+    }
+    // Off-centre channels keep their spread (statistics around x[0, c, 0]).
+    let cfg = config(4, Some(0.1), true, true, 1e-5);
+    check_with_options(
+        &ctx,
+        &[3, 4, 64],
+        &cfg,
+        true,
+        &forced,
+        1000.0,
+        97,
+        (OFFSET_TOL, OFFSET_TOL),
+    );
+}

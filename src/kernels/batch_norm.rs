@@ -35,6 +35,13 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bn_normalize_aligned",
     "bn_normalize_dropout_aligned",
 ];
+/// Entry points in `shaders/batch_norm_subgroup.wgsl`: the training forward in one pass per
+/// channel (`BatchNormPlanOptions::channel_pass`), plain and fused with dropout.
+pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["bn_channel_forward", "bn_channel_forward_dropout"];
+
+/// Storage buffers the one-pass-per-channel forward binds (with the dropout's generator state).
+const CHANNEL_STORAGE_BINDINGS: u32 = 10;
+
 /// Normalize entry points, `[general, aligned][plain, dropout]`: the aligned pair serves
 /// S % 4 == 0 and S ≥ 4·run (see `normalize_run` in the shader).
 const NORMALIZE_ENTRIES: [[&str; 2]; 2] = [
@@ -237,6 +244,15 @@ pub struct BatchNormPlanOptions {
     /// [`MAX_NORMALIZE_RUN`]: a channel's coefficients are read once per run. Default `None`:
     /// [`default_normalize_run`] for the device's adapter type.
     pub normalize_run: Option<u32>,
+    /// With batch statistics, one dispatch instead of three: a workgroup of one 8-lane subgroup
+    /// per channel reduces it, finishes its statistics and normalizes it
+    /// (`shaders/batch_norm_subgroup.wgsl`). Possible on CPU adapters with `SUBGROUP` of at
+    /// least 8 lanes and 10 storage buffers per stage, for f32 tensors within one storage
+    /// binding bound as 16-byte vectors, S % 4 == 0, and a momentum (not the cumulative
+    /// average). Default `None`: where possible, when `split` is `None` and there are at least
+    /// two channels per host thread; `Some(false)`: never; `Some(true)`: wherever possible, or
+    /// the plan fails with [`Error::Unsupported`].
+    pub channel_pass: Option<bool>,
 }
 
 /// The largest [`BatchNormPlanOptions::normalize_run`].
@@ -281,6 +297,21 @@ pub struct BatchNormKernel {
     /// Stand-ins for bindings a configuration does not use: γ, β (read) and running mean,
     /// running var, num_batches_tracked (read-write), each distinct.
     placeholders: [wgpu::Buffer; 5],
+    /// The one-pass-per-channel forward, `[plain, dropout]` (vec4 variant): built where
+    /// [`channel_pass_possible`].
+    channel: Option<[wgpu::ComputePipeline; 2]>,
+}
+
+/// Whether `device` can run the one-pass-per-channel forward for `storage`: a CPU adapter (a
+/// GPU needs more than C workgroups of 8) with `SUBGROUP` of at least 8 lanes, 10 storage
+/// buffers per stage, f32 activations.
+fn channel_pass_possible(device: &wgpu::Device, storage: Storage) -> bool {
+    let info = device.adapter_info();
+    storage == Storage::F32
+        && info.device_type == wgpu::DeviceType::Cpu
+        && device.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size >= 8
+        && device.limits().max_storage_buffers_per_shader_stage >= CHANNEL_STORAGE_BINDINGS
 }
 
 impl Kernel for BatchNormKernel {
@@ -300,6 +331,10 @@ impl Kernel for BatchNormKernel {
                 .as_ref()
                 .map(|m| ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, m, e))),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
+            channel: channel_pass_possible(device, storage).then(|| {
+                let module = crate::kernels::shader_module(device, "batch_norm_subgroup.wgsl", storage, true);
+                [CHANNEL_ENTRY_POINTS[0], CHANNEL_ENTRY_POINTS[1]].map(|e| compute_pipeline(device, &module, e))
+            }),
         }
     }
 }
@@ -419,6 +454,28 @@ impl BatchNormKernel {
                 )?,
             });
         }
+        // The one-pass-per-channel forward: one range, quads within planes, a momentum.
+        let channel_fits = self.channel.is_some()
+            && ranges.len() == 1
+            && dims.s.is_multiple_of(4)
+            && (config.momentum.is_some() || !config.track_running_stats);
+        let channel_pass = match options.channel_pass {
+            Some(false) => false,
+            Some(true) if channel_fits => true,
+            Some(true) => {
+                return Err(Error::Unsupported {
+                    what: "the one-pass-per-channel BatchNorm forward".into(),
+                    reason: "it needs a CPU adapter with SUBGROUP of at least 8 lanes and 10 storage buffers \
+                             per stage, f32 activations within one storage binding, S % 4 == 0, and a \
+                             momentum (not the cumulative average)"
+                        .into(),
+                })
+            }
+            None => {
+                channel_fits && options.split.is_none() && dims.c >= 2 * crate::kernels::host_threads().max(1) as u64
+            }
+        };
+        let channel_groups = fold_workgroups(OP, dims.c, max)?;
         let partials = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batch_norm partials"),
             size: partials_bytes,
@@ -446,6 +503,8 @@ impl BatchNormKernel {
             finalize_groups,
             eval_groups,
             aligned: runs_align(dims.s, run),
+            channel_pass,
+            channel_groups,
         })
     }
 }
@@ -641,6 +700,9 @@ pub struct BatchNormPlan {
     /// S % 4 == 0 and S ≥ 4·run: the normalize pass takes its aligned entry points, where every
     /// quad lies in one channel and a run enters at most one next channel.
     aligned: bool,
+    /// With batch statistics, the one-pass-per-channel forward where the call binds as vectors.
+    channel_pass: bool,
+    channel_groups: (u32, u32),
 }
 
 impl BatchNormPlan {
@@ -676,6 +738,13 @@ impl BatchNormPlan {
 
     /// Whether a call in this mode normalizes with batch statistics (training, or no running
     /// statistics to use) rather than the running ones.
+    /// Whether calls with batch statistics take the one-pass-per-channel forward (see
+    /// [`BatchNormPlanOptions::channel_pass`]) where x and y bind as 16-byte vectors.
+    pub fn channel_pass(&self) -> bool {
+        self.channel_pass
+    }
+
+    /// Whether a call in this mode normalizes with batch statistics.
     pub fn uses_batch_stats(&self, training: bool) -> bool {
         training || !self.config.track_running_stats
     }
@@ -791,6 +860,31 @@ impl BatchNormPlan {
         let uniform = self.chunks[0].uniforms[usize::from(training)].as_entire_binding();
 
         let batch_stats = self.uses_batch_stats(training);
+        let drop = usize::from(self.dropout.is_some() && b.rng.is_some());
+        if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
+            let (at, len) = range_bytes(c);
+            if vec4_bindable(&[&b.x, &b.y], at, len) {
+                let pass = &channel[drop];
+                let mut entries = vec![
+                    (0, c.uniforms[usize::from(training)].as_entire_binding()),
+                    (1, binding_at(&b.x, at, len)),
+                    (2, binding_at(&b.y, at, len)),
+                    (3, weight),
+                    (4, bias),
+                    (5, running_mean),
+                    (6, running_var),
+                    (7, nbt),
+                    (8, save_mean),
+                    (9, save_invstd),
+                ];
+                if let (Some(_), Some(rng)) = (&self.dropout, &b.rng) {
+                    entries.push((11, binding(rng, RNG_STATE_BYTES)));
+                }
+                let group = bind_group(device, "bn_channel_forward", pass, &entries);
+                record(encoder, "batch_norm forward", &[(pass, group, self.channel_groups)]);
+                return Ok(());
+            }
+        }
         let mut groups = Vec::new();
         let serial = usize::from(self.split.serial());
         let finalize = &k.finalize[serial];
@@ -851,7 +945,6 @@ impl BatchNormPlan {
                 self.eval_groups,
             ));
         }
-        let drop = usize::from(self.dropout.is_some() && b.rng.is_some());
         let aligned = usize::from(self.aligned);
         for c in &self.chunks {
             let (at, len) = range_bytes(c);
