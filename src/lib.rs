@@ -44,7 +44,7 @@ pub use kernels::batch_norm::{
     BatchNormPlanOptions, ReduceSplit, MAX_NORMALIZE_RUN,
 };
 pub use kernels::batch_norm_backward::{
-    Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan,
+    Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan, BatchNormBackwardPlanOptions,
 };
 pub use kernels::dropout::{DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit};
 pub use kernels::layer_norm::{

@@ -5,11 +5,11 @@ mod common;
 use common::{assert_close, Rng};
 use normdrop::fixture::{self, Fixture, Verdict};
 use normdrop::kernels::dropout::rng_state_bytes;
-use normdrop::reference::{batch_norm_forward, dropout_forward, RefRunningStats};
+use normdrop::reference::{batch_norm_backward, batch_norm_forward, dropout_forward, widen, RefRunningStats};
 use normdrop::{
-    BatchNorm, BatchNormBackwardKernel, BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions,
-    Context, ContextOptions, DType, DropoutConfig, DropoutMode, DropoutUnit, Error, ReduceSplit, Tensor,
-    MAX_NORMALIZE_RUN,
+    Accumulate, BatchNorm, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlanOptions,
+    BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions, Context, ContextOptions, DType,
+    DropoutConfig, DropoutMode, DropoutUnit, Error, ReduceSplit, Tensor, MAX_NORMALIZE_RUN,
 };
 use proptest::prelude::*;
 use wgpu::util::DeviceExt;
@@ -1099,4 +1099,139 @@ fn channel_pass_matches_the_reference_where_the_device_has_it() {
         97,
         (OFFSET_TOL, OFFSET_TOL),
     );
+}
+
+/// The backward with batch statistics in one pass per channel (CPU adapters with SUBGROUP of 8
+/// lanes or more; `shaders/batch_norm_backward_subgroup.wgsl`) gives the reference's dx, dγ and
+/// dβ, writing and then accumulating (every gradient twice the reference's), with and without
+/// γ/β; with a fused dropout (both scaling modes; writing parks dy·m in dx, accumulating draws
+/// the mask again) the same gradients as the three-pass backward, whose mask handling the
+/// fused-versus-unfused tests pin. Forcing it is refused where the device lacks it and for S off
+/// the quads; the default takes it with enough channels and no split override.
+#[test]
+fn channel_backward_matches_the_reference_where_the_device_has_it() {
+    let ctx = gpu!();
+    let device = ctx.device();
+    let info = device.adapter_info();
+    let has = info.device_type == wgpu::DeviceType::Cpu
+        && ctx.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size >= 8;
+    let kernel = ctx.kernel::<BatchNormBackwardKernel>().unwrap();
+    let options = |channel_pass| BatchNormBackwardPlanOptions {
+        channel_pass: Some(channel_pass),
+        ..Default::default()
+    };
+    let cfg64 = config(64, Some(0.1), true, true, 1e-5);
+    let e = kernel
+        .plan_with_options(device, &[2, 64, 7], &cfg64, None, &options(true))
+        .unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    if !has {
+        let e = kernel
+            .plan_with_options(device, &[2, 64, 8], &cfg64, None, &options(true))
+            .unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        return;
+    }
+    assert!(kernel.plan(device, &[2, 64, 8], &cfg64, None).unwrap().channel_pass());
+    let split = Some(ReduceSplit::Invocation { chunk: 64 });
+    assert!(!kernel
+        .plan_with(device, &[2, 64, 8], &cfg64, None, split)
+        .unwrap()
+        .channel_pass());
+    assert!(!kernel
+        .plan_with_options(device, &[2, 64, 8], &cfg64, None, &options(false))
+        .unwrap()
+        .channel_pass());
+
+    let drops = [
+        None,
+        Some(DropoutConfig::new(0.4)),
+        Some(DropoutConfig {
+            p: 0.3,
+            mode: DropoutMode::ScaleAtInference,
+        }),
+    ];
+    let mut rng = Rng::new(77);
+    for shape in [vec![2, 3, 4], vec![3, 5, 36], vec![1, 2, 4, 60], vec![4, 7, 132]] {
+        let (c, numel) = (shape[1], shape.iter().product::<usize>());
+        for affine in [true, false] {
+            let cfg = config(c, Some(0.1), affine, true, 1e-5);
+            let x = rng.normal_vec(numel, 3.0, 2.0);
+            let dy = rng.normal_vec(numel, 0.0, 1.0);
+            let weight = rng.normal_vec(c, 1.0, 0.5);
+            let mut run = RefRunningStats::new(c);
+            let fwd = batch_norm_forward(&x, &shape, &cfg, Some(&weight), None, Some(&mut run), true).unwrap();
+            let up = |v: &[f32], s: &[usize]| Tensor::from_slice(&ctx, v, s).unwrap();
+            let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+            let (xt, dyt, wt) = (up(&x, &shape), up(&dy, &shape), up(&weight, &[c]));
+            let (mean, invstd) = (up(&f32s(&fwd.mean), &[c]), up(&f32s(&fwd.invstd), &[c]));
+            for (i, dropout) in drops.iter().enumerate() {
+                let state = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: &rng_state_bytes(100 + i as u64, DROP_OFFSET),
+                    usage: wgpu::BufferUsages::STORAGE,
+                });
+                // Each path writes its gradients, then adds to them once more.
+                let grads = |channel: bool| -> [Vec<f32>; 3] {
+                    let plan = kernel
+                        .plan_with_options(device, &shape, &cfg, dropout.map(|d| (d, true)), &options(channel))
+                        .unwrap();
+                    assert_eq!(plan.channel_pass(), channel);
+                    let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
+                    let (dx, dw, db) = (zeros(&shape), zeros(&[c]), zeros(&[c]));
+                    let b = BatchNormBackwardBuffers {
+                        x: xt.slice(),
+                        dy: dyt.slice(),
+                        dx: dx.slice(),
+                        weight: affine.then(|| wt.slice()),
+                        save_mean: mean.slice(),
+                        save_invstd: invstd.slice(),
+                        dweight: affine.then(|| dw.slice()),
+                        dbias: affine.then(|| db.slice()),
+                        rng: dropout.map(|_| state.slice(..)),
+                    };
+                    let mut encoder = device.create_command_encoder(&Default::default());
+                    plan.encode(device, &mut encoder, true, Accumulate::default(), &b)
+                        .unwrap();
+                    let both = Accumulate { dx: true, params: true };
+                    plan.encode(device, &mut encoder, true, both, &b).unwrap();
+                    ctx.queue().submit([encoder.finish()]);
+                    [read(&ctx, &dx), read(&ctx, &dw), read(&ctx, &db)]
+                };
+                let what = format!("{shape:?} affine {affine} {dropout:?}");
+                let [dx, dw, db] = grads(true);
+                if dropout.is_none() {
+                    let w64 = widen(&weight);
+                    let r = batch_norm_backward(
+                        &widen(&x),
+                        &widen(&dy),
+                        &shape,
+                        &cfg,
+                        Some(&w64),
+                        &fwd.mean,
+                        &fwd.invstd,
+                        true,
+                    )
+                    .unwrap();
+                    let twice = |v: &[f64]| v.iter().map(|g| 2.0 * g).collect::<Vec<_>>();
+                    assert_close(&format!("{what} 2·dx"), &dx, &twice(&r.dx), RTOL, 2.0 * ATOL);
+                    if affine {
+                        assert_close(&format!("{what} 2·dγ"), &dw, &twice(&r.dweight), RTOL, 1e-4);
+                        assert_close(&format!("{what} 2·dβ"), &db, &twice(&r.dbias), RTOL, 1e-4);
+                    }
+                }
+                let [ex, ew, eb] = grads(false);
+                assert_close(
+                    &format!("{what} dx vs three passes"),
+                    &dx,
+                    &widen(&ex),
+                    RTOL,
+                    2.0 * ATOL,
+                );
+                assert_close(&format!("{what} dγ vs three passes"), &dw, &widen(&ew), RTOL, 1e-4);
+                assert_close(&format!("{what} dβ vs three passes"), &db, &widen(&eb), RTOL, 1e-4);
+            }
+        }
+    }
 }

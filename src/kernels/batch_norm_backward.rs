@@ -45,6 +45,31 @@ const OP: &str = "batch_norm backward";
 const WORKGROUP: u64 = 256;
 
 /// Entry points in `shaders/batch_norm_backward.wgsl` that get a pipeline.
+/// Entry points in `shaders/batch_norm_backward_subgroup.wgsl`: the backward with batch
+/// statistics in one pass per channel ([`BatchNormBackwardPlanOptions::channel_pass`]).
+pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &[
+    "bnb_channel",
+    "bnb_channel_accumulate",
+    "bnb_channel_dropout",
+    "bnb_channel_dropout_accumulate",
+];
+
+/// Geometry overrides for a BatchNorm backward plan ([`BatchNormBackwardKernel::plan_with_options`]).
+/// `Default` leaves every choice to the device's policy; results agree within rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchNormBackwardPlanOptions {
+    /// How the reduce pass splits each channel (`None`: [`crate::default_reduce_split`]).
+    pub split: Option<ReduceSplit>,
+    /// With batch statistics, one dispatch instead of three: a workgroup of one 8-lane subgroup
+    /// per channel sums it, writes dγ and dβ, and writes dx
+    /// (`shaders/batch_norm_backward_subgroup.wgsl`). Possible on CPU adapters with `SUBGROUP`
+    /// of at least 8 lanes, for f32 tensors within one storage binding bound as 16-byte vectors
+    /// and S % 4 == 0. `None`: where possible, when `split` is `None` and there are at least two
+    /// channels per host thread; `Some(false)`: never; `Some(true)`: wherever possible, or the
+    /// plan fails with [`Error::Unsupported`].
+    pub channel_pass: Option<bool>,
+}
+
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bnb_reduce",
     "bnb_reduce_dropout",
@@ -136,6 +161,9 @@ pub struct BatchNormBackwardKernel {
     park_vec4: Option<[wgpu::ComputePipeline; 2]>,
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
+    /// The one-pass-per-channel backward (vec4 variant), `[plain, dropout][accumulate dx]`:
+    /// built on CPU adapters with `SUBGROUP` of at least 8 lanes and f32 storage.
+    channel: Option<[[wgpu::ComputePipeline; 2]; 2]>,
 }
 
 impl Kernel for BatchNormBackwardKernel {
@@ -168,6 +196,14 @@ impl Kernel for BatchNormBackwardKernel {
                 .as_ref()
                 .map(|m| PARK_ENTRY_POINTS.map(|e| compute_pipeline(device, m, e))),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
+            channel: channel_possible(device, storage).then(|| {
+                let module = crate::kernels::shader_module(device, "batch_norm_backward_subgroup.wgsl", storage, true);
+                [
+                    ["bnb_channel", "bnb_channel_accumulate"],
+                    ["bnb_channel_dropout", "bnb_channel_dropout_accumulate"],
+                ]
+                .map(|pair| pair.map(|e| compute_pipeline(device, &module, e)))
+            }),
         }
     }
 }
@@ -217,6 +253,16 @@ type ReducePipelines = [[[wgpu::ComputePipeline; 2]; 2]; 2];
 
 storage_constructors!(BatchNormBackwardKernel, "x, dy, dx");
 
+/// Whether `device` can run the one-pass-per-channel backward for `storage`: a CPU adapter
+/// with `SUBGROUP` of at least 8 lanes, f32 activations (it binds at most 8 storage buffers).
+fn channel_possible(device: &wgpu::Device, storage: Storage) -> bool {
+    let info = device.adapter_info();
+    storage == Storage::F32
+        && info.device_type == wgpu::DeviceType::Cpu
+        && device.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size >= 8
+}
+
 impl BatchNormBackwardKernel {
     /// A backward plan for inputs of `shape` = `(N, C, *)`. `dropout` is the dropout fused
     /// into the forward (its mask is applied to `dy`) with the mode it ran in (eval keeps
@@ -241,6 +287,23 @@ impl BatchNormBackwardKernel {
         dropout: Option<(DropoutConfig, bool)>,
         split: Option<ReduceSplit>,
     ) -> Result<BatchNormBackwardPlan> {
+        let options = BatchNormBackwardPlanOptions {
+            split,
+            ..Default::default()
+        };
+        self.plan_with_options(device, shape, config, dropout, &options)
+    }
+
+    /// [`plan`](Self::plan) with every geometry override ([`BatchNormBackwardPlanOptions`]).
+    pub fn plan_with_options(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &BatchNormConfig,
+        dropout: Option<(DropoutConfig, bool)>,
+        options: &BatchNormBackwardPlanOptions,
+    ) -> Result<BatchNormBackwardPlan> {
+        let split = options.split;
         config.validate()?;
         let dims = BnDims::of(OP, shape, config.num_features)?;
         let split = ReduceSplit::resolve(split, OP, device, &dims)?;
@@ -250,6 +313,22 @@ impl BatchNormBackwardKernel {
         let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, stats_chunk)?;
         let partials_bytes = dims.c * parts * 16;
         limits.check_size(OP, "partial sums in bytes", partials_bytes)?;
+        let channel_fits = self.channel.is_some() && ranges.len() == 1 && dims.s.is_multiple_of(4);
+        let channel_pass = match options.channel_pass {
+            Some(false) => false,
+            Some(true) if channel_fits => true,
+            Some(true) => {
+                return Err(Error::Unsupported {
+                    what: "the one-pass-per-channel BatchNorm backward".into(),
+                    reason: "it needs a CPU adapter with SUBGROUP of at least 8 lanes, f32 activations \
+                             within one storage binding, and S % 4 == 0"
+                        .into(),
+                })
+            }
+            None => {
+                channel_fits && options.split.is_none() && dims.c >= 2 * crate::kernels::host_threads().max(1) as u64
+            }
+        };
         let sample_elems = dims.c * dims.s;
         let (div_s, div_c) = (FastDiv::new(dims.s).words(), FastDiv::new(dims.c).words());
         // Quads per invocation of the dx pass: the aligned entry points take runs, the general
@@ -344,6 +423,8 @@ impl BatchNormBackwardKernel {
                 && self.storage == Storage::F32
                 && device.adapter_info().device_type == wgpu::DeviceType::Cpu,
             aligned: runs_align(dims.s, run),
+            channel_pass,
+            channel_groups: fold_workgroups(OP, dims.c, max)?,
         })
     }
 }
@@ -403,9 +484,18 @@ pub struct BatchNormBackwardPlan {
     parks: bool,
     /// The dx pass takes its `_aligned` entry points ([`runs_align`] with the uniform's run).
     aligned: bool,
+    /// With batch statistics, the one-pass-per-channel backward where the call binds as vectors.
+    channel_pass: bool,
+    channel_groups: (u32, u32),
 }
 
 impl BatchNormBackwardPlan {
+    /// Whether calls with batch statistics take the one-pass-per-channel backward (see
+    /// [`BatchNormBackwardPlanOptions::channel_pass`]) where x, dy and dx bind as 16-byte vectors.
+    pub fn channel_pass(&self) -> bool {
+        self.channel_pass
+    }
+
     /// How the activations this plan reads and writes are stored (its kernel's storage).
     pub fn storage(&self) -> Storage {
         self.kernel.storage
@@ -515,6 +605,28 @@ impl BatchNormBackwardPlan {
         let park = self.parks && batch_stats && !accumulate.dx;
         let finalize = &k.finalize[serial];
         let weight = binding_or(affine, &b.weight, &ph[0], c_bytes);
+        if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
+            let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
+            if vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) {
+                let pass = &channel[drop][usize::from(accumulate.dx)];
+                let mut entries = vec![
+                    (0, c.uniforms[variant].as_entire_binding()),
+                    (1, binding_at(&b.x, at, len)),
+                    (2, binding_at(&b.dy, at, len)),
+                    (3, binding_at(&b.dx, at, len)),
+                    (4, weight),
+                    (6, save_invstd),
+                    (9, binding_or(affine, &b.dweight, &ph[1], c_bytes)),
+                    (10, binding_or(affine, &b.dbias, &ph[2], c_bytes)),
+                ];
+                if drop == 1 {
+                    entries.push((11, rng));
+                }
+                let group = bind_group(device, "bnb_channel", pass, &entries);
+                record(encoder, "batch_norm backward", &[(pass, group, self.channel_groups)]);
+                return Ok(());
+            }
+        }
         let mut passes = Vec::new();
         if !batch_stats {
             let entries = [

@@ -53,6 +53,10 @@ use std::num::NonZeroU64;
 const SHADER_FILES: &[(&str, &str)] = &[
     ("batch_norm.wgsl", include_str!("../../shaders/batch_norm.wgsl")),
     (
+        "batch_norm_backward_subgroup.wgsl",
+        include_str!("../../shaders/batch_norm_backward_subgroup.wgsl"),
+    ),
+    (
         "batch_norm_subgroup.wgsl",
         include_str!("../../shaders/batch_norm_subgroup.wgsl"),
     ),
@@ -177,10 +181,14 @@ pub struct ShaderVariant {
 /// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let files: [(&'static str, &'static [&'static str]); 12] = [
+    let files: [(&'static str, &'static [&'static str]); 13] = [
         ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("batch_norm_subgroup.wgsl", batch_norm::CHANNEL_ENTRY_POINTS),
+        (
+            "batch_norm_backward_subgroup.wgsl",
+            batch_norm_backward::CHANNEL_ENTRY_POINTS,
+        ),
         ("copy.wgsl", copy::ENTRY_POINTS),
         ("dropout.wgsl", dropout::ENTRY_POINTS),
         ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),

@@ -1,0 +1,173 @@
+// BatchNorm backward with batch statistics in one pass per channel, for CPU adapters with
+// SUBGROUP (lavapipe): in place of batch_norm_backward.wgsl's bnb_reduce → bnb_finalize →
+// bnb_dx where the plan allows (one range, S % 4 == 0, f32 bound as vectors;
+// BatchNormBackwardPlanOptions::channel_pass), with the same uniform, bindings, formulas and,
+// fused with dropout, the same mask.
+//
+//   bnb_channel[_dropout][_accumulate]   dx written or added to; dγ, dβ written or added to
+//                                        (FLAG_ACCUM_PARAMS); with dropout dy·m
+//
+// Why: as batch_norm_subgroup.wgsl for the forward: one dispatch instead of three on a driver
+// where each costs ~50 µs, no partials or coefficients through memory. A workgroup is one
+// subgroup of 8 invocations (taken only where the adapter's smallest subgroup has 8 lanes or
+// more) that owns channel c: it sums Σ(x − K), Σg, Σg·(x − K) over the channel (g = dy·m; lane ℓ
+// takes quads ℓ, ℓ + 8, … of every sample's plane, three per step so that three Philox calls
+// interleave), adds them across lanes with subgroupAdd, writes dγ and dβ, and walks the channel
+// again for dx = a·g + q + r·(x − K) (batch_norm_backward.wgsl's finish_channel). Writing dx
+// with dropout, the first walk parks g in dx and the second reads it back (the mask drawn once,
+// as bnb_reduce_dropout_park does); adding to dx, the second walk draws it again.
+// Precision: sums around K = x[0, c, 0]; mean − K recomputed exactly from Σ(x − K).
+
+// #include "philox.wgsl"
+// #vec4-variant
+
+const LANES: u32 = 8u;
+
+const FLAG_AFFINE: u32 = 1u;
+const FLAG_ACCUM_PARAMS: u32 = 8u;
+
+// Mirrors `BnBackwardParams` in src/kernels/batch_norm_backward.rs (batch_norm_backward.wgsl's
+// `Params`).
+struct Params {
+    n: u32,
+    c: u32,
+    s: u32,
+    m: u32,
+    chunk_len: u32,
+    chunks: u32,
+    flags: u32,
+    total: u32,
+    drop_threshold: u32,
+    drop_flags: u32,
+    drop_scale: f32,
+    part_base: u32,
+    parts: u32,
+    m_all: u32,
+    elem_base: u32,
+    first: u32,
+    div_s: vec2<u32>,
+    div_c: vec2<u32>,
+    run: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// #activation @binding(1) read x (N, C, S)
+// #activation @binding(2) read dy (N, C, S)
+// #activation @binding(3) read_write dx (N, C, S)
+@group(0) @binding(4) var<storage, read> weight: array<f32>;              // (C) γ
+@group(0) @binding(6) var<storage, read> save_invstd: array<f32>;         // (C)
+@group(0) @binding(9) var<storage, read_write> dweight: array<f32>;       // (C) dγ
+@group(0) @binding(10) var<storage, read_write> dbias: array<f32>;        // (C) dβ
+@group(0) @binding(11) var<storage, read> rng_state: vec4<u32>;          // (seed lo, seed hi, offset lo, offset hi)
+
+@compute @workgroup_size(8)
+fn bnb_channel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    channel_backward(wid.x + wid.y * nwg.x, lid, vec4<u32>(0u), false, false);
+}
+
+@compute @workgroup_size(8)
+fn bnb_channel_dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    channel_backward(wid.x + wid.y * nwg.x, lid, load_state(), true, false);
+}
+
+@compute @workgroup_size(8)
+fn bnb_channel_accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    channel_backward(wid.x + wid.y * nwg.x, lid, vec4<u32>(0u), false, true);
+}
+
+@compute @workgroup_size(8)
+fn bnb_channel_dropout_accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    channel_backward(wid.x + wid.y * nwg.x, lid, load_state(), true, true);
+}
+
+// Mask factors of the plane quads j, j + 8, j + 16 from element `base` (ones without `drop`).
+fn step_masks(state: vec4<u32>, base: u32, j: u32, drop: bool) -> Factors3 {
+    if (!drop) {
+        return Factors3(vec4<f32>(1.0), vec4<f32>(1.0), vec4<f32>(1.0));
+    }
+    let q = vec3<u32>((p.elem_base + base) / 4u + j) + vec3<u32>(0u, LANES, 2u * LANES);
+    return dropout_factors4x3(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
+}
+
+// (Σ(x − K), Σg, Σg·(x − K)) of plane quad j from element `base`, g = dy·m (zeros past the
+// plane); with `park`, g written to dx.
+fn quad_sums(base: u32, j: u32, plane: u32, shift: f32, m: vec4<f32>, park: bool) -> vec3<f32> {
+    if (j >= plane) {
+        return vec3<f32>(0.0);
+    }
+    let e = base + 4u * j;
+    let xs = ld4a_x(e) - shift;
+    let g = ld4a_dy(e) * m;
+    if (park) {
+        st4_dx(e, g, e + 4u);
+    }
+    return vec3<f32>(dot(xs, vec4<f32>(1.0)), dot(g, vec4<f32>(1.0)), dot(g, xs));
+}
+
+// dx of plane quad j (nothing past the plane) from coefficients k = (K, a, q, r): a·g + q +
+// r·(x − K), g = dy·m or, `parked`, read back from dx; added to dx with `accumulate`.
+fn quad_dx(base: u32, j: u32, plane: u32, k: vec4<f32>, m: vec4<f32>, parked: bool, accumulate: bool) {
+    if (j >= plane) {
+        return;
+    }
+    let e = base + 4u * j;
+    var g: vec4<f32>;
+    if (parked) {
+        g = ld4a_dx(e);
+    } else {
+        g = ld4a_dy(e) * m;
+    }
+    var out = k.y * g + k.z + k.w * (ld4a_x(e) - k.x);
+    if (accumulate) {
+        out += ld4a_dx(e);
+    }
+    st4_dx(e, out, e + 4u);
+}
+
+// Channel c by one subgroup, lane `lane`; `drop`, `accumulate` literals of the entry point,
+// `state` the generator state the dropout entry points loaded.
+fn channel_backward(c: u32, lane: u32, state: vec4<u32>, drop: bool, accumulate: bool) {
+    if (c >= p.c) {
+        return; // padding workgroup of a folded dispatch (the whole subgroup)
+    }
+    let park = drop && !accumulate;
+    let plane = p.s >> 2u;
+    let shift = ld_x(c * p.s);
+    var sums = vec3<f32>(0.0);
+    for (var n = 0u; n < p.n; n++) {
+        let base = (n * p.c + c) * p.s;
+        for (var j = lane; j < plane; j += 3u * LANES) {
+            let m = step_masks(state, base, j, drop);
+            sums += quad_sums(base, j, plane, shift, m.a, park) + quad_sums(base, j + LANES, plane, shift, m.b, park)
+                + quad_sums(base, j + 2u * LANES, plane, shift, m.c, park);
+        }
+    }
+    let total = subgroupAdd(sums);
+    // batch_norm_backward.wgsl's finish_channel with batch statistics.
+    let m_all = f32(p.m_all);
+    let invstd = save_invstd[c];
+    let mk = total.x / m_all;
+    let sum_dy = total.y;
+    let sum_dy_xhat = invstd * (total.z - mk * sum_dy);
+    var a = invstd;
+    if ((p.flags & FLAG_AFFINE) != 0u) {
+        a *= weight[c];
+        if (lane == 0u) {
+            let acc = (p.flags & FLAG_ACCUM_PARAMS) != 0u;
+            dweight[c] = select(0.0, dweight[c], acc) + sum_dy_xhat;
+            dbias[c] = select(0.0, dbias[c], acc) + sum_dy;
+        }
+    }
+    let r = -a * invstd * (sum_dy_xhat / m_all);
+    let k = vec4<f32>(shift, a, -a * (sum_dy / m_all) - r * mk, r);
+    for (var n = 0u; n < p.n; n++) {
+        let base = (n * p.c + c) * p.s;
+        for (var j = lane; j < plane; j += 3u * LANES) {
+            let m = step_masks(state, base, j, drop && !park);
+            quad_dx(base, j, plane, k, m.a, park, accumulate);
+            quad_dx(base, j + LANES, plane, k, m.b, park, accumulate);
+            quad_dx(base, j + 2u * LANES, plane, k, m.c, park, accumulate);
+        }
+    }
+}
