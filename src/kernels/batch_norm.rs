@@ -12,6 +12,10 @@
 //!
 //! In eval mode with running statistics only `bn_finalize_eval` and `bn_normalize` run. `run`
 //! is [`BatchNormPlanOptions::normalize_run`] (quads of 4 elements per invocation).
+//!
+//! On CPU adapters with 8-lane subgroups a call with batch statistics is one dispatch instead,
+//! `bn_channel_forward[_dropout]` (C workgroups of one subgroup each; see
+//! [`BatchNormPlanOptions::channel_pass`]).
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};

@@ -19,6 +19,11 @@
 //!
 //! Traffic: 5 passes over the activations (reduce reads x and dy; dx reads both and writes dx).
 //!
+//! On CPU adapters with 8-lane subgroups, a backward with batch statistics is one dispatch
+//! instead (`bnb_channel[_dropout][_accumulate]`, C workgroups of one subgroup each, see
+//! [`BatchNormBackwardPlanOptions::channel_pass`]): each channel is summed, then walked again
+//! for dx, while it is in the core's cache.
+//!
 //! Running statistics (the backward of an eval-mode forward, `batch_stats` false), where
 //! dx = γ·invstd·dy needs no reduction: `bnb_eval_coef` (a channel per invocation) writes each
 //! channel's (running mean, γ·invstd), `bnb_reduce[_serial]_eval[_dropout]` writes dx while it
