@@ -50,6 +50,7 @@
 // #include "workgroup_reduce.wgsl"
 // #include "philox.wgsl"
 // #include "nchw.wgsl"
+// #include "bn_params.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -59,31 +60,7 @@ const FLAG_TRACK: u32 = 2u;          // update running stats in bn_finalize
 const FLAG_CUMULATIVE: u32 = 4u;     // m = 1 / num_batches_tracked instead of momentum
 const FLAG_COUNT: u32 = 8u;          // training with running stats: the stats pass increments num_batches_tracked
 
-// Mirrors `BnParams` in src/kernels/batch_norm.rs field by field.
-struct Params {
-    n: u32,          // samples in this dispatch's range (N unless chunked)
-    c: u32,          // channels C
-    s: u32,          // spatial size S = ∏ dims after the channel axis
-    m: u32,          // elements per channel in this range: n·S
-    chunk_len: u32,  // elements per stats chunk (multiple of WG for bn_stats, of 4 for bn_stats_serial)
-    chunks: u32,     // stats chunks per channel in this range = ceil(m / chunk_len)
-    flags: u32,      // FLAG_* bits
-    total: u32,      // elements in this range: n·C·S
-    eps: f32,
-    momentum: f32,
-    drop_threshold: u32, // fused dropout: keep iff Philox word >= threshold
-    drop_flags: u32,     // fused dropout: DROP_ALL
-    drop_scale: f32,     // fused dropout: multiplier of kept elements
-    part_base: u32,  // index of this range's first partial within a channel's partials
-    parts: u32,      // partials per channel, over all ranges
-    m_all: u32,      // elements per channel of the whole call: N·S
-    elem_base: u32,  // flat index of this range's first element (multiple of 4)
-    first: u32,      // 1 for the range that starts at sample 0 (it picks K)
-    div_s: vec2<u32>, // multiply-shift pair of S (fast_div in nchw.wgsl)
-    div_c: vec2<u32>, // multiply-shift pair of C
-    run: u32,        // quads (4 consecutive elements) per normalize invocation
-    _pad: u32,
-}
+// The uniform's layout: bn_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (N, C, S)

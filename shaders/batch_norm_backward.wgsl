@@ -41,6 +41,7 @@
 // #include "philox.wgsl"
 // #include "nchw.wgsl"
 // #include "workgroup_reduce.wgsl"
+// #include "bnb_params.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -50,29 +51,7 @@ const FLAG_BATCH_STATS: u32 = 2u;   // the forward used batch statistics
 const FLAG_ACCUM_DX: u32 = 4u;      // dx += instead of dx =
 const FLAG_ACCUM_PARAMS: u32 = 8u;  // dγ += and dβ += instead of =
 
-// Mirrors `BnBackwardParams` in src/kernels/batch_norm_backward.rs.
-struct Params {
-    n: u32,
-    c: u32,
-    s: u32,
-    m: u32,
-    chunk_len: u32,
-    chunks: u32,
-    flags: u32,
-    total: u32,
-    drop_threshold: u32,
-    drop_flags: u32,
-    drop_scale: f32,
-    part_base: u32,  // index of this range's first partial within a channel's partials
-    parts: u32,      // partials per channel over all ranges
-    m_all: u32,      // elements per channel of the whole call: N·S
-    elem_base: u32,  // flat index of this range's first element (multiple of 4)
-    first: u32,      // 1 for the range that starts at sample 0 (it picks K)
-    div_s: vec2<u32>, // multiply-shift pair of S (fast_div in nchw.wgsl)
-    div_c: vec2<u32>, // multiply-shift pair of C
-    run: u32,         // quads per invocation of the aligned dx entry points (S ≥ 4·run)
-    _pad: u32,
-}
+// The uniform's layout: bnb_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (N, C, S)

@@ -19,6 +19,7 @@
 // Precision: sums around K = x[0, c, 0]; mean − K recomputed exactly from Σ(x − K).
 
 // #include "philox.wgsl"
+// #include "bnb_params.wgsl"
 // #vec4-variant
 
 const LANES: u32 = 8u;
@@ -26,30 +27,7 @@ const LANES: u32 = 8u;
 const FLAG_AFFINE: u32 = 1u;
 const FLAG_ACCUM_PARAMS: u32 = 8u;
 
-// Mirrors `BnBackwardParams` in src/kernels/batch_norm_backward.rs (batch_norm_backward.wgsl's
-// `Params`).
-struct Params {
-    n: u32,
-    c: u32,
-    s: u32,
-    m: u32,
-    chunk_len: u32,
-    chunks: u32,
-    flags: u32,
-    total: u32,
-    drop_threshold: u32,
-    drop_flags: u32,
-    drop_scale: f32,
-    part_base: u32,
-    parts: u32,
-    m_all: u32,
-    elem_base: u32,
-    first: u32,
-    div_s: vec2<u32>,
-    div_c: vec2<u32>,
-    run: u32,
-    _pad: u32,
-}
+// The uniform's layout: bnb_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (N, C, S)

@@ -20,6 +20,7 @@
 
 // #include "welford.wgsl"
 // #include "philox.wgsl"
+// #include "bn_params.wgsl"
 // #vec4-variant
 
 const WG: u32 = 8u;
@@ -29,31 +30,7 @@ const FLAG_AFFINE: u32 = 1u;
 const FLAG_TRACK: u32 = 2u;
 const FLAG_COUNT: u32 = 8u;
 
-// Mirrors `BnParams` in src/kernels/batch_norm.rs (batch_norm.wgsl's `Params`).
-struct Params {
-    n: u32,
-    c: u32,
-    s: u32,
-    m: u32,
-    chunk_len: u32,
-    chunks: u32,
-    flags: u32,
-    total: u32,
-    eps: f32,
-    momentum: f32,
-    drop_threshold: u32,
-    drop_flags: u32,
-    drop_scale: f32,
-    part_base: u32,
-    parts: u32,
-    m_all: u32,
-    elem_base: u32,
-    first: u32,
-    div_s: vec2<u32>,
-    div_c: vec2<u32>,
-    run: u32,
-    _pad: u32,
-}
+// The uniform's layout: bn_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (N, C, S)

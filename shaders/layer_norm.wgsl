@@ -37,6 +37,7 @@
 // #include "welford.wgsl"
 // #include "philox.wgsl"
 // #include "ln_rows.wgsl"
+// #include "ln_params.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -45,21 +46,7 @@ const REGS: u32 = 16u;
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
 
-// Mirrors `LnParams` in src/kernels/layer_norm.rs.
-struct Params {
-    rows: u32,
-    width: u32,
-    flags: u32,
-    eps: f32,
-    drop_threshold: u32,
-    drop_flags: u32,
-    drop_scale: f32,
-    lanes: u32,      // invocations per row: a power of two in 1..=256
-    row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+// The uniform's layout: ln_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (rows, W)

@@ -31,6 +31,7 @@
 
 // #include "philox.wgsl"
 // #include "ln_rows.wgsl"
+// #include "lnb_params.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -43,21 +44,7 @@ const FLAG_ACCUM_DX: u32 = 4u;       // dx (and dresidual) +=
 const FLAG_ACCUM_PARAMS: u32 = 8u;   // dγ, dβ +=
 const FLAG_DH_IN: u32 = 32u;         // residual block: add dh_in to dh
 
-// Mirrors `LnBackwardParams` in src/kernels/layer_norm_backward.rs.
-struct Params {
-    rows: u32,
-    width: u32,
-    flags: u32,
-    row_blocks: u32,
-    drop_threshold: u32,
-    drop_flags: u32,
-    drop_scale: f32,
-    col_tiles: u32,
-    lanes: u32,      // invocations per row in the dx passes (power of two, 1..=256)
-    row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
-    block_base: u32, // global index of this dispatch's first block of 64 rows
-    total_blocks: u32, // row blocks of the whole call (lnb_params_final)
-}
+// The uniform's layout: lnb_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (rows, W) LN input (h for the residual block)

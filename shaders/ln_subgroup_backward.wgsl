@@ -13,21 +13,7 @@
 const LANES: u32 = 8u;
 const ROWS_PER_BLOCK: u32 = 64u;
 
-// Mirrors `LnBackwardParams` in src/kernels/layer_norm_backward.rs.
-struct Params {
-    rows: u32,
-    width: u32,
-    flags: u32,
-    row_blocks: u32,
-    drop_threshold: u32,
-    drop_flags: u32,
-    drop_scale: f32,
-    col_tiles: u32,
-    lanes: u32,
-    row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
-    block_base: u32, // global index of this dispatch's first block of 64 rows
-    total_blocks: u32,
-}
+// #include "lnb_params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(5) var<storage, read> rstd: array<f32>;                  // (rows)

@@ -25,21 +25,7 @@ const ROWS_PER_BLOCK: u32 = 64u;
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
 
-// Mirrors `LnParams` in src/kernels/layer_norm.rs (layer_norm.wgsl's `Params`).
-struct Params {
-    rows: u32,
-    width: u32,
-    flags: u32,
-    eps: f32,
-    drop_threshold: u32,
-    drop_flags: u32,
-    drop_scale: f32,
-    lanes: u32,
-    row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+// #include "ln_params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;  // (rows)

@@ -87,6 +87,10 @@ const SHADER_FILES: &[(&str, &str)] = &[
         "layer_norm_subgroup.wgsl",
         include_str!("../../shaders/layer_norm_subgroup.wgsl"),
     ),
+    ("bn_params.wgsl", include_str!("../../shaders/bn_params.wgsl")),
+    ("bnb_params.wgsl", include_str!("../../shaders/bnb_params.wgsl")),
+    ("ln_params.wgsl", include_str!("../../shaders/ln_params.wgsl")),
+    ("lnb_params.wgsl", include_str!("../../shaders/lnb_params.wgsl")),
     ("ln_rows.wgsl", include_str!("../../shaders/ln_rows.wgsl")),
     (
         "ln_subgroup_forward.wgsl",
