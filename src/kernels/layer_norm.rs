@@ -221,7 +221,9 @@ pub(crate) fn gpu_lanes(width: u64) -> u32 {
 /// them one row per invocation, then finishes them one column quad per invocation from the
 /// core's cache (γ and β read once per column; the backward's dγ/dβ partials summed in the same
 /// pass instead of a second read of x and dy). It is chosen when the input has two 64-row
-/// blocks per host thread (BENCHMARKS.md, optimisations 28 and 29).
+/// blocks per host thread (BENCHMARKS.md, optimisations 28 and 29). On adapters with 8-lane
+/// subgroups, plans with one lane per row take the row-per-subgroup passes instead where the
+/// row fits (the same 64-row grid; see [`LayerNormPlanOptions::subgroup_rows`]).
 pub fn default_lanes(device_type: wgpu::DeviceType, rows: u64, width: u64, threads: usize) -> u32 {
     let gpu = gpu_lanes(width);
     if device_type != wgpu::DeviceType::Cpu {
