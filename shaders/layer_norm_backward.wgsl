@@ -32,6 +32,7 @@
 // #include "philox.wgsl"
 // #include "ln_rows.wgsl"
 // #include "lnb_params.wgsl"
+// #include "ln_residual_emit.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -42,7 +43,7 @@ const FLAG_WEIGHT: u32 = 1u;
 const FLAG_BIAS: u32 = 2u;
 const FLAG_ACCUM_DX: u32 = 4u;       // dx (and dresidual) +=
 const FLAG_ACCUM_PARAMS: u32 = 8u;   // dγ, dβ +=
-const FLAG_DH_IN: u32 = 32u;         // residual block: add dh_in to dh
+// FLAG_DH_IN (32, residual block: add dh_in to dh) and residual_emit4: ln_residual_emit.wgsl.
 
 // The uniform's layout: lnb_params.wgsl.
 
@@ -330,23 +331,6 @@ fn residual_emit(e: u32, dh_ln: f32, m: f32) {
     }
     st_dresidual(e, dres);
     st_dx(e, dx);
-}
-
-// residual_emit of the quad from e (a multiple of 4), m its multipliers; `accumulate` is the
-// entry point's FLAG_ACCUM_DX.
-fn residual_emit4(e: u32, dh_ln: vec4<f32>, m: vec4<f32>, accumulate: bool) {
-    var dh = dh_ln;
-    if (has(FLAG_DH_IN)) {
-        dh += ld4a_dh_in(e);
-    }
-    var dres = dh;
-    var dx = dh * m;
-    if (accumulate) {
-        dres += ld4a_dresidual(e);
-        dx += ld4a_dx(e);
-    }
-    st4_dresidual(e, dres, e + 4u);
-    st4_dx(e, dx, e + 4u);
 }
 
 // The residual block's dx writing dx and dresidual (FLAG_ACCUM_DX clear), or adding to them.

@@ -12,6 +12,7 @@
 // #include "philox.wgsl"
 // #include "ln_subgroup_rows.wgsl"
 // #include "ln_subgroup_backward.wgsl"
+// #include "ln_residual_emit.wgsl"
 // #vec4-variant
 
 // #activation @binding(1) read x (rows, W) h, the LN input
@@ -22,7 +23,6 @@
 // #activation @binding(12) read_write dresidual (rows, W)
 
 const RESIDUAL: bool = true;
-const FLAG_DH_IN: u32 = 32u;         // add dh_in to dh
 
 @compute @workgroup_size(8)
 fn lnb_sg_residual_dx_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -58,19 +58,7 @@ fn lnb_sg_residual_dx_accumulate_8(@builtin(workgroup_id) wid: vec3<u32>, @built
 // LayerNorm's dh: dh (+ dh_in), and dh·m; written or, with `accumulate`, added to.
 fn quad_residual(base: u32, k: u32, quads: u32, dh_ln: vec4<f32>, m: vec4<f32>, accumulate: bool) {
     if (k < quads) {
-        let e = base + 4u * k;
-        var dh = dh_ln;
-        if ((p.flags & FLAG_DH_IN) != 0u) {
-            dh += ld4a_dh_in(e);
-        }
-        var dres = dh;
-        var dx = dh * m;
-        if (accumulate) {
-            dres += ld4a_dresidual(e);
-            dx += ld4a_dx(e);
-        }
-        st4_dresidual(e, dres, e + 4u);
-        st4_dx(e, dx, e + 4u);
+        residual_emit4(base + 4u * k, dh_ln, m, accumulate);
     }
 }
 

@@ -238,6 +238,22 @@ fn check_with_options(
     }
 }
 
+/// No dropout, and a fused dropout in each scaling mode.
+fn dropout_choices() -> [Option<DropoutConfig>; 3] {
+    [
+        None,
+        Some(DropoutConfig::new(0.4)),
+        Some(DropoutConfig {
+            p: 0.3,
+            mode: DropoutMode::ScaleAtInference,
+        }),
+    ]
+}
+
+/// Shapes for the one-pass-per-channel tests: planes narrower than the subgroup's 8 quads, wider,
+/// and not a multiple of 8 or 24 quads; one sample and several.
+const CHANNEL_SHAPES: [&[usize]; 4] = [&[2, 3, 4], &[3, 5, 36], &[1, 2, 4, 60], &[4, 7, 132]];
+
 fn config(c: usize, momentum: Option<f32>, affine: bool, track: bool, eps: f32) -> BatchNormConfig {
     BatchNormConfig {
         num_features: c,
@@ -314,14 +330,7 @@ fn pinned_awkward_shapes() {
 #[test]
 fn normalize_runs_match_the_reference() {
     let ctx = gpu!();
-    let drops = [
-        None,
-        Some(DropoutConfig::new(0.4)),
-        Some(DropoutConfig {
-            p: 0.3,
-            mode: DropoutMode::ScaleAtInference,
-        }),
-    ];
+    let drops = dropout_choices();
     for shape in [
         vec![2, 3, 1],
         vec![3, 2, 3],
@@ -1063,15 +1072,8 @@ fn channel_pass_matches_the_reference_where_the_device_has_it() {
         .plan_with(device, &[2, 64, 8], &momentum, &never)
         .unwrap()
         .channel_pass());
-    let drops = [
-        None,
-        Some(DropoutConfig::new(0.4)),
-        Some(DropoutConfig {
-            p: 0.3,
-            mode: DropoutMode::ScaleAtInference,
-        }),
-    ];
-    for shape in [vec![2, 3, 4], vec![3, 5, 36], vec![1, 2, 4, 60], vec![4, 7, 132]] {
+    let drops = dropout_choices();
+    for shape in CHANNEL_SHAPES {
         let c = shape[1];
         for (affine, track) in [(true, true), (false, true), (true, false)] {
             let cfg = config(c, Some(0.1), affine, track, 1e-5);
@@ -1082,7 +1084,7 @@ fn channel_pass_matches_the_reference_where_the_device_has_it() {
                 };
                 for training in [true, false] {
                     let seed = 90 + i as u64;
-                    check_with_options(&ctx, &shape, &cfg, training, &options, 0.0, seed, (RTOL, ATOL));
+                    check_with_options(&ctx, shape, &cfg, training, &options, 0.0, seed, (RTOL, ATOL));
                 }
             }
         }
@@ -1144,16 +1146,9 @@ fn channel_backward_matches_the_reference_where_the_device_has_it() {
         .unwrap()
         .channel_pass());
 
-    let drops = [
-        None,
-        Some(DropoutConfig::new(0.4)),
-        Some(DropoutConfig {
-            p: 0.3,
-            mode: DropoutMode::ScaleAtInference,
-        }),
-    ];
+    let drops = dropout_choices();
     let mut rng = Rng::new(77);
-    for shape in [vec![2, 3, 4], vec![3, 5, 36], vec![1, 2, 4, 60], vec![4, 7, 132]] {
+    for shape in CHANNEL_SHAPES {
         let (c, numel) = (shape[1], shape.iter().product::<usize>());
         for affine in [true, false] {
             let cfg = config(c, Some(0.1), affine, true, 1e-5);
@@ -1161,10 +1156,10 @@ fn channel_backward_matches_the_reference_where_the_device_has_it() {
             let dy = rng.normal_vec(numel, 0.0, 1.0);
             let weight = rng.normal_vec(c, 1.0, 0.5);
             let mut run = RefRunningStats::new(c);
-            let fwd = batch_norm_forward(&x, &shape, &cfg, Some(&weight), None, Some(&mut run), true).unwrap();
+            let fwd = batch_norm_forward(&x, shape, &cfg, Some(&weight), None, Some(&mut run), true).unwrap();
             let up = |v: &[f32], s: &[usize]| Tensor::from_slice(&ctx, v, s).unwrap();
             let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
-            let (xt, dyt, wt) = (up(&x, &shape), up(&dy, &shape), up(&weight, &[c]));
+            let (xt, dyt, wt) = (up(&x, shape), up(&dy, shape), up(&weight, &[c]));
             let (mean, invstd) = (up(&f32s(&fwd.mean), &[c]), up(&f32s(&fwd.invstd), &[c]));
             for (i, dropout) in drops.iter().enumerate() {
                 let state = ctx.device().create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -1175,11 +1170,11 @@ fn channel_backward_matches_the_reference_where_the_device_has_it() {
                 // Each path writes its gradients, then adds to them once more.
                 let grads = |channel: bool| -> [Vec<f32>; 3] {
                     let plan = kernel
-                        .plan_with_options(device, &shape, &cfg, dropout.map(|d| (d, true)), &options(channel))
+                        .plan_with_options(device, shape, &cfg, dropout.map(|d| (d, true)), &options(channel))
                         .unwrap();
                     assert_eq!(plan.channel_pass(), channel);
                     let zeros = |s: &[usize]| Tensor::zeros(&ctx, s, DType::F32).unwrap();
-                    let (dx, dw, db) = (zeros(&shape), zeros(&[c]), zeros(&[c]));
+                    let (dx, dw, db) = (zeros(shape), zeros(&[c]), zeros(&[c]));
                     let b = BatchNormBackwardBuffers {
                         x: xt.slice(),
                         dy: dyt.slice(),
@@ -1206,7 +1201,7 @@ fn channel_backward_matches_the_reference_where_the_device_has_it() {
                     let r = batch_norm_backward(
                         &widen(&x),
                         &widen(&dy),
-                        &shape,
+                        shape,
                         &cfg,
                         Some(&w64),
                         &fwd.mean,

@@ -306,16 +306,34 @@ pub struct BatchNormKernel {
     channel: Option<[wgpu::ComputePipeline; 2]>,
 }
 
-/// Whether `device` can run the one-pass-per-channel forward for `storage`: a CPU adapter (a
-/// GPU needs more than C workgroups of 8) with `SUBGROUP` of at least 8 lanes, 10 storage
-/// buffers per stage, f32 activations.
+/// Whether `device` can run the one-pass-per-channel forward for `storage`: the subgroup
+/// passes' conditions (`cpu_subgroup_passes`; a GPU would need more than C workgroups of 8)
+/// and 10 storage buffers per stage.
 fn channel_pass_possible(device: &wgpu::Device, storage: Storage) -> bool {
-    let info = device.adapter_info();
-    storage == Storage::F32
-        && info.device_type == wgpu::DeviceType::Cpu
-        && device.features().contains(wgpu::Features::SUBGROUP)
-        && info.subgroup_min_size >= 8
+    crate::kernels::cpu_subgroup_passes(device, storage)
         && device.limits().max_storage_buffers_per_shader_stage >= CHANNEL_STORAGE_BINDINGS
+}
+
+/// Whether a plan with `options` takes the one-pass-per-channel pass (forward or backward, by
+/// `what`) that `fits` its call: see [`BatchNormPlanOptions::channel_pass`]. By default only
+/// without a `split` override (which names the three-pass geometry) and with two channels per
+/// host thread (C workgroups are the pass's only parallelism).
+pub(crate) fn channel_choice(
+    wanted: Option<bool>,
+    fits: bool,
+    split: Option<ReduceSplit>,
+    c: u64,
+    what: &str,
+    needs: &str,
+) -> Result<bool> {
+    let by_default = split.is_none() && c >= 2 * crate::kernels::host_threads() as u64;
+    crate::kernels::optional_pass(wanted, fits, by_default, || Error::Unsupported {
+        what: format!("the one-pass-per-channel BatchNorm {what}"),
+        reason: format!(
+            "it needs a CPU adapter with SUBGROUP of at least 8 lanes, f32 activations within one \
+             storage binding, S % 4 == 0{needs}"
+        ),
+    })
 }
 
 impl Kernel for BatchNormKernel {
@@ -337,7 +355,7 @@ impl Kernel for BatchNormKernel {
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
             channel: channel_pass_possible(device, storage).then(|| {
                 let module = crate::kernels::shader_module(device, "batch_norm_subgroup.wgsl", storage, true);
-                [CHANNEL_ENTRY_POINTS[0], CHANNEL_ENTRY_POINTS[1]].map(|e| compute_pipeline(device, &module, e))
+                [0, 1].map(|i| compute_pipeline(device, &module, CHANNEL_ENTRY_POINTS[i]))
             }),
         }
     }
@@ -463,22 +481,14 @@ impl BatchNormKernel {
             && ranges.len() == 1
             && dims.s.is_multiple_of(4)
             && (config.momentum.is_some() || !config.track_running_stats);
-        let channel_pass = match options.channel_pass {
-            Some(false) => false,
-            Some(true) if channel_fits => true,
-            Some(true) => {
-                return Err(Error::Unsupported {
-                    what: "the one-pass-per-channel BatchNorm forward".into(),
-                    reason: "it needs a CPU adapter with SUBGROUP of at least 8 lanes and 10 storage buffers \
-                             per stage, f32 activations within one storage binding, S % 4 == 0, and a \
-                             momentum (not the cumulative average)"
-                        .into(),
-                })
-            }
-            None => {
-                channel_fits && options.split.is_none() && dims.c >= 2 * crate::kernels::host_threads().max(1) as u64
-            }
-        };
+        let channel_pass = channel_choice(
+            options.channel_pass,
+            channel_fits,
+            options.split,
+            dims.c,
+            "forward",
+            ", 10 storage buffers per stage, and a momentum (not the cumulative average)",
+        )?;
         let channel_groups = fold_workgroups(OP, dims.c, max)?;
         let partials = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batch_norm partials"),
@@ -740,15 +750,14 @@ impl BatchNormPlan {
         self.split
     }
 
-    /// Whether a call in this mode normalizes with batch statistics (training, or no running
-    /// statistics to use) rather than the running ones.
     /// Whether calls with batch statistics take the one-pass-per-channel forward (see
     /// [`BatchNormPlanOptions::channel_pass`]) where x and y bind as 16-byte vectors.
     pub fn channel_pass(&self) -> bool {
         self.channel_pass
     }
 
-    /// Whether a call in this mode normalizes with batch statistics.
+    /// Whether a call in this mode normalizes with batch statistics (training, or no running
+    /// statistics to use) rather than the running ones.
     pub fn uses_batch_stats(&self, training: bool) -> bool {
         training || !self.config.track_running_stats
     }

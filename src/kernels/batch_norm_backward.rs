@@ -37,8 +37,8 @@
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::batch_norm::{
-    default_normalize_run, finalize_groups, reduce_groups, runs_align, sample_ranges, BatchNormConfig, BnDims,
-    ReduceSplit, SampleRange,
+    channel_choice, default_normalize_run, finalize_groups, reduce_groups, runs_align, sample_ranges, BatchNormConfig,
+    BnDims, ReduceSplit, SampleRange,
 };
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
@@ -49,9 +49,9 @@ use crate::kernels::{
 const OP: &str = "batch_norm backward";
 const WORKGROUP: u64 = 256;
 
-/// Entry points in `shaders/batch_norm_backward.wgsl` that get a pipeline.
 /// Entry points in `shaders/batch_norm_backward_subgroup.wgsl`: the backward with batch
-/// statistics in one pass per channel ([`BatchNormBackwardPlanOptions::channel_pass`]).
+/// statistics in one pass per channel ([`BatchNormBackwardPlanOptions::channel_pass`]),
+/// `[plain, dropout][write, accumulate dx]` in order.
 pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &[
     "bnb_channel",
     "bnb_channel_accumulate",
@@ -75,6 +75,7 @@ pub struct BatchNormBackwardPlanOptions {
     pub channel_pass: Option<bool>,
 }
 
+/// Entry points in `shaders/batch_norm_backward.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bnb_reduce",
     "bnb_reduce_dropout",
@@ -201,13 +202,12 @@ impl Kernel for BatchNormBackwardKernel {
                 .as_ref()
                 .map(|m| PARK_ENTRY_POINTS.map(|e| compute_pipeline(device, m, e))),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
-            channel: channel_possible(device, storage).then(|| {
+            // Binds at most 8 storage buffers: no limit beyond the subgroup passes' own.
+            channel: crate::kernels::cpu_subgroup_passes(device, storage).then(|| {
                 let module = crate::kernels::shader_module(device, "batch_norm_backward_subgroup.wgsl", storage, true);
-                [
-                    ["bnb_channel", "bnb_channel_accumulate"],
-                    ["bnb_channel_dropout", "bnb_channel_dropout_accumulate"],
-                ]
-                .map(|pair| pair.map(|e| compute_pipeline(device, &module, e)))
+                [0, 1].map(|drop| {
+                    [0, 1].map(|acc| compute_pipeline(device, &module, CHANNEL_ENTRY_POINTS[2 * drop + acc]))
+                })
             }),
         }
     }
@@ -257,16 +257,6 @@ impl DxPipelines {
 type ReducePipelines = [[[wgpu::ComputePipeline; 2]; 2]; 2];
 
 storage_constructors!(BatchNormBackwardKernel, "x, dy, dx");
-
-/// Whether `device` can run the one-pass-per-channel backward for `storage`: a CPU adapter
-/// with `SUBGROUP` of at least 8 lanes, f32 activations (it binds at most 8 storage buffers).
-fn channel_possible(device: &wgpu::Device, storage: Storage) -> bool {
-    let info = device.adapter_info();
-    storage == Storage::F32
-        && info.device_type == wgpu::DeviceType::Cpu
-        && device.features().contains(wgpu::Features::SUBGROUP)
-        && info.subgroup_min_size >= 8
-}
 
 impl BatchNormBackwardKernel {
     /// A backward plan for inputs of `shape` = `(N, C, *)`. `dropout` is the dropout fused
@@ -319,21 +309,14 @@ impl BatchNormBackwardKernel {
         let partials_bytes = dims.c * parts * 16;
         limits.check_size(OP, "partial sums in bytes", partials_bytes)?;
         let channel_fits = self.channel.is_some() && ranges.len() == 1 && dims.s.is_multiple_of(4);
-        let channel_pass = match options.channel_pass {
-            Some(false) => false,
-            Some(true) if channel_fits => true,
-            Some(true) => {
-                return Err(Error::Unsupported {
-                    what: "the one-pass-per-channel BatchNorm backward".into(),
-                    reason: "it needs a CPU adapter with SUBGROUP of at least 8 lanes, f32 activations \
-                             within one storage binding, and S % 4 == 0"
-                        .into(),
-                })
-            }
-            None => {
-                channel_fits && options.split.is_none() && dims.c >= 2 * crate::kernels::host_threads().max(1) as u64
-            }
-        };
+        let channel_pass = channel_choice(
+            options.channel_pass,
+            channel_fits,
+            options.split,
+            dims.c,
+            "backward",
+            "",
+        )?;
         let sample_elems = dims.c * dims.s;
         let (div_s, div_c) = (FastDiv::new(dims.s).words(), FastDiv::new(dims.c).words());
         // Quads per invocation of the dx pass: the aligned entry points take runs, the general

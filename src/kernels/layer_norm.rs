@@ -6,8 +6,9 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
-    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
+    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, cpu_subgroup_passes,
+    fold_workgroups, optional_pass, placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk,
+    Storage, SG_LANES,
 };
 
 const OP: &str = "layer_norm";
@@ -293,7 +294,7 @@ pub struct LayerNormKernel {
     /// without dropout.
     placeholders: [wgpu::Buffer; 3],
     /// The row-per-subgroup forward (vec4 variant), `[plain, dropout, residual]` per
-    /// [`SG_TRIPLES`]: built where [`subgroup_rows_possible`]; the residual block's only
+    /// [`SG_TRIPLES`]: built where `cpu_subgroup_passes`; the residual block's only
     /// where its 9 storage buffers fit (as [`LnPasses`]).
     subgroup: Option<[[Option<wgpu::ComputePipeline>; 3]; 3]>,
 }
@@ -339,7 +340,7 @@ impl Kernel for LayerNormKernel {
             passes: LnPasses::build(device, &module),
             vec4: vec4_module(device, "layer_norm.wgsl", storage).map(|m| LnPasses::build(device, &m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
-            subgroup: subgroup_rows_possible(device, storage).then(|| {
+            subgroup: cpu_subgroup_passes(device, storage).then(|| {
                 let module = crate::kernels::shader_module(device, "layer_norm_subgroup.wgsl", storage, true);
                 let residual = residual_fits(device)
                     .then(|| crate::kernels::shader_module(device, "layer_norm_residual_subgroup.wgsl", storage, true));
@@ -355,20 +356,6 @@ impl Kernel for LayerNormKernel {
             }),
         }
     }
-}
-
-/// Invocations of a row-per-subgroup workgroup (`LANES` in the shaders): one subgroup wherever
-/// the adapter's smallest subgroup has at least this many.
-pub(crate) const SG_LANES: u32 = 8;
-
-/// Whether the row-per-subgroup passes can run on `device` for `storage`: a CPU adapter
-/// (where they pay: GPUs keep their lanes geometry) with `SUBGROUP` of at least [`SG_LANES`]
-/// lanes, f32 activations.
-pub(crate) fn subgroup_rows_possible(device: &wgpu::Device, storage: Storage) -> bool {
-    storage == Storage::F32
-        && device.features().contains(wgpu::Features::SUBGROUP)
-        && device.adapter_info().device_type == wgpu::DeviceType::Cpu
-        && device.adapter_info().subgroup_min_size >= SG_LANES
 }
 
 /// `[plain, dropout, residual]` index of a fusion's pipelines.
@@ -392,25 +379,19 @@ fn subgroup_triples(width: u64, lanes: u32) -> Option<usize> {
 
 /// The [`SG_TRIPLES`] index a plan (forward or backward) takes the row-per-subgroup pass with,
 /// if it does: where the kernel has the pipelines and the plan's geometry and fusion allow
-/// (`possible`), and a row of `width` fits `lanes` lanes, unless the caller said no (`wanted`,
-/// [`LayerNormPlanOptions::subgroup_rows`]; `Some(true)` where it cannot is an error).
-pub(crate) fn subgroup_choice(possible: bool, width: u64, lanes: u32, wanted: Option<bool>) -> Result<Option<usize>> {
-    if wanted == Some(false) {
-        return Ok(None);
-    }
-    match (possible, subgroup_triples(width, lanes)) {
-        (true, Some(t)) => Ok(Some(t)),
-        _ if wanted == Some(true) => Err(Error::Unsupported {
-            what: "the row-per-subgroup LayerNorm pass".into(),
-            reason: format!(
-                "it needs a CPU adapter with SUBGROUP of at least {SG_LANES} lanes, f32 activations, \
-                 the row-block path (lanes 1), the device's binding limit for the residual block, \
-                 and a width that is a multiple of 4 and at most 96 per subgroup lane (width \
-                 {width}, {lanes} lanes)"
-            ),
-        }),
-        _ => Ok(None),
-    }
+/// (`possible`), and a row of `width` fits [`SG_LANES`] lanes, unless the caller said no
+/// (`wanted`, [`LayerNormPlanOptions::subgroup_rows`]; `Some(true)` where it cannot is an error).
+pub(crate) fn subgroup_choice(possible: bool, width: u64, wanted: Option<bool>) -> Result<Option<usize>> {
+    let triples = subgroup_triples(width, SG_LANES);
+    let taken = optional_pass(wanted, possible && triples.is_some(), true, || Error::Unsupported {
+        what: "the row-per-subgroup LayerNorm pass".into(),
+        reason: format!(
+            "it needs a CPU adapter with SUBGROUP of at least {SG_LANES} lanes, f32 activations, \
+             the row-block path (lanes 1), the device's binding limit for the residual block, \
+             and a width that is a multiple of 4 and at most 96 per subgroup lane (width {width})"
+        ),
+    })?;
+    Ok(triples.filter(|_| taken))
 }
 
 storage_constructors!(LayerNormKernel, "x, y, residual, h");
@@ -462,7 +443,6 @@ impl LayerNormKernel {
         let subgroup = subgroup_choice(
             blocks && self.subgroup.as_ref().is_some_and(|sg| sg[0][which].is_some()),
             width,
-            SG_LANES,
             options.subgroup_rows,
         )?;
         let rows_per_workgroup = if blocks { BLOCK_ROWS } else { u64::from(256 / lanes) };

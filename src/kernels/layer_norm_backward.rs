@@ -21,8 +21,7 @@ use crate::error::{Error, Result};
 use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{
-    residual_fits, residual_limit, subgroup_choice, subgroup_rows_possible, LayerNormConfig, LayerNormFusion,
-    LayerNormPlanOptions, SG_LANES, SG_TRIPLES,
+    residual_fits, residual_limit, subgroup_choice, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, SG_TRIPLES,
 };
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
@@ -190,7 +189,7 @@ impl Kernel for LayerNormBackwardKernel {
             params_final: compute_pipeline(device, &module, "lnb_params_final"),
             gamma_stage: compute_pipeline(device, &module, "lnb_gamma_stage"),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
-            subgroup: subgroup_rows_possible(device, storage).then(|| {
+            subgroup: crate::kernels::cpu_subgroup_passes(device, storage).then(|| {
                 let module = crate::kernels::shader_module(device, "layer_norm_backward_subgroup.wgsl", storage, true);
                 let pipeline = |module: &wgpu::ShaderModule, e: &str, t: u64| {
                     compute_pipeline(device, module, &format!("{e}_{t}"))
@@ -264,7 +263,6 @@ impl LayerNormBackwardKernel {
                 lanes == 1 && (sg.residual_dx.is_some() || !matches!(fusion, LayerNormFusion::ResidualDropout(_)))
             }),
             width,
-            SG_LANES,
             options.subgroup_rows,
         )?;
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);

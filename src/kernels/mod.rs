@@ -91,6 +91,10 @@ const SHADER_FILES: &[(&str, &str)] = &[
     ("bnb_params.wgsl", include_str!("../../shaders/bnb_params.wgsl")),
     ("ln_params.wgsl", include_str!("../../shaders/ln_params.wgsl")),
     ("lnb_params.wgsl", include_str!("../../shaders/lnb_params.wgsl")),
+    (
+        "ln_residual_emit.wgsl",
+        include_str!("../../shaders/ln_residual_emit.wgsl"),
+    ),
     ("ln_rows.wgsl", include_str!("../../shaders/ln_rows.wgsl")),
     (
         "ln_subgroup_forward.wgsl",
@@ -515,6 +519,39 @@ impl FastDiv {
 /// about one worker per core): the available parallelism, at least 1.
 pub(crate) fn host_threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Invocations of the subgroup passes' workgroups (`LANES` in their shaders): one subgroup
+/// wherever the adapter's smallest subgroup has at least this many.
+pub(crate) const SG_LANES: u32 = 8;
+
+/// Whether `device` can run the CPU-adapter subgroup passes (LayerNorm's row per subgroup,
+/// BatchNorm's one pass per channel) for `storage`: a CPU adapter (where they pay; GPUs keep
+/// their own geometries) with `SUBGROUP` whose smallest subgroup has at least [`SG_LANES`]
+/// lanes, and f32 activations (the passes bind only the vec4 variant).
+pub(crate) fn cpu_subgroup_passes(device: &wgpu::Device, storage: Storage) -> bool {
+    let info = device.adapter_info();
+    storage == Storage::F32
+        && info.device_type == wgpu::DeviceType::Cpu
+        && device.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size >= SG_LANES
+}
+
+/// Whether a plan takes an optional faster pass: never with `wanted == Some(false)`; where it is
+/// `possible` with `Some(true)`, and an error made by `refused` where it is not; by default
+/// where it is possible and the plan's policy (`by_default`) agrees.
+pub(crate) fn optional_pass(
+    wanted: Option<bool>,
+    possible: bool,
+    by_default: bool,
+    refused: impl FnOnce() -> Error,
+) -> Result<bool> {
+    match wanted {
+        Some(false) => Ok(false),
+        Some(true) if possible => Ok(true),
+        Some(true) => Err(refused()),
+        None => Ok(possible && by_default),
+    }
 }
 
 /// Whether `bytes` from byte `at` of every slice can be bound as `array<vec4<f32>>` (the vec4
