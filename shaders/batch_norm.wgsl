@@ -154,7 +154,7 @@ fn chunk_stat(c: u32, start: u32, end: u32, stride: u32, shift: f32) -> Stat {
 // writes channel 0's first chunk of the first range also increments num_batches_tracked: once
 // per call, before bn_finalize (the next dispatch) reads it for the cumulative average, as
 // PyTorch increments before it averages. A dispatch of its own for that one increment cost
-// about as much as a whole pass on a CPU driver (BENCHMARKS.md 43).
+// about as much as a whole pass on a CPU driver.
 fn publish_partial(c: u32, k: u32, shift: f32, total: Stat) {
     partials[c * p.parts + p.part_base + k] = vec4<f32>(total.mean, total.m2, total.n, 0.0);
     if (p.first != 0u && k == 0u) {
@@ -326,7 +326,7 @@ fn bn_normalize_dropout_aligned(
 // and taken by a select. The general walk below has a per-element path for quads that cross
 // channels and re-finds the channel where a run crosses; a CPU driver executes both under a
 // lane mask for every quad even when no lane needs them (lavapipe: the aligned path makes
-// `bn_dropout_fwd` and `bn_eval_fwd` about 1.25x faster, BENCHMARKS.md optimisation 35).
+// `bn_dropout_fwd` and `bn_eval_fwd` about 1.25x faster).
 fn normalize_run(g: u32, state: vec4<u32>, drop: bool, aligned: bool) {
     var first = g * p.run * 4u;
     if (first >= p.total) {
@@ -346,7 +346,7 @@ fn normalize_run(g: u32, state: vec4<u32>, drop: bool, aligned: bool) {
             return;
         }
         // Three quads' masks per Philox step (dropout_factors4x3: one call is a chain of
-        // dependent multiplies; three interleaved fill a CPU core's waits, BENCHMARKS.md 42).
+        // dependent multiplies; three interleaved fill a CPU core's waits).
         // A run that is not a multiple of three draws the last step's spare words unused.
         for (var r = 0u; r < p.run && w.first < p.total; r += 3u) {
             let q = vec3<u32>((p.elem_base + w.first) / 4u) + vec3<u32>(0u, 1u, 2u);

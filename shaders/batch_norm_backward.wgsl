@@ -447,7 +447,7 @@ fn dx_vector(first: u32, k: vec4<f32>, m: vec4<f32>, parked: bool, accumulate: b
 // per-element walk, and writing or accumulating as a literal of the entry point. A CPU driver
 // executes an `if` under a lane mask whether or not a lane takes it, so dx_quad pays for its
 // per-element path and the accumulating load on every quad (lavapipe: bn_train_bwd about
-// 1.17x faster without them, BENCHMARKS.md optimisation 36). Invocation g takes the p.run
+// 1.17x faster without them). Invocation g takes the p.run
 // quads from element 4·run·g (the host keeps S ≥ 4·run: 8 on CPU adapters where S allows, else
 // 1), reading its channel's coefficients and the next channel's once, as the forward's
 // normalize_run does.

@@ -9,7 +9,7 @@
 //   bn_channel_forward_dropout  y = BN(x)·m
 //
 // Why: on a CPU driver each dispatch costs a fixed ~50 µs, and the three passes' partials and
-// coefficients go through memory lane by lane (BENCHMARKS.md 54). Here a workgroup is one
+// coefficients go through memory lane by lane. Here a workgroup is one
 // subgroup of 8 invocations (taken only where the adapter's smallest subgroup has 8 lanes or
 // more) that owns channel c: it reduces the channel (lane ℓ takes quads ℓ, ℓ + 8, … of every
 // sample's plane; Welford/Chan per lane, a butterfly of shuffles across lanes), turns the

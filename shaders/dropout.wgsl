@@ -99,8 +99,7 @@ fn dropout2d_forward_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @
 // t = ⌈quads / 3⌉ (the host dispatches t invocations). base is a multiple of 4, so a quad's
 // four elements are the four words of one Philox call; the three calls run round by round
 // together (dropout_factors4x3): one call is a chain of dependent multiplies that leaves a CPU
-// core waiting (lavapipe: dropout 1.45-1.6x faster than one quad per invocation, BENCHMARKS.md
-// optimisation 38). Strided by t rather than consecutive, so that neighbouring invocations still
+// core waiting (lavapipe: dropout 1.45-1.6x faster than one quad per invocation). Strided by t rather than consecutive, so that neighbouring invocations still
 // read neighbouring quads (GPUs coalesce those accesses). `accumulate`: y += instead of y =.
 fn forward_elements(g: u32, accumulate: bool) {
     let quads = (p.numel + 3u) / 4u;

@@ -62,8 +62,7 @@ const FLAG_ACCUM_PARAMS: u32 = 8u;   // dγ, dβ +=
 // #activation @binding(12) read_write dresidual (rows, W)
 // γ of the first 4·GAMMA_QUADS columns as a uniform buffer, for the row-block pass's row phase,
 // where every invocation reads all of γ once per row: lavapipe loads a uniform buffer as one
-// vector gather, a storage buffer lane by lane with a branch per lane (BENCHMARKS.md
-// optimisation 39). With γ, lnb_gamma_stage fills it (binding 14, the same buffer) before the
+// vector gather, a storage buffer lane by lane with a branch per lane. With γ, lnb_gamma_stage fills it (binding 14, the same buffer) before the
 // pass; without γ the host created it holding ones. The other dx passes bind it without
 // reading it.
 const GAMMA_QUADS: u32 = 1024u;

@@ -52,7 +52,7 @@ fn dropout_words(state: vec4<u32>, g: u32) -> vec4<u32> {
 // Three calls' words, for quads g.x, g.y, g.z, computed round by round together. One call is
 // a chain of ten dependent multiplies, so a CPU core mostly waits on their latency; three
 // independent chains interleaved fill those waits (lavapipe: a second call beside the first
-// costs a small part of the first; BENCHMARKS.md optimisation 34).
+// costs a small part of the first).
 struct Words3 {
     a: vec4<u32>,
     b: vec4<u32>,

@@ -586,8 +586,7 @@ pub fn time(ctx: &Context, runner: &Runner, warmup: usize, samples: usize, per_s
 /// steadier than the ratio of two separate runs' medians. Each sample follows an untimed call
 /// of its own runner, so it finds the caches as a sample of [`time`] does (after its own
 /// previous call) and not as the other runner left them: without that, a copy sampled right
-/// after a BatchNorm op ran up to 20% faster than one after a LayerNorm op (BENCHMARKS.md,
-/// "Method: the copy yardstick").
+/// after a BatchNorm op ran up to 20% faster than one after a LayerNorm op.
 pub fn time_paired(
     ctx: &Context,
     op: &Runner,

@@ -216,13 +216,13 @@ pub(crate) fn gpu_lanes(width: u64) -> u32 {
 ///   invocations as one, so a lane's fixed cost (its share of the row merge, the barriers, the
 ///   per-lane address arithmetic) is paid per invocation, not per element; a row per
 ///   invocation pays it once. `ln_fwd` 1024x768 on lavapipe: 2.0x less time with 1 lane per row
-///   than with the GPU's 64 (BENCHMARKS.md, optimisation 15).
+///   than with the GPU's 64.
 ///
 /// One lane per row is the row-block path: a workgroup of 64 invocations takes 64 rows, reduces
 /// them one row per invocation, then finishes them one column quad per invocation from the
 /// core's cache (γ and β read once per column; the backward's dγ/dβ partials summed in the same
 /// pass instead of a second read of x and dy). It is chosen when the input has two 64-row
-/// blocks per host thread (BENCHMARKS.md, optimisations 28 and 29). On adapters with 8-lane
+/// blocks per host thread. On adapters with 8-lane
 /// subgroups, plans with one lane per row take the row-per-subgroup passes instead where the
 /// row fits (the same 64-row grid; see [`LayerNormPlanOptions::subgroup_rows`]).
 pub fn default_lanes(device_type: wgpu::DeviceType, rows: u64, width: u64, threads: usize) -> u32 {
