@@ -5,6 +5,10 @@
 
 use std::path::Path;
 
+#[path = "src/storage.rs"]
+#[allow(dead_code)]
+mod storage;
+
 #[path = "src/shader_source.rs"]
 #[allow(dead_code)]
 mod shader_source;
@@ -13,6 +17,7 @@ fn main() {
     let dir = Path::new("shaders");
     println!("cargo:rerun-if-changed=shaders");
     println!("cargo:rerun-if-changed=src/shader_source.rs");
+    println!("cargo:rerun-if-changed=src/storage.rs");
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .expect("shaders/ directory must exist")
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -6,8 +6,8 @@
 //! Run: `cargo bench --bench kernels` (one op: `cargo bench --bench kernels -- ln_fwd`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use normdrop::bench::{self, Family, OPS};
 use normdrop::Context;
+use normdrop_cli::runners::{self, Family, OPS};
 
 fn kernels(c: &mut Criterion) {
     let ctx = Context::new_blocking().expect("a GPU adapter (lavapipe on CPU-only machines)");
@@ -20,7 +20,7 @@ fn kernels(c: &mut Criterion) {
             Family::Dropout => &[1 << 20],
         };
         let numel: u64 = shape.iter().map(|&d| d as u64).product();
-        let runner = bench::build(&ctx, spec.name, shape, bench::rotation_sets(numel * 4)).expect("op builds");
+        let runner = runners::build(&ctx, spec.name, shape, runners::rotation_sets(numel * 4)).expect("op builds");
         group.throughput(Throughput::Bytes(runner.bytes));
         let mut call = 0;
         group.bench_function(BenchmarkId::new(spec.name, format!("{shape:?}")), |b| {

@@ -215,19 +215,19 @@ impl Context {
     /// Runs `f` inside validation, out-of-memory and internal error scopes and returns the first
     /// error wgpu reported in them. On native backends wgpu reports errors synchronously, so the
     /// scope futures are already resolved and `block_on` does not wait.
-    pub(crate) fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+    pub fn scoped<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         scoped_on(self.device(), f)
     }
 
     /// Submits `encoder` inside error scopes; does not wait.
-    pub(crate) fn submit(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+    pub fn submit(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
         self.scoped(|| {
             self.queue().submit([encoder.finish()]);
         })
     }
 
     /// Creates a buffer inside error scopes, so an allocation failure is an [`Error`].
-    pub(crate) fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+    pub fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
         self.scoped(|| {
             self.device().create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),

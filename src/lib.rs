@@ -25,40 +25,34 @@
 
 #![warn(missing_docs)]
 
-pub mod bench;
 pub mod context;
 pub mod error;
-pub mod fixture;
+pub mod grad;
 pub mod kernels;
 pub mod nn;
 pub mod reference;
 pub mod rng;
 mod shader_source;
-mod state;
+pub mod state;
+mod storage;
 pub mod tensor;
+pub mod tuning;
 
 pub use context::{Context, ContextOptions, Kernel};
 pub use error::{Error, Result};
-pub use kernels::batch_norm::{
-    default_normalize_run, default_reduce_split, BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan,
-    BatchNormPlanOptions, ReduceSplit, MAX_NORMALIZE_RUN,
+pub use grad::{Accumulate, GradTargets, Grads, ResidualGrads};
+pub use kernels::{
+    BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan, BatchNormBuffers, BatchNormConfig,
+    BatchNormKernel, BatchNormPlan, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan,
+    DropoutUnit, LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan, LayerNormBuffers,
+    LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan, SgdKernel, SgdPlan,
 };
-pub use kernels::batch_norm_backward::{
-    Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan, BatchNormBackwardPlanOptions,
-};
-pub use kernels::dropout::{DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit};
-pub use kernels::layer_norm::{
-    default_lanes, LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan,
-    LayerNormPlanOptions,
-};
-pub use kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
-pub use kernels::sgd::{SgdKernel, SgdPlan};
-pub use kernels::Storage;
 pub use nn::sgd_step;
 pub use nn::{
-    BatchNorm, BatchNormDropout, Dropout, Dropout2d, GradTargets, Grads, LayerNorm, LayerNormDropout, Mask,
-    ResidualDropoutLayerNorm, ResidualGrads,
+    BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, Mask, ResidualDropoutLayerNorm,
 };
+pub use state::StateTensor;
+pub use storage::Storage;
 pub use tensor::{DType, Element, Tensor};
 /// The wgpu this crate is built on, re-exported so callers use the same version.
 pub use wgpu;

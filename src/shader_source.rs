@@ -35,38 +35,7 @@
 //!   lose each other's half, and the spare half of an odd-length tensor's last word is never
 //!   written.
 
-/// How activation tensors are stored in a shader variant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Storage {
-    /// 32-bit floats.
-    F32,
-    /// Native 16-bit floats (`enable f16;`, requires `wgpu::Features::SHADER_F16`).
-    F16,
-    /// 16-bit floats packed in pairs into `u32` words; runs on every device.
-    F16Packed,
-}
-
-impl Storage {
-    /// Every variant.
-    pub const ALL: [Storage; 3] = [Storage::F32, Storage::F16, Storage::F16Packed];
-
-    /// Short name, used in labels and test output.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Storage::F32 => "f32",
-            Storage::F16 => "f16",
-            Storage::F16Packed => "f16-packed",
-        }
-    }
-
-    /// Bytes per element in memory.
-    pub const fn element_bytes(self) -> u64 {
-        match self {
-            Storage::F32 => 4,
-            Storage::F16 | Storage::F16Packed => 2,
-        }
-    }
-}
+use crate::storage::Storage;
 
 /// An optional device feature a shader variant can use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,10 +1,10 @@
-//! safetensors (de)serialization of module state with PyTorch's dtype conventions, and the
-//! little-endian decoding shared with the fixture reader.
+//! Module state: [`StateTensor`], one named entry of a module's state, and its safetensors
+//! (de)serialization with PyTorch's dtype conventions.
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::{Error, Result};
-use crate::nn::batch_norm::{StateMap, StateTensor};
+use std::collections::HashMap;
 
 /// Writes `(key, tensor)` entries as a safetensors file image.
 pub(crate) fn serialize(entries: &[(String, StateTensor)]) -> Result<Vec<u8>> {
@@ -70,24 +70,6 @@ pub(crate) fn decode_i64(b: &[u8]) -> Vec<i64> {
         .collect()
 }
 
-/// Any numeric safetensors view widened to f64 (the fixture reader's common currency).
-pub(crate) fn view_to_f64(name: &str, view: &TensorView<'_>) -> Result<Vec<f64>> {
-    let b = view.data();
-    Ok(match view.dtype() {
-        Dtype::F64 => b
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect(),
-        Dtype::F32 => decode_f32(b).into_iter().map(f64::from).collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-        Dtype::I64 => decode_i64(b).into_iter().map(|v| v as f64).collect(),
-        other => return Err(Error::SafeTensors(format!("`{name}` has unsupported dtype {other:?}"))),
-    })
-}
-
 /// Writes `bytes` to `path`, naming the file in the error.
 pub(crate) fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|source| Error::Io {
@@ -103,3 +85,44 @@ pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
         source,
     })
 }
+
+/// One entry of a module's state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateTensor {
+    /// float32 data.
+    F32 {
+        /// Shape.
+        shape: Vec<usize>,
+        /// Values.
+        data: Vec<f32>,
+    },
+    /// int64 data.
+    I64 {
+        /// Shape.
+        shape: Vec<usize>,
+        /// Values.
+        data: Vec<i64>,
+    },
+}
+
+impl StateTensor {
+    pub(crate) fn as_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        match self {
+            StateTensor::F32 { shape: s, data } if s == shape => Ok(data.clone()),
+            StateTensor::F32 { shape: s, .. } => Err(Error::SafeTensors(format!(
+                "`{key}` has shape {s:?}, expected {shape:?}"
+            ))),
+            StateTensor::I64 { .. } => Err(Error::SafeTensors(format!("`{key}` is int64, expected float32"))),
+        }
+    }
+
+    pub(crate) fn as_count(&self, key: &str) -> Result<u64> {
+        match self {
+            StateTensor::I64 { data, .. } if data.len() == 1 && data[0] >= 0 => Ok(data[0] as u64),
+            _ => Err(Error::SafeTensors(format!("`{key}` must be one non-negative int64"))),
+        }
+    }
+}
+
+/// Named state tensors, as read from a file.
+pub(crate) type StateMap = HashMap<String, StateTensor>;

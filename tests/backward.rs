@@ -9,9 +9,10 @@ use normdrop::reference::{
     batch_norm_backward, batch_norm_forward, dropout_backward, layer_norm_backward, layer_norm_forward, widen,
     RefRunningStats,
 };
+use normdrop::tuning::ReduceSplit;
 use normdrop::{
     Accumulate, BatchNorm, BatchNormConfig, BatchNormDropout, Context, DType, Dropout, Dropout2d, DropoutConfig,
-    DropoutMode, DropoutUnit, Error, GradTargets, Grads, LayerNorm, LayerNormConfig, LayerNormDropout, ReduceSplit,
+    DropoutMode, DropoutUnit, Error, GradTargets, Grads, LayerNorm, LayerNormConfig, LayerNormDropout,
     ResidualDropoutLayerNorm, Tensor,
 };
 use proptest::prelude::*;

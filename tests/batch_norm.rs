@@ -3,14 +3,14 @@
 mod common;
 
 use common::{assert_close, Rng};
-use normdrop::fixture::{self, Fixture, Verdict};
-use normdrop::kernels::dropout::rng_state_bytes;
+use normdrop::kernels::rng_state_bytes;
 use normdrop::reference::{batch_norm_backward, batch_norm_forward, dropout_forward, widen, RefRunningStats};
+use normdrop::tuning::{BatchNormBackwardPlanOptions, BatchNormPlanOptions, ReduceSplit, MAX_NORMALIZE_RUN};
 use normdrop::{
-    Accumulate, BatchNorm, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlanOptions,
-    BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions, Context, ContextOptions, DType,
-    DropoutConfig, DropoutMode, DropoutUnit, Error, ReduceSplit, Tensor, MAX_NORMALIZE_RUN,
+    Accumulate, BatchNorm, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBuffers, BatchNormConfig,
+    BatchNormKernel, Context, ContextOptions, DType, DropoutConfig, DropoutMode, DropoutUnit, Error, Tensor,
 };
+use normdrop_cli::fixture::{self, Fixture, Verdict};
 use proptest::prelude::*;
 use wgpu::util::DeviceExt;
 

@@ -15,10 +15,11 @@ use half::f16;
 use ln_case::LanesCase;
 use normdrop::kernels::Storage;
 use normdrop::reference::{self, RefRunningStats};
+use normdrop::tuning::ReduceSplit;
 use normdrop::{
     BatchNorm, BatchNormBackwardKernel, BatchNormConfig, BatchNormDropout, BatchNormKernel, Context, ContextOptions,
     DType, Dropout, Dropout2d, DropoutConfig, DropoutKernel, DropoutUnit, LayerNorm, LayerNormBackwardKernel,
-    LayerNormConfig, LayerNormDropout, LayerNormFusion, LayerNormKernel, ReduceSplit, ResidualDropoutLayerNorm, Tensor,
+    LayerNormConfig, LayerNormDropout, LayerNormFusion, LayerNormKernel, ResidualDropoutLayerNorm, Tensor,
 };
 
 const LIMIT: u64 = 64 << 10;

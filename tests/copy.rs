@@ -5,7 +5,7 @@
 mod common;
 
 use common::Rng;
-use normdrop::kernels::copy::{CopyGrain, CopyKernel};
+use normdrop::kernels::{CopyGrain, CopyKernel};
 use normdrop::{Error, Tensor};
 
 #[test]

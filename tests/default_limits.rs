@@ -44,8 +44,7 @@ fn every_kernel_builds_under_the_default_limits() {
     results.extend([
         (
             "CopyKernel",
-            ctx.kernel_with::<normdrop::kernels::copy::CopyKernel>(Storage::F32)
-                .map(drop),
+            ctx.kernel_with::<normdrop::kernels::CopyKernel>(Storage::F32).map(drop),
         ),
         ("SgdKernel", ctx.kernel_with::<SgdKernel>(Storage::F32).map(drop)),
     ]);

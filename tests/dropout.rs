@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, Rng};
-use normdrop::kernels::dropout::rng_state_bytes;
+use normdrop::kernels::rng_state_bytes;
 use normdrop::reference::dropout_forward;
 use normdrop::rng::{self, DropRule};
 use normdrop::{

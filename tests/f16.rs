@@ -11,13 +11,13 @@ use std::sync::OnceLock;
 
 use common::{assert_close, Rng};
 use half::f16;
-use normdrop::fixture::{self, Fixture, Verdict};
 use normdrop::kernels::Storage;
 use normdrop::reference::{self, RefRunningStats};
 use normdrop::{
     BatchNorm, BatchNormConfig, BatchNormDropout, Context, ContextOptions, DType, Dropout, Dropout2d, DropoutConfig,
     DropoutUnit, LayerNorm, LayerNormConfig, LayerNormDropout, ResidualDropoutLayerNorm, Tensor,
 };
+use normdrop_cli::fixture::{self, Fixture, Verdict};
 
 /// The float16 fixtures' tolerance.
 const TOL: f64 = 4e-3;

@@ -6,13 +6,14 @@ mod ln_case;
 
 use common::{assert_close, Rng};
 use ln_case::LanesCase;
-use normdrop::fixture::{self, Fixture, Verdict};
-use normdrop::kernels::layer_norm::ONCHIP_MAX_WIDTH;
 use normdrop::reference::layer_norm_forward;
+use normdrop::tuning::LayerNormPlanOptions;
+use normdrop::tuning::ONCHIP_MAX_WIDTH;
 use normdrop::{
     Context, DType, DropoutConfig, Error, LayerNorm, LayerNormBackwardKernel, LayerNormBuffers, LayerNormConfig,
-    LayerNormFusion, LayerNormKernel, LayerNormPlanOptions, Tensor,
+    LayerNormFusion, LayerNormKernel, Tensor,
 };
+use normdrop_cli::fixture::{self, Fixture, Verdict};
 use proptest::prelude::*;
 
 const RTOL: f64 = 1e-4;

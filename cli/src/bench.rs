@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use normdrop::bench::{self, Family, OPS};
-use normdrop::kernels::copy::CopyGrain;
+use normdrop::kernels::CopyGrain;
 use normdrop::{Context, Error};
+use normdrop_cli::runners::{self, Family, OPS};
 use serde::{Deserialize, Serialize};
 
 /// Options of `normdrop bench`.
@@ -192,9 +192,9 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     }
     let samples = args.samples.unwrap_or(p.samples).max(1);
     for name in &args.ops {
-        bench::spec(name)?;
+        runners::spec(name)?;
     }
-    let selected: Vec<&bench::OpSpec> = OPS
+    let selected: Vec<&runners::OpSpec> = OPS
         .iter()
         .filter(|o| args.ops.is_empty() || args.ops.iter().any(|n| n == o.name))
         .collect();
@@ -203,7 +203,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         Family::LayerNorm => &p.ln,
         Family::Dropout => &p.dropout,
     };
-    let jobs: Vec<(&bench::OpSpec, Vec<usize>)> = selected
+    let jobs: Vec<(&runners::OpSpec, Vec<usize>)> = selected
         .iter()
         .flat_map(|o| shapes_of(o.family).iter().map(move |s| (*o, s.clone())))
         .collect();
@@ -218,7 +218,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     );
     println!(
         "timing: {}; {samples} samples of {} call(s) after warm-up; inputs rotated through up to 4 copies; every op sample paired with a sample of the vec4 copy taken right after it",
-        bench::clock(ctx),
+        runners::clock(ctx),
         p.per_sample
     );
     println!(
@@ -241,9 +241,9 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     let mut failures = Vec::new();
     let mut worst = 0.0f64;
     for (spec, shape) in &jobs {
-        let small = bench::validation_shape(ctx, spec.family, shape);
+        let small = runners::validation_shape(ctx, spec.family, shape);
         bar.set_message(format!("{} {}", spec.name, fmt_shape(&small)));
-        match bench::validate_as(ctx, spec.name, &small, args.dtype) {
+        match runners::validate_as(ctx, spec.name, &small, args.dtype) {
             Ok(c) if c.passed => worst = worst.max(c.worst_ratio),
             Ok(c) => failures.push(format!(
                 "{} {}: max_abs_err {:.3e} ({:.1}x tolerance)",
@@ -282,8 +282,8 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     // a pair see the same moment, where separate measurements before and after a row need not.
     // The warm-up calls absorb the preceding op's cache state.
     let copy_bytes = largest.min(ctx.limits().max_storage_buffer_binding_size).max(1 << 20);
-    let gbps_of = |runner: &bench::Runner| -> normdrop::Result<f64> {
-        let (med, _, _) = bench::percentiles(&bench::time(ctx, runner, 2, samples, p.per_sample)?);
+    let gbps_of = |runner: &runners::Runner| -> normdrop::Result<f64> {
+        let (med, _, _) = runners::percentiles(&runners::time(ctx, runner, 2, samples, p.per_sample)?);
         Ok(runner.bytes as f64 / med / 1e9)
     };
     // The yardstick is the faster copy grain on this adapter (one quad per invocation on a GPU,
@@ -291,7 +291,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     // grain measured once here, the faster one used for the run.
     let mut grains = Vec::new();
     for grain in CopyGrain::ALL {
-        let runner = bench::copy_runner(ctx, copy_bytes, bench::rotation_sets(copy_bytes), grain)?;
+        let runner = runners::copy_runner(ctx, copy_bytes, runners::rotation_sets(copy_bytes), grain)?;
         let gbps = gbps_of(&runner)?;
         grains.push((grain, gbps, runner));
     }
@@ -336,19 +336,19 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     let mut skipped = Vec::new();
     let bar = progress(jobs.len() as u64, "timing");
     // An op's runner at a shape, its inputs rotated as the tensor size asks.
-    let runner_for = |name: &str, shape: &[usize]| -> normdrop::Result<bench::Runner> {
+    let runner_for = |name: &str, shape: &[usize]| -> normdrop::Result<runners::Runner> {
         let numel: u64 = shape.iter().map(|&d| d as u64).product();
         let size = args.dtype.size() as u64;
-        bench::build_as(ctx, name, shape, bench::rotation_sets(numel * size), args.dtype)
+        runners::build_as(ctx, name, shape, runners::rotation_sets(numel * size), args.dtype)
     };
     // Median, p20 and p80 of an op's seconds per call; the median is kept for fused speedups.
     let timed = |name: &str,
                  shape: &[usize],
-                 runner: &bench::Runner,
+                 runner: &runners::Runner,
                  secs: &[f64],
                  medians: &mut BTreeMap<(String, Vec<usize>), f64>|
      -> Timed {
-        let (med, p20, p80) = bench::percentiles(secs);
+        let (med, p20, p80) = runners::percentiles(secs);
         medians.insert((name.to_string(), shape.to_vec()), med);
         Timed {
             med,
@@ -361,7 +361,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     let time_op =
         |name: &str, shape: &[usize], medians: &mut BTreeMap<(String, Vec<usize>), f64>| -> normdrop::Result<Timed> {
             let runner = runner_for(name, shape)?;
-            let secs = bench::time(ctx, &runner, 2, samples, p.per_sample)?;
+            let secs = runners::time(ctx, &runner, 2, samples, p.per_sample)?;
             Ok(timed(name, shape, &runner, &secs, medians))
         };
     // A row's op, paired with the copy: (timing, the median of the pairs' percentages, the
@@ -371,7 +371,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
                     medians: &mut BTreeMap<(String, Vec<usize>), f64>|
      -> normdrop::Result<(Timed, f64, f64, Vec<[f64; 2]>)> {
         let runner = runner_for(name, shape)?;
-        let pairs = bench::time_paired(ctx, &runner, &copy, 2, samples, p.per_sample)?;
+        let pairs = runners::time_paired(ctx, &runner, &copy, 2, samples, p.per_sample)?;
         let ops: Vec<f64> = pairs.iter().map(|&(t, _)| t).collect();
         let pcts: Vec<f64> = pairs
             .iter()
@@ -381,8 +381,8 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         let us = pairs.iter().map(|&(t, c)| [t * 1e6, c * 1e6]).collect();
         Ok((
             timed(name, shape, &runner, &ops, medians),
-            bench::percentiles(&pcts).0,
-            bench::percentiles(&copies).0,
+            runners::percentiles(&pcts).0,
+            runners::percentiles(&copies).0,
             us,
         ))
     };
@@ -423,7 +423,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let copy_gbps = bench::percentiles(&copy_runs).0;
+    let copy_gbps = runners::percentiles(&copy_runs).0;
     let (low, high) = copy_runs
         .iter()
         .fold((f64::INFINITY, 0.0f64), |(l, h), &g| (l.min(g), h.max(g)));
@@ -478,7 +478,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         let report = Report {
             adapter: info.name.clone(),
             backend: format!("{:?}", info.backend),
-            clock: bench::clock(ctx).to_string(),
+            clock: runners::clock(ctx).to_string(),
             preset: p.name.to_string(),
             storage: ctx.storage(args.dtype).name().to_string(),
             copy_gb_per_s: copy_gbps,

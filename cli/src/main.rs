@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use normdrop::fixture::{self, Verdict};
 use normdrop::wgpu;
 use normdrop::{Context, ContextOptions};
+use normdrop_cli::fixture::{self, Verdict};
 
 #[derive(Parser)]
 #[command(

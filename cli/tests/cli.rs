@@ -158,7 +158,7 @@ fn bench_validates_times_and_writes_json_and_baseline_ratios() {
     // Every op sample is paired with a copy sample taken right after it: a row's percentage is
     // the median of its pairs' ratios and its copy figure the median of its copy samples; the
     // header's copy figure is the median of the first measurement and every row's.
-    let median = |v: Vec<f64>| normdrop::bench::percentiles(&v).0;
+    let median = |v: Vec<f64>| normdrop_cli::runners::percentiles(&v).0;
     let copy = report["copy_gb_per_s"].as_f64().unwrap();
     let runs: Vec<f64> = report["copy_runs_gb_per_s"]
         .as_array()

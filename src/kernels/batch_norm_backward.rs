@@ -36,6 +36,7 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
+use crate::grad::Accumulate;
 use crate::kernels::batch_norm::{
     channel_choice, default_normalize_run, finalize_groups, reduce_groups, runs_align, sample_ranges, BatchNormConfig,
     BnDims, ReduceSplit, SampleRange,
@@ -63,7 +64,7 @@ pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &[
 /// `Default` leaves every choice to the device's policy; results agree within rounding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchNormBackwardPlanOptions {
-    /// How the reduce pass splits each channel (`None`: [`crate::default_reduce_split`]).
+    /// How the reduce pass splits each channel (`None`: [`crate::tuning::default_reduce_split`]).
     pub split: Option<ReduceSplit>,
     /// With batch statistics, one dispatch instead of three: a workgroup of one 8-lane subgroup
     /// per channel sums it, writes dγ and dβ, and writes dx
@@ -131,15 +132,6 @@ struct BnBackwardParams {
     _pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 88);
-
-/// Whether gradients overwrite their buffers or are added to them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Accumulate {
-    /// `dx += …` instead of `dx = …`.
-    pub dx: bool,
-    /// `dγ += …`, `dβ += …` instead of `=` (what a training loop's `.grad` does).
-    pub params: bool,
-}
 
 /// Compiled BatchNorm backward pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
@@ -262,7 +254,7 @@ impl BatchNormBackwardKernel {
     /// A backward plan for inputs of `shape` = `(N, C, *)`. `dropout` is the dropout fused
     /// into the forward (its mask is applied to `dy`) with the mode it ran in (eval keeps
     /// every element at the eval scale), if any. The reduce pass takes the default
-    /// [`ReduceSplit`] ([`crate::default_reduce_split`]).
+    /// [`ReduceSplit`] ([`crate::tuning::default_reduce_split`]).
     pub fn plan(
         &self,
         device: &wgpu::Device,

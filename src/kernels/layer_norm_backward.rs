@@ -8,7 +8,7 @@
 //! | `lnb_params_partial[_dropout]`  | ⌈W/1024⌉ · ⌈rows/64⌉       | per-block partial dγ, dβ    |
 //! | `lnb_params_final`              | ⌈W/256⌉                    | dγ, dβ                      |
 //!
-//! With one lane per row (the CPU-adapter default, [`crate::default_lanes`]) the
+//! With one lane per row (the CPU-adapter default, [`crate::tuning::default_lanes`]) the
 //! first two rows are one pass, `lnb_block_dx[_dropout]` / `lnb_block_residual_dx`: ⌈rows/64⌉
 //! workgroups of 64 invocations write dx (+ dresidual) and the per-block partial dγ, dβ.
 //! Before it, with γ, `lnb_gamma_stage` (⌈min(W, 4096)/256⌉ workgroups) copies γ into the plan's
@@ -18,7 +18,7 @@ use wgpu::util::DeviceExt;
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::batch_norm_backward::Accumulate;
+use crate::grad::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{
     residual_fits, residual_limit, subgroup_choice, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, SG_TRIPLES,

@@ -39,13 +39,24 @@ macro_rules! storage_constructors {
     };
 }
 
-pub mod batch_norm;
-pub mod batch_norm_backward;
-pub mod copy;
-pub mod dropout;
-pub mod layer_norm;
-pub mod layer_norm_backward;
-pub mod sgd;
+pub(crate) mod batch_norm;
+pub(crate) mod batch_norm_backward;
+pub(crate) mod copy;
+pub(crate) mod dropout;
+pub(crate) mod layer_norm;
+pub(crate) mod layer_norm_backward;
+pub(crate) mod sgd;
+
+pub use batch_norm::{BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan};
+pub use batch_norm_backward::{BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan};
+pub use copy::{CopyGrain, CopyKernel, CopyPlan};
+pub use dropout::{
+    rng_state_bytes, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit,
+    RNG_STATE_BYTES,
+};
+pub use layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
+pub use layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
+pub use sgd::{SgdKernel, SgdPlan};
 
 use std::num::NonZeroU64;
 
@@ -127,8 +138,8 @@ const SHADER_FILES: &[(&str, &str)] = &[
     ),
 ];
 
-pub use crate::shader_source::Storage;
 pub use crate::shader_source::Variant;
+pub use crate::storage::Storage;
 
 fn raw_source(name: &str) -> Option<&'static str> {
     SHADER_FILES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
@@ -517,7 +528,7 @@ impl FastDiv {
 
 /// Host threads the geometry policies for CPU adapters size their work for (a CPU driver runs
 /// about one worker per core): the available parallelism, at least 1.
-pub(crate) fn host_threads() -> usize {
+pub fn host_threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 

@@ -1,18 +1,16 @@
 //! [`BatchNorm`]: PyTorch's `nn.BatchNorm{1,2,3}d` as a module that owns its parameters and
 //! running statistics on the GPU.
 
-use std::collections::HashMap;
-
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::grad::{Accumulate, GradTargets, Grads};
 use crate::kernels::batch_norm::{
     BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan, BatchNormPlanOptions, ReduceSplit,
 };
-use crate::kernels::batch_norm_backward::{
-    Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan,
-};
+use crate::kernels::batch_norm_backward::{BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan};
 use crate::kernels::dropout::DropoutConfig;
 use crate::nn::dropout::{check_target, Generator};
+use crate::state::StateTensor;
 use crate::tensor::{DType, Tensor};
 
 const OP: &str = "BatchNorm";
@@ -34,30 +32,6 @@ pub struct BatchNormSaved {
     pub invstd: Tensor,
     /// The fused dropout and the `(seed, offset)` it drew from, if any.
     pub dropout: Option<(DropoutConfig, u64, u64)>,
-}
-
-/// Gradients of a normalization backward: BatchNorm (γ, β of shape `(C)`) or LayerNorm
-/// (γ, β of `normalized_shape`).
-#[derive(Clone, Debug)]
-pub struct Grads {
-    /// `dL/dx`, the input's shape.
-    pub dx: Tensor,
-    /// `dL/dγ`, `(C)`, when affine.
-    pub dweight: Option<Tensor>,
-    /// `dL/dβ`, `(C)`, when affine.
-    pub dbias: Option<Tensor>,
-}
-
-/// Where a backward writes its gradients (f32 tensors of the right shapes). With
-/// [`Accumulate`] flags set, gradients are added to what the tensors hold.
-#[derive(Clone, Copy, Debug)]
-pub struct GradTargets<'a> {
-    /// `dL/dx`.
-    pub dx: &'a Tensor,
-    /// `dL/dγ`; required when the module has γ.
-    pub dweight: Option<&'a Tensor>,
-    /// `dL/dβ`; required when the module has β.
-    pub dbias: Option<&'a Tensor>,
 }
 
 /// BatchNorm over `(N, C, *)` inputs with PyTorch semantics (see [`BatchNormConfig`]).
@@ -179,8 +153,9 @@ impl BatchNorm {
     }
 
     /// How the forward's statistics pass and the backward's reduce pass split each channel:
-    /// `None` (the default) leaves it to [`crate::default_reduce_split`] for the device.
-    /// Results agree within rounding whatever the split; this is for tuning and testing.
+    /// `None` (the default) leaves it to [`crate::tuning::default_reduce_split`] for the device.
+    /// Results agree within rounding whatever the split. **Unstable**, like everything in
+    /// [`crate::tuning`]: for benchmarks and tests.
     pub fn set_reduce_split(&mut self, split: Option<ReduceSplit>) {
         if split != self.split {
             self.split = split;
@@ -565,44 +540,3 @@ impl BatchNorm {
         self.load_state_from_safetensors(&bytes, "")
     }
 }
-
-/// One entry of a module's state.
-#[derive(Clone, Debug, PartialEq)]
-pub enum StateTensor {
-    /// float32 data.
-    F32 {
-        /// Shape.
-        shape: Vec<usize>,
-        /// Values.
-        data: Vec<f32>,
-    },
-    /// int64 data.
-    I64 {
-        /// Shape.
-        shape: Vec<usize>,
-        /// Values.
-        data: Vec<i64>,
-    },
-}
-
-impl StateTensor {
-    pub(crate) fn as_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        match self {
-            StateTensor::F32 { shape: s, data } if s == shape => Ok(data.clone()),
-            StateTensor::F32 { shape: s, .. } => Err(Error::SafeTensors(format!(
-                "`{key}` has shape {s:?}, expected {shape:?}"
-            ))),
-            StateTensor::I64 { .. } => Err(Error::SafeTensors(format!("`{key}` is int64, expected float32"))),
-        }
-    }
-
-    fn as_count(&self, key: &str) -> Result<u64> {
-        match self {
-            StateTensor::I64 { data, .. } if data.len() == 1 && data[0] >= 0 => Ok(data[0] as u64),
-            _ => Err(Error::SafeTensors(format!("`{key}` must be one non-negative int64"))),
-        }
-    }
-}
-
-/// Named state tensors, as read from a file.
-pub(crate) type StateMap = HashMap<String, StateTensor>;

@@ -14,13 +14,11 @@ use std::sync::Arc;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::grad::{Accumulate, GradTargets, Grads, ResidualGrads};
 use crate::kernels::batch_norm::BatchNormConfig;
-use crate::kernels::batch_norm_backward::Accumulate;
 use crate::kernels::dropout::{DropoutConfig, DropoutKernel, DropoutUnit};
 use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion};
-use crate::nn::batch_norm::{GradTargets, Grads};
 use crate::nn::dropout::{DropoutCall, Generator, Mask};
-use crate::nn::layer_norm::ResidualGrads;
 use crate::nn::{BatchNorm, LayerNorm};
 use crate::tensor::Tensor;
 

@@ -2,11 +2,11 @@
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::kernels::batch_norm_backward::Accumulate;
+use crate::grad::{Accumulate, GradTargets, Grads};
 use crate::kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
 use crate::kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
-use crate::nn::batch_norm::{GradTargets, Grads, StateTensor};
 use crate::nn::dropout::{check_target, Generator};
+use crate::state::StateTensor;
 use crate::tensor::{DType, Tensor};
 
 const OP: &str = "LayerNorm";
@@ -27,19 +27,6 @@ pub struct LayerNormSaved {
     pub fusion: LayerNormFusion,
     /// The `(seed, offset)` its dropout drew from, and whether it ran in training mode.
     pub dropout_state: Option<(u64, u64, bool)>,
-}
-
-/// Gradients of the residual block's backward.
-#[derive(Clone, Debug)]
-pub struct ResidualGrads {
-    /// `dL/dx` (the dropout's input).
-    pub dx: Tensor,
-    /// `dL/dresidual` (= dL/dh).
-    pub dresidual: Tensor,
-    /// `dL/dγ`.
-    pub dweight: Option<Tensor>,
-    /// `dL/dβ`.
-    pub dbias: Option<Tensor>,
 }
 
 /// LayerNorm over the trailing `normalized_shape` dims with PyTorch semantics (biased

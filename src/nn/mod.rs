@@ -6,10 +6,10 @@ pub mod dropout;
 pub mod fused;
 pub mod layer_norm;
 
-pub use batch_norm::{BatchNorm, BatchNormSaved, GradTargets, Grads, StateTensor};
+pub use batch_norm::{BatchNorm, BatchNormSaved};
 pub use dropout::{Dropout, Dropout2d, DropoutCall, Mask};
 pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm};
-pub use layer_norm::{LayerNorm, LayerNormSaved, ResidualGrads};
+pub use layer_norm::{LayerNorm, LayerNormSaved};
 
 use crate::context::Context;
 use crate::error::{Error, Result};

@@ -4,9 +4,10 @@
 
 use crate::common::{assert_close, Rng};
 use normdrop::reference::{layer_norm_backward, layer_norm_forward, widen};
+use normdrop::tuning::LayerNormPlanOptions;
 use normdrop::{
     Accumulate, Context, DType, LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBuffers, LayerNormConfig,
-    LayerNormFusion, LayerNormKernel, LayerNormPlanOptions, Tensor,
+    LayerNormFusion, LayerNormKernel, Tensor,
 };
 
 const RTOL: f64 = 1e-4;

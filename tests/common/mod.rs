@@ -74,7 +74,7 @@ impl Rng {
 /// Asserts the fixture comparison rule `|got − exp| <= atol·max(1, max|exp|) + rtol·|exp|`.
 pub fn assert_close(what: &str, got: &[f32], exp: &[f64], rtol: f64, atol: f64) {
     let got: Vec<f64> = got.iter().map(|&v| f64::from(v)).collect();
-    let c = normdrop::fixture::compare(&got, exp, rtol, atol);
+    let c = normdrop_cli::fixture::compare(&got, exp, rtol, atol);
     assert!(
         c.passed,
         "{what}: max_abs_err {:.3e} is {:.2}x the tolerance (rtol {rtol}, atol {atol}, {} values)",
@@ -86,12 +86,12 @@ pub fn assert_close(what: &str, got: &[f32], exp: &[f64], rtol: f64, atol: f64) 
 
 /// BatchNorm reduce splits for property tests: both kinds, whatever the default of the
 /// adapter under test, with chunks that do and do not divide typical channel sizes.
-pub fn reduce_splits() -> impl proptest::strategy::Strategy<Value = normdrop::ReduceSplit> {
+pub fn reduce_splits() -> impl proptest::strategy::Strategy<Value = normdrop::tuning::ReduceSplit> {
     use proptest::prelude::*;
     prop_oneof![
-        (0u32..3).prop_map(|k| normdrop::ReduceSplit::Workgroup { chunk: 256 << k }),
+        (0u32..3).prop_map(|k| normdrop::tuning::ReduceSplit::Workgroup { chunk: 256 << k }),
         prop_oneof![Just(4u32), Just(8), Just(12), Just(64), Just(392)]
-            .prop_map(|chunk| normdrop::ReduceSplit::Invocation { chunk }),
+            .prop_map(|chunk| normdrop::tuning::ReduceSplit::Invocation { chunk }),
     ]
 }
 

@@ -8,15 +8,30 @@
 
 use std::time::Instant;
 
-use crate::context::Context;
-use crate::error::{Error, Result};
-use crate::kernels::batch_norm::{BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlanOptions};
-use crate::kernels::batch_norm_backward::{Accumulate, BatchNormBackwardBuffers, BatchNormBackwardKernel};
-use crate::kernels::copy::{CopyGrain, CopyKernel};
-use crate::kernels::dropout::{rng_state_bytes, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutUnit};
-use crate::kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel};
-use crate::kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel};
-use crate::tensor::{DType, Tensor};
+use normdrop::kernels::{
+    rng_state_bytes, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBuffers, BatchNormConfig,
+    BatchNormKernel, CopyGrain, CopyKernel, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutUnit,
+    LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBuffers, LayerNormConfig, LayerNormFusion,
+    LayerNormKernel,
+};
+use normdrop::tuning::BatchNormPlanOptions;
+use normdrop::{wgpu, Accumulate, Context, DType, Error, Result, Tensor};
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        op: "bench",
+        reason: reason.into(),
+    }
+}
+
+fn bad_shape(shape: &[usize], expected: &str) -> Error {
+    Error::Shape {
+        op: "bench",
+        what: "shape",
+        got: shape.to_vec(),
+        expected: expected.into(),
+    }
+}
 
 /// Which shape family an op takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +161,7 @@ pub const OPS: &[OpSpec] = &[
 pub fn spec(name: &str) -> Result<&'static OpSpec> {
     OPS.iter()
         .find(|o| o.name == name)
-        .ok_or_else(|| Error::invalid("bench", format!("unknown op {name:?}")))
+        .ok_or_else(|| invalid(format!("unknown op {name:?}")))
 }
 
 /// The dropout every benchmarked dropout uses.
@@ -236,9 +251,7 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
     let device = ctx.device();
     let encode: EncodeFn = match spec.family {
         Family::BatchNorm if name.starts_with("bn") => {
-            let c = *shape
-                .get(1)
-                .ok_or_else(|| Error::shape("bench", "shape", shape, "(N, C, *)"))?;
+            let c = *shape.get(1).ok_or_else(|| bad_shape(shape, "(N, C, *)"))?;
             let config = BatchNormConfig::new(c);
             let fused = name.starts_with("bn_dropout");
             let training = !name.starts_with("bn_eval");
@@ -296,9 +309,7 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
             }
         }
         Family::LayerNorm => {
-            let width = *shape
-                .last()
-                .ok_or_else(|| Error::shape("bench", "shape", shape, "(rows, width)"))?;
+            let width = *shape.last().ok_or_else(|| bad_shape(shape, "(rows, width)"))?;
             let rows = (numel / width as u64) as usize;
             let config = LayerNormConfig::new(&[width]);
             let fusion = match name {
@@ -619,7 +630,7 @@ pub fn percentiles(samples: &[f64]) -> (f64, f64, f64) {
 
 /// A smaller copy of a benchmark shape for validation on `ctx`: BatchNorm and Dropout2d keep C
 /// (up to 64) and shrink N and the spatial dims; LayerNorm keeps the row width (so the same
-/// vector path is validated) and the fewest rows, from 8, for which [`crate::default_lanes`]
+/// vector path is validated) and the fewest rows, from 8, for which [`normdrop::tuning::default_lanes`]
 /// picks the full shape's geometry on this adapter (on a CPU adapter that is the row-block path
 /// over several blocks); flat dropout keeps up to 100003 elements.
 pub fn validation_shape(ctx: &Context, family: Family, shape: &[usize]) -> Vec<usize> {
@@ -636,8 +647,8 @@ pub fn validation_shape(ctx: &Context, family: Family, shape: &[usize]) -> Vec<u
             let width = *shape.last().unwrap_or(&1);
             let rows = shape.iter().product::<usize>() / width.max(1);
             let kind = ctx.device().adapter_info().device_type;
-            let threads = crate::kernels::host_threads();
-            let lanes = |r: usize| crate::default_lanes(kind, r as u64, width as u64, threads);
+            let threads = normdrop::tuning::host_threads();
+            let lanes = |r: usize| normdrop::tuning::default_lanes(kind, r as u64, width as u64, threads);
             let mut small = rows.min(8);
             while small < rows && lanes(small) != lanes(rows) {
                 small = (2 * small).min(rows);
@@ -660,10 +671,10 @@ pub fn validate(ctx: &Context, name: &str, shape: &[usize]) -> Result<crate::fix
 /// (rtol = atol = 4e-3).
 pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> Result<crate::fixture::Comparison> {
     use crate::fixture::compare;
-    use crate::nn::{
+    use normdrop::nn::{
         BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, ResidualDropoutLayerNorm,
     };
-    use crate::reference as r;
+    use normdrop::reference as r;
 
     let spec = spec(name)?;
     let numel: usize = shape.iter().product();
@@ -767,7 +778,7 @@ pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> 
                     None
                 };
                 let extra = g.as_ref().map(|g| g.dresidual.clone());
-                let grads = g.map(|g| crate::nn::Grads {
+                let grads = g.map(|g| normdrop::Grads {
                     dx: g.dx,
                     dweight: g.dweight,
                     dbias: g.dbias,

@@ -10,14 +10,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::context::Context;
-use crate::error::{Error, Result};
-use crate::kernels::batch_norm::BatchNormConfig;
-use crate::kernels::layer_norm::LayerNormConfig;
-use crate::nn::{BatchNorm, LayerNorm};
-use crate::tensor::{DType, Tensor};
+use normdrop::{
+    BatchNorm, BatchNormConfig, Context, DType, Error, LayerNorm, LayerNormConfig, Result, Storage, Tensor,
+};
 
 /// One tensor of a fixture, widened to f64.
 #[derive(Clone, Debug)]
@@ -96,7 +93,7 @@ impl Fixture {
                 FixtureTensor {
                     dtype: format!("{:?}", view.dtype()),
                     shape: view.shape().to_vec(),
-                    data: crate::state::view_to_f64(tname, &view)?,
+                    data: view_to_f64(tname, &view)?,
                 },
             );
         }
@@ -405,7 +402,7 @@ fn judge_grads(
 /// The remark on lines of float16 fixtures: which f16 storage path ran.
 fn f16_note(ctx: &Context, fx: &Fixture) -> Option<String> {
     (fx.dtype == "float16").then(|| match ctx.storage(DType::F16) {
-        crate::kernels::Storage::F16 => "f16 activations, native shader-f16 storage".to_string(),
+        Storage::F16 => "f16 activations, native shader-f16 storage".to_string(),
         _ => "f16 activations, packed-u32 storage".to_string(),
     })
 }
@@ -461,6 +458,30 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
         }
     }
     Ok(())
+}
+
+/// Any numeric safetensors view widened to f64 (the fixture reader's common currency).
+fn view_to_f64(name: &str, view: &TensorView<'_>) -> Result<Vec<f64>> {
+    let b = view.data();
+    Ok(match view.dtype() {
+        Dtype::F64 => b
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))))
+            .collect(),
+        Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        Dtype::I64 => b
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64)
+            .collect(),
+        other => return Err(Error::SafeTensors(format!("`{name}` has unsupported dtype {other:?}"))),
+    })
 }
 
 #[cfg(test)]
