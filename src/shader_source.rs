@@ -4,7 +4,7 @@
 //! per-column parameters read as vectors in the vec4 variant, is described at [`param`]):
 //!
 //! ```text
-//! // #include "philox.wgsl"
+//! // #include "lib/philox.wgsl"
 //! // #activation @binding(1) read x          (N, C, S)
 //! ```
 //!
@@ -52,10 +52,10 @@ pub enum Feature {
 pub const ALTERNATIVES: &[(Feature, &str, &str)] = &[
     (
         Feature::Subgroups,
-        "workgroup_reduce.wgsl",
-        "workgroup_reduce_subgroup.wgsl",
+        "lib/workgroup_reduce.wgsl",
+        "lib/workgroup_reduce_subgroup.wgsl",
     ),
-    (Feature::Int64, "philox_mul.wgsl", "philox_mul_int64.wgsl"),
+    (Feature::Int64, "lib/philox_mul.wgsl", "lib/philox_mul_int64.wgsl"),
 ];
 
 /// The line that marks a shader file as having a `vec4` variant (see [`Variant::vec4`]).

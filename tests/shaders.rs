@@ -113,12 +113,12 @@ fn every_shader_variant_translates_to_every_backend() {
     assert_eq!(subgroup_files.len(), 16, "{subgroup_files:?}");
     assert!(subgroup_files
         .iter()
-        .all(|f| *f == "batch_norm.wgsl" || *f == "batch_norm_backward.wgsl"));
+        .all(|f| *f == "batch_norm/forward.wgsl" || *f == "batch_norm/backward.wgsl"));
     let vec4_files = files(|v| v.variant.vec4);
     assert_eq!(vec4_files.len(), 26, "{vec4_files:?}");
     let int64_files = files(|v| v.variant.int64);
     assert_eq!(int64_files.len(), 52, "{int64_files:?}");
-    assert!(!int64_files.contains(&"copy.wgsl") && !int64_files.contains(&"sgd.wgsl"));
+    assert!(!int64_files.contains(&"copy/copy.wgsl") && !int64_files.contains(&"sgd/sgd.wgsl"));
     assert!(variants
         .iter()
         .filter(|v| v.variant.vec4)
@@ -134,16 +134,28 @@ fn every_shader_variant_translates_to_every_backend() {
     }
 }
 
+/// Every `.wgsl` file under `dir`, as paths relative to `shaders/` (`lib/philox.wgsl`).
+fn wgsl_files(dir: &std::path::Path, prefix: &str, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_dir() {
+            wgsl_files(&entry.path(), &format!("{prefix}{name}/"), out);
+        } else if name.ends_with(".wgsl") {
+            out.push(format!("{prefix}{name}"));
+        }
+    }
+}
+
 #[test]
 fn every_shader_file_is_covered() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders"));
     let variants = normdrop::kernels::shader_variants();
     let include_only = normdrop::kernels::include_only_files();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-        if !name.ends_with(".wgsl") {
-            continue;
-        }
+    let mut names = Vec::new();
+    wgsl_files(dir, "", &mut names);
+    assert!(names.len() >= 29, "{names:?}");
+    for name in names {
         if include_only.contains(&name.as_str()) {
             // Shared code is translated as part of every variant that includes it.
             let marker = format!("// ---- included from {name} ----");

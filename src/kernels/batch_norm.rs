@@ -338,8 +338,8 @@ pub(crate) fn channel_choice(
 
 impl Kernel for BatchNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "batch_norm.wgsl", storage, false);
-        let vec4 = vec4_module(device, "batch_norm.wgsl", storage);
+        let module = crate::kernels::shader_module(device, "batch_norm/forward.wgsl", storage, false);
+        let vec4 = vec4_module(device, "batch_norm/forward.wgsl", storage);
         Self {
             storage,
             stats: ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, &module, e)),
@@ -354,7 +354,8 @@ impl Kernel for BatchNormKernel {
                 .map(|m| ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, m, e))),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
             channel: channel_pass_possible(device, storage).then(|| {
-                let module = crate::kernels::shader_module(device, "batch_norm_subgroup.wgsl", storage, true);
+                let module =
+                    crate::kernels::shader_module(device, "cpu/batch_norm/forward_channel.wgsl", storage, true);
                 [0, 1].map(|i| compute_pipeline(device, &module, CHANNEL_ENTRY_POINTS[i]))
             }),
         }

@@ -166,8 +166,8 @@ pub struct BatchNormBackwardKernel {
 
 impl Kernel for BatchNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "batch_norm_backward.wgsl", storage, false);
-        let vec4 = vec4_module(device, "batch_norm_backward.wgsl", storage);
+        let module = crate::kernels::shader_module(device, "batch_norm/backward.wgsl", storage, false);
+        let vec4 = vec4_module(device, "batch_norm/backward.wgsl", storage);
         let reduce = |module: &wgpu::ShaderModule| {
             [
                 [
@@ -196,7 +196,8 @@ impl Kernel for BatchNormBackwardKernel {
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
             // Binds at most 8 storage buffers: no limit beyond the subgroup passes' own.
             channel: crate::kernels::cpu_subgroup_passes(device, storage).then(|| {
-                let module = crate::kernels::shader_module(device, "batch_norm_backward_subgroup.wgsl", storage, true);
+                let module =
+                    crate::kernels::shader_module(device, "cpu/batch_norm/backward_channel.wgsl", storage, true);
                 [0, 1].map(|drop| {
                     [0, 1].map(|acc| compute_pipeline(device, &module, CHANNEL_ENTRY_POINTS[2 * drop + acc]))
                 })

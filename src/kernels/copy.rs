@@ -45,7 +45,7 @@ pub struct CopyKernel {
 
 impl Kernel for CopyKernel {
     fn build(device: &wgpu::Device, _storage: crate::kernels::Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "copy.wgsl", crate::kernels::Storage::F32, false);
+        let module = crate::kernels::shader_module(device, "copy/copy.wgsl", crate::kernels::Storage::F32, false);
         Self {
             one: compute_pipeline(device, &module, "copy_vec4"),
             four: compute_pipeline(device, &module, "copy_vec4_x4"),

@@ -169,7 +169,7 @@ pub struct DropoutKernel {
 
 impl Kernel for DropoutKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "dropout.wgsl", storage, false);
+        let module = crate::kernels::shader_module(device, "dropout/dropout.wgsl", storage, false);
         let forward = |module: &wgpu::ShaderModule| {
             [
                 ["dropout_forward", "dropout_forward_accumulate"],
@@ -181,7 +181,7 @@ impl Kernel for DropoutKernel {
         Self {
             storage,
             forward: forward(&module),
-            forward_vec4: vec4_module(device, "dropout.wgsl", storage).map(|m| forward(&m)),
+            forward_vec4: vec4_module(device, "dropout/dropout.wgsl", storage).map(|m| forward(&m)),
             apply_mask: compute_pipeline(device, &module, "dropout_apply_mask"),
             mask: compute_pipeline(device, &module, "dropout_mask"),
             advance: compute_pipeline(device, &module, "rng_advance"),
@@ -438,7 +438,7 @@ impl DropoutPlan {
         self.limits.check_chunked(OP, "x", &b.x, bytes)?;
         self.limits.check_chunked(OP, "y", &b.y, bytes)?;
         check_rng(&self.limits, OP, &b.rng)?;
-        // rng is declared read_write in dropout.wgsl (rng_advance writes it), so it counts as an
+        // rng is declared read_write in dropout/dropout.wgsl (rng_advance writes it), so it counts as an
         // output here; y and rng must not share a buffer either.
         check_distinct(OP, &[("x", &b.x)], &[("y", &b.y), ("rng", &b.rng)])?;
         check_distinct(OP, &[("y", &b.y)], &[("rng", &b.rng)])?;

@@ -256,8 +256,8 @@ pub struct LayerNormPlanOptions {
     /// activations and a width that is a multiple of 4 and at most 768 (96 per lane), a
     /// workgroup of one 8-lane subgroup walks each 64-row block holding one row at a time in
     /// registers instead: x (and dy) read once, no workgroup memory, no barrier (forward:
-    /// `shaders/layer_norm_subgroup.wgsl`, `layer_norm_residual_subgroup.wgsl`; the backward's
-    /// dx pass: `layer_norm_backward_subgroup.wgsl`, `layer_norm_residual_backward_subgroup.wgsl`).
+    /// `shaders/layer_norm_subgroup.wgsl`, `cpu/layer_norm/residual_forward_rows.wgsl`; the backward's
+    /// dx pass: `cpu/layer_norm/backward_rows.wgsl`, `cpu/layer_norm/residual_backward_rows.wgsl`).
     /// `None`: wherever it can; `Some(false)`: never; `Some(true)`: the plan fails with
     /// [`Error::Unsupported`] where it cannot. Calls whose buffers cannot bind as 16-byte
     /// vectors take the row-block path either way.
@@ -334,16 +334,17 @@ impl LnPasses {
 
 impl Kernel for LayerNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "layer_norm.wgsl", storage, false);
+        let module = crate::kernels::shader_module(device, "layer_norm/forward.wgsl", storage, false);
         Self {
             storage,
             passes: LnPasses::build(device, &module),
-            vec4: vec4_module(device, "layer_norm.wgsl", storage).map(|m| LnPasses::build(device, &m)),
+            vec4: vec4_module(device, "layer_norm/forward.wgsl", storage).map(|m| LnPasses::build(device, &m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
             subgroup: cpu_subgroup_passes(device, storage).then(|| {
-                let module = crate::kernels::shader_module(device, "layer_norm_subgroup.wgsl", storage, true);
-                let residual = residual_fits(device)
-                    .then(|| crate::kernels::shader_module(device, "layer_norm_residual_subgroup.wgsl", storage, true));
+                let module = crate::kernels::shader_module(device, "cpu/layer_norm/forward_rows.wgsl", storage, true);
+                let residual = residual_fits(device).then(|| {
+                    crate::kernels::shader_module(device, "cpu/layer_norm/residual_forward_rows.wgsl", storage, true)
+                });
                 SG_TRIPLES.map(|t| {
                     [
                         Some(compute_pipeline(device, &module, &format!("ln_sg_forward_{t}"))),

@@ -181,16 +181,16 @@ impl LnbPasses {
 
 impl Kernel for LayerNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "layer_norm_backward.wgsl", storage, false);
+        let module = crate::kernels::shader_module(device, "layer_norm/backward.wgsl", storage, false);
         Self {
             storage,
             passes: LnbPasses::build(device, &module),
-            vec4: vec4_module(device, "layer_norm_backward.wgsl", storage).map(|m| LnbPasses::build(device, &m)),
+            vec4: vec4_module(device, "layer_norm/backward.wgsl", storage).map(|m| LnbPasses::build(device, &m)),
             params_final: compute_pipeline(device, &module, "lnb_params_final"),
             gamma_stage: compute_pipeline(device, &module, "lnb_gamma_stage"),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
             subgroup: crate::kernels::cpu_subgroup_passes(device, storage).then(|| {
-                let module = crate::kernels::shader_module(device, "layer_norm_backward_subgroup.wgsl", storage, true);
+                let module = crate::kernels::shader_module(device, "cpu/layer_norm/backward_rows.wgsl", storage, true);
                 let pipeline = |module: &wgpu::ShaderModule, e: &str, t: u64| {
                     compute_pipeline(device, module, &format!("{e}_{t}"))
                 };
@@ -203,7 +203,7 @@ impl Kernel for LayerNormBackwardKernel {
                         .map(|pair| pair.map(|e| pipeline(&module, e, t)))
                     }),
                     residual_dx: residual_fits(device).then(|| {
-                        let file = "layer_norm_residual_backward_subgroup.wgsl";
+                        let file = "cpu/layer_norm/residual_backward_rows.wgsl";
                         let residual = crate::kernels::shader_module(device, file, storage, true);
                         SG_TRIPLES.map(|t| {
                             ["lnb_sg_residual_dx", "lnb_sg_residual_dx_accumulate"].map(|e| pipeline(&residual, e, t))

@@ -60,83 +60,7 @@ pub use sgd::{SgdKernel, SgdPlan};
 
 use std::num::NonZeroU64;
 
-/// Every file in `shaders/`, by name, as compiled into the crate.
-const SHADER_FILES: &[(&str, &str)] = &[
-    ("batch_norm.wgsl", include_str!("../../shaders/batch_norm.wgsl")),
-    (
-        "batch_norm_backward_subgroup.wgsl",
-        include_str!("../../shaders/batch_norm_backward_subgroup.wgsl"),
-    ),
-    (
-        "batch_norm_subgroup.wgsl",
-        include_str!("../../shaders/batch_norm_subgroup.wgsl"),
-    ),
-    (
-        "batch_norm_backward.wgsl",
-        include_str!("../../shaders/batch_norm_backward.wgsl"),
-    ),
-    ("copy.wgsl", include_str!("../../shaders/copy.wgsl")),
-    ("dropout.wgsl", include_str!("../../shaders/dropout.wgsl")),
-    ("layer_norm.wgsl", include_str!("../../shaders/layer_norm.wgsl")),
-    (
-        "layer_norm_backward.wgsl",
-        include_str!("../../shaders/layer_norm_backward.wgsl"),
-    ),
-    (
-        "layer_norm_backward_subgroup.wgsl",
-        include_str!("../../shaders/layer_norm_backward_subgroup.wgsl"),
-    ),
-    (
-        "layer_norm_residual_subgroup.wgsl",
-        include_str!("../../shaders/layer_norm_residual_subgroup.wgsl"),
-    ),
-    (
-        "layer_norm_residual_backward_subgroup.wgsl",
-        include_str!("../../shaders/layer_norm_residual_backward_subgroup.wgsl"),
-    ),
-    (
-        "layer_norm_subgroup.wgsl",
-        include_str!("../../shaders/layer_norm_subgroup.wgsl"),
-    ),
-    ("bn_params.wgsl", include_str!("../../shaders/bn_params.wgsl")),
-    ("bnb_params.wgsl", include_str!("../../shaders/bnb_params.wgsl")),
-    ("ln_params.wgsl", include_str!("../../shaders/ln_params.wgsl")),
-    ("lnb_params.wgsl", include_str!("../../shaders/lnb_params.wgsl")),
-    (
-        "ln_residual_emit.wgsl",
-        include_str!("../../shaders/ln_residual_emit.wgsl"),
-    ),
-    ("ln_rows.wgsl", include_str!("../../shaders/ln_rows.wgsl")),
-    (
-        "ln_subgroup_forward.wgsl",
-        include_str!("../../shaders/ln_subgroup_forward.wgsl"),
-    ),
-    (
-        "ln_subgroup_backward.wgsl",
-        include_str!("../../shaders/ln_subgroup_backward.wgsl"),
-    ),
-    (
-        "ln_subgroup_rows.wgsl",
-        include_str!("../../shaders/ln_subgroup_rows.wgsl"),
-    ),
-    ("nchw.wgsl", include_str!("../../shaders/nchw.wgsl")),
-    ("philox.wgsl", include_str!("../../shaders/philox.wgsl")),
-    ("sgd.wgsl", include_str!("../../shaders/sgd.wgsl")),
-    ("welford.wgsl", include_str!("../../shaders/welford.wgsl")),
-    ("philox_mul.wgsl", include_str!("../../shaders/philox_mul.wgsl")),
-    (
-        "philox_mul_int64.wgsl",
-        include_str!("../../shaders/philox_mul_int64.wgsl"),
-    ),
-    (
-        "workgroup_reduce.wgsl",
-        include_str!("../../shaders/workgroup_reduce.wgsl"),
-    ),
-    (
-        "workgroup_reduce_subgroup.wgsl",
-        include_str!("../../shaders/workgroup_reduce_subgroup.wgsl"),
-    ),
-];
+include!(concat!(env!("OUT_DIR"), "/shader_files.rs"));
 
 pub use crate::shader_source::Variant;
 pub use crate::storage::Storage;
@@ -201,31 +125,31 @@ pub struct ShaderVariant {
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
     let files: [(&'static str, &'static [&'static str]); 13] = [
-        ("batch_norm.wgsl", batch_norm::ENTRY_POINTS),
-        ("batch_norm_backward.wgsl", batch_norm_backward::ENTRY_POINTS),
-        ("batch_norm_subgroup.wgsl", batch_norm::CHANNEL_ENTRY_POINTS),
+        ("batch_norm/forward.wgsl", batch_norm::ENTRY_POINTS),
+        ("batch_norm/backward.wgsl", batch_norm_backward::ENTRY_POINTS),
+        ("cpu/batch_norm/forward_channel.wgsl", batch_norm::CHANNEL_ENTRY_POINTS),
         (
-            "batch_norm_backward_subgroup.wgsl",
+            "cpu/batch_norm/backward_channel.wgsl",
             batch_norm_backward::CHANNEL_ENTRY_POINTS,
         ),
-        ("copy.wgsl", copy::ENTRY_POINTS),
-        ("dropout.wgsl", dropout::ENTRY_POINTS),
-        ("layer_norm.wgsl", layer_norm::ENTRY_POINTS),
-        ("layer_norm_backward.wgsl", layer_norm_backward::ENTRY_POINTS),
-        ("layer_norm_subgroup.wgsl", layer_norm::SUBGROUP_ENTRY_POINTS),
+        ("copy/copy.wgsl", copy::ENTRY_POINTS),
+        ("dropout/dropout.wgsl", dropout::ENTRY_POINTS),
+        ("layer_norm/forward.wgsl", layer_norm::ENTRY_POINTS),
+        ("layer_norm/backward.wgsl", layer_norm_backward::ENTRY_POINTS),
+        ("cpu/layer_norm/forward_rows.wgsl", layer_norm::SUBGROUP_ENTRY_POINTS),
         (
-            "layer_norm_residual_subgroup.wgsl",
+            "cpu/layer_norm/residual_forward_rows.wgsl",
             layer_norm::SUBGROUP_RESIDUAL_ENTRY_POINTS,
         ),
         (
-            "layer_norm_backward_subgroup.wgsl",
+            "cpu/layer_norm/backward_rows.wgsl",
             layer_norm_backward::SUBGROUP_ENTRY_POINTS,
         ),
         (
-            "layer_norm_residual_backward_subgroup.wgsl",
+            "cpu/layer_norm/residual_backward_rows.wgsl",
             layer_norm_backward::SUBGROUP_RESIDUAL_ENTRY_POINTS,
         ),
-        ("sgd.wgsl", sgd::ENTRY_POINTS),
+        ("sgd/sgd.wgsl", sgd::ENTRY_POINTS),
     ];
     let lookup = |name: &str| raw_source(name).map(str::to_string);
     let mut out = Vec::new();

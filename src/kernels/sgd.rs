@@ -28,7 +28,7 @@ pub struct SgdKernel {
 
 impl Kernel for SgdKernel {
     fn build(device: &wgpu::Device, _storage: crate::kernels::Storage) -> Self {
-        let module = crate::kernels::shader_module(device, "sgd.wgsl", crate::kernels::Storage::F32, false);
+        let module = crate::kernels::shader_module(device, "sgd/sgd.wgsl", crate::kernels::Storage::F32, false);
         Self {
             step: compute_pipeline(device, &module, "sgd_step"),
         }

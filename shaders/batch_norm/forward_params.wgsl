@@ -1,5 +1,5 @@
 // include-only: validated as part of the shaders that include it.
-// The BatchNorm forward's uniform (batch_norm.wgsl, batch_norm_subgroup.wgsl): mirrors `BnParams` in src/kernels/batch_norm.rs field by field.
+// The BatchNorm forward's uniform (batch_norm/forward.wgsl, cpu/batch_norm/forward_channel.wgsl): mirrors `BnParams` in src/kernels/batch_norm.rs field by field.
 
 struct Params {
     n: u32,          // samples in this dispatch's range (N unless chunked)
@@ -20,7 +20,7 @@ struct Params {
     m_all: u32,      // elements per channel of the whole call: N·S
     elem_base: u32,  // flat index of this range's first element (multiple of 4)
     first: u32,      // 1 for the range that starts at sample 0 (it picks K)
-    div_s: vec2<u32>, // multiply-shift pair of S (fast_div in nchw.wgsl)
+    div_s: vec2<u32>, // multiply-shift pair of S (fast_div in lib/nchw.wgsl)
     div_c: vec2<u32>, // multiply-shift pair of C
     run: u32,        // quads (4 consecutive elements) per normalize invocation
     _pad: u32,

@@ -1,7 +1,7 @@
 // include-only: validated as part of the shaders that include it.
 // The residual block's backward outputs of one quad, shared by the lane and row-block passes
-// (layer_norm_backward.wgsl) and the row-per-subgroup pass
-// (layer_norm_residual_backward_subgroup.wgsl). The includer declares the uniform `p` (with
+// (layer_norm/backward.wgsl) and the row-per-subgroup pass
+// (cpu/layer_norm/residual_backward_rows.wgsl). The includer declares the uniform `p` (with
 // `flags`) and the activations dh_in, dresidual and dx.
 
 const FLAG_DH_IN: u32 = 32u;         // residual block: add dh_in to dh

@@ -1,7 +1,7 @@
 // The residual block's LayerNorm backward with a row per subgroup (CPU adapters with
-// SUBGROUP): in place of layer_norm_backward.wgsl's `lnb_block_residual_dx*`, as
-// layer_norm_backward_subgroup.wgsl replaces the plain row-block pass (the walk is shared:
-// ln_subgroup_backward.wgsl). The forward was h = residual + x·m, y = LN(h); here x is the
+// SUBGROUP): in place of layer_norm/backward.wgsl's `lnb_block_residual_dx*`, as
+// cpu/layer_norm/backward_rows.wgsl replaces the plain row-block pass (the walk is shared:
+// cpu/layer_norm/rows_backward_walk.wgsl). The forward was h = residual + x·m, y = LN(h); here x is the
 // saved h and d = dy:
 //
 //   dh = dx_LN (+ dh_in with FLAG_DH_IN)    dresidual = dh    dx = dh·m
@@ -9,10 +9,10 @@
 //
 // Its layout binds 9 storage buffers: the host builds it only where the device allows that.
 
-// #include "philox.wgsl"
-// #include "ln_subgroup_rows.wgsl"
-// #include "ln_subgroup_backward.wgsl"
-// #include "ln_residual_emit.wgsl"
+// #include "lib/philox.wgsl"
+// #include "cpu/layer_norm/rows_lanes.wgsl"
+// #include "cpu/layer_norm/rows_backward_walk.wgsl"
+// #include "layer_norm/residual_emit.wgsl"
 // #vec4-variant
 
 // #activation @binding(1) read x (rows, W) h, the LN input

@@ -16,10 +16,10 @@ const PHILOX_M1: u32 = 0xCD9E8D57u;
 const PHILOX_W0: u32 = 0x9E3779B9u;
 const PHILOX_W1: u32 = 0xBB67AE85u;
 
-// mulhilo32(a, b): the (hi, lo) words of the 64-bit product, from philox_mul.wgsl (16-bit
-// halves, every device) or philox_mul_int64.wgsl (one 64-bit multiply, devices with
+// mulhilo32(a, b): the (hi, lo) words of the 64-bit product, from lib/philox_mul.wgsl (16-bit
+// halves, every device) or lib/philox_mul_int64.wgsl (one 64-bit multiply, devices with
 // SHADER_INT64); shader_source swaps the second in (ALTERNATIVES).
-// #include "philox_mul.wgsl"
+// #include "lib/philox_mul.wgsl"
 
 fn philox_round(c: vec4<u32>, k: vec2<u32>) -> vec4<u32> {
     let p0 = mulhilo32(PHILOX_M0, c.x);

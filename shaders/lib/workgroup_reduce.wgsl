@@ -1,13 +1,13 @@
 // include-only: validated as part of the shaders that include it.
 // Workgroup-wide reductions of BatchNorm's ReduceSplit::Workgroup passes, through workgroup
 // memory only: the path for devices without SUBGROUP (and for ContextOptions::disable_subgroups).
-// workgroup_reduce_subgroup.wgsl replaces this file, function for function, when the device has
+// lib/workgroup_reduce_subgroup.wgsl replaces this file, function for function, when the device has
 // SUBGROUP (shader_source::SUBGROUP_ALTERNATIVES). Results agree within rounding.
 //
 // The including shader declares `const WG: u32 = 256u`. Every invocation of the workgroup must
 // call, in uniform control flow.
 
-// #include "welford.wgsl"
+// #include "lib/welford.wgsl"
 
 var<workgroup> shared_sums: array<vec3<f32>, WG>;
 

@@ -1,5 +1,5 @@
 // include-only: validated as part of the shaders that include it.
-// workgroup_reduce.wgsl with subgroup operations, for devices with SUBGROUP: the same functions
+// lib/workgroup_reduce.wgsl with subgroup operations, for devices with SUBGROUP: the same functions
 // with the same results up to rounding. A subgroup reduces in registers (a butterfly of
 // shuffles for the Chan merge, subgroupAdd for sums); the first invocation of every subgroup
 // writes the subgroup's result to workgroup memory, and after one barrier every invocation folds
@@ -14,7 +14,7 @@
 // The including shader declares `const WG: u32 = 256u`. Every invocation of the workgroup must
 // call, in uniform control flow.
 
-// #include "welford.wgsl"
+// #include "lib/welford.wgsl"
 
 // 256 / the smallest subgroup size (4).
 const MAX_SUBGROUPS: u32 = 64u;

@@ -1,5 +1,5 @@
 // BatchNorm backward with batch statistics in one pass per channel, for CPU adapters with
-// SUBGROUP (lavapipe): in place of batch_norm_backward.wgsl's bnb_reduce → bnb_finalize →
+// SUBGROUP (lavapipe): in place of batch_norm/backward.wgsl's bnb_reduce → bnb_finalize →
 // bnb_dx where the plan allows (one range, S % 4 == 0, f32 bound as vectors;
 // BatchNormBackwardPlanOptions::channel_pass), with the same uniform, bindings, formulas and,
 // fused with dropout, the same mask.
@@ -7,19 +7,19 @@
 //   bnb_channel[_dropout][_accumulate]   dx written or added to; dγ, dβ written or added to
 //                                        (FLAG_ACCUM_PARAMS); with dropout dy·m
 //
-// Why: as batch_norm_subgroup.wgsl for the forward: one dispatch instead of three on a driver
+// Why: as cpu/batch_norm/forward_channel.wgsl for the forward: one dispatch instead of three on a driver
 // where each costs ~50 µs, no partials or coefficients through memory. A workgroup is one
 // subgroup of 8 invocations (taken only where the adapter's smallest subgroup has 8 lanes or
 // more) that owns channel c: it sums Σ(x − K), Σg, Σg·(x − K) over the channel (g = dy·m; lane ℓ
 // takes quads ℓ, ℓ + 8, … of every sample's plane, three per step so that three Philox calls
 // interleave), adds them across lanes with subgroupAdd, writes dγ and dβ, and walks the channel
-// again for dx = a·g + q + r·(x − K) (batch_norm_backward.wgsl's finish_channel). Writing dx
+// again for dx = a·g + q + r·(x − K) (batch_norm/backward.wgsl's finish_channel). Writing dx
 // with dropout, the first walk parks g in dx and the second reads it back (the mask drawn once,
 // as bnb_reduce_dropout_park does); adding to dx, the second walk draws it again.
 // Precision: sums around K = x[0, c, 0]; mean − K recomputed exactly from Σ(x − K).
 
-// #include "philox.wgsl"
-// #include "bnb_params.wgsl"
+// #include "lib/philox.wgsl"
+// #include "batch_norm/backward_params.wgsl"
 // #vec4-variant
 
 const LANES: u32 = 8u;
@@ -27,7 +27,7 @@ const LANES: u32 = 8u;
 const FLAG_AFFINE: u32 = 1u;
 const FLAG_ACCUM_PARAMS: u32 = 8u;
 
-// The uniform's layout: bnb_params.wgsl.
+// The uniform's layout: batch_norm/backward_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (N, C, S)
@@ -122,7 +122,7 @@ fn channel_backward(c: u32, lane: u32, state: vec4<u32>, drop: bool, accumulate:
         }
     }
     let total = subgroupAdd(sums);
-    // batch_norm_backward.wgsl's finish_channel with batch statistics.
+    // batch_norm/backward.wgsl's finish_channel with batch statistics.
     let m_all = f32(p.m_all);
     let invstd = save_invstd[c];
     let mk = total.x / m_all;

@@ -1,5 +1,5 @@
 // include-only: validated as part of the shaders that include it.
-// The LayerNorm forward's uniform (layer_norm.wgsl, ln_subgroup_forward.wgsl): mirrors `LnParams` in src/kernels/layer_norm.rs field by field.
+// The LayerNorm forward's uniform (layer_norm/forward.wgsl, cpu/layer_norm/rows_forward_walk.wgsl): mirrors `LnParams` in src/kernels/layer_norm.rs field by field.
 
 struct Params {
     rows: u32,

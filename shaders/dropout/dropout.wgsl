@@ -1,4 +1,4 @@
-// Dropout and Dropout2d, reproducible on every device (mask spec in philox.wgsl).
+// Dropout and Dropout2d, reproducible on every device (mask spec in lib/philox.wgsl).
 //
 //   train:  y_i = x_i · m_i,   m_i = scale if keep(unit(i)) else 0
 //           scale = 1/(1 − p) (inverted, PyTorch's) or 1 (scale-at-inference)
@@ -30,8 +30,8 @@
 // variant says (f32, f16, packed f16; see the #activation lines), arithmetic is f32. The vec4
 // variant (f32 as array<vec4<f32>>) runs ranges bound as whole 16-byte vectors.
 
-// #include "philox.wgsl"
-// #include "nchw.wgsl"
+// #include "lib/philox.wgsl"
+// #include "lib/nchw.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -47,7 +47,7 @@ struct Params {
     scale: f32,      // multiplier of kept elements
     base: u32,       // flat index of element 0 of this dispatch (chunked calls; multiple of 4)
     _pad1: u32,
-    div_unit: vec2<u32>, // multiply-shift pair of unit_len (fast_div in nchw.wgsl)
+    div_unit: vec2<u32>, // multiply-shift pair of unit_len (fast_div in lib/nchw.wgsl)
     _pad2: vec2<u32>,
 }
 

@@ -27,7 +27,7 @@
 //   bn_normalize      one invocation per p.run quads of 4 consecutive elements:
 //                     y = (x − mean)·(invstd·γ) + β.
 //   bn_normalize_dropout  BatchNorm then dropout in one pass, the same geometry (one Philox call
-//                     per quad), y = ((x − mean)·(invstd·γ) + β)·m with the mask of philox.wgsl
+//                     per quad), y = ((x − mean)·(invstd·γ) + β)·m with the mask of lib/philox.wgsl
 //                     over flat element indices.
 //   bn_normalize_aligned, bn_normalize_dropout_aligned  the same two for S % 4 == 0 and
 //                     S ≥ 4·run, without the walk across channel boundaries inside a quad;
@@ -46,11 +46,11 @@
 // then keeps the precision of its spread instead of losing it to the rounding of a mean near
 // 1000: x − K is exact (Sterbenz) and mean_K is small.
 
-// #include "welford.wgsl"
-// #include "workgroup_reduce.wgsl"
-// #include "philox.wgsl"
-// #include "nchw.wgsl"
-// #include "bn_params.wgsl"
+// #include "lib/welford.wgsl"
+// #include "lib/workgroup_reduce.wgsl"
+// #include "lib/philox.wgsl"
+// #include "lib/nchw.wgsl"
+// #include "batch_norm/forward_params.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -60,7 +60,7 @@ const FLAG_TRACK: u32 = 2u;          // update running stats in bn_finalize
 const FLAG_CUMULATIVE: u32 = 4u;     // m = 1 / num_batches_tracked instead of momentum
 const FLAG_COUNT: u32 = 8u;          // training with running stats: the stats pass increments num_batches_tracked
 
-// The uniform's layout: bn_params.wgsl.
+// The uniform's layout: batch_norm/forward_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (N, C, S)

@@ -29,10 +29,10 @@
 //                             workgroup per block of 64 rows writes dx and the block's partials.
 //   lnb_params_final          one invocation per column: sums the partials (no float atomics).
 
-// #include "philox.wgsl"
-// #include "ln_rows.wgsl"
-// #include "lnb_params.wgsl"
-// #include "ln_residual_emit.wgsl"
+// #include "lib/philox.wgsl"
+// #include "layer_norm/rows.wgsl"
+// #include "layer_norm/backward_params.wgsl"
+// #include "layer_norm/residual_emit.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -43,9 +43,9 @@ const FLAG_WEIGHT: u32 = 1u;
 const FLAG_BIAS: u32 = 2u;
 const FLAG_ACCUM_DX: u32 = 4u;       // dx (and dresidual) +=
 const FLAG_ACCUM_PARAMS: u32 = 8u;   // dγ, dβ +=
-// FLAG_DH_IN (32, residual block: add dh_in to dh) and residual_emit4: ln_residual_emit.wgsl.
+// FLAG_DH_IN (32, residual block: add dh_in to dh) and residual_emit4: layer_norm/residual_emit.wgsl.
 
-// The uniform's layout: lnb_params.wgsl.
+// The uniform's layout: layer_norm/backward_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (rows, W) LN input (h for the residual block)
@@ -113,7 +113,7 @@ fn quad_sums(xs: vec4<f32>, g: vec4<f32>) -> vec3<f32> {
 }
 
 // Sums one row's lane segment; every lane gets the total, added in the same order. Two
-// barriers whatever the segment's width (as segment_merge in layer_norm.wgsl): the first lane of
+// barriers whatever the segment's width (as segment_merge in layer_norm/forward.wgsl): the first lane of
 // every group of SEG_FOLD sums its group, then every lane sums the group partials itself.
 // Called once per dispatch (a second call would need a barrier first).
 fn segment_sum3(lid: u32, lane: u32, mine: vec3<f32>) -> vec3<f32> {
@@ -598,13 +598,13 @@ fn block_element(c: vec4<f32>, slope: f32, x: f32, d: f32, gam: f32) -> vec2<f32
     return vec2<f32>(xhat, c.z * (d * gam - c.w - xhat * slope));
 }
 
-// Column tiles, as layer_norm.wgsl's forward: invocation `lid` takes the column quads lid,
+// Column tiles, as layer_norm/forward.wgsl's forward: invocation `lid` takes the column quads lid,
 // lid + BLOCK, … (its slots), three at a time while every invocation has three left (γ and the
 // dγ, dβ sums of each in registers, each row's coefficients read from workgroup memory once for
 // the three: on a CPU driver those lane-by-lane loads were a tenth of `ln_bwd`), then one at a
 // time. The three slots are spelled out rather than looped over arrays: a CPU driver that
 // does not unroll such a loop indexes the sums in memory (the residual block's backward took
-// 1.5× as long). TILE, tile_counts, tile_columns: ln_rows.wgsl.
+// 1.5× as long). TILE, tile_counts, tile_columns: layer_norm/rows.wgsl.
 
 // γ of columns j0 .. j0 + 3 (ones past the row).
 fn column_gamma(j0: u32) -> vec4<f32> {

@@ -1,5 +1,5 @@
 // BatchNorm training forward in one pass per channel, for CPU adapters with SUBGROUP
-// (lavapipe): in place of batch_norm.wgsl's bn_stats → bn_finalize → bn_normalize[_dropout]
+// (lavapipe): in place of batch_norm/forward.wgsl's bn_stats → bn_finalize → bn_normalize[_dropout]
 // where the plan allows (one range, S % 4 == 0, f32 bound as vectors, a momentum, i.e. not the
 // cumulative average; BatchNormPlanOptions::channel_pass), with the same uniform, bindings,
 // results within rounding and, fused with dropout, the same mask.
@@ -15,12 +15,12 @@
 // sample's plane; Welford/Chan per lane, a butterfly of shuffles across lanes), turns the
 // triple into statistics, and normalizes the channel, whose second read finds it in the core's
 // cache for the sizes where this pays. One dispatch of C workgroups.
-// Precision: as batch_norm.wgsl: statistics of x − K with K = x[0, c, 0], Chan merges, never
+// Precision: as batch_norm/forward.wgsl: statistics of x − K with K = x[0, c, 0], Chan merges, never
 // E[x²] − E[x]²; y = ((x − K) − (mean − K))·(invstd·γ) + β.
 
-// #include "welford.wgsl"
-// #include "philox.wgsl"
-// #include "bn_params.wgsl"
+// #include "lib/welford.wgsl"
+// #include "lib/philox.wgsl"
+// #include "batch_norm/forward_params.wgsl"
 // #vec4-variant
 
 const WG: u32 = 8u;
@@ -30,7 +30,7 @@ const FLAG_AFFINE: u32 = 1u;
 const FLAG_TRACK: u32 = 2u;
 const FLAG_COUNT: u32 = 8u;
 
-// The uniform's layout: bn_params.wgsl.
+// The uniform's layout: batch_norm/forward_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (N, C, S)
@@ -73,7 +73,7 @@ fn subgroup_merge(mine: Stat) -> Stat {
     return Stat(subgroupBroadcast(acc.n, 0u), subgroupBroadcast(acc.mean, 0u), subgroupBroadcast(acc.m2, 0u));
 }
 
-// Increments the 64-bit num_batches_tracked held as (lo, hi) u32 words (batch_norm.wgsl's
+// Increments the 64-bit num_batches_tracked held as (lo, hi) u32 words (batch_norm/forward.wgsl's
 // count_batch, without the cumulative average's copy: this pass never runs with it).
 fn count_batch() {
     let lo = num_batches[0] + 1u;

@@ -1,6 +1,6 @@
 // include-only: validated as part of the shaders that include it.
 // Philox's 32×32 → 64-bit products with one 64-bit multiply, for devices with SHADER_INT64
-// (the alternative of philox_mul.wgsl). A CPU driver turns it into one vector multiply of
+// (the alternative of lib/philox_mul.wgsl). A CPU driver turns it into one vector multiply of
 // 32-bit halves; GPU compilers into a multiply-high and a multiply. lavapipe: dropout ops
 // 1.06-1.14x faster than the 16-bit emulation.
 

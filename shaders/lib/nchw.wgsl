@@ -6,7 +6,7 @@
 // Element-wise passes: a position is (channel, s) of a flat index, s in 0..S.
 // Channel reductions: a walk is (n, s) within one channel, j = n·S + s in channel order.
 
-// #include "philox_mul.wgsl"
+// #include "lib/philox_mul.wgsl"
 
 // n / d for n < 2^31, from the divisor's multiply-shift pair `d` = (m, s) that the host computes
 // (`FastDiv` in src/kernels/mod.rs): mulhi(n, m) >> s, or n itself when m = 0 (d = 1). One

@@ -1,5 +1,5 @@
 // LayerNorm forward with a row per subgroup, for CPU adapters with SUBGROUP (lavapipe): the
-// same results as layer_norm.wgsl's row-block path (same bindings, uniform, grid and mask)
+// same results as layer_norm/forward.wgsl's row-block path (same bindings, uniform, grid and mask)
 // within rounding.
 //
 //   ln_sg_forward_T           y = LN(x)
@@ -10,13 +10,13 @@
 // accesses cost. The row-block path reads x twice and every row's statistics from workgroup
 // memory; here a subgroup holds its row in registers and reduces it with subgroupAdd (no
 // workgroup memory, no barrier): x read once, y written once, γ and β read once per 64-row
-// block. The walk is ln_subgroup_forward.wgsl's; `T` in an entry point's name is the triples of
-// quads per lane it keeps (ln_subgroup_rows.wgsl). Only the vec4 variant (f32, W % 4 == 0) is
+// block. The walk is cpu/layer_norm/rows_forward_walk.wgsl's; `T` in an entry point's name is the triples of
+// quads per lane it keeps (cpu/layer_norm/rows_lanes.wgsl). Only the vec4 variant (f32, W % 4 == 0) is
 // ever bound. Statistics around K = x[r, 0].
 
-// #include "philox.wgsl"
-// #include "ln_subgroup_rows.wgsl"
-// #include "ln_subgroup_forward.wgsl"
+// #include "lib/philox.wgsl"
+// #include "cpu/layer_norm/rows_lanes.wgsl"
+// #include "cpu/layer_norm/rows_forward_walk.wgsl"
 // #vec4-variant
 
 // #activation @binding(1) read x (rows, W)

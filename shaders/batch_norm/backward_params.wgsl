@@ -1,5 +1,5 @@
 // include-only: validated as part of the shaders that include it.
-// The BatchNorm backward's uniform (batch_norm_backward.wgsl, batch_norm_backward_subgroup.wgsl): mirrors `BnBackwardParams` in src/kernels/batch_norm_backward.rs field by field.
+// The BatchNorm backward's uniform (batch_norm/backward.wgsl, cpu/batch_norm/backward_channel.wgsl): mirrors `BnBackwardParams` in src/kernels/batch_norm_backward.rs field by field.
 
 struct Params {
     n: u32,
@@ -18,7 +18,7 @@ struct Params {
     m_all: u32,      // elements per channel of the whole call: N·S
     elem_base: u32,  // flat index of this range's first element (multiple of 4)
     first: u32,      // 1 for the range that starts at sample 0 (it picks K)
-    div_s: vec2<u32>, // multiply-shift pair of S (fast_div in nchw.wgsl)
+    div_s: vec2<u32>, // multiply-shift pair of S (fast_div in lib/nchw.wgsl)
     div_c: vec2<u32>, // multiply-shift pair of C
     run: u32,         // quads per invocation of the aligned dx entry points (S ≥ 4·run)
     _pad: u32,

@@ -1,5 +1,5 @@
 // LayerNorm over the trailing `width` = ∏ normalized_shape elements of each row, optionally
-// fused with dropout (mask spec in philox.wgsl; element index = flat index row·width + j):
+// fused with dropout (mask spec in lib/philox.wgsl; element index = flat index row·width + j):
 //
 //   mean_r = (1/W) Σ_j h[r,j]            var_r = (1/W) Σ_j (h[r,j] − mean_r)²   (biased)
 //   rstd_r = 1 / sqrt(var_r + eps)       y[r,j] = (h[r,j] − mean_r)·rstd_r·γ_j + β_j
@@ -34,10 +34,10 @@
 // itself (x[r, 0], or residual[r, 0] for the residual block), and rows are normalized as ((h − K) − (mean − K))·rstd, so off-centre rows
 // (1000 + 0.1·randn) keep the precision of their spread.
 
-// #include "welford.wgsl"
-// #include "philox.wgsl"
-// #include "ln_rows.wgsl"
-// #include "ln_params.wgsl"
+// #include "lib/welford.wgsl"
+// #include "lib/philox.wgsl"
+// #include "layer_norm/rows.wgsl"
+// #include "layer_norm/forward_params.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -46,7 +46,7 @@ const REGS: u32 = 16u;
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
 
-// The uniform's layout: ln_params.wgsl.
+// The uniform's layout: layer_norm/forward_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (rows, W)
@@ -458,7 +458,7 @@ fn column_params(j0: u32) -> ColumnParams {
 // `ln_fwd`). The rest go one slot at a time, the last of which may lie past the row for some
 // invocations. The three slots are spelled out, not looped over arrays, so that no driver
 // needs to unroll a loop to keep them in registers (TILE, tile_counts,
-// tile_columns: ln_rows.wgsl).
+// tile_columns: layer_norm/rows.wgsl).
 
 // Column phase: every slot of invocation `lid` down the block's rows; y ← y·m with `drop`.
 // `tile` (a constant) takes slots s0 .. s0 + 2, else slot s0 alone. The residual block's twin,

@@ -1,5 +1,5 @@
 // include-only: validated as part of the shaders that include it.
-// The LayerNorm backward's uniform (layer_norm_backward.wgsl, ln_subgroup_backward.wgsl): mirrors `LnBackwardParams` in src/kernels/layer_norm_backward.rs field by field.
+// The LayerNorm backward's uniform (layer_norm/backward.wgsl, cpu/layer_norm/rows_backward_walk.wgsl): mirrors `LnBackwardParams` in src/kernels/layer_norm_backward.rs field by field.
 
 struct Params {
     rows: u32,

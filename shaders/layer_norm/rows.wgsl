@@ -1,7 +1,7 @@
 // include-only: validated as part of the shaders that include it.
-// Row geometry shared by the LayerNorm passes (layer_norm.wgsl, layer_norm_backward.wgsl): which
+// Row geometry shared by the LayerNorm passes (layer_norm/forward.wgsl, layer_norm/backward.wgsl): which
 // row and lane an invocation works on, and how a row lies over the dropout mask's quads. The
-// including shader includes philox.wgsl and declares `const WG` (256), `const REGS` (16), `const
+// including shader includes lib/philox.wgsl and declares `const WG` (256), `const REGS` (16), `const
 // BLOCK` (64, the row-block paths' rows per workgroup), and a
 // uniform `p` with rows, width, lanes, row_base, drop_threshold, drop_flags and drop_scale.
 
@@ -75,7 +75,7 @@ fn quad_factors(state: vec4<u32>, r: Row, k: u32, drop: bool) -> vec4<f32> {
     return vec4<f32>(1.0);
 }
 
-// The row-block paths' column tiles (layer_norm.wgsl, layer_norm_backward.wgsl; the includer
+// The row-block paths' column tiles (layer_norm/forward.wgsl, layer_norm/backward.wgsl; the includer
 // declares `const BLOCK`, the rows and invocations of a block): invocation `lid` takes the
 // column quads lid, lid + BLOCK, … (its slots), TILE at a time while every invocation has TILE
 // left, then one at a time.

@@ -1,7 +1,7 @@
 // include-only: validated as part of the shaders that include it.
-// The row-per-subgroup LayerNorm backward's shared part (layer_norm_backward_subgroup.wgsl,
-// layer_norm_residual_backward_subgroup.wgsl): the uniform and the bindings besides the
-// activations (as layer_norm_backward.wgsl numbers them), and the block walk, sg_block. The
+// The row-per-subgroup LayerNorm backward's shared part (cpu/layer_norm/backward_rows.wgsl,
+// cpu/layer_norm/residual_backward_rows.wgsl): the uniform and the bindings besides the
+// activations (as layer_norm/backward.wgsl numbers them), and the block walk, sg_block. The
 // includer declares the activations x, dy, dx and the parameter weight, `const RESIDUAL: bool`
 // (whether sg_emit3 needs the generator state without LayerNorm → dropout), and
 // fn sg_emit3(base: u32, k: vec3<u32>, quads: u32, q: vec3<u32>, a: vec4<f32>, b: vec4<f32>,
@@ -13,7 +13,7 @@
 const LANES: u32 = 8u;
 const ROWS_PER_BLOCK: u32 = 64u;
 
-// #include "lnb_params.wgsl"
+// #include "layer_norm/backward_params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(5) var<storage, read> rstd: array<f32>;                  // (rows)

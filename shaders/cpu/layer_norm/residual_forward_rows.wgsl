@@ -1,7 +1,7 @@
 // The pre-norm residual block's forward with a row per subgroup (CPU adapters with SUBGROUP):
-// in place of layer_norm.wgsl's `ln_block_residual_dropout_forward`, as
-// layer_norm_subgroup.wgsl replaces the plain row-block pass (the walk is shared:
-// ln_subgroup_forward.wgsl).
+// in place of layer_norm/forward.wgsl's `ln_block_residual_dropout_forward`, as
+// cpu/layer_norm/forward_rows.wgsl replaces the plain row-block pass (the walk is shared:
+// cpu/layer_norm/rows_forward_walk.wgsl).
 //
 //   ln_sg_residual_dropout_forward_T   h = residual + x·m written out, y = LN(h)
 //
@@ -10,9 +10,9 @@
 // K = residual[r, 0] (h is not formed yet), as the row-block path. Its layout binds 9 storage
 // buffers: the host builds it only where the device allows that.
 
-// #include "philox.wgsl"
-// #include "ln_subgroup_rows.wgsl"
-// #include "ln_subgroup_forward.wgsl"
+// #include "lib/philox.wgsl"
+// #include "cpu/layer_norm/rows_lanes.wgsl"
+// #include "cpu/layer_norm/rows_forward_walk.wgsl"
 // #vec4-variant
 
 // #activation @binding(1) read x (rows, W)

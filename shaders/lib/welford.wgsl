@@ -1,7 +1,7 @@
 // include-only: validated as part of the shaders that include it.
 // Welford accumulation and Chan et al.'s pairwise merge of (count, mean, M2) triples, and
 // workgroup memory for merging them (LayerNorm's segment merges; BatchNorm's workgroup merges
-// are in workgroup_reduce.wgsl). Included by kernels that reduce statistics. The variance
+// are in lib/workgroup_reduce.wgsl). Included by kernels that reduce statistics. The variance
 // of a triple is M2 / count; it is never formed as E[x²] − E[x]².
 //
 // The including shader must declare `const WG: u32` (its workgroup size, a power of two).

@@ -38,10 +38,10 @@
 // bnb_reduce[_serial]_eval[_dropout] sums as bnb_reduce and writes dx in the same pass; then
 // bnb_finalize (when affine, for dγ, dβ) and no dx pass. Traffic: 3 passes, the minimum.
 
-// #include "philox.wgsl"
-// #include "nchw.wgsl"
-// #include "workgroup_reduce.wgsl"
-// #include "bnb_params.wgsl"
+// #include "lib/philox.wgsl"
+// #include "lib/nchw.wgsl"
+// #include "lib/workgroup_reduce.wgsl"
+// #include "batch_norm/backward_params.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -51,7 +51,7 @@ const FLAG_BATCH_STATS: u32 = 2u;   // the forward used batch statistics
 const FLAG_ACCUM_DX: u32 = 4u;      // dx += instead of dx =
 const FLAG_ACCUM_PARAMS: u32 = 8u;  // dγ += and dβ += instead of =
 
-// The uniform's layout: bnb_params.wgsl.
+// The uniform's layout: batch_norm/backward_params.wgsl.
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #activation @binding(1) read x (N, C, S)

@@ -1,6 +1,6 @@
 // include-only: validated as part of the shaders that include it.
 // Philox's 32×32 → 64-bit products without 64-bit integers, for every device. Replaced by
-// philox_mul_int64.wgsl where the device has SHADER_INT64; both give the same words (the
+// lib/philox_mul_int64.wgsl where the device has SHADER_INT64; both give the same words (the
 // dropout mask tests compare both with the CPU twin, bit for bit).
 
 // (hi, lo) words of the 64-bit product a·b. WGSL has no 64-bit integers, so the high word is

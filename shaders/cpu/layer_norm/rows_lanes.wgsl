@@ -1,6 +1,6 @@
 // include-only: validated as part of the shaders that include it.
-// Lane geometry of the row-per-subgroup LayerNorm passes (layer_norm_subgroup.wgsl,
-// layer_norm_backward_subgroup.wgsl; CPU adapters with SUBGROUP, vec4 variant only, W % 4 == 0):
+// Lane geometry of the row-per-subgroup LayerNorm passes (cpu/layer_norm/forward_rows.wgsl,
+// cpu/layer_norm/backward_rows.wgsl; CPU adapters with SUBGROUP, vec4 variant only, W % 4 == 0):
 // lane ℓ of a subgroup of `size` takes its row's quads ℓ, ℓ + size, ℓ + 2·size, … (neighbouring
 // lanes, neighbouring quads), held in registers in triples (the interleaved Philox calls'
 // grain) spelled out by the preprocessor's #unroll, because a private array indexed by a loop

@@ -1,5 +1,5 @@
 // LayerNorm backward with a row per subgroup, for CPU adapters with SUBGROUP (lavapipe): in
-// place of the row-block dx pass (layer_norm_backward.wgsl, `lnb_block_dx*`), with its
+// place of the row-block dx pass (layer_norm/backward.wgsl, `lnb_block_dx*`), with its
 // bindings, uniform, mask and partials layout, so lnb_params_final sums its partials as it
 // sums the row-block pass's. Same math as there:
 //
@@ -8,7 +8,7 @@
 //
 //   lnb_sg_dx[_dropout][_accumulate]_T   LayerNorm, or LayerNorm → dropout (d = dy·m);
 //                                         writing dx, or adding to it
-//   (the residual block's: layer_norm_residual_backward_subgroup.wgsl)
+//   (the residual block's: cpu/layer_norm/residual_backward_rows.wgsl)
 //
 // Why: the row-block pass reads every row twice (row phase, column phase) and every row's
 // coefficients from workgroup memory once per three column quads, each access lane by lane on
@@ -18,13 +18,13 @@
 // the row with one subgroupAdd of three values, writes dx from the registers, and keeps its
 // columns' γ and partial sums in registers for the whole block. x and dy are read once, dx
 // written once, and nothing goes through workgroup memory. Lane ℓ takes the row's quads as
-// ln_subgroup_rows.wgsl lays them out, T triples of them (the `_T` of the entry point).
+// cpu/layer_norm/rows_lanes.wgsl lays them out, T triples of them (the `_T` of the entry point).
 //
 // Precision: as the row-block pass: sums around K = x[r, 0], mean − K recomputed from Σ(x − K).
 
-// #include "philox.wgsl"
-// #include "ln_subgroup_rows.wgsl"
-// #include "ln_subgroup_backward.wgsl"
+// #include "lib/philox.wgsl"
+// #include "cpu/layer_norm/rows_lanes.wgsl"
+// #include "cpu/layer_norm/rows_backward_walk.wgsl"
 // #vec4-variant
 
 // #activation @binding(1) read x (rows, W) LN input

@@ -1,11 +1,11 @@
 // include-only: validated as part of the shaders that include it.
-// The row-per-subgroup LayerNorm forward's shared part (layer_norm_subgroup.wgsl,
-// layer_norm_residual_subgroup.wgsl): the uniform and the non-activation bindings (as
-// layer_norm.wgsl numbers them) and the block walk, sg_forward. A workgroup is one subgroup of
+// The row-per-subgroup LayerNorm forward's shared part (cpu/layer_norm/forward_rows.wgsl,
+// cpu/layer_norm/residual_forward_rows.wgsl): the uniform and the non-activation bindings (as
+// layer_norm/forward.wgsl numbers them) and the block walk, sg_forward. A workgroup is one subgroup of
 // LANES = 8 invocations (the host takes these passes only where the adapter's smallest subgroup
 // has 8 lanes or more, so the 8 are one subgroup or part of one) and walks a block of 64 rows,
 // the row-block path's grid: per row its quads into registers (lane ℓ: quads ℓ, ℓ + 8, …, as
-// ln_subgroup_rows.wgsl lays them out), the exact two-pass statistics around K by two
+// cpu/layer_norm/rows_lanes.wgsl lays them out), the exact two-pass statistics around K by two
 // subgroupAdds of registers (the variance is never E[x²] − E[x]²), and y written from the
 // registers; γ and β stay in registers for all 64 rows.
 //
@@ -25,7 +25,7 @@ const ROWS_PER_BLOCK: u32 = 64u;
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
 
-// #include "ln_params.wgsl"
+// #include "layer_norm/forward_params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(5) var<storage, read_write> mean_out: array<f32>;  // (rows)
