@@ -1,5 +1,5 @@
 //! The dropout randomness spec, on the CPU: Philox4x32-10 and the keep decision. The WGSL twin
-//! is `shaders/philox.wgsl`; masks agree bit for bit on every device.
+//! is `shaders/lib/philox.wgsl`; masks agree bit for bit on every device.
 //!
 //! For element `i` (the flat element index, or the flat `n·C + c` channel index for Dropout2d)
 //! under generator state `(seed, offset)`:

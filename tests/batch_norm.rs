@@ -1011,7 +1011,7 @@ fn encodes_into_callers_encoder_with_offsets() {
 }
 
 /// The one-pass-per-channel training forward (CPU adapters with SUBGROUP of 8 lanes or more;
-/// `shaders/batch_norm_subgroup.wgsl`) gives the reference's y, saved statistics, running
+/// `shaders/cpu/batch_norm/forward_channel.wgsl`) gives the reference's y, saved statistics, running
 /// statistics and count, with dropout the CPU twin's mask (both scaling modes), with and
 /// without γ/β and running statistics, in training and in eval without running statistics
 /// (batch statistics, no count), for planes narrower and wider than the subgroup's 8 quads and
@@ -1104,7 +1104,7 @@ fn channel_pass_matches_the_reference_where_the_device_has_it() {
 }
 
 /// The backward with batch statistics in one pass per channel (CPU adapters with SUBGROUP of 8
-/// lanes or more; `shaders/batch_norm_backward_subgroup.wgsl`) gives the reference's dx, dγ and
+/// lanes or more; `shaders/cpu/batch_norm/backward_channel.wgsl`) gives the reference's dx, dγ and
 /// dβ, writing and then accumulating (every gradient twice the reference's), with and without
 /// γ/β; with a fused dropout (both scaling modes; writing parks dy·m in dx, accumulating draws
 /// the mask again) the same gradients as the three-pass backward, whose mask handling the

@@ -370,8 +370,8 @@ fn state_round_trips_with_pytorch_keys() {
 }
 
 /// The row-per-subgroup passes (CPU adapters with SUBGROUP of 8 lanes or more: the forward,
-/// `shaders/layer_norm_subgroup.wgsl`, and the backward's dx pass,
-/// `shaders/layer_norm_backward_subgroup.wgsl`, and the residual block's twins) give the
+/// `shaders/cpu/layer_norm/forward_rows.wgsl`, and the backward's dx pass,
+/// `shaders/cpu/layer_norm/backward_rows.wgsl`, and the residual block's twins) give the
 /// reference's y, h, mean, rstd, dx, dresidual, dγ and dβ (writing and accumulating), plain,
 /// with dropout (the CPU twin's mask) and as the residual block, for each of their entry
 /// points' register budgets (2, 4 and 8 triples of quads per lane: widths up to 192, 384 and

@@ -21,17 +21,41 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
         assert!(names.contains(ep), "{what}: entry point {ep} missing (has {names:?})");
     }
 
-    let words = spv::write_vec(&module, &info, &spv::Options::default(), None)
+    // Variants are pipelines specialised by `override` flags, which the backends see as
+    // constants (wgpu processes them the same way before translating): translate with every
+    // flag off and with every flag on, so that both sides of each flag's branches are written.
+    let flags: Vec<String> = module.overrides.iter().filter_map(|(_, o)| o.name.clone()).collect();
+    let settings: &[f64] = if flags.is_empty() { &[0.0] } else { &[0.0, 1.0] };
+    for &value in settings {
+        let mut constants = naga::back::PipelineConstants::default();
+        for name in &flags {
+            constants.insert(name.clone(), value);
+        }
+        let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
+            .unwrap_or_else(|e| panic!("{what}: overrides {flags:?} = {value}: {e}"));
+        let what = if flags.is_empty() {
+            what.clone()
+        } else {
+            format!("{what} (flags {value})")
+        };
+        translate_processed(&what, v, &module, &info);
+    }
+}
+
+fn translate_processed(
+    what: &str,
+    v: &normdrop::kernels::ShaderVariant,
+    module: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+) {
+    let (module, info) = (module, info);
+
+    let words = spv::write_vec(module, info, &spv::Options::default(), None)
         .unwrap_or_else(|e| panic!("{what} -> SPIR-V: {e}"));
     assert_eq!(words[0], 0x0723_0203, "{what}: SPIR-V magic");
 
-    let (metal, _) = msl::write_string(
-        &module,
-        &info,
-        &msl::Options::default(),
-        &msl::PipelineOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{what} -> MSL: {e}"));
+    let (metal, _) = msl::write_string(module, info, &msl::Options::default(), &msl::PipelineOptions::default())
+        .unwrap_or_else(|e| panic!("{what} -> MSL: {e}"));
     for ep in v.entry_points {
         assert!(metal.contains(ep), "{what}: MSL lacks {ep}");
     }
@@ -42,12 +66,21 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
         &hlsl::Options::default(),
         &hlsl::PipelineOptions::default(),
     )
-    .write(&module, &info, None)
+    .write(module, info, None)
     .unwrap_or_else(|e| panic!("{what} -> HLSL: {e}"));
     assert!(hlsl_out.contains("[numthreads("), "{what}: HLSL has no compute entry");
 
-    // GLSL has one entry point per translation, as wgpu's GL backend does it.
+    // GLSL has one entry point per translation, as wgpu's GL backend does it: the module is cut
+    // down to what the entry point reaches first.
+    let (mut refused_int64, mut refused_f16) = (false, false);
     for ep in v.entry_points {
+        let (module, info) = naga::back::pipeline_constants::process_overrides(
+            module,
+            info,
+            Some((naga::ShaderStage::Compute, ep)),
+            &naga::back::PipelineConstants::default(),
+        )
+        .unwrap_or_else(|e| panic!("{what} ({ep}): {e}"));
         let mut out = String::new();
         let options = glsl::Options {
             version: glsl::Version::Embedded {
@@ -70,30 +103,35 @@ fn translate_all(v: &normdrop::kernels::ShaderVariant) {
             naga::proc::BoundsCheckPolicies::default(),
         )
         .and_then(|mut w| w.write());
-        if v.variant.int64 {
-            // GLSL ES has no 64-bit integers and wgpu's GL backend never offers
-            // SHADER_INT64: GL builds the variants with 16-bit-half products (translated below).
-            // (A native f16 variant may fail on its f16 first.)
-            let e = result.expect_err("64-bit integers unexpectedly translated to GLSL");
-            let f16_first = v.variant.storage == Storage::F16 && e.to_string().contains("width: 2");
-            assert!(
-                e.to_string().contains("width: 8") || f16_first,
-                "{what} -> GLSL ({ep}): {e}"
-            );
-            continue;
-        }
-        if v.variant.storage == Storage::F16 {
-            // The other exclusion: GLSL has no 16-bit floats, so naga's GLSL writer refuses native
-            // f16, and wgpu's GL backend never offers SHADER_F16; on GL the kernels build the
-            // packed variant instead (translated below like every other). Pin the reason, so
-            // that this test notices if naga ever starts accepting it.
-            let e = result.expect_err("native f16 unexpectedly translated to GLSL");
-            assert!(e.to_string().contains("width: 2"), "{what} -> GLSL ({ep}): {e}");
-            continue;
+        // GLSL ES has no 64-bit integers and no 16-bit floats, and wgpu's GL backend never
+        // offers SHADER_INT64 or SHADER_F16: GL builds the variants with 16-bit-half Philox
+        // products and packed f16 (translated like every other). An entry point of those
+        // variants that reaches either is refused for that reason; at least one per variant
+        // must be (pinned below, so that this test notices if naga ever starts accepting them).
+        if let Err(e) = &result {
+            let e = e.to_string();
+            if v.variant.int64 && e.contains("width: 8") {
+                refused_int64 = true;
+                continue;
+            }
+            if v.variant.storage == Storage::F16 && e.contains("width: 2") {
+                refused_f16 = true;
+                continue;
+            }
         }
         result.unwrap_or_else(|e| panic!("{what} -> GLSL ({ep}): {e}"));
         assert!(out.starts_with("#version 310 es"), "{what} ({ep})");
     }
+    // (A native f16 variant may be refused for its f16 first.)
+    assert!(
+        !v.variant.int64 || refused_int64 || refused_f16,
+        "{what}: no entry point refused for 64-bit integers"
+    );
+    let f16_activations = v.variant.storage == Storage::F16 && v.source.contains("array<f16>");
+    assert!(
+        !f16_activations || refused_f16,
+        "{what}: no entry point refused for f16"
+    );
 }
 
 #[test]

@@ -17,26 +17,21 @@
 // bnb_reduce and bnb_dx run once per range (x, dy, dx bound at its offset), partial sums of
 // every range are merged by bnb_finalize, and the dropout index is global.
 //
-// Entry points, in order:
-//   bnb_reduce    one workgroup per (channel, chunk): the three sums of the chunk.
-//                 bnb_reduce_dropout: the same with dy·m (fused dropout).
-//                 bnb_reduce_serial(_dropout): one invocation per (channel, chunk), no
-//                 workgroup merge (CPU adapters: `ReduceSplit::Invocation`).
-//   bnb_finalize  one workgroup per channel: merges chunk sums; writes (or adds to) dγ, dβ;
-//                 writes the channel's dx coefficients (K, a, q, r): dx = a·g + q + r·(x − K).
-//                 bnb_finalize_serial: one invocation per channel (pairs with _serial reduce).
-//   bnb_dx        one invocation per 4 consecutive elements: dx (written or added to).
-//                 bnb_dx_dropout: the same with dy·m.
-//                 bnb_dx_parked: after bnb_reduce[_serial]_dropout_park, which wrote g = dy·m
-//                 into dx (CPU adapters, writing f32 dx): the mask is drawn once, not twice.
-//                 bnb_dx[_dropout|_parked]_aligned, bnb_dx[_dropout]_accumulate_aligned: the
-//                 same for S % 4 == 0 (every quad in one channel), writing or adding to dx,
-//                 p.run quads per invocation.
-//
-// Running statistics (eval), where dx = γ·invstd·dy needs no reduction: bnb_eval_coef (one
-// invocation per channel) writes (K = running mean, a = γ·invstd) into coef, and
-// bnb_reduce[_serial]_eval[_dropout] sums as bnb_reduce and writes dx in the same pass; then
-// bnb_finalize (when affine, for dγ, dβ) and no dx pass. Traffic: 3 passes, the minimum.
+// Entry points (algorithms), each specialised per pipeline by the override flags below:
+//   bnb_reduce          one workgroup per (channel, chunk): the three sums of the chunk.
+//   bnb_reduce_serial   one invocation per (channel, chunk), no workgroup merge (CPU adapters:
+//                       `ReduceSplit::Invocation`).
+//   bnb_finalize        one workgroup per channel: merges chunk sums; writes (or adds to) dγ,
+//                       dβ; writes the channel's dx coefficients (K, a, q, r):
+//                       dx = a·g + q + r·(x − K). bnb_finalize_serial: one invocation per
+//                       channel (pairs with the serial reduce).
+//   bnb_dx              one invocation per 4 consecutive elements: dx (written or added to).
+//   bnb_dx_aligned      the same for S % 4 == 0 (every quad in one channel), p.run quads per
+//                       invocation, no per-element walk.
+//   bnb_eval_coef       running statistics (eval), where dx = γ·invstd·dy needs no reduction:
+//                       (K = running mean, a = γ·invstd) per channel into coef; the reduce with
+//                       EVAL then writes dx while it sums, bnb_finalize runs only for dγ, dβ
+//                       (when affine), and there is no dx pass. Traffic: 3 passes, the minimum.
 
 // #include "lib/philox.wgsl"
 // #include "lib/nchw.wgsl"
@@ -45,6 +40,16 @@
 // #vec4-variant
 
 const WG: u32 = 256u;
+
+// Variants of every algorithm, set per pipeline (pipeline-overridable constants): the driver
+// compiles each as a constant and drops the untaken side. CPU drivers such as lavapipe execute
+// both sides of every runtime `if` under a lane mask, so a uniform flag would still pay for a
+// Philox call or an accumulating load on every quad.
+override DROPOUT: bool = false;     // dy times the fused dropout's regenerated mask
+override EVAL: bool = false;        // running statistics: the reduce writes dx (see bnb_eval_coef)
+override PARK: bool = false;        // with DROPOUT, g = dy·m goes through dx: the reduce writes it,
+                                    // the dx pass reads it back (one mask draw instead of two)
+override ACCUMULATE: bool = false;  // bnb_dx_aligned adds to dx (bnb_dx reads FLAG_ACCUM_DX)
 
 const FLAG_AFFINE: u32 = 1u;        // γ multiplies dx; dγ, dβ are produced
 const FLAG_BATCH_STATS: u32 = 2u;   // the forward used batch statistics
@@ -84,9 +89,7 @@ fn centre_of(c: u32) -> f32 {
 
 // The fused dropout's mask factors of the Philox group holding flat element i (of this
 // range): m_j for the elements 4⌊(elem_base + i)/4⌋ + j. All ones without a fused dropout.
-// `drop` is a literal at every call (separate entry points with and without dropout): CPU
-// drivers such as lavapipe execute both sides of every `if`, so a uniform flag would still pay
-// for the Philox call; a constant argument folds the branch away when the call is inlined.
+// `drop` is a constant at every call (DROPOUT), so the branch folds away when inlined.
 fn mask_factors(i: u32, drop: bool) -> vec4<f32> {
     if (!drop) {
         return vec4<f32>(1.0);
@@ -108,50 +111,12 @@ fn bnb_reduce(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    reduce(wid.x + wid.y * nwg.x, lid, false, false, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_reduce_dropout(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    reduce(wid.x + wid.y * nwg.x, lid, true, false, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_reduce_eval(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    reduce(wid.x + wid.y * nwg.x, lid, false, true, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_reduce_eval_dropout(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    reduce(wid.x + wid.y * nwg.x, lid, true, true, false);
-}
-
-// bnb_reduce_dropout that also parks g = dy·m in dx for bnb_dx_parked (CPU adapters, writing
-// f32 dx: the mask is drawn once instead of twice).
-@compute @workgroup_size(256)
-fn bnb_reduce_dropout_park(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    reduce(wid.x + wid.y * nwg.x, lid, true, false, true);
+    reduce(wid.x + wid.y * nwg.x, lid, DROPOUT, EVAL, PARK);
 }
 
 // bnb_reduce of workgroup w; `drop`: dy is multiplied by the fused dropout's mask; `eval`:
 // running statistics, dx written on the way (coef from bnb_eval_coef); `park`: g = dy·m
-// written to dx for bnb_dx_parked.
+// written to dx for the dx pass with PARK.
 fn reduce(w: u32, lid: u32, drop: bool, eval: bool, park: bool) {
     if (w >= p.c * p.chunks) {
         return; // padding workgroup of a folded dispatch (uniform across the workgroup)
@@ -180,33 +145,7 @@ fn reduce_centre(c: u32, eval: bool) -> f32 {
 // adapters, `ReduceSplit::Invocation`).
 @compute @workgroup_size(256)
 fn bnb_reduce_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, false, false, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_reduce_serial_dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, true, false, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_reduce_serial_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, false, true, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_reduce_serial_eval_dropout(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, true, true, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_reduce_serial_dropout_park(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    reduce_serial(gid.x + gid.y * nwg.x * WG, true, false, true);
+    reduce_serial(gid.x + gid.y * nwg.x * WG, DROPOUT, EVAL, PARK);
 }
 
 fn reduce_serial(t: u32, drop: bool, eval: bool, park: bool) {
@@ -381,19 +320,7 @@ fn dx_of(k: vec4<f32>, x: vec4<f32>, g: vec4<f32>) -> vec4<f32> {
 
 @compute @workgroup_size(256)
 fn bnb_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    dx_quad(gid.x + gid.y * nwg.x * WG, false, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_dx_dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    dx_quad(gid.x + gid.y * nwg.x * WG, true, false);
-}
-
-// bnb_dx_dropout after bnb_reduce[_serial]_dropout_park: g = dy·m read back from dx (writing
-// only).
-@compute @workgroup_size(256)
-fn bnb_dx_parked(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    dx_quad(gid.x + gid.y * nwg.x * WG, false, true);
+    dx_quad(gid.x + gid.y * nwg.x * WG, DROPOUT && !PARK, PARK);
 }
 
 // bnb_dx of invocation g (elements 4g .. 4g + 3); `drop` as in `reduce`; `parked`: g = dy·m
@@ -444,7 +371,7 @@ fn dx_vector(first: u32, k: vec4<f32>, m: vec4<f32>, parked: bool, accumulate: b
 }
 
 // bnb_dx for S % 4 == 0 (the host's choice), where every quad lies in one channel: no
-// per-element walk, and writing or accumulating as a literal of the entry point. A CPU driver
+// per-element walk, and writing or accumulating as a constant (ACCUMULATE). A CPU driver
 // executes an `if` under a lane mask whether or not a lane takes it, so dx_quad pays for its
 // per-element path and the accumulating load on every quad (lavapipe: bn_train_bwd about
 // 1.17x faster without them). Invocation g takes the p.run
@@ -474,28 +401,5 @@ fn dx_aligned(g: u32, drop: bool, parked: bool, accumulate: bool) {
 
 @compute @workgroup_size(256)
 fn bnb_dx_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    dx_aligned(gid.x + gid.y * nwg.x * WG, false, false, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_dx_dropout_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    dx_aligned(gid.x + gid.y * nwg.x * WG, true, false, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_dx_parked_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    dx_aligned(gid.x + gid.y * nwg.x * WG, false, true, false);
-}
-
-@compute @workgroup_size(256)
-fn bnb_dx_accumulate_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    dx_aligned(gid.x + gid.y * nwg.x * WG, false, false, true);
-}
-
-@compute @workgroup_size(256)
-fn bnb_dx_dropout_accumulate_aligned(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    dx_aligned(gid.x + gid.y * nwg.x * WG, true, false, true);
+    dx_aligned(gid.x + gid.y * nwg.x * WG, DROPOUT && !PARK, PARK, ACCUMULATE);
 }

@@ -25,13 +25,11 @@
 //   bn_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
 //                     from the running statistics. Changes nothing.
 //   bn_normalize      one invocation per p.run quads of 4 consecutive elements:
-//                     y = (x − mean)·(invstd·γ) + β.
-//   bn_normalize_dropout  BatchNorm then dropout in one pass, the same geometry (one Philox call
-//                     per quad), y = ((x − mean)·(invstd·γ) + β)·m with the mask of lib/philox.wgsl
-//                     over flat element indices.
-//   bn_normalize_aligned, bn_normalize_dropout_aligned  the same two for S % 4 == 0 and
-//                     S ≥ 4·run, without the walk across channel boundaries inside a quad;
-//                     the dropout one draws three quads' masks per interleaved Philox step.
+//                     y = (x − mean)·(invstd·γ) + β. With DROPOUT, BatchNorm then dropout in
+//                     one pass, the same geometry: y = ((x − mean)·(invstd·γ) + β)·m with the
+//                     mask of lib/philox.wgsl over flat element indices. With ALIGNED (S % 4 == 0
+//                     and S ≥ 4·run), no walk across channel boundaries inside a quad, and the
+//                     dropout draws three quads' masks per interleaved Philox step.
 //
 // Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
 // linear workgroup index from `num_workgroups`.
@@ -54,6 +52,12 @@
 // #vec4-variant
 
 const WG: u32 = 256u;
+
+// bn_normalize's variants, set per pipeline (pipeline-overridable constants): the driver
+// compiles each as a constant and drops the untaken side, which a CPU driver would otherwise
+// execute under a lane mask for every quad.
+override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask
+override ALIGNED: bool = false;  // S % 4 == 0 and S ≥ 4·run: see normalize_run
 
 const FLAG_AFFINE: u32 = 1u;         // read γ, β (otherwise γ = 1, β = 0)
 const FLAG_TRACK: u32 = 2u;          // update running stats in bn_finalize
@@ -285,33 +289,11 @@ fn bn_normalize(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    normalize_run(gid.x + gid.y * nwg.x * WG, vec4<u32>(0u), false, false);
-}
-
-@compute @workgroup_size(256)
-fn bn_normalize_dropout(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    normalize_run(gid.x + gid.y * nwg.x * WG, load_state(), true, false);
-}
-
-// bn_normalize for S % 4 == 0 and S ≥ 4·run (the host's choice): see normalize_run.
-@compute @workgroup_size(256)
-fn bn_normalize_aligned(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    normalize_run(gid.x + gid.y * nwg.x * WG, vec4<u32>(0u), false, true);
-}
-
-// bn_normalize_dropout for S % 4 == 0 and S ≥ 4·run (the host's choice): see normalize_run.
-@compute @workgroup_size(256)
-fn bn_normalize_dropout_aligned(
-    @builtin(global_invocation_id) gid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    normalize_run(gid.x + gid.y * nwg.x * WG, load_state(), true, true);
+    var state = vec4<u32>(0u);
+    if (DROPOUT) {
+        state = load_state();
+    }
+    normalize_run(gid.x + gid.y * nwg.x * WG, state, DROPOUT, ALIGNED);
 }
 
 // Invocation g normalizes the p.run quads from element 4·run·g (the host's choice: 1 on GPUs,
@@ -319,9 +301,9 @@ fn bn_normalize_dropout_aligned(
 // (two divisions) and its coefficients (a lane-by-lane load on a CPU driver, a tenth of
 // `bn_eval_fwd` there when read per quad) are found once per run and again only where the
 // run enters the next channel. `drop`: y ← y·m with the fused dropout's mask from generator
-// state `state` (the entry point loads it: only the dropout entry binds rng_state); elem_base
-// is a multiple of 4, so each quad is the four words of one Philox call.
-// `aligned` (a literal of the entry point): S % 4 == 0 and S ≥ 4·run, so every quad lies in
+// state `state` (loaded once by the entry point); elem_base is a multiple of 4, so each quad
+// is the four words of one Philox call.
+// `aligned` (a constant): S % 4 == 0 and S ≥ 4·run, so every quad lies in
 // one channel and a run enters at most one next channel, whose coefficients are read up front
 // and taken by a select. The general walk below has a per-element path for quads that cross
 // channels and re-finds the channel where a run crosses; a CPU driver executes both under a

@@ -4,7 +4,7 @@
 //           scale = 1/(1 − p) (inverted, PyTorch's) or 1 (scale-at-inference)
 //   eval:   y_i = x_i · scale  with every unit kept: scale = 1 (inverted) or 1 − p
 //   backward: the same map applied to dy (dropout is linear for a fixed mask), with the
-//           forward's (seed, offset); with ACCUMULATE, y += instead of y =.
+//           forward's (seed, offset); adding (y += instead of y =) when accumulating.
 //   unit(i) = i for Dropout; the (n·C + c) channel of element i for Dropout2d (i / S).
 // The product x·m (not a select) propagates NaN/Inf from dropped elements, as PyTorch does.
 //
@@ -13,11 +13,11 @@
 //                     g + 2t (t invocations): one Philox call serves a quad, the three
 //                     interleaved. dropout2d_forward: one invocation per four quads g, g + t,
 //                     g + 2t, g + 3t (two calls per quad: its elements' channels lie within
-//                     eight consecutive units). `_accumulate`: y += instead of y =.
+//                     eight consecutive units). With ACCUMULATE: y += instead of y =.
 //   dropout2d_from_bits  Dropout2d (unit_len >= 4) from the channel keep bits dropout_mask
 //                     wrote into the plan's scratch just before: four quads per invocation as
 //                     dropout2d_forward, one word load per quad instead of two Philox calls.
-//                     `_accumulate`: y +=.
+//                     With ACCUMULATE: y +=.
 //   dropout_apply_mask  one invocation per element: y = x·m with m read from a packed mask
 //                     (the backward from a stored mask: dx = dy·m).
 //   dropout_mask      one invocation per mask word: the packed keep bits of 32 units, unit u
@@ -35,7 +35,12 @@
 // #vec4-variant
 
 const WG: u32 = 256u;
-const ACCUMULATE: u32 = 2u;   // flags: add to y instead of overwriting it
+const FLAG_ACCUMULATE: u32 = 2u;   // flags: add to y instead of overwriting it (dropout_apply_mask)
+
+// The forward passes' variant, set per pipeline (a pipeline-overridable constant): the driver
+// compiles it as a constant and drops the untaken side, which a CPU driver would otherwise
+// execute under a lane mask for every quad.
+override ACCUMULATE: bool = false;  // y += instead of y =
 
 // Mirrors `DropoutParams` in src/kernels/dropout.rs.
 struct Params {
@@ -43,7 +48,7 @@ struct Params {
     unit_len: u32,   // elements per mask unit: 1 (Dropout) or S = ∏ spatial (Dropout2d)
     units: u32,      // mask units: numel, or N·C
     threshold: u32,  // keep iff word >= threshold
-    flags: u32,      // DROP_ALL (p = 1 in training), ACCUMULATE
+    flags: u32,      // DROP_ALL (p = 1 in training), FLAG_ACCUMULATE
     scale: f32,      // multiplier of kept elements
     base: u32,       // flat index of element 0 of this dispatch (chunked calls; multiple of 4)
     _pad1: u32,
@@ -57,11 +62,11 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> rng_state: vec4<u32>; // (seed lo, seed hi, offset lo, offset hi)
 @group(0) @binding(4) var<storage, read_write> mask: array<u32>;     // (⌈units/32⌉) packed bits
 
-// Writes (or, with ACCUMULATE, adds) one output element. Written values are x·m exactly (a
+// Writes (or, with FLAG_ACCUMULATE, adds) one output element. Written values are x·m exactly (a
 // dropped negative value stays −0, as in PyTorch), never 0 + x·m.
 fn emit(i: u32, v: f32) {
     var y = v;
-    if ((p.flags & ACCUMULATE) != 0u) {
+    if ((p.flags & FLAG_ACCUMULATE) != 0u) {
         y += ld_y(i);
     }
     st_y(i, y);
@@ -71,28 +76,17 @@ fn linear_id(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
 }
 
-// Four entry points, one per (unit, accumulate) pair, so that each runs only its own code: CPU
-// drivers such as lavapipe execute both sides of every `if` (predication), so a uniform flag
-// choosing between Dropout and Dropout2d would make every call pay for both.
-// `forward_elements` and `forward_channels` take `accumulate` as a literal, which folds away.
+// One entry point per mask unit (Dropout, Dropout2d), so that each runs only its own code:
+// CPU drivers such as lavapipe execute both sides of every `if` (predication), so a uniform
+// flag choosing between them would make every call pay for both.
 @compute @workgroup_size(256)
 fn dropout_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward_elements(linear_id(gid, nwg), false);
-}
-
-@compute @workgroup_size(256)
-fn dropout_forward_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward_elements(linear_id(gid, nwg), true);
+    forward_elements(linear_id(gid, nwg), ACCUMULATE);
 }
 
 @compute @workgroup_size(256)
 fn dropout2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward_channels(linear_id(gid, nwg), false);
-}
-
-@compute @workgroup_size(256)
-fn dropout2d_forward_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward_channels(linear_id(gid, nwg), true);
+    forward_channels(linear_id(gid, nwg), ACCUMULATE);
 }
 
 // Dropout, invocation g: quads (4 consecutive elements) g, g + t and g + 2t of this dispatch,
@@ -174,12 +168,7 @@ fn apply4(first: u32, m: vec4<f32>, accumulate: bool) {
 // word load instead of two Philox calls per quad.
 @compute @workgroup_size(256)
 fn dropout2d_from_bits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward_from_bits(linear_id(gid, nwg), false);
-}
-
-@compute @workgroup_size(256)
-fn dropout2d_from_bits_accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    forward_from_bits(linear_id(gid, nwg), true);
+    forward_from_bits(linear_id(gid, nwg), ACCUMULATE);
 }
 
 fn forward_from_bits(g: u32, accumulate: bool) {

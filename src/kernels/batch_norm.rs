@@ -1,6 +1,6 @@
 //! BatchNorm forward, low level: [`BatchNormKernel`] (pipelines, one per device) and
 //! [`BatchNormPlan`] (one per input shape and configuration) that encodes into a caller's
-//! `CommandEncoder` on caller buffers. See `shaders/batch_norm.wgsl` for the math and geometry.
+//! `CommandEncoder` on caller buffers. See `shaders/batch_norm/forward.wgsl` for the math and geometry.
 //!
 //! A training step records, in one compute pass:
 //!
@@ -21,13 +21,13 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups, gcd,
-    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Storage,
+    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, fold_workgroups, gcd, placeholder,
+    record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Pipelines, Storage,
 };
 
 const OP: &str = "batch_norm";
 
-/// Entry points in `shaders/batch_norm.wgsl` that get a pipeline.
+/// Entry points in `shaders/batch_norm/forward.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bn_stats",
     "bn_stats_serial",
@@ -35,23 +35,17 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bn_finalize_serial",
     "bn_finalize_eval",
     "bn_normalize",
-    "bn_normalize_dropout",
-    "bn_normalize_aligned",
-    "bn_normalize_dropout_aligned",
 ];
-/// Entry points in `shaders/batch_norm_subgroup.wgsl`: the training forward in one pass per
-/// channel (`BatchNormPlanOptions::channel_pass`), plain and fused with dropout.
-pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["bn_channel_forward", "bn_channel_forward_dropout"];
+/// Entry points in `shaders/cpu/batch_norm/forward_channel.wgsl`: the training forward in one pass per
+/// channel (`BatchNormPlanOptions::channel_pass`), plain and fused with dropout (`DROPOUT`).
+pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["bn_channel_forward"];
 
 /// Storage buffers the one-pass-per-channel forward binds (with the dropout's generator state).
 const CHANNEL_STORAGE_BINDINGS: u32 = 10;
 
-/// Normalize entry points, `[general, aligned][plain, dropout]`: the aligned pair serves
-/// S % 4 == 0 and S ≥ 4·run (see `normalize_run` in the shader).
-const NORMALIZE_ENTRIES: [[&str; 2]; 2] = [
-    ["bn_normalize", "bn_normalize_dropout"],
-    ["bn_normalize_aligned", "bn_normalize_dropout_aligned"],
-];
+/// `bn_normalize`'s override flags: the fused dropout, and S % 4 == 0 with S ≥ 4·run (see
+/// `normalize_run` in the shader).
+const NORMALIZE_FLAGS: [&str; 2] = ["DROPOUT", "ALIGNED"];
 const WORKGROUP: u64 = 256;
 /// Workgroup size of the one-invocation-per-channel passes (`bn_finalize_eval`, the `_serial`
 /// finalizes of forward and backward).
@@ -206,7 +200,7 @@ impl BatchNormConfig {
     }
 }
 
-/// Uniform parameters; mirrors `struct Params` in `shaders/batch_norm.wgsl` field by field.
+/// Uniform parameters; mirrors `struct Params` in `shaders/batch_norm/forward.wgsl` field by field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct BnParams {
@@ -250,7 +244,7 @@ pub struct BatchNormPlanOptions {
     pub normalize_run: Option<u32>,
     /// With batch statistics, one dispatch instead of three: a workgroup of one 8-lane subgroup
     /// per channel reduces it, finishes its statistics and normalizes it
-    /// (`shaders/batch_norm_subgroup.wgsl`). Possible on CPU adapters with `SUBGROUP` of at
+    /// (`shaders/cpu/batch_norm/forward_channel.wgsl`). Possible on CPU adapters with `SUBGROUP` of at
     /// least 8 lanes and 10 storage buffers per stage, for f32 tensors within one storage
     /// binding bound as 16-byte vectors, S % 4 == 0, and a momentum (not the cumulative
     /// average). Default `None`: where possible, when `split` is `None` and there are at least
@@ -286,24 +280,18 @@ pub(crate) fn runs_align(s: u64, run: u32) -> bool {
 #[derive(Clone, Debug)]
 pub struct BatchNormKernel {
     storage: Storage,
-    /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
-    stats: [wgpu::ComputePipeline; 2],
-    /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
-    finalize: [wgpu::ComputePipeline; 2],
-    finalize_eval: wgpu::ComputePipeline,
-    /// `[general, aligned][plain, dropout]` (`NORMALIZE_ENTRIES`).
-    normalize: [[wgpu::ComputePipeline; 2]; 2],
-    /// The same from the vec4 variant (f32 only), for ranges whose x
-    /// and y bind as whole 16-byte vectors.
-    normalize_vec4: Option<[[wgpu::ComputePipeline; 2]; 2]>,
-    /// `stats` from the vec4 variant, for ranges whose x binds as whole vectors and S % 4 == 0.
-    stats_vec4: Option<[wgpu::ComputePipeline; 2]>,
-    /// Stand-ins for bindings a configuration does not use: γ, β (read) and running mean,
-    /// running var, num_batches_tracked (read-write), each distinct.
-    placeholders: [wgpu::Buffer; 5],
-    /// The one-pass-per-channel forward, `[plain, dropout]` (vec4 variant): built where
-    /// [`channel_pass_possible`].
-    channel: Option<[wgpu::ComputePipeline; 2]>,
+    /// Every entry point of `batch_norm/forward.wgsl` (`bn_normalize` by `DROPOUT` and
+    /// `ALIGNED`).
+    pipelines: Pipelines,
+    /// `bn_stats[_serial]` and `bn_normalize` from the vec4 variant (f32 only), for ranges whose
+    /// x (and y) bind as whole 16-byte vectors (the stats pass also needs S % 4 == 0).
+    pipelines_vec4: Option<Pipelines>,
+    /// Stand-ins for bindings a configuration does not use: γ, β (read), running mean,
+    /// running var, num_batches_tracked (read-write) and the generator state, each distinct.
+    placeholders: [wgpu::Buffer; 6],
+    /// The one-pass-per-channel forward (`bn_channel_forward` by `DROPOUT`, vec4 variant): built
+    /// where [`channel_pass_possible`].
+    channel: Option<Pipelines>,
 }
 
 /// Whether `device` can run the one-pass-per-channel forward for `storage`: the subgroup
@@ -339,24 +327,29 @@ pub(crate) fn channel_choice(
 impl Kernel for BatchNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let module = crate::kernels::shader_module(device, "batch_norm/forward.wgsl", storage, false);
-        let vec4 = vec4_module(device, "batch_norm/forward.wgsl", storage);
+        let per_range = |module: &wgpu::ShaderModule| {
+            let mut p = Pipelines::default();
+            for entry in ["bn_stats", "bn_stats_serial"] {
+                p.add_all(device, module, entry, &[]);
+            }
+            p.add_all(device, module, "bn_normalize", &NORMALIZE_FLAGS);
+            p
+        };
+        let mut pipelines = per_range(&module);
+        for entry in ["bn_finalize", "bn_finalize_serial", "bn_finalize_eval"] {
+            pipelines.add_all(device, &module, entry, &[]);
+        }
         Self {
             storage,
-            stats: ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, &module, e)),
-            finalize: ["bn_finalize", "bn_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
-            finalize_eval: compute_pipeline(device, &module, "bn_finalize_eval"),
-            normalize: NORMALIZE_ENTRIES.map(|pair| pair.map(|e| compute_pipeline(device, &module, e))),
-            normalize_vec4: vec4
-                .as_ref()
-                .map(|m| NORMALIZE_ENTRIES.map(|pair| pair.map(|e| compute_pipeline(device, m, e)))),
-            stats_vec4: vec4
-                .as_ref()
-                .map(|m| ["bn_stats", "bn_stats_serial"].map(|e| compute_pipeline(device, m, e))),
+            pipelines,
+            pipelines_vec4: vec4_module(device, "batch_norm/forward.wgsl", storage).map(|m| per_range(&m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
             channel: channel_pass_possible(device, storage).then(|| {
                 let module =
                     crate::kernels::shader_module(device, "cpu/batch_norm/forward_channel.wgsl", storage, true);
-                [0, 1].map(|i| compute_pipeline(device, &module, CHANNEL_ENTRY_POINTS[i]))
+                let mut p = Pipelines::default();
+                p.add_all(device, &module, "bn_channel_forward", &["DROPOUT"]);
+                p
             }),
         }
     }
@@ -874,12 +867,16 @@ impl BatchNormPlan {
         let uniform = self.chunks[0].uniforms[usize::from(training)].as_entire_binding();
 
         let batch_stats = self.uses_batch_stats(training);
-        let drop = usize::from(self.dropout.is_some() && b.rng.is_some());
+        let drop = self.dropout.is_some() && b.rng.is_some();
+        let rng = match (&self.dropout, &b.rng) {
+            (Some(_), Some(rng)) => binding(rng, RNG_STATE_BYTES),
+            _ => ph[5].as_entire_binding(),
+        };
         if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
             let (at, len) = range_bytes(c);
             if vec4_bindable(&[&b.x, &b.y], at, len) {
-                let pass = &channel[drop];
-                let mut entries = vec![
+                let pass = channel.get("bn_channel_forward", &[("DROPOUT", drop)])?;
+                let entries = [
                     (0, c.uniforms[usize::from(training)].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),
                     (2, binding_at(&b.y, at, len)),
@@ -890,25 +887,26 @@ impl BatchNormPlan {
                     (7, nbt),
                     (8, save_mean),
                     (9, save_invstd),
+                    (11, rng),
                 ];
-                if let (Some(_), Some(rng)) = (&self.dropout, &b.rng) {
-                    entries.push((11, binding(rng, RNG_STATE_BYTES)));
-                }
                 let group = bind_group(device, "bn_channel_forward", pass, &entries);
                 record(encoder, "batch_norm forward", &[(pass, group, self.channel_groups)]);
                 return Ok(());
             }
         }
         let mut groups = Vec::new();
-        let serial = usize::from(self.split.serial());
-        let finalize = &k.finalize[serial];
+        let serial = self.split.serial();
+        let finalize = k
+            .pipelines
+            .get(if serial { "bn_finalize_serial" } else { "bn_finalize" }, &[])?;
         if batch_stats {
             for c in &self.chunks {
                 let (at, len) = range_bytes(c);
-                let stats = match &k.stats_vec4 {
-                    Some(v) if self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x], at, len) => &v[serial],
-                    _ => &k.stats[serial],
+                let pipelines = match &k.pipelines_vec4 {
+                    Some(v) if self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x], at, len) => v,
+                    _ => &k.pipelines,
                 };
+                let stats = pipelines.get(if serial { "bn_stats_serial" } else { "bn_stats" }, &[])?;
                 let entries = [
                     (0, c.uniforms[usize::from(training)].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),
@@ -939,12 +937,13 @@ impl BatchNormPlan {
                 self.finalize_groups,
             ));
         } else {
+            let finalize_eval = k.pipelines.get("bn_finalize_eval", &[])?;
             groups.push((
-                &k.finalize_eval,
+                finalize_eval,
                 bind_group(
                     device,
                     "bn_finalize_eval",
-                    &k.finalize_eval,
+                    finalize_eval,
                     &[
                         (0, uniform.clone()),
                         (3, weight.clone()),
@@ -959,22 +958,20 @@ impl BatchNormPlan {
                 self.eval_groups,
             ));
         }
-        let aligned = usize::from(self.aligned);
         for c in &self.chunks {
             let (at, len) = range_bytes(c);
-            let normalize = match &k.normalize_vec4 {
-                Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => &v[aligned][drop],
-                _ => &k.normalize[aligned][drop],
+            let pipelines = match &k.pipelines_vec4 {
+                Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => v,
+                _ => &k.pipelines,
             };
-            let mut entries = vec![
+            let normalize = pipelines.get("bn_normalize", &[("DROPOUT", drop), ("ALIGNED", self.aligned)])?;
+            let entries = [
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),
                 (2, binding_at(&b.y, at, len)),
+                (11, rng.clone()),
                 (12, centre.clone()),
             ];
-            if let (Some(_), Some(rng)) = (&self.dropout, &b.rng) {
-                entries.push((11, binding(rng, RNG_STATE_BYTES)));
-            }
             groups.push((
                 normalize,
                 bind_group(device, "bn_normalize", normalize, &entries),

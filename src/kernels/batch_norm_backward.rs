@@ -1,38 +1,40 @@
 //! BatchNorm backward, low level: [`BatchNormBackwardKernel`] and [`BatchNormBackwardPlan`],
-//! encoding into a caller's encoder. See `shaders/batch_norm_backward.wgsl` for the formulas.
+//! encoding into a caller's encoder. See `shaders/batch_norm/backward.wgsl` for the formulas.
 //!
-//! | dispatch       | workgroups      | reads                           | writes                 |
-//! |----------------|-----------------|---------------------------------|------------------------|
-//! | `bnb_reduce`   | C · chunks      | x, dy                           | partial sums           |
-//! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
-//! | `bnb_finalize` | C               | partial sums, saved stats       | dγ, dβ, coefficients   |
-//! | `bnb_dx`       | ⌈N·C·S/(1024·run)⌉| x, dy, coefficients             | dx                     |
-//! | (`_dropout`)   |                 | + generator state (dy·mask)     |                        |
+//! | dispatch       | workgroups        | reads                         | writes                 |
+//! |----------------|-------------------|-------------------------------|------------------------|
+//! | `bnb_reduce`   | C · chunks        | x, dy (+ generator: dy·mask)  | partial sums           |
+//! | `bnb_finalize` | C                 | partial sums, saved stats     | dγ, dβ, coefficients   |
+//! | `bnb_dx`       | ⌈N·C·S/(1024·run)⌉| x, dy, coefficients           | dx                     |
 //!
-//! With [`ReduceSplit::Invocation`] (the CPU-adapter default) `bnb_reduce_serial(_dropout)`
-//! takes a chunk per invocation (⌈C · chunks / 256⌉ workgroups) and `bnb_finalize_serial` a
-//! channel per invocation. Where S % 4 == 0 the dx pass takes its `_aligned` entry points
-//! (every quad in one channel; writing and accumulating as separate entries), which skip the
-//! per-element walk a CPU driver would otherwise execute under a lane mask for every quad, and
-//! take runs of [`default_normalize_run`] quads per invocation where S ≥ 4·run (8 on CPU
-//! adapters, 1 on GPUs), reading a channel's coefficients once per run.
+//! Each entry point is one algorithm; its variants are pipelines specialised by WGSL override
+//! flags: `DROPOUT` (dy times the fused dropout's regenerated mask), `EVAL` (running
+//! statistics), `PARK` (g = dy·m parked in dx between the reduce and the dx pass) and, in
+//! `bnb_dx_aligned`, `ACCUMULATE`.
+//!
+//! With [`ReduceSplit::Invocation`] (the CPU-adapter default) `bnb_reduce_serial` takes a chunk
+//! per invocation (⌈C · chunks / 256⌉ workgroups) and `bnb_finalize_serial` a channel per
+//! invocation. Where S % 4 == 0 the dx pass is `bnb_dx_aligned` (every quad in one channel),
+//! which skips the per-element walk a CPU driver would otherwise execute under a lane mask for
+//! every quad, and takes runs of [`default_normalize_run`] quads per invocation where S ≥ 4·run
+//! (8 on CPU adapters, 1 on GPUs), reading a channel's coefficients once per run.
 //!
 //! Traffic: 5 passes over the activations (reduce reads x and dy; dx reads both and writes dx).
 //!
 //! On CPU adapters with 8-lane subgroups, a backward with batch statistics is one dispatch
-//! instead (`bnb_channel[_dropout][_accumulate]`, C workgroups of one subgroup each, see
+//! instead (`bnb_channel`, C workgroups of one subgroup each, see
 //! [`BatchNormBackwardPlanOptions::channel_pass`]): each channel is summed, then walked again
 //! for dx, while it is in the core's cache.
 //!
 //! Running statistics (the backward of an eval-mode forward, `batch_stats` false), where
 //! dx = γ·invstd·dy needs no reduction: `bnb_eval_coef` (a channel per invocation) writes each
-//! channel's (running mean, γ·invstd), `bnb_reduce[_serial]_eval[_dropout]` writes dx while it
-//! sums, and `bnb_finalize` runs only for dγ, dβ (affine): 3 passes of traffic.
+//! channel's (running mean, γ·invstd), the reduce with `EVAL` writes dx while it sums, and
+//! `bnb_finalize` runs only for dγ, dβ (affine): 3 passes of traffic.
 //!
-//! With a fused dropout on a CPU adapter, writing f32 dx, `bnb_reduce[_serial]_dropout_park`
-//! also writes g = dy·m into dx and `bnb_dx_parked` reads it back: the mask is drawn once
-//! instead of twice, for one more write of the activations (a CPU driver spends more on a
-//! Philox call than on a store; a GPU the reverse).
+//! With a fused dropout on a CPU adapter, writing f32 dx, the reduce and the dx pass take
+//! `PARK`: the reduce also writes g = dy·m into dx and the dx pass reads it back, so the mask is
+//! drawn once instead of twice, for one more write of the activations (a CPU driver spends more
+//! on a Philox call than on a store; a GPU the reverse).
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
@@ -43,22 +45,17 @@ use crate::kernels::batch_norm::{
 };
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, compute_pipeline, fold_workgroups, placeholder,
-    record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Storage,
+    bind_group, binding, binding_at, binding_or, check_distinct, fold_workgroups, placeholder, record, uniform_buffer,
+    vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Pipelines, Storage,
 };
 
 const OP: &str = "batch_norm backward";
 const WORKGROUP: u64 = 256;
 
-/// Entry points in `shaders/batch_norm_backward_subgroup.wgsl`: the backward with batch
+/// Entry points in `shaders/cpu/batch_norm/backward_channel.wgsl`: the backward with batch
 /// statistics in one pass per channel ([`BatchNormBackwardPlanOptions::channel_pass`]),
-/// `[plain, dropout][write, accumulate dx]` in order.
-pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &[
-    "bnb_channel",
-    "bnb_channel_accumulate",
-    "bnb_channel_dropout",
-    "bnb_channel_dropout_accumulate",
-];
+/// specialised by `DROPOUT` and `ACCUMULATE`.
+pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["bnb_channel"];
 
 /// Geometry overrides for a BatchNorm backward plan ([`BatchNormBackwardKernel::plan_with_options`]).
 /// `Default` leaves every choice to the device's policy; results agree within rounding.
@@ -68,7 +65,7 @@ pub struct BatchNormBackwardPlanOptions {
     pub split: Option<ReduceSplit>,
     /// With batch statistics, one dispatch instead of three: a workgroup of one 8-lane subgroup
     /// per channel sums it, writes dγ and dβ, and writes dx
-    /// (`shaders/batch_norm_backward_subgroup.wgsl`). Possible on CPU adapters with `SUBGROUP`
+    /// (`shaders/cpu/batch_norm/backward_channel.wgsl`). Possible on CPU adapters with `SUBGROUP`
     /// of at least 8 lanes, for f32 tensors within one storage binding bound as 16-byte vectors
     /// and S % 4 == 0. `None`: where possible, when `split` is `None` and there are at least two
     /// channels per host thread; `Some(false)`: never; `Some(true)`: wherever possible, or the
@@ -76,29 +73,16 @@ pub struct BatchNormBackwardPlanOptions {
     pub channel_pass: Option<bool>,
 }
 
-/// Entry points in `shaders/batch_norm_backward.wgsl` that get a pipeline.
+/// Entry points in `shaders/batch_norm/backward.wgsl` that get a pipeline: one per algorithm,
+/// each specialised by the override flags `DROPOUT`, `EVAL`, `PARK` and `ACCUMULATE`.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "bnb_reduce",
-    "bnb_reduce_dropout",
     "bnb_reduce_serial",
-    "bnb_reduce_serial_dropout",
     "bnb_finalize",
     "bnb_finalize_serial",
-    "bnb_dx",
-    "bnb_dx_dropout",
-    "bnb_reduce_eval",
-    "bnb_reduce_eval_dropout",
-    "bnb_reduce_serial_eval",
-    "bnb_reduce_serial_eval_dropout",
     "bnb_eval_coef",
-    "bnb_reduce_dropout_park",
-    "bnb_reduce_serial_dropout_park",
-    "bnb_dx_parked",
+    "bnb_dx",
     "bnb_dx_aligned",
-    "bnb_dx_dropout_aligned",
-    "bnb_dx_parked_aligned",
-    "bnb_dx_accumulate_aligned",
-    "bnb_dx_dropout_accumulate_aligned",
 ];
 
 const FLAG_AFFINE: u32 = 1;
@@ -106,7 +90,7 @@ const FLAG_BATCH_STATS: u32 = 2;
 const FLAG_ACCUM_DX: u32 = 4;
 const FLAG_ACCUM_PARAMS: u32 = 8;
 
-/// Mirrors `struct Params` in `shaders/batch_norm_backward.wgsl`.
+/// Mirrors `struct Params` in `shaders/batch_norm/backward.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct BnBackwardParams {
@@ -137,117 +121,66 @@ const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 88);
 #[derive(Clone, Debug)]
 pub struct BatchNormBackwardKernel {
     storage: Storage,
-    /// `[batch statistics, running statistics (writes dx)][split][plain, with the fused
-    /// dropout's mask on dy]`, split indexed `[ReduceSplit::Workgroup,
-    /// ReduceSplit::Invocation]`: separate entry points, so that a plain backward never
-    /// executes (not even predicated, as CPU drivers do) a Philox call.
-    reduce: ReducePipelines,
-    /// `[ReduceSplit::Workgroup, ReduceSplit::Invocation]`.
-    finalize: [wgpu::ComputePipeline; 2],
-    dx: DxPipelines,
-    /// `dx` from the vec4 variant (f32 only), for ranges whose x, dy and dx bind as whole
-    /// 16-byte vectors.
-    dx_vec4: Option<DxPipelines>,
-    /// `reduce` from the vec4 variant, for ranges whose x, dy and dx bind as whole vectors and
-    /// S % 4 == 0.
-    reduce_vec4: Option<ReducePipelines>,
-    /// `bnb_eval_coef`: the running-statistics dx coefficients before the eval reduce.
-    eval_coef: wgpu::ComputePipeline,
-    /// Parking g = dy·m: `[reduce_dropout_park, reduce_serial_dropout_park]`, scalar and
-    /// (f32) vec4; the dx pass that reads g back is in `dx`.
-    park: [wgpu::ComputePipeline; 2],
-    park_vec4: Option<[wgpu::ComputePipeline; 2]>,
+    /// Every entry point of `batch_norm/backward.wgsl` with the flag combinations a plan can
+    /// take (see [`BatchNormBackwardKernel::build_pipelines`]).
+    pipelines: Pipelines,
+    /// The reduce and dx passes from the vec4 variant (f32 only), for ranges whose x, dy and dx
+    /// bind as whole 16-byte vectors (the reduce also needs S % 4 == 0).
+    pipelines_vec4: Option<Pipelines>,
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
-    /// The one-pass-per-channel backward (vec4 variant), `[plain, dropout][accumulate dx]`:
-    /// built on CPU adapters with `SUBGROUP` of at least 8 lanes and f32 storage.
-    channel: Option<[[wgpu::ComputePipeline; 2]; 2]>,
+    /// The one-pass-per-channel backward (`bnb_channel`, vec4 variant, by `DROPOUT` and
+    /// `ACCUMULATE`): built on CPU adapters with `SUBGROUP` of at least 8 lanes and f32 storage.
+    channel: Option<Pipelines>,
+}
+
+/// The reduce's and the dx pass's flags, in the order their `wanted` predicates see them.
+const REDUCE_FLAGS: [&str; 3] = ["DROPOUT", "EVAL", "PARK"];
+const DX_FLAGS: [&str; 2] = ["DROPOUT", "PARK"];
+const DX_ALIGNED_FLAGS: [&str; 3] = ["DROPOUT", "PARK", "ACCUMULATE"];
+
+impl BatchNormBackwardKernel {
+    /// The reduce and dx pipelines of `module` (both splits; parking only with a dropout, in
+    /// the batch-statistics reduce, and in the dx pass that writes), plus the whole-call
+    /// passes (`finalize`, `eval_coef`) where `whole_call`.
+    fn build_pipelines(device: &wgpu::Device, module: &wgpu::ShaderModule, whole_call: bool) -> Pipelines {
+        let mut p = Pipelines::default();
+        for entry in ["bnb_reduce", "bnb_reduce_serial"] {
+            p.add(device, module, entry, &REDUCE_FLAGS, |f| !f[2] || (f[0] && !f[1]));
+        }
+        p.add(device, module, "bnb_dx", &DX_FLAGS, |f| !f[1] || f[0]);
+        p.add(device, module, "bnb_dx_aligned", &DX_ALIGNED_FLAGS, |f| {
+            !f[1] || (f[0] && !f[2])
+        });
+        if whole_call {
+            for entry in ["bnb_finalize", "bnb_finalize_serial", "bnb_eval_coef"] {
+                p.add_all(device, module, entry, &[]);
+            }
+        }
+        p
+    }
 }
 
 impl Kernel for BatchNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let module = crate::kernels::shader_module(device, "batch_norm/backward.wgsl", storage, false);
         let vec4 = vec4_module(device, "batch_norm/backward.wgsl", storage);
-        let reduce = |module: &wgpu::ShaderModule| {
-            [
-                [
-                    ["bnb_reduce", "bnb_reduce_dropout"],
-                    ["bnb_reduce_serial", "bnb_reduce_serial_dropout"],
-                ],
-                [
-                    ["bnb_reduce_eval", "bnb_reduce_eval_dropout"],
-                    ["bnb_reduce_serial_eval", "bnb_reduce_serial_eval_dropout"],
-                ],
-            ]
-            .map(|split| split.map(|pair| pair.map(|e| compute_pipeline(device, module, e))))
-        };
         Self {
             storage,
-            reduce: reduce(&module),
-            finalize: ["bnb_finalize", "bnb_finalize_serial"].map(|e| compute_pipeline(device, &module, e)),
-            dx: DxPipelines::build(device, &module),
-            dx_vec4: vec4.as_ref().map(|m| DxPipelines::build(device, m)),
-            reduce_vec4: vec4.as_ref().map(reduce),
-            eval_coef: compute_pipeline(device, &module, "bnb_eval_coef"),
-            park: PARK_ENTRY_POINTS.map(|e| compute_pipeline(device, &module, e)),
-            park_vec4: vec4
-                .as_ref()
-                .map(|m| PARK_ENTRY_POINTS.map(|e| compute_pipeline(device, m, e))),
+            pipelines: Self::build_pipelines(device, &module, true),
+            pipelines_vec4: vec4.as_ref().map(|m| Self::build_pipelines(device, m, false)),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
             // Binds at most 8 storage buffers: no limit beyond the subgroup passes' own.
             channel: crate::kernels::cpu_subgroup_passes(device, storage).then(|| {
                 let module =
                     crate::kernels::shader_module(device, "cpu/batch_norm/backward_channel.wgsl", storage, true);
-                [0, 1].map(|drop| {
-                    [0, 1].map(|acc| compute_pipeline(device, &module, CHANNEL_ENTRY_POINTS[2 * drop + acc]))
-                })
+                let mut p = Pipelines::default();
+                p.add_all(device, &module, "bnb_channel", &["DROPOUT", "ACCUMULATE"]);
+                p
             }),
         }
     }
 }
-
-const PARK_ENTRY_POINTS: [&str; 2] = ["bnb_reduce_dropout_park", "bnb_reduce_serial_dropout_park"];
-
-/// Where the dx pass takes dy·m from: `DxPipelines` columns.
-const DX_PLAIN: usize = 0;
-const DX_DROPOUT: usize = 1;
-const DX_PARKED: usize = 2;
-
-/// The dx pass's pipelines of one shader module, columns `[plain, with the fused dropout's
-/// mask, parked g = dy·m]`: for any S (writing or adding to dx by the uniform's flag), for
-/// S % 4 == 0 writing dx, and for S % 4 == 0 adding to it (`[plain, dropout]`: parking only
-/// runs when dx is written). The S % 4 == 0 entry points have no per-element walk across
-/// channel boundaries and no runtime flag test, which a CPU driver would pay on every quad.
-#[derive(Clone, Debug)]
-struct DxPipelines {
-    general: [wgpu::ComputePipeline; 3],
-    aligned: [wgpu::ComputePipeline; 3],
-    aligned_accumulate: [wgpu::ComputePipeline; 2],
-}
-
-impl DxPipelines {
-    fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        let pipeline = |e| compute_pipeline(device, module, e);
-        Self {
-            general: ["bnb_dx", "bnb_dx_dropout", "bnb_dx_parked"].map(pipeline),
-            aligned: ["bnb_dx_aligned", "bnb_dx_dropout_aligned", "bnb_dx_parked_aligned"].map(pipeline),
-            aligned_accumulate: ["bnb_dx_accumulate_aligned", "bnb_dx_dropout_accumulate_aligned"].map(pipeline),
-        }
-    }
-
-    /// The pipeline for S % 4 == 0 (`aligned`) or not, adding to dx or not, reading dy·m from
-    /// `source` (`DX_PLAIN`, `DX_DROPOUT`, `DX_PARKED`).
-    fn pick(&self, aligned: bool, accumulate: bool, source: usize) -> &wgpu::ComputePipeline {
-        match (aligned, accumulate) {
-            (true, false) => &self.aligned[source],
-            (true, true) if source != DX_PARKED => &self.aligned_accumulate[source],
-            _ => &self.general[source],
-        }
-    }
-}
-
-/// Reduce pipelines indexed `[eval][serial][drop]` (see [`BatchNormBackwardKernel`]).
-type ReducePipelines = [[[wgpu::ComputePipeline; 2]; 2]; 2];
 
 storage_constructors!(BatchNormBackwardKernel, "x, dy, dx");
 
@@ -580,17 +513,19 @@ impl BatchNormBackwardPlan {
         let rng = binding_or(self.dropout.is_some(), &b.rng, &ph[3], RNG_STATE_BYTES);
         let (save_mean, save_invstd) = (binding(&b.save_mean, c_bytes), binding(&b.save_invstd, c_bytes));
         let (partials, coef) = (self.partials.as_entire_binding(), self.coef.as_entire_binding());
-        let drop = usize::from(self.dropout.is_some());
-        let serial = usize::from(self.split.serial());
-        let eval = usize::from(!batch_stats);
+        let drop = self.dropout.is_some();
+        let serial = self.split.serial();
+        let eval = !batch_stats;
         let park = self.parks && batch_stats && !accumulate.dx;
-        let finalize = &k.finalize[serial];
+        let finalize = k
+            .pipelines
+            .get(if serial { "bnb_finalize_serial" } else { "bnb_finalize" }, &[])?;
         let weight = binding_or(affine, &b.weight, &ph[0], c_bytes);
         if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             if vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) {
-                let pass = &channel[drop][usize::from(accumulate.dx)];
-                let mut entries = vec![
+                let pass = channel.get("bnb_channel", &[("DROPOUT", drop), ("ACCUMULATE", accumulate.dx)])?;
+                let entries = [
                     (0, c.uniforms[variant].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),
                     (2, binding_at(&b.dy, at, len)),
@@ -599,10 +534,8 @@ impl BatchNormBackwardPlan {
                     (6, save_invstd),
                     (9, binding_or(affine, &b.dweight, &ph[1], c_bytes)),
                     (10, binding_or(affine, &b.dbias, &ph[2], c_bytes)),
+                    (11, rng),
                 ];
-                if drop == 1 {
-                    entries.push((11, rng));
-                }
                 let group = bind_group(device, "bnb_channel", pass, &entries);
                 record(encoder, "batch_norm backward", &[(pass, group, self.channel_groups)]);
                 return Ok(());
@@ -617,21 +550,22 @@ impl BatchNormBackwardPlan {
                 (6, save_invstd.clone()),
                 (8, coef.clone()),
             ];
+            let eval_coef = k.pipelines.get("bnb_eval_coef", &[])?;
             passes.push((
-                &k.eval_coef,
-                bind_group(device, "bnb_eval_coef", &k.eval_coef, &entries),
+                eval_coef,
+                bind_group(device, "bnb_eval_coef", eval_coef, &entries),
                 self.eval_coef_groups,
             ));
         }
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             let vec4 = self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len);
-            let reduce = match (&k.reduce_vec4, &k.park_vec4) {
-                (_, Some(p)) if park && vec4 => &p[serial],
-                _ if park => &k.park[serial],
-                (Some(v), _) if vec4 => &v[eval][serial][drop],
-                _ => &k.reduce[eval][serial][drop],
+            let pipelines = match &k.pipelines_vec4 {
+                Some(v) if vec4 => v,
+                _ => &k.pipelines,
             };
+            let entry = if serial { "bnb_reduce_serial" } else { "bnb_reduce" };
+            let reduce = pipelines.get(entry, &[("DROPOUT", drop), ("EVAL", eval), ("PARK", park)])?;
             // Every reduce entry point's layout holds dx (the eval ones write it).
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),
@@ -677,16 +611,20 @@ impl BatchNormBackwardPlan {
         for c in &self.chunks {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             let vec4 = vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len);
-            let pipelines = match &k.dx_vec4 {
+            let pipelines = match &k.pipelines_vec4 {
                 Some(v) if vec4 => v,
-                _ => &k.dx,
+                _ => &k.pipelines,
             };
-            let source = match (park, drop) {
-                (true, _) => DX_PARKED,
-                (false, 1) => DX_DROPOUT,
-                _ => DX_PLAIN,
+            // The aligned pass adds to dx by its ACCUMULATE flag, the general one by the
+            // uniform's; parking only runs when dx is written.
+            let dx = if self.aligned {
+                pipelines.get(
+                    "bnb_dx_aligned",
+                    &[("DROPOUT", drop), ("PARK", park), ("ACCUMULATE", accumulate.dx)],
+                )?
+            } else {
+                pipelines.get("bnb_dx", &[("DROPOUT", drop), ("PARK", park)])?
             };
-            let dx = pipelines.pick(self.aligned, accumulate.dx, source);
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),

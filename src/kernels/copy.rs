@@ -7,7 +7,7 @@ use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, rec
 
 const OP: &str = "copy";
 
-/// Entry points in `shaders/copy.wgsl` that get a pipeline.
+/// Entry points in `shaders/copy/copy.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &["copy_vec4", "copy_vec4_x4"];
 
 /// How many 16-byte quads one invocation of the copy moves. The bandwidth yardstick is the

@@ -16,25 +16,25 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::{
     bind_group, binding, binding_at, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups, record,
-    uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Storage,
+    uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Pipelines, Storage,
 };
 use crate::rng::DropRule;
 
 const OP: &str = "dropout";
 const WORKGROUP: u64 = 256;
 
-/// Entry points in `shaders/dropout.wgsl` that get a pipeline.
+/// Entry points in `shaders/dropout/dropout.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "dropout_forward",
-    "dropout_forward_accumulate",
     "dropout2d_forward",
-    "dropout2d_forward_accumulate",
     "dropout2d_from_bits",
-    "dropout2d_from_bits_accumulate",
     "dropout_apply_mask",
     "dropout_mask",
     "rng_advance",
 ];
+
+/// The forward passes, by mask unit: Dropout, Dropout2d, Dropout2d from channel keep bits.
+const FORWARD_ENTRY_POINTS: [&str; 3] = ["dropout_forward", "dropout2d_forward", "dropout2d_from_bits"];
 
 /// Bytes of a generator state buffer.
 pub const RNG_STATE_BYTES: u64 = 16;
@@ -74,9 +74,10 @@ pub(crate) struct DropParams {
     pub scale: f32,
 }
 
-/// `DROP_ALL` in `shaders/philox.wgsl`.
+/// `DROP_ALL` in `shaders/lib/philox.wgsl`.
 const FLAG_DROP_ALL: u32 = 1;
-/// `ACCUMULATE` in `shaders/dropout.wgsl`.
+/// `FLAG_ACCUMULATE` in `shaders/dropout/dropout.wgsl` (the forward passes take the
+/// `ACCUMULATE` override instead).
 const FLAG_ACCUMULATE: u32 = 2;
 
 impl DropoutConfig {
@@ -136,7 +137,7 @@ pub enum DropoutUnit {
     Channel,
 }
 
-/// Mirrors `struct Params` in `shaders/dropout.wgsl`.
+/// Mirrors `struct Params` in `shaders/dropout/dropout.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct DropoutParams {
@@ -157,11 +158,11 @@ const _: () = assert!(std::mem::size_of::<DropoutParams>() == 48);
 #[derive(Clone, Debug)]
 pub struct DropoutKernel {
     storage: Storage,
-    /// `[Dropout, Dropout2d, Dropout2d from channel keep bits][write, accumulate]`: one entry
-    /// point each, so that no call executes the others' code (CPU drivers predicate every `if`).
-    forward: [[wgpu::ComputePipeline; 2]; 3],
+    /// The forward passes (`FORWARD_ENTRY_POINTS`, by `ACCUMULATE`): one entry point per mask
+    /// unit, so that no call executes the others' code (CPU drivers predicate every `if`).
+    forward: Pipelines,
     /// The same from the vec4 variant (f32 only), for ranges bound as whole 16-byte vectors.
-    forward_vec4: Option<[[wgpu::ComputePipeline; 2]; 3]>,
+    forward_vec4: Option<Pipelines>,
     apply_mask: wgpu::ComputePipeline,
     mask: wgpu::ComputePipeline,
     advance: wgpu::ComputePipeline,
@@ -171,12 +172,11 @@ impl Kernel for DropoutKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let module = crate::kernels::shader_module(device, "dropout/dropout.wgsl", storage, false);
         let forward = |module: &wgpu::ShaderModule| {
-            [
-                ["dropout_forward", "dropout_forward_accumulate"],
-                ["dropout2d_forward", "dropout2d_forward_accumulate"],
-                ["dropout2d_from_bits", "dropout2d_from_bits_accumulate"],
-            ]
-            .map(|pair| pair.map(|e| compute_pipeline(device, module, e)))
+            let mut p = Pipelines::default();
+            for entry in FORWARD_ENTRY_POINTS {
+                p.add_all(device, module, entry, &["ACCUMULATE"]);
+            }
+            p
         };
         Self {
             storage,
@@ -402,7 +402,7 @@ impl DropoutPlan {
         self.units.div_ceil(32)
     }
 
-    /// Records `y = x·m` (see `shaders/dropout.wgsl`). Does not advance the generator.
+    /// Records `y = x·m` (see `shaders/dropout/dropout.wgsl`). Does not advance the generator.
     pub fn encode(
         &self,
         device: &wgpu::Device,
@@ -449,7 +449,6 @@ impl DropoutPlan {
             (DropoutUnit::Channel, None) => 1,
             (DropoutUnit::Channel, Some(_)) => 2,
         };
-        let acc = usize::from(accumulate);
         let mut dispatches = Vec::with_capacity(self.chunks.len() + 1);
         if let Some(bits) = &self.channel_bits {
             let group = bind_group(
@@ -467,10 +466,11 @@ impl DropoutPlan {
         for c in &self.chunks {
             let (at, len) = (c.chunk.start * eb, c.chunk.count * eb);
             // One 16-byte access per four elements where the range allows it.
-            let pipeline = match &k.forward_vec4 {
-                Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => &v[unit][acc],
-                _ => &k.forward[unit][acc],
+            let pipelines = match &k.forward_vec4 {
+                Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => v,
+                _ => &k.forward,
             };
+            let pipeline = pipelines.get(FORWARD_ENTRY_POINTS[unit], &[("ACCUMULATE", accumulate)])?;
             let mut entries = vec![
                 (0, c.uniform(training, accumulate)),
                 (1, binding_at(&b.x, at, len)),

@@ -1,6 +1,6 @@
 //! LayerNorm forward, low level, optionally fused with dropout: [`LayerNormKernel`] (one per
 //! device) and [`LayerNormPlan`] (one per shape, configuration and fusion). See
-//! `shaders/layer_norm.wgsl` for the math and geometry.
+//! `shaders/layer_norm/forward.wgsl` for the math and geometry.
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
@@ -13,7 +13,7 @@ use crate::kernels::{
 
 const OP: &str = "layer_norm";
 
-/// Entry points in `shaders/layer_norm.wgsl` that get a pipeline.
+/// Entry points in `shaders/layer_norm/forward.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "ln_forward",
     "ln_dropout_forward",
@@ -23,7 +23,7 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "ln_block_residual_dropout_forward",
 ];
 
-/// Entry points in `shaders/layer_norm_subgroup.wgsl` (the row-per-subgroup forward): plain
+/// Entry points in `shaders/cpu/layer_norm/forward_rows.wgsl` (the row-per-subgroup forward): plain
 /// and dropout for each of [`SG_TRIPLES`]; the residual block's are
 /// [`SUBGROUP_RESIDUAL_ENTRY_POINTS`].
 pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
@@ -35,7 +35,7 @@ pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
     "ln_sg_dropout_forward_8",
 ];
 
-/// Entry points in `shaders/layer_norm_residual_subgroup.wgsl`: the residual block's
+/// Entry points in `shaders/cpu/layer_norm/residual_forward_rows.wgsl`: the residual block's
 /// row-per-subgroup forward for each of [`SG_TRIPLES`].
 pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &[
     "ln_sg_residual_dropout_forward_2",
@@ -170,7 +170,7 @@ pub enum LayerNormFusion {
     ResidualDropout(DropoutConfig),
 }
 
-/// Mirrors `struct Params` in `shaders/layer_norm.wgsl`.
+/// Mirrors `struct Params` in `shaders/layer_norm/forward.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct LnParams {
@@ -256,7 +256,7 @@ pub struct LayerNormPlanOptions {
     /// activations and a width that is a multiple of 4 and at most 768 (96 per lane), a
     /// workgroup of one 8-lane subgroup walks each 64-row block holding one row at a time in
     /// registers instead: x (and dy) read once, no workgroup memory, no barrier (forward:
-    /// `shaders/layer_norm_subgroup.wgsl`, `cpu/layer_norm/residual_forward_rows.wgsl`; the backward's
+    /// `shaders/cpu/layer_norm/forward_rows.wgsl`, `cpu/layer_norm/residual_forward_rows.wgsl`; the backward's
     /// dx pass: `cpu/layer_norm/backward_rows.wgsl`, `cpu/layer_norm/residual_backward_rows.wgsl`).
     /// `None`: wherever it can; `Some(false)`: never; `Some(true)`: the plan fails with
     /// [`Error::Unsupported`] where it cannot. Calls whose buffers cannot bind as 16-byte

@@ -1,6 +1,6 @@
 //! LayerNorm backward, low level, including the backward of its dropout fusions:
 //! [`LayerNormBackwardKernel`] and [`LayerNormBackwardPlan`]. See
-//! `shaders/layer_norm_backward.wgsl` for the formulas.
+//! `shaders/layer_norm/backward.wgsl` for the formulas.
 //!
 //! | dispatch                        | workgroups                 | writes                      |
 //! |---------------------------------|----------------------------|-----------------------------|
@@ -36,7 +36,7 @@ const RESIDUAL_PASS: &str = "storage buffers of the fused residual backward pass
 /// shader): 16 KiB, the smallest `max_uniform_buffer_binding_size` wgpu allows.
 const GAMMA_UNIFORM_COLUMNS: u64 = 4096;
 
-/// Entry points in `shaders/layer_norm_backward.wgsl` that get a pipeline.
+/// Entry points in `shaders/layer_norm/backward.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "lnb_dx",
     "lnb_dx_dropout",
@@ -56,7 +56,7 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "lnb_block_residual_dx_accumulate",
 ];
 
-/// Entry points in `shaders/layer_norm_backward_subgroup.wgsl` (the row-per-subgroup dx pass):
+/// Entry points in `shaders/cpu/layer_norm/backward_rows.wgsl` (the row-per-subgroup dx pass):
 /// `lnb_sg_dx[_dropout][_accumulate]_T` for each T of [`SG_TRIPLES`].
 pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
     "lnb_sg_dx_2",
@@ -73,7 +73,7 @@ pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
     "lnb_sg_dx_dropout_accumulate_8",
 ];
 
-/// Entry points in `shaders/layer_norm_residual_backward_subgroup.wgsl`: the residual block's
+/// Entry points in `shaders/cpu/layer_norm/residual_backward_rows.wgsl`: the residual block's
 /// row-per-subgroup dx pass, `lnb_sg_residual_dx[_accumulate]_T` for each T of [`SG_TRIPLES`].
 pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &[
     "lnb_sg_residual_dx_2",
@@ -90,7 +90,7 @@ const FLAG_ACCUM_DX: u32 = 4;
 const FLAG_ACCUM_PARAMS: u32 = 8;
 const FLAG_DH_IN: u32 = 32;
 
-/// Mirrors `struct Params` in `shaders/layer_norm_backward.wgsl`.
+/// Mirrors `struct Params` in `shaders/layer_norm/backward.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct LnBackwardParams {

@@ -410,7 +410,7 @@ pub(crate) fn binding<'a>(slice: &wgpu::BufferSlice<'a>, bytes: u64) -> wgpu::Bi
 }
 
 /// Division of indices below 2^31 by a divisor fixed per dispatch, as a multiply and a shift
-/// (`fast_div` in `shaders/nchw.wgsl`): `n / d = mulhi(n, m) >> s`, or `n` when `m = 0`
+/// (`fast_div` in `shaders/lib/nchw.wgsl`): `n / d = mulhi(n, m) >> s`, or `n` when `m = 0`
 /// (`d = 1`). With `l = ⌈log2 d⌉ ≥ 1`, `m = ⌈2^(31+l) / d⌉` and `s = l − 1`: for `n < 2^31` the
 /// rounding of `m` adds less than `n / 2^(31+l) < 1/d` to `n / d`, which never reaches the next
 /// integer; and `m < 2^32`.
@@ -532,6 +532,94 @@ pub(crate) fn bind_group(
         label: Some(label),
         layout: &pipeline.get_bind_group_layout(0),
         entries: &entries,
+    })
+}
+
+/// A WGSL `override` flag of a shader (`override DROPOUT: bool = false;`) and its value for one
+/// pipeline. Variants of one algorithm (with or without a fused dropout, writing or adding)
+/// are one entry point specialised by such flags: the driver compiles each pipeline with the
+/// flag as a constant and drops the untaken side, as it would for a literal.
+pub(crate) type Flag = (&'static str, bool);
+
+/// The pipelines of one kernel, keyed by (entry point, override flags). A kernel builds every
+/// combination its plans can take when it is built; `encode` looks one up.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Pipelines {
+    map: std::collections::HashMap<(&'static str, Vec<Flag>), wgpu::ComputePipeline>,
+}
+
+impl Pipelines {
+    /// Builds `entry` of `module` once for every combination of `flags` that `wanted` accepts
+    /// (`wanted` sees the values in `flags`' order).
+    pub(crate) fn add(
+        &mut self,
+        device: &wgpu::Device,
+        module: &wgpu::ShaderModule,
+        entry: &'static str,
+        flags: &[&'static str],
+        wanted: impl Fn(&[bool]) -> bool,
+    ) {
+        for bits in 0..1u32 << flags.len() {
+            let values: Vec<bool> = (0..flags.len()).map(|i| bits & (1 << i) != 0).collect();
+            if !wanted(&values) {
+                continue;
+            }
+            let key: Vec<Flag> = flags.iter().copied().zip(values).collect();
+            let pipeline = compute_pipeline_with(device, module, entry, &key);
+            self.map.insert((entry, Self::canonical(&key)), pipeline);
+        }
+    }
+
+    /// [`add`](Self::add) for every combination of `flags`.
+    pub(crate) fn add_all(
+        &mut self,
+        device: &wgpu::Device,
+        module: &wgpu::ShaderModule,
+        entry: &'static str,
+        flags: &[&'static str],
+    ) {
+        self.add(device, module, entry, flags, |_| true);
+    }
+
+    /// The pipeline of `entry` with `flags` (every flag it was built with, in any order).
+    pub(crate) fn get(&self, entry: &'static str, flags: &[Flag]) -> Result<&wgpu::ComputePipeline> {
+        self.map
+            .get(&(entry, Self::canonical(flags)))
+            .ok_or_else(|| Error::Internal(format!("no pipeline was built for {entry} with {flags:?}")))
+    }
+
+    fn canonical(flags: &[Flag]) -> Vec<Flag> {
+        let mut key = flags.to_vec();
+        key.sort_unstable();
+        key
+    }
+}
+
+/// A compute pipeline for `entry` of `module` with its override `flags` set.
+pub(crate) fn compute_pipeline_with(
+    device: &wgpu::Device,
+    module: &wgpu::ShaderModule,
+    entry: &str,
+    flags: &[Flag],
+) -> wgpu::ComputePipeline {
+    let constants: Vec<(&str, f64)> = flags
+        .iter()
+        .map(|&(name, on)| (name, f64::from(u8::from(on))))
+        .collect();
+    let label: String = std::iter::once(entry.to_string())
+        .chain(flags.iter().filter(|(_, on)| *on).map(|(name, _)| name.to_lowercase()))
+        .collect::<Vec<_>>()
+        .join("+");
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(&label),
+        layout: None,
+        module,
+        entry_point: Some(entry),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &constants,
+            ..Default::default()
+        },
+        cache: None,
     })
 }
 

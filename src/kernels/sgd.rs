@@ -6,10 +6,10 @@ use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, rec
 
 const OP: &str = "sgd";
 
-/// Entry points in `shaders/sgd.wgsl` that get a pipeline.
+/// Entry points in `shaders/sgd/sgd.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &["sgd_step"];
 
-/// Mirrors `struct Params` in `shaders/sgd.wgsl`.
+/// Mirrors `struct Params` in `shaders/sgd/sgd.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 struct SgdParams {

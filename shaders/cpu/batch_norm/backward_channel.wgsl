@@ -4,8 +4,8 @@
 // BatchNormBackwardPlanOptions::channel_pass), with the same uniform, bindings, formulas and,
 // fused with dropout, the same mask.
 //
-//   bnb_channel[_dropout][_accumulate]   dx written or added to; dγ, dβ written or added to
-//                                        (FLAG_ACCUM_PARAMS); with dropout dy·m
+//   bnb_channel   dx written or added to (ACCUMULATE); dγ, dβ written or added to
+//                 (FLAG_ACCUM_PARAMS); with DROPOUT dy·m
 //
 // Why: as cpu/batch_norm/forward_channel.wgsl for the forward: one dispatch instead of three on a driver
 // where each costs ~50 µs, no partials or coefficients through memory. A workgroup is one
@@ -15,7 +15,7 @@
 // interleave), adds them across lanes with subgroupAdd, writes dγ and dβ, and walks the channel
 // again for dx = a·g + q + r·(x − K) (batch_norm/backward.wgsl's finish_channel). Writing dx
 // with dropout, the first walk parks g in dx and the second reads it back (the mask drawn once,
-// as bnb_reduce_dropout_park does); adding to dx, the second walk draws it again.
+// as bnb_reduce with PARK does); adding to dx, the second walk draws it again.
 // Precision: sums around K = x[0, c, 0]; mean − K recomputed exactly from Σ(x − K).
 
 // #include "lib/philox.wgsl"
@@ -39,24 +39,17 @@ const FLAG_ACCUM_PARAMS: u32 = 8u;
 @group(0) @binding(10) var<storage, read_write> dbias: array<f32>;        // (C) dβ
 @group(0) @binding(11) var<storage, read> rng_state: vec4<u32>;          // (seed lo, seed hi, offset lo, offset hi)
 
+// Variants, set per pipeline (pipeline-overridable constants, folded by the driver).
+override DROPOUT: bool = false;     // dy times the fused dropout's regenerated mask
+override ACCUMULATE: bool = false;  // dx += instead of dx =
+
 @compute @workgroup_size(8)
 fn bnb_channel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    channel_backward(wid.x + wid.y * nwg.x, lid, vec4<u32>(0u), false, false);
-}
-
-@compute @workgroup_size(8)
-fn bnb_channel_dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    channel_backward(wid.x + wid.y * nwg.x, lid, load_state(), true, false);
-}
-
-@compute @workgroup_size(8)
-fn bnb_channel_accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    channel_backward(wid.x + wid.y * nwg.x, lid, vec4<u32>(0u), false, true);
-}
-
-@compute @workgroup_size(8)
-fn bnb_channel_dropout_accumulate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    channel_backward(wid.x + wid.y * nwg.x, lid, load_state(), true, true);
+    var state = vec4<u32>(0u);
+    if (DROPOUT) {
+        state = load_state();
+    }
+    channel_backward(wid.x + wid.y * nwg.x, lid, state, DROPOUT, ACCUMULATE);
 }
 
 // Mask factors of the plane quads j, j + 8, j + 16 from element `base` (ones without `drop`).

@@ -1,12 +1,12 @@
 // BatchNorm training forward in one pass per channel, for CPU adapters with SUBGROUP
-// (lavapipe): in place of batch_norm/forward.wgsl's bn_stats → bn_finalize → bn_normalize[_dropout]
+// (lavapipe): in place of batch_norm/forward.wgsl's bn_stats → bn_finalize → bn_normalize
 // where the plan allows (one range, S % 4 == 0, f32 bound as vectors, a momentum, i.e. not the
 // cumulative average; BatchNormPlanOptions::channel_pass), with the same uniform, bindings,
 // results within rounding and, fused with dropout, the same mask.
 //
-//   bn_channel_forward          y = BN(x) with batch statistics; saved mean and invstd,
-//                               running statistics, num_batches_tracked as the three passes
-//   bn_channel_forward_dropout  y = BN(x)·m
+//   bn_channel_forward   y = BN(x) with batch statistics (with DROPOUT: y = BN(x)·m); saved
+//                        mean and invstd, running statistics, num_batches_tracked as the three
+//                        passes
 //
 // Why: on a CPU driver each dispatch costs a fixed ~50 µs, and the three passes' partials and
 // coefficients go through memory lane by lane. Here a workgroup is one
@@ -44,22 +44,20 @@ const FLAG_COUNT: u32 = 8u;
 @group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
 @group(0) @binding(11) var<storage, read> rng_state: vec4<u32>;         // (seed lo, seed hi, offset lo, offset hi)
 
+// Set per pipeline (a pipeline-overridable constant, folded by the driver).
+override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask
+
 @compute @workgroup_size(8)
 fn bn_channel_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    channel_forward(wid.x + wid.y * nwg.x, lid, vec4<u32>(0u), false);
-}
-
-@compute @workgroup_size(8)
-fn bn_channel_forward_dropout(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    channel_forward(wid.x + wid.y * nwg.x, lid, load_state(), true);
+    var state = vec4<u32>(0u);
+    if (DROPOUT) {
+        state = load_state();
+    }
+    channel_forward(wid.x + wid.y * nwg.x, lid, state, DROPOUT);
 }
 
 // The subgroup's triples merged by a butterfly of shuffles; lane 0's total is the result (every
