@@ -25,7 +25,7 @@ jit_ir() {
     shift
     valgrind --tool=callgrind --callgrind-out-file="$out/cg.$n" "$bin" bench --ops "$op" --samples "$n" "$@" \
         >"$out/log.$n" 2>&1 || { cat "$out/log.$n" >&2; exit 1; }
-    callgrind_annotate "$out/cg.$n" 2>/dev/null | awk '/\[\?\?\?\]$/ { gsub(",", "", $1); s += $1 } END { print s + 0 }'
+    callgrind_annotate "$out/cg.$n" 2>/dev/null | awk '/\[\?\?\?\]$/ { gsub(",", "", $1); s += $1 } END { printf "%.0f\n", s }'
 }
 # The two runs in parallel: valgrind runs a program on one core.
 jit_ir 2 "$@" >"$out/a" &

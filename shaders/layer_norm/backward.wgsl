@@ -4,7 +4,7 @@
 //   dγ_j = Σ_rows dy·x̂     dβ_j = Σ_rows dy
 //
 // Fusions (the forward's dropout, backward applied inside these passes, mask regenerated):
-//   LayerNorm → dropout (lnb_dx_dropout, lnb_params_partial_dropout): dy ← dy·m on load.
+//   LayerNorm → dropout (lnb_dx, lnb_params_partial with DROPOUT): dy ← dy·m on load.
 //   residual block (lnb_residual_dx): forward h = residual + x·m, y = LN(h). Given dy (for y)
 //     and optionally dh_in (gradient reaching h from elsewhere, e.g. the next residual add):
 //     dh = LN_backward(dy) + dh_in, dresidual = dh, dx = dh·m.
@@ -38,6 +38,12 @@
 const WG: u32 = 256u;
 const REGS: u32 = 16u;
 const ROWS_PER_BLOCK: u32 = 64u;
+
+// Variants, set per pipeline (pipeline-overridable constants): the driver compiles each as a
+// constant and drops the untaken side, which a CPU driver would otherwise execute under a lane
+// mask (both sides of every runtime branch).
+override DROPOUT: bool = false;     // dy ← dy·m, LayerNorm → dropout's mask
+override ACCUMULATE: bool = false;  // dx (and dresidual) += instead of =
 
 const FLAG_WEIGHT: u32 = 1u;
 const FLAG_BIAS: u32 = 2u;
@@ -202,43 +208,15 @@ fn row_start(at: Slot, base: u32) -> vec2<f32> {
     return vec2<f32>(0.0);
 }
 
-// Four dx entry points: with or without LayerNorm → dropout's mask on dy (dy ← dy·m), and
-// writing dx (FLAG_ACCUM_DX clear) or adding to it (set; the `_accumulate` ones). Each is its
-// own path, as CPU drivers run both sides of a runtime branch.
+// The dx pass: with DROPOUT, LayerNorm → dropout's mask on dy (dy ← dy·m); with ACCUMULATE,
+// adding to dx (the uniform's FLAG_ACCUM_DX is set too) instead of writing it.
 @compute @workgroup_size(256)
 fn lnb_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    dx_rows(slot_of(wid, nwg, lid), lid, false, false);
-}
-
-@compute @workgroup_size(256)
-fn lnb_dx_dropout(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    dx_rows(slot_of(wid, nwg, lid), lid, true, false);
-}
-
-@compute @workgroup_size(256)
-fn lnb_dx_accumulate(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    dx_rows(slot_of(wid, nwg, lid), lid, false, true);
-}
-
-@compute @workgroup_size(256)
-fn lnb_dx_dropout_accumulate(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    dx_rows(slot_of(wid, nwg, lid), lid, true, true);
+    dx_rows(slot_of(wid, nwg, lid), lid, DROPOUT, ACCUMULATE);
 }
 
 fn dx_rows(at: Slot, lid: u32, drop: bool, accumulate: bool) {
@@ -332,23 +310,14 @@ fn residual_emit(e: u32, dh_ln: f32, m: f32) {
     st_dx(e, dx);
 }
 
-// The residual block's dx writing dx and dresidual (FLAG_ACCUM_DX clear), or adding to them.
+// The residual block's dx writing dx and dresidual, or (ACCUMULATE) adding to them.
 @compute @workgroup_size(256)
 fn lnb_residual_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    residual_dx(slot_of(wid, nwg, lid), lid, false);
-}
-
-@compute @workgroup_size(256)
-fn lnb_residual_dx_accumulate(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    residual_dx(slot_of(wid, nwg, lid), lid, true);
+    residual_dx(slot_of(wid, nwg, lid), lid, ACCUMULATE);
 }
 
 fn residual_dx(at: Slot, lid: u32, accumulate: bool) {
@@ -435,8 +404,8 @@ const BLOCK: u32 = 64u;
 var<workgroup> block_coef: array<vec4<f32>, BLOCK>;
 var<workgroup> block_slope: array<f32, BLOCK>;
 
-// Four row-block entry points as the dx ones (dropout on dy or not, writing or adding to dx),
-// and two for the residual block. One workgroup per block of BLOCK rows.
+// The row-block passes, by DROPOUT and ACCUMULATE as the dx pass, and the residual block's (by
+// ACCUMULATE). One workgroup per block of BLOCK rows.
 @compute @workgroup_size(64)
 fn lnb_block_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -444,37 +413,7 @@ fn lnb_block_dx(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let block = wid.x + wid.y * nwg.x;
-    block_columns(block, lid, block_begin(block, lid, false, false, false), false, false);
-}
-
-@compute @workgroup_size(64)
-fn lnb_block_dx_dropout(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let block = wid.x + wid.y * nwg.x;
-    block_columns(block, lid, block_begin(block, lid, true, false, false), true, false);
-}
-
-@compute @workgroup_size(64)
-fn lnb_block_dx_accumulate(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let block = wid.x + wid.y * nwg.x;
-    block_columns(block, lid, block_begin(block, lid, false, false, true), false, true);
-}
-
-@compute @workgroup_size(64)
-fn lnb_block_dx_dropout_accumulate(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let block = wid.x + wid.y * nwg.x;
-    block_columns(block, lid, block_begin(block, lid, true, false, true), true, true);
+    block_columns(block, lid, block_begin(block, lid, DROPOUT, false, ACCUMULATE), DROPOUT, ACCUMULATE);
 }
 
 @compute @workgroup_size(64)
@@ -484,17 +423,7 @@ fn lnb_block_residual_dx(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let block = wid.x + wid.y * nwg.x;
-    block_columns_residual(block, lid, block_begin(block, lid, false, true, false), false);
-}
-
-@compute @workgroup_size(64)
-fn lnb_block_residual_dx_accumulate(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let block = wid.x + wid.y * nwg.x;
-    block_columns_residual(block, lid, block_begin(block, lid, false, true, true), true);
+    block_columns_residual(block, lid, block_begin(block, lid, false, true, ACCUMULATE), ACCUMULATE);
 }
 
 // The row phase of block `block`, then a barrier; returns the generator state (zeros unless
@@ -807,17 +736,7 @@ fn lnb_params_partial(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    params_partial(wid.x + wid.y * nwg.x, lid, false);
-}
-
-// LayerNorm → dropout: dy ← dy·m.
-@compute @workgroup_size(256)
-fn lnb_params_partial_dropout(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    params_partial(wid.x + wid.y * nwg.x, lid, true);
+    params_partial(wid.x + wid.y * nwg.x, lid, DROPOUT);
 }
 
 // Invocation (tile, lid) of block `block` takes columns j0 .. j0 + 3, j0 = 4·(tile·WG + lid): the

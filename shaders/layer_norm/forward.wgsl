@@ -4,8 +4,7 @@
 //   mean_r = (1/W) Σ_j h[r,j]            var_r = (1/W) Σ_j (h[r,j] − mean_r)²   (biased)
 //   rstd_r = 1 / sqrt(var_r + eps)       y[r,j] = (h[r,j] − mean_r)·rstd_r·γ_j + β_j
 //
-//   ln_forward                   h = x
-//   ln_dropout_forward           h = x, then y ← y·m           (LayerNorm, then dropout)
+//   ln_forward                   h = x; with DROPOUT, then y ← y·m  (LayerNorm, then dropout)
 //   ln_residual_dropout_forward  h = residual + x·m, written out; y = LN(h)   (pre-norm block)
 //   m = drop_scale if kept else 0 (train), drop_scale with every element kept (eval).
 //
@@ -42,6 +41,10 @@
 
 const WG: u32 = 256u;
 const REGS: u32 = 16u;
+
+// Set per pipeline (a pipeline-overridable constant): the driver compiles it as a constant and
+// drops the untaken side, which a CPU driver would otherwise execute under a lane mask.
+override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask (ln_forward, ln_block_forward)
 
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
@@ -155,16 +158,7 @@ fn ln_forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    forward(slot_of(wid, nwg, lid), lid, false);
-}
-
-@compute @workgroup_size(256)
-fn ln_dropout_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    forward(slot_of(wid, nwg, lid), lid, true);
+    forward(slot_of(wid, nwg, lid), lid, DROPOUT);
 }
 
 // Welford triple of x − K over the row's quads first, first + stride, … (none unless `live`):
@@ -355,19 +349,7 @@ fn ln_block_forward(
     let block = wid.x + wid.y * nwg.x;
     block_row_stats(block, lid);
     workgroupBarrier();
-    block_normalize(block, lid, false);
-}
-
-@compute @workgroup_size(64)
-fn ln_block_dropout_forward(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let block = wid.x + wid.y * nwg.x;
-    block_row_stats(block, lid);
-    workgroupBarrier();
-    block_normalize(block, lid, true);
+    block_normalize(block, lid, DROPOUT);
 }
 
 // The residual block: the row phase writes h; the column phase reads it back (other

@@ -875,7 +875,7 @@ impl BatchNormPlan {
         if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
             let (at, len) = range_bytes(c);
             if vec4_bindable(&[&b.x, &b.y], at, len) {
-                let pass = channel.get("bn_channel_forward", &[("DROPOUT", drop)])?;
+                let pass = channel.get("bn_channel_forward", &[("DROPOUT", drop.into())])?;
                 let entries = [
                     (0, c.uniforms[usize::from(training)].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),
@@ -964,7 +964,10 @@ impl BatchNormPlan {
                 Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => v,
                 _ => &k.pipelines,
             };
-            let normalize = pipelines.get("bn_normalize", &[("DROPOUT", drop), ("ALIGNED", self.aligned)])?;
+            let normalize = pipelines.get(
+                "bn_normalize",
+                &[("DROPOUT", drop.into()), ("ALIGNED", self.aligned.into())],
+            )?;
             let entries = [
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),

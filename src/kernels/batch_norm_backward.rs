@@ -524,7 +524,10 @@ impl BatchNormBackwardPlan {
         if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             if vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) {
-                let pass = channel.get("bnb_channel", &[("DROPOUT", drop), ("ACCUMULATE", accumulate.dx)])?;
+                let pass = channel.get(
+                    "bnb_channel",
+                    &[("DROPOUT", drop.into()), ("ACCUMULATE", accumulate.dx.into())],
+                )?;
                 let entries = [
                     (0, c.uniforms[variant].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),
@@ -565,7 +568,10 @@ impl BatchNormBackwardPlan {
                 _ => &k.pipelines,
             };
             let entry = if serial { "bnb_reduce_serial" } else { "bnb_reduce" };
-            let reduce = pipelines.get(entry, &[("DROPOUT", drop), ("EVAL", eval), ("PARK", park)])?;
+            let reduce = pipelines.get(
+                entry,
+                &[("DROPOUT", drop.into()), ("EVAL", eval.into()), ("PARK", park.into())],
+            )?;
             // Every reduce entry point's layout holds dx (the eval ones write it).
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),
@@ -620,10 +626,14 @@ impl BatchNormBackwardPlan {
             let dx = if self.aligned {
                 pipelines.get(
                     "bnb_dx_aligned",
-                    &[("DROPOUT", drop), ("PARK", park), ("ACCUMULATE", accumulate.dx)],
+                    &[
+                        ("DROPOUT", drop.into()),
+                        ("PARK", park.into()),
+                        ("ACCUMULATE", accumulate.dx.into()),
+                    ],
                 )?
             } else {
-                pipelines.get("bnb_dx", &[("DROPOUT", drop), ("PARK", park)])?
+                pipelines.get("bnb_dx", &[("DROPOUT", drop.into()), ("PARK", park.into())])?
             };
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),

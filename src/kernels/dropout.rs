@@ -470,7 +470,7 @@ impl DropoutPlan {
                 Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => v,
                 _ => &k.forward,
             };
-            let pipeline = pipelines.get(FORWARD_ENTRY_POINTS[unit], &[("ACCUMULATE", accumulate)])?;
+            let pipeline = pipelines.get(FORWARD_ENTRY_POINTS[unit], &[("ACCUMULATE", accumulate.into())])?;
             let mut entries = vec![
                 (0, c.uniform(training, accumulate)),
                 (1, binding_at(&b.x, at, len)),

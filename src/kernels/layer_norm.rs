@@ -6,46 +6,34 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, cpu_subgroup_passes,
-    fold_workgroups, optional_pass, placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk,
+    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, cpu_subgroup_passes, fold_workgroups,
+    optional_pass, placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Flag, Pipelines,
     Storage, SG_LANES,
 };
 
 const OP: &str = "layer_norm";
 
 /// Entry points in `shaders/layer_norm/forward.wgsl` that get a pipeline.
+/// `ln_forward` and `ln_block_forward` take the fused dropout as the `DROPOUT` override.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "ln_forward",
-    "ln_dropout_forward",
     "ln_residual_dropout_forward",
     "ln_block_forward",
-    "ln_block_dropout_forward",
     "ln_block_residual_dropout_forward",
 ];
 
-/// Entry points in `shaders/cpu/layer_norm/forward_rows.wgsl` (the row-per-subgroup forward): plain
-/// and dropout for each of [`SG_TRIPLES`]; the residual block's are
+/// Entry points in `shaders/cpu/layer_norm/forward_rows.wgsl` (the row-per-subgroup forward),
+/// by `DROPOUT` and `TRIPLES` (one of [`SG_TRIPLES`]); the residual block's is
 /// [`SUBGROUP_RESIDUAL_ENTRY_POINTS`].
-pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
-    "ln_sg_forward_2",
-    "ln_sg_forward_4",
-    "ln_sg_forward_8",
-    "ln_sg_dropout_forward_2",
-    "ln_sg_dropout_forward_4",
-    "ln_sg_dropout_forward_8",
-];
+pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &["ln_sg_forward"];
 
 /// Entry points in `shaders/cpu/layer_norm/residual_forward_rows.wgsl`: the residual block's
-/// row-per-subgroup forward for each of [`SG_TRIPLES`].
-pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &[
-    "ln_sg_residual_dropout_forward_2",
-    "ln_sg_residual_dropout_forward_4",
-    "ln_sg_residual_dropout_forward_8",
-];
+/// row-per-subgroup forward, by `TRIPLES`.
+pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &["ln_sg_residual_dropout_forward"];
 
-/// Triples of column quads per lane the row-per-subgroup entry points keep in registers (the
-/// `_T` of their names): a row fits when ⌈W/4 / subgroup size⌉ ≤ 3·T.
-pub(crate) const SG_TRIPLES: [u64; 3] = [2, 4, 8];
+/// Triples of column quads per lane the row-per-subgroup pipelines keep in registers (their
+/// `TRIPLES` override): a row fits when ⌈W/4 / subgroup size⌉ ≤ 3·T.
+pub(crate) const SG_TRIPLES: [u32; 3] = [2, 4, 8];
 
 /// Rows per workgroup of the row-block path (one lane per row): `BLOCK` in the shaders.
 pub(crate) const BLOCK_ROWS: u64 = 64;
@@ -285,86 +273,83 @@ impl LayerNormPlanOptions {
 #[derive(Clone, Debug)]
 pub struct LayerNormKernel {
     storage: Storage,
-    /// The passes from the scalar module.
-    passes: LnPasses,
+    /// Every entry point of `layer_norm/forward.wgsl` (see [`forward_entry`]). The residual
+    /// ones bind 9 storage buffers and exist only on devices whose
+    /// `max_storage_buffers_per_shader_stage` allows that (WebGPU's default is 8): elsewhere
+    /// the kernel still serves the plain and dropout passes, and a residual plan is refused.
+    passes: Pipelines,
     /// The same from the vec4 variant (f32 only): rows of whole quads (W % 4 == 0) whose
     /// activations bind as whole 16-byte vectors.
-    vec4: Option<LnPasses>,
+    vec4: Option<Pipelines>,
     /// Stand-ins for γ and β when the configuration has none, and for the generator state
     /// without dropout.
     placeholders: [wgpu::Buffer; 3],
-    /// The row-per-subgroup forward (vec4 variant), `[plain, dropout, residual]` per
-    /// [`SG_TRIPLES`]: built where `cpu_subgroup_passes`; the residual block's only
-    /// where its 9 storage buffers fit (as [`LnPasses`]).
-    subgroup: Option<[[Option<wgpu::ComputePipeline>; 3]; 3]>,
+    /// The row-per-subgroup forward (vec4 variant) for every [`SG_TRIPLES`]: built where
+    /// `cpu_subgroup_passes`; the residual block's only where its 9 storage buffers fit.
+    subgroup: Option<Pipelines>,
 }
 
-/// The pipelines of one module of a [`LayerNormKernel`], each `[plain, dropout, residual]`.
-/// The residual ones bind 9 storage buffers and exist only on devices whose
-/// `max_storage_buffers_per_shader_stage` allows that (WebGPU's default is 8): elsewhere the
-/// kernel still serves the plain and dropout passes, and a residual plan is refused.
-#[derive(Clone, Debug)]
-struct LnPasses {
-    /// `lanes` invocations per row, 256/lanes rows per workgroup.
-    rows: [Option<wgpu::ComputePipeline>; 3],
-    /// The row-block path (one lane per row): a workgroup per 64-row block.
-    blocks: [Option<wgpu::ComputePipeline>; 3],
+/// The entry point and override flags of the forward pass for `fusion`, on the row-block path
+/// (`blocks`) or the lane path.
+fn forward_entry(fusion: LayerNormFusion, blocks: bool) -> (&'static str, Vec<Flag>) {
+    let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
+    let dropout = matches!(fusion, LayerNormFusion::Dropout(_));
+    match (blocks, residual) {
+        (false, false) => ("ln_forward", vec![("DROPOUT", dropout.into())]),
+        (true, false) => ("ln_block_forward", vec![("DROPOUT", dropout.into())]),
+        (false, true) => ("ln_residual_dropout_forward", vec![]),
+        (true, true) => ("ln_block_residual_dropout_forward", vec![]),
+    }
 }
 
-impl LnPasses {
-    fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        let pipeline = |e: &str| compute_pipeline(device, module, e);
-        let pipelines = |[plain, dropout, residual]: [&str; 3]| {
-            [
-                Some(pipeline(plain)),
-                Some(pipeline(dropout)),
-                residual_fits(device).then(|| pipeline(residual)),
-            ]
-        };
-        Self {
-            rows: pipelines(["ln_forward", "ln_dropout_forward", "ln_residual_dropout_forward"]),
-            blocks: pipelines([
-                "ln_block_forward",
-                "ln_block_dropout_forward",
-                "ln_block_residual_dropout_forward",
-            ]),
-        }
+/// The row-per-subgroup entry point and flags for `fusion` with `triples` quads per lane.
+fn subgroup_entry(fusion: LayerNormFusion, triples: u32) -> (&'static str, Vec<Flag>) {
+    match fusion {
+        LayerNormFusion::ResidualDropout(_) => ("ln_sg_residual_dropout_forward", vec![("TRIPLES", triples)]),
+        _ => (
+            "ln_sg_forward",
+            vec![
+                ("DROPOUT", matches!(fusion, LayerNormFusion::Dropout(_)).into()),
+                ("TRIPLES", triples),
+            ],
+        ),
     }
 }
 
 impl Kernel for LayerNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
+        let passes = |module: &wgpu::ShaderModule| {
+            let mut p = Pipelines::default();
+            for entry in ["ln_forward", "ln_block_forward"] {
+                p.add_all(device, module, entry, &["DROPOUT"]);
+            }
+            if residual_fits(device) {
+                for entry in ["ln_residual_dropout_forward", "ln_block_residual_dropout_forward"] {
+                    p.add_all(device, module, entry, &[]);
+                }
+            }
+            p
+        };
         let module = crate::kernels::shader_module(device, "layer_norm/forward.wgsl", storage, false);
         Self {
             storage,
-            passes: LnPasses::build(device, &module),
-            vec4: vec4_module(device, "layer_norm/forward.wgsl", storage).map(|m| LnPasses::build(device, &m)),
+            passes: passes(&module),
+            vec4: vec4_module(device, "layer_norm/forward.wgsl", storage).map(|m| passes(&m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
             subgroup: cpu_subgroup_passes(device, storage).then(|| {
+                let mut p = Pipelines::default();
                 let module = crate::kernels::shader_module(device, "cpu/layer_norm/forward_rows.wgsl", storage, true);
-                let residual = residual_fits(device).then(|| {
-                    crate::kernels::shader_module(device, "cpu/layer_norm/residual_forward_rows.wgsl", storage, true)
-                });
-                SG_TRIPLES.map(|t| {
-                    [
-                        Some(compute_pipeline(device, &module, &format!("ln_sg_forward_{t}"))),
-                        Some(compute_pipeline(device, &module, &format!("ln_sg_dropout_forward_{t}"))),
-                        residual
-                            .as_ref()
-                            .map(|m| compute_pipeline(device, m, &format!("ln_sg_residual_dropout_forward_{t}"))),
-                    ]
-                })
+                let triples = [("DROPOUT", &[0, 1][..]), ("TRIPLES", &SG_TRIPLES[..])];
+                p.add_choices(device, &module, "ln_sg_forward", &triples, |_| true);
+                if residual_fits(device) {
+                    let file = "cpu/layer_norm/residual_forward_rows.wgsl";
+                    let module = crate::kernels::shader_module(device, file, storage, true);
+                    let triples = [("TRIPLES", &SG_TRIPLES[..])];
+                    p.add_choices(device, &module, "ln_sg_residual_dropout_forward", &triples, |_| true);
+                }
+                p
             }),
         }
-    }
-}
-
-/// `[plain, dropout, residual]` index of a fusion's pipelines.
-fn fusion_index(fusion: LayerNormFusion) -> usize {
-    match fusion {
-        LayerNormFusion::None => 0,
-        LayerNormFusion::Dropout(_) => 1,
-        LayerNormFusion::ResidualDropout(_) => 2,
     }
 }
 
@@ -375,7 +360,7 @@ fn subgroup_triples(width: u64, lanes: u32) -> Option<usize> {
         return None;
     }
     let per_lane = (width / 4).div_ceil(u64::from(lanes)).div_ceil(3);
-    SG_TRIPLES.iter().position(|&t| t >= per_lane)
+    SG_TRIPLES.iter().position(|&t| u64::from(t) >= per_lane)
 }
 
 /// The [`SG_TRIPLES`] index a plan (forward or backward) takes the row-per-subgroup pass with,
@@ -440,9 +425,12 @@ impl LayerNormKernel {
             flags |= FLAG_BIAS;
         }
         let blocks = lanes == 1;
-        let which = fusion_index(fusion);
         let subgroup = subgroup_choice(
-            blocks && self.subgroup.as_ref().is_some_and(|sg| sg[0][which].is_some()),
+            blocks
+                && self.subgroup.as_ref().is_some_and(|sg| {
+                    let (entry, flags) = subgroup_entry(fusion, SG_TRIPLES[0]);
+                    sg.has(entry, &flags)
+                }),
             width,
             options.subgroup_rows,
         )?;
@@ -653,7 +641,6 @@ impl LayerNormPlan {
         let (w_bytes, r_bytes) = (self.width * 4, self.rows * 4);
         let weight = binding_or(self.config.has_weight(), &b.weight, &k.placeholders[0], w_bytes);
         let bias = binding_or(self.config.has_bias(), &b.bias, &k.placeholders[1], w_bytes);
-        let which = fusion_index(self.fusion);
         let mut activations = vec![&b.x, &b.y];
         if let (LayerNormFusion::ResidualDropout(_), Some(res), Some(h)) = (self.fusion, &b.residual, &b.h) {
             activations.extend([res, h]);
@@ -671,22 +658,18 @@ impl LayerNormPlan {
                 Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
                 _ => &k.passes,
             };
-            let subgroup = match (&k.vec4, &k.subgroup, self.subgroup) {
-                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => sg[t][which].as_ref(),
-                _ => None,
-            };
-            let pipeline = match subgroup {
-                Some(p) => p,
-                None => if self.blocks {
-                    &passes.blocks[which]
-                } else {
-                    &passes.rows[which]
+            let (passes, (entry, flags)) = match (&k.vec4, &k.subgroup, self.subgroup) {
+                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => {
+                    (sg, subgroup_entry(self.fusion, SG_TRIPLES[t]))
                 }
-                // Absent only for the residual pass on a device below its binding count, which
-                // plan creation refuses; a plan used with another device's kernel lands here.
-                .as_ref()
-                .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?,
+                _ => (passes, forward_entry(self.fusion, self.blocks)),
             };
+            // Absent only for the residual pass on a device below its binding count, which plan
+            // creation refuses; a plan used with another device's kernel lands here.
+            if !passes.has(entry, &flags) {
+                return Err(residual_limit(OP, RESIDUAL_PASS, device));
+            }
+            let pipeline = passes.get(entry, &flags)?;
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),

@@ -24,8 +24,8 @@ use crate::kernels::layer_norm::{
     residual_fits, residual_limit, subgroup_choice, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, SG_TRIPLES,
 };
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups,
-    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Storage,
+    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, fold_workgroups, placeholder, record,
+    uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Flag, Pipelines, Storage,
 };
 
 const OP: &str = "layer_norm backward";
@@ -36,53 +36,26 @@ const RESIDUAL_PASS: &str = "storage buffers of the fused residual backward pass
 /// shader): 16 KiB, the smallest `max_uniform_buffer_binding_size` wgpu allows.
 const GAMMA_UNIFORM_COLUMNS: u64 = 4096;
 
-/// Entry points in `shaders/layer_norm/backward.wgsl` that get a pipeline.
+/// Entry points in `shaders/layer_norm/backward.wgsl` that get a pipeline. The dx and partial
+/// passes take the fused dropout as the `DROPOUT` override and writing or adding to dx as
+/// `ACCUMULATE`.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "lnb_dx",
-    "lnb_dx_dropout",
-    "lnb_dx_accumulate",
-    "lnb_dx_dropout_accumulate",
     "lnb_residual_dx",
-    "lnb_residual_dx_accumulate",
     "lnb_params_partial",
-    "lnb_params_partial_dropout",
     "lnb_params_final",
     "lnb_gamma_stage",
     "lnb_block_dx",
-    "lnb_block_dx_dropout",
-    "lnb_block_dx_accumulate",
-    "lnb_block_dx_dropout_accumulate",
     "lnb_block_residual_dx",
-    "lnb_block_residual_dx_accumulate",
 ];
 
-/// Entry points in `shaders/cpu/layer_norm/backward_rows.wgsl` (the row-per-subgroup dx pass):
-/// `lnb_sg_dx[_dropout][_accumulate]_T` for each T of [`SG_TRIPLES`].
-pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &[
-    "lnb_sg_dx_2",
-    "lnb_sg_dx_4",
-    "lnb_sg_dx_8",
-    "lnb_sg_dx_dropout_2",
-    "lnb_sg_dx_dropout_4",
-    "lnb_sg_dx_dropout_8",
-    "lnb_sg_dx_accumulate_2",
-    "lnb_sg_dx_accumulate_4",
-    "lnb_sg_dx_accumulate_8",
-    "lnb_sg_dx_dropout_accumulate_2",
-    "lnb_sg_dx_dropout_accumulate_4",
-    "lnb_sg_dx_dropout_accumulate_8",
-];
+/// Entry points in `shaders/cpu/layer_norm/backward_rows.wgsl` (the row-per-subgroup dx pass),
+/// by `DROPOUT`, `ACCUMULATE` and `TRIPLES` (one of [`SG_TRIPLES`]).
+pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &["lnb_sg_dx"];
 
 /// Entry points in `shaders/cpu/layer_norm/residual_backward_rows.wgsl`: the residual block's
-/// row-per-subgroup dx pass, `lnb_sg_residual_dx[_accumulate]_T` for each T of [`SG_TRIPLES`].
-pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &[
-    "lnb_sg_residual_dx_2",
-    "lnb_sg_residual_dx_4",
-    "lnb_sg_residual_dx_8",
-    "lnb_sg_residual_dx_accumulate_2",
-    "lnb_sg_residual_dx_accumulate_4",
-    "lnb_sg_residual_dx_accumulate_8",
-];
+/// row-per-subgroup dx pass, by `ACCUMULATE` and `TRIPLES`.
+pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &["lnb_sg_residual_dx"];
 
 const FLAG_WEIGHT: u32 = 1;
 const FLAG_BIAS: u32 = 2;
@@ -113,103 +86,83 @@ const _: () = assert!(std::mem::size_of::<LnBackwardParams>() == 48);
 #[derive(Clone, Debug)]
 pub struct LayerNormBackwardKernel {
     storage: Storage,
-    /// The row and column passes from the scalar module.
-    passes: LnbPasses,
-    /// The same from the vec4 variant (f32 only), for rows of whole quads (W % 4 == 0) whose
-    /// activations bind as whole 16-byte vectors.
-    vec4: Option<LnbPasses>,
-    params_final: wgpu::ComputePipeline,
-    /// `lnb_gamma_stage`: γ into the row-block pass's uniform copy.
-    gamma_stage: wgpu::ComputePipeline,
+    /// Every entry point of `layer_norm/backward.wgsl` with the flags a plan can take. The
+    /// residual block's dx passes bind 9 storage buffers and exist only where
+    /// `max_storage_buffers_per_shader_stage` allows (WebGPU's default is 8); elsewhere a
+    /// residual plan is refused.
+    passes: Pipelines,
+    /// The per-range passes from the vec4 variant (f32 only), for rows of whole quads
+    /// (W % 4 == 0) whose activations bind as whole 16-byte vectors.
+    vec4: Option<Pipelines>,
     /// Stand-ins: γ, dγ, dβ, rng, dh_in.
     placeholders: [wgpu::Buffer; 5],
-    /// The row-per-subgroup dx passes (vec4 variant): built on CPU adapters with `SUBGROUP` of
-    /// at least 8 lanes and f32 storage only.
-    subgroup: Option<SgPasses>,
+    /// The row-per-subgroup dx passes (vec4 variant) for every [`SG_TRIPLES`]: built on CPU
+    /// adapters with `SUBGROUP` of at least 8 lanes and f32 storage only; the residual block's
+    /// only where its 9 storage buffers fit.
+    subgroup: Option<Pipelines>,
 }
 
-/// The row-per-subgroup dx pipelines of a [`LayerNormBackwardKernel`], per [`SG_TRIPLES`].
-#[derive(Clone, Debug)]
-struct SgPasses {
-    /// `lnb_sg_dx[_dropout][_accumulate]_T`: `[triples][with dropout][accumulate dx]`.
-    dx: [[[wgpu::ComputePipeline; 2]; 2]; 3],
-    /// `lnb_sg_residual_dx[_accumulate]_T`: `[triples][accumulate dx]`; only where the device
-    /// binds the residual block's 9 storage buffers (as `LnbPasses::residual_dx`).
-    residual_dx: Option<[[wgpu::ComputePipeline; 2]; 3]>,
+/// The dx pass's entry point and flags: the lane path or the row-block path (`blocks`), the
+/// residual block's or not, with the dropout's mask on dy (`drop_dy`), adding to dx or not.
+fn dx_entry(blocks: bool, residual: bool, drop_dy: bool, accumulate: bool) -> (&'static str, Vec<Flag>) {
+    let acc = ("ACCUMULATE", accumulate.into());
+    match (blocks, residual) {
+        (false, false) => ("lnb_dx", vec![("DROPOUT", drop_dy.into()), acc]),
+        (true, false) => ("lnb_block_dx", vec![("DROPOUT", drop_dy.into()), acc]),
+        (false, true) => ("lnb_residual_dx", vec![acc]),
+        (true, true) => ("lnb_block_residual_dx", vec![acc]),
+    }
 }
 
-/// The per-range pipelines of one module of a [`LayerNormBackwardKernel`].
-#[derive(Clone, Debug)]
-struct LnbPasses {
-    /// `lnb_dx[_dropout][_accumulate]`: `[with dropout][accumulate dx]`.
-    dx: [[wgpu::ComputePipeline; 2]; 2],
-    /// `lnb_residual_dx[_accumulate]`: `[accumulate dx]`. These and `block_residual_dx` bind 9
-    /// storage buffers and exist only where `max_storage_buffers_per_shader_stage` allows
-    /// (WebGPU's default is 8); elsewhere a residual plan is refused.
-    residual_dx: Option<[wgpu::ComputePipeline; 2]>,
-    /// `lnb_params_partial[_dropout]`: `[with dropout]`.
-    params_partial: [wgpu::ComputePipeline; 2],
-    /// The row-block path (one lane per row): `lnb_block_dx[_dropout][_accumulate]`, indexed
-    /// as `dx`.
-    block_dx: [[wgpu::ComputePipeline; 2]; 2],
-    /// `lnb_block_residual_dx[_accumulate]`: `[accumulate dx]`.
-    block_residual_dx: Option<[wgpu::ComputePipeline; 2]>,
-}
-
-impl LnbPasses {
-    fn build(device: &wgpu::Device, module: &wgpu::ShaderModule) -> Self {
-        let pipeline = |e: &str| compute_pipeline(device, module, e);
-        let residual = residual_fits(device);
-        Self {
-            dx: [
-                ["lnb_dx", "lnb_dx_accumulate"],
-                ["lnb_dx_dropout", "lnb_dx_dropout_accumulate"],
-            ]
-            .map(|pair| pair.map(pipeline)),
-            residual_dx: residual.then(|| ["lnb_residual_dx", "lnb_residual_dx_accumulate"].map(pipeline)),
-            params_partial: ["lnb_params_partial", "lnb_params_partial_dropout"].map(pipeline),
-            block_dx: [
-                ["lnb_block_dx", "lnb_block_dx_accumulate"],
-                ["lnb_block_dx_dropout", "lnb_block_dx_dropout_accumulate"],
-            ]
-            .map(|pair| pair.map(pipeline)),
-            block_residual_dx: residual
-                .then(|| ["lnb_block_residual_dx", "lnb_block_residual_dx_accumulate"].map(pipeline)),
-        }
+/// The row-per-subgroup dx pass's entry point and flags (as [`dx_entry`], `triples` quads per
+/// lane).
+fn subgroup_dx_entry(residual: bool, drop_dy: bool, accumulate: bool, triples: u32) -> (&'static str, Vec<Flag>) {
+    let (acc, t) = (("ACCUMULATE", accumulate.into()), ("TRIPLES", triples));
+    if residual {
+        ("lnb_sg_residual_dx", vec![acc, t])
+    } else {
+        ("lnb_sg_dx", vec![("DROPOUT", drop_dy.into()), acc, t])
     }
 }
 
 impl Kernel for LayerNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
+        let per_range = |module: &wgpu::ShaderModule| {
+            let mut p = Pipelines::default();
+            for entry in ["lnb_dx", "lnb_block_dx"] {
+                p.add_all(device, module, entry, &["DROPOUT", "ACCUMULATE"]);
+            }
+            p.add_all(device, module, "lnb_params_partial", &["DROPOUT"]);
+            if residual_fits(device) {
+                for entry in ["lnb_residual_dx", "lnb_block_residual_dx"] {
+                    p.add_all(device, module, entry, &["ACCUMULATE"]);
+                }
+            }
+            p
+        };
         let module = crate::kernels::shader_module(device, "layer_norm/backward.wgsl", storage, false);
+        let mut passes = per_range(&module);
+        for entry in ["lnb_params_final", "lnb_gamma_stage"] {
+            passes.add_all(device, &module, entry, &[]);
+        }
         Self {
             storage,
-            passes: LnbPasses::build(device, &module),
-            vec4: vec4_module(device, "layer_norm/backward.wgsl", storage).map(|m| LnbPasses::build(device, &m)),
-            params_final: compute_pipeline(device, &module, "lnb_params_final"),
-            gamma_stage: compute_pipeline(device, &module, "lnb_gamma_stage"),
+            passes,
+            vec4: vec4_module(device, "layer_norm/backward.wgsl", storage).map(|m| per_range(&m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
             subgroup: crate::kernels::cpu_subgroup_passes(device, storage).then(|| {
+                let mut p = Pipelines::default();
+                let (flag, triples) = (&[0, 1][..], &SG_TRIPLES[..]);
                 let module = crate::kernels::shader_module(device, "cpu/layer_norm/backward_rows.wgsl", storage, true);
-                let pipeline = |module: &wgpu::ShaderModule, e: &str, t: u64| {
-                    compute_pipeline(device, module, &format!("{e}_{t}"))
-                };
-                SgPasses {
-                    dx: SG_TRIPLES.map(|t| {
-                        [
-                            ["lnb_sg_dx", "lnb_sg_dx_accumulate"],
-                            ["lnb_sg_dx_dropout", "lnb_sg_dx_dropout_accumulate"],
-                        ]
-                        .map(|pair| pair.map(|e| pipeline(&module, e, t)))
-                    }),
-                    residual_dx: residual_fits(device).then(|| {
-                        let file = "cpu/layer_norm/residual_backward_rows.wgsl";
-                        let residual = crate::kernels::shader_module(device, file, storage, true);
-                        SG_TRIPLES.map(|t| {
-                            ["lnb_sg_residual_dx", "lnb_sg_residual_dx_accumulate"].map(|e| pipeline(&residual, e, t))
-                        })
-                    }),
+                let choices = [("DROPOUT", flag), ("ACCUMULATE", flag), ("TRIPLES", triples)];
+                p.add_choices(device, &module, "lnb_sg_dx", &choices, |_| true);
+                if residual_fits(device) {
+                    let file = "cpu/layer_norm/residual_backward_rows.wgsl";
+                    let module = crate::kernels::shader_module(device, file, storage, true);
+                    let choices = [("ACCUMULATE", flag), ("TRIPLES", triples)];
+                    p.add_choices(device, &module, "lnb_sg_residual_dx", &choices, |_| true);
                 }
+                p
             }),
         }
     }
@@ -260,7 +213,9 @@ impl LayerNormBackwardKernel {
         }
         let subgroup = subgroup_choice(
             self.subgroup.as_ref().is_some_and(|sg| {
-                lanes == 1 && (sg.residual_dx.is_some() || !matches!(fusion, LayerNormFusion::ResidualDropout(_)))
+                let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
+                let (entry, flags) = subgroup_dx_entry(residual, false, false, SG_TRIPLES[0]);
+                lanes == 1 && sg.has(entry, &flags)
             }),
             width,
             options.subgroup_rows,
@@ -537,7 +492,7 @@ impl LayerNormBackwardPlan {
         let variant = usize::from(accumulate.dx) | usize::from(accumulate.params) << 1 | usize::from(has_dh) << 2;
         let rstd = binding(&b.rstd, r_bytes);
         // LayerNorm → dropout applies the mask to dy in both the dx and the partial pass (the
-        // `_dropout` entry points); the residual block applies it to dh in its dx pass. Every
+        // `DROPOUT` flag); the residual block applies it to dh in its dx pass. Every
         // entry point's layout holds the generator state (the paths share helpers), so it is
         // always bound: the placeholder without dropout.
         let drop_dy = matches!(self.fusion, LayerNormFusion::Dropout(_));
@@ -562,28 +517,24 @@ impl LayerNormBackwardPlan {
                 Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
                 _ => &k.passes,
             };
-            let acc = usize::from(accumulate.dx);
-            // The residual pipelines are absent only on a device below their binding count,
-            // which plan creation refuses; a plan used with another device's kernel lands here.
-            let dx_pipeline = match (self.blocks, residual) {
-                (false, true) => passes.residual_dx.as_ref().map(|r| &r[acc]),
-                (false, false) => Some(&passes.dx[usize::from(drop_dy)][acc]),
-                (true, true) => passes.block_residual_dx.as_ref().map(|r| &r[acc]),
-                (true, false) => Some(&passes.block_dx[usize::from(drop_dy)][acc]),
-            }
-            .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?;
             // The row-per-subgroup pass where the plan has one and this range binds as vectors.
             let subgroup = match (&k.vec4, &k.subgroup, self.subgroup) {
-                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => match (residual, &sg.residual_dx) {
-                    (true, Some(r)) => Some(&r[t][acc]),
-                    (true, None) => None,
-                    (false, _) => Some(&sg.dx[t][usize::from(drop_dy)][acc]),
-                },
+                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => {
+                    Some(sg).zip(Some(subgroup_dx_entry(residual, drop_dy, accumulate.dx, SG_TRIPLES[t])))
+                }
                 _ => None,
             };
-            let dx_pipeline = subgroup.unwrap_or(dx_pipeline);
-            stages_gamma |= self.blocks && subgroup.is_none();
-            let partial_pipeline = &passes.params_partial[usize::from(drop_dy)];
+            let on_subgroup = subgroup.is_some();
+            let (dx_set, (entry, flags)) =
+                subgroup.unwrap_or_else(|| (passes, dx_entry(self.blocks, residual, drop_dy, accumulate.dx)));
+            // The residual pipelines are absent only on a device below their binding count,
+            // which plan creation refuses; a plan used with another device's kernel lands here.
+            if !dx_set.has(entry, &flags) {
+                return Err(residual_limit(OP, RESIDUAL_PASS, device));
+            }
+            let dx_pipeline = dx_set.get(entry, &flags)?;
+            stages_gamma |= self.blocks && !on_subgroup;
+            let partial_pipeline = passes.get("lnb_params_partial", &[("DROPOUT", drop_dy.into())])?;
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
             let mut dx_entries = vec![
                 (0, uniform.clone()),
@@ -595,7 +546,7 @@ impl LayerNormBackwardPlan {
                 (10, rng.clone()),
             ];
             // The subgroup pass keeps γ in registers; the others bind the uniform copy.
-            if subgroup.is_none() {
+            if !on_subgroup {
                 dx_entries.push((13, self.gamma_uniform.as_entire_binding()));
             }
             // The row-block pass writes the partials; the row pass the row centres for the
@@ -642,12 +593,13 @@ impl LayerNormBackwardPlan {
         let mut passes = Vec::new();
         // γ into the row-block pass's uniform copy (validate made γ present with a weight).
         if let Some(w) = b.weight.as_ref().filter(|_| stages_gamma && self.config.has_weight()) {
+            let gamma_stage = k.passes.get("lnb_gamma_stage", &[])?;
             passes.push((
-                &k.gamma_stage,
+                gamma_stage,
                 bind_group(
                     device,
                     "lnb_gamma_stage",
-                    &k.gamma_stage,
+                    gamma_stage,
                     &[
                         (0, self.chunks[0].uniforms[variant].as_entire_binding()),
                         (4, binding(w, w_bytes)),
@@ -661,12 +613,13 @@ impl LayerNormBackwardPlan {
         // Without γ and β only the dx passes run.
         if params {
             passes.extend(partial_passes);
+            let params_final = k.passes.get("lnb_params_final", &[])?;
             passes.push((
-                &k.params_final,
+                params_final,
                 bind_group(
                     device,
                     "lnb_params_final",
-                    &k.params_final,
+                    params_final,
                     &[
                         (0, self.chunks[0].uniforms[variant].as_entire_binding()),
                         (7, partials),

@@ -535,22 +535,55 @@ pub(crate) fn bind_group(
     })
 }
 
-/// A WGSL `override` flag of a shader (`override DROPOUT: bool = false;`) and its value for one
-/// pipeline. Variants of one algorithm (with or without a fused dropout, writing or adding)
-/// are one entry point specialised by such flags: the driver compiles each pipeline with the
-/// flag as a constant and drops the untaken side, as it would for a literal.
-pub(crate) type Flag = (&'static str, bool);
+/// A WGSL `override` constant of a shader and its value for one pipeline: a flag
+/// (`override DROPOUT: bool = false;`, 0 or 1) or a count (`override TRIPLES: u32`). Variants of
+/// one algorithm (with or without a fused dropout, writing or adding) are one entry point
+/// specialised by such constants: the driver compiles each pipeline with them as constants and
+/// drops the untaken side, as it would for a literal.
+pub(crate) type Flag = (&'static str, u32);
 
-/// The pipelines of one kernel, keyed by (entry point, override flags). A kernel builds every
-/// combination its plans can take when it is built; `encode` looks one up.
+/// The pipelines of one kernel, keyed by (entry point, override constants). A kernel builds
+/// every combination its plans can take when it is built; `encode` looks one up.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Pipelines {
     map: std::collections::HashMap<(&'static str, Vec<Flag>), wgpu::ComputePipeline>,
 }
 
 impl Pipelines {
-    /// Builds `entry` of `module` once for every combination of `flags` that `wanted` accepts
-    /// (`wanted` sees the values in `flags`' order).
+    /// Builds `entry` of `module` once for every combination of the values in `choices`
+    /// (`(constant, values)`) that `wanted` accepts (it sees one value per constant, in order).
+    pub(crate) fn add_choices(
+        &mut self,
+        device: &wgpu::Device,
+        module: &wgpu::ShaderModule,
+        entry: &'static str,
+        choices: &[(&'static str, &[u32])],
+        wanted: impl Fn(&[u32]) -> bool,
+    ) {
+        let mut combos: Vec<Vec<Flag>> = vec![Vec::new()];
+        for &(name, values) in choices {
+            combos = combos
+                .into_iter()
+                .flat_map(|combo| {
+                    values.iter().map(move |&v| {
+                        let mut next = combo.clone();
+                        next.push((name, v));
+                        next
+                    })
+                })
+                .collect();
+        }
+        for key in combos {
+            let values: Vec<u32> = key.iter().map(|&(_, v)| v).collect();
+            if wanted(&values) {
+                let pipeline = compute_pipeline_with(device, module, entry, &key);
+                self.map.insert((entry, Self::canonical(&key)), pipeline);
+            }
+        }
+    }
+
+    /// [`add_choices`](Self::add_choices) for boolean `flags`: every combination of on and off
+    /// that `wanted` accepts (it sees one value per flag, in order).
     pub(crate) fn add(
         &mut self,
         device: &wgpu::Device,
@@ -559,15 +592,10 @@ impl Pipelines {
         flags: &[&'static str],
         wanted: impl Fn(&[bool]) -> bool,
     ) {
-        for bits in 0..1u32 << flags.len() {
-            let values: Vec<bool> = (0..flags.len()).map(|i| bits & (1 << i) != 0).collect();
-            if !wanted(&values) {
-                continue;
-            }
-            let key: Vec<Flag> = flags.iter().copied().zip(values).collect();
-            let pipeline = compute_pipeline_with(device, module, entry, &key);
-            self.map.insert((entry, Self::canonical(&key)), pipeline);
-        }
+        let choices: Vec<(&'static str, &[u32])> = flags.iter().map(|&f| (f, &[0, 1][..])).collect();
+        self.add_choices(device, module, entry, &choices, |v| {
+            wanted(&v.iter().map(|&x| x != 0).collect::<Vec<_>>())
+        });
     }
 
     /// [`add`](Self::add) for every combination of `flags`.
@@ -581,11 +609,16 @@ impl Pipelines {
         self.add(device, module, entry, flags, |_| true);
     }
 
-    /// The pipeline of `entry` with `flags` (every flag it was built with, in any order).
+    /// The pipeline of `entry` with `flags` (every constant it was built with, in any order).
     pub(crate) fn get(&self, entry: &'static str, flags: &[Flag]) -> Result<&wgpu::ComputePipeline> {
         self.map
             .get(&(entry, Self::canonical(flags)))
             .ok_or_else(|| Error::Internal(format!("no pipeline was built for {entry} with {flags:?}")))
+    }
+
+    /// Whether a pipeline of `entry` with `flags` was built.
+    pub(crate) fn has(&self, entry: &'static str, flags: &[Flag]) -> bool {
+        self.map.contains_key(&(entry, Self::canonical(flags)))
     }
 
     fn canonical(flags: &[Flag]) -> Vec<Flag> {
@@ -602,14 +635,16 @@ pub(crate) fn compute_pipeline_with(
     entry: &str,
     flags: &[Flag],
 ) -> wgpu::ComputePipeline {
-    let constants: Vec<(&str, f64)> = flags
-        .iter()
-        .map(|&(name, on)| (name, f64::from(u8::from(on))))
-        .collect();
+    let constants: Vec<(&str, f64)> = flags.iter().map(|&(name, v)| (name, f64::from(v))).collect();
     let label: String = std::iter::once(entry.to_string())
-        .chain(flags.iter().filter(|(_, on)| *on).map(|(name, _)| name.to_lowercase()))
+        .chain(
+            flags
+                .iter()
+                .filter(|(_, v)| *v != 0)
+                .map(|(name, v)| format!("{name}={v}")),
+        )
         .collect::<Vec<_>>()
-        .join("+");
+        .join(" ");
     device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some(&label),
         layout: None,

@@ -1,13 +1,13 @@
 // LayerNorm backward with a row per subgroup, for CPU adapters with SUBGROUP (lavapipe): in
-// place of the row-block dx pass (layer_norm/backward.wgsl, `lnb_block_dx*`), with its
+// place of the row-block dx pass (layer_norm/backward.wgsl, `lnb_block_dx`), with its
 // bindings, uniform, mask and partials layout, so lnb_params_final sums its partials as it
 // sums the row-block pass's. Same math as there:
 //
 //   x̂ = (x − mean)·rstd    g = dy·γ    dx = rstd·(g − mean_j(g) − x̂·mean_j(g·x̂))
 //   partials[block, j] = (Σ_rows d·x̂, Σ_rows d) over the block's 64 rows, d = dy (·m)
 //
-//   lnb_sg_dx[_dropout][_accumulate]_T   LayerNorm, or LayerNorm → dropout (d = dy·m);
-//                                         writing dx, or adding to it
+//   lnb_sg_dx   LayerNorm, or LayerNorm → dropout (DROPOUT: d = dy·m); writing dx, or
+//               adding to it (ACCUMULATE)
 //   (the residual block's: cpu/layer_norm/residual_backward_rows.wgsl)
 //
 // Why: the row-block pass reads every row twice (row phase, column phase) and every row's
@@ -18,7 +18,7 @@
 // the row with one subgroupAdd of three values, writes dx from the registers, and keeps its
 // columns' γ and partial sums in registers for the whole block. x and dy are read once, dx
 // written once, and nothing goes through workgroup memory. Lane ℓ takes the row's quads as
-// cpu/layer_norm/rows_lanes.wgsl lays them out, T triples of them (the `_T` of the entry point).
+// cpu/layer_norm/rows_lanes.wgsl lays them out, TRIPLES triples of them.
 //
 // Precision: as the row-block pass: sums around K = x[r, 0], mean − K recomputed from Σ(x − K).
 
@@ -34,65 +34,14 @@
 
 const RESIDUAL: bool = false;
 
-// One entry point per (dropout, accumulate, triples); all one shape.
-@compute @workgroup_size(8)
-fn lnb_sg_dx_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 2u, false, false);
-}
+// Set per pipeline (pipeline-overridable constants, folded by the driver).
+override DROPOUT: bool = false;     // d = dy·m, LayerNorm → dropout's mask
+override ACCUMULATE: bool = false;  // dx += instead of =
+override TRIPLES: u32 = 8u;         // triples of column quads live per lane: 2, 4 or 8 (SG_TRIPLES)
 
 @compute @workgroup_size(8)
-fn lnb_sg_dx_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 4u, false, false);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 8u, false, false);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_dropout_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 2u, true, false);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_dropout_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 4u, true, false);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_dropout_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 8u, true, false);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_accumulate_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 2u, false, true);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_accumulate_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 4u, false, true);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_accumulate_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 8u, false, true);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_dropout_accumulate_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 2u, true, true);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_dropout_accumulate_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 4u, true, true);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_dx_dropout_accumulate_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 8u, true, true);
+fn lnb_sg_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_block(wid.x + wid.y * nwg.x, lid, TRIPLES, DROPOUT, ACCUMULATE);
 }
 
 // dx of row quad k (nothing past the row): dh, or dx + dh with `accumulate` (a literal).

@@ -2,16 +2,15 @@
 // same results as layer_norm/forward.wgsl's row-block path (same bindings, uniform, grid and mask)
 // within rounding.
 //
-//   ln_sg_forward_T           y = LN(x)
-//   ln_sg_dropout_forward_T   y = LN(x)·m
+//   ln_sg_forward   y = LN(x); with DROPOUT, y = LN(x)·m
 //
 // Why: a CPU driver runs a subgroup (8 invocations on lavapipe) as one SIMD thread and loads
 // and stores storage and workgroup memory lane by lane, so a LayerNorm costs what its memory
 // accesses cost. The row-block path reads x twice and every row's statistics from workgroup
 // memory; here a subgroup holds its row in registers and reduces it with subgroupAdd (no
 // workgroup memory, no barrier): x read once, y written once, γ and β read once per 64-row
-// block. The walk is cpu/layer_norm/rows_forward_walk.wgsl's; `T` in an entry point's name is the triples of
-// quads per lane it keeps (cpu/layer_norm/rows_lanes.wgsl). Only the vec4 variant (f32, W % 4 == 0) is
+// block. The walk is cpu/layer_norm/rows_forward_walk.wgsl's; the TRIPLES constant is the
+// triples of quads per lane a pipeline keeps (cpu/layer_norm/rows_lanes.wgsl). Only the vec4 variant (f32, W % 4 == 0) is
 // ever bound. Statistics around K = x[r, 0].
 
 // #include "lib/philox.wgsl"
@@ -26,34 +25,13 @@
 
 const NEEDS_STATE: bool = false;
 
-@compute @workgroup_size(8)
-fn ln_sg_forward_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_forward(wid.x + wid.y * nwg.x, lid, 2u, false);
-}
+// Set per pipeline (pipeline-overridable constants, folded by the driver).
+override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask
+override TRIPLES: u32 = 8u;      // triples of column quads live per lane: 2, 4 or 8 (SG_TRIPLES)
 
 @compute @workgroup_size(8)
-fn ln_sg_forward_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_forward(wid.x + wid.y * nwg.x, lid, 4u, false);
-}
-
-@compute @workgroup_size(8)
-fn ln_sg_forward_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_forward(wid.x + wid.y * nwg.x, lid, 8u, false);
-}
-
-@compute @workgroup_size(8)
-fn ln_sg_dropout_forward_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_forward(wid.x + wid.y * nwg.x, lid, 2u, true);
-}
-
-@compute @workgroup_size(8)
-fn ln_sg_dropout_forward_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_forward(wid.x + wid.y * nwg.x, lid, 4u, true);
-}
-
-@compute @workgroup_size(8)
-fn ln_sg_dropout_forward_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_forward(wid.x + wid.y * nwg.x, lid, 8u, true);
+fn ln_sg_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_forward(wid.x + wid.y * nwg.x, lid, TRIPLES, DROPOUT);
 }
 
 // x − K of row quad k (zeros past the row).

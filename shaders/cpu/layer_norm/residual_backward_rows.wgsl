@@ -1,11 +1,11 @@
 // The residual block's LayerNorm backward with a row per subgroup (CPU adapters with
-// SUBGROUP): in place of layer_norm/backward.wgsl's `lnb_block_residual_dx*`, as
+// SUBGROUP): in place of layer_norm/backward.wgsl's `lnb_block_residual_dx`, as
 // cpu/layer_norm/backward_rows.wgsl replaces the plain row-block pass (the walk is shared:
 // cpu/layer_norm/rows_backward_walk.wgsl). The forward was h = residual + x·m, y = LN(h); here x is the
 // saved h and d = dy:
 //
 //   dh = dx_LN (+ dh_in with FLAG_DH_IN)    dresidual = dh    dx = dh·m
-//   lnb_sg_residual_dx[_accumulate]_T      writing dx and dresidual, or adding to them
+//   lnb_sg_residual_dx   writing dx and dresidual, or (ACCUMULATE) adding to them
 //
 // Its layout binds 9 storage buffers: the host builds it only where the device allows that.
 
@@ -24,34 +24,13 @@
 
 const RESIDUAL: bool = true;
 
-@compute @workgroup_size(8)
-fn lnb_sg_residual_dx_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 2u, false, false);
-}
+// Set per pipeline (pipeline-overridable constants, folded by the driver).
+override ACCUMULATE: bool = false;  // dx and dresidual += instead of =
+override TRIPLES: u32 = 8u;         // triples of column quads live per lane: 2, 4 or 8 (SG_TRIPLES)
 
 @compute @workgroup_size(8)
-fn lnb_sg_residual_dx_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 4u, false, false);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_residual_dx_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 8u, false, false);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_residual_dx_accumulate_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 2u, false, true);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_residual_dx_accumulate_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 4u, false, true);
-}
-
-@compute @workgroup_size(8)
-fn lnb_sg_residual_dx_accumulate_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_block(wid.x + wid.y * nwg.x, lid, 8u, false, true);
+fn lnb_sg_residual_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_block(wid.x + wid.y * nwg.x, lid, TRIPLES, false, ACCUMULATE);
 }
 
 // The residual block's dx and dresidual of row quad k (nothing past the row) from the

@@ -3,7 +3,8 @@
 // cpu/layer_norm/forward_rows.wgsl replaces the plain row-block pass (the walk is shared:
 // cpu/layer_norm/rows_forward_walk.wgsl).
 //
-//   ln_sg_residual_dropout_forward_T   h = residual + x·m written out, y = LN(h)
+//   ln_sg_residual_dropout_forward   h = residual + x·m written out, y = LN(h) (TRIPLES as
+//                                    in cpu/layer_norm/forward_rows.wgsl)
 //
 // h is formed on the way in (three interleaved mask draws per triple), written, and normalized
 // from the registers: residual and x read once, h and y written once. Statistics around
@@ -24,19 +25,12 @@
 
 const NEEDS_STATE: bool = true;
 
-@compute @workgroup_size(8)
-fn ln_sg_residual_dropout_forward_2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_forward(wid.x + wid.y * nwg.x, lid, 2u, false);
-}
+// Set per pipeline (a pipeline-overridable constant, folded by the driver).
+override TRIPLES: u32 = 8u;  // triples of column quads live per lane: 2, 4 or 8 (SG_TRIPLES)
 
 @compute @workgroup_size(8)
-fn ln_sg_residual_dropout_forward_4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_forward(wid.x + wid.y * nwg.x, lid, 4u, false);
-}
-
-@compute @workgroup_size(8)
-fn ln_sg_residual_dropout_forward_8(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    sg_forward(wid.x + wid.y * nwg.x, lid, 8u, false);
+fn ln_sg_residual_dropout_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    sg_forward(wid.x + wid.y * nwg.x, lid, TRIPLES, false);
 }
 
 fn sg_shift(base: u32) -> f32 {

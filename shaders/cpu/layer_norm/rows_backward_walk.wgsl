@@ -63,8 +63,8 @@ fn quad_partials(block: u32, k: u32, quads: u32, gx: vec4<f32>, gs: vec4<f32>) {
     }
 }
 
-// Block `block` (64 rows) by one subgroup, `triples` (a literal) triples of quads per lane;
-// with `drop` (a literal) d = dy·m, else dy. The includer's sg_emit3 writes each triple's
+// Block `block` (64 rows) by one subgroup, `triples` (a constant) triples of quads per lane;
+// with `drop` (a constant) d = dy·m, else dy. The includer's sg_emit3 writes each triple's
 // outputs from the LayerNorm's dh (written or, with `accumulate`, added to).
 fn sg_block(block: u32, lane: u32, triples: u32, drop: bool, accumulate: bool) {
     let quads = p.width >> 2u;

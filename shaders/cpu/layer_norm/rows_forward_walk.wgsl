@@ -53,8 +53,8 @@ fn quad_m2(v: vec4<f32>, mean: f32, inside: bool) -> f32 {
     return dot(d, d);
 }
 
-// Block `block` by the subgroup, `triples` (a literal) triples of quads per lane; `drop` (a
-// literal) goes to sg_store3 (LayerNorm → dropout).
+// Block `block` by the subgroup, `triples` (a constant) triples of quads per lane; `drop` (a
+// constant) goes to sg_store3 (LayerNorm → dropout).
 fn sg_forward(block: u32, lane: u32, triples: u32, drop: bool) {
     let quads = p.width >> 2u;
     var state = vec4<u32>(0u);
