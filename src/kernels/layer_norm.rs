@@ -380,6 +380,52 @@ pub(crate) fn subgroup_choice(possible: bool, width: u64, wanted: Option<bool>) 
     Ok(triples.filter(|_| taken))
 }
 
+/// How a LayerNorm plan (forward or backward) walks its rows. Chosen once, at plan creation, by
+/// [`row_path`]; `encode` records the chosen path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RowPath {
+    /// `lanes` invocations per row, 256/lanes rows side by side in a workgroup of 256: the GPU
+    /// path (the row in registers up to 16 values per lane).
+    Lanes(u32),
+    /// The row-block path (CPU adapters, one lane per row): a workgroup per block of 64 rows,
+    /// one invocation per row, then columns from the core's cache.
+    Blocks,
+    /// A row per subgroup, held in registers (`triples` triples of quads per lane), walking the
+    /// same 64-row blocks (CPU adapters with `SUBGROUP`): `shaders/cpu/layer_norm/`.
+    SubgroupRows {
+        /// The `TRIPLES` constant of the pipelines: one of [`SG_TRIPLES`].
+        triples: u32,
+    },
+}
+
+impl RowPath {
+    /// Whether rows are walked in 64-row blocks (the row-block and row-per-subgroup paths).
+    pub(crate) fn blocks(self) -> bool {
+        !matches!(self, RowPath::Lanes(_))
+    }
+
+    /// The path one range takes: the row-per-subgroup passes read only the vec4 variant, so a
+    /// range whose buffers do not bind as 16-byte vectors takes the row-block path.
+    pub(crate) fn for_range(self, vec4: bool) -> RowPath {
+        match self {
+            RowPath::SubgroupRows { .. } if !vec4 => RowPath::Blocks,
+            path => path,
+        }
+    }
+}
+
+/// The one choice of a LayerNorm plan's path, from `lanes` (the options' or `default_lanes`),
+/// whether the kernel has the row-per-subgroup pass for this fusion (`subgroup_possible`), the
+/// row width and the options' `subgroup_rows`.
+pub(crate) fn row_path(lanes: u32, subgroup_possible: bool, width: u64, wanted: Option<bool>) -> Result<RowPath> {
+    let blocks = lanes == 1;
+    Ok(match subgroup_choice(blocks && subgroup_possible, width, wanted)? {
+        Some(t) => RowPath::SubgroupRows { triples: SG_TRIPLES[t] },
+        None if blocks => RowPath::Blocks,
+        None => RowPath::Lanes(lanes),
+    })
+}
+
 storage_constructors!(LayerNormKernel, "x, y, residual, h");
 
 impl LayerNormKernel {
@@ -424,17 +470,16 @@ impl LayerNormKernel {
         if config.has_bias() {
             flags |= FLAG_BIAS;
         }
-        let blocks = lanes == 1;
-        let subgroup = subgroup_choice(
-            blocks
-                && self.subgroup.as_ref().is_some_and(|sg| {
-                    let (entry, flags) = subgroup_entry(fusion, SG_TRIPLES[0]);
-                    sg.has(entry, &flags)
-                }),
-            width,
-            options.subgroup_rows,
-        )?;
-        let rows_per_workgroup = if blocks { BLOCK_ROWS } else { u64::from(256 / lanes) };
+        let subgroup_possible = self.subgroup.as_ref().is_some_and(|sg| {
+            let (entry, flags) = subgroup_entry(fusion, SG_TRIPLES[0]);
+            sg.has(entry, &flags)
+        });
+        let path = row_path(lanes, subgroup_possible, width, options.subgroup_rows)?;
+        let rows_per_workgroup = if path.blocks() {
+            BLOCK_ROWS
+        } else {
+            u64::from(256 / lanes)
+        };
         let uniform = |chunk: &Chunk, training: bool| -> Result<wgpu::Buffer> {
             let d = match dropout {
                 Some(d) => d.params(training)?,
@@ -477,8 +522,7 @@ impl LayerNormKernel {
             shape: shape.to_vec(),
             rows,
             width,
-            blocks,
-            subgroup,
+            path,
             limits,
             chunks: parts,
         })
@@ -519,11 +563,8 @@ pub struct LayerNormPlan {
     shape: Vec<usize>,
     rows: u64,
     width: u64,
-    /// The row-block path (one lane per row).
-    blocks: bool,
-    /// Within it, the row-per-subgroup entry points ([`SG_TRIPLES`] index) where the call binds
-    /// as vectors.
-    subgroup: Option<usize>,
+    /// How rows are walked (see [`RowPath`]).
+    path: RowPath,
     limits: BindLimits,
     /// Row ranges, one per storage binding's worth of rows (one unless the tensor exceeds
     /// `max_storage_buffer_binding_size`).
@@ -579,7 +620,7 @@ impl LayerNormPlan {
     /// Whether the plan takes the row-per-subgroup forward (see
     /// [`LayerNormPlanOptions::subgroup_rows`]) for calls whose buffers bind as 16-byte vectors.
     pub fn subgroup_rows(&self) -> bool {
-        self.subgroup.is_some()
+        matches!(self.path, RowPath::SubgroupRows { .. })
     }
 
     /// Dispatch chunks per call: 1 unless the tensor exceeds one storage binding.
@@ -658,11 +699,12 @@ impl LayerNormPlan {
                 Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
                 _ => &k.passes,
             };
-            let (passes, (entry, flags)) = match (&k.vec4, &k.subgroup, self.subgroup) {
-                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => {
-                    (sg, subgroup_entry(self.fusion, SG_TRIPLES[t]))
-                }
-                _ => (passes, forward_entry(self.fusion, self.blocks)),
+            let path = self
+                .path
+                .for_range(k.vec4.as_ref().is_some_and(|v| std::ptr::eq(passes, v)));
+            let (passes, (entry, flags)) = match (path, &k.subgroup) {
+                (RowPath::SubgroupRows { triples }, Some(sg)) => (sg, subgroup_entry(self.fusion, triples)),
+                _ => (passes, forward_entry(self.fusion, path.blocks())),
             };
             // Absent only for the residual pass on a device below its binding count, which plan
             // creation refuses; a plan used with another device's kernel lands here.

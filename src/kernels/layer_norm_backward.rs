@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 use crate::grad::Accumulate;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{
-    residual_fits, residual_limit, subgroup_choice, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, SG_TRIPLES,
+    residual_fits, residual_limit, row_path, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, RowPath,
+    SG_TRIPLES,
 };
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, fold_workgroups, placeholder, record,
@@ -211,15 +212,12 @@ impl LayerNormBackwardKernel {
         if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && !residual_fits(device) {
             return Err(residual_limit(OP, RESIDUAL_PASS, device));
         }
-        let subgroup = subgroup_choice(
-            self.subgroup.as_ref().is_some_and(|sg| {
-                let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
-                let (entry, flags) = subgroup_dx_entry(residual, false, false, SG_TRIPLES[0]);
-                lanes == 1 && sg.has(entry, &flags)
-            }),
-            width,
-            options.subgroup_rows,
-        )?;
+        let subgroup_possible = self.subgroup.as_ref().is_some_and(|sg| {
+            let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
+            let (entry, flags) = subgroup_dx_entry(residual, false, false, SG_TRIPLES[0]);
+            sg.has(entry, &flags)
+        });
+        let path = row_path(lanes, subgroup_possible, width, options.subgroup_rows)?;
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
         // The partial pass takes 4 columns per invocation; the final pass one.
         let col_tiles = width.div_ceil(4 * WORKGROUP);
@@ -300,8 +298,7 @@ impl LayerNormBackwardKernel {
             shape: shape.to_vec(),
             rows,
             width,
-            blocks: lanes == 1,
-            subgroup,
+            path,
             limits,
             chunks: parts,
             // Only the row pass publishes row centres (for the partial pass); the row-block
@@ -358,11 +355,9 @@ pub struct LayerNormBackwardPlan {
     shape: Vec<usize>,
     rows: u64,
     width: u64,
-    /// The row-block path: one pass writes dx and the dγ/dβ partials.
-    blocks: bool,
-    /// Within it, the row-per-subgroup dx pass ([`SG_TRIPLES`] index) for ranges whose buffers
-    /// bind as vectors.
-    subgroup: Option<usize>,
+    /// How rows are walked (see [`RowPath`]); on the 64-row-block paths one pass writes dx and
+    /// the dγ/dβ partials.
+    path: RowPath,
     limits: BindLimits,
     /// Ranges of whole 64-row blocks, one per storage binding's worth of rows.
     chunks: Vec<LnbChunk>,
@@ -407,7 +402,7 @@ impl LayerNormBackwardPlan {
     /// Whether the plan's dx pass is the row-per-subgroup one (see
     /// [`LayerNormPlanOptions::subgroup_rows`]) for calls whose buffers bind as 16-byte vectors.
     pub fn subgroup_rows(&self) -> bool {
-        self.subgroup.is_some()
+        matches!(self.path, RowPath::SubgroupRows { .. })
     }
 
     /// Dispatch chunks per call: 1 unless the tensor exceeds one storage binding.
@@ -518,22 +513,22 @@ impl LayerNormBackwardPlan {
                 _ => &k.passes,
             };
             // The row-per-subgroup pass where the plan has one and this range binds as vectors.
-            let subgroup = match (&k.vec4, &k.subgroup, self.subgroup) {
-                (Some(v), Some(sg), Some(t)) if std::ptr::eq(passes, v) => {
-                    Some(sg).zip(Some(subgroup_dx_entry(residual, drop_dy, accumulate.dx, SG_TRIPLES[t])))
+            let path = self
+                .path
+                .for_range(k.vec4.as_ref().is_some_and(|v| std::ptr::eq(passes, v)));
+            let (dx_set, (entry, flags)) = match (path, &k.subgroup) {
+                (RowPath::SubgroupRows { triples }, Some(sg)) => {
+                    (sg, subgroup_dx_entry(residual, drop_dy, accumulate.dx, triples))
                 }
-                _ => None,
+                _ => (passes, dx_entry(path.blocks(), residual, drop_dy, accumulate.dx)),
             };
-            let on_subgroup = subgroup.is_some();
-            let (dx_set, (entry, flags)) =
-                subgroup.unwrap_or_else(|| (passes, dx_entry(self.blocks, residual, drop_dy, accumulate.dx)));
             // The residual pipelines are absent only on a device below their binding count,
             // which plan creation refuses; a plan used with another device's kernel lands here.
             if !dx_set.has(entry, &flags) {
                 return Err(residual_limit(OP, RESIDUAL_PASS, device));
             }
             let dx_pipeline = dx_set.get(entry, &flags)?;
-            stages_gamma |= self.blocks && !on_subgroup;
+            stages_gamma |= path == RowPath::Blocks;
             let partial_pipeline = passes.get("lnb_params_partial", &[("DROPOUT", drop_dy.into())])?;
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
             let mut dx_entries = vec![
@@ -546,12 +541,12 @@ impl LayerNormBackwardPlan {
                 (10, rng.clone()),
             ];
             // The subgroup pass keeps γ in registers; the others bind the uniform copy.
-            if !on_subgroup {
+            if !matches!(path, RowPath::SubgroupRows { .. }) {
                 dx_entries.push((13, self.gamma_uniform.as_entire_binding()));
             }
             // The row-block pass writes the partials; the row pass the row centres for the
             // partial pass.
-            dx_entries.push(if self.blocks {
+            dx_entries.push(if path.blocks() {
                 (7, partials.clone())
             } else {
                 (6, centre.clone())
@@ -573,7 +568,7 @@ impl LayerNormBackwardPlan {
             ));
             // Without γ and β there is nothing to reduce; the row-block pass sums the partials
             // itself.
-            if params && !self.blocks {
+            if params && !path.blocks() {
                 let partial_entries = [
                     (0, uniform),
                     (1, x),
