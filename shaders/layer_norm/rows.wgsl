@@ -1,9 +1,11 @@
 // include-only: validated as part of the shaders that include it.
 // Row geometry shared by the LayerNorm passes (layer_norm/forward.wgsl, layer_norm/backward.wgsl): which
 // row and lane an invocation works on, and how a row lies over the dropout mask's quads. The
-// including shader includes lib/philox.wgsl and declares `const WG` (256), `const REGS` (16), `const
+// including shader declares `const WG` (256), `const REGS` (16), `const
 // BLOCK` (64, the row-block paths' rows per workgroup), and a
 // uniform `p` with rows, width, lanes, row_base, drop_threshold, drop_flags and drop_scale.
+
+// #include "lib/philox.wgsl"
 
 // Where an invocation works: its row, its lane within the row, and whether that row exists
 // (the last workgroup may have spare segments; they still take part in every barrier).

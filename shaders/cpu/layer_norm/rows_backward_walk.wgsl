@@ -10,6 +10,9 @@
 // their LayerNorm gradients a, b, c: its own call graph, so that each entry point's layout holds
 // only the bindings it uses (the plain passes stay within 8 storage buffers).
 
+// #include "lib/philox.wgsl"
+// #include "cpu/layer_norm/rows_lanes.wgsl"
+
 const LANES: u32 = 8u;
 const ROWS_PER_BLOCK: u32 = 64u;
 

@@ -19,6 +19,9 @@
 //                                        writes y of row quads k (none past the row)
 //   const NEEDS_STATE: bool              whether sg_load3 reads the generator state
 
+// #include "lib/philox.wgsl"
+// #include "cpu/layer_norm/rows_lanes.wgsl"
+
 const LANES: u32 = 8u;
 const ROWS_PER_BLOCK: u32 = 64u;
 
