@@ -465,7 +465,7 @@ fn off_centre_with_two_values_per_channel() {
 fn many_channels_fold_stats_and_finalize_dispatches() {
     // Its own context: on GL (llvmpipe) this submission runs for over 6 s (common::own_ctx).
     let Some(ctx) = common::own_ctx() else { return };
-    // C = 70000 > 65535 workgroups in bn_stats and bn_finalize, with M = 2; and the same
+    // C = 70000 > 65535 workgroups in batch_norm_stats and batch_norm_finalize, with M = 2; and the same
     // channels one per invocation.
     let cfg = config(70_000, Some(0.1), true, true, 1e-5);
     for split in [

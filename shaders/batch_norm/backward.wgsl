@@ -14,23 +14,23 @@
 // mean, and Σdy·x̂ = invstd·(Σdy·(x − K) − (mean − K)·Σdy).
 //
 // Chunking: an input larger than one storage binding is processed in ranges of whole samples;
-// bnb_reduce and bnb_dx run once per range (x, dy, dx bound at its offset), partial sums of
-// every range are merged by bnb_finalize, and the dropout index is global.
+// batch_norm_backward_reduce and batch_norm_backward_dx run once per range (x, dy, dx bound at its offset), partial sums of
+// every range are merged by batch_norm_backward_finalize, and the dropout index is global.
 //
 // Entry points (algorithms), each specialised per pipeline by the override flags below:
-//   bnb_reduce          one workgroup per (channel, chunk): the three sums of the chunk.
-//   bnb_reduce_serial   one invocation per (channel, chunk), no workgroup merge (CPU adapters:
+//   batch_norm_backward_reduce          one workgroup per (channel, chunk): the three sums of the chunk.
+//   batch_norm_backward_reduce_serial   one invocation per (channel, chunk), no workgroup merge (CPU adapters:
 //                       `ReduceSplit::Invocation`).
-//   bnb_finalize        one workgroup per channel: merges chunk sums; writes (or adds to) dγ,
+//   batch_norm_backward_finalize        one workgroup per channel: merges chunk sums; writes (or adds to) dγ,
 //                       dβ; writes the channel's dx coefficients (K, a, q, r):
-//                       dx = a·g + q + r·(x − K). bnb_finalize_serial: one invocation per
+//                       dx = a·g + q + r·(x − K). batch_norm_backward_finalize_serial: one invocation per
 //                       channel (pairs with the serial reduce).
-//   bnb_dx              one invocation per 4 consecutive elements: dx (written or added to).
-//   bnb_dx_aligned      the same for S % 4 == 0 (every quad in one channel), p.run quads per
+//   batch_norm_backward_dx              one invocation per 4 consecutive elements: dx (written or added to).
+//   batch_norm_backward_dx_aligned      the same for S % 4 == 0 (every quad in one channel), p.run quads per
 //                       invocation, no per-element walk.
-//   bnb_eval_coef       running statistics (eval), where dx = γ·invstd·dy needs no reduction:
+//   batch_norm_backward_eval_coef       running statistics (eval), where dx = γ·invstd·dy needs no reduction:
 //                       (K = running mean, a = γ·invstd) per channel into coef; the reduce with
-//                       EVAL then writes dx while it sums, bnb_finalize runs only for dγ, dβ
+//                       EVAL then writes dx while it sums, batch_norm_backward_finalize runs only for dγ, dβ
 //                       (when affine), and there is no dx pass. Traffic: 3 passes, the minimum.
 
 // #include "lib/philox.wgsl"
@@ -46,10 +46,10 @@ const WG: u32 = 256u;
 // both sides of every runtime `if` under a lane mask, so a uniform flag would still pay for a
 // Philox call or an accumulating load on every quad.
 override DROPOUT: bool = false;     // dy times the fused dropout's regenerated mask
-override EVAL: bool = false;        // running statistics: the reduce writes dx (see bnb_eval_coef)
+override EVAL: bool = false;        // running statistics: the reduce writes dx (see batch_norm_backward_eval_coef)
 override PARK: bool = false;        // with DROPOUT, g = dy·m goes through dx: the reduce writes it,
                                     // the dx pass reads it back (one mask draw instead of two)
-override ACCUMULATE: bool = false;  // bnb_dx_aligned adds to dx (bnb_dx reads FLAG_ACCUM_DX)
+override ACCUMULATE: bool = false;  // batch_norm_backward_dx_aligned adds to dx (batch_norm_backward_dx reads FLAG_ACCUM_DX)
 
 const FLAG_AFFINE: u32 = 1u;        // γ multiplies dx; dγ, dβ are produced
 const FLAG_BATCH_STATS: u32 = 2u;   // the forward used batch statistics
@@ -106,7 +106,7 @@ fn upstream(i: u32, drop: bool) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn bnb_reduce(
+fn batch_norm_backward_reduce(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -114,8 +114,8 @@ fn bnb_reduce(
     reduce(wid.x + wid.y * nwg.x, lid, DROPOUT, EVAL, PARK);
 }
 
-// bnb_reduce of workgroup w; `drop`: dy is multiplied by the fused dropout's mask; `eval`:
-// running statistics, dx written on the way (coef from bnb_eval_coef); `park`: g = dy·m
+// batch_norm_backward_reduce of workgroup w; `drop`: dy is multiplied by the fused dropout's mask; `eval`:
+// running statistics, dx written on the way (coef from batch_norm_backward_eval_coef); `park`: g = dy·m
 // written to dx for the dx pass with PARK.
 fn reduce(w: u32, lid: u32, drop: bool, eval: bool, park: bool) {
     if (w >= p.c * p.chunks) {
@@ -133,7 +133,7 @@ fn reduce(w: u32, lid: u32, drop: bool, eval: bool, park: bool) {
     }
 }
 
-// The reduce's centre K: centre_of, or with `eval` the running mean bnb_eval_coef put in coef.
+// The reduce's centre K: centre_of, or with `eval` the running mean batch_norm_backward_eval_coef put in coef.
 fn reduce_centre(c: u32, eval: bool) -> f32 {
     if (eval) {
         return coef[c].x;
@@ -141,10 +141,10 @@ fn reduce_centre(c: u32, eval: bool) -> f32 {
     return centre_of(c);
 }
 
-// bnb_reduce with one invocation per (channel, chunk): no workgroup memory, no barriers (CPU
+// batch_norm_backward_reduce with one invocation per (channel, chunk): no workgroup memory, no barriers (CPU
 // adapters, `ReduceSplit::Invocation`).
 @compute @workgroup_size(256)
-fn bnb_reduce_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn batch_norm_backward_reduce_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     reduce_serial(gid.x + gid.y * nwg.x * WG, DROPOUT, EVAL, PARK);
 }
 
@@ -163,7 +163,7 @@ fn reduce_serial(t: u32, drop: bool, eval: bool, park: bool) {
 // (K = running mean, a = γ·invstd) of every channel for the eval reduce passes (running
 // statistics: dx = a·dy·m), one invocation per channel.
 @compute @workgroup_size(64)
-fn bnb_eval_coef(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn batch_norm_backward_eval_coef(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let c = gid.x + gid.y * nwg.x * 64u;
     if (c >= p.c) {
         return;
@@ -245,7 +245,7 @@ fn publish_partial(c: u32, k: u32, centre: f32, total: vec3<f32>, eval: bool) {
 }
 
 @compute @workgroup_size(256)
-fn bnb_finalize(
+fn batch_norm_backward_finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -260,10 +260,10 @@ fn bnb_finalize(
     }
 }
 
-// bnb_finalize with one invocation per channel summing its partials in order (pairs with
-// bnb_reduce_serial).
+// batch_norm_backward_finalize with one invocation per channel summing its partials in order (pairs with
+// batch_norm_backward_reduce_serial).
 @compute @workgroup_size(64)
-fn bnb_finalize_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn batch_norm_backward_finalize_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let c = gid.x + gid.y * nwg.x * 64u;
     if (c >= p.c) {
         return;
@@ -319,11 +319,11 @@ fn dx_of(k: vec4<f32>, x: vec4<f32>, g: vec4<f32>) -> vec4<f32> {
 }
 
 @compute @workgroup_size(256)
-fn bnb_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn batch_norm_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     dx_quad(gid.x + gid.y * nwg.x * WG, DROPOUT && !PARK, PARK);
 }
 
-// bnb_dx of invocation g (elements 4g .. 4g + 3); `drop` as in `reduce`; `parked`: g = dy·m
+// batch_norm_backward_dx of invocation g (elements 4g .. 4g + 3); `drop` as in `reduce`; `parked`: g = dy·m
 // from dx.
 fn dx_quad(g: u32, drop: bool, parked: bool) {
     let first = g * 4u;
@@ -370,7 +370,7 @@ fn dx_vector(first: u32, k: vec4<f32>, m: vec4<f32>, parked: bool, accumulate: b
     return out;
 }
 
-// bnb_dx for S % 4 == 0 (the host's choice), where every quad lies in one channel: no
+// batch_norm_backward_dx for S % 4 == 0 (the host's choice), where every quad lies in one channel: no
 // per-element walk, and writing or accumulating as a constant (ACCUMULATE). A CPU driver
 // executes an `if` under a lane mask whether or not a lane takes it, so dx_quad pays for its
 // per-element path and the accumulating load on every quad (lavapipe: bn_train_bwd about
@@ -400,6 +400,6 @@ fn dx_aligned(g: u32, drop: bool, parked: bool, accumulate: bool) {
 }
 
 @compute @workgroup_size(256)
-fn bnb_dx_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn batch_norm_backward_dx_aligned(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     dx_aligned(gid.x + gid.y * nwg.x * WG, DROPOUT && !PARK, PARK, ACCUMULATE);
 }

@@ -10,21 +10,21 @@
 //   m = momentum, or 1/num_batches_tracked (cumulative average) when momentum is None.
 //
 // Entry points, recorded in this order into one command buffer:
-//   bn_stats          one workgroup per (channel, chunk). Each channel's M elements are cut into
+//   batch_norm_stats          one workgroup per (channel, chunk). Each channel's M elements are cut into
 //                     `chunks` chunks of `chunk_len`; each invocation runs Welford over a strided
 //                     slice of its chunk, the workgroup merges with Chan's formula, and writes the
 //                     chunk's (mean − K, M2, count).
 //                     In training with running statistics, the invocation that writes channel
 //                     0's first chunk also increments num_batches_tracked (no dispatch of its own).
-//   bn_stats_serial   the same with one invocation per (channel, chunk) and no merge (CPU
+//   batch_norm_stats_serial   the same with one invocation per (channel, chunk) and no merge (CPU
 //                     adapters: `ReduceSplit::Invocation`).
-//   bn_finalize       one workgroup per channel: Chan-merges the channel's chunk partials, updates
+//   batch_norm_finalize       one workgroup per channel: Chan-merges the channel's chunk partials, updates
 //                     the running statistics, writes the saved mean and invstd, and the
 //                     channel's (K, mean − K, invstd·γ, β) for the normalize pass.
-//   bn_finalize_serial  the same with one invocation per channel (pairs with bn_stats_serial).
-//   bn_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
+//   batch_norm_finalize_serial  the same with one invocation per channel (pairs with batch_norm_stats_serial).
+//   batch_norm_finalize_eval  one invocation per channel (eval with running stats): mean and invstd
 //                     from the running statistics. Changes nothing.
-//   bn_normalize      one invocation per p.run quads of 4 consecutive elements:
+//   batch_norm_normalize      one invocation per p.run quads of 4 consecutive elements:
 //                     y = (x − mean)·(invstd·γ) + β. With DROPOUT, BatchNorm then dropout in
 //                     one pass, the same geometry: y = ((x − mean)·(invstd·γ) + β)·m with the
 //                     mask of lib/philox.wgsl over flat element indices. With ALIGNED (S % 4 == 0
@@ -34,9 +34,9 @@
 // Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
 // linear workgroup index from `num_workgroups`.
 // Chunking: an input larger than one storage binding is processed in ranges of whole samples
-// (a channel is split across ranges). bn_stats and the normalize pass run once per range with x
+// (a channel is split across ranges). batch_norm_stats and the normalize pass run once per range with x
 // and y bound at the range's offset; each stats chunk stores its own count with its partial, so
-// bn_finalize merges a channel's partials from every range; the dropout index is global.
+// batch_norm_finalize merges a channel's partials from every range; the dropout index is global.
 // Precision: activations stored as the variant says (f32, f16, packed f16); f32 arithmetic.
 // The variance is never formed as E[x²] − E[x]².
 // Statistics are accumulated over x − K, with K = x[0, c, 0] a value of the channel itself, and
@@ -53,14 +53,14 @@
 
 const WG: u32 = 256u;
 
-// bn_normalize's variants, set per pipeline (pipeline-overridable constants): the driver
+// batch_norm_normalize's variants, set per pipeline (pipeline-overridable constants): the driver
 // compiles each as a constant and drops the untaken side, which a CPU driver would otherwise
 // execute under a lane mask for every quad.
 override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask
 override ALIGNED: bool = false;  // S % 4 == 0 and S ≥ 4·run: see normalize_run
 
 const FLAG_AFFINE: u32 = 1u;         // read γ, β (otherwise γ = 1, β = 0)
-const FLAG_TRACK: u32 = 2u;          // update running stats in bn_finalize
+const FLAG_TRACK: u32 = 2u;          // update running stats in batch_norm_finalize
 const FLAG_CUMULATIVE: u32 = 4u;     // m = 1 / num_batches_tracked instead of momentum
 const FLAG_COUNT: u32 = 8u;          // training with running stats: the stats pass increments num_batches_tracked
 
@@ -81,7 +81,7 @@ const FLAG_COUNT: u32 = 8u;          // training with running stats: the stats p
 @group(0) @binding(12) var<storage, read_write> centre: array<vec4<f32>>; // (C) (K, mean − K, invstd·γ, β) for normalize
 
 @compute @workgroup_size(256)
-fn bn_stats(
+fn batch_norm_stats(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -102,10 +102,10 @@ fn bn_stats(
     }
 }
 
-// bn_stats with one invocation per (channel, chunk): no workgroup memory, no barriers. CPU
+// batch_norm_stats with one invocation per (channel, chunk): no workgroup memory, no barriers. CPU
 // adapters (see `ReduceSplit::Invocation`), where a workgroup merge costs more than the loads.
 @compute @workgroup_size(256)
-fn bn_stats_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn batch_norm_stats_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let t = gid.x + gid.y * nwg.x * WG;
     if (t >= p.c * p.chunks) {
         return;
@@ -118,7 +118,7 @@ fn bn_stats_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 }
 
 // K of channel c: the first range reads x[0, c, 0] (and publishes it in centre[c].x for the
-// later ranges, later dispatches, and bn_finalize); later ranges read it back.
+// later ranges, later dispatches, and batch_norm_finalize); later ranges read it back.
 fn stats_shift(c: u32) -> f32 {
     if (p.first != 0u) {
         return ld_x(c * p.s);
@@ -156,7 +156,7 @@ fn chunk_stat(c: u32, start: u32, end: u32, stride: u32, shift: f32) -> Stat {
 // Writes chunk k's triple (mean − K, M2, count) of channel c; the first range's chunk 0 also
 // publishes K. With FLAG_COUNT (training with running statistics) the one invocation that
 // writes channel 0's first chunk of the first range also increments num_batches_tracked: once
-// per call, before bn_finalize (the next dispatch) reads it for the cumulative average, as
+// per call, before batch_norm_finalize (the next dispatch) reads it for the cumulative average, as
 // PyTorch increments before it averages. A dispatch of its own for that one increment cost
 // about as much as a whole pass on a CPU driver.
 fn publish_partial(c: u32, k: u32, shift: f32, total: Stat) {
@@ -170,7 +170,7 @@ fn publish_partial(c: u32, k: u32, shift: f32, total: Stat) {
 }
 
 @compute @workgroup_size(256)
-fn bn_finalize(
+fn batch_norm_finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -187,10 +187,10 @@ fn bn_finalize(
     }
 }
 
-// bn_finalize with one invocation per channel merging all its partials in order: no workgroup
-// memory, no barriers. Pairs with bn_stats_serial (CPU adapters).
+// batch_norm_finalize with one invocation per channel merging all its partials in order: no workgroup
+// memory, no barriers. Pairs with batch_norm_stats_serial (CPU adapters).
 @compute @workgroup_size(64)
-fn bn_finalize_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn batch_norm_finalize_serial(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let c = gid.x + gid.y * nwg.x * 64u;
     if (c >= p.c) {
         return;
@@ -233,7 +233,7 @@ fn finish_channel(c: u32, total: Stat) {
 }
 
 // Increments the 64-bit num_batches_tracked counter, held as (lo, hi) u32 words, and leaves the
-// new count as an f32 in the slot after the partials (index C·parts) for bn_finalize's
+// new count as an f32 in the slot after the partials (index C·parts) for batch_norm_finalize's
 // cumulative average. One invocation of the stats pass calls it (publish_partial).
 fn count_batch() {
     let lo = num_batches[0] + 1u;
@@ -247,7 +247,7 @@ fn count_batch() {
 }
 
 @compute @workgroup_size(64)
-fn bn_finalize_eval(
+fn batch_norm_finalize_eval(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
@@ -285,7 +285,7 @@ fn normalized4(first: u32, pos0: vec2<u32>, k0: vec4<f32>) -> vec4<f32> {
 }
 
 @compute @workgroup_size(256)
-fn bn_normalize(
+fn batch_norm_normalize(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {

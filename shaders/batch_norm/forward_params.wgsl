@@ -6,7 +6,7 @@ struct Params {
     c: u32,          // channels C
     s: u32,          // spatial size S = ∏ dims after the channel axis
     m: u32,          // elements per channel in this range: n·S
-    chunk_len: u32,  // elements per stats chunk (multiple of WG for bn_stats, of 4 for bn_stats_serial)
+    chunk_len: u32,  // elements per stats chunk (multiple of WG for batch_norm_stats, of 4 for batch_norm_stats_serial)
     chunks: u32,     // stats chunks per channel in this range = ceil(m / chunk_len)
     flags: u32,      // FLAG_* bits
     total: u32,      // elements in this range: n·C·S

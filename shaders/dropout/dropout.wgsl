@@ -22,7 +22,7 @@
 //                     (the backward from a stored mask: dx = dy·m).
 //   dropout_mask      one invocation per mask word: the packed keep bits of 32 units, unit u
 //                     in bit u % 32 of word u / 32 (LSB first); bits past the last unit are 0.
-//   rng_advance       one invocation: offset += 1 in the generator state (64-bit carry), so
+//   dropout_rng_advance       one invocation: offset += 1 in the generator state (64-bit carry), so
 //                     consecutive calls recorded in one submission draw fresh masks.
 // Dispatches over 65535 workgroups fold into y. A tensor larger than one storage binding is
 // processed in chunks: x and y are bound at the chunk's offset and `base` is the flat index of
@@ -254,7 +254,7 @@ fn dropout_mask(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 }
 
 @compute @workgroup_size(1)
-fn rng_advance() {
+fn dropout_rng_advance() {
     let lo = rng_state.z + 1u;
     rng_state.z = lo;
     if (lo == 0u) {

@@ -4,8 +4,8 @@
 //   dγ_j = Σ_rows dy·x̂     dβ_j = Σ_rows dy
 //
 // Fusions (the forward's dropout, backward applied inside these passes, mask regenerated):
-//   LayerNorm → dropout (lnb_dx, lnb_params_partial with DROPOUT): dy ← dy·m on load.
-//   residual block (lnb_residual_dx): forward h = residual + x·m, y = LN(h). Given dy (for y)
+//   LayerNorm → dropout (layer_norm_backward_dx, layer_norm_backward_params_partial with DROPOUT): dy ← dy·m on load.
+//   residual block (layer_norm_backward_residual_dx): forward h = residual + x·m, y = LN(h). Given dy (for y)
 //     and optionally dh_in (gradient reaching h from elsewhere, e.g. the next residual add):
 //     dh = LN_backward(dy) + dh_in, dresidual = dh, dx = dh·m.
 //
@@ -19,15 +19,15 @@
 // near the data's magnitude.
 //
 // Entry points, in order:
-//   lnb_dx / lnb_residual_dx  `lanes` invocations per row, 256/lanes rows per workgroup (as in
+//   layer_norm_backward_dx / layer_norm_backward_residual_dx  `lanes` invocations per row, 256/lanes rows per workgroup (as in
 //                             the forward); rows of at most 16·lanes from registers, wider
 //                             rows re-read;
 //                             writes dx and the row's (K, mean − K).
-//   lnb_params_partial        one invocation per (4 columns, block of 64 rows): partial dγ, dβ.
-//   lnb_gamma_stage           before the row-block pass: γ into its uniform copy.
-//   lnb_block_dx / lnb_block_residual_dx   instead of the two above when `lanes` is 1: one
+//   layer_norm_backward_params_partial        one invocation per (4 columns, block of 64 rows): partial dγ, dβ.
+//   layer_norm_backward_gamma_stage           before the row-block pass: γ into its uniform copy.
+//   layer_norm_backward_block_dx / layer_norm_backward_block_residual_dx   instead of the two above when `lanes` is 1: one
 //                             workgroup per block of 64 rows writes dx and the block's partials.
-//   lnb_params_final          one invocation per column: sums the partials (no float atomics).
+//   layer_norm_backward_params_final          one invocation per column: sums the partials (no float atomics).
 
 // #include "lib/philox.wgsl"
 // #include "layer_norm/rows.wgsl"
@@ -68,7 +68,7 @@ const FLAG_ACCUM_PARAMS: u32 = 8u;   // dγ, dβ +=
 // #activation @binding(12) read_write dresidual (rows, W)
 // γ of the first 4·GAMMA_QUADS columns as a uniform buffer, for the row-block pass's row phase,
 // where every invocation reads all of γ once per row: lavapipe loads a uniform buffer as one
-// vector gather, a storage buffer lane by lane with a branch per lane. With γ, lnb_gamma_stage fills it (binding 14, the same buffer) before the
+// vector gather, a storage buffer lane by lane with a branch per lane. With γ, layer_norm_backward_gamma_stage fills it (binding 14, the same buffer) before the
 // pass; without γ the host created it holding ones. The other dx passes bind it without
 // reading it.
 const GAMMA_QUADS: u32 = 1024u;
@@ -102,7 +102,7 @@ fn row_gamma(j: u32, staged: bool) -> f32 {
 // Copies γ of the first 4·GAMMA_QUADS columns into the uniform copy (run only with γ); one
 // invocation per column.
 @compute @workgroup_size(256)
-fn lnb_gamma_stage(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn layer_norm_backward_gamma_stage(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (gid.x < min(p.width, 4u * GAMMA_QUADS)) {
         gamma_stage[gid.x] = ld_weight(gid.x);
     }
@@ -211,7 +211,7 @@ fn row_start(at: Slot, base: u32) -> vec2<f32> {
 // The dx pass: with DROPOUT, LayerNorm → dropout's mask on dy (dy ← dy·m); with ACCUMULATE,
 // adding to dx (the uniform's FLAG_ACCUM_DX is set too) instead of writing it.
 @compute @workgroup_size(256)
-fn lnb_dx(
+fn layer_norm_backward_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -312,7 +312,7 @@ fn residual_emit(e: u32, dh_ln: f32, m: f32) {
 
 // The residual block's dx writing dx and dresidual, or (ACCUMULATE) adding to them.
 @compute @workgroup_size(256)
-fn lnb_residual_dx(
+fn layer_norm_backward_residual_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -407,7 +407,7 @@ var<workgroup> block_slope: array<f32, BLOCK>;
 // The row-block passes, by DROPOUT and ACCUMULATE as the dx pass, and the residual block's (by
 // ACCUMULATE). One workgroup per block of BLOCK rows.
 @compute @workgroup_size(64)
-fn lnb_block_dx(
+fn layer_norm_backward_block_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -417,7 +417,7 @@ fn lnb_block_dx(
 }
 
 @compute @workgroup_size(64)
-fn lnb_block_residual_dx(
+fn layer_norm_backward_block_residual_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -731,7 +731,7 @@ fn residual_step(
 }
 
 @compute @workgroup_size(256)
-fn lnb_params_partial(
+fn layer_norm_backward_params_partial(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -801,7 +801,7 @@ fn params_partial(w: u32, lid: u32, drop: bool) {
 }
 
 @compute @workgroup_size(256)
-fn lnb_params_final(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn layer_norm_backward_params_final(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let j = gid.x + gid.y * nwg.x * WG;
     if (j >= p.width) {
         return;

@@ -13,5 +13,5 @@ struct Params {
     lanes: u32,      // invocations per row in the dx passes (power of two, 1..=256)
     row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
     block_base: u32, // global index of this dispatch's first block of 64 rows
-    total_blocks: u32, // row blocks of the whole call (lnb_params_final)
+    total_blocks: u32, // row blocks of the whole call (layer_norm_backward_params_final)
 }

@@ -4,8 +4,8 @@
 //   mean_r = (1/W) Σ_j h[r,j]            var_r = (1/W) Σ_j (h[r,j] − mean_r)²   (biased)
 //   rstd_r = 1 / sqrt(var_r + eps)       y[r,j] = (h[r,j] − mean_r)·rstd_r·γ_j + β_j
 //
-//   ln_forward                   h = x; with DROPOUT, then y ← y·m  (LayerNorm, then dropout)
-//   ln_residual_dropout_forward  h = residual + x·m, written out; y = LN(h)   (pre-norm block)
+//   layer_norm_forward                   h = x; with DROPOUT, then y ← y·m  (LayerNorm, then dropout)
+//   layer_norm_residual_dropout_forward  h = residual + x·m, written out; y = LN(h)   (pre-norm block)
 //   m = drop_scale if kept else 0 (train), drop_scale with every element kept (eval).
 //
 // Geometry: a row gets `lanes` invocations, a power of two in 1..=256 the host picks
@@ -44,7 +44,7 @@ const REGS: u32 = 16u;
 
 // Set per pipeline (a pipeline-overridable constant): the driver compiles it as a constant and
 // drops the untaken side, which a CPU driver would otherwise execute under a lane mask.
-override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask (ln_forward, ln_block_forward)
+override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask (layer_norm_forward, layer_norm_block_forward)
 
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
@@ -153,7 +153,7 @@ fn finish_stats(lid: u32, at: Slot, shift: f32, mine: Stat) -> vec2<f32> {
 }
 
 @compute @workgroup_size(256)
-fn ln_forward(
+fn layer_norm_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -270,7 +270,7 @@ fn forward(at: Slot, lid: u32, drop: bool) {
 // Pre-norm residual block: h = residual + x·m written out, y = LN(h). Statistics are taken
 // around the row's first residual value (h is not formed yet).
 @compute @workgroup_size(256)
-fn ln_residual_dropout_forward(
+fn layer_norm_residual_dropout_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -341,7 +341,7 @@ const BLOCK: u32 = 64u;
 var<workgroup> block_stats: array<vec3<f32>, BLOCK>;
 
 @compute @workgroup_size(64)
-fn ln_block_forward(
+fn layer_norm_block_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
@@ -355,7 +355,7 @@ fn ln_block_forward(
 // The residual block: the row phase writes h; the column phase reads it back (other
 // invocations' writes, hence the storage barrier).
 @compute @workgroup_size(64)
-fn ln_block_residual_dropout_forward(
+fn layer_norm_block_residual_dropout_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,

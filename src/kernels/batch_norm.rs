@@ -6,15 +6,15 @@
 //!
 //! | dispatch            | workgroups              | reads                    | writes                    |
 //! |---------------------|-------------------------|--------------------------|---------------------------|
-//! | `bn_stats`          | C · chunks              | x                        | partials (mean, M2), +1 to num_batches_tracked (when tracking) |
-//! | `bn_finalize`       | C                       | partials                 | save_mean/invstd, running |
-//! | `bn_normalize`      | ⌈N·C·S / (1024·run)⌉    | x, centre (K, mean, γ, β)| y                         |
+//! | `batch_norm_stats`          | C · chunks              | x                        | partials (mean, M2), +1 to num_batches_tracked (when tracking) |
+//! | `batch_norm_finalize`       | C                       | partials                 | save_mean/invstd, running |
+//! | `batch_norm_normalize`      | ⌈N·C·S / (1024·run)⌉    | x, centre (K, mean, γ, β)| y                         |
 //!
-//! In eval mode with running statistics only `bn_finalize_eval` and `bn_normalize` run. `run`
+//! In eval mode with running statistics only `batch_norm_finalize_eval` and `batch_norm_normalize` run. `run`
 //! is [`BatchNormPlanOptions::normalize_run`] (quads of 4 elements per invocation).
 //!
 //! On CPU adapters with 8-lane subgroups a call with batch statistics is one dispatch instead,
-//! `bn_channel_forward[_dropout]` (C workgroups of one subgroup each; see
+//! `batch_norm_channel_forward[_dropout]` (C workgroups of one subgroup each; see
 //! [`BatchNormPlanOptions::channel_pass`]).
 
 use crate::context::Kernel;
@@ -29,29 +29,29 @@ const OP: &str = "batch_norm";
 
 /// Entry points in `shaders/batch_norm/forward.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
-    "bn_stats",
-    "bn_stats_serial",
-    "bn_finalize",
-    "bn_finalize_serial",
-    "bn_finalize_eval",
-    "bn_normalize",
+    "batch_norm_stats",
+    "batch_norm_stats_serial",
+    "batch_norm_finalize",
+    "batch_norm_finalize_serial",
+    "batch_norm_finalize_eval",
+    "batch_norm_normalize",
 ];
 /// Entry points in `shaders/cpu/batch_norm/forward_channel.wgsl`: the training forward in one pass per
 /// channel (`BatchNormPlanOptions::channel_pass`), plain and fused with dropout (`DROPOUT`).
-pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["bn_channel_forward"];
+pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["batch_norm_channel_forward"];
 
 /// Storage buffers the one-pass-per-channel forward binds (with the dropout's generator state).
 const CHANNEL_STORAGE_BINDINGS: u32 = 10;
 
-/// `bn_normalize`'s override flags: the fused dropout, and S % 4 == 0 with S ≥ 4·run (see
+/// `batch_norm_normalize`'s override flags: the fused dropout, and S % 4 == 0 with S ≥ 4·run (see
 /// `normalize_run` in the shader).
 const NORMALIZE_FLAGS: [&str; 2] = ["DROPOUT", "ALIGNED"];
 const WORKGROUP: u64 = 256;
-/// Workgroup size of the one-invocation-per-channel passes (`bn_finalize_eval`, the `_serial`
+/// Workgroup size of the one-invocation-per-channel passes (`batch_norm_finalize_eval`, the `_serial`
 /// finalizes of forward and backward).
 const CHANNEL_WORKGROUP: u64 = 64;
 
-/// Default elements of one channel reduced by one `bn_stats` / `bnb_reduce` workgroup on a GPU
+/// Default elements of one channel reduced by one `batch_norm_stats` / `batch_norm_backward_reduce` workgroup on a GPU
 /// (16 per invocation); see [`default_reduce_split`].
 pub const DEFAULT_STATS_CHUNK: u32 = 4096;
 
@@ -280,16 +280,16 @@ pub(crate) fn runs_align(s: u64, run: u32) -> bool {
 #[derive(Clone, Debug)]
 pub struct BatchNormKernel {
     storage: Storage,
-    /// Every entry point of `batch_norm/forward.wgsl` (`bn_normalize` by `DROPOUT` and
+    /// Every entry point of `batch_norm/forward.wgsl` (`batch_norm_normalize` by `DROPOUT` and
     /// `ALIGNED`).
     pipelines: Pipelines,
-    /// `bn_stats[_serial]` and `bn_normalize` from the vec4 variant (f32 only), for ranges whose
+    /// `batch_norm_stats[_serial]` and `batch_norm_normalize` from the vec4 variant (f32 only), for ranges whose
     /// x (and y) bind as whole 16-byte vectors (the stats pass also needs S % 4 == 0).
     pipelines_vec4: Option<Pipelines>,
     /// Stand-ins for bindings a configuration does not use: γ, β (read), running mean,
     /// running var, num_batches_tracked (read-write) and the generator state, each distinct.
     placeholders: [wgpu::Buffer; 6],
-    /// The one-pass-per-channel forward (`bn_channel_forward` by `DROPOUT`, vec4 variant): built
+    /// The one-pass-per-channel forward (`batch_norm_channel_forward` by `DROPOUT`, vec4 variant): built
     /// where [`channel_pass_possible`].
     channel: Option<Pipelines>,
 }
@@ -329,14 +329,18 @@ impl Kernel for BatchNormKernel {
         let module = crate::kernels::shader_module(device, "batch_norm/forward.wgsl", storage, false);
         let per_range = |module: &wgpu::ShaderModule| {
             let mut p = Pipelines::default();
-            for entry in ["bn_stats", "bn_stats_serial"] {
+            for entry in ["batch_norm_stats", "batch_norm_stats_serial"] {
                 p.add_all(device, module, entry, &[]);
             }
-            p.add_all(device, module, "bn_normalize", &NORMALIZE_FLAGS);
+            p.add_all(device, module, "batch_norm_normalize", &NORMALIZE_FLAGS);
             p
         };
         let mut pipelines = per_range(&module);
-        for entry in ["bn_finalize", "bn_finalize_serial", "bn_finalize_eval"] {
+        for entry in [
+            "batch_norm_finalize",
+            "batch_norm_finalize_serial",
+            "batch_norm_finalize_eval",
+        ] {
             pipelines.add_all(device, &module, entry, &[]);
         }
         Self {
@@ -348,7 +352,7 @@ impl Kernel for BatchNormKernel {
                 let module =
                     crate::kernels::shader_module(device, "cpu/batch_norm/forward_channel.wgsl", storage, true);
                 let mut p = Pipelines::default();
-                p.add_all(device, &module, "bn_channel_forward", &["DROPOUT"]);
+                p.add_all(device, &module, "batch_norm_channel_forward", &["DROPOUT"]);
                 p
             }),
         }
@@ -395,7 +399,7 @@ impl BatchNormKernel {
         let eval_groups = fold_workgroups(OP, dims.c.div_ceil(CHANNEL_WORKGROUP), max)?;
         let finalize_groups = finalize_groups(OP, split, dims.c, max)?;
         // One vec4 per (channel, partial), then one slot where the stats pass leaves the new
-        // num_batches_tracked for bn_finalize (which then needs no binding of the counter).
+        // num_batches_tracked for batch_norm_finalize (which then needs no binding of the counter).
         let partials_bytes = (dims.c * parts + 1) * 16;
         limits.check_size(
             OP,
@@ -875,7 +879,7 @@ impl BatchNormPlan {
         if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
             let (at, len) = range_bytes(c);
             if vec4_bindable(&[&b.x, &b.y], at, len) {
-                let pass = channel.get("bn_channel_forward", &[("DROPOUT", drop.into())])?;
+                let pass = channel.get("batch_norm_channel_forward", &[("DROPOUT", drop.into())])?;
                 let entries = [
                     (0, c.uniforms[usize::from(training)].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),
@@ -889,16 +893,21 @@ impl BatchNormPlan {
                     (9, save_invstd),
                     (11, rng),
                 ];
-                let group = bind_group(device, "bn_channel_forward", pass, &entries);
+                let group = bind_group(device, "batch_norm_channel_forward", pass, &entries);
                 record(encoder, "batch_norm forward", &[(pass, group, self.channel_groups)]);
                 return Ok(());
             }
         }
         let mut groups = Vec::new();
         let serial = self.split.serial();
-        let finalize = k
-            .pipelines
-            .get(if serial { "bn_finalize_serial" } else { "bn_finalize" }, &[])?;
+        let finalize = k.pipelines.get(
+            if serial {
+                "batch_norm_finalize_serial"
+            } else {
+                "batch_norm_finalize"
+            },
+            &[],
+        )?;
         if batch_stats {
             for c in &self.chunks {
                 let (at, len) = range_bytes(c);
@@ -906,7 +915,14 @@ impl BatchNormPlan {
                     Some(v) if self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x], at, len) => v,
                     _ => &k.pipelines,
                 };
-                let stats = pipelines.get(if serial { "bn_stats_serial" } else { "bn_stats" }, &[])?;
+                let stats = pipelines.get(
+                    if serial {
+                        "batch_norm_stats_serial"
+                    } else {
+                        "batch_norm_stats"
+                    },
+                    &[],
+                )?;
                 let entries = [
                     (0, c.uniforms[usize::from(training)].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),
@@ -914,13 +930,17 @@ impl BatchNormPlan {
                     (10, partials.clone()),
                     (12, centre.clone()),
                 ];
-                groups.push((stats, bind_group(device, "bn_stats", stats, &entries), c.stats_groups));
+                groups.push((
+                    stats,
+                    bind_group(device, "batch_norm_stats", stats, &entries),
+                    c.stats_groups,
+                ));
             }
             groups.push((
                 finalize,
                 bind_group(
                     device,
-                    "bn_finalize",
+                    "batch_norm_finalize",
                     finalize,
                     &[
                         (0, uniform.clone()),
@@ -937,12 +957,12 @@ impl BatchNormPlan {
                 self.finalize_groups,
             ));
         } else {
-            let finalize_eval = k.pipelines.get("bn_finalize_eval", &[])?;
+            let finalize_eval = k.pipelines.get("batch_norm_finalize_eval", &[])?;
             groups.push((
                 finalize_eval,
                 bind_group(
                     device,
-                    "bn_finalize_eval",
+                    "batch_norm_finalize_eval",
                     finalize_eval,
                     &[
                         (0, uniform.clone()),
@@ -965,7 +985,7 @@ impl BatchNormPlan {
                 _ => &k.pipelines,
             };
             let normalize = pipelines.get(
-                "bn_normalize",
+                "batch_norm_normalize",
                 &[("DROPOUT", drop.into()), ("ALIGNED", self.aligned.into())],
             )?;
             let entries = [
@@ -977,13 +997,13 @@ impl BatchNormPlan {
             ];
             groups.push((
                 normalize,
-                bind_group(device, "bn_normalize", normalize, &entries),
+                bind_group(device, "batch_norm_normalize", normalize, &entries),
                 c.normalize_groups,
             ));
         }
 
-        // bn_finalize updates running statistics exactly when FLAG_TRACK is set: with tracking
-        // it only runs in training mode (eval uses bn_finalize_eval), after the stats pass that
+        // batch_norm_finalize updates running statistics exactly when FLAG_TRACK is set: with tracking
+        // it only runs in training mode (eval uses batch_norm_finalize_eval), after the stats pass that
         // incremented num_batches_tracked (FLAG_COUNT).
         record(encoder, "batch_norm forward", &groups);
         Ok(())

@@ -3,18 +3,18 @@
 //!
 //! | dispatch       | workgroups        | reads                         | writes                 |
 //! |----------------|-------------------|-------------------------------|------------------------|
-//! | `bnb_reduce`   | C · chunks        | x, dy (+ generator: dy·mask)  | partial sums           |
-//! | `bnb_finalize` | C                 | partial sums, saved stats     | dγ, dβ, coefficients   |
-//! | `bnb_dx`       | ⌈N·C·S/(1024·run)⌉| x, dy, coefficients           | dx                     |
+//! | `batch_norm_backward_reduce`   | C · chunks        | x, dy (+ generator: dy·mask)  | partial sums           |
+//! | `batch_norm_backward_finalize` | C                 | partial sums, saved stats     | dγ, dβ, coefficients   |
+//! | `batch_norm_backward_dx`       | ⌈N·C·S/(1024·run)⌉| x, dy, coefficients           | dx                     |
 //!
 //! Each entry point is one algorithm; its variants are pipelines specialised by WGSL override
 //! flags: `DROPOUT` (dy times the fused dropout's regenerated mask), `EVAL` (running
 //! statistics), `PARK` (g = dy·m parked in dx between the reduce and the dx pass) and, in
-//! `bnb_dx_aligned`, `ACCUMULATE`.
+//! `batch_norm_backward_dx_aligned`, `ACCUMULATE`.
 //!
-//! With [`ReduceSplit::Invocation`] (the CPU-adapter default) `bnb_reduce_serial` takes a chunk
-//! per invocation (⌈C · chunks / 256⌉ workgroups) and `bnb_finalize_serial` a channel per
-//! invocation. Where S % 4 == 0 the dx pass is `bnb_dx_aligned` (every quad in one channel),
+//! With [`ReduceSplit::Invocation`] (the CPU-adapter default) `batch_norm_backward_reduce_serial` takes a chunk
+//! per invocation (⌈C · chunks / 256⌉ workgroups) and `batch_norm_backward_finalize_serial` a channel per
+//! invocation. Where S % 4 == 0 the dx pass is `batch_norm_backward_dx_aligned` (every quad in one channel),
 //! which skips the per-element walk a CPU driver would otherwise execute under a lane mask for
 //! every quad, and takes runs of [`default_normalize_run`] quads per invocation where S ≥ 4·run
 //! (8 on CPU adapters, 1 on GPUs), reading a channel's coefficients once per run.
@@ -22,14 +22,14 @@
 //! Traffic: 5 passes over the activations (reduce reads x and dy; dx reads both and writes dx).
 //!
 //! On CPU adapters with 8-lane subgroups, a backward with batch statistics is one dispatch
-//! instead (`bnb_channel`, C workgroups of one subgroup each, see
+//! instead (`batch_norm_backward_channel`, C workgroups of one subgroup each, see
 //! [`BatchNormBackwardPlanOptions::channel_pass`]): each channel is summed, then walked again
 //! for dx, while it is in the core's cache.
 //!
 //! Running statistics (the backward of an eval-mode forward, `batch_stats` false), where
-//! dx = γ·invstd·dy needs no reduction: `bnb_eval_coef` (a channel per invocation) writes each
+//! dx = γ·invstd·dy needs no reduction: `batch_norm_backward_eval_coef` (a channel per invocation) writes each
 //! channel's (running mean, γ·invstd), the reduce with `EVAL` writes dx while it sums, and
-//! `bnb_finalize` runs only for dγ, dβ (affine): 3 passes of traffic.
+//! `batch_norm_backward_finalize` runs only for dγ, dβ (affine): 3 passes of traffic.
 //!
 //! With a fused dropout on a CPU adapter, writing f32 dx, the reduce and the dx pass take
 //! `PARK`: the reduce also writes g = dy·m into dx and the dx pass reads it back, so the mask is
@@ -55,7 +55,7 @@ const WORKGROUP: u64 = 256;
 /// Entry points in `shaders/cpu/batch_norm/backward_channel.wgsl`: the backward with batch
 /// statistics in one pass per channel ([`BatchNormBackwardPlanOptions::channel_pass`]),
 /// specialised by `DROPOUT` and `ACCUMULATE`.
-pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["bnb_channel"];
+pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["batch_norm_backward_channel"];
 
 /// Geometry overrides for a BatchNorm backward plan ([`BatchNormBackwardKernel::plan_with_options`]).
 /// `Default` leaves every choice to the device's policy; results agree within rounding.
@@ -76,13 +76,13 @@ pub struct BatchNormBackwardPlanOptions {
 /// Entry points in `shaders/batch_norm/backward.wgsl` that get a pipeline: one per algorithm,
 /// each specialised by the override flags `DROPOUT`, `EVAL`, `PARK` and `ACCUMULATE`.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
-    "bnb_reduce",
-    "bnb_reduce_serial",
-    "bnb_finalize",
-    "bnb_finalize_serial",
-    "bnb_eval_coef",
-    "bnb_dx",
-    "bnb_dx_aligned",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_reduce_serial",
+    "batch_norm_backward_finalize",
+    "batch_norm_backward_finalize_serial",
+    "batch_norm_backward_eval_coef",
+    "batch_norm_backward_dx",
+    "batch_norm_backward_dx_aligned",
 ];
 
 const FLAG_AFFINE: u32 = 1;
@@ -129,7 +129,7 @@ pub struct BatchNormBackwardKernel {
     pipelines_vec4: Option<Pipelines>,
     /// Stand-ins for γ (read), dγ, dβ (written) and the generator state when unused.
     placeholders: [wgpu::Buffer; 4],
-    /// The one-pass-per-channel backward (`bnb_channel`, vec4 variant, by `DROPOUT` and
+    /// The one-pass-per-channel backward (`batch_norm_backward_channel`, vec4 variant, by `DROPOUT` and
     /// `ACCUMULATE`): built on CPU adapters with `SUBGROUP` of at least 8 lanes and f32 storage.
     channel: Option<Pipelines>,
 }
@@ -145,15 +145,23 @@ impl BatchNormBackwardKernel {
     /// passes (`finalize`, `eval_coef`) where `whole_call`.
     fn build_pipelines(device: &wgpu::Device, module: &wgpu::ShaderModule, whole_call: bool) -> Pipelines {
         let mut p = Pipelines::default();
-        for entry in ["bnb_reduce", "bnb_reduce_serial"] {
+        for entry in ["batch_norm_backward_reduce", "batch_norm_backward_reduce_serial"] {
             p.add(device, module, entry, &REDUCE_FLAGS, |f| !f[2] || (f[0] && !f[1]));
         }
-        p.add(device, module, "bnb_dx", &DX_FLAGS, |f| !f[1] || f[0]);
-        p.add(device, module, "bnb_dx_aligned", &DX_ALIGNED_FLAGS, |f| {
-            !f[1] || (f[0] && !f[2])
-        });
+        p.add(device, module, "batch_norm_backward_dx", &DX_FLAGS, |f| !f[1] || f[0]);
+        p.add(
+            device,
+            module,
+            "batch_norm_backward_dx_aligned",
+            &DX_ALIGNED_FLAGS,
+            |f| !f[1] || (f[0] && !f[2]),
+        );
         if whole_call {
-            for entry in ["bnb_finalize", "bnb_finalize_serial", "bnb_eval_coef"] {
+            for entry in [
+                "batch_norm_backward_finalize",
+                "batch_norm_backward_finalize_serial",
+                "batch_norm_backward_eval_coef",
+            ] {
                 p.add_all(device, module, entry, &[]);
             }
         }
@@ -175,7 +183,12 @@ impl Kernel for BatchNormBackwardKernel {
                 let module =
                     crate::kernels::shader_module(device, "cpu/batch_norm/backward_channel.wgsl", storage, true);
                 let mut p = Pipelines::default();
-                p.add_all(device, &module, "bnb_channel", &["DROPOUT", "ACCUMULATE"]);
+                p.add_all(
+                    device,
+                    &module,
+                    "batch_norm_backward_channel",
+                    &["DROPOUT", "ACCUMULATE"],
+                );
                 p
             }),
         }
@@ -517,15 +530,20 @@ impl BatchNormBackwardPlan {
         let serial = self.split.serial();
         let eval = !batch_stats;
         let park = self.parks && batch_stats && !accumulate.dx;
-        let finalize = k
-            .pipelines
-            .get(if serial { "bnb_finalize_serial" } else { "bnb_finalize" }, &[])?;
+        let finalize = k.pipelines.get(
+            if serial {
+                "batch_norm_backward_finalize_serial"
+            } else {
+                "batch_norm_backward_finalize"
+            },
+            &[],
+        )?;
         let weight = binding_or(affine, &b.weight, &ph[0], c_bytes);
         if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             if vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) {
                 let pass = channel.get(
-                    "bnb_channel",
+                    "batch_norm_backward_channel",
                     &[("DROPOUT", drop.into()), ("ACCUMULATE", accumulate.dx.into())],
                 )?;
                 let entries = [
@@ -539,7 +557,7 @@ impl BatchNormBackwardPlan {
                     (10, binding_or(affine, &b.dbias, &ph[2], c_bytes)),
                     (11, rng),
                 ];
-                let group = bind_group(device, "bnb_channel", pass, &entries);
+                let group = bind_group(device, "batch_norm_backward_channel", pass, &entries);
                 record(encoder, "batch_norm backward", &[(pass, group, self.channel_groups)]);
                 return Ok(());
             }
@@ -553,10 +571,10 @@ impl BatchNormBackwardPlan {
                 (6, save_invstd.clone()),
                 (8, coef.clone()),
             ];
-            let eval_coef = k.pipelines.get("bnb_eval_coef", &[])?;
+            let eval_coef = k.pipelines.get("batch_norm_backward_eval_coef", &[])?;
             passes.push((
                 eval_coef,
-                bind_group(device, "bnb_eval_coef", eval_coef, &entries),
+                bind_group(device, "batch_norm_backward_eval_coef", eval_coef, &entries),
                 self.eval_coef_groups,
             ));
         }
@@ -567,7 +585,11 @@ impl BatchNormBackwardPlan {
                 Some(v) if vec4 => v,
                 _ => &k.pipelines,
             };
-            let entry = if serial { "bnb_reduce_serial" } else { "bnb_reduce" };
+            let entry = if serial {
+                "batch_norm_backward_reduce_serial"
+            } else {
+                "batch_norm_backward_reduce"
+            };
             let reduce = pipelines.get(
                 entry,
                 &[("DROPOUT", drop.into()), ("EVAL", eval.into()), ("PARK", park.into())],
@@ -585,7 +607,7 @@ impl BatchNormBackwardPlan {
             ];
             passes.push((
                 reduce,
-                bind_group(device, "bnb_reduce", reduce, &entries),
+                bind_group(device, "batch_norm_backward_reduce", reduce, &entries),
                 c.reduce_groups,
             ));
         }
@@ -602,7 +624,7 @@ impl BatchNormBackwardPlan {
         ];
         let finalize_pass = (
             finalize,
-            bind_group(device, "bnb_finalize", finalize, &entries),
+            bind_group(device, "batch_norm_backward_finalize", finalize, &entries),
             self.finalize_groups,
         );
         if !batch_stats {
@@ -625,7 +647,7 @@ impl BatchNormBackwardPlan {
             // uniform's; parking only runs when dx is written.
             let dx = if self.aligned {
                 pipelines.get(
-                    "bnb_dx_aligned",
+                    "batch_norm_backward_dx_aligned",
                     &[
                         ("DROPOUT", drop.into()),
                         ("PARK", park.into()),
@@ -633,7 +655,10 @@ impl BatchNormBackwardPlan {
                     ],
                 )?
             } else {
-                pipelines.get("bnb_dx", &[("DROPOUT", drop.into()), ("PARK", park.into())])?
+                pipelines.get(
+                    "batch_norm_backward_dx",
+                    &[("DROPOUT", drop.into()), ("PARK", park.into())],
+                )?
             };
             let entries = [
                 (0, c.uniforms[variant].as_entire_binding()),
@@ -643,7 +668,11 @@ impl BatchNormBackwardPlan {
                 (8, coef.clone()),
                 (11, rng.clone()),
             ];
-            passes.push((dx, bind_group(device, "bnb_dx", dx, &entries), c.dx_groups));
+            passes.push((
+                dx,
+                bind_group(device, "batch_norm_backward_dx", dx, &entries),
+                c.dx_groups,
+            ));
         }
         record(encoder, "batch_norm backward", &passes);
         Ok(())

@@ -30,7 +30,7 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "dropout2d_from_bits",
     "dropout_apply_mask",
     "dropout_mask",
-    "rng_advance",
+    "dropout_rng_advance",
 ];
 
 /// The forward passes, by mask unit: Dropout, Dropout2d, Dropout2d from channel keep bits.
@@ -184,7 +184,7 @@ impl Kernel for DropoutKernel {
             forward_vec4: vec4_module(device, "dropout/dropout.wgsl", storage).map(|m| forward(&m)),
             apply_mask: compute_pipeline(device, &module, "dropout_apply_mask"),
             mask: compute_pipeline(device, &module, "dropout_mask"),
-            advance: compute_pipeline(device, &module, "rng_advance"),
+            advance: compute_pipeline(device, &module, "dropout_rng_advance"),
         }
     }
 }
@@ -321,7 +321,7 @@ impl DropoutKernel {
         check_rng(&BindLimits::of(device), OP, rng)?;
         let group = bind_group(
             device,
-            "rng_advance",
+            "dropout_rng_advance",
             &self.advance,
             &[(3, binding(rng, RNG_STATE_BYTES))],
         );
@@ -438,7 +438,7 @@ impl DropoutPlan {
         self.limits.check_chunked(OP, "x", &b.x, bytes)?;
         self.limits.check_chunked(OP, "y", &b.y, bytes)?;
         check_rng(&self.limits, OP, &b.rng)?;
-        // rng is declared read_write in dropout/dropout.wgsl (rng_advance writes it), so it counts as an
+        // rng is declared read_write in dropout/dropout.wgsl (dropout_rng_advance writes it), so it counts as an
         // output here; y and rng must not share a buffer either.
         check_distinct(OP, &[("x", &b.x)], &[("y", &b.y), ("rng", &b.rng)])?;
         check_distinct(OP, &[("y", &b.y)], &[("rng", &b.rng)])?;

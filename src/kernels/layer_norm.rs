@@ -14,22 +14,22 @@ use crate::kernels::{
 const OP: &str = "layer_norm";
 
 /// Entry points in `shaders/layer_norm/forward.wgsl` that get a pipeline.
-/// `ln_forward` and `ln_block_forward` take the fused dropout as the `DROPOUT` override.
+/// `layer_norm_forward` and `layer_norm_block_forward` take the fused dropout as the `DROPOUT` override.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
-    "ln_forward",
-    "ln_residual_dropout_forward",
-    "ln_block_forward",
-    "ln_block_residual_dropout_forward",
+    "layer_norm_forward",
+    "layer_norm_residual_dropout_forward",
+    "layer_norm_block_forward",
+    "layer_norm_block_residual_dropout_forward",
 ];
 
 /// Entry points in `shaders/cpu/layer_norm/forward_rows.wgsl` (the row-per-subgroup forward),
 /// by `DROPOUT` and `TRIPLES` (one of [`SG_TRIPLES`]); the residual block's is
 /// [`SUBGROUP_RESIDUAL_ENTRY_POINTS`].
-pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &["ln_sg_forward"];
+pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &["layer_norm_subgroup_rows_forward"];
 
 /// Entry points in `shaders/cpu/layer_norm/residual_forward_rows.wgsl`: the residual block's
 /// row-per-subgroup forward, by `TRIPLES`.
-pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &["ln_sg_residual_dropout_forward"];
+pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &["layer_norm_subgroup_rows_residual_dropout_forward"];
 
 /// Triples of column quads per lane the row-per-subgroup pipelines keep in registers (their
 /// `TRIPLES` override): a row fits when ⌈W/4 / subgroup size⌉ ≤ 3·T.
@@ -295,19 +295,22 @@ fn forward_entry(fusion: LayerNormFusion, blocks: bool) -> (&'static str, Vec<Fl
     let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
     let dropout = matches!(fusion, LayerNormFusion::Dropout(_));
     match (blocks, residual) {
-        (false, false) => ("ln_forward", vec![("DROPOUT", dropout.into())]),
-        (true, false) => ("ln_block_forward", vec![("DROPOUT", dropout.into())]),
-        (false, true) => ("ln_residual_dropout_forward", vec![]),
-        (true, true) => ("ln_block_residual_dropout_forward", vec![]),
+        (false, false) => ("layer_norm_forward", vec![("DROPOUT", dropout.into())]),
+        (true, false) => ("layer_norm_block_forward", vec![("DROPOUT", dropout.into())]),
+        (false, true) => ("layer_norm_residual_dropout_forward", vec![]),
+        (true, true) => ("layer_norm_block_residual_dropout_forward", vec![]),
     }
 }
 
 /// The row-per-subgroup entry point and flags for `fusion` with `triples` quads per lane.
 fn subgroup_entry(fusion: LayerNormFusion, triples: u32) -> (&'static str, Vec<Flag>) {
     match fusion {
-        LayerNormFusion::ResidualDropout(_) => ("ln_sg_residual_dropout_forward", vec![("TRIPLES", triples)]),
+        LayerNormFusion::ResidualDropout(_) => (
+            "layer_norm_subgroup_rows_residual_dropout_forward",
+            vec![("TRIPLES", triples)],
+        ),
         _ => (
-            "ln_sg_forward",
+            "layer_norm_subgroup_rows_forward",
             vec![
                 ("DROPOUT", matches!(fusion, LayerNormFusion::Dropout(_)).into()),
                 ("TRIPLES", triples),
@@ -320,11 +323,14 @@ impl Kernel for LayerNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let passes = |module: &wgpu::ShaderModule| {
             let mut p = Pipelines::default();
-            for entry in ["ln_forward", "ln_block_forward"] {
+            for entry in ["layer_norm_forward", "layer_norm_block_forward"] {
                 p.add_all(device, module, entry, &["DROPOUT"]);
             }
             if residual_fits(device) {
-                for entry in ["ln_residual_dropout_forward", "ln_block_residual_dropout_forward"] {
+                for entry in [
+                    "layer_norm_residual_dropout_forward",
+                    "layer_norm_block_residual_dropout_forward",
+                ] {
                     p.add_all(device, module, entry, &[]);
                 }
             }
@@ -340,12 +346,18 @@ impl Kernel for LayerNormKernel {
                 let mut p = Pipelines::default();
                 let module = crate::kernels::shader_module(device, "cpu/layer_norm/forward_rows.wgsl", storage, true);
                 let triples = [("DROPOUT", &[0, 1][..]), ("TRIPLES", &SG_TRIPLES[..])];
-                p.add_choices(device, &module, "ln_sg_forward", &triples, |_| true);
+                p.add_choices(device, &module, "layer_norm_subgroup_rows_forward", &triples, |_| true);
                 if residual_fits(device) {
                     let file = "cpu/layer_norm/residual_forward_rows.wgsl";
                     let module = crate::kernels::shader_module(device, file, storage, true);
                     let triples = [("TRIPLES", &SG_TRIPLES[..])];
-                    p.add_choices(device, &module, "ln_sg_residual_dropout_forward", &triples, |_| true);
+                    p.add_choices(
+                        device,
+                        &module,
+                        "layer_norm_subgroup_rows_residual_dropout_forward",
+                        &triples,
+                        |_| true,
+                    );
                 }
                 p
             }),
@@ -721,7 +733,7 @@ impl LayerNormPlan {
                 (5, binding(&b.mean, r_bytes)),
                 (6, binding(&b.rstd, r_bytes)),
             ];
-            // ln_forward shares its code with ln_dropout_forward, so its layout holds the
+            // layer_norm_forward shares its code with ln_dropout_forward, so its layout holds the
             // generator state too: the placeholder stands in without dropout.
             let dropout = self.fusion != LayerNormFusion::None;
             entries.push((7, binding_or(dropout, &b.rng, &k.placeholders[2], RNG_STATE_BYTES)));

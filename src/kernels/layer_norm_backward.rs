@@ -4,14 +4,14 @@
 //!
 //! | dispatch                        | workgroups                 | writes                      |
 //! |---------------------------------|----------------------------|-----------------------------|
-//! | `lnb_dx[_dropout]` / `lnb_residual_dx` | rows · lanes / 256  | dx (+ dresidual), row centre|
-//! | `lnb_params_partial[_dropout]`  | ⌈W/1024⌉ · ⌈rows/64⌉       | per-block partial dγ, dβ    |
-//! | `lnb_params_final`              | ⌈W/256⌉                    | dγ, dβ                      |
+//! | `layer_norm_backward_dx[_dropout]` / `layer_norm_backward_residual_dx` | rows · lanes / 256  | dx (+ dresidual), row centre|
+//! | `layer_norm_backward_params_partial[_dropout]`  | ⌈W/1024⌉ · ⌈rows/64⌉       | per-block partial dγ, dβ    |
+//! | `layer_norm_backward_params_final`              | ⌈W/256⌉                    | dγ, dβ                      |
 //!
 //! With one lane per row (the CPU-adapter default, [`crate::tuning::default_lanes`]) the
-//! first two rows are one pass, `lnb_block_dx[_dropout]` / `lnb_block_residual_dx`: ⌈rows/64⌉
+//! first two rows are one pass, `layer_norm_backward_block_dx[_dropout]` / `layer_norm_backward_block_residual_dx`: ⌈rows/64⌉
 //! workgroups of 64 invocations write dx (+ dresidual) and the per-block partial dγ, dβ.
-//! Before it, with γ, `lnb_gamma_stage` (⌈min(W, 4096)/256⌉ workgroups) copies γ into the plan's
+//! Before it, with γ, `layer_norm_backward_gamma_stage` (⌈min(W, 4096)/256⌉ workgroups) copies γ into the plan's
 //! uniform buffer, which the pass's row phase reads instead of the storage binding.
 
 use wgpu::util::DeviceExt;
@@ -41,22 +41,22 @@ const GAMMA_UNIFORM_COLUMNS: u64 = 4096;
 /// passes take the fused dropout as the `DROPOUT` override and writing or adding to dx as
 /// `ACCUMULATE`.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
-    "lnb_dx",
-    "lnb_residual_dx",
-    "lnb_params_partial",
-    "lnb_params_final",
-    "lnb_gamma_stage",
-    "lnb_block_dx",
-    "lnb_block_residual_dx",
+    "layer_norm_backward_dx",
+    "layer_norm_backward_residual_dx",
+    "layer_norm_backward_params_partial",
+    "layer_norm_backward_params_final",
+    "layer_norm_backward_gamma_stage",
+    "layer_norm_backward_block_dx",
+    "layer_norm_backward_block_residual_dx",
 ];
 
 /// Entry points in `shaders/cpu/layer_norm/backward_rows.wgsl` (the row-per-subgroup dx pass),
 /// by `DROPOUT`, `ACCUMULATE` and `TRIPLES` (one of [`SG_TRIPLES`]).
-pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &["lnb_sg_dx"];
+pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &["layer_norm_backward_subgroup_rows_dx"];
 
 /// Entry points in `shaders/cpu/layer_norm/residual_backward_rows.wgsl`: the residual block's
 /// row-per-subgroup dx pass, by `ACCUMULATE` and `TRIPLES`.
-pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &["lnb_sg_residual_dx"];
+pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &["layer_norm_backward_subgroup_rows_residual_dx"];
 
 const FLAG_WEIGHT: u32 = 1;
 const FLAG_BIAS: u32 = 2;
@@ -108,10 +108,10 @@ pub struct LayerNormBackwardKernel {
 fn dx_entry(blocks: bool, residual: bool, drop_dy: bool, accumulate: bool) -> (&'static str, Vec<Flag>) {
     let acc = ("ACCUMULATE", accumulate.into());
     match (blocks, residual) {
-        (false, false) => ("lnb_dx", vec![("DROPOUT", drop_dy.into()), acc]),
-        (true, false) => ("lnb_block_dx", vec![("DROPOUT", drop_dy.into()), acc]),
-        (false, true) => ("lnb_residual_dx", vec![acc]),
-        (true, true) => ("lnb_block_residual_dx", vec![acc]),
+        (false, false) => ("layer_norm_backward_dx", vec![("DROPOUT", drop_dy.into()), acc]),
+        (true, false) => ("layer_norm_backward_block_dx", vec![("DROPOUT", drop_dy.into()), acc]),
+        (false, true) => ("layer_norm_backward_residual_dx", vec![acc]),
+        (true, true) => ("layer_norm_backward_block_residual_dx", vec![acc]),
     }
 }
 
@@ -120,9 +120,12 @@ fn dx_entry(blocks: bool, residual: bool, drop_dy: bool, accumulate: bool) -> (&
 fn subgroup_dx_entry(residual: bool, drop_dy: bool, accumulate: bool, triples: u32) -> (&'static str, Vec<Flag>) {
     let (acc, t) = (("ACCUMULATE", accumulate.into()), ("TRIPLES", triples));
     if residual {
-        ("lnb_sg_residual_dx", vec![acc, t])
+        ("layer_norm_backward_subgroup_rows_residual_dx", vec![acc, t])
     } else {
-        ("lnb_sg_dx", vec![("DROPOUT", drop_dy.into()), acc, t])
+        (
+            "layer_norm_backward_subgroup_rows_dx",
+            vec![("DROPOUT", drop_dy.into()), acc, t],
+        )
     }
 }
 
@@ -130,12 +133,15 @@ impl Kernel for LayerNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let per_range = |module: &wgpu::ShaderModule| {
             let mut p = Pipelines::default();
-            for entry in ["lnb_dx", "lnb_block_dx"] {
+            for entry in ["layer_norm_backward_dx", "layer_norm_backward_block_dx"] {
                 p.add_all(device, module, entry, &["DROPOUT", "ACCUMULATE"]);
             }
-            p.add_all(device, module, "lnb_params_partial", &["DROPOUT"]);
+            p.add_all(device, module, "layer_norm_backward_params_partial", &["DROPOUT"]);
             if residual_fits(device) {
-                for entry in ["lnb_residual_dx", "lnb_block_residual_dx"] {
+                for entry in [
+                    "layer_norm_backward_residual_dx",
+                    "layer_norm_backward_block_residual_dx",
+                ] {
                     p.add_all(device, module, entry, &["ACCUMULATE"]);
                 }
             }
@@ -143,7 +149,7 @@ impl Kernel for LayerNormBackwardKernel {
         };
         let module = crate::kernels::shader_module(device, "layer_norm/backward.wgsl", storage, false);
         let mut passes = per_range(&module);
-        for entry in ["lnb_params_final", "lnb_gamma_stage"] {
+        for entry in ["layer_norm_backward_params_final", "layer_norm_backward_gamma_stage"] {
             passes.add_all(device, &module, entry, &[]);
         }
         Self {
@@ -156,12 +162,24 @@ impl Kernel for LayerNormBackwardKernel {
                 let (flag, triples) = (&[0, 1][..], &SG_TRIPLES[..]);
                 let module = crate::kernels::shader_module(device, "cpu/layer_norm/backward_rows.wgsl", storage, true);
                 let choices = [("DROPOUT", flag), ("ACCUMULATE", flag), ("TRIPLES", triples)];
-                p.add_choices(device, &module, "lnb_sg_dx", &choices, |_| true);
+                p.add_choices(
+                    device,
+                    &module,
+                    "layer_norm_backward_subgroup_rows_dx",
+                    &choices,
+                    |_| true,
+                );
                 if residual_fits(device) {
                     let file = "cpu/layer_norm/residual_backward_rows.wgsl";
                     let module = crate::kernels::shader_module(device, file, storage, true);
                     let choices = [("ACCUMULATE", flag), ("TRIPLES", triples)];
-                    p.add_choices(device, &module, "lnb_sg_residual_dx", &choices, |_| true);
+                    p.add_choices(
+                        device,
+                        &module,
+                        "layer_norm_backward_subgroup_rows_residual_dx",
+                        &choices,
+                        |_| true,
+                    );
                 }
                 p
             }),
@@ -307,7 +325,7 @@ impl LayerNormBackwardKernel {
             partials: scratch("layer_norm backward partials", partial_bytes),
             final_groups: fold_workgroups(OP, width.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
             // Bound by every dx pass (their layouts share the row-sum helpers), read only by the
-            // row-block path. Without γ it holds ones from here on; with γ, `lnb_gamma_stage`
+            // row-block path. Without γ it holds ones from here on; with γ, `layer_norm_backward_gamma_stage`
             // copies it in at every call (γ changes between steps).
             gamma_uniform: device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("layer_norm backward γ uniform copy"),
@@ -529,7 +547,7 @@ impl LayerNormBackwardPlan {
             }
             let dx_pipeline = dx_set.get(entry, &flags)?;
             stages_gamma |= path == RowPath::Blocks;
-            let partial_pipeline = passes.get("lnb_params_partial", &[("DROPOUT", drop_dy.into())])?;
+            let partial_pipeline = passes.get("layer_norm_backward_params_partial", &[("DROPOUT", drop_dy.into())])?;
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));
             let mut dx_entries = vec![
                 (0, uniform.clone()),
@@ -563,7 +581,7 @@ impl LayerNormBackwardPlan {
             }
             dx_passes.push((
                 dx_pipeline,
-                bind_group(device, "lnb_dx", dx_pipeline, &dx_entries),
+                bind_group(device, "layer_norm_backward_dx", dx_pipeline, &dx_entries),
                 c.dx_groups,
             ));
             // Without γ and β there is nothing to reduce; the row-block pass sums the partials
@@ -580,7 +598,12 @@ impl LayerNormBackwardPlan {
                 ];
                 partial_passes.push((
                     partial_pipeline,
-                    bind_group(device, "lnb_params_partial", partial_pipeline, &partial_entries),
+                    bind_group(
+                        device,
+                        "layer_norm_backward_params_partial",
+                        partial_pipeline,
+                        &partial_entries,
+                    ),
                     c.partial_groups,
                 ));
             }
@@ -588,12 +611,12 @@ impl LayerNormBackwardPlan {
         let mut passes = Vec::new();
         // γ into the row-block pass's uniform copy (validate made γ present with a weight).
         if let Some(w) = b.weight.as_ref().filter(|_| stages_gamma && self.config.has_weight()) {
-            let gamma_stage = k.passes.get("lnb_gamma_stage", &[])?;
+            let gamma_stage = k.passes.get("layer_norm_backward_gamma_stage", &[])?;
             passes.push((
                 gamma_stage,
                 bind_group(
                     device,
-                    "lnb_gamma_stage",
+                    "layer_norm_backward_gamma_stage",
                     gamma_stage,
                     &[
                         (0, self.chunks[0].uniforms[variant].as_entire_binding()),
@@ -608,12 +631,12 @@ impl LayerNormBackwardPlan {
         // Without γ and β only the dx passes run.
         if params {
             passes.extend(partial_passes);
-            let params_final = k.passes.get("lnb_params_final", &[])?;
+            let params_final = k.passes.get("layer_norm_backward_params_final", &[])?;
             passes.push((
                 params_final,
                 bind_group(
                     device,
-                    "lnb_params_final",
+                    "layer_norm_backward_params_final",
                     params_final,
                     &[
                         (0, self.chunks[0].uniforms[variant].as_entire_binding()),

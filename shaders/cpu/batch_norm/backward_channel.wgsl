@@ -1,10 +1,10 @@
 // BatchNorm backward with batch statistics in one pass per channel, for CPU adapters with
-// SUBGROUP (lavapipe): in place of batch_norm/backward.wgsl's bnb_reduce → bnb_finalize →
-// bnb_dx where the plan allows (one range, S % 4 == 0, f32 bound as vectors;
+// SUBGROUP (lavapipe): in place of batch_norm/backward.wgsl's batch_norm_backward_reduce → batch_norm_backward_finalize →
+// batch_norm_backward_dx where the plan allows (one range, S % 4 == 0, f32 bound as vectors;
 // BatchNormBackwardPlanOptions::channel_pass), with the same uniform, bindings, formulas and,
 // fused with dropout, the same mask.
 //
-//   bnb_channel   dx written or added to (ACCUMULATE); dγ, dβ written or added to
+//   batch_norm_backward_channel   dx written or added to (ACCUMULATE); dγ, dβ written or added to
 //                 (FLAG_ACCUM_PARAMS); with DROPOUT dy·m
 //
 // Why: as cpu/batch_norm/forward_channel.wgsl for the forward: one dispatch instead of three on a driver
@@ -15,7 +15,7 @@
 // interleave), adds them across lanes with subgroupAdd, writes dγ and dβ, and walks the channel
 // again for dx = a·g + q + r·(x − K) (batch_norm/backward.wgsl's finish_channel). Writing dx
 // with dropout, the first walk parks g in dx and the second reads it back (the mask drawn once,
-// as bnb_reduce with PARK does); adding to dx, the second walk draws it again.
+// as batch_norm_backward_reduce with PARK does); adding to dx, the second walk draws it again.
 // Precision: sums around K = x[0, c, 0]; mean − K recomputed exactly from Σ(x − K).
 
 // #include "lib/philox.wgsl"
@@ -44,7 +44,7 @@ override DROPOUT: bool = false;     // dy times the fused dropout's regenerated 
 override ACCUMULATE: bool = false;  // dx += instead of dx =
 
 @compute @workgroup_size(8)
-fn bnb_channel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn batch_norm_backward_channel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     var state = vec4<u32>(0u);
     if (DROPOUT) {
         state = load_state();

@@ -1,10 +1,10 @@
 // BatchNorm training forward in one pass per channel, for CPU adapters with SUBGROUP
-// (lavapipe): in place of batch_norm/forward.wgsl's bn_stats → bn_finalize → bn_normalize
+// (lavapipe): in place of batch_norm/forward.wgsl's batch_norm_stats → batch_norm_finalize → batch_norm_normalize
 // where the plan allows (one range, S % 4 == 0, f32 bound as vectors, a momentum, i.e. not the
 // cumulative average; BatchNormPlanOptions::channel_pass), with the same uniform, bindings,
 // results within rounding and, fused with dropout, the same mask.
 //
-//   bn_channel_forward   y = BN(x) with batch statistics (with DROPOUT: y = BN(x)·m); saved
+//   batch_norm_channel_forward   y = BN(x) with batch statistics (with DROPOUT: y = BN(x)·m); saved
 //                        mean and invstd, running statistics, num_batches_tracked as the three
 //                        passes
 //
@@ -48,7 +48,7 @@ const FLAG_COUNT: u32 = 8u;
 override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask
 
 @compute @workgroup_size(8)
-fn bn_channel_forward(
+fn batch_norm_channel_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,

@@ -1,12 +1,12 @@
 // LayerNorm backward with a row per subgroup, for CPU adapters with SUBGROUP (lavapipe): in
-// place of the row-block dx pass (layer_norm/backward.wgsl, `lnb_block_dx`), with its
-// bindings, uniform, mask and partials layout, so lnb_params_final sums its partials as it
+// place of the row-block dx pass (layer_norm/backward.wgsl, `layer_norm_backward_block_dx`), with its
+// bindings, uniform, mask and partials layout, so layer_norm_backward_params_final sums its partials as it
 // sums the row-block pass's. Same math as there:
 //
 //   x̂ = (x − mean)·rstd    g = dy·γ    dx = rstd·(g − mean_j(g) − x̂·mean_j(g·x̂))
 //   partials[block, j] = (Σ_rows d·x̂, Σ_rows d) over the block's 64 rows, d = dy (·m)
 //
-//   lnb_sg_dx   LayerNorm, or LayerNorm → dropout (DROPOUT: d = dy·m); writing dx, or
+//   layer_norm_backward_subgroup_rows_dx   LayerNorm, or LayerNorm → dropout (DROPOUT: d = dy·m); writing dx, or
 //               adding to it (ACCUMULATE)
 //   (the residual block's: cpu/layer_norm/residual_backward_rows.wgsl)
 //
@@ -40,7 +40,7 @@ override ACCUMULATE: bool = false;  // dx += instead of =
 override TRIPLES: u32 = 8u;         // triples of column quads live per lane: 2, 4 or 8 (SG_TRIPLES)
 
 @compute @workgroup_size(8)
-fn lnb_sg_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn layer_norm_backward_subgroup_rows_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     sg_block(wid.x + wid.y * nwg.x, lid, TRIPLES, DROPOUT, ACCUMULATE);
 }
 

@@ -2,7 +2,7 @@
 // same results as layer_norm/forward.wgsl's row-block path (same bindings, uniform, grid and mask)
 // within rounding.
 //
-//   ln_sg_forward   y = LN(x); with DROPOUT, y = LN(x)·m
+//   layer_norm_subgroup_rows_forward   y = LN(x); with DROPOUT, y = LN(x)·m
 //
 // Why: a CPU driver runs a subgroup (8 invocations on lavapipe) as one SIMD thread and loads
 // and stores storage and workgroup memory lane by lane, so a LayerNorm costs what its memory
@@ -30,7 +30,7 @@ override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask
 override TRIPLES: u32 = 8u;      // triples of column quads live per lane: 2, 4 or 8 (SG_TRIPLES)
 
 @compute @workgroup_size(8)
-fn ln_sg_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn layer_norm_subgroup_rows_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     sg_forward(wid.x + wid.y * nwg.x, lid, TRIPLES, DROPOUT);
 }
 

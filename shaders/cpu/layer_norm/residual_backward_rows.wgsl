@@ -1,11 +1,11 @@
 // The residual block's LayerNorm backward with a row per subgroup (CPU adapters with
-// SUBGROUP): in place of layer_norm/backward.wgsl's `lnb_block_residual_dx`, as
+// SUBGROUP): in place of layer_norm/backward.wgsl's `layer_norm_backward_block_residual_dx`, as
 // cpu/layer_norm/backward_rows.wgsl replaces the plain row-block pass (the walk is shared:
 // cpu/layer_norm/rows_backward_walk.wgsl). The forward was h = residual + x·m, y = LN(h); here x is the
 // saved h and d = dy:
 //
 //   dh = dx_LN (+ dh_in with FLAG_DH_IN)    dresidual = dh    dx = dh·m
-//   lnb_sg_residual_dx   writing dx and dresidual, or (ACCUMULATE) adding to them
+//   layer_norm_backward_subgroup_rows_residual_dx   writing dx and dresidual, or (ACCUMULATE) adding to them
 //
 // Its layout binds 9 storage buffers: the host builds it only where the device allows that.
 
@@ -29,7 +29,7 @@ override ACCUMULATE: bool = false;  // dx and dresidual += instead of =
 override TRIPLES: u32 = 8u;         // triples of column quads live per lane: 2, 4 or 8 (SG_TRIPLES)
 
 @compute @workgroup_size(8)
-fn lnb_sg_residual_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn layer_norm_backward_subgroup_rows_residual_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     sg_block(wid.x + wid.y * nwg.x, lid, TRIPLES, false, ACCUMULATE);
 }
 

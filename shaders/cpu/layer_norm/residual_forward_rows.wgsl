@@ -1,9 +1,9 @@
 // The pre-norm residual block's forward with a row per subgroup (CPU adapters with SUBGROUP):
-// in place of layer_norm/forward.wgsl's `ln_block_residual_dropout_forward`, as
+// in place of layer_norm/forward.wgsl's `layer_norm_block_residual_dropout_forward`, as
 // cpu/layer_norm/forward_rows.wgsl replaces the plain row-block pass (the walk is shared:
 // cpu/layer_norm/rows_forward_walk.wgsl).
 //
-//   ln_sg_residual_dropout_forward   h = residual + x·m written out, y = LN(h) (TRIPLES as
+//   layer_norm_subgroup_rows_residual_dropout_forward   h = residual + x·m written out, y = LN(h) (TRIPLES as
 //                                    in cpu/layer_norm/forward_rows.wgsl)
 //
 // h is formed on the way in (three interleaved mask draws per triple), written, and normalized
@@ -29,7 +29,7 @@ const NEEDS_STATE: bool = true;
 override TRIPLES: u32 = 8u;  // triples of column quads live per lane: 2, 4 or 8 (SG_TRIPLES)
 
 @compute @workgroup_size(8)
-fn ln_sg_residual_dropout_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn layer_norm_subgroup_rows_residual_dropout_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     sg_forward(wid.x + wid.y * nwg.x, lid, TRIPLES, false);
 }
 
