@@ -3,7 +3,7 @@
 //! handles; each iteration records one call, submits and waits, so the figures include
 //! submission overhead. `normdrop bench` reports bandwidth against the copy kernel.
 //!
-//! Run: `cargo bench --bench kernels` (one op: `cargo bench --bench kernels -- ln_fwd`).
+//! Run: `cargo bench --bench kernels` (one op: `cargo bench --bench kernels -- layer_norm_forward`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use normdrop::Context;

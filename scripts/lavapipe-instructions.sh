@@ -6,7 +6,7 @@
 # two at once moved it by up to 2%).
 #
 #   scripts/lavapipe-instructions.sh BINARY OP [bench arguments...]
-#   e.g. scripts/lavapipe-instructions.sh target/release/normdrop ln_fwd --ln 1024x768
+#   e.g. scripts/lavapipe-instructions.sh target/release/normdrop layer_norm_forward --ln 1024x768
 #
 # Runs `BINARY bench --ops OP` twice under callgrind, with 2 and 12 samples, and prints the
 # difference of the instructions counted in JIT code (callgrind's object "???") divided by 10:

@@ -35,27 +35,27 @@ def cuda_time(fn, warmup, samples):
 
 
 def make(op, shape):
-    """The forward (a closure of x) and, for *_bwd ops, the tensors to differentiate."""
+    """The forward (a closure of x) and, for *_backward ops, the tensors to differentiate."""
     dev = torch.device("cuda")
     x = torch.randn(*shape, device=dev)
-    if op.startswith(("bn", "dropout2d")) and len(shape) >= 2:
+    if op.startswith(("batch_norm", "dropout2d")) and len(shape) >= 2:
         c = shape[1]
         w, b = torch.ones(c, device=dev), torch.zeros(c, device=dev)
         rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
-    if op.startswith(("ln", "residual")):
+    if op.startswith(("layer_norm", "residual")):
         width = shape[-1]
         w, b = torch.ones(width, device=dev), torch.zeros(width, device=dev)
         res = torch.randn(*shape, device=dev)
-    training = not op.startswith("bn_eval")
+    training = not op.startswith("batch_norm_eval")
 
     def forward(x, w=None, b=None):
-        if op.startswith(("bn_train", "bn_eval")):
+        if op.startswith(("batch_norm_train", "batch_norm_eval")):
             return F.batch_norm(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5)
-        if op.startswith("bn_dropout"):
+        if op.startswith("batch_norm_dropout"):
             return F.dropout(F.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5), P)
-        if op.startswith("ln_dropout"):
+        if op.startswith("layer_norm_dropout"):
             return F.dropout(F.layer_norm(x, (shape[-1],), w, b, 1e-5), P)
-        if op.startswith("ln"):
+        if op.startswith("layer_norm"):
             return F.layer_norm(x, (shape[-1],), w, b, 1e-5)
         if op.startswith("residual"):
             return F.layer_norm(res + F.dropout(x, P), (shape[-1],), w, b, 1e-5)
@@ -63,13 +63,13 @@ def make(op, shape):
             return F.dropout2d(x, P)
         return F.dropout(x, P)
 
-    params = [w, b] if op.startswith(("bn", "ln", "residual")) else []
+    params = [w, b] if op.startswith(("batch_norm", "layer_norm", "residual")) else []
     return x, params, forward
 
 
 def time_op(op, shape, warmup, samples):
     x, params, forward = make(op, shape)
-    if op.endswith("_fwd"):
+    if op.endswith("_forward"):
         with torch.no_grad():
             return cuda_time(lambda: forward(x, *params), warmup, samples)
     x.requires_grad_(True)
@@ -92,14 +92,14 @@ def main():
     ours = json.load(open(args.ours))
     print(f"normdrop on {ours['adapter']} ({ours['backend']}, {ours['clock']}); "
           f"PyTorch {torch.__version__} on {torch.cuda.get_device_name()} (CUDA events)")
-    print(f"{'op':<16} {'shape':<18} {'normdrop µs':>12} {'torch µs':>10} {'torch/ours':>10}")
+    print(f"{'op':<36} {'shape':<18} {'normdrop µs':>12} {'torch µs':>10} {'torch/ours':>10}")
     rows = []
     for r in ours["rows"]:
         shape = r["shape"]
         torch_us = time_op(r["op"], shape, args.warmup, args.samples)
         ratio = torch_us / r["median_us"]
         rows.append({"op": r["op"], "shape": shape, "normdrop_us": r["median_us"], "torch_us": torch_us, "ratio": ratio})
-        print(f"{r['op']:<16} {'x'.join(map(str, shape)):<18} {r['median_us']:>12.1f} {torch_us:>10.1f} {ratio:>9.2f}x")
+        print(f"{r['op']:<36} {'x'.join(map(str, shape)):<18} {r['median_us']:>12.1f} {torch_us:>10.1f} {ratio:>9.2f}x")
     if args.json:
         json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "rows": rows}, open(args.json, "w"), indent=1)
 

@@ -436,7 +436,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     // 4. The table.
     println!();
     println!(
-        "{:<16} {:<18} {:>11} {:>11} {:>11} {:>8} {:>7} {:>7} {:>7}{}",
+        "{:<36} {:<18} {:>11} {:>11} {:>11} {:>8} {:>7} {:>7} {:>7}{}",
         "op",
         "shape",
         "median µs",
@@ -458,7 +458,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
                 })
         });
         println!(
-            "{:<16} {:<18} {:>11.1} {:>11.1} {:>11.1} {:>8.2} {:>6.1}% {:>7.2} {:>7}{}",
+            "{:<36} {:<18} {:>11.1} {:>11.1} {:>11.1} {:>8.2} {:>6.1}% {:>7.2} {:>7}{}",
             r.op,
             fmt_shape(&r.shape),
             r.median_us,

@@ -47,7 +47,7 @@ pub enum Family {
 /// One benchmarked op.
 #[derive(Clone, Copy, Debug)]
 pub struct OpSpec {
-    /// Name, e.g. `bn_train_fwd`.
+    /// Name, e.g. `batch_norm_train_forward`.
     pub name: &'static str,
     /// Shape family.
     pub family: Family,
@@ -60,97 +60,97 @@ pub struct OpSpec {
 /// Every op `normdrop bench` runs, in report order.
 pub const OPS: &[OpSpec] = &[
     OpSpec {
-        name: "bn_train_fwd",
+        name: "batch_norm_train_forward",
         family: Family::BatchNorm,
         passes: 3,
         unfused: &[],
     },
     OpSpec {
-        name: "bn_eval_fwd",
+        name: "batch_norm_eval_forward",
         family: Family::BatchNorm,
         passes: 2,
         unfused: &[],
     },
     OpSpec {
-        name: "bn_train_bwd",
+        name: "batch_norm_train_backward",
         family: Family::BatchNorm,
         passes: 5,
         unfused: &[],
     },
     OpSpec {
-        name: "bn_eval_bwd",
+        name: "batch_norm_eval_backward",
         family: Family::BatchNorm,
         passes: 3,
         unfused: &[],
     },
     OpSpec {
-        name: "bn_dropout_fwd",
+        name: "batch_norm_dropout_forward",
         family: Family::BatchNorm,
         passes: 3,
-        unfused: &["bn_train_fwd", "dropout_fwd"],
+        unfused: &["batch_norm_train_forward", "dropout_forward"],
     },
     OpSpec {
-        name: "bn_dropout_bwd",
+        name: "batch_norm_dropout_backward",
         family: Family::BatchNorm,
         passes: 5,
-        unfused: &["dropout_bwd", "bn_train_bwd"],
+        unfused: &["dropout_backward", "batch_norm_train_backward"],
     },
     OpSpec {
-        name: "ln_fwd",
+        name: "layer_norm_forward",
         family: Family::LayerNorm,
         passes: 2,
         unfused: &[],
     },
     OpSpec {
-        name: "ln_bwd",
+        name: "layer_norm_backward",
         family: Family::LayerNorm,
         passes: 3,
         unfused: &[],
     },
     OpSpec {
-        name: "ln_dropout_fwd",
+        name: "layer_norm_dropout_forward",
         family: Family::LayerNorm,
         passes: 2,
-        unfused: &["ln_fwd", "dropout_fwd"],
+        unfused: &["layer_norm_forward", "dropout_forward"],
     },
     OpSpec {
-        name: "ln_dropout_bwd",
+        name: "layer_norm_dropout_backward",
         family: Family::LayerNorm,
         passes: 3,
-        unfused: &["dropout_bwd", "ln_bwd"],
+        unfused: &["dropout_backward", "layer_norm_backward"],
     },
     OpSpec {
-        name: "residual_ln_fwd",
+        name: "residual_dropout_layer_norm_forward",
         family: Family::LayerNorm,
         passes: 4,
-        unfused: &["dropout_fwd", "ln_fwd"],
+        unfused: &["dropout_forward", "layer_norm_forward"],
     },
     OpSpec {
-        name: "residual_ln_bwd",
+        name: "residual_dropout_layer_norm_backward",
         family: Family::LayerNorm,
         passes: 4,
-        unfused: &["ln_bwd", "dropout_bwd"],
+        unfused: &["layer_norm_backward", "dropout_backward"],
     },
     OpSpec {
-        name: "dropout_fwd",
+        name: "dropout_forward",
         family: Family::Dropout,
         passes: 2,
         unfused: &[],
     },
     OpSpec {
-        name: "dropout_bwd",
+        name: "dropout_backward",
         family: Family::Dropout,
         passes: 2,
         unfused: &[],
     },
     OpSpec {
-        name: "dropout2d_fwd",
+        name: "dropout2d_forward",
         family: Family::BatchNorm,
         passes: 2,
         unfused: &[],
     },
     OpSpec {
-        name: "dropout2d_bwd",
+        name: "dropout2d_backward",
         family: Family::BatchNorm,
         passes: 2,
         unfused: &[],
@@ -250,11 +250,11 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
     let dropout = DropoutConfig::new(BENCH_DROPOUT);
     let device = ctx.device();
     let encode: EncodeFn = match spec.family {
-        Family::BatchNorm if name.starts_with("bn") => {
+        Family::BatchNorm if name.starts_with("batch_norm") => {
             let c = *shape.get(1).ok_or_else(|| bad_shape(shape, "(N, C, *)"))?;
             let config = BatchNormConfig::new(c);
-            let fused = name.starts_with("bn_dropout");
-            let training = !name.starts_with("bn_eval");
+            let fused = name.starts_with("batch_norm_dropout");
+            let training = !name.starts_with("batch_norm_eval");
             let options = BatchNormPlanOptions {
                 dropout: fused.then_some(dropout),
                 ..Default::default()
@@ -270,7 +270,7 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
                 .write_buffer(p[3].buffer(), 0, bytemuck::cast_slice(&vec![1.0f32; c]));
             let nbt = zeros(ctx, &[2])?;
             let (dx, dw, db) = (act(shape)?, zeros(ctx, &[c])?, zeros(ctx, &[c])?);
-            if name.ends_with("_fwd") {
+            if name.ends_with("_forward") {
                 Box::new(move |device, encoder, i| {
                     let args = bn_args(&xs[i], &y, &p, &nbt, fused.then_some(&rng));
                     plan.encode(device, encoder, training, &args)
@@ -313,7 +313,7 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
             let rows = (numel / width as u64) as usize;
             let config = LayerNormConfig::new(&[width]);
             let fusion = match name {
-                n if n.starts_with("ln_dropout") => LayerNormFusion::Dropout(dropout),
+                n if n.starts_with("layer_norm_dropout") => LayerNormFusion::Dropout(dropout),
                 n if n.starts_with("residual") => LayerNormFusion::ResidualDropout(dropout),
                 _ => LayerNormFusion::None,
             };
@@ -337,7 +337,7 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
                 res,
                 h,
             };
-            if name.ends_with("_fwd") {
+            if name.ends_with("_forward") {
                 Box::new(move |device, encoder, i| {
                     plan.encode(device, encoder, true, &ln.args(&xs[i], dropping, residual))
                 })
@@ -377,7 +377,7 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
             let plan = ctx
                 .kernel_for::<DropoutKernel>(dtype)?
                 .plan(device, shape, &dropout, unit)?;
-            let backward = name.ends_with("_bwd");
+            let backward = name.ends_with("_backward");
             Box::new(move |device, encoder, i| {
                 let args = DropoutBuffers {
                     x: if backward {
@@ -689,17 +689,22 @@ pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> 
     let dropout = DropoutConfig::new(BENCH_DROPOUT);
     let seed = 1234;
     let mut checks: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
-    let backward = name.ends_with("_bwd");
+    let backward = name.ends_with("_backward");
     // The dropout mask over `shape` as f64 factors (training mode, offset 0).
     let factors = |unit: DropoutUnit| -> Result<Vec<f64>> {
         Ok(r::dropout_forward(&vec![1.0; numel], shape, &dropout, unit, seed, 0, true)?.0)
     };
     match spec.name {
-        "bn_train_fwd" | "bn_eval_fwd" | "bn_train_bwd" | "bn_eval_bwd" | "bn_dropout_fwd" | "bn_dropout_bwd" => {
+        "batch_norm_train_forward"
+        | "batch_norm_eval_forward"
+        | "batch_norm_train_backward"
+        | "batch_norm_eval_backward"
+        | "batch_norm_dropout_forward"
+        | "batch_norm_dropout_backward" => {
             let c = shape[1];
             let config = BatchNormConfig::new(c);
-            let training = !name.starts_with("bn_eval");
-            let fused = name.starts_with("bn_dropout");
+            let training = !name.starts_with("batch_norm_eval");
+            let fused = name.starts_with("batch_norm_dropout");
             let mut running = r::RefRunningStats::new(c);
             let fwd = r::batch_norm_forward(&x, shape, &config, None, None, Some(&mut running), training)?;
             let m = if fused {
@@ -737,7 +742,12 @@ pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> 
                 checks.push((read(g.dbias.as_ref().expect("affine"))?, rg.dbias));
             }
         }
-        "ln_fwd" | "ln_bwd" | "ln_dropout_fwd" | "ln_dropout_bwd" | "residual_ln_fwd" | "residual_ln_bwd" => {
+        "layer_norm_forward"
+        | "layer_norm_backward"
+        | "layer_norm_dropout_forward"
+        | "layer_norm_dropout_backward"
+        | "residual_dropout_layer_norm_forward"
+        | "residual_dropout_layer_norm_backward" => {
             let width = *shape.last().expect("(rows, width)");
             let config = LayerNormConfig::new(&[width]);
             let m = factors(DropoutUnit::Element)?;
@@ -760,12 +770,12 @@ pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> 
                 xf.clone()
             };
             let fwd = r::layer_norm_forward(&ln_input, shape, &config, None, None)?;
-            let post = if name.starts_with("ln_dropout") {
+            let post = if name.starts_with("layer_norm_dropout") {
                 m.clone()
             } else {
                 vec![1.0; numel]
             };
-            let (y, grads, extra) = if name.starts_with("ln_dropout") {
+            let (y, grads, extra) = if name.starts_with("layer_norm_dropout") {
                 let mut module = LayerNormDropout::new(ctx, config.clone(), dropout, seed)?;
                 let y = module.forward(&xt)?;
                 (y, if backward { Some(module.backward(&dyt)?) } else { None }, None)

@@ -128,7 +128,7 @@ fn bench_validates_times_and_writes_json_and_baseline_ratios() {
         "bench",
         "--quick",
         "--ops",
-        "bn_train_fwd,dropout_fwd,bn_dropout_fwd,ln_fwd",
+        "batch_norm_train_forward,dropout_forward,batch_norm_dropout_forward,layer_norm_forward",
         "--bn",
         "4x8x16x16",
         "--ln",
@@ -150,7 +150,7 @@ fn bench_validates_times_and_writes_json_and_baseline_ratios() {
     assert!(text.lines().any(|l| l.starts_with("copy bandwidth:")), "{text}");
     let fused = text
         .lines()
-        .find(|l| l.starts_with("bn_dropout_fwd"))
+        .find(|l| l.starts_with("batch_norm_dropout_forward"))
         .expect("a fused row");
     assert!(fused.trim_end().ends_with('x'), "fused rows carry a speedup: {fused}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -208,7 +208,7 @@ fn bench_validates_times_and_writes_json_and_baseline_ratios() {
     assert!(text.contains("vs base"), "{text}");
     assert!(
         text.lines()
-            .filter(|l| l.starts_with("bn_train_fwd"))
+            .filter(|l| l.starts_with("batch_norm_train_forward"))
             .all(|l| l.trim_end().ends_with('x')),
         "{text}"
     );
@@ -227,7 +227,7 @@ fn bench_runs_f16_on_both_storage_paths() {
             "--dtype",
             "f16",
             "--ops",
-            "bn_train_bwd,ln_dropout_fwd,dropout_fwd",
+            "batch_norm_train_backward,layer_norm_dropout_forward,dropout_forward",
             "--bn",
             "2x3x5x7",
             "--ln",

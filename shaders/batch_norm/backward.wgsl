@@ -373,7 +373,7 @@ fn dx_vector(first: u32, k: vec4<f32>, m: vec4<f32>, parked: bool, accumulate: b
 // batch_norm_backward_dx for S % 4 == 0 (the host's choice), where every quad lies in one channel: no
 // per-element walk, and writing or accumulating as a constant (ACCUMULATE). A CPU driver
 // executes an `if` under a lane mask whether or not a lane takes it, so dx_quad pays for its
-// per-element path and the accumulating load on every quad (lavapipe: bn_train_bwd about
+// per-element path and the accumulating load on every quad (lavapipe: batch_norm_train_backward about
 // 1.17x faster without them). Invocation g takes the p.run
 // quads from element 4·run·g (the host keeps S ≥ 4·run: 8 on CPU adapters where S allows, else
 // 1), reading its channel's coefficients and the next channel's once, as the forward's

@@ -299,7 +299,7 @@ fn batch_norm_normalize(
 // Invocation g normalizes the p.run quads from element 4·run·g (the host's choice: 1 on GPUs,
 // 8 on CPU adapters). Consecutive quads nearly always share a channel, so the channel index
 // (two divisions) and its coefficients (a lane-by-lane load on a CPU driver, a tenth of
-// `bn_eval_fwd` there when read per quad) are found once per run and again only where the
+// `batch_norm_eval_forward` there when read per quad) are found once per run and again only where the
 // run enters the next channel. `drop`: y ← y·m with the fused dropout's mask from generator
 // state `state` (loaded once by the entry point); elem_base is a multiple of 4, so each quad
 // is the four words of one Philox call.
@@ -308,7 +308,7 @@ fn batch_norm_normalize(
 // and taken by a select. The general walk below has a per-element path for quads that cross
 // channels and re-finds the channel where a run crosses; a CPU driver executes both under a
 // lane mask for every quad even when no lane needs them (lavapipe: the aligned path makes
-// `bn_dropout_fwd` and `bn_eval_fwd` about 1.25x faster).
+// `batch_norm_dropout_forward` and `batch_norm_eval_forward` about 1.25x faster).
 fn normalize_run(g: u32, state: vec4<u32>, drop: bool, aligned: bool) {
     var first = g * p.run * 4u;
     if (first >= p.total) {

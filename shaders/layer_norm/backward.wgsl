@@ -530,7 +530,7 @@ fn block_element(c: vec4<f32>, slope: f32, x: f32, d: f32, gam: f32) -> vec2<f32
 // Column tiles, as layer_norm/forward.wgsl's forward: invocation `lid` takes the column quads lid,
 // lid + BLOCK, … (its slots), three at a time while every invocation has three left (γ and the
 // dγ, dβ sums of each in registers, each row's coefficients read from workgroup memory once for
-// the three: on a CPU driver those lane-by-lane loads were a tenth of `ln_bwd`), then one at a
+// the three: on a CPU driver those lane-by-lane loads were a tenth of `layer_norm_backward`), then one at a
 // time. The three slots are spelled out rather than looped over arrays: a CPU driver that
 // does not unroll such a loop indexes the sums in memory (the residual block's backward took
 // 1.5× as long). TILE, tile_counts, tile_columns: layer_norm/rows.wgsl.

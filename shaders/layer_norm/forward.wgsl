@@ -334,7 +334,7 @@ fn layer_norm_residual_dropout_forward(
 // same order, of the lane-per-row path above) and leaves (K, mean − K, rstd) in workgroup
 // memory; then each invocation normalizes its column quads down the block's rows from the
 // core's cache with their γ and β in registers, read once per column instead of once per row
-// (on a CPU driver their per-row vector loads cost about a quarter of `ln_fwd`), in tiles of
+// (on a CPU driver their per-row vector loads cost about a quarter of `layer_norm_forward`), in tiles of
 // three column quads that share each row's statistics (below).
 const BLOCK: u32 = 64u;
 
@@ -437,7 +437,7 @@ fn column_params(j0: u32) -> ColumnParams {
 // slots 0, 1, 2, …). While every invocation has three slots left, it takes three at a time:
 // their γ and β in registers and each row's statistics read from workgroup memory once for the
 // three (a CPU driver loads workgroup memory lane by lane, and those loads were a tenth of
-// `ln_fwd`). The rest go one slot at a time, the last of which may lie past the row for some
+// `layer_norm_forward`). The rest go one slot at a time, the last of which may lie past the row for some
 // invocations. The three slots are spelled out, not looped over arrays, so that no driver
 // needs to unroll a loop to keep them in registers (TILE, tile_counts,
 // tile_columns: layer_norm/rows.wgsl).

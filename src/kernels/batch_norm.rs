@@ -76,7 +76,7 @@ pub enum ReduceSplit {
     /// invocation per channel merging them: no workgroup memory and no barriers. The layout for
     /// CPU adapters, which run a workgroup's invocations a SIMD group at a time, so that a
     /// workgroup merge costs them more than the loads it merges (on lavapipe the two merges of
-    /// a BatchNorm forward took 40% of `bn_train_fwd`).
+    /// a BatchNorm forward took 40% of `batch_norm_train_forward`).
     Invocation {
         /// Elements of one channel per invocation.
         chunk: u32,

@@ -203,7 +203,7 @@ pub(crate) fn gpu_lanes(width: u64) -> u32 {
 ///   workgroups, down to one invocation per row. A CPU driver runs a SIMD group of 8
 ///   invocations as one, so a lane's fixed cost (its share of the row merge, the barriers, the
 ///   per-lane address arithmetic) is paid per invocation, not per element; a row per
-///   invocation pays it once. `ln_fwd` 1024x768 on lavapipe: 2.0x less time with 1 lane per row
+///   invocation pays it once. `layer_norm_forward` 1024x768 on lavapipe: 2.0x less time with 1 lane per row
 ///   than with the GPU's 64.
 ///
 /// One lane per row is the row-block path: a workgroup of 64 invocations takes 64 rows, reduces
