@@ -885,7 +885,7 @@ fn bad_caller_buffers_are_rejected_before_encoding() {
 
 #[test]
 fn sample_beyond_binding_limit_is_refused_naming_the_limit() {
-    // Larger tensors run in chunks of whole samples (tests/chunking.rs); a single sample that
+    // Larger tensors run in binding ranges of whole samples (tests/binding_ranges.rs); a single sample that
     // exceeds one binding cannot be split and is refused.
     let Some(shared) = common::ctx() else { return };
     // A device whose storage bindings stop at 64 KiB.

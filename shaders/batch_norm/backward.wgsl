@@ -13,7 +13,7 @@
 // mean − K = Σ(x − K)/M is recomputed exactly instead of being recovered from the rounded saved
 // mean, and Σdy·x̂ = invstd·(Σdy·(x − K) − (mean − K)·Σdy).
 //
-// Chunking: an input larger than one storage binding is processed in ranges of whole samples;
+// Binding ranges: an input larger than one storage binding is processed in ranges of whole samples;
 // batch_norm_backward_reduce and batch_norm_backward_dx run once per range (x, dy, dx bound at its offset), partial sums of
 // every range are merged by batch_norm_backward_finalize, and the dropout index is global.
 //

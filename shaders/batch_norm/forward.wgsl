@@ -33,7 +33,7 @@
 //
 // Dispatches larger than 65535 workgroups are folded into y; every entry point recovers its
 // linear workgroup index from `num_workgroups`.
-// Chunking: an input larger than one storage binding is processed in ranges of whole samples
+// Binding ranges: an input larger than one storage binding is processed in ranges of whole samples
 // (a channel is split across ranges). batch_norm_stats and the normalize pass run once per range with x
 // and y bound at the range's offset; each stats chunk stores its own count with its partial, so
 // batch_norm_finalize merges a channel's partials from every range; the dropout index is global.

@@ -2,7 +2,7 @@
 // The BatchNorm forward's uniform (batch_norm/forward.wgsl, cpu/batch_norm/forward_channel.wgsl): mirrors `BnParams` in src/kernels/batch_norm.rs field by field.
 
 struct Params {
-    n: u32,          // samples in this dispatch's range (N unless chunked)
+    n: u32,          // samples in this dispatch's range (N unless the call is split over bindings)
     c: u32,          // channels C
     s: u32,          // spatial size S = ∏ dims after the channel axis
     m: u32,          // elements per channel in this range: n·S

@@ -25,8 +25,8 @@
 //   dropout_rng_advance       one invocation: offset += 1 in the generator state (64-bit carry), so
 //                     consecutive calls recorded in one submission draw fresh masks.
 // Dispatches over 65535 workgroups fold into y. A tensor larger than one storage binding is
-// processed in chunks: x and y are bound at the chunk's offset and `base` is the flat index of
-// its first element, so the mask is the unchunked one. Precision: activations are stored as the
+// processed in binding ranges: x and y are bound at the range's offset and `base` is the flat index of
+// its first element, so the mask is the single-binding one. Precision: activations are stored as the
 // variant says (f32, f16, packed f16; see the #activation lines), arithmetic is f32. The vec4
 // variant (f32 as array<vec4<f32>>) runs ranges bound as whole 16-byte vectors.
 
@@ -50,7 +50,7 @@ struct Params {
     threshold: u32,  // keep iff word >= threshold
     flags: u32,      // DROP_ALL (p = 1 in training), FLAG_ACCUMULATE
     scale: f32,      // multiplier of kept elements
-    base: u32,       // flat index of element 0 of this dispatch (chunked calls; multiple of 4)
+    base: u32,       // flat index of element 0 of this dispatch (calls split over bindings; multiple of 4)
     _pad1: u32,
     div_unit: vec2<u32>, // multiply-shift pair of unit_len (fast_div in lib/nchw.wgsl)
     _pad2: vec2<u32>,

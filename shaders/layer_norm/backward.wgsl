@@ -9,10 +9,10 @@
 //     and optionally dh_in (gradient reaching h from elsewhere, e.g. the next residual add):
 //     dh = LN_backward(dy) + dh_in, dresidual = dh, dx = dh·m.
 //
-// Chunking: a tensor larger than one storage binding is processed in ranges of whole 64-row
+// Binding ranges: a tensor larger than one storage binding is processed in ranges of whole 64-row
 // blocks. Activations are bound at the range's offset and indexed locally; per-row and
 // per-block arrays are bound whole and indexed globally (row_base, block_base); the mask is
-// the unchunked one.
+// the single-binding one.
 //
 // Precision: as in the forward, sums are taken around K = the row's first value, and the
 // row's mean − K is recomputed exactly from Σ(x − K), so x̂ never subtracts a rounded mean

@@ -11,7 +11,7 @@ struct Params {
     drop_scale: f32,
     col_tiles: u32,
     lanes: u32,      // invocations per row in the dx passes (power of two, 1..=256)
-    row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
+    row_base: u32,   // global index of this dispatch's row 0 (calls split over bindings)
     block_base: u32, // global index of this dispatch's first block of 64 rows
     total_blocks: u32, // row blocks of the whole call (layer_norm_backward_params_final)
 }

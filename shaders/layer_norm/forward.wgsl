@@ -24,10 +24,10 @@
 //   lanes = 1:     the row-block path (ln_block_*, workgroups of BLOCK = 64): one invocation
 //                  per row reduces it, then each invocation normalizes its column quads (up
 //                  to three at a time) down the block's rows (see the end of this file).
-// Chunking: a tensor larger than one storage binding is processed in row ranges; the
+// Binding ranges: a tensor larger than one storage binding is processed in row ranges; the
 // activations are bound at the range's offset (indices here are local to it), mean and rstd are
 // bound whole and indexed by the global row p.row_base + row, and the dropout's element index
-// is global, so the mask is the unchunked one.
+// is global, so the mask is the single-binding one.
 // Precision: activations stored as the variant says (f32, f16 or packed f16); f32 arithmetic;
 // the variance is never E[x²] − E[x]². Statistics are taken around K, a value from the row
 // itself (x[r, 0], or residual[r, 0] for the residual block), and rows are normalized as ((h − K) − (mean − K))·rstd, so off-centre rows

@@ -10,7 +10,7 @@ struct Params {
     drop_flags: u32,
     drop_scale: f32,
     lanes: u32,      // invocations per row: a power of two in 1..=256
-    row_base: u32,   // global index of this dispatch's row 0 (chunked calls)
+    row_base: u32,   // global index of this dispatch's row 0 (calls split over bindings)
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,

@@ -21,8 +21,8 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, fold_workgroups, gcd, placeholder,
-    record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Pipelines, Storage,
+    bind_group, bind_ranges, binding, binding_at, binding_or, check_distinct, fold_workgroups, gcd, placeholder,
+    record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, FastDiv, Pipelines, Storage,
 };
 
 const OP: &str = "batch_norm";
@@ -460,9 +460,9 @@ impl BatchNormKernel {
             };
             Ok(uniform_buffer(device, "batch_norm params", &params))
         };
-        let mut chunks = Vec::with_capacity(ranges.len());
+        let mut per_range = Vec::with_capacity(ranges.len());
         for r in &ranges {
-            chunks.push(BnChunk {
+            per_range.push(BnRange {
                 range: r.range,
                 uniforms: [uniform(r, false)?, uniform(r, true)?],
                 stats_groups: reduce_groups(OP, split, dims.c * r.stats_chunks, max)?,
@@ -508,7 +508,7 @@ impl BatchNormKernel {
             limits,
             dropout: options.dropout,
             split,
-            chunks,
+            ranges: per_range,
             partials,
             partials_bytes,
             centre,
@@ -547,7 +547,7 @@ pub(crate) fn finalize_groups(op: &'static str, split: ReduceSplit, c: u64, max:
 /// first partial among a channel's partials.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SampleRange {
-    pub range: Chunk,
+    pub range: BindRange,
     pub stats_chunks: u64,
     pub part_base: u64,
 }
@@ -564,7 +564,7 @@ pub(crate) fn sample_ranges(
     stats_chunk: u32,
 ) -> Result<(Vec<SampleRange>, u64)> {
     let sample_elems = dims.c * dims.s;
-    let ranges = chunk_ranges(
+    let ranges = bind_ranges(
         op,
         "one sample (C·∏spatial elements) in bytes",
         dims.n,
@@ -589,8 +589,8 @@ pub(crate) fn sample_ranges(
 /// One range of whole samples of a BatchNorm plan (the whole batch unless the input exceeds
 /// one storage binding): its uniforms ([eval, train]) and workgroup counts.
 #[derive(Debug)]
-struct BnChunk {
-    range: Chunk,
+struct BnRange {
+    range: BindRange,
     uniforms: [wgpu::Buffer; 2],
     stats_groups: (u32, u32),
     normalize_groups: (u32, u32),
@@ -701,7 +701,7 @@ pub struct BatchNormPlan {
     dropout: Option<DropoutConfig>,
     split: ReduceSplit,
     /// Sample ranges, one per storage binding's worth of samples.
-    chunks: Vec<BnChunk>,
+    ranges: Vec<BnRange>,
     partials: wgpu::Buffer,
     partials_bytes: u64,
     /// Per channel (K, mean − K, invstd·γ, β): the shift the statistics were taken around and
@@ -739,8 +739,8 @@ impl BatchNormPlan {
     }
 
     /// Sample ranges each call dispatches: 1 unless the input exceeds one storage binding.
-    pub fn chunks(&self) -> usize {
-        self.chunks.len()
+    pub fn ranges(&self) -> usize {
+        self.ranges.len()
     }
 
     /// How the statistics pass splits each channel.
@@ -773,8 +773,8 @@ impl BatchNormPlan {
             ));
         }
         let l = &self.limits;
-        l.check_chunked(OP, "x", &b.x, x_bytes)?;
-        l.check_chunked(OP, "y", &b.y, x_bytes)?;
+        l.check_ranged(OP, "x", &b.x, x_bytes)?;
+        l.check_ranged(OP, "y", &b.y, x_bytes)?;
         l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
         l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
         if self.config.affine {
@@ -866,9 +866,9 @@ impl BatchNormPlan {
             offset: 0,
             size: std::num::NonZeroU64::new(self.partials_bytes),
         });
-        let range_bytes = |c: &BnChunk| (c.range.start * sample_bytes, c.range.count * sample_bytes);
+        let range_bytes = |c: &BnRange| (c.range.start * sample_bytes, c.range.count * sample_bytes);
         // The whole-call passes (finalize) take the first range's uniform: it holds the totals.
-        let uniform = self.chunks[0].uniforms[usize::from(training)].as_entire_binding();
+        let uniform = self.ranges[0].uniforms[usize::from(training)].as_entire_binding();
 
         let batch_stats = self.uses_batch_stats(training);
         let drop = self.dropout.is_some() && b.rng.is_some();
@@ -876,7 +876,7 @@ impl BatchNormPlan {
             (Some(_), Some(rng)) => binding(rng, RNG_STATE_BYTES),
             _ => ph[5].as_entire_binding(),
         };
-        if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
+        if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.ranges.as_slice()) {
             let (at, len) = range_bytes(c);
             if vec4_bindable(&[&b.x, &b.y], at, len) {
                 let pass = channel.get("batch_norm_channel_forward", &[("DROPOUT", drop.into())])?;
@@ -909,7 +909,7 @@ impl BatchNormPlan {
             &[],
         )?;
         if batch_stats {
-            for c in &self.chunks {
+            for c in &self.ranges {
                 let (at, len) = range_bytes(c);
                 let pipelines = match &k.pipelines_vec4 {
                     Some(v) if self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x], at, len) => v,
@@ -978,7 +978,7 @@ impl BatchNormPlan {
                 self.eval_groups,
             ));
         }
-        for c in &self.chunks {
+        for c in &self.ranges {
             let (at, len) = range_bytes(c);
             let pipelines = match &k.pipelines_vec4 {
                 Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => v,

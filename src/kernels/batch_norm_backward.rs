@@ -46,7 +46,7 @@ use crate::kernels::batch_norm::{
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
     bind_group, binding, binding_at, binding_or, check_distinct, fold_workgroups, placeholder, record, uniform_buffer,
-    vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Pipelines, Storage,
+    vec4_bindable, vec4_module, BindLimits, BindRange, FastDiv, Pipelines, Storage,
 };
 
 const OP: &str = "batch_norm backward";
@@ -312,9 +312,9 @@ impl BatchNormBackwardKernel {
                 })
                 .collect()
         };
-        let mut chunks = Vec::with_capacity(ranges.len());
+        let mut per_range = Vec::with_capacity(ranges.len());
         for r in &ranges {
-            chunks.push(BnbChunk {
+            per_range.push(BnbRange {
                 range: r.range,
                 uniforms: uniforms(r),
                 reduce_groups: reduce_groups(OP, split, dims.c * r.stats_chunks, max)?,
@@ -340,7 +340,7 @@ impl BatchNormBackwardKernel {
             shape: shape.to_vec(),
             dims,
             limits,
-            chunks,
+            ranges: per_range,
             partials: scratch("batch_norm backward partials", partials_bytes),
             coef: scratch("batch_norm backward coefficients", dims.c * 16),
             split,
@@ -358,8 +358,8 @@ impl BatchNormBackwardKernel {
 
 /// One range of whole samples of a backward plan.
 #[derive(Debug)]
-struct BnbChunk {
-    range: Chunk,
+struct BnbRange {
+    range: BindRange,
     /// Indexed by `batch_stats | accumulate.dx << 1 | accumulate.params << 2`.
     uniforms: Vec<wgpu::Buffer>,
     reduce_groups: (u32, u32),
@@ -400,7 +400,7 @@ pub struct BatchNormBackwardPlan {
     dims: BnDims,
     limits: BindLimits,
     /// Sample ranges, one per storage binding's worth of samples.
-    chunks: Vec<BnbChunk>,
+    ranges: Vec<BnbRange>,
     partials: wgpu::Buffer,
     coef: wgpu::Buffer,
     split: ReduceSplit,
@@ -439,8 +439,8 @@ impl BatchNormBackwardPlan {
     }
 
     /// Sample ranges each call dispatches: 1 unless the input exceeds one storage binding.
-    pub fn chunks(&self) -> usize {
-        self.chunks.len()
+    pub fn ranges(&self) -> usize {
+        self.ranges.len()
     }
 
     /// How the reduce pass splits each channel.
@@ -453,9 +453,9 @@ impl BatchNormBackwardPlan {
         let l = &self.limits;
         let x_bytes = self.dims.total * self.kernel.storage.element_bytes();
         let c_bytes = self.dims.c * 4;
-        l.check_chunked(OP, "x", &b.x, x_bytes)?;
-        l.check_chunked(OP, "dy", &b.dy, x_bytes)?;
-        l.check_chunked(OP, "dx", &b.dx, x_bytes)?;
+        l.check_ranged(OP, "x", &b.x, x_bytes)?;
+        l.check_ranged(OP, "dy", &b.dy, x_bytes)?;
+        l.check_ranged(OP, "dx", &b.dx, x_bytes)?;
         l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
         l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
         let mut inputs = vec![
@@ -539,7 +539,7 @@ impl BatchNormBackwardPlan {
             &[],
         )?;
         let weight = binding_or(affine, &b.weight, &ph[0], c_bytes);
-        if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.chunks.as_slice()) {
+        if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.ranges.as_slice()) {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             if vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) {
                 let pass = channel.get(
@@ -565,7 +565,7 @@ impl BatchNormBackwardPlan {
         let mut passes = Vec::new();
         if !batch_stats {
             let entries = [
-                (0, self.chunks[0].uniforms[variant].as_entire_binding()),
+                (0, self.ranges[0].uniforms[variant].as_entire_binding()),
                 (4, weight.clone()),
                 (5, save_mean.clone()),
                 (6, save_invstd.clone()),
@@ -578,7 +578,7 @@ impl BatchNormBackwardPlan {
                 self.eval_coef_groups,
             ));
         }
-        for c in &self.chunks {
+        for c in &self.ranges {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             let vec4 = self.dims.s.is_multiple_of(4) && vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len);
             let pipelines = match &k.pipelines_vec4 {
@@ -613,7 +613,7 @@ impl BatchNormBackwardPlan {
         }
         // The whole-call pass takes the first range's uniform: it holds the totals.
         let entries = [
-            (0, self.chunks[0].uniforms[variant].as_entire_binding()),
+            (0, self.ranges[0].uniforms[variant].as_entire_binding()),
             (4, weight),
             (5, save_mean),
             (6, save_invstd),
@@ -636,7 +636,7 @@ impl BatchNormBackwardPlan {
             return Ok(());
         }
         passes.push(finalize_pass);
-        for c in &self.chunks {
+        for c in &self.ranges {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             let vec4 = vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len);
             let pipelines = match &k.pipelines_vec4 {

@@ -15,8 +15,8 @@
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    bind_group, binding, binding_at, check_distinct, chunk_ranges, compute_pipeline, fold_workgroups, record,
-    uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, FastDiv, Pipelines, Storage,
+    bind_group, bind_ranges, binding, binding_at, check_distinct, compute_pipeline, fold_workgroups, record,
+    uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, FastDiv, Pipelines, Storage,
 };
 use crate::rng::DropRule;
 
@@ -239,19 +239,19 @@ impl DropoutKernel {
         let (numel, unit_len, units) = dropout_units(OP, shape, unit)?;
         let limits = BindLimits::of(device);
         let eb = self.storage.element_bytes();
-        // Chunks start at multiples of 4 elements: one Philox call covers 4 elements.
-        let chunks = chunk_ranges(OP, "4 elements", numel, eb, &limits, 4)?;
+        // Ranges start at multiples of 4 elements: one Philox call covers 4 elements.
+        let ranges = bind_ranges(OP, "4 elements", numel, eb, &limits, 4)?;
         limits.check_size(OP, "packed mask in bytes", units.div_ceil(32) * 4)?;
-        let uniform = |chunk: &Chunk, training: bool, accumulate: bool| -> Result<wgpu::Buffer> {
+        let uniform = |range: &BindRange, training: bool, accumulate: bool| -> Result<wgpu::Buffer> {
             let d = config.params(training)?;
             let params = DropoutParams {
-                numel: chunk.count as u32,
+                numel: range.count as u32,
                 unit_len: unit_len as u32,
                 units: units as u32,
                 threshold: d.threshold,
                 flags: d.flags | if accumulate { FLAG_ACCUMULATE } else { 0 },
                 scale: d.scale,
-                base: chunk.start as u32,
+                base: range.start as u32,
                 _pad1: 0,
                 div_unit: FastDiv::new(unit_len).words(),
                 _pad2: [0; 2],
@@ -264,20 +264,20 @@ impl DropoutKernel {
             DropoutUnit::Element => 3,
             DropoutUnit::Channel => 4,
         };
-        let mut parts = Vec::with_capacity(chunks.len());
-        for chunk in &chunks {
-            parts.push(DropoutChunk {
-                chunk: *chunk,
+        let mut parts = Vec::with_capacity(ranges.len());
+        for range in &ranges {
+            parts.push(DropoutRange {
+                range: *range,
                 uniforms: [
-                    uniform(chunk, false, false)?,
-                    uniform(chunk, true, false)?,
-                    uniform(chunk, false, true)?,
-                    uniform(chunk, true, true)?,
+                    uniform(range, false, false)?,
+                    uniform(range, true, false)?,
+                    uniform(range, false, true)?,
+                    uniform(range, true, true)?,
                 ],
-                apply_groups: fold_workgroups(OP, chunk.count.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
+                apply_groups: fold_workgroups(OP, range.count.div_ceil(WORKGROUP), limits.max_workgroups_per_dim)?,
                 forward_groups: fold_workgroups(
                     OP,
-                    chunk
+                    range
                         .count
                         .div_ceil(4)
                         .div_ceil(quads_per_invocation)
@@ -294,7 +294,7 @@ impl DropoutKernel {
             numel,
             units,
             limits,
-            chunks: parts,
+            ranges: parts,
             mask_groups: fold_workgroups(OP, units.div_ceil(32 * WORKGROUP), limits.max_workgroups_per_dim)?,
             // Dropout2d with channels of 4 or more elements draws each channel's decision once,
             // into these bits, and the element pass reads them (a quad spans at most two
@@ -354,23 +354,23 @@ pub struct DropoutPlan {
     limits: BindLimits,
     /// One per storage binding's worth of elements (one unless the tensor exceeds
     /// `max_storage_buffer_binding_size`).
-    chunks: Vec<DropoutChunk>,
+    ranges: Vec<DropoutRange>,
     mask_groups: (u32, u32),
     /// Dropout2d's channel keep bits, when channels hold 4 or more elements.
     channel_bits: Option<wgpu::Buffer>,
 }
 
-/// The uniforms and workgroup counts of one chunk of a dropout plan.
+/// The uniforms and workgroup counts of one range of a dropout plan.
 #[derive(Debug)]
-struct DropoutChunk {
-    chunk: Chunk,
+struct DropoutRange {
+    range: BindRange,
     /// Indexed by `training + 2·accumulate`.
     uniforms: [wgpu::Buffer; 4],
     forward_groups: (u32, u32),
     apply_groups: (u32, u32),
 }
 
-impl DropoutChunk {
+impl DropoutRange {
     fn uniform(&self, training: bool, accumulate: bool) -> wgpu::BindingResource<'_> {
         self.uniforms[usize::from(training) + 2 * usize::from(accumulate)].as_entire_binding()
     }
@@ -435,8 +435,8 @@ impl DropoutPlan {
         b: &DropoutBuffers<'_>,
     ) -> Result<()> {
         let bytes = self.numel * self.kernel.storage.element_bytes();
-        self.limits.check_chunked(OP, "x", &b.x, bytes)?;
-        self.limits.check_chunked(OP, "y", &b.y, bytes)?;
+        self.limits.check_ranged(OP, "x", &b.x, bytes)?;
+        self.limits.check_ranged(OP, "y", &b.y, bytes)?;
         check_rng(&self.limits, OP, &b.rng)?;
         // rng is declared read_write in dropout/dropout.wgsl (dropout_rng_advance writes it), so it counts as an
         // output here; y and rng must not share a buffer either.
@@ -449,22 +449,22 @@ impl DropoutPlan {
             (DropoutUnit::Channel, None) => 1,
             (DropoutUnit::Channel, Some(_)) => 2,
         };
-        let mut dispatches = Vec::with_capacity(self.chunks.len() + 1);
+        let mut dispatches = Vec::with_capacity(self.ranges.len() + 1);
         if let Some(bits) = &self.channel_bits {
             let group = bind_group(
                 device,
                 "dropout2d channel bits",
                 &k.mask,
                 &[
-                    (0, self.chunks[0].uniform(training, false)),
+                    (0, self.ranges[0].uniform(training, false)),
                     (3, binding(&b.rng, RNG_STATE_BYTES)),
                     (4, bits.as_entire_binding()),
                 ],
             );
             dispatches.push((&k.mask, group, self.mask_groups));
         }
-        for c in &self.chunks {
-            let (at, len) = (c.chunk.start * eb, c.chunk.count * eb);
+        for c in &self.ranges {
+            let (at, len) = (c.range.start * eb, c.range.count * eb);
             // One 16-byte access per four elements where the range allows it.
             let pipelines = match &k.forward_vec4 {
                 Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => v,
@@ -507,7 +507,7 @@ impl DropoutPlan {
             "dropout_mask",
             &k.mask,
             &[
-                (0, self.chunks[0].uniform(training, false)),
+                (0, self.ranges[0].uniform(training, false)),
                 (3, binding(rng, RNG_STATE_BYTES)),
                 (4, binding(mask, self.mask_words() * 4)),
             ],
@@ -535,17 +535,17 @@ impl DropoutPlan {
     ) -> Result<()> {
         let eb = self.kernel.storage.element_bytes();
         let bytes = self.numel * eb;
-        self.limits.check_chunked(OP, "dy", dy, bytes)?;
-        self.limits.check_chunked(OP, "dx", dx, bytes)?;
+        self.limits.check_ranged(OP, "dy", dy, bytes)?;
+        self.limits.check_ranged(OP, "dx", dx, bytes)?;
         self.limits.check(OP, "mask", mask, self.mask_words() * 4)?;
         check_distinct(OP, &[("dy", dy)], &[("dx", dx), ("mask", mask)])?;
         check_distinct(OP, &[("dx", dx)], &[("mask", mask)])?;
         let k = &self.kernel;
         let dispatches: Vec<_> = self
-            .chunks
+            .ranges
             .iter()
             .map(|c| {
-                let (at, len) = (c.chunk.start * eb, c.chunk.count * eb);
+                let (at, len) = (c.range.start * eb, c.range.count * eb);
                 let group = bind_group(
                     device,
                     "dropout_apply_mask",
@@ -564,10 +564,10 @@ impl DropoutPlan {
         Ok(())
     }
 
-    /// How many dispatch chunks each call records: 1 unless the tensor is larger than one
+    /// How many dispatch ranges each call records: 1 unless the tensor is larger than one
     /// storage binding (`max_storage_buffer_binding_size`).
-    pub fn chunks(&self) -> usize {
-        self.chunks.len()
+    pub fn ranges(&self) -> usize {
+        self.ranges.len()
     }
 
     /// The unit of this plan.

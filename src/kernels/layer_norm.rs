@@ -6,9 +6,9 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{check_rng, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, cpu_subgroup_passes, fold_workgroups,
-    optional_pass, placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Flag, Pipelines,
-    Storage, SG_LANES,
+    bind_group, bind_ranges, binding, binding_at, binding_or, check_distinct, cpu_subgroup_passes, fold_workgroups,
+    optional_pass, placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, Flag,
+    Pipelines, Storage, SG_LANES,
 };
 
 const OP: &str = "layer_norm";
@@ -467,7 +467,7 @@ impl LayerNormKernel {
         let lanes = options.lanes(OP, device, rows, width)?;
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
-        let chunks = chunk_ranges(OP, "one row in bytes", rows, row_bytes, &limits, 1)?;
+        let ranges = bind_ranges(OP, "one row in bytes", rows, row_bytes, &limits, 1)?;
         if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && !residual_fits(device) {
             return Err(residual_limit(OP, RESIDUAL_PASS, device));
         }
@@ -492,7 +492,7 @@ impl LayerNormKernel {
         } else {
             u64::from(256 / lanes)
         };
-        let uniform = |chunk: &Chunk, training: bool| -> Result<wgpu::Buffer> {
+        let uniform = |range: &BindRange, training: bool| -> Result<wgpu::Buffer> {
             let d = match dropout {
                 Some(d) => d.params(training)?,
                 None => crate::kernels::dropout::DropParams {
@@ -502,7 +502,7 @@ impl LayerNormKernel {
                 },
             };
             let params = LnParams {
-                rows: chunk.count as u32,
+                rows: range.count as u32,
                 width: width as u32,
                 flags,
                 eps: config.eps,
@@ -510,19 +510,19 @@ impl LayerNormKernel {
                 drop_flags: d.flags,
                 drop_scale: d.scale,
                 lanes,
-                row_base: chunk.start as u32,
+                row_base: range.start as u32,
                 _pad: [0; 3],
             };
             Ok(uniform_buffer(device, "layer_norm params", &params))
         };
-        let mut parts = Vec::with_capacity(chunks.len());
-        for chunk in &chunks {
-            parts.push(LnChunk {
-                chunk: *chunk,
-                uniforms: [uniform(chunk, false)?, uniform(chunk, true)?],
+        let mut parts = Vec::with_capacity(ranges.len());
+        for range in &ranges {
+            parts.push(LnRange {
+                range: *range,
+                uniforms: [uniform(range, false)?, uniform(range, true)?],
                 groups: fold_workgroups(
                     OP,
-                    chunk.count.div_ceil(rows_per_workgroup),
+                    range.count.div_ceil(rows_per_workgroup),
                     limits.max_workgroups_per_dim,
                 )?,
             });
@@ -536,7 +536,7 @@ impl LayerNormKernel {
             width,
             path,
             limits,
-            chunks: parts,
+            ranges: parts,
         })
     }
 }
@@ -580,13 +580,13 @@ pub struct LayerNormPlan {
     limits: BindLimits,
     /// Row ranges, one per storage binding's worth of rows (one unless the tensor exceeds
     /// `max_storage_buffer_binding_size`).
-    chunks: Vec<LnChunk>,
+    ranges: Vec<LnRange>,
 }
 
 /// One row range of a LayerNorm plan: its uniforms ([eval, train]) and workgroups.
 #[derive(Debug)]
-struct LnChunk {
-    chunk: Chunk,
+struct LnRange {
+    range: BindRange,
     uniforms: [wgpu::Buffer; 2],
     groups: (u32, u32),
 }
@@ -635,9 +635,9 @@ impl LayerNormPlan {
         matches!(self.path, RowPath::SubgroupRows { .. })
     }
 
-    /// Dispatch chunks per call: 1 unless the tensor exceeds one storage binding.
-    pub fn chunks(&self) -> usize {
-        self.chunks.len()
+    /// Binding ranges each call dispatches: 1 unless the tensor exceeds one storage binding.
+    pub fn ranges(&self) -> usize {
+        self.ranges.len()
     }
 
     /// Checks the buffers without recording anything.
@@ -645,8 +645,8 @@ impl LayerNormPlan {
         let l = &self.limits;
         let eb = self.kernel.storage.element_bytes();
         let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * eb, self.width * 4, self.rows * 4);
-        l.check_chunked(OP, "x", &b.x, x_bytes)?;
-        l.check_chunked(OP, "y", &b.y, x_bytes)?;
+        l.check_ranged(OP, "x", &b.x, x_bytes)?;
+        l.check_ranged(OP, "y", &b.y, x_bytes)?;
         l.check(OP, "mean", &b.mean, r_bytes)?;
         l.check(OP, "rstd", &b.rstd, r_bytes)?;
         let mut inputs = vec![("x", &b.x)];
@@ -669,8 +669,8 @@ impl LayerNormPlan {
         if let LayerNormFusion::ResidualDropout(_) = self.fusion {
             let res = required("residual", &b.residual, "with residual fusion")?;
             let h = required("h", &b.h, "with residual fusion")?;
-            l.check_chunked(OP, "residual", res, x_bytes)?;
-            l.check_chunked(OP, "h", h, x_bytes)?;
+            l.check_ranged(OP, "residual", res, x_bytes)?;
+            l.check_ranged(OP, "h", h, x_bytes)?;
             inputs.push(("residual", res));
             outputs.push(("h", h));
         }
@@ -704,9 +704,9 @@ impl LayerNormPlan {
             .filter_map(|(used, s)| s.as_ref().filter(|_| used))
             .collect();
         let vec4 = self.width.is_multiple_of(4) && vec4_bindable(&params, 0, w_bytes);
-        let mut dispatches = Vec::with_capacity(self.chunks.len());
-        for c in &self.chunks {
-            let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
+        let mut dispatches = Vec::with_capacity(self.ranges.len());
+        for c in &self.ranges {
+            let (at, len) = (c.range.start * row_bytes, c.range.count * row_bytes);
             let passes = match &k.vec4 {
                 Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
                 _ => &k.passes,

@@ -25,8 +25,8 @@ use crate::kernels::layer_norm::{
     SG_TRIPLES,
 };
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, chunk_ranges, fold_workgroups, placeholder, record,
-    uniform_buffer, vec4_bindable, vec4_module, BindLimits, Chunk, Flag, Pipelines, Storage,
+    bind_group, bind_ranges, binding, binding_at, binding_or, check_distinct, fold_workgroups, placeholder, record,
+    uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, Flag, Pipelines, Storage,
 };
 
 const OP: &str = "layer_norm backward";
@@ -225,8 +225,8 @@ impl LayerNormBackwardKernel {
         let lanes = options.lanes(OP, device, rows, width)?;
         let limits = BindLimits::of(device);
         let row_bytes = width * self.storage.element_bytes();
-        // Chunks hold whole 64-row blocks, so the dγ/dβ partial pass chunks with them.
-        let chunks = chunk_ranges(OP, "64 rows in bytes", rows, row_bytes, &limits, ROWS_PER_BLOCK)?;
+        // Ranges hold whole 64-row blocks, so the dγ/dβ partial pass ranges with them.
+        let ranges = bind_ranges(OP, "64 rows in bytes", rows, row_bytes, &limits, ROWS_PER_BLOCK)?;
         if matches!(fusion, LayerNormFusion::ResidualDropout(_)) && !residual_fits(device) {
             return Err(residual_limit(OP, RESIDUAL_PASS, device));
         }
@@ -256,8 +256,8 @@ impl LayerNormBackwardKernel {
         if config.has_bias() {
             base_flags |= FLAG_BIAS;
         }
-        // Per chunk, one uniform per (accumulate dx, accumulate params, dh_in) combination.
-        let chunk_uniforms = |chunk: &Chunk| -> Vec<wgpu::Buffer> {
+        // Per range, one uniform per (accumulate dx, accumulate params, dh_in) combination.
+        let range_uniforms = |range: &BindRange| -> Vec<wgpu::Buffer> {
             (0..8usize)
                 .map(|variant| {
                     let mut flags = base_flags;
@@ -267,25 +267,25 @@ impl LayerNormBackwardKernel {
                         }
                     }
                     let params = LnBackwardParams {
-                        rows: chunk.count as u32,
+                        rows: range.count as u32,
                         width: width as u32,
                         flags,
-                        row_blocks: chunk.count.div_ceil(ROWS_PER_BLOCK) as u32,
+                        row_blocks: range.count.div_ceil(ROWS_PER_BLOCK) as u32,
                         drop_threshold: d.threshold,
                         drop_flags: d.flags,
                         drop_scale: d.scale,
                         col_tiles: col_tiles as u32,
                         lanes,
-                        row_base: chunk.start as u32,
-                        block_base: (chunk.start / ROWS_PER_BLOCK) as u32,
+                        row_base: range.start as u32,
+                        block_base: (range.start / ROWS_PER_BLOCK) as u32,
                         total_blocks: row_blocks as u32,
                     };
                     uniform_buffer(device, "layer_norm backward params", &params)
                 })
                 .collect()
         };
-        let mut parts = Vec::with_capacity(chunks.len());
-        for chunk in &chunks {
+        let mut parts = Vec::with_capacity(ranges.len());
+        for range in &ranges {
             let max = limits.max_workgroups_per_dim;
             // The row-block path (one lane) runs a workgroup per 64-row block.
             let rows_per_group = if lanes == 1 {
@@ -293,11 +293,11 @@ impl LayerNormBackwardKernel {
             } else {
                 u64::from(256 / lanes)
             };
-            parts.push(LnbChunk {
-                chunk: *chunk,
-                uniforms: chunk_uniforms(chunk),
-                dx_groups: fold_workgroups(OP, chunk.count.div_ceil(rows_per_group), max)?,
-                partial_groups: fold_workgroups(OP, chunk.count.div_ceil(ROWS_PER_BLOCK) * col_tiles, max)?,
+            parts.push(LnbRange {
+                range: *range,
+                uniforms: range_uniforms(range),
+                dx_groups: fold_workgroups(OP, range.count.div_ceil(rows_per_group), max)?,
+                partial_groups: fold_workgroups(OP, range.count.div_ceil(ROWS_PER_BLOCK) * col_tiles, max)?,
             });
         }
         let scratch = |label: &str, bytes: u64| {
@@ -318,7 +318,7 @@ impl LayerNormBackwardKernel {
             width,
             path,
             limits,
-            chunks: parts,
+            ranges: parts,
             // Only the row pass publishes row centres (for the partial pass); the row-block
             // pass keeps them in workgroup memory.
             row_centre: scratch("layer_norm backward row centres", if lanes == 1 { 0 } else { rows * 8 }),
@@ -378,7 +378,7 @@ pub struct LayerNormBackwardPlan {
     path: RowPath,
     limits: BindLimits,
     /// Ranges of whole 64-row blocks, one per storage binding's worth of rows.
-    chunks: Vec<LnbChunk>,
+    ranges: Vec<LnbRange>,
     row_centre: wgpu::Buffer,
     partials: wgpu::Buffer,
     final_groups: (u32, u32),
@@ -388,8 +388,8 @@ pub struct LayerNormBackwardPlan {
 
 /// One row range of a LayerNorm backward plan.
 #[derive(Debug)]
-struct LnbChunk {
-    chunk: Chunk,
+struct LnbRange {
+    range: BindRange,
     /// Indexed by `accumulate.dx | accumulate.params << 1 | dh_in << 2`.
     uniforms: Vec<wgpu::Buffer>,
     dx_groups: (u32, u32),
@@ -423,9 +423,9 @@ impl LayerNormBackwardPlan {
         matches!(self.path, RowPath::SubgroupRows { .. })
     }
 
-    /// Dispatch chunks per call: 1 unless the tensor exceeds one storage binding.
-    pub fn chunks(&self) -> usize {
-        self.chunks.len()
+    /// Binding ranges each call dispatches: 1 unless the tensor exceeds one storage binding.
+    pub fn ranges(&self) -> usize {
+        self.ranges.len()
     }
 
     /// Checks the buffers without recording anything.
@@ -433,9 +433,9 @@ impl LayerNormBackwardPlan {
         let l = &self.limits;
         let eb = self.kernel.storage.element_bytes();
         let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * eb, self.width * 4, self.rows * 4);
-        l.check_chunked(OP, "x", &b.x, x_bytes)?;
-        l.check_chunked(OP, "dy", &b.dy, x_bytes)?;
-        l.check_chunked(OP, "dx", &b.dx, x_bytes)?;
+        l.check_ranged(OP, "x", &b.x, x_bytes)?;
+        l.check_ranged(OP, "dy", &b.dy, x_bytes)?;
+        l.check_ranged(OP, "dx", &b.dx, x_bytes)?;
         l.check(OP, "rstd", &b.rstd, r_bytes)?;
         let mut inputs = vec![("x", &b.x), ("dy", &b.dy), ("rstd", &b.rstd)];
         let mut outputs = vec![("dx", &b.dx)];
@@ -476,10 +476,10 @@ impl LayerNormBackwardPlan {
                 .dresidual
                 .as_ref()
                 .ok_or_else(|| required("dresidual", "for the residual block"))?;
-            l.check_chunked(OP, "dresidual", dres, x_bytes)?;
+            l.check_ranged(OP, "dresidual", dres, x_bytes)?;
             outputs.push(("dresidual", dres));
             if let Some(dh) = &b.dh_in {
-                l.check_chunked(OP, "dh_in", dh, x_bytes)?;
+                l.check_ranged(OP, "dh_in", dh, x_bytes)?;
                 inputs.push(("dh_in", dh));
             }
         }
@@ -523,9 +523,9 @@ impl LayerNormBackwardPlan {
         let mut partial_passes = Vec::new();
         // Whether a row-block dx pass reads the uniform copy of γ.
         let mut stages_gamma = false;
-        for c in &self.chunks {
+        for c in &self.ranges {
             let uniform = c.uniforms[variant].as_entire_binding();
-            let (at, len) = (c.chunk.start * row_bytes, c.chunk.count * row_bytes);
+            let (at, len) = (c.range.start * row_bytes, c.range.count * row_bytes);
             let passes = match &k.vec4 {
                 Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
                 _ => &k.passes,
@@ -619,7 +619,7 @@ impl LayerNormBackwardPlan {
                     "layer_norm_backward_gamma_stage",
                     gamma_stage,
                     &[
-                        (0, self.chunks[0].uniforms[variant].as_entire_binding()),
+                        (0, self.ranges[0].uniforms[variant].as_entire_binding()),
                         (4, binding(w, w_bytes)),
                         (14, self.gamma_uniform.as_entire_binding()),
                     ],
@@ -639,7 +639,7 @@ impl LayerNormBackwardPlan {
                     "layer_norm_backward_params_final",
                     params_final,
                     &[
-                        (0, self.chunks[0].uniforms[variant].as_entire_binding()),
+                        (0, self.ranges[0].uniforms[variant].as_entire_binding()),
                         (7, partials),
                         (8, binding_or(self.config.has_weight(), &b.dweight, &ph[1], w_bytes)),
                         (9, binding_or(self.config.has_bias(), &b.dbias, &ph[2], w_bytes)),

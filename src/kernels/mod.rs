@@ -228,13 +228,13 @@ impl BindLimits {
         slice: &wgpu::BufferSlice<'_>,
         needed: u64,
     ) -> Result<()> {
-        self.check_chunked(op, what, slice, needed)?;
+        self.check_ranged(op, what, slice, needed)?;
         self.check_size(op, what, needed)
     }
 
-    /// Checks that `slice` holds `needed` bytes and can be bound in the chunks a plan cut
-    /// (see [`chunk_ranges`]): usage, offset alignment and size, but not the binding limit.
-    pub fn check_chunked(
+    /// Checks that `slice` holds `needed` bytes and can be bound in the binding ranges a plan cut
+    /// (see [`bind_ranges`]): usage, offset alignment and size, but not the binding limit.
+    pub fn check_ranged(
         &self,
         op: &'static str,
         what: &'static str,
@@ -274,10 +274,11 @@ impl BindLimits {
     }
 }
 
-/// One dispatch range of a chunked call: items `start .. start + count` (rows, samples or
-/// elements, as the plan defines them).
+/// One binding range of a call split past `max_storage_buffer_binding_size`: items
+/// `start .. start + count` (rows, samples or elements, as the plan defines them), bound at an
+/// aligned offset and dispatched together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Chunk {
+pub(crate) struct BindRange {
     pub start: u64,
     pub count: u64,
 }
@@ -291,23 +292,23 @@ pub(crate) fn gcd(a: u64, b: u64) -> u64 {
     }
 }
 
-/// Cuts `items` consecutive items of `item_bytes` bytes each into as few chunks as possible
-/// such that each chunk's bytes fit in one storage binding (`max_storage_buffer_binding_size`)
-/// and each chunk starts at a byte offset that is a multiple of
+/// Cuts `items` consecutive items of `item_bytes` bytes each into as few binding ranges as
+/// possible such that each range's bytes fit in one storage binding (`max_storage_buffer_binding_size`)
+/// and each range starts at a byte offset that is a multiple of
 /// `min_storage_buffer_offset_alignment` and at an item index that is a multiple of `multiple`.
-/// A tensor that fits in one binding is one chunk. Fails, naming the limit, when not even one
+/// A tensor that fits in one binding is one range. Fails, naming the limit, when not even one
 /// aligned group of items fits.
-pub(crate) fn chunk_ranges(
+pub(crate) fn bind_ranges(
     op: &'static str,
     what: &'static str,
     items: u64,
     item_bytes: u64,
     limits: &BindLimits,
     multiple: u64,
-) -> Result<Vec<Chunk>> {
+) -> Result<Vec<BindRange>> {
     let max = limits.max_storage_binding / 4 * 4;
     if items * item_bytes <= max {
-        return Ok(vec![Chunk { start: 0, count: items }]);
+        return Ok(vec![BindRange { start: 0, count: items }]);
     }
     let align = limits.storage_offset_alignment.max(1);
     let align_items = align / gcd(item_bytes, align);
@@ -324,7 +325,7 @@ pub(crate) fn chunk_ranges(
     }
     Ok((0..items)
         .step_by(step as usize)
-        .map(|start| Chunk {
+        .map(|start| BindRange {
             start,
             count: step.min(items - start),
         })
@@ -739,12 +740,12 @@ mod tests {
             (400, 202, 65536, 16, 64),
             (7, 12, 1 << 20, 256, 1),
         ] {
-            let chunks = chunk_ranges("t", "w", items, item_bytes, &limits(max, align), multiple).unwrap();
+            let ranges = bind_ranges("t", "w", items, item_bytes, &limits(max, align), multiple).unwrap();
             let mut next = 0;
-            for c in &chunks {
+            for c in &ranges {
                 assert_eq!(c.start, next, "{items} x {item_bytes}: contiguous");
                 assert!(c.count > 0 && c.count * item_bytes <= max, "{c:?} over the limit");
-                if chunks.len() > 1 {
+                if ranges.len() > 1 {
                     assert_eq!(c.start * item_bytes % align, 0, "{c:?} offset not aligned");
                     assert_eq!(c.start % multiple, 0, "{c:?} not a multiple of {multiple}");
                 }
@@ -753,9 +754,9 @@ mod tests {
             assert_eq!(next, items);
         }
         // Fits: one chunk, whatever the alignment.
-        assert_eq!(chunk_ranges("t", "w", 3, 5, &limits(16, 256), 4).unwrap().len(), 1);
+        assert_eq!(bind_ranges("t", "w", 3, 5, &limits(16, 256), 4).unwrap().len(), 1);
         // Not even one aligned group fits.
-        let e = chunk_ranges("t", "one row", 10, 1000, &limits(1024, 256), 4).unwrap_err();
+        let e = bind_ranges("t", "one row", 10, 1000, &limits(1024, 256), 4).unwrap_err();
         assert!(e.to_string().contains("max_storage_buffer_binding_size"), "{e}");
     }
 

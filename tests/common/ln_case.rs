@@ -1,6 +1,6 @@
 //! One LayerNorm case checked end to end (forward, backward writing then accumulating, every
 //! fusion) against the f64 reference at a chosen `lanes`: shared by the LayerNorm and the
-//! chunking tests (`#[path]`-included, so only the binaries that use it compile it).
+//! binding-range tests (`#[path]`-included, so only the binaries that use it compile it).
 
 use crate::common::{assert_close, Rng};
 use normdrop::reference::{layer_norm_backward, layer_norm_forward, widen};
@@ -49,7 +49,7 @@ impl LanesCase {
     }
 
     /// The same case without γ and β (`elementwise_affine: false`).
-    #[allow(dead_code)] // the chunking tests include this file and use affine cases only
+    #[allow(dead_code)] // the binding-range tests include this file and use affine cases only
     pub fn without_affine(self) -> Self {
         Self { affine: false, ..self }
     }
@@ -174,6 +174,6 @@ impl LanesCase {
         } else {
             close("2·dx", &dx, &twice(&rb.dx), 2.0 * ATOL);
         }
-        bplan.chunks()
+        bplan.ranges()
     }
 }

@@ -1,8 +1,8 @@
 //! Tensors larger than one storage binding: a context created with a deliberately small
 //! `max_storage_buffer_binding_size` (64 KiB) makes modest tensors span several bindings, so
-//! every op runs in chunks. Results must equal the unchunked CPU reference: BatchNorm with each
-//! channel split across chunks (statistics merged over every chunk), LayerNorm by row ranges,
-//! and dropout with exactly the unchunked mask.
+//! every op runs in binding ranges. Results must equal the single-binding CPU reference: BatchNorm with each
+//! channel split across binding ranges (statistics merged over every binding range), LayerNorm by row ranges,
+//! and dropout with exactly the single-binding mask.
 
 mod common;
 #[path = "common/ln_case.rs"]
@@ -58,7 +58,7 @@ fn read(ctx: &Context, t: &Tensor) -> Vec<f32> {
 }
 
 #[test]
-fn dropout_in_chunks_draws_exactly_the_unchunked_mask() {
+fn dropout_across_bindings_draws_exactly_the_single_binding_mask() {
     let Some(ctx) = small(false) else { return };
     let n = 50_003; // 200 KB of f32: 4 bindings
     let config = DropoutConfig::new(0.4);
@@ -67,7 +67,7 @@ fn dropout_in_chunks_draws_exactly_the_unchunked_mask() {
         .unwrap()
         .plan(ctx.device(), &[n], &config, DropoutUnit::Element)
         .unwrap();
-    assert!(plan.chunks() >= 4, "{} chunks", plan.chunks());
+    assert!(plan.ranges() >= 4, "{} binding ranges", plan.ranges());
 
     let x = Rng::new(3).normal_vec(n, 0.0, 1.0);
     let mut d = Dropout::with_config(&ctx, config, 1234).unwrap();
@@ -80,7 +80,7 @@ fn dropout_in_chunks_draws_exactly_the_unchunked_mask() {
         let expected = x[i] * if mask[i] { scale } else { 0.0 };
         assert_eq!(y[i].to_bits(), expected.to_bits(), "element {i}");
     }
-    // Backward (regenerated mask) and from the stored mask, also chunked.
+    // Backward (regenerated mask) and from the stored mask, also split.
     let dy = Rng::new(4).normal_vec(n, 0.0, 1.0);
     let dy = Tensor::from_slice(&ctx, &dy, &[n]).unwrap();
     let dx = read(&ctx, &d.backward(&dy).unwrap());
@@ -99,7 +99,7 @@ fn dropout_in_chunks_draws_exactly_the_unchunked_mask() {
         assert_eq!(dx_mask[i].to_bits(), expected.to_bits(), "dx from mask, element {i}");
     }
 
-    // Dropout2d over (N, C, S) with channels crossing chunk boundaries.
+    // Dropout2d over (N, C, S) with channels crossing binding range boundaries.
     let shape = [7, 9, 333];
     let numel = 7 * 9 * 333;
     let x = Rng::new(5).normal_vec(numel, 1.0, 1.0);
@@ -125,7 +125,7 @@ fn dropout_in_chunks_draws_exactly_the_unchunked_mask() {
 }
 
 #[test]
-fn packed_f16_dropout_in_chunks_keeps_the_mask() {
+fn packed_f16_dropout_across_bindings_keeps_the_mask() {
     let Some(ctx) = small(true) else { return };
     let n = 100_001; // odd; 200 KB of halves
     let plan = ctx
@@ -133,7 +133,7 @@ fn packed_f16_dropout_in_chunks_keeps_the_mask() {
         .unwrap()
         .plan(ctx.device(), &[n], &DropoutConfig::new(0.5), DropoutUnit::Element)
         .unwrap();
-    assert!(plan.chunks() >= 4, "{} chunks", plan.chunks());
+    assert!(plan.ranges() >= 4, "{} binding ranges", plan.ranges());
     let x: Vec<f16> = (0..n).map(|i| f16::from_f32(1.0 + (i % 7) as f32)).collect();
     let mut d = Dropout::new(&ctx, 0.5).unwrap();
     let y = read(&ctx, &d.forward(&Tensor::from_slice(&ctx, &x, &[n]).unwrap()).unwrap());
@@ -145,7 +145,7 @@ fn packed_f16_dropout_in_chunks_keeps_the_mask() {
 }
 
 #[test]
-fn layer_norm_in_row_chunks_matches_the_reference() {
+fn layer_norm_in_row_ranges_matches_the_reference() {
     for packed in [false, true] {
         let Some(ctx) = small(packed) else { return };
         let dtype = if packed { DType::F16 } else { DType::F32 };
@@ -165,10 +165,10 @@ fn layer_norm_in_row_chunks_matches_the_reference() {
             .plan(ctx.device(), &shape, &config, LayerNormFusion::None, true)
             .unwrap();
         assert!(
-            fwd.chunks() >= 2 && bwd.chunks() >= 2,
+            fwd.ranges() >= 2 && bwd.ranges() >= 2,
             "{} / {}",
-            fwd.chunks(),
-            bwd.chunks()
+            fwd.ranges(),
+            bwd.ranges()
         );
 
         let mut rng = Rng::new(6);
@@ -179,29 +179,29 @@ fn layer_norm_in_row_chunks_matches_the_reference() {
         ln.set_weight(&gamma).unwrap();
         let y = ln.forward(&upload(&ctx, &x, &shape, dtype)).unwrap();
         let r = reference::layer_norm_forward(&xw, &shape, &config, Some(&gamma), None).unwrap();
-        assert_close("chunked LN y", &read(&ctx, &y), &r.y, tol, tol);
+        assert_close("split LN y", &read(&ctx, &y), &r.y, tol, tol);
         let saved = ln.saved().unwrap().clone();
-        assert_close("chunked LN rstd", &read(&ctx, &saved.rstd), &r.rstd, 1e-4, 1e-4);
+        assert_close("split LN rstd", &read(&ctx, &saved.rstd), &r.rstd, 1e-4, 1e-4);
         let g = ln.backward(&upload(&ctx, &dy, &shape, dtype)).unwrap();
         let w64 = reference::widen(&gamma);
         let rg = reference::layer_norm_backward(&xw, &dyw, &shape, &config, Some(&w64), &r.mean, &r.rstd).unwrap();
-        assert_close("chunked LN dx", &read(&ctx, &g.dx), &rg.dx, tol, tol);
+        assert_close("split LN dx", &read(&ctx, &g.dx), &rg.dx, tol, tol);
         assert_close(
-            "chunked LN dγ",
+            "split LN dγ",
             &read(&ctx, g.dweight.as_ref().unwrap()),
             &rg.dweight,
             tol,
             tol,
         );
         assert_close(
-            "chunked LN dβ",
+            "split LN dβ",
             &read(&ctx, g.dbias.as_ref().unwrap()),
             &rg.dbias,
             tol,
             tol,
         );
 
-        // Fused LayerNorm → dropout: the mask over global indices, unchanged by chunking.
+        // Fused LayerNorm → dropout: the mask over global indices, unchanged by splitting.
         let drop = DropoutConfig::new(0.3);
         let mut m = LayerNormDropout::new(&ctx, config.clone(), drop, 5).unwrap();
         let (seed, offset) = m.state();
@@ -210,14 +210,14 @@ fn layer_norm_in_row_chunks_matches_the_reference() {
         let ry_f32: Vec<f32> = r.y.iter().map(|&v| v as f32).collect();
         let (ry, mask) =
             reference::dropout_forward(&ry_f32, &shape, &drop, DropoutUnit::Element, seed, offset, true).unwrap();
-        assert_close("chunked LN+dropout y", &y, &ry, tol, tol);
+        assert_close("split LN+dropout y", &y, &ry, tol, tol);
         for (i, &keep) in mask.iter().enumerate() {
             if r.y[i].abs() > 1e-2 {
                 assert_eq!(y[i] != 0.0, keep, "LN+dropout element {i}");
             }
         }
 
-        // Residual block: h = residual + dropout(x), chunked alongside.
+        // Residual block: h = residual + dropout(x), split alongside.
         let (res, resw) = values(&mut rng, rows * w, 0.0, 1.0, dtype);
         let mut block = ResidualDropoutLayerNorm::new(&ctx, config.clone(), drop, 8).unwrap();
         let (seed, offset) = block.state();
@@ -228,21 +228,21 @@ fn layer_norm_in_row_chunks_matches_the_reference() {
         let (dropped, _) =
             reference::dropout_forward(&xf, &shape, &drop, DropoutUnit::Element, seed, offset, true).unwrap();
         let rh: Vec<f64> = resw.iter().zip(&dropped).map(|(a, b)| a + b).collect();
-        assert_close("chunked residual h", &read(&ctx, &h), &rh, tol, tol);
+        assert_close("split residual h", &read(&ctx, &h), &rh, tol, tol);
     }
 }
 
-/// Both LayerNorm geometries in row chunks, forward and backward, each fusion: the row-block
+/// Both LayerNorm geometries in row binding ranges, forward and backward, each fusion: the row-block
 /// path (one lane per row; in the backward dx and the dγ/dβ partials in one pass) and lane
 /// segments (eight lanes, the backward's separate partial pass), on rows of whole quads (the
-/// vec4 variant) and not. The mask is indexed globally across chunks, and each chunk's partials
+/// vec4 variant) and not. The mask is indexed globally across binding ranges, and each binding range's partials
 /// land at its own blocks.
 #[test]
-fn layer_norm_geometries_in_row_chunks_match_the_reference() {
+fn layer_norm_geometries_in_row_ranges_match_the_reference() {
     let Some(ctx) = small(false) else { return };
     let mut rng = Rng::new(9);
-    // 128: rows of 512 bytes, so every chunk binds as vectors and one lane per row takes the
-    // row-per-subgroup forward where the device has it (chunks at row_base > 0).
+    // 128: rows of 512 bytes, so every binding range binds as vectors and one lane per row takes the
+    // row-per-subgroup forward where the device has it (binding ranges at row_base > 0).
     for width in [100, 101, 128] {
         let case = LanesCase::new(&mut rng, 300, width);
         for lanes in [1, 8] {
@@ -251,15 +251,15 @@ fn layer_norm_geometries_in_row_chunks_match_the_reference() {
                 LayerNormFusion::Dropout(DropoutConfig::new(0.5)),
                 LayerNormFusion::ResidualDropout(DropoutConfig::new(0.5)),
             ] {
-                let chunks = case.check(&ctx, lanes, fusion);
-                assert!(chunks >= 2, "300x{width}, lanes {lanes}: {chunks} chunk(s)");
+                let ranges = case.check(&ctx, lanes, fusion);
+                assert!(ranges >= 2, "300x{width}, lanes {lanes}: {ranges} binding range(s)");
             }
         }
     }
 }
 
 #[test]
-fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
+fn batch_norm_splits_channels_across_binding_ranges_and_matches_the_reference() {
     let splits = [
         ReduceSplit::Workgroup { chunk: 256 },
         ReduceSplit::Invocation { chunk: 64 },
@@ -285,14 +285,14 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
             .plan(ctx.device(), &shape, &config, None)
             .unwrap();
         assert!(
-            fwd.chunks() >= 2 && bwd.chunks() >= 2,
+            fwd.ranges() >= 2 && bwd.ranges() >= 2,
             "{} / {}",
-            fwd.chunks(),
-            bwd.chunks()
+            fwd.ranges(),
+            bwd.ranges()
         );
 
         let mut rng = Rng::new(7);
-        // Off-centre data: the shift K must be shared by every chunk.
+        // Off-centre data: the shift K must be shared by every binding range.
         let (x, xw) = values(&mut rng, numel, 100.0, 0.5, dtype);
         let (dy, dyw) = values(&mut rng, numel, 0.0, 1.0, dtype);
         let gamma = [0.5f32, 1.0, 2.0];
@@ -314,26 +314,26 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
             true,
         )
         .unwrap();
-        assert_close("chunked BN y", &read(&ctx, &y), &r.y, tol, tol);
+        assert_close("split BN y", &read(&ctx, &y), &r.y, tol, tol);
         let saved = bn.saved().unwrap().clone();
-        assert_close("chunked BN mean", &read(&ctx, &saved.mean), &r.mean, 1e-6, 1e-6);
-        assert_close("chunked BN invstd", &read(&ctx, &saved.invstd), &r.invstd, 1e-4, 1e-4);
+        assert_close("split BN mean", &read(&ctx, &saved.mean), &r.mean, 1e-6, 1e-6);
+        assert_close("split BN invstd", &read(&ctx, &saved.invstd), &r.invstd, 1e-4, 1e-4);
         assert_close(
-            "chunked BN running_mean",
+            "split BN running_mean",
             &read(&ctx, bn.running_mean().unwrap()),
             &running.mean,
             1e-6,
             1e-6,
         );
         assert_close(
-            "chunked BN running_var",
+            "split BN running_var",
             &read(&ctx, bn.running_var().unwrap()),
             &running.var,
             1e-4,
             1e-4,
         );
         // One call, one count, however many ranges ran the stats pass.
-        assert_eq!(bn.num_batches_tracked_blocking().unwrap(), Some(1), "chunked BN count");
+        assert_eq!(bn.num_batches_tracked_blocking().unwrap(), Some(1), "split BN count");
 
         // The backward's gradients against the reference's, with the statistics the forward
         // normalized with (batch statistics in training, running ones in eval).
@@ -348,7 +348,7 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
             let db = read(&ctx, g.dbias.as_ref().unwrap());
             assert_close(&format!("{what} dβ"), &db, &rg.dbias, tol, tol);
         };
-        check_backward(&mut bn, "chunked BN", &r.mean, &r.invstd, true);
+        check_backward(&mut bn, "split BN", &r.mean, &r.invstd, true);
 
         // Eval: running statistics, dx written by each range's reduce.
         bn.eval();
@@ -363,9 +363,9 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
             false,
         )
         .unwrap();
-        check_backward(&mut bn, "chunked eval BN", &re.mean, &re.invstd, false);
+        check_backward(&mut bn, "split eval BN", &re.mean, &re.invstd, false);
 
-        // Fused BatchNorm → dropout: the unchunked mask over flat indices.
+        // Fused BatchNorm → dropout: the single-binding mask over flat indices.
         let drop = DropoutConfig::new(0.2);
         let mut m = BatchNormDropout::new(&ctx, config.clone(), drop, 3).unwrap();
         m.batch_norm_mut().set_reduce_split(Some(split));
@@ -376,7 +376,7 @@ fn batch_norm_splits_channels_across_chunks_and_matches_the_reference() {
         let ry_f32: Vec<f32> = r.y.iter().map(|&v| v as f32).collect();
         let (ry, mask) =
             reference::dropout_forward(&ry_f32, &shape, &drop, DropoutUnit::Element, seed, offset, true).unwrap();
-        assert_close("chunked BN+dropout y", &y, &ry, tol, tol);
+        assert_close("split BN+dropout y", &y, &ry, tol, tol);
         for (i, &keep) in mask.iter().enumerate() {
             if r.y[i].abs() > 1e-2 {
                 assert_eq!(y[i] != 0.0, keep, "BN+dropout element {i}");
