@@ -36,12 +36,6 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "batch_norm_finalize_eval",
     "batch_norm_normalize",
 ];
-/// Entry points in `shaders/cpu/batch_norm/forward_channel.wgsl`: the training forward in one pass per
-/// channel (`BatchNormPlanOptions::channel_pass`), plain and fused with dropout (`DROPOUT`).
-pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["batch_norm_channel_forward"];
-
-/// Storage buffers the one-pass-per-channel forward binds (with the dropout's generator state).
-const CHANNEL_STORAGE_BINDINGS: u32 = 10;
 
 /// `batch_norm_normalize`'s override flags: the fused dropout, and S % 4 == 0 with S ≥ 4·run (see
 /// `normalize_run` in the shader).
@@ -290,16 +284,8 @@ pub struct BatchNormKernel {
     /// running var, num_batches_tracked (read-write) and the generator state, each distinct.
     placeholders: [wgpu::Buffer; 6],
     /// The one-pass-per-channel forward (`batch_norm_channel_forward` by `DROPOUT`, vec4 variant): built
-    /// where [`channel_pass_possible`].
+    /// where `cpu::batch_norm_channel_forward` allows.
     channel: Option<Pipelines>,
-}
-
-/// Whether `device` can run the one-pass-per-channel forward for `storage`: the subgroup
-/// passes' conditions (`cpu_subgroup_passes`; a GPU would need more than C workgroups of 8)
-/// and 10 storage buffers per stage.
-fn channel_pass_possible(device: &wgpu::Device, storage: Storage) -> bool {
-    crate::kernels::cpu_subgroup_passes(device, storage)
-        && device.limits().max_storage_buffers_per_shader_stage >= CHANNEL_STORAGE_BINDINGS
 }
 
 /// Whether a plan with `options` takes the one-pass-per-channel pass (forward or backward, by
@@ -348,13 +334,7 @@ impl Kernel for BatchNormKernel {
             pipelines,
             pipelines_vec4: vec4_module(device, "batch_norm/forward.wgsl", storage).map(|m| per_range(&m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
-            channel: channel_pass_possible(device, storage).then(|| {
-                let module =
-                    crate::kernels::shader_module(device, "cpu/batch_norm/forward_channel.wgsl", storage, true);
-                let mut p = Pipelines::default();
-                p.add_all(device, &module, "batch_norm_channel_forward", &["DROPOUT"]);
-                p
-            }),
+            channel: crate::kernels::cpu::batch_norm_channel_forward(device, storage),
         }
     }
 }

@@ -52,11 +52,6 @@ use crate::kernels::{
 const OP: &str = "batch_norm backward";
 const WORKGROUP: u64 = 256;
 
-/// Entry points in `shaders/cpu/batch_norm/backward_channel.wgsl`: the backward with batch
-/// statistics in one pass per channel ([`BatchNormBackwardPlanOptions::channel_pass`]),
-/// specialised by `DROPOUT` and `ACCUMULATE`.
-pub(crate) const CHANNEL_ENTRY_POINTS: &[&str] = &["batch_norm_backward_channel"];
-
 /// Geometry overrides for a BatchNorm backward plan ([`BatchNormBackwardKernel::plan_with_options`]).
 /// `Default` leaves every choice to the device's policy; results agree within rounding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -178,19 +173,7 @@ impl Kernel for BatchNormBackwardKernel {
             pipelines: Self::build_pipelines(device, &module, true),
             pipelines_vec4: vec4.as_ref().map(|m| Self::build_pipelines(device, m, false)),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
-            // Binds at most 8 storage buffers: no limit beyond the subgroup passes' own.
-            channel: crate::kernels::cpu_subgroup_passes(device, storage).then(|| {
-                let module =
-                    crate::kernels::shader_module(device, "cpu/batch_norm/backward_channel.wgsl", storage, true);
-                let mut p = Pipelines::default();
-                p.add_all(
-                    device,
-                    &module,
-                    "batch_norm_backward_channel",
-                    &["DROPOUT", "ACCUMULATE"],
-                );
-                p
-            }),
+            channel: crate::kernels::cpu::batch_norm_channel_backward(device, storage),
         }
     }
 }

@@ -4,11 +4,11 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
+use crate::kernels::cpu::{SG_LANES, SG_TRIPLES};
 use crate::kernels::dropout::{check_rng, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, bind_ranges, binding, binding_at, binding_or, check_distinct, cpu_subgroup_passes, fold_workgroups,
-    optional_pass, placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, Flag,
-    Pipelines, Storage, SG_LANES,
+    bind_group, bind_ranges, binding, binding_at, binding_or, check_distinct, fold_workgroups, optional_pass,
+    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, Flag, Pipelines, Storage,
 };
 
 const OP: &str = "layer_norm";
@@ -21,19 +21,6 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "layer_norm_block_forward",
     "layer_norm_block_residual_dropout_forward",
 ];
-
-/// Entry points in `shaders/cpu/layer_norm/forward_rows.wgsl` (the row-per-subgroup forward),
-/// by `DROPOUT` and `TRIPLES` (one of [`SG_TRIPLES`]); the residual block's is
-/// [`SUBGROUP_RESIDUAL_ENTRY_POINTS`].
-pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &["layer_norm_subgroup_rows_forward"];
-
-/// Entry points in `shaders/cpu/layer_norm/residual_forward_rows.wgsl`: the residual block's
-/// row-per-subgroup forward, by `TRIPLES`.
-pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &["layer_norm_subgroup_rows_residual_dropout_forward"];
-
-/// Triples of column quads per lane the row-per-subgroup pipelines keep in registers (their
-/// `TRIPLES` override): a row fits when ⌈W/4 / subgroup size⌉ ≤ 3·T.
-pub(crate) const SG_TRIPLES: [u32; 3] = [2, 4, 8];
 
 /// Rows per workgroup of the row-block path (one lane per row): `BLOCK` in the shaders.
 pub(crate) const BLOCK_ROWS: u64 = 64;
@@ -302,23 +289,6 @@ fn forward_entry(fusion: LayerNormFusion, blocks: bool) -> (&'static str, Vec<Fl
     }
 }
 
-/// The row-per-subgroup entry point and flags for `fusion` with `triples` quads per lane.
-fn subgroup_entry(fusion: LayerNormFusion, triples: u32) -> (&'static str, Vec<Flag>) {
-    match fusion {
-        LayerNormFusion::ResidualDropout(_) => (
-            "layer_norm_subgroup_rows_residual_dropout_forward",
-            vec![("TRIPLES", triples)],
-        ),
-        _ => (
-            "layer_norm_subgroup_rows_forward",
-            vec![
-                ("DROPOUT", matches!(fusion, LayerNormFusion::Dropout(_)).into()),
-                ("TRIPLES", triples),
-            ],
-        ),
-    }
-}
-
 impl Kernel for LayerNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let passes = |module: &wgpu::ShaderModule| {
@@ -342,25 +312,7 @@ impl Kernel for LayerNormKernel {
             passes: passes(&module),
             vec4: vec4_module(device, "layer_norm/forward.wgsl", storage).map(|m| passes(&m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
-            subgroup: cpu_subgroup_passes(device, storage).then(|| {
-                let mut p = Pipelines::default();
-                let module = crate::kernels::shader_module(device, "cpu/layer_norm/forward_rows.wgsl", storage, true);
-                let triples = [("DROPOUT", &[0, 1][..]), ("TRIPLES", &SG_TRIPLES[..])];
-                p.add_choices(device, &module, "layer_norm_subgroup_rows_forward", &triples, |_| true);
-                if residual_fits(device) {
-                    let file = "cpu/layer_norm/residual_forward_rows.wgsl";
-                    let module = crate::kernels::shader_module(device, file, storage, true);
-                    let triples = [("TRIPLES", &SG_TRIPLES[..])];
-                    p.add_choices(
-                        device,
-                        &module,
-                        "layer_norm_subgroup_rows_residual_dropout_forward",
-                        &triples,
-                        |_| true,
-                    );
-                }
-                p
-            }),
+            subgroup: crate::kernels::cpu::layer_norm_rows_forward(device, storage),
         }
     }
 }
@@ -483,7 +435,7 @@ impl LayerNormKernel {
             flags |= FLAG_BIAS;
         }
         let subgroup_possible = self.subgroup.as_ref().is_some_and(|sg| {
-            let (entry, flags) = subgroup_entry(fusion, SG_TRIPLES[0]);
+            let (entry, flags) = crate::kernels::cpu::layer_norm_rows_forward_entry(fusion, SG_TRIPLES[0]);
             sg.has(entry, &flags)
         });
         let path = row_path(lanes, subgroup_possible, width, options.subgroup_rows)?;
@@ -715,7 +667,10 @@ impl LayerNormPlan {
                 .path
                 .for_range(k.vec4.as_ref().is_some_and(|v| std::ptr::eq(passes, v)));
             let (passes, (entry, flags)) = match (path, &k.subgroup) {
-                (RowPath::SubgroupRows { triples }, Some(sg)) => (sg, subgroup_entry(self.fusion, triples)),
+                (RowPath::SubgroupRows { triples }, Some(sg)) => (
+                    sg,
+                    crate::kernels::cpu::layer_norm_rows_forward_entry(self.fusion, triples),
+                ),
                 _ => (passes, forward_entry(self.fusion, path.blocks())),
             };
             // Absent only for the residual pass on a device below its binding count, which plan

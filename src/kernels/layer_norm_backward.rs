@@ -19,10 +19,10 @@ use wgpu::util::DeviceExt;
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::grad::Accumulate;
+use crate::kernels::cpu::SG_TRIPLES;
 use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{
     residual_fits, residual_limit, row_path, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, RowPath,
-    SG_TRIPLES,
 };
 use crate::kernels::{
     bind_group, bind_ranges, binding, binding_at, binding_or, check_distinct, fold_workgroups, placeholder, record,
@@ -49,14 +49,6 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "layer_norm_backward_block_dx",
     "layer_norm_backward_block_residual_dx",
 ];
-
-/// Entry points in `shaders/cpu/layer_norm/backward_rows.wgsl` (the row-per-subgroup dx pass),
-/// by `DROPOUT`, `ACCUMULATE` and `TRIPLES` (one of [`SG_TRIPLES`]).
-pub(crate) const SUBGROUP_ENTRY_POINTS: &[&str] = &["layer_norm_backward_subgroup_rows_dx"];
-
-/// Entry points in `shaders/cpu/layer_norm/residual_backward_rows.wgsl`: the residual block's
-/// row-per-subgroup dx pass, by `ACCUMULATE` and `TRIPLES`.
-pub(crate) const SUBGROUP_RESIDUAL_ENTRY_POINTS: &[&str] = &["layer_norm_backward_subgroup_rows_residual_dx"];
 
 const FLAG_WEIGHT: u32 = 1;
 const FLAG_BIAS: u32 = 2;
@@ -115,20 +107,6 @@ fn dx_entry(blocks: bool, residual: bool, drop_dy: bool, accumulate: bool) -> (&
     }
 }
 
-/// The row-per-subgroup dx pass's entry point and flags (as [`dx_entry`], `triples` quads per
-/// lane).
-fn subgroup_dx_entry(residual: bool, drop_dy: bool, accumulate: bool, triples: u32) -> (&'static str, Vec<Flag>) {
-    let (acc, t) = (("ACCUMULATE", accumulate.into()), ("TRIPLES", triples));
-    if residual {
-        ("layer_norm_backward_subgroup_rows_residual_dx", vec![acc, t])
-    } else {
-        (
-            "layer_norm_backward_subgroup_rows_dx",
-            vec![("DROPOUT", drop_dy.into()), acc, t],
-        )
-    }
-}
-
 impl Kernel for LayerNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let per_range = |module: &wgpu::ShaderModule| {
@@ -157,32 +135,7 @@ impl Kernel for LayerNormBackwardKernel {
             passes,
             vec4: vec4_module(device, "layer_norm/backward.wgsl", storage).map(|m| per_range(&m)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
-            subgroup: crate::kernels::cpu_subgroup_passes(device, storage).then(|| {
-                let mut p = Pipelines::default();
-                let (flag, triples) = (&[0, 1][..], &SG_TRIPLES[..]);
-                let module = crate::kernels::shader_module(device, "cpu/layer_norm/backward_rows.wgsl", storage, true);
-                let choices = [("DROPOUT", flag), ("ACCUMULATE", flag), ("TRIPLES", triples)];
-                p.add_choices(
-                    device,
-                    &module,
-                    "layer_norm_backward_subgroup_rows_dx",
-                    &choices,
-                    |_| true,
-                );
-                if residual_fits(device) {
-                    let file = "cpu/layer_norm/residual_backward_rows.wgsl";
-                    let module = crate::kernels::shader_module(device, file, storage, true);
-                    let choices = [("ACCUMULATE", flag), ("TRIPLES", triples)];
-                    p.add_choices(
-                        device,
-                        &module,
-                        "layer_norm_backward_subgroup_rows_residual_dx",
-                        &choices,
-                        |_| true,
-                    );
-                }
-                p
-            }),
+            subgroup: crate::kernels::cpu::layer_norm_rows_backward(device, storage),
         }
     }
 }
@@ -232,7 +185,8 @@ impl LayerNormBackwardKernel {
         }
         let subgroup_possible = self.subgroup.as_ref().is_some_and(|sg| {
             let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
-            let (entry, flags) = subgroup_dx_entry(residual, false, false, SG_TRIPLES[0]);
+            let (entry, flags) =
+                crate::kernels::cpu::layer_norm_rows_backward_entry(residual, false, false, SG_TRIPLES[0]);
             sg.has(entry, &flags)
         });
         let path = row_path(lanes, subgroup_possible, width, options.subgroup_rows)?;
@@ -535,9 +489,10 @@ impl LayerNormBackwardPlan {
                 .path
                 .for_range(k.vec4.as_ref().is_some_and(|v| std::ptr::eq(passes, v)));
             let (dx_set, (entry, flags)) = match (path, &k.subgroup) {
-                (RowPath::SubgroupRows { triples }, Some(sg)) => {
-                    (sg, subgroup_dx_entry(residual, drop_dy, accumulate.dx, triples))
-                }
+                (RowPath::SubgroupRows { triples }, Some(sg)) => (
+                    sg,
+                    crate::kernels::cpu::layer_norm_rows_backward_entry(residual, drop_dy, accumulate.dx, triples),
+                ),
                 _ => (passes, dx_entry(path.blocks(), residual, drop_dy, accumulate.dx)),
             };
             // The residual pipelines are absent only on a device below their binding count,

@@ -42,6 +42,7 @@ macro_rules! storage_constructors {
 pub(crate) mod batch_norm;
 pub(crate) mod batch_norm_backward;
 pub(crate) mod copy;
+pub(crate) mod cpu;
 pub(crate) mod dropout;
 pub(crate) mod layer_norm;
 pub(crate) mod layer_norm_backward;
@@ -127,27 +128,21 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
     let files: [(&'static str, &'static [&'static str]); 13] = [
         ("batch_norm/forward.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm/backward.wgsl", batch_norm_backward::ENTRY_POINTS),
-        ("cpu/batch_norm/forward_channel.wgsl", batch_norm::CHANNEL_ENTRY_POINTS),
-        (
-            "cpu/batch_norm/backward_channel.wgsl",
-            batch_norm_backward::CHANNEL_ENTRY_POINTS,
-        ),
+        ("cpu/batch_norm/forward_channel.wgsl", cpu::BATCH_NORM_CHANNEL_FORWARD),
+        ("cpu/batch_norm/backward_channel.wgsl", cpu::BATCH_NORM_CHANNEL_BACKWARD),
         ("copy/copy.wgsl", copy::ENTRY_POINTS),
         ("dropout/dropout.wgsl", dropout::ENTRY_POINTS),
         ("layer_norm/forward.wgsl", layer_norm::ENTRY_POINTS),
         ("layer_norm/backward.wgsl", layer_norm_backward::ENTRY_POINTS),
-        ("cpu/layer_norm/forward_rows.wgsl", layer_norm::SUBGROUP_ENTRY_POINTS),
+        ("cpu/layer_norm/forward_rows.wgsl", cpu::LAYER_NORM_ROWS_FORWARD),
         (
             "cpu/layer_norm/residual_forward_rows.wgsl",
-            layer_norm::SUBGROUP_RESIDUAL_ENTRY_POINTS,
+            cpu::LAYER_NORM_ROWS_RESIDUAL_FORWARD,
         ),
-        (
-            "cpu/layer_norm/backward_rows.wgsl",
-            layer_norm_backward::SUBGROUP_ENTRY_POINTS,
-        ),
+        ("cpu/layer_norm/backward_rows.wgsl", cpu::LAYER_NORM_ROWS_BACKWARD),
         (
             "cpu/layer_norm/residual_backward_rows.wgsl",
-            layer_norm_backward::SUBGROUP_RESIDUAL_ENTRY_POINTS,
+            cpu::LAYER_NORM_ROWS_RESIDUAL_BACKWARD,
         ),
         ("sgd/sgd.wgsl", sgd::ENTRY_POINTS),
     ];
@@ -455,22 +450,6 @@ impl FastDiv {
 /// about one worker per core): the available parallelism, at least 1.
 pub fn host_threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
-}
-
-/// Invocations of the subgroup passes' workgroups (`LANES` in their shaders): one subgroup
-/// wherever the adapter's smallest subgroup has at least this many.
-pub(crate) const SG_LANES: u32 = 8;
-
-/// Whether `device` can run the CPU-adapter subgroup passes (LayerNorm's row per subgroup,
-/// BatchNorm's one pass per channel) for `storage`: a CPU adapter (where they pay; GPUs keep
-/// their own geometries) with `SUBGROUP` whose smallest subgroup has at least [`SG_LANES`]
-/// lanes, and f32 activations (the passes bind only the vec4 variant).
-pub(crate) fn cpu_subgroup_passes(device: &wgpu::Device, storage: Storage) -> bool {
-    let info = device.adapter_info();
-    storage == Storage::F32
-        && info.device_type == wgpu::DeviceType::Cpu
-        && device.features().contains(wgpu::Features::SUBGROUP)
-        && info.subgroup_min_size >= SG_LANES
 }
 
 /// Whether a plan takes an optional faster pass: never with `wanted == Some(false)`; where it is

@@ -1,0 +1,166 @@
+//! The passes built only on CPU adapters (lavapipe): the host side of `shaders/cpu/`.
+//!
+//! A CPU driver runs a subgroup as one SIMD thread, pays a fixed cost per dispatch and loads
+//! memory lane by lane (docs/cpu-drivers.md), so on CPU adapters with `SUBGROUP`:
+//!
+//! - BatchNorm's training forward and its batch-statistics backward run as one dispatch, a
+//!   subgroup per channel (`shaders/cpu/batch_norm/`);
+//! - LayerNorm's row-block plans hold a row per subgroup in registers
+//!   (`shaders/cpu/layer_norm/`).
+//!
+//! Each function here builds a kernel's CPU-only pipelines, or returns `None` where the device
+//! cannot run them; the kernels keep the result beside their GPU pipelines, and a plan takes a
+//! CPU pass only through its path choice. Removing this module, `shaders/cpu/` and the
+//! `Some(...)` arms that use them leaves every GPU path as it is.
+
+use crate::kernels::layer_norm::{residual_fits, LayerNormFusion};
+use crate::kernels::{shader_module, Flag, Pipelines, Storage};
+
+/// Invocations of the subgroup passes' workgroups (`LANES` in their shaders): one subgroup
+/// wherever the adapter's smallest subgroup has at least this many.
+pub(crate) const SG_LANES: u32 = 8;
+
+/// Triples of column quads per lane the row-per-subgroup pipelines keep in registers (their
+/// `TRIPLES` override): a row fits when ⌈W/4 / subgroup size⌉ ≤ 3·T.
+pub(crate) const SG_TRIPLES: [u32; 3] = [2, 4, 8];
+
+/// Storage buffers the one-pass-per-channel BatchNorm forward binds (with the dropout's
+/// generator state).
+const CHANNEL_STORAGE_BINDINGS: u32 = 10;
+
+/// Entry points in `shaders/cpu/batch_norm/forward_channel.wgsl`: the training forward in one
+/// pass per channel (`BatchNormPlanOptions::channel_pass`), fused with dropout by `DROPOUT`.
+pub(crate) const BATCH_NORM_CHANNEL_FORWARD: &[&str] = &["batch_norm_channel_forward"];
+
+/// Entry points in `shaders/cpu/batch_norm/backward_channel.wgsl`: the backward with batch
+/// statistics in one pass per channel (`BatchNormBackwardPlanOptions::channel_pass`), by
+/// `DROPOUT` and `ACCUMULATE`.
+pub(crate) const BATCH_NORM_CHANNEL_BACKWARD: &[&str] = &["batch_norm_backward_channel"];
+
+/// Entry points in `shaders/cpu/layer_norm/forward_rows.wgsl` (the row-per-subgroup forward),
+/// by `DROPOUT` and `TRIPLES` (one of [`SG_TRIPLES`]).
+pub(crate) const LAYER_NORM_ROWS_FORWARD: &[&str] = &["layer_norm_subgroup_rows_forward"];
+
+/// Entry points in `shaders/cpu/layer_norm/residual_forward_rows.wgsl`: the residual block's
+/// row-per-subgroup forward, by `TRIPLES`.
+pub(crate) const LAYER_NORM_ROWS_RESIDUAL_FORWARD: &[&str] = &["layer_norm_subgroup_rows_residual_dropout_forward"];
+
+/// Entry points in `shaders/cpu/layer_norm/backward_rows.wgsl` (the row-per-subgroup dx pass),
+/// by `DROPOUT`, `ACCUMULATE` and `TRIPLES`.
+pub(crate) const LAYER_NORM_ROWS_BACKWARD: &[&str] = &["layer_norm_backward_subgroup_rows_dx"];
+
+/// Entry points in `shaders/cpu/layer_norm/residual_backward_rows.wgsl`: the residual block's
+/// row-per-subgroup dx pass, by `ACCUMULATE` and `TRIPLES`.
+pub(crate) const LAYER_NORM_ROWS_RESIDUAL_BACKWARD: &[&str] = &["layer_norm_backward_subgroup_rows_residual_dx"];
+
+/// Whether `device` can run the CPU-adapter subgroup passes for `storage`: a CPU adapter (where
+/// they pay; GPUs keep their own geometries) with `SUBGROUP` whose smallest subgroup has at
+/// least [`SG_LANES`] lanes, and f32 activations (the passes bind only the vec4 variant).
+pub(crate) fn cpu_subgroup_passes(device: &wgpu::Device, storage: Storage) -> bool {
+    let info = device.adapter_info();
+    storage == Storage::F32
+        && info.device_type == wgpu::DeviceType::Cpu
+        && device.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size >= SG_LANES
+}
+
+const ON_OFF: &[u32] = &[0, 1];
+
+/// BatchNorm's one-pass-per-channel training forward: where the subgroup passes run (a GPU
+/// would need more than C workgroups of 8) and 10 storage buffers per stage fit.
+pub(crate) fn batch_norm_channel_forward(device: &wgpu::Device, storage: Storage) -> Option<Pipelines> {
+    let fits = device.limits().max_storage_buffers_per_shader_stage >= CHANNEL_STORAGE_BINDINGS;
+    (cpu_subgroup_passes(device, storage) && fits).then(|| {
+        let module = shader_module(device, "cpu/batch_norm/forward_channel.wgsl", storage, true);
+        let mut p = Pipelines::default();
+        p.add_all(device, &module, BATCH_NORM_CHANNEL_FORWARD[0], &["DROPOUT"]);
+        p
+    })
+}
+
+/// BatchNorm's one-pass-per-channel backward with batch statistics (at most 8 storage buffers:
+/// no limit beyond the subgroup passes' own).
+pub(crate) fn batch_norm_channel_backward(device: &wgpu::Device, storage: Storage) -> Option<Pipelines> {
+    cpu_subgroup_passes(device, storage).then(|| {
+        let module = shader_module(device, "cpu/batch_norm/backward_channel.wgsl", storage, true);
+        let mut p = Pipelines::default();
+        p.add_all(
+            device,
+            &module,
+            BATCH_NORM_CHANNEL_BACKWARD[0],
+            &["DROPOUT", "ACCUMULATE"],
+        );
+        p
+    })
+}
+
+/// LayerNorm's row-per-subgroup forward for every [`SG_TRIPLES`]; the residual block's only
+/// where its 9 storage buffers fit.
+pub(crate) fn layer_norm_rows_forward(device: &wgpu::Device, storage: Storage) -> Option<Pipelines> {
+    cpu_subgroup_passes(device, storage).then(|| {
+        let mut p = Pipelines::default();
+        let module = shader_module(device, "cpu/layer_norm/forward_rows.wgsl", storage, true);
+        let choices = [("DROPOUT", ON_OFF), ("TRIPLES", &SG_TRIPLES[..])];
+        p.add_choices(device, &module, LAYER_NORM_ROWS_FORWARD[0], &choices, |_| true);
+        if residual_fits(device) {
+            let module = shader_module(device, "cpu/layer_norm/residual_forward_rows.wgsl", storage, true);
+            let choices = [("TRIPLES", &SG_TRIPLES[..])];
+            p.add_choices(device, &module, LAYER_NORM_ROWS_RESIDUAL_FORWARD[0], &choices, |_| true);
+        }
+        p
+    })
+}
+
+/// The row-per-subgroup forward's entry point and constants for `fusion` with `triples` quads
+/// per lane.
+pub(crate) fn layer_norm_rows_forward_entry(fusion: LayerNormFusion, triples: u32) -> (&'static str, Vec<Flag>) {
+    match fusion {
+        LayerNormFusion::ResidualDropout(_) => (LAYER_NORM_ROWS_RESIDUAL_FORWARD[0], vec![("TRIPLES", triples)]),
+        _ => (
+            LAYER_NORM_ROWS_FORWARD[0],
+            vec![
+                ("DROPOUT", matches!(fusion, LayerNormFusion::Dropout(_)).into()),
+                ("TRIPLES", triples),
+            ],
+        ),
+    }
+}
+
+/// LayerNorm's row-per-subgroup backward dx pass for every [`SG_TRIPLES`]; the residual
+/// block's only where its 9 storage buffers fit.
+pub(crate) fn layer_norm_rows_backward(device: &wgpu::Device, storage: Storage) -> Option<Pipelines> {
+    cpu_subgroup_passes(device, storage).then(|| {
+        let mut p = Pipelines::default();
+        let module = shader_module(device, "cpu/layer_norm/backward_rows.wgsl", storage, true);
+        let choices = [
+            ("DROPOUT", ON_OFF),
+            ("ACCUMULATE", ON_OFF),
+            ("TRIPLES", &SG_TRIPLES[..]),
+        ];
+        p.add_choices(device, &module, LAYER_NORM_ROWS_BACKWARD[0], &choices, |_| true);
+        if residual_fits(device) {
+            let module = shader_module(device, "cpu/layer_norm/residual_backward_rows.wgsl", storage, true);
+            let choices = [("ACCUMULATE", ON_OFF), ("TRIPLES", &SG_TRIPLES[..])];
+            p.add_choices(device, &module, LAYER_NORM_ROWS_RESIDUAL_BACKWARD[0], &choices, |_| {
+                true
+            });
+        }
+        p
+    })
+}
+
+/// The row-per-subgroup dx pass's entry point and constants: the residual block's or not, with
+/// the dropout's mask on dy (`drop_dy`), adding to dx or not, `triples` quads per lane.
+pub(crate) fn layer_norm_rows_backward_entry(
+    residual: bool,
+    drop_dy: bool,
+    accumulate: bool,
+    triples: u32,
+) -> (&'static str, Vec<Flag>) {
+    let (acc, t) = (("ACCUMULATE", accumulate.into()), ("TRIPLES", triples));
+    if residual {
+        (LAYER_NORM_ROWS_RESIDUAL_BACKWARD[0], vec![acc, t])
+    } else {
+        (LAYER_NORM_ROWS_BACKWARD[0], vec![("DROPOUT", drop_dy.into()), acc, t])
+    }
+}
