@@ -152,6 +152,8 @@ pub fn expand_variant(
         out.push_str(&text);
         seen.push(name);
     }
+    // Activations may be declared by an included file (a pass family's shared bindings).
+    let activations = has_activations(&out);
     let out = expand_unrolls(&out)?;
     let mut lines = Vec::new();
     for (n, line) in out.lines().enumerate() {
@@ -166,7 +168,7 @@ pub fn expand_variant(
     }
     let mut text = lines.join("\n");
     text.push('\n');
-    if has_activations(source) {
+    if activations {
         // `to_storage(v)`: v rounded as storing it in an activation tensor would round it.
         // `PAIR_STORES`: whether writing both halves of a word with `st2_*` pays (packed f16:
         // one store instead of four atomics); elsewhere kernels keep their per-element stores.
@@ -241,7 +243,7 @@ fn expand_unrolls(source: &str) -> Result<String, String> {
 /// to this file; and the vec4 f32 variant where the file has one. build.rs validates each, the
 /// portability test translates each.
 pub fn variants_of(raw: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Variant> {
-    let storages: &[Storage] = if has_activations(raw) {
+    let storages: &[Storage] = if has_activations(&with_includes(raw, lookup)) {
         &Storage::ALL
     } else {
         &[Storage::F32]
@@ -278,6 +280,24 @@ pub fn variants_of(raw: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Va
                 }
             }
         }
+    }
+    out
+}
+
+/// `source` with the text of every file it includes, directly or not (no alternatives).
+fn with_includes(source: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut out = source.to_string();
+    let mut seen: Vec<String> = Vec::new();
+    let mut pending = directives(source);
+    while let Some(name) = pending.pop() {
+        if seen.contains(&name) {
+            continue;
+        }
+        if let Some(text) = lookup(&name) {
+            pending.extend(directives(&text));
+            out.push_str(&text);
+        }
+        seen.push(name);
     }
     out
 }

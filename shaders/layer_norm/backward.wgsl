@@ -33,6 +33,7 @@
 // #include "layer_norm/rows.wgsl"
 // #include "layer_norm/backward_params.wgsl"
 // #include "layer_norm/residual_emit.wgsl"
+// #include "cpu/layer_norm/columns.wgsl"
 // #vec4-variant
 
 const WG: u32 = 256u;
@@ -398,7 +399,6 @@ fn residual_dx(at: Slot, lid: u32, accumulate: bool) {
 // sums the columns' dγ, dβ partials, reading γ once per column instead of once per element. x and dy are read from memory once and dx
 // written once, the minimum; the mask is drawn once per element unless accumulating with
 // LayerNorm → dropout.
-const BLOCK: u32 = 64u;
 
 // Per row of the block: (K, mean − K, rstd, mean(g)) and mean(g·x̂), the coefficients of dh_of.
 var<workgroup> block_coef: array<vec4<f32>, BLOCK>;

@@ -1,9 +1,7 @@
 // include-only: validated as part of the shaders that include it.
 // Row geometry shared by the LayerNorm passes (layer_norm/forward.wgsl, layer_norm/backward.wgsl): which
 // row and lane an invocation works on, and how a row lies over the dropout mask's quads. The
-// including shader declares `const WG` (256), `const REGS` (16), `const
-// BLOCK` (64, the row-block paths' rows per workgroup), and a
-// uniform `p` with rows, width, lanes, row_base, drop_threshold, drop_flags and drop_scale.
+// including shader declares `const WG` (256), `const REGS` (16) and a uniform `p` with rows, width, lanes, row_base, drop_threshold, drop_flags and drop_scale.
 
 // #include "lib/philox.wgsl"
 
@@ -75,45 +73,6 @@ fn quad_factors(state: vec4<u32>, r: Row, k: u32, drop: bool) -> vec4<f32> {
         return drop4(state, r.q0 + k);
     }
     return vec4<f32>(1.0);
-}
-
-// The row-block paths' column tiles (layer_norm/forward.wgsl, layer_norm/backward.wgsl; the includer
-// declares `const BLOCK`, the rows and invocations of a block): invocation `lid` takes the
-// column quads lid, lid + BLOCK, … (its slots), TILE at a time while every invocation has TILE
-// left, then one at a time.
-const TILE: u32 = 3u;
-
-// (full tiles of TILE, slots in all) of an invocation.
-fn tile_counts() -> vec2<u32> {
-    let quads = (p.width + 3u) / 4u;
-    return vec2<u32>(quads / BLOCK / TILE, (quads + BLOCK - 1u) / BLOCK);
-}
-
-// First column of slot s of invocation `lid`.
-fn slot_column(lid: u32, s: u32) -> u32 {
-    return 4u * (lid + BLOCK * s);
-}
-
-// First columns of slots s0, s0 + 1, s0 + 2 (the last two past the row outside full tiles).
-fn tile_columns(lid: u32, s0: u32) -> vec3<u32> {
-    return vec3<u32>(slot_column(lid, s0), slot_column(lid, s0 + 1u), slot_column(lid, s0 + 2u));
-}
-
-// Mask factors of the row-block paths' column tile at columns j (multiples of 4) of `row`
-// (local to the dispatch) in the vec4 variant, where rows start on quads: the three quads'
-// from three interleaved Philox calls, or j.x's alone (the others ones) unless `tile`. Ones
-// without `drop` (a literal at every call) and in the scalar variant, whose quads may span two
-// Philox groups and draw their own (drop_span).
-fn tile_masks(state: vec4<u32>, row: u32, j: vec3<u32>, tile: bool, drop: bool) -> Factors3 {
-    let ones = vec4<f32>(1.0);
-    if (!VEC4 || !drop) {
-        return Factors3(ones, ones, ones);
-    }
-    let q = (vec3<u32>((p.row_base + row) * p.width) + j) >> vec3<u32>(2u);
-    if (tile) {
-        return dropout_factors4x3(state, q, p.drop_threshold, p.drop_flags, p.drop_scale);
-    }
-    return Factors3(drop4(state, q.x), ones, ones);
 }
 
 // Dropout multipliers of the four consecutive elements from global flat index e: quad e/4,

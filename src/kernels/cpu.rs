@@ -8,6 +8,10 @@
 //! - LayerNorm's row-block plans hold a row per subgroup in registers
 //!   (`shaders/cpu/layer_norm/`).
 //!
+//! and on every CPU adapter LayerNorm takes one lane per row, the row-block path
+//! (`shaders/cpu/layer_norm/forward_blocks.wgsl`), which is built on every device because a plan
+//! may ask for it anywhere.
+//!
 //! Each function here builds a kernel's CPU-only pipelines, or returns `None` where the device
 //! cannot run them; the kernels keep the result beside their GPU pipelines, and a plan takes a
 //! CPU pass only through its path choice. Removing this module, `shaders/cpu/` and the
@@ -36,6 +40,11 @@ pub(crate) const BATCH_NORM_CHANNEL_FORWARD: &[&str] = &["batch_norm_channel_for
 /// statistics in one pass per channel (`BatchNormBackwardPlanOptions::channel_pass`), by
 /// `DROPOUT` and `ACCUMULATE`.
 pub(crate) const BATCH_NORM_CHANNEL_BACKWARD: &[&str] = &["batch_norm_backward_channel"];
+
+/// Entry points in `shaders/cpu/layer_norm/forward_blocks.wgsl` (the row-block forward, one
+/// lane per row): the plain one by `DROPOUT`, and the residual block's.
+pub(crate) const LAYER_NORM_BLOCKS_FORWARD: &[&str] =
+    &["layer_norm_block_forward", "layer_norm_block_residual_dropout_forward"];
 
 /// Entry points in `shaders/cpu/layer_norm/forward_rows.wgsl` (the row-per-subgroup forward),
 /// by `DROPOUT` and `TRIPLES` (one of [`SG_TRIPLES`]).
@@ -92,6 +101,18 @@ pub(crate) fn batch_norm_channel_backward(device: &wgpu::Device, storage: Storag
         );
         p
     })
+}
+
+/// Adds LayerNorm's row-block forward (`shaders/cpu/layer_norm/forward_blocks.wgsl`, scalar or
+/// `vec4`) to `p`, the residual block's only where its 9 storage buffers fit. Unlike the rest of
+/// this module it is built on every device: a plan may ask for one lane per row anywhere
+/// (`LayerNormPlanOptions::lanes`); only CPU adapters take it by default.
+pub(crate) fn add_layer_norm_blocks_forward(p: &mut Pipelines, device: &wgpu::Device, storage: Storage, vec4: bool) {
+    let module = shader_module(device, "cpu/layer_norm/forward_blocks.wgsl", storage, vec4);
+    p.add_all(device, &module, LAYER_NORM_BLOCKS_FORWARD[0], &["DROPOUT"]);
+    if residual_fits(device) {
+        p.add_all(device, &module, LAYER_NORM_BLOCKS_FORWARD[1], &[]);
+    }
 }
 
 /// LayerNorm's row-per-subgroup forward for every [`SG_TRIPLES`]; the residual block's only

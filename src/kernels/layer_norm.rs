@@ -15,12 +15,7 @@ const OP: &str = "layer_norm";
 
 /// Entry points in `shaders/layer_norm/forward.wgsl` that get a pipeline.
 /// `layer_norm_forward` and `layer_norm_block_forward` take the fused dropout as the `DROPOUT` override.
-pub(crate) const ENTRY_POINTS: &[&str] = &[
-    "layer_norm_forward",
-    "layer_norm_residual_dropout_forward",
-    "layer_norm_block_forward",
-    "layer_norm_block_residual_dropout_forward",
-];
+pub(crate) const ENTRY_POINTS: &[&str] = &["layer_norm_forward", "layer_norm_residual_dropout_forward"];
 
 /// Rows per workgroup of the row-block path (one lane per row): `BLOCK` in the shaders.
 pub(crate) const BLOCK_ROWS: u64 = 64;
@@ -291,26 +286,22 @@ fn forward_entry(fusion: LayerNormFusion, blocks: bool) -> (&'static str, Vec<Fl
 
 impl Kernel for LayerNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let passes = |module: &wgpu::ShaderModule| {
+        // The lane path's pipelines and, beside them, the row-block path's (CPU adapters' default,
+        // but built everywhere: a plan may ask for one lane per row on any device).
+        let passes = |module: &wgpu::ShaderModule, vec4: bool| {
             let mut p = Pipelines::default();
-            for entry in ["layer_norm_forward", "layer_norm_block_forward"] {
-                p.add_all(device, module, entry, &["DROPOUT"]);
-            }
+            p.add_all(device, module, "layer_norm_forward", &["DROPOUT"]);
             if residual_fits(device) {
-                for entry in [
-                    "layer_norm_residual_dropout_forward",
-                    "layer_norm_block_residual_dropout_forward",
-                ] {
-                    p.add_all(device, module, entry, &[]);
-                }
+                p.add_all(device, module, "layer_norm_residual_dropout_forward", &[]);
             }
+            crate::kernels::cpu::add_layer_norm_blocks_forward(&mut p, device, storage, vec4);
             p
         };
         let module = crate::kernels::shader_module(device, "layer_norm/forward.wgsl", storage, false);
         Self {
             storage,
-            passes: passes(&module),
-            vec4: vec4_module(device, "layer_norm/forward.wgsl", storage).map(|m| passes(&m)),
+            passes: passes(&module, false),
+            vec4: vec4_module(device, "layer_norm/forward.wgsl", storage).map(|m| passes(&m, true)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
             subgroup: crate::kernels::cpu::layer_norm_rows_forward(device, storage),
         }
