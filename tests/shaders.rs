@@ -137,14 +137,15 @@ fn translate_processed(
 #[test]
 fn every_shader_variant_translates_to_every_backend() {
     let variants = normdrop::kernels::shader_variants();
-    // The 12 op shaders in 3 storages, each with and without 64-bit Philox products; the 2
+    // The 13 op shaders in 3 storages, each with and without 64-bit Philox products; the 2
     // BatchNorm shaders also with and without subgroup operations; the vec4 f32 variants of all
-    // 12; copy and SGD in f32 only: 8 (dropout) + 16 + 16 + 2 × 8 (BatchNorm) + 7 × 8
-    // (LayerNorm: forward, backward, the row-block forward, four row-per-subgroup) + 2. (The two
+    // 13; copy and SGD in f32 only: 8 (dropout) + 16 + 16 + 2 × 8 (BatchNorm) + 8 × 8
+    // (LayerNorm: forward, backward, the row-block forward and backward, four row-per-subgroup)
+    // + 2. (The two
     // one-pass BatchNorm and the four LayerNorm subgroup shaders use subgroup operations in every
     // variant: no alternative include to switch, and kernels build them only on devices with
     // SUBGROUP.)
-    assert_eq!(variants.len(), 114);
+    assert_eq!(variants.len(), 122);
     let files = |pick: fn(&normdrop::kernels::ShaderVariant) -> bool| -> Vec<&str> {
         variants.iter().filter(|v| pick(v)).map(|v| v.file).collect()
     };
@@ -154,9 +155,9 @@ fn every_shader_variant_translates_to_every_backend() {
         .iter()
         .all(|f| *f == "batch_norm/forward.wgsl" || *f == "batch_norm/backward.wgsl"));
     let vec4_files = files(|v| v.variant.vec4);
-    assert_eq!(vec4_files.len(), 28, "{vec4_files:?}");
+    assert_eq!(vec4_files.len(), 30, "{vec4_files:?}");
     let int64_files = files(|v| v.variant.int64);
-    assert_eq!(int64_files.len(), 56, "{int64_files:?}");
+    assert_eq!(int64_files.len(), 60, "{int64_files:?}");
     assert!(!int64_files.contains(&"copy/copy.wgsl") && !int64_files.contains(&"sgd/sgd.wgsl"));
     assert!(variants
         .iter()

@@ -9,8 +9,8 @@
 //!   (`shaders/cpu/layer_norm/`).
 //!
 //! and on every CPU adapter LayerNorm takes one lane per row, the row-block path
-//! (`shaders/cpu/layer_norm/forward_blocks.wgsl`), which is built on every device because a plan
-//! may ask for it anywhere.
+//! (`shaders/cpu/layer_norm/forward_blocks.wgsl`, `backward_blocks.wgsl`), which is built on every
+//! device because a plan may ask for it anywhere.
 //!
 //! Each function here builds a kernel's CPU-only pipelines, or returns `None` where the device
 //! cannot run them; the kernels keep the result beside their GPU pipelines, and a plan takes a
@@ -45,6 +45,15 @@ pub(crate) const BATCH_NORM_CHANNEL_BACKWARD: &[&str] = &["batch_norm_backward_c
 /// lane per row): the plain one by `DROPOUT`, and the residual block's.
 pub(crate) const LAYER_NORM_BLOCKS_FORWARD: &[&str] =
     &["layer_norm_block_forward", "layer_norm_block_residual_dropout_forward"];
+
+/// Entry points in `shaders/cpu/layer_norm/backward_blocks.wgsl` (the row-block backward, one
+/// lane per row): the dx pass by `DROPOUT` and `ACCUMULATE`, the residual block's by
+/// `ACCUMULATE`, and the γ stage that fills the uniform copy of γ they read.
+pub(crate) const LAYER_NORM_BLOCKS_BACKWARD: &[&str] = &[
+    "layer_norm_backward_block_dx",
+    "layer_norm_backward_block_residual_dx",
+    "layer_norm_backward_gamma_stage",
+];
 
 /// Entry points in `shaders/cpu/layer_norm/forward_rows.wgsl` (the row-per-subgroup forward),
 /// by `DROPOUT` and `TRIPLES` (one of [`SG_TRIPLES`]).
@@ -112,6 +121,25 @@ pub(crate) fn add_layer_norm_blocks_forward(p: &mut Pipelines, device: &wgpu::De
     p.add_all(device, &module, LAYER_NORM_BLOCKS_FORWARD[0], &["DROPOUT"]);
     if residual_fits(device) {
         p.add_all(device, &module, LAYER_NORM_BLOCKS_FORWARD[1], &[]);
+    }
+}
+
+/// Adds LayerNorm's row-block backward (`shaders/cpu/layer_norm/backward_blocks.wgsl`, scalar
+/// or `vec4`; the γ stage from the scalar module) to `p`, the residual block's only where its 9
+/// storage buffers fit. Built on every device, as [`add_layer_norm_blocks_forward`].
+pub(crate) fn add_layer_norm_blocks_backward(p: &mut Pipelines, device: &wgpu::Device, storage: Storage, vec4: bool) {
+    let module = shader_module(device, "cpu/layer_norm/backward_blocks.wgsl", storage, vec4);
+    p.add_all(
+        device,
+        &module,
+        LAYER_NORM_BLOCKS_BACKWARD[0],
+        &["DROPOUT", "ACCUMULATE"],
+    );
+    if residual_fits(device) {
+        p.add_all(device, &module, LAYER_NORM_BLOCKS_BACKWARD[1], &["ACCUMULATE"]);
+    }
+    if !vec4 {
+        p.add_all(device, &module, LAYER_NORM_BLOCKS_BACKWARD[2], &[]);
     }
 }
 

@@ -45,9 +45,6 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "layer_norm_backward_residual_dx",
     "layer_norm_backward_params_partial",
     "layer_norm_backward_params_final",
-    "layer_norm_backward_gamma_stage",
-    "layer_norm_backward_block_dx",
-    "layer_norm_backward_block_residual_dx",
 ];
 
 const FLAG_WEIGHT: u32 = 1;
@@ -109,31 +106,26 @@ fn dx_entry(blocks: bool, residual: bool, drop_dy: bool, accumulate: bool) -> (&
 
 impl Kernel for LayerNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
-        let per_range = |module: &wgpu::ShaderModule| {
+        // The lane path's per-range pipelines and, beside them, the row-block path's (CPU
+        // adapters' default, but built everywhere: a plan may ask for one lane per row on any
+        // device).
+        let per_range = |module: &wgpu::ShaderModule, vec4: bool| {
             let mut p = Pipelines::default();
-            for entry in ["layer_norm_backward_dx", "layer_norm_backward_block_dx"] {
-                p.add_all(device, module, entry, &["DROPOUT", "ACCUMULATE"]);
-            }
+            p.add_all(device, module, "layer_norm_backward_dx", &["DROPOUT", "ACCUMULATE"]);
             p.add_all(device, module, "layer_norm_backward_params_partial", &["DROPOUT"]);
             if residual_fits(device) {
-                for entry in [
-                    "layer_norm_backward_residual_dx",
-                    "layer_norm_backward_block_residual_dx",
-                ] {
-                    p.add_all(device, module, entry, &["ACCUMULATE"]);
-                }
+                p.add_all(device, module, "layer_norm_backward_residual_dx", &["ACCUMULATE"]);
             }
+            crate::kernels::cpu::add_layer_norm_blocks_backward(&mut p, device, storage, vec4);
             p
         };
         let module = crate::kernels::shader_module(device, "layer_norm/backward.wgsl", storage, false);
-        let mut passes = per_range(&module);
-        for entry in ["layer_norm_backward_params_final", "layer_norm_backward_gamma_stage"] {
-            passes.add_all(device, &module, entry, &[]);
-        }
+        let mut passes = per_range(&module, false);
+        passes.add_all(device, &module, "layer_norm_backward_params_final", &[]);
         Self {
             storage,
             passes,
-            vec4: vec4_module(device, "layer_norm/backward.wgsl", storage).map(|m| per_range(&m)),
+            vec4: vec4_module(device, "layer_norm/backward.wgsl", storage).map(|m| per_range(&m, true)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
             subgroup: crate::kernels::cpu::layer_norm_rows_backward(device, storage),
         }

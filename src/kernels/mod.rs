@@ -125,7 +125,7 @@ pub struct ShaderVariant {
 /// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let files: [(&'static str, &'static [&'static str]); 14] = [
+    let files: [(&'static str, &'static [&'static str]); 15] = [
         ("batch_norm/forward.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm/backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("cpu/batch_norm/forward_channel.wgsl", cpu::BATCH_NORM_CHANNEL_FORWARD),
@@ -135,6 +135,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         ("layer_norm/forward.wgsl", layer_norm::ENTRY_POINTS),
         ("layer_norm/backward.wgsl", layer_norm_backward::ENTRY_POINTS),
         ("cpu/layer_norm/forward_blocks.wgsl", cpu::LAYER_NORM_BLOCKS_FORWARD),
+        ("cpu/layer_norm/backward_blocks.wgsl", cpu::LAYER_NORM_BLOCKS_BACKWARD),
         ("cpu/layer_norm/forward_rows.wgsl", cpu::LAYER_NORM_ROWS_FORWARD),
         (
             "cpu/layer_norm/residual_forward_rows.wgsl",
