@@ -288,8 +288,21 @@ pub struct BatchNormKernel {
     channel: Option<Pipelines>,
 }
 
-/// Whether a plan with `options` takes the one-pass-per-channel pass (forward or backward, by
-/// `what`) that `fits` its call: see [`BatchNormPlanOptions::channel_pass`]. By default only
+/// How a BatchNorm plan (forward or backward) runs a call with batch statistics. Chosen once, at
+/// plan creation, by [`channel_choice`]; `encode` records the chosen path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BatchNormPath {
+    /// Per-chunk statistics (or sums), a finalize per channel, then the element pass over every
+    /// sample range, with the plan's [`ReduceSplit`]: the GPU path.
+    ThreePass,
+    /// One dispatch per call, a subgroup per channel (CPU adapters, `shaders/cpu/batch_norm/`).
+    /// A call whose buffers do not bind as 16-byte vectors takes [`BatchNormPath::ThreePass`].
+    ChannelPass,
+}
+
+/// The one choice of a BatchNorm plan's path: the one-pass-per-channel pass (forward or
+/// backward, by `what`) where it `fits` the call and the options want it: see
+/// [`BatchNormPlanOptions::channel_pass`]. By default only
 /// without a `split` override (which names the three-pass geometry) and with two channels per
 /// host thread (C workgroups are the pass's only parallelism).
 pub(crate) fn channel_choice(
@@ -299,14 +312,19 @@ pub(crate) fn channel_choice(
     c: u64,
     what: &str,
     needs: &str,
-) -> Result<bool> {
+) -> Result<BatchNormPath> {
     let by_default = split.is_none() && c >= 2 * crate::kernels::host_threads() as u64;
-    crate::kernels::optional_pass(wanted, fits, by_default, || Error::Unsupported {
+    let channel = crate::kernels::optional_pass(wanted, fits, by_default, || Error::Unsupported {
         what: format!("the one-pass-per-channel BatchNorm {what}"),
         reason: format!(
             "it needs a CPU adapter with SUBGROUP of at least 8 lanes, f32 activations within one \
              storage binding, S % 4 == 0{needs}"
         ),
+    })?;
+    Ok(if channel {
+        BatchNormPath::ChannelPass
+    } else {
+        BatchNormPath::ThreePass
     })
 }
 
@@ -459,7 +477,7 @@ impl BatchNormKernel {
             && ranges.len() == 1
             && dims.s.is_multiple_of(4)
             && (config.momentum.is_some() || !config.track_running_stats);
-        let channel_pass = channel_choice(
+        let path = channel_choice(
             options.channel_pass,
             channel_fits,
             options.split,
@@ -495,7 +513,7 @@ impl BatchNormKernel {
             finalize_groups,
             eval_groups,
             aligned: runs_align(dims.s, run),
-            channel_pass,
+            path,
             channel_groups,
         })
     }
@@ -692,8 +710,8 @@ pub struct BatchNormPlan {
     /// S % 4 == 0 and S ≥ 4·run: the normalize pass takes its aligned entry points, where every
     /// quad lies in one channel and a run enters at most one next channel.
     aligned: bool,
-    /// With batch statistics, the one-pass-per-channel forward where the call binds as vectors.
-    channel_pass: bool,
+    /// How a call with batch statistics runs (see [`BatchNormPath`]).
+    path: BatchNormPath,
     channel_groups: (u32, u32),
 }
 
@@ -731,7 +749,7 @@ impl BatchNormPlan {
     /// Whether calls with batch statistics take the one-pass-per-channel forward (see
     /// [`BatchNormPlanOptions::channel_pass`]) where x and y bind as 16-byte vectors.
     pub fn channel_pass(&self) -> bool {
-        self.channel_pass
+        self.path == BatchNormPath::ChannelPass
     }
 
     /// Whether a call in this mode normalizes with batch statistics (training, or no running
@@ -856,7 +874,8 @@ impl BatchNormPlan {
             (Some(_), Some(rng)) => binding(rng, RNG_STATE_BYTES),
             _ => ph[5].as_entire_binding(),
         };
-        if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.ranges.as_slice()) {
+        let channel_pass = self.path == BatchNormPath::ChannelPass && batch_stats;
+        if let (Some(channel), true, [c]) = (&k.channel, channel_pass, self.ranges.as_slice()) {
             let (at, len) = range_bytes(c);
             if vec4_bindable(&[&b.x, &b.y], at, len) {
                 let pass = channel.get("batch_norm_channel_forward", &[("DROPOUT", drop.into())])?;

@@ -41,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::grad::Accumulate;
 use crate::kernels::batch_norm::{
     channel_choice, default_normalize_run, finalize_groups, reduce_groups, runs_align, sample_ranges, BatchNormConfig,
-    BnDims, ReduceSplit, SampleRange,
+    BatchNormPath, BnDims, ReduceSplit, SampleRange,
 };
 use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
@@ -231,7 +231,7 @@ impl BatchNormBackwardKernel {
         let partials_bytes = dims.c * parts * 16;
         limits.check_size(OP, "partial sums in bytes", partials_bytes)?;
         let channel_fits = self.channel.is_some() && ranges.len() == 1 && dims.s.is_multiple_of(4);
-        let channel_pass = channel_choice(
+        let path = channel_choice(
             options.channel_pass,
             channel_fits,
             options.split,
@@ -333,7 +333,7 @@ impl BatchNormBackwardKernel {
                 && self.storage == Storage::F32
                 && device.adapter_info().device_type == wgpu::DeviceType::Cpu,
             aligned: runs_align(dims.s, run),
-            channel_pass,
+            path,
             channel_groups: fold_workgroups(OP, dims.c, max)?,
         })
     }
@@ -394,8 +394,8 @@ pub struct BatchNormBackwardPlan {
     parks: bool,
     /// The dx pass takes its `_aligned` entry points ([`runs_align`] with the uniform's run).
     aligned: bool,
-    /// With batch statistics, the one-pass-per-channel backward where the call binds as vectors.
-    channel_pass: bool,
+    /// How a call with batch statistics runs (see [`BatchNormPath`]).
+    path: BatchNormPath,
     channel_groups: (u32, u32),
 }
 
@@ -403,7 +403,7 @@ impl BatchNormBackwardPlan {
     /// Whether calls with batch statistics take the one-pass-per-channel backward (see
     /// [`BatchNormBackwardPlanOptions::channel_pass`]) where x, dy and dx bind as 16-byte vectors.
     pub fn channel_pass(&self) -> bool {
-        self.channel_pass
+        self.path == BatchNormPath::ChannelPass
     }
 
     /// How the activations this plan reads and writes are stored (its kernel's storage).
@@ -522,7 +522,8 @@ impl BatchNormBackwardPlan {
             &[],
         )?;
         let weight = binding_or(affine, &b.weight, &ph[0], c_bytes);
-        if let (Some(channel), true, [c]) = (&k.channel, self.channel_pass && batch_stats, self.ranges.as_slice()) {
+        let channel_pass = self.path == BatchNormPath::ChannelPass && batch_stats;
+        if let (Some(channel), true, [c]) = (&k.channel, channel_pass, self.ranges.as_slice()) {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             if vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) {
                 let pass = channel.get(
