@@ -4,17 +4,17 @@
 //!
 //! A training step records, in one compute pass:
 //!
-//! | dispatch            | workgroups              | reads                    | writes                    |
-//! |---------------------|-------------------------|--------------------------|---------------------------|
-//! | `batch_norm_stats`          | C · chunks              | x                        | partials (mean, M2), +1 to num_batches_tracked (when tracking) |
-//! | `batch_norm_finalize`       | C                       | partials                 | save_mean/invstd, running |
-//! | `batch_norm_normalize`      | ⌈N·C·S / (1024·run)⌉    | x, centre (K, mean, γ, β)| y                         |
+//! | dispatch              | workgroups           | reads                     | writes                    |
+//! |-----------------------|----------------------|---------------------------|---------------------------|
+//! | `batch_norm_stats`    | C · chunks           | x                         | partials (mean, M2), +1 to num_batches_tracked (when tracking) |
+//! | `batch_norm_finalize` | C                    | partials                  | save_mean/invstd, running |
+//! | `batch_norm_normalize`| ⌈N·C·S / (1024·run)⌉ | x, centre (K, mean, γ, β) | y (× the mask with `DROPOUT`) |
 //!
 //! In eval mode with running statistics only `batch_norm_finalize_eval` and `batch_norm_normalize` run. `run`
 //! is [`BatchNormPlanOptions::normalize_run`] (quads of 4 elements per invocation).
 //!
 //! On CPU adapters with 8-lane subgroups a call with batch statistics is one dispatch instead,
-//! `batch_norm_channel_forward[_dropout]` (C workgroups of one subgroup each; see
+//! `batch_norm_channel_forward` (C workgroups of one subgroup each; `kernels::cpu`; see
 //! [`BatchNormPlanOptions::channel_pass`]).
 
 use crate::context::Kernel;
@@ -277,7 +277,8 @@ pub struct BatchNormKernel {
     /// Every entry point of `batch_norm/forward.wgsl` (`batch_norm_normalize` by `DROPOUT` and
     /// `ALIGNED`).
     pipelines: Pipelines,
-    /// `batch_norm_stats[_serial]` and `batch_norm_normalize` from the vec4 variant (f32 only), for ranges whose
+    /// `batch_norm_stats`, `batch_norm_stats_serial` and `batch_norm_normalize` from the vec4
+    /// variant (f32 only), for ranges whose
     /// x (and y) bind as whole 16-byte vectors (the stats pass also needs S % 4 == 0).
     pipelines_vec4: Option<Pipelines>,
     /// Stand-ins for bindings a configuration does not use: γ, β (read), running mean,

@@ -2,17 +2,23 @@
 //! [`LayerNormBackwardKernel`] and [`LayerNormBackwardPlan`]. See
 //! `shaders/layer_norm/backward.wgsl` for the formulas.
 //!
-//! | dispatch                        | workgroups                 | writes                      |
-//! |---------------------------------|----------------------------|-----------------------------|
-//! | `layer_norm_backward_dx[_dropout]` / `layer_norm_backward_residual_dx` | rows · lanes / 256  | dx (+ dresidual), row centre|
-//! | `layer_norm_backward_params_partial[_dropout]`  | ⌈W/1024⌉ · ⌈rows/64⌉       | per-block partial dγ, dβ    |
-//! | `layer_norm_backward_params_final`              | ⌈W/256⌉                    | dγ, dβ                      |
+//! | dispatch                              | workgroups             | writes                       |
+//! |---------------------------------------|------------------------|------------------------------|
+//! | `layer_norm_backward_dx`              | rows · lanes / 256     | dx, row centre               |
+//! | (`layer_norm_backward_residual_dx`)   |                        | (+ dresidual)                |
+//! | `layer_norm_backward_params_partial`  | ⌈W/1024⌉ · ⌈rows/64⌉   | per-block partial dγ, dβ     |
+//! | `layer_norm_backward_params_final`    | ⌈W/256⌉                | dγ, dβ                       |
 //!
-//! With one lane per row (the CPU-adapter default, [`crate::tuning::default_lanes`]) the
-//! first two rows are one pass, `layer_norm_backward_block_dx[_dropout]` / `layer_norm_backward_block_residual_dx`: ⌈rows/64⌉
-//! workgroups of 64 invocations write dx (+ dresidual) and the per-block partial dγ, dβ.
-//! Before it, with γ, `layer_norm_backward_gamma_stage` (⌈min(W, 4096)/256⌉ workgroups) copies γ into the plan's
-//! uniform buffer, which the pass's row phase reads instead of the storage binding.
+//! The dx and partial passes take the fused dropout as the `DROPOUT` override, the dx passes
+//! writing or adding to dx as `ACCUMULATE`.
+//!
+//! With one lane per row (the CPU-adapter default, [`crate::tuning::default_lanes`]) the first
+//! two rows are one pass from `shaders/cpu/layer_norm/backward_blocks.wgsl`,
+//! `layer_norm_backward_block_dx` (or `_block_residual_dx`): ⌈rows/64⌉ workgroups of 64
+//! invocations write dx (+ dresidual) and the per-block partial dγ, dβ. Before it, with γ,
+//! `layer_norm_backward_gamma_stage` (⌈min(W, 4096)/256⌉ workgroups) copies γ into the plan's
+//! uniform buffer, which the pass's row phase reads instead of the storage binding. On CPU
+//! adapters with `SUBGROUP` that pass is a row per subgroup instead (`kernels::cpu`).
 
 use wgpu::util::DeviceExt;
 

@@ -4,10 +4,10 @@
 // lane ℓ of a subgroup of `size` takes its row's quads ℓ, ℓ + size, ℓ + 2·size, … (neighbouring
 // lanes, neighbouring quads), held in registers in triples (the interleaved Philox calls'
 // grain) spelled out by the preprocessor's #unroll, because a private array indexed by a loop
-// counter is a per-lane gather and scatter on a CPU driver. An entry point keeps `triples` (a
-// literal in its name, `_T`) of the at most 8 triples the #unroll blocks spell out, so the
+// counter is a per-lane gather and scatter on a CPU driver. A pipeline keeps `triples` (its
+// TRIPLES override constant) of the at most 8 triples the #unroll blocks spell out, so the
 // driver drops the rest; the host picks the smallest T that holds ⌈W / 4 / size⌉ quads per
-// lane at the adapter's smallest subgroup size (SG_TRIPLES in src/kernels/layer_norm.rs). The
+// lane at the adapter's smallest subgroup size (SG_TRIPLES in src/kernels/cpu.rs). The
 // includer declares a uniform `p` with `flags` (bit 0: γ given) and `width`, and a `weight`
 // parameter binding.
 
