@@ -30,9 +30,7 @@ const OP: &str = "batch_norm";
 /// Entry points in `shaders/batch_norm/forward.wgsl` that get a pipeline.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "batch_norm_stats",
-    "batch_norm_stats_serial",
     "batch_norm_finalize",
-    "batch_norm_finalize_serial",
     "batch_norm_finalize_eval",
     "batch_norm_normalize",
 ];
@@ -332,26 +330,23 @@ pub(crate) fn channel_choice(
 impl Kernel for BatchNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
         let module = crate::kernels::shader_module(device, "batch_norm/forward.wgsl", storage, false);
-        let per_range = |module: &wgpu::ShaderModule| {
+        // The GPU passes and, beside them, the reductions with one invocation per chunk (CPU
+        // adapters' default split, but built everywhere: a plan may ask for either split).
+        let per_range = |module: &wgpu::ShaderModule, vec4: bool| {
             let mut p = Pipelines::default();
-            for entry in ["batch_norm_stats", "batch_norm_stats_serial"] {
-                p.add_all(device, module, entry, &[]);
-            }
+            p.add_all(device, module, "batch_norm_stats", &[]);
             p.add_all(device, module, "batch_norm_normalize", &NORMALIZE_FLAGS);
+            crate::kernels::cpu::add_batch_norm_serial_forward(&mut p, device, storage, vec4);
             p
         };
-        let mut pipelines = per_range(&module);
-        for entry in [
-            "batch_norm_finalize",
-            "batch_norm_finalize_serial",
-            "batch_norm_finalize_eval",
-        ] {
+        let mut pipelines = per_range(&module, false);
+        for entry in ["batch_norm_finalize", "batch_norm_finalize_eval"] {
             pipelines.add_all(device, &module, entry, &[]);
         }
         Self {
             storage,
             pipelines,
-            pipelines_vec4: vec4_module(device, "batch_norm/forward.wgsl", storage).map(|m| per_range(&m)),
+            pipelines_vec4: vec4_module(device, "batch_norm/forward.wgsl", storage).map(|m| per_range(&m, true)),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm placeholder")),
             channel: crate::kernels::cpu::batch_norm_channel_forward(device, storage),
         }

@@ -72,9 +72,7 @@ pub struct BatchNormBackwardPlanOptions {
 /// each specialised by the override flags `DROPOUT`, `EVAL`, `PARK` and `ACCUMULATE`.
 pub(crate) const ENTRY_POINTS: &[&str] = &[
     "batch_norm_backward_reduce",
-    "batch_norm_backward_reduce_serial",
     "batch_norm_backward_finalize",
-    "batch_norm_backward_finalize_serial",
     "batch_norm_backward_eval_coef",
     "batch_norm_backward_dx",
     "batch_norm_backward_dx_aligned",
@@ -130,19 +128,32 @@ pub struct BatchNormBackwardKernel {
 }
 
 /// The reduce's and the dx pass's flags, in the order their `wanted` predicates see them.
-const REDUCE_FLAGS: [&str; 3] = ["DROPOUT", "EVAL", "PARK"];
+pub(crate) const REDUCE_FLAGS: [&str; 3] = ["DROPOUT", "EVAL", "PARK"];
+
+/// The reduce's flag combinations a plan takes: parking only with a dropout, with batch
+/// statistics.
+pub(crate) fn reduce_wanted(f: &[bool]) -> bool {
+    !f[2] || (f[0] && !f[1])
+}
 const DX_FLAGS: [&str; 2] = ["DROPOUT", "PARK"];
 const DX_ALIGNED_FLAGS: [&str; 3] = ["DROPOUT", "PARK", "ACCUMULATE"];
 
 impl BatchNormBackwardKernel {
-    /// The reduce and dx pipelines of `module` (both splits; parking only with a dropout, in
-    /// the batch-statistics reduce, and in the dx pass that writes), plus the whole-call
-    /// passes (`finalize`, `eval_coef`) where `whole_call`.
-    fn build_pipelines(device: &wgpu::Device, module: &wgpu::ShaderModule, whole_call: bool) -> Pipelines {
+    /// The reduce and dx pipelines of `module` (the `vec4` variant or not; parking only with a
+    /// dropout, in the batch-statistics reduce, and in the dx pass that writes) and, beside
+    /// them, the one-invocation-per-chunk reduce (CPU adapters' default split, built everywhere:
+    /// a plan may ask for either split); outside the vec4 variant also the whole-call passes
+    /// (`finalize`, `eval_coef`).
+    fn build_pipelines(device: &wgpu::Device, module: &wgpu::ShaderModule, storage: Storage, vec4: bool) -> Pipelines {
         let mut p = Pipelines::default();
-        for entry in ["batch_norm_backward_reduce", "batch_norm_backward_reduce_serial"] {
-            p.add(device, module, entry, &REDUCE_FLAGS, |f| !f[2] || (f[0] && !f[1]));
-        }
+        p.add(
+            device,
+            module,
+            "batch_norm_backward_reduce",
+            &REDUCE_FLAGS,
+            reduce_wanted,
+        );
+        crate::kernels::cpu::add_batch_norm_serial_backward(&mut p, device, storage, vec4);
         p.add(device, module, "batch_norm_backward_dx", &DX_FLAGS, |f| !f[1] || f[0]);
         p.add(
             device,
@@ -151,12 +162,8 @@ impl BatchNormBackwardKernel {
             &DX_ALIGNED_FLAGS,
             |f| !f[1] || (f[0] && !f[2]),
         );
-        if whole_call {
-            for entry in [
-                "batch_norm_backward_finalize",
-                "batch_norm_backward_finalize_serial",
-                "batch_norm_backward_eval_coef",
-            ] {
+        if !vec4 {
+            for entry in ["batch_norm_backward_finalize", "batch_norm_backward_eval_coef"] {
                 p.add_all(device, module, entry, &[]);
             }
         }
@@ -170,8 +177,8 @@ impl Kernel for BatchNormBackwardKernel {
         let vec4 = vec4_module(device, "batch_norm/backward.wgsl", storage);
         Self {
             storage,
-            pipelines: Self::build_pipelines(device, &module, true),
-            pipelines_vec4: vec4.as_ref().map(|m| Self::build_pipelines(device, m, false)),
+            pipelines: Self::build_pipelines(device, &module, storage, false),
+            pipelines_vec4: vec4.as_ref().map(|m| Self::build_pipelines(device, m, storage, true)),
             placeholders: std::array::from_fn(|_| placeholder(device, "batch_norm backward placeholder")),
             channel: crate::kernels::cpu::batch_norm_channel_backward(device, storage),
         }

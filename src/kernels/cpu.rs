@@ -8,9 +8,10 @@
 //! - LayerNorm's row-block plans hold a row per subgroup in registers
 //!   (`shaders/cpu/layer_norm/`).
 //!
-//! and on every CPU adapter LayerNorm takes one lane per row, the row-block path
-//! (`shaders/cpu/layer_norm/forward_blocks.wgsl`, `backward_blocks.wgsl`), which is built on every
-//! device because a plan may ask for it anywhere.
+//! and on every CPU adapter BatchNorm's reductions take one invocation per chunk
+//! (`shaders/cpu/batch_norm/*_serial.wgsl`) and LayerNorm one lane per row, the row-block path
+//! (`shaders/cpu/layer_norm/forward_blocks.wgsl`, `backward_blocks.wgsl`): those two are built on
+//! every device, because a plan may ask for them anywhere.
 //!
 //! Each function here builds a kernel's CPU-only pipelines, or returns `None` where the device
 //! cannot run them; the kernels keep the result beside their GPU pipelines, and a plan takes a
@@ -40,6 +41,18 @@ pub(crate) const BATCH_NORM_CHANNEL_FORWARD: &[&str] = &["batch_norm_channel_for
 /// statistics in one pass per channel (`BatchNormBackwardPlanOptions::channel_pass`), by
 /// `DROPOUT` and `ACCUMULATE`.
 pub(crate) const BATCH_NORM_CHANNEL_BACKWARD: &[&str] = &["batch_norm_backward_channel"];
+
+/// Entry points in `shaders/cpu/batch_norm/forward_serial.wgsl`: BatchNorm's statistics and
+/// finalize with one invocation per (channel, chunk) and per channel (`ReduceSplit::Invocation`).
+pub(crate) const BATCH_NORM_SERIAL_FORWARD: &[&str] = &["batch_norm_stats_serial", "batch_norm_finalize_serial"];
+
+/// Entry points in `shaders/cpu/batch_norm/backward_serial.wgsl`: the backward's reduce (by
+/// `DROPOUT`, `EVAL` and `PARK`) and finalize with one invocation per (channel, chunk) and per
+/// channel.
+pub(crate) const BATCH_NORM_SERIAL_BACKWARD: &[&str] = &[
+    "batch_norm_backward_reduce_serial",
+    "batch_norm_backward_finalize_serial",
+];
 
 /// Entry points in `shaders/cpu/layer_norm/forward_blocks.wgsl` (the row-block forward, one
 /// lane per row): the plain one by `DROPOUT`, and the residual block's.
@@ -110,6 +123,35 @@ pub(crate) fn batch_norm_channel_backward(device: &wgpu::Device, storage: Storag
         );
         p
     })
+}
+
+/// Adds BatchNorm's one-invocation-per-chunk statistics (`shaders/cpu/batch_norm/forward_serial.wgsl`,
+/// scalar or `vec4`; the finalize from the scalar module) to `p`. Built on every device: a plan
+/// may ask for `ReduceSplit::Invocation` anywhere; only CPU adapters take it by default.
+pub(crate) fn add_batch_norm_serial_forward(p: &mut Pipelines, device: &wgpu::Device, storage: Storage, vec4: bool) {
+    let module = shader_module(device, "cpu/batch_norm/forward_serial.wgsl", storage, vec4);
+    p.add_all(device, &module, BATCH_NORM_SERIAL_FORWARD[0], &[]);
+    if !vec4 {
+        p.add_all(device, &module, BATCH_NORM_SERIAL_FORWARD[1], &[]);
+    }
+}
+
+/// Adds BatchNorm's one-invocation-per-chunk backward reduce and finalize
+/// (`shaders/cpu/batch_norm/backward_serial.wgsl`, scalar or `vec4`; the finalize from the scalar
+/// module) to `p`, built on every device as [`add_batch_norm_serial_forward`].
+pub(crate) fn add_batch_norm_serial_backward(p: &mut Pipelines, device: &wgpu::Device, storage: Storage, vec4: bool) {
+    use crate::kernels::batch_norm_backward::{reduce_wanted, REDUCE_FLAGS};
+    let module = shader_module(device, "cpu/batch_norm/backward_serial.wgsl", storage, vec4);
+    p.add(
+        device,
+        &module,
+        BATCH_NORM_SERIAL_BACKWARD[0],
+        &REDUCE_FLAGS,
+        reduce_wanted,
+    );
+    if !vec4 {
+        p.add_all(device, &module, BATCH_NORM_SERIAL_BACKWARD[1], &[]);
+    }
 }
 
 /// Adds LayerNorm's row-block forward (`shaders/cpu/layer_norm/forward_blocks.wgsl`, scalar or

@@ -125,7 +125,7 @@ pub struct ShaderVariant {
 /// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let files: [(&'static str, &'static [&'static str]); 15] = [
+    let files: [(&'static str, &'static [&'static str]); 17] = [
         ("batch_norm/forward.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm/backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("cpu/batch_norm/forward_channel.wgsl", cpu::BATCH_NORM_CHANNEL_FORWARD),
@@ -134,6 +134,8 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         ("dropout/dropout.wgsl", dropout::ENTRY_POINTS),
         ("layer_norm/forward.wgsl", layer_norm::ENTRY_POINTS),
         ("layer_norm/backward.wgsl", layer_norm_backward::ENTRY_POINTS),
+        ("cpu/batch_norm/forward_serial.wgsl", cpu::BATCH_NORM_SERIAL_FORWARD),
+        ("cpu/batch_norm/backward_serial.wgsl", cpu::BATCH_NORM_SERIAL_BACKWARD),
         ("cpu/layer_norm/forward_blocks.wgsl", cpu::LAYER_NORM_BLOCKS_FORWARD),
         ("cpu/layer_norm/backward_blocks.wgsl", cpu::LAYER_NORM_BLOCKS_BACKWARD),
         ("cpu/layer_norm/forward_rows.wgsl", cpu::LAYER_NORM_ROWS_FORWARD),
