@@ -58,10 +58,25 @@ fn parse_dtype(s: &str) -> Result<normdrop::DType, String> {
     }
 }
 
+/// Largest element count a shape may have: the kernels index elements with u32 and reject more
+/// than 2^31; checking here keeps the bench from allocating host buffers for a shape no kernel
+/// would take.
+const MAX_ELEMENTS: u64 = 1 << 31;
+
+/// A shape `AxBx…` of positive dimensions whose element count is at most [`MAX_ELEMENTS`].
 fn parse_shape(s: &str) -> Result<Vec<usize>, String> {
-    s.split('x')
+    let dims = s
+        .split('x')
         .map(|d| d.trim().parse::<usize>().map_err(|e| format!("{s:?}: {e}")))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    if dims.contains(&0) {
+        return Err(format!("{s:?}: every dimension must be at least 1"));
+    }
+    let elements = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    match elements {
+        Some(n) if n <= MAX_ELEMENTS => Ok(dims),
+        _ => Err(format!("{s:?}: more than 2^31 elements")),
+    }
 }
 
 /// One row of results.
@@ -510,4 +525,28 @@ fn progress(len: u64, what: &'static str) -> ProgressBar {
     );
     bar.set_prefix(what);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_shape;
+
+    #[test]
+    fn shapes_are_positive_and_bounded() {
+        assert_eq!(parse_shape("8x64x28x28").unwrap(), vec![8, 64, 28, 28]);
+        assert_eq!(parse_shape("2147483648").unwrap(), vec![1 << 31]);
+        for bad in [
+            "1024x0",
+            "0",
+            "4294967296x4294967296x2x2",
+            "2147483649",
+            "3000000000",
+            "x4",
+            "-1",
+        ] {
+            assert!(parse_shape(bad).is_err(), "{bad}");
+        }
+        assert!(parse_shape("1024x0").unwrap_err().contains("at least 1"));
+        assert!(parse_shape("4294967296x4294967296x2x2").unwrap_err().contains("2^31"));
+    }
 }

@@ -97,13 +97,29 @@ impl Fixture {
                 },
             );
         }
+        let tolerance = |k: &str| -> Result<f64> {
+            let v = num(k)?;
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(Error::SafeTensors(format!(
+                    "{name}: `{k}` is {v}, expected a finite non-negative tolerance"
+                )))
+            }
+        };
+        let dtype = get("dtype")?;
+        if dtype != "float32" && dtype != "float16" {
+            return Err(Error::SafeTensors(format!(
+                "{name}: dtype {dtype:?}, expected \"float32\" or \"float16\""
+            )));
+        }
         Ok(Self {
             name: name.to_string(),
             op: get("op")?,
             config,
-            dtype: get("dtype")?,
-            rtol: num("rtol")?,
-            atol: num("atol")?,
+            dtype,
+            rtol: tolerance("rtol")?,
+            atol: tolerance("atol")?,
             tensors,
         })
     }
@@ -221,26 +237,39 @@ impl std::fmt::Display for CheckLine {
 }
 
 /// Runs a fixture through the kernels and returns one line per expected tensor, in the
-/// fixture's (sorted) order. An error here means the fixture itself is malformed; failures of
-/// the kernels are reported as [`Verdict::Fail`] lines.
+/// fixture's (sorted) order. An error here means the fixture itself is malformed, names an op
+/// this version does not check, or expects nothing; failures of the kernels, and expected
+/// tensors this version does not compute, are reported as [`Verdict::Fail`] lines.
 pub fn check(ctx: &Context, fx: &Fixture) -> Result<Vec<CheckLine>> {
+    // A check that would compare nothing, or meets an op it does not know, fails: it must never
+    // read as a pass.
+    if fx.expected_names().is_empty() {
+        return Err(Error::SafeTensors(format!(
+            "{}: no expected tensors (float64 or int64): nothing to compare",
+            fx.name
+        )));
+    }
     let mut results: BTreeMap<String, (Verdict, Option<String>)> = BTreeMap::new();
     match fx.op.as_str() {
         "batch_norm" => check_batch_norm(ctx, fx, &mut results)?,
         "layer_norm" => check_layer_norm(ctx, fx, &mut results)?,
         other => {
-            for name in fx.expected_names() {
-                results.insert(name, (Verdict::Skip(format!("unknown op {other:?}")), None));
-            }
+            return Err(Error::SafeTensors(format!(
+                "{}: unknown op {other:?} (this version checks batch_norm and layer_norm)",
+                fx.name
+            )))
         }
     }
     Ok(fx
         .expected_names()
         .into_iter()
         .map(|name| {
-            let (verdict, note) = results
-                .remove(&name)
-                .unwrap_or_else(|| (Verdict::Skip("not computed by this version".into()), None));
+            let (verdict, note) = results.remove(&name).unwrap_or_else(|| {
+                (
+                    Verdict::Fail("an expected tensor this version does not compute".into()),
+                    None,
+                )
+            });
             CheckLine {
                 fixture: fx.name.clone(),
                 tensor: name,

@@ -121,6 +121,63 @@ fn check_fails_on_a_wrong_expectation_and_on_a_missing_file() {
     assert!(last_line(&out).starts_with("0 passed, 1 failed"), "{}", last_line(&out));
 }
 
+/// bn2d_train_basic with metadata entries replaced and only the tensors `keep` accepts, as a
+/// fixture image.
+fn retagged(changes: &[(&str, &str)], keep: impl Fn(&str, safetensors::Dtype) -> bool) -> Vec<u8> {
+    let bytes = std::fs::read(fixtures().join("bn2d_train_basic.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut md = meta.metadata().clone().unwrap();
+    for (k, v) in changes {
+        md.insert(k.to_string(), v.to_string());
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<_> = st.iter().filter(|(n, v)| keep(n, v.dtype())).collect();
+    safetensors::serialize(views, Some(md)).unwrap()
+}
+
+#[test]
+fn check_fails_what_it_cannot_compare() {
+    let expected = |_: &str, d: safetensors::Dtype| d == safetensors::Dtype::F64 || d == safetensors::Dtype::I64;
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "unknown-op",
+            retagged(&[("op", "rms_norm")], |_, _| true),
+            "unknown op \"rms_norm\"",
+        ),
+        (
+            "nothing-expected",
+            retagged(&[], |n, d| !expected(n, d)),
+            "no expected tensors",
+        ),
+        ("nan-rtol", retagged(&[("rtol", "NaN")], |_, _| true), "`rtol` is NaN"),
+        (
+            "negative-atol",
+            retagged(&[("atol", "-1e-3")], |_, _| true),
+            "`atol` is -0.001",
+        ),
+        (
+            "float64",
+            retagged(&[("dtype", "float64")], |_, _| true),
+            "dtype \"float64\"",
+        ),
+    ];
+    for (label, image, why) in cases {
+        let path = std::env::temp_dir().join(format!("normdrop-{label}-{}.safetensors", std::process::id()));
+        std::fs::write(&path, image).unwrap();
+        let Some(out) = normdrop(&["check", path.to_str().unwrap()]) else {
+            return;
+        };
+        std::fs::remove_file(&path).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{label}: {text}");
+        assert!(
+            text.lines().any(|l| l.contains("FAILED") && l.contains(why)),
+            "{label}: no FAILED line with {why:?}: {text}"
+        );
+        assert_eq!(last_line(&out), "0 passed, 1 failed, 0 skipped", "{label}");
+    }
+}
+
 #[test]
 fn bench_validates_times_and_writes_json_and_baseline_ratios() {
     let json = std::env::temp_dir().join(format!("normdrop-bench-{}.json", std::process::id()));
