@@ -143,14 +143,16 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
+    /// [`Error::InvalidArgument`] for `op`.
+    pub fn invalid(op: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
             op,
             reason: reason.into(),
         }
     }
 
-    pub(crate) fn shape(op: &'static str, what: &'static str, got: &[usize], expected: impl Into<String>) -> Self {
+    /// [`Error::Shape`]: argument `what` of `op` has shape `got`, not `expected`.
+    pub fn shape(op: &'static str, what: &'static str, got: &[usize], expected: impl Into<String>) -> Self {
         Error::Shape {
             op,
             what,

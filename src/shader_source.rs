@@ -135,23 +135,7 @@ pub fn expand_variant(
             storage.name()
         ));
     }
-    let mut out = source.to_string();
-    let mut seen: Vec<String> = Vec::new();
-    let mut pending = directives(source);
-    while let Some(name) = pending.pop() {
-        let name = match ALTERNATIVES.iter().find(|(_, file, _)| *file == name) {
-            Some((feature, _, alternative)) if variant.uses(*feature) => alternative.to_string(),
-            _ => name,
-        };
-        if seen.contains(&name) {
-            continue;
-        }
-        let text = lookup(&name).ok_or_else(|| format!("#include \"{name}\": no such shader"))?;
-        pending.extend(directives(&text));
-        out.push_str(&format!("\n// ---- included from {name} ----\n"));
-        out.push_str(&text);
-        seen.push(name);
-    }
+    let out = with_includes(source, lookup, variant)?;
     // Activations may be declared by an included file (a pass family's shared bindings).
     let activations = has_activations(&out);
     let out = expand_unrolls(&out)?;
@@ -243,7 +227,9 @@ fn expand_unrolls(source: &str) -> Result<String, String> {
 /// to this file; and the vec4 f32 variant where the file has one. build.rs validates each, the
 /// portability test translates each.
 pub fn variants_of(raw: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Variant> {
-    let storages: &[Storage] = if has_activations(&with_includes(raw, lookup)) {
+    // A file whose includes are missing has no variants to list; expand_variant reports it.
+    let included = with_includes(raw, lookup, Variant::plain(Storage::F32)).unwrap_or_else(|_| raw.to_string());
+    let storages: &[Storage] = if has_activations(&included) {
         &Storage::ALL
     } else {
         &[Storage::F32]
@@ -284,22 +270,29 @@ pub fn variants_of(raw: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<Va
     out
 }
 
-/// `source` with the text of every file it includes, directly or not (no alternatives).
-fn with_includes(source: &str, lookup: &dyn Fn(&str) -> Option<String>) -> String {
+/// `source` with the text of every file it includes, directly or not, appended (each name at
+/// most once, resolved with `lookup`; for the features `variant` uses, the [`ALTERNATIVES`] of
+/// included files), each after a `// ---- included from NAME ----` line. Appending keeps naga's
+/// line numbers for `source` exact.
+fn with_includes(source: &str, lookup: &dyn Fn(&str) -> Option<String>, variant: Variant) -> Result<String, String> {
     let mut out = source.to_string();
     let mut seen: Vec<String> = Vec::new();
     let mut pending = directives(source);
     while let Some(name) = pending.pop() {
+        let name = match ALTERNATIVES.iter().find(|(_, file, _)| *file == name) {
+            Some((feature, _, alternative)) if variant.uses(*feature) => alternative.to_string(),
+            _ => name,
+        };
         if seen.contains(&name) {
             continue;
         }
-        if let Some(text) = lookup(&name) {
-            pending.extend(directives(&text));
-            out.push_str(&text);
-        }
+        let text = lookup(&name).ok_or_else(|| format!("#include \"{name}\": no such shader"))?;
+        pending.extend(directives(&text));
+        out.push_str(&format!("\n// ---- included from {name} ----\n"));
+        out.push_str(&text);
         seen.push(name);
     }
-    out
+    Ok(out)
 }
 
 /// Whether `source` declares any activation tensor (and so has f16 variants).

@@ -17,22 +17,6 @@ use normdrop::kernels::{
 use normdrop::tuning::BatchNormPlanOptions;
 use normdrop::{wgpu, Accumulate, Context, DType, Error, Result, Tensor};
 
-fn invalid(reason: impl Into<String>) -> Error {
-    Error::InvalidArgument {
-        op: "bench",
-        reason: reason.into(),
-    }
-}
-
-fn bad_shape(shape: &[usize], expected: &str) -> Error {
-    Error::Shape {
-        op: "bench",
-        what: "shape",
-        got: shape.to_vec(),
-        expected: expected.into(),
-    }
-}
-
 /// Which shape family an op takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -161,7 +145,7 @@ pub const OPS: &[OpSpec] = &[
 pub fn spec(name: &str) -> Result<&'static OpSpec> {
     OPS.iter()
         .find(|o| o.name == name)
-        .ok_or_else(|| invalid(format!("unknown op {name:?}")))
+        .ok_or_else(|| Error::invalid("bench", format!("unknown op {name:?}")))
 }
 
 /// The dropout every benchmarked dropout uses.
@@ -251,7 +235,9 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
     let device = ctx.device();
     let encode: EncodeFn = match spec.family {
         Family::BatchNorm if name.starts_with("batch_norm") => {
-            let c = *shape.get(1).ok_or_else(|| bad_shape(shape, "(N, C, *)"))?;
+            let c = *shape
+                .get(1)
+                .ok_or_else(|| Error::shape("bench", "shape", shape, "(N, C, *)"))?;
             let config = BatchNormConfig::new(c);
             let fused = name.starts_with("batch_norm_dropout");
             let training = !name.starts_with("batch_norm_eval");
@@ -309,7 +295,9 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
             }
         }
         Family::LayerNorm => {
-            let width = *shape.last().ok_or_else(|| bad_shape(shape, "(rows, width)"))?;
+            let width = *shape
+                .last()
+                .ok_or_else(|| Error::shape("bench", "shape", shape, "(rows, width)"))?;
             let rows = (numel / width as u64) as usize;
             let config = LayerNormConfig::new(&[width]);
             let fusion = match name {

@@ -427,7 +427,7 @@ impl LayerNormKernel {
         }
         let subgroup_possible = self.subgroup.as_ref().is_some_and(|sg| {
             let (entry, flags) = crate::kernels::cpu::layer_norm_rows_forward_entry(fusion, SG_TRIPLES[0]);
-            sg.has(entry, &flags)
+            sg.find(entry, &flags).is_some()
         });
         let path = row_path(lanes, subgroup_possible, width, options.subgroup_rows)?;
         let rows_per_workgroup = if path.blocks() {
@@ -650,13 +650,9 @@ impl LayerNormPlan {
         let mut dispatches = Vec::with_capacity(self.ranges.len());
         for c in &self.ranges {
             let (at, len) = (c.range.start * row_bytes, c.range.count * row_bytes);
-            let passes = match &k.vec4 {
-                Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
-                _ => &k.passes,
-            };
-            let path = self
-                .path
-                .for_range(k.vec4.as_ref().is_some_and(|v| std::ptr::eq(passes, v)));
+            let vec4_passes = k.vec4.as_ref().filter(|_| vec4 && vec4_bindable(&activations, at, len));
+            let passes = vec4_passes.unwrap_or(&k.passes);
+            let path = self.path.for_range(vec4_passes.is_some());
             let (passes, (entry, flags)) = match (path, &k.subgroup) {
                 (RowPath::SubgroupRows { triples }, Some(sg)) => (
                     sg,
@@ -666,10 +662,9 @@ impl LayerNormPlan {
             };
             // Absent only for the residual pass on a device below its binding count, which plan
             // creation refuses; a plan used with another device's kernel lands here.
-            if !passes.has(entry, &flags) {
-                return Err(residual_limit(OP, RESIDUAL_PASS, device));
-            }
-            let pipeline = passes.get(entry, &flags)?;
+            let pipeline = passes
+                .find(entry, &flags)
+                .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?;
             let mut entries = vec![
                 (0, c.uniforms[usize::from(training)].as_entire_binding()),
                 (1, binding_at(&b.x, at, len)),

@@ -185,7 +185,7 @@ impl LayerNormBackwardKernel {
             let residual = matches!(fusion, LayerNormFusion::ResidualDropout(_));
             let (entry, flags) =
                 crate::kernels::cpu::layer_norm_rows_backward_entry(residual, false, false, SG_TRIPLES[0]);
-            sg.has(entry, &flags)
+            sg.find(entry, &flags).is_some()
         });
         let path = row_path(lanes, subgroup_possible, width, options.subgroup_rows)?;
         let row_blocks = rows.div_ceil(ROWS_PER_BLOCK);
@@ -478,14 +478,10 @@ impl LayerNormBackwardPlan {
         for c in &self.ranges {
             let uniform = c.uniforms[variant].as_entire_binding();
             let (at, len) = (c.range.start * row_bytes, c.range.count * row_bytes);
-            let passes = match &k.vec4 {
-                Some(v) if vec4 && vec4_bindable(&activations, at, len) => v,
-                _ => &k.passes,
-            };
+            let vec4_passes = k.vec4.as_ref().filter(|_| vec4 && vec4_bindable(&activations, at, len));
+            let passes = vec4_passes.unwrap_or(&k.passes);
             // The row-per-subgroup pass where the plan has one and this range binds as vectors.
-            let path = self
-                .path
-                .for_range(k.vec4.as_ref().is_some_and(|v| std::ptr::eq(passes, v)));
+            let path = self.path.for_range(vec4_passes.is_some());
             let (dx_set, (entry, flags)) = match (path, &k.subgroup) {
                 (RowPath::SubgroupRows { triples }, Some(sg)) => (
                     sg,
@@ -495,10 +491,9 @@ impl LayerNormBackwardPlan {
             };
             // The residual pipelines are absent only on a device below their binding count,
             // which plan creation refuses; a plan used with another device's kernel lands here.
-            if !dx_set.has(entry, &flags) {
-                return Err(residual_limit(OP, RESIDUAL_PASS, device));
-            }
-            let dx_pipeline = dx_set.get(entry, &flags)?;
+            let dx_pipeline = dx_set
+                .find(entry, &flags)
+                .ok_or_else(|| residual_limit(OP, RESIDUAL_PASS, device))?;
             stages_gamma |= path == RowPath::Blocks;
             let partial_pipeline = passes.get("layer_norm_backward_params_partial", &[("DROPOUT", drop_dy.into())])?;
             let (x, dy) = (binding_at(&b.x, at, len), binding_at(&b.dy, at, len));

@@ -593,16 +593,17 @@ impl Pipelines {
         self.add(device, module, entry, flags, |_| true);
     }
 
-    /// The pipeline of `entry` with `flags` (every constant it was built with, in any order).
-    pub(crate) fn get(&self, entry: &'static str, flags: &[Flag]) -> Result<&wgpu::ComputePipeline> {
-        self.map
-            .get(&(entry, Self::canonical(flags)))
-            .ok_or_else(|| Error::Internal(format!("no pipeline was built for {entry} with {flags:?}")))
+    /// The pipeline of `entry` with `flags` (every constant it was built with, in any order),
+    /// if the kernel built it.
+    pub(crate) fn find(&self, entry: &'static str, flags: &[Flag]) -> Option<&wgpu::ComputePipeline> {
+        self.map.get(&(entry, Self::canonical(flags)))
     }
 
-    /// Whether a pipeline of `entry` with `flags` was built.
-    pub(crate) fn has(&self, entry: &'static str, flags: &[Flag]) -> bool {
-        self.map.contains_key(&(entry, Self::canonical(flags)))
+    /// [`find`](Self::find) for a combination the kernel always builds: a missing one is an
+    /// internal error, never a panic.
+    pub(crate) fn get(&self, entry: &'static str, flags: &[Flag]) -> Result<&wgpu::ComputePipeline> {
+        self.find(entry, flags)
+            .ok_or_else(|| Error::Internal(format!("no pipeline was built for {entry} with {flags:?}")))
     }
 
     fn canonical(flags: &[Flag]) -> Vec<Flag> {
