@@ -4,7 +4,8 @@
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::kernels::Storage;
@@ -55,6 +56,9 @@ pub struct Context {
 }
 
 struct Inner {
+    /// Unique per context made by [`Context::new`], [`Context::with_options`] or
+    /// [`Context::from_wgpu`] (clones share it): what a [`crate::Tensor`] records as its owner.
+    id: u64,
     device: wgpu::Device,
     queue: wgpu::Queue,
     adapter_info: wgpu::AdapterInfo,
@@ -104,7 +108,7 @@ impl Context {
             desc.backends = backends;
         }
         let backends = desc.backends;
-        let instance = wgpu::Instance::new(desc);
+        let instance = shared_instance(desc);
         let adapter = pick_adapter(&instance, backends, &options).await?;
         let limits = options.limits.clone().unwrap_or_else(|| adapter.limits());
         let features = adapter.features() & OPTIONAL_FEATURES & !options.disabled_features;
@@ -131,14 +135,36 @@ impl Context {
     }
 
     fn wrap(device: wgpu::Device, queue: wgpu::Queue, adapter_info: wgpu::AdapterInfo) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Self {
             inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 device,
                 queue,
                 adapter_info,
                 kernels: Mutex::new(HashMap::new()),
                 force_packed_f16: false,
             }),
+        }
+    }
+
+    /// This context's identity, shared by its clones: tensors record it, and every call checks
+    /// that the tensors it is given carry it.
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// Checks that `tensor` (argument `what` of `op`) was made by this context or a clone of
+    /// it: [`Error::WrongDevice`] otherwise.
+    pub fn check_owns(&self, op: &'static str, what: &'static str, tensor: &crate::Tensor) -> Result<()> {
+        if tensor.owner() == self.id() {
+            Ok(())
+        } else {
+            Err(Error::WrongDevice {
+                op,
+                what,
+                detail: String::new(),
+            })
         }
     }
 
@@ -288,6 +314,29 @@ impl Context {
         staging.unmap();
         Ok(bytes)
     }
+}
+
+/// One wgpu instance per set of backends for the whole process, shared by every context
+/// normdrop creates. wgpu identifies devices and buffers by indices into their instance's
+/// tables, so handles of two instances can compare equal and a buffer of one, used on a device
+/// of the other, reads an unrelated resource or panics inside wgpu. With one instance, wgpu's
+/// handle equality and its own device checks are exact across normdrop's contexts.
+fn shared_instance(desc: wgpu::InstanceDescriptor) -> wgpu::Instance {
+    static INSTANCES: OnceLock<Mutex<Vec<(wgpu::Backends, wgpu::InstanceFlags, wgpu::Instance)>>> = OnceLock::new();
+    let mut instances = INSTANCES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, _, instance)) = instances
+        .iter()
+        .find(|(b, f, _)| *b == desc.backends && *f == desc.flags)
+    {
+        return instance.clone();
+    }
+    let (backends, flags) = (desc.backends, desc.flags);
+    let instance = wgpu::Instance::new(desc);
+    instances.push((backends, flags, instance.clone()));
+    instance
 }
 
 async fn pick_adapter(

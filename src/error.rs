@@ -64,6 +64,34 @@ pub enum Error {
         reason: String,
     },
 
+    /// A tensor, buffer or plan belongs to another device than the one the call runs on: a
+    /// tensor made by another [`crate::Context`], a plan built for another device, or a
+    /// buffer wgpu reports as created on another device.
+    #[error("{op}: `{what}` belongs to another device than the one this call runs on{detail}")]
+    WrongDevice {
+        /// The operation.
+        op: &'static str,
+        /// Which argument.
+        what: &'static str,
+        /// wgpu's report, when wgpu found the mismatch (prefixed with ": "), else empty.
+        detail: String,
+    },
+
+    /// Two arguments of one call overlap where the call writes: two outputs share bytes, or an
+    /// output shares a buffer with an input (WebGPU forbids binding one buffer both read-only
+    /// and writable in a dispatch). No op supports working in place unless its docs say so.
+    #[error("{op}: `{what}` overlaps `{other}` ({reason}); outputs must be disjoint from every other argument")]
+    Aliased {
+        /// The operation.
+        op: &'static str,
+        /// The written argument (of two written ones, the later in the call's argument order).
+        what: &'static str,
+        /// The argument it overlaps.
+        other: &'static str,
+        /// Where they overlap.
+        reason: String,
+    },
+
     /// A size exceeds a device limit. `limit_name` is the `wgpu::Limits` field.
     #[error("{op}: {what} is {value}, above the device limit {limit_name} = {limit}")]
     ExceedsLimit {

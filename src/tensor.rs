@@ -52,20 +52,40 @@ pub(crate) fn numel(shape: &[usize]) -> Option<usize> {
 
 /// Bytes a buffer needs for `n` elements of `dtype`: rounded up to 4 (wgpu copies and writes
 /// work in 4-byte units) and at least 4 (a binding cannot be empty).
-pub(crate) fn padded_bytes(n: usize, dtype: DType) -> u64 {
-    let bytes = (n as u64) * dtype.size() as u64;
-    bytes.div_ceil(4).max(1) * 4
+pub(crate) fn padded_bytes(n: usize, dtype: DType) -> Option<u64> {
+    let bytes = u64::try_from(n).ok()?.checked_mul(dtype.size() as u64)?;
+    bytes.div_ceil(4).max(1).checked_mul(4)
+}
+
+/// The element count and padded byte size of a tensor of `shape` and `dtype`, checked for
+/// overflow: [`Error::Shape`] naming `op` and `what` when the product or the bytes do not fit
+/// in 64 bits.
+pub(crate) fn checked_size(
+    op: &'static str,
+    what: &'static str,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<(usize, u64)> {
+    numel(shape)
+        .and_then(|n| Some((n, padded_bytes(n, dtype)?)))
+        .ok_or_else(|| Error::shape(op, what, shape, "a size whose element and byte counts fit in 64 bits"))
 }
 
 /// A GPU tensor: a storage buffer, a shape and a dtype. Row-major (C-contiguous).
 ///
 /// The buffer has `STORAGE | COPY_SRC | COPY_DST` usage, so it can be bound by the kernels,
 /// read back and overwritten. It is padded to a multiple of 4 bytes.
+///
+/// A tensor belongs to the [`Context`] that made it (and that context's clones): every call
+/// that takes a tensor checks this and returns [`Error::WrongDevice`] for a tensor of another
+/// context, before recording anything.
 #[derive(Clone, Debug)]
 pub struct Tensor {
     buffer: wgpu::Buffer,
     shape: Vec<usize>,
     dtype: DType,
+    /// The id of the context that made it.
+    owner: u64,
 }
 
 impl Tensor {
@@ -74,8 +94,7 @@ impl Tensor {
         .union(wgpu::BufferUsages::COPY_DST);
 
     fn alloc(ctx: &Context, shape: &[usize], dtype: DType) -> Result<Self> {
-        let n = numel(shape).ok_or_else(|| Error::shape("tensor", "shape", shape, "a product that fits in usize"))?;
-        let bytes = padded_bytes(n, dtype);
+        let (_, bytes) = checked_size("tensor", "shape", shape, dtype)?;
         let limit = ctx.limits().max_buffer_size;
         if bytes > limit {
             return Err(Error::ExceedsLimit {
@@ -91,12 +110,25 @@ impl Tensor {
             buffer,
             shape: shape.to_vec(),
             dtype,
+            owner: ctx.id(),
         })
     }
 
     /// A zero-filled tensor (wgpu zero-initialises new buffers).
     pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType) -> Result<Self> {
         Self::alloc(ctx, shape, dtype)
+    }
+
+    /// A tensor of `shape` with every element `value` (rounded to the nearest half for F16).
+    /// The size is checked against the device before anything is allocated, on the GPU or the
+    /// host.
+    pub fn full(ctx: &Context, shape: &[usize], value: f32, dtype: DType) -> Result<Self> {
+        let t = Self::alloc(ctx, shape, dtype)?;
+        match dtype {
+            DType::F32 => t.write(ctx, &vec![value; t.numel()])?,
+            DType::F16 => t.write(ctx, &vec![half::f16::from_f32(value); t.numel()])?,
+        }
+        Ok(t)
     }
 
     /// Uploads `data` as a tensor of `shape`. `data.len()` must equal the product of `shape`.
@@ -128,6 +160,7 @@ impl Tensor {
 
     /// Overwrites the contents with `data` (same element count and dtype).
     pub fn write<T: Element>(&self, ctx: &Context, data: &[T]) -> Result<()> {
+        ctx.check_owns("tensor write", "tensor", self)?;
         if T::DTYPE != self.dtype {
             return Err(Error::DType {
                 op: "tensor write",
@@ -155,11 +188,18 @@ impl Tensor {
         }
     }
 
-    /// Wraps an existing buffer. It must hold `shape` in `dtype`, and have `STORAGE` and
-    /// `COPY_SRC` usage for the kernels and readback.
-    pub fn from_buffer(buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Result<Self> {
-        let n = numel(shape).ok_or_else(|| Error::shape("tensor", "shape", shape, "a product that fits in usize"))?;
-        let needed = (n * dtype.size()) as u64;
+    /// Wraps an existing buffer of `ctx`'s device. It must hold `shape` in `dtype` (at least 4
+    /// bytes), and have `STORAGE` and `COPY_SRC` usage for the kernels and readback.
+    ///
+    /// The buffer's device is checked by binding it on `ctx`'s device inside an error scope:
+    /// a buffer of another device of the same wgpu instance, or a destroyed buffer, is an
+    /// error. (wgpu cannot check a buffer made through another `wgpu::Instance`: handles of two
+    /// instances are indices into different tables. Every context normdrop creates shares one
+    /// instance; a [`Context::from_wgpu`] device must not be given buffers of another instance.)
+    pub fn from_buffer(ctx: &Context, buffer: wgpu::Buffer, shape: &[usize], dtype: DType) -> Result<Self> {
+        let (n, _) = checked_size("tensor", "shape", shape, dtype)?;
+        // checked_size proved n·size fits in u64.
+        let needed = (n as u64 * dtype.size() as u64).max(4);
         if buffer.size() < needed {
             return Err(Error::BufferTooSmall {
                 op: "tensor",
@@ -175,11 +215,18 @@ impl Tensor {
                 reason: "needs STORAGE usage".into(),
             });
         }
+        crate::kernels::probe_binding(ctx.device(), "tensor", "buffer", &buffer.slice(..4))?;
         Ok(Self {
             buffer,
             shape: shape.to_vec(),
             dtype,
+            owner: ctx.id(),
         })
+    }
+
+    /// The id of the context that made this tensor.
+    pub(crate) fn owner(&self) -> u64 {
+        self.owner
     }
 
     /// The underlying buffer, for binding in your own passes.
@@ -209,11 +256,13 @@ impl Tensor {
 
     /// Bytes of data (without padding).
     pub fn size_bytes(&self) -> u64 {
-        (self.numel() * self.dtype.size()) as u64
+        // Checked at construction: the byte count fits in u64.
+        self.numel() as u64 * self.dtype.size() as u64
     }
 
     /// Downloads the contents. `T` must match the dtype.
     pub async fn to_vec<T: Element>(&self, ctx: &Context) -> Result<Vec<T>> {
+        ctx.check_owns("tensor read", "tensor", self)?;
         if T::DTYPE != self.dtype {
             return Err(Error::DType {
                 op: "tensor read",
@@ -223,7 +272,7 @@ impl Tensor {
             });
         }
         let bytes = ctx
-            .read_buffer(&self.buffer, 0, padded_bytes(self.numel(), self.dtype))
+            .read_buffer(&self.buffer, 0, self.size_bytes().div_ceil(4).max(1) * 4)
             .await?;
         let data = &bytes[..self.size_bytes() as usize];
         // The mapped bytes need not be aligned for T; copy element-wise through pod_read.

@@ -678,7 +678,7 @@ fn bad_backward_calls_are_rejected() {
         Accumulate::default(),
     );
     assert!(
-        matches!(e, Err(Error::Buffer { .. })),
+        matches!(e, Err(Error::Buffer { what: "dweight", .. })),
         "dx aliasing dy, missing dweight: {e:?}"
     );
     // A mask from another shape.

@@ -416,7 +416,17 @@ fn bad_input_is_rejected() {
             rng: rng_buf.slice(),
         },
     );
-    assert!(matches!(r, Err(Error::Buffer { what: "y", .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Error::Aliased {
+                what: "y",
+                other: "x",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     let r = plan.encode(
         device,
         &mut encoder,
@@ -438,5 +448,15 @@ fn bad_input_is_rejected() {
             rng: y.slice(),
         },
     );
-    assert!(matches!(r, Err(Error::Buffer { what: "rng", .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Error::Aliased {
+                what: "rng",
+                other: "y",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
 }

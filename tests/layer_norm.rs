@@ -291,7 +291,7 @@ fn bad_input_is_rejected() {
     let check = |buffers: LayerNormBuffers<'_>, what: &str| {
         let e = plan.validate(&buffers).unwrap_err();
         let named = match &e {
-            Error::BufferTooSmall { what, .. } | Error::Buffer { what, .. } => *what,
+            Error::BufferTooSmall { what, .. } | Error::Buffer { what, .. } | Error::Aliased { what, .. } => *what,
             other => panic!("{other}"),
         };
         assert_eq!(named, what, "{e}");

@@ -19,10 +19,10 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
+use crate::kernels::dropout::{DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, bind_ranges, binding, binding_at, binding_or, check_distinct, fold_workgroups, gcd, placeholder,
-    record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, FastDiv, Pipelines, Storage,
+    bind_group, bind_ranges, binding, binding_at, binding_or, check_device, fold_workgroups, gcd, placeholder,
+    uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, CallArgs, Dispatch, FastDiv, Pipelines, Storage,
 };
 
 const OP: &str = "batch_norm";
@@ -177,6 +177,15 @@ impl BatchNormConfig {
         if self.num_features == 0 {
             return Err(Error::invalid(OP, "num_features must be at least 1"));
         }
+        if self.num_features as u64 > 1 << 31 {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "num_features",
+                value: self.num_features as u64,
+                limit: 1 << 31,
+                limit_name: "2^31 channels (u32 indexing)",
+            });
+        }
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(Error::invalid(
                 OP,
@@ -271,6 +280,7 @@ pub(crate) fn runs_align(s: u64, run: u32) -> bool {
 /// [`Context::kernel`](crate::Context::kernel)); make a [`BatchNormPlan`] per input shape.
 #[derive(Clone, Debug)]
 pub struct BatchNormKernel {
+    device: wgpu::Device,
     storage: Storage,
     /// Every entry point of `batch_norm/forward.wgsl` (`batch_norm_normalize` by `DROPOUT` and
     /// `ALIGNED`).
@@ -344,6 +354,7 @@ impl Kernel for BatchNormKernel {
             pipelines.add_all(device, &module, entry, &[]);
         }
         Self {
+            device: device.clone(),
             storage,
             pipelines,
             pipelines_vec4: vec4_module(device, "batch_norm/forward.wgsl", storage).map(|m| per_range(&m, true)),
@@ -369,6 +380,7 @@ impl BatchNormKernel {
         config: &BatchNormConfig,
         options: &BatchNormPlanOptions,
     ) -> Result<BatchNormPlan> {
+        check_device(OP, &self.device, device)?;
         config.validate()?;
         let dims = BnDims::of(OP, shape, config.num_features)?;
         let split = ReduceSplit::resolve(options.split, OP, device, &dims)?;
@@ -756,6 +768,12 @@ impl BatchNormPlan {
 
     /// Checks `buffers` for this plan and mode without recording anything.
     pub fn validate(&self, training: bool, b: &BatchNormBuffers<'_>) -> Result<()> {
+        self.args(training, b).map(|_| ())
+    }
+
+    /// Checks every buffer of a call and returns them as the call's arguments. The normalize
+    /// pass reads `x` after the statistics pass, so nothing runs in place.
+    fn args<'s, 'a>(&self, training: bool, b: &'s BatchNormBuffers<'a>) -> Result<CallArgs<'s, 'a>> {
         let x_bytes = self.dims.total * self.kernel.storage.element_bytes();
         let c_bytes = self.dims.c * 4;
         if self.uses_batch_stats(training) && self.dims.m == 1 {
@@ -766,16 +784,16 @@ impl BatchNormPlan {
                 "more than 1 value per channel when using batch statistics (N·∏spatial > 1)",
             ));
         }
-        let l = &self.limits;
-        l.check_ranged(OP, "x", &b.x, x_bytes)?;
-        l.check_ranged(OP, "y", &b.y, x_bytes)?;
-        l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
-        l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
+        let mut args = CallArgs::new(OP, &self.limits);
+        args.read_ranged("x", &b.x, x_bytes)?;
+        args.write_ranged("y", &b.y, x_bytes)?;
+        args.write("save_mean", &b.save_mean, c_bytes)?;
+        args.write("save_invstd", &b.save_invstd, c_bytes)?;
         if self.config.affine {
             let w = b.weight.as_ref().ok_or_else(|| missing("weight", "affine"))?;
             let bi = b.bias.as_ref().ok_or_else(|| missing("bias", "affine"))?;
-            l.check(OP, "weight", w, c_bytes)?;
-            l.check(OP, "bias", bi, c_bytes)?;
+            args.read("weight", w, c_bytes)?;
+            args.read("bias", bi, c_bytes)?;
         }
         if self.config.track_running_stats {
             let rm = b
@@ -790,44 +808,20 @@ impl BatchNormPlan {
                 .num_batches_tracked
                 .as_ref()
                 .ok_or_else(|| missing("num_batches_tracked", "track_running_stats"))?;
-            l.check(OP, "running_mean", rm, c_bytes)?;
-            l.check(OP, "running_var", rv, c_bytes)?;
-            l.check(OP, "num_batches_tracked", nbt, 8)?;
+            // Written in training; bound writable in eval too.
+            args.write("running_mean", rm, c_bytes)?;
+            args.write("running_var", rv, c_bytes)?;
+            args.write("num_batches_tracked", nbt, 8)?;
         }
         if self.dropout.is_some() {
             let rng = b
                 .rng
                 .as_ref()
                 .ok_or_else(|| missing("rng", "the plan fuses a dropout"))?;
-            check_rng(l, OP, rng)?;
+            args.read("rng", rng, RNG_STATE_BYTES)?;
         }
-        self.check_aliasing(b)
-    }
-
-    /// WebGPU forbids binding one buffer both read-only and writable in a dispatch, and the
-    /// normalize pass reads `x` after the statistics pass, so it cannot run in place: every
-    /// read-only input must live in a buffer that no output uses.
-    fn check_aliasing(&self, b: &BatchNormBuffers<'_>) -> Result<()> {
-        let mut inputs = vec![("x", &b.x)];
-        if self.dropout.is_some() {
-            inputs.extend(b.rng.as_ref().map(|s| ("rng", s)));
-        }
-        let mut outputs = vec![
-            ("y", &b.y),
-            ("save_mean", &b.save_mean),
-            ("save_invstd", &b.save_invstd),
-        ];
-        if self.config.affine {
-            inputs.extend(b.weight.as_ref().map(|s| ("weight", s)));
-            inputs.extend(b.bias.as_ref().map(|s| ("bias", s)));
-        }
-        if self.config.track_running_stats {
-            outputs.extend(b.running_mean.as_ref().map(|s| ("running_mean", s)));
-            outputs.extend(b.running_var.as_ref().map(|s| ("running_var", s)));
-            outputs.extend(b.num_batches_tracked.as_ref().map(|s| ("num_batches_tracked", s)));
-        }
-        check_distinct(OP, &inputs, &outputs)?;
-        Ok(())
+        args.check_aliasing()?;
+        Ok(args)
     }
 
     /// Records one BatchNorm forward into `encoder`. `training` selects batch statistics and
@@ -840,7 +834,20 @@ impl BatchNormPlan {
         training: bool,
         b: &BatchNormBuffers<'_>,
     ) -> Result<()> {
-        self.validate(training, b)?;
+        check_device(OP, &self.kernel.device, device)?;
+        let args = self.args(training, b)?;
+        args.record(device, encoder, "batch_norm forward", || {
+            self.dispatches(device, training, b)
+        })
+    }
+
+    /// The dispatches of one call, with their bind groups.
+    fn dispatches<'p>(
+        &'p self,
+        device: &wgpu::Device,
+        training: bool,
+        b: &BatchNormBuffers<'_>,
+    ) -> Result<Vec<Dispatch<'p>>> {
         let k = &self.kernel;
         let sample_bytes = self.dims.c * self.dims.s * k.storage.element_bytes();
         let c_bytes = self.dims.c * 4;
@@ -889,8 +896,7 @@ impl BatchNormPlan {
                     (11, rng),
                 ];
                 let group = bind_group(device, "batch_norm_channel_forward", pass, &entries);
-                record(encoder, "batch_norm forward", &[(pass, group, self.channel_groups)]);
-                return Ok(());
+                return Ok(vec![(pass, group, self.channel_groups)]);
             }
         }
         let mut groups = Vec::new();
@@ -1000,8 +1006,7 @@ impl BatchNormPlan {
         // batch_norm_finalize updates running statistics exactly when FLAG_TRACK is set: with tracking
         // it only runs in training mode (eval uses batch_norm_finalize_eval), after the stats pass that
         // incremented num_batches_tracked (FLAG_COUNT).
-        record(encoder, "batch_norm forward", &groups);
-        Ok(())
+        Ok(groups)
     }
 }
 

@@ -43,10 +43,10 @@ use crate::kernels::batch_norm::{
     channel_choice, default_normalize_run, finalize_groups, reduce_groups, runs_align, sample_ranges, BatchNormConfig,
     BatchNormPath, BnDims, ReduceSplit, SampleRange,
 };
-use crate::kernels::dropout::{check_rng, DropParams, DropoutConfig, RNG_STATE_BYTES};
+use crate::kernels::dropout::{DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, binding, binding_at, binding_or, check_distinct, fold_workgroups, placeholder, record, uniform_buffer,
-    vec4_bindable, vec4_module, BindLimits, BindRange, FastDiv, Pipelines, Storage,
+    bind_group, binding, binding_at, binding_or, check_device, fold_workgroups, placeholder, uniform_buffer,
+    vec4_bindable, vec4_module, BindLimits, BindRange, CallArgs, Dispatch, FastDiv, Pipelines, Storage,
 };
 
 const OP: &str = "batch_norm backward";
@@ -113,6 +113,7 @@ const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 88);
 /// Compiled BatchNorm backward pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
 pub struct BatchNormBackwardKernel {
+    device: wgpu::Device,
     storage: Storage,
     /// Every entry point of `batch_norm/backward.wgsl` with the flag combinations a plan can
     /// take (see [`BatchNormBackwardKernel::build_pipelines`]).
@@ -176,6 +177,7 @@ impl Kernel for BatchNormBackwardKernel {
         let module = crate::kernels::shader_module(device, "batch_norm/backward.wgsl", storage, false);
         let vec4 = vec4_module(device, "batch_norm/backward.wgsl", storage);
         Self {
+            device: device.clone(),
             storage,
             pipelines: Self::build_pipelines(device, &module, storage, false),
             pipelines_vec4: vec4.as_ref().map(|m| Self::build_pipelines(device, m, storage, true)),
@@ -228,6 +230,7 @@ impl BatchNormBackwardKernel {
         options: &BatchNormBackwardPlanOptions,
     ) -> Result<BatchNormBackwardPlan> {
         let split = options.split;
+        check_device(OP, &self.device, device)?;
         config.validate()?;
         let dims = BnDims::of(OP, shape, config.num_features)?;
         let split = ReduceSplit::resolve(split, OP, device, &dims)?;
@@ -440,21 +443,19 @@ impl BatchNormBackwardPlan {
 
     /// Checks the buffers without recording anything.
     pub fn validate(&self, b: &BatchNormBackwardBuffers<'_>) -> Result<()> {
-        let l = &self.limits;
+        self.args(b).map(|_| ())
+    }
+
+    /// Checks every buffer of a call and returns them as the call's arguments.
+    fn args<'s, 'a>(&self, b: &'s BatchNormBackwardBuffers<'a>) -> Result<CallArgs<'s, 'a>> {
         let x_bytes = self.dims.total * self.kernel.storage.element_bytes();
         let c_bytes = self.dims.c * 4;
-        l.check_ranged(OP, "x", &b.x, x_bytes)?;
-        l.check_ranged(OP, "dy", &b.dy, x_bytes)?;
-        l.check_ranged(OP, "dx", &b.dx, x_bytes)?;
-        l.check(OP, "save_mean", &b.save_mean, c_bytes)?;
-        l.check(OP, "save_invstd", &b.save_invstd, c_bytes)?;
-        let mut inputs = vec![
-            ("x", &b.x),
-            ("dy", &b.dy),
-            ("save_mean", &b.save_mean),
-            ("save_invstd", &b.save_invstd),
-        ];
-        let mut outputs = vec![("dx", &b.dx)];
+        let mut args = CallArgs::new(OP, &self.limits);
+        args.read_ranged("x", &b.x, x_bytes)?;
+        args.read_ranged("dy", &b.dy, x_bytes)?;
+        args.write_ranged("dx", &b.dx, x_bytes)?;
+        args.read("save_mean", &b.save_mean, c_bytes)?;
+        args.read("save_invstd", &b.save_invstd, c_bytes)?;
         if self.config.affine {
             for (what, s, out) in [
                 ("weight", &b.weight, false),
@@ -466,11 +467,10 @@ impl BatchNormBackwardPlan {
                     what,
                     reason: "is required when affine".into(),
                 })?;
-                l.check(OP, what, s, c_bytes)?;
                 if out {
-                    outputs.push((what, s))
+                    args.write(what, s, c_bytes)?;
                 } else {
-                    inputs.push((what, s))
+                    args.read(what, s, c_bytes)?;
                 }
             }
         }
@@ -480,11 +480,10 @@ impl BatchNormBackwardPlan {
                 what: "rng",
                 reason: "is required with a fused dropout".into(),
             })?;
-            check_rng(l, OP, rng)?;
-            inputs.push(("rng", rng));
+            args.read("rng", rng, RNG_STATE_BYTES)?;
         }
-        check_distinct(OP, &inputs, &outputs)?;
-        Ok(())
+        args.check_aliasing()?;
+        Ok(args)
     }
 
     /// Records the backward. `batch_stats` says whether the forward normalized with batch
@@ -498,7 +497,8 @@ impl BatchNormBackwardPlan {
         accumulate: Accumulate,
         b: &BatchNormBackwardBuffers<'_>,
     ) -> Result<()> {
-        self.validate(b)?;
+        check_device(OP, &self.kernel.device, device)?;
+        let args = self.args(b)?;
         if batch_stats && self.dims.m == 1 {
             return Err(Error::shape(
                 OP,
@@ -507,6 +507,19 @@ impl BatchNormBackwardPlan {
                 "more than 1 value per channel for batch statistics",
             ));
         }
+        args.record(device, encoder, "batch_norm backward", || {
+            self.dispatches(device, batch_stats, accumulate, b)
+        })
+    }
+
+    /// The dispatches of one call, with their bind groups.
+    fn dispatches<'p>(
+        &'p self,
+        device: &wgpu::Device,
+        batch_stats: bool,
+        accumulate: Accumulate,
+        b: &BatchNormBackwardBuffers<'_>,
+    ) -> Result<Vec<Dispatch<'p>>> {
         let k = &self.kernel;
         let sample_bytes = self.dims.c * self.dims.s * k.storage.element_bytes();
         let c_bytes = self.dims.c * 4;
@@ -549,8 +562,7 @@ impl BatchNormBackwardPlan {
                     (11, rng),
                 ];
                 let group = bind_group(device, "batch_norm_backward_channel", pass, &entries);
-                record(encoder, "batch_norm backward", &[(pass, group, self.channel_groups)]);
-                return Ok(());
+                return Ok(vec![(pass, group, self.channel_groups)]);
             }
         }
         let mut passes = Vec::new();
@@ -623,8 +635,7 @@ impl BatchNormBackwardPlan {
             if affine {
                 passes.push(finalize_pass);
             }
-            record(encoder, "batch_norm backward", &passes);
-            return Ok(());
+            return Ok(passes);
         }
         passes.push(finalize_pass);
         for c in &self.ranges {
@@ -665,7 +676,6 @@ impl BatchNormBackwardPlan {
                 c.dx_groups,
             ));
         }
-        record(encoder, "batch_norm backward", &passes);
-        Ok(())
+        Ok(passes)
     }
 }

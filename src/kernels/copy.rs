@@ -3,7 +3,9 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, record, uniform_buffer, BindLimits};
+use crate::kernels::{
+    bind_group, binding, check_device, compute_pipeline, fold_workgroups, uniform_buffer, BindLimits, CallArgs,
+};
 
 const OP: &str = "copy";
 
@@ -39,6 +41,7 @@ impl CopyGrain {
 /// The compiled copy pipelines, one per [`CopyGrain`].
 #[derive(Clone, Debug)]
 pub struct CopyKernel {
+    device: wgpu::Device,
     one: wgpu::ComputePipeline,
     four: wgpu::ComputePipeline,
 }
@@ -47,6 +50,7 @@ impl Kernel for CopyKernel {
     fn build(device: &wgpu::Device, _storage: crate::kernels::Storage) -> Self {
         let module = crate::kernels::shader_module(device, "copy/copy.wgsl", crate::kernels::Storage::F32, false);
         Self {
+            device: device.clone(),
             one: compute_pipeline(device, &module, "copy_vec4"),
             four: compute_pipeline(device, &module, "copy_vec4_x4"),
         }
@@ -61,6 +65,7 @@ impl CopyKernel {
 
     /// A plan copying `n` f32 values (`n` a multiple of 4) with `grain` quads per invocation.
     pub fn plan_with(&self, device: &wgpu::Device, n: usize, grain: CopyGrain) -> Result<CopyPlan> {
+        check_device(OP, &self.device, device)?;
         if n == 0 || !n.is_multiple_of(4) || n as u64 > 1 << 31 {
             return Err(Error::invalid(
                 OP,
@@ -115,30 +120,27 @@ impl CopyPlan {
         src: &wgpu::BufferSlice<'_>,
         dst: &wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        self.limits.check(OP, "src", src, self.bytes)?;
-        self.limits.check(OP, "dst", dst, self.bytes)?;
-        if src.buffer() == dst.buffer() {
-            return Err(Error::Buffer {
-                op: OP,
-                what: "dst",
-                reason: "shares a buffer with `src`".into(),
-            });
-        }
+        check_device(OP, &self.kernel.device, device)?;
+        let mut args = CallArgs::new(OP, &self.limits);
+        args.read("src", src, self.bytes)?;
+        args.write("dst", dst, self.bytes)?;
+        args.check_aliasing()?;
         let pipeline = match self.grain {
             CopyGrain::One => &self.kernel.one,
             CopyGrain::Four => &self.kernel.four,
         };
-        let group = bind_group(
-            device,
-            "copy_vec4",
-            pipeline,
-            &[
-                (0, self.uniform.as_entire_binding()),
-                (1, binding(src, self.bytes)),
-                (2, binding(dst, self.bytes)),
-            ],
-        );
-        record(encoder, "copy", &[(pipeline, group, (self.groups.0, self.groups.1))]);
-        Ok(())
+        args.record(device, encoder, "copy", || {
+            let group = bind_group(
+                device,
+                "copy_vec4",
+                pipeline,
+                &[
+                    (0, self.uniform.as_entire_binding()),
+                    (1, binding(src, self.bytes)),
+                    (2, binding(dst, self.bytes)),
+                ],
+            );
+            Ok(vec![(pipeline, group, self.groups)])
+        })
     }
 }

@@ -15,8 +15,8 @@
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    bind_group, bind_ranges, binding, binding_at, check_distinct, compute_pipeline, fold_workgroups, record,
-    uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, FastDiv, Pipelines, Storage,
+    bind_group, bind_ranges, binding, binding_at, check_device, compute_pipeline, fold_workgroups, uniform_buffer,
+    vec4_bindable, vec4_module, BindLimits, BindRange, CallArgs, FastDiv, Pipelines, Storage,
 };
 use crate::rng::DropRule;
 
@@ -157,6 +157,7 @@ const _: () = assert!(std::mem::size_of::<DropoutParams>() == 48);
 /// Compiled dropout pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
 pub struct DropoutKernel {
+    device: wgpu::Device,
     storage: Storage,
     /// The forward passes (`FORWARD_ENTRY_POINTS`, by `ACCUMULATE`): one entry point per mask
     /// unit, so that no call executes the others' code (CPU drivers predicate every `if`).
@@ -179,6 +180,7 @@ impl Kernel for DropoutKernel {
             p
         };
         Self {
+            device: device.clone(),
             storage,
             forward: forward(&module),
             forward_vec4: vec4_module(device, "dropout/dropout.wgsl", storage).map(|m| forward(&m)),
@@ -187,11 +189,6 @@ impl Kernel for DropoutKernel {
             advance: compute_pipeline(device, &module, "dropout_rng_advance"),
         }
     }
-}
-
-/// Checks a generator state slice.
-pub(crate) fn check_rng(limits: &BindLimits, op: &'static str, rng: &wgpu::BufferSlice<'_>) -> Result<()> {
-    limits.check(op, "rng", rng, RNG_STATE_BYTES)
 }
 
 /// The element and unit counts of a dropout over `shape`.
@@ -235,6 +232,7 @@ impl DropoutKernel {
         config: &DropoutConfig,
         unit: DropoutUnit,
     ) -> Result<DropoutPlan> {
+        check_device(OP, &self.device, device)?;
         config.validate()?;
         let (numel, unit_len, units) = dropout_units(OP, shape, unit)?;
         let limits = BindLimits::of(device);
@@ -318,15 +316,19 @@ impl DropoutKernel {
         encoder: &mut wgpu::CommandEncoder,
         rng: &wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        check_rng(&BindLimits::of(device), OP, rng)?;
-        let group = bind_group(
-            device,
-            "dropout_rng_advance",
-            &self.advance,
-            &[(3, binding(rng, RNG_STATE_BYTES))],
-        );
-        record(encoder, "rng advance", &[(&self.advance, group, (1, 1))]);
-        Ok(())
+        check_device(OP, &self.device, device)?;
+        let limits = BindLimits::of(device);
+        let mut args = CallArgs::new(OP, &limits);
+        args.write("rng", rng, RNG_STATE_BYTES)?;
+        args.record(device, encoder, "rng advance", || {
+            let group = bind_group(
+                device,
+                "dropout_rng_advance",
+                &self.advance,
+                &[(3, binding(rng, RNG_STATE_BYTES))],
+            );
+            Ok(vec![(&self.advance, group, (1, 1))])
+        })
     }
 }
 
@@ -434,57 +436,59 @@ impl DropoutPlan {
         accumulate: bool,
         b: &DropoutBuffers<'_>,
     ) -> Result<()> {
-        let bytes = self.numel * self.kernel.storage.element_bytes();
-        self.limits.check_ranged(OP, "x", &b.x, bytes)?;
-        self.limits.check_ranged(OP, "y", &b.y, bytes)?;
-        check_rng(&self.limits, OP, &b.rng)?;
-        // rng is declared read_write in dropout/dropout.wgsl (dropout_rng_advance writes it), so it counts as an
-        // output here; y and rng must not share a buffer either.
-        check_distinct(OP, &[("x", &b.x)], &[("y", &b.y), ("rng", &b.rng)])?;
-        check_distinct(OP, &[("y", &b.y)], &[("rng", &b.rng)])?;
         let k = &self.kernel;
+        check_device(OP, &k.device, device)?;
+        let bytes = self.numel * k.storage.element_bytes();
+        let mut args = CallArgs::new(OP, &self.limits);
+        args.read_ranged("x", &b.x, bytes)?;
+        args.write_ranged("y", &b.y, bytes)?;
+        // rng is declared read_write in dropout/dropout.wgsl (dropout_rng_advance writes it), so
+        // it counts as written here.
+        args.write("rng", &b.rng, RNG_STATE_BYTES)?;
+        args.check_aliasing()?;
         let eb = k.storage.element_bytes();
         let unit = match (self.unit, &self.channel_bits) {
             (DropoutUnit::Element, _) => 0,
             (DropoutUnit::Channel, None) => 1,
             (DropoutUnit::Channel, Some(_)) => 2,
         };
-        let mut dispatches = Vec::with_capacity(self.ranges.len() + 1);
-        if let Some(bits) = &self.channel_bits {
-            let group = bind_group(
-                device,
-                "dropout2d channel bits",
-                &k.mask,
-                &[
-                    (0, self.ranges[0].uniform(training, false)),
-                    (3, binding(&b.rng, RNG_STATE_BYTES)),
-                    (4, bits.as_entire_binding()),
-                ],
-            );
-            dispatches.push((&k.mask, group, self.mask_groups));
-        }
-        for c in &self.ranges {
-            let (at, len) = (c.range.start * eb, c.range.count * eb);
-            // One 16-byte access per four elements where the range allows it.
-            let pipelines = match &k.forward_vec4 {
-                Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => v,
-                _ => &k.forward,
-            };
-            let pipeline = pipelines.get(FORWARD_ENTRY_POINTS[unit], &[("ACCUMULATE", accumulate.into())])?;
-            let mut entries = vec![
-                (0, c.uniform(training, accumulate)),
-                (1, binding_at(&b.x, at, len)),
-                (2, binding_at(&b.y, at, len)),
-            ];
-            match &self.channel_bits {
-                Some(bits) => entries.push((4, bits.as_entire_binding())),
-                None => entries.push((3, binding(&b.rng, RNG_STATE_BYTES))),
+        args.record(device, encoder, "dropout", || {
+            let mut dispatches = Vec::with_capacity(self.ranges.len() + 1);
+            if let Some(bits) = &self.channel_bits {
+                let group = bind_group(
+                    device,
+                    "dropout2d channel bits",
+                    &k.mask,
+                    &[
+                        (0, self.ranges[0].uniform(training, false)),
+                        (3, binding(&b.rng, RNG_STATE_BYTES)),
+                        (4, bits.as_entire_binding()),
+                    ],
+                );
+                dispatches.push((&k.mask, group, self.mask_groups));
             }
-            let group = bind_group(device, "dropout_forward", pipeline, &entries);
-            dispatches.push((pipeline, group, c.forward_groups));
-        }
-        record(encoder, "dropout", &dispatches);
-        Ok(())
+            for c in &self.ranges {
+                let (at, len) = (c.range.start * eb, c.range.count * eb);
+                // One 16-byte access per four elements where the range allows it.
+                let pipelines = match &k.forward_vec4 {
+                    Some(v) if vec4_bindable(&[&b.x, &b.y], at, len) => v,
+                    _ => &k.forward,
+                };
+                let pipeline = pipelines.get(FORWARD_ENTRY_POINTS[unit], &[("ACCUMULATE", accumulate.into())])?;
+                let mut entries = vec![
+                    (0, c.uniform(training, accumulate)),
+                    (1, binding_at(&b.x, at, len)),
+                    (2, binding_at(&b.y, at, len)),
+                ];
+                match &self.channel_bits {
+                    Some(bits) => entries.push((4, bits.as_entire_binding())),
+                    None => entries.push((3, binding(&b.rng, RNG_STATE_BYTES))),
+                }
+                let group = bind_group(device, "dropout_forward", pipeline, &entries);
+                dispatches.push((pipeline, group, c.forward_groups));
+            }
+            Ok(dispatches)
+        })
     }
 
     /// Records the packed keep mask for the current generator state into `mask`
@@ -498,26 +502,25 @@ impl DropoutPlan {
         rng: &wgpu::BufferSlice<'_>,
         mask: &wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        check_rng(&self.limits, OP, rng)?;
-        self.limits.check(OP, "mask", mask, self.mask_words() * 4)?;
-        check_distinct(OP, &[("rng", rng)], &[("mask", mask)])?;
         let k = &self.kernel;
-        let group = bind_group(
-            device,
-            "dropout_mask",
-            &k.mask,
-            &[
-                (0, self.ranges[0].uniform(training, false)),
-                (3, binding(rng, RNG_STATE_BYTES)),
-                (4, binding(mask, self.mask_words() * 4)),
-            ],
-        );
-        record(
-            encoder,
-            "dropout mask",
-            &[(&k.mask, group, (self.mask_groups.0, self.mask_groups.1))],
-        );
-        Ok(())
+        check_device(OP, &k.device, device)?;
+        let mut args = CallArgs::new(OP, &self.limits);
+        args.write("rng", rng, RNG_STATE_BYTES)?;
+        args.write("mask", mask, self.mask_words() * 4)?;
+        args.check_aliasing()?;
+        args.record(device, encoder, "dropout mask", || {
+            let group = bind_group(
+                device,
+                "dropout_mask",
+                &k.mask,
+                &[
+                    (0, self.ranges[0].uniform(training, false)),
+                    (3, binding(rng, RNG_STATE_BYTES)),
+                    (4, binding(mask, self.mask_words() * 4)),
+                ],
+            );
+            Ok(vec![(&k.mask, group, self.mask_groups)])
+        })
     }
 
     /// Records the backward from a stored packed mask (as written by
@@ -533,35 +536,37 @@ impl DropoutPlan {
         dx: &wgpu::BufferSlice<'_>,
         mask: &wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        let eb = self.kernel.storage.element_bytes();
-        let bytes = self.numel * eb;
-        self.limits.check_ranged(OP, "dy", dy, bytes)?;
-        self.limits.check_ranged(OP, "dx", dx, bytes)?;
-        self.limits.check(OP, "mask", mask, self.mask_words() * 4)?;
-        check_distinct(OP, &[("dy", dy)], &[("dx", dx), ("mask", mask)])?;
-        check_distinct(OP, &[("dx", dx)], &[("mask", mask)])?;
         let k = &self.kernel;
-        let dispatches: Vec<_> = self
-            .ranges
-            .iter()
-            .map(|c| {
-                let (at, len) = (c.range.start * eb, c.range.count * eb);
-                let group = bind_group(
-                    device,
-                    "dropout_apply_mask",
-                    &k.apply_mask,
-                    &[
-                        (0, c.uniform(training, accumulate)),
-                        (1, binding_at(dy, at, len)),
-                        (2, binding_at(dx, at, len)),
-                        (4, binding(mask, self.mask_words() * 4)),
-                    ],
-                );
-                (&k.apply_mask, group, c.apply_groups)
-            })
-            .collect();
-        record(encoder, "dropout from mask", &dispatches);
-        Ok(())
+        check_device(OP, &k.device, device)?;
+        let eb = k.storage.element_bytes();
+        let bytes = self.numel * eb;
+        let mut args = CallArgs::new(OP, &self.limits);
+        args.read_ranged("dy", dy, bytes)?;
+        args.write_ranged("dx", dx, bytes)?;
+        // bound read_write in the shader's layout (dropout_mask writes it)
+        args.write("mask", mask, self.mask_words() * 4)?;
+        args.check_aliasing()?;
+        args.record(device, encoder, "dropout from mask", || {
+            Ok(self
+                .ranges
+                .iter()
+                .map(|c| {
+                    let (at, len) = (c.range.start * eb, c.range.count * eb);
+                    let group = bind_group(
+                        device,
+                        "dropout_apply_mask",
+                        &k.apply_mask,
+                        &[
+                            (0, c.uniform(training, accumulate)),
+                            (1, binding_at(dy, at, len)),
+                            (2, binding_at(dx, at, len)),
+                            (4, binding(mask, self.mask_words() * 4)),
+                        ],
+                    );
+                    (&k.apply_mask, group, c.apply_groups)
+                })
+                .collect())
+        })
     }
 
     /// How many dispatch ranges each call records: 1 unless the tensor is larger than one

@@ -5,10 +5,11 @@
 use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::cpu::{SG_LANES, SG_TRIPLES};
-use crate::kernels::dropout::{check_rng, DropoutConfig, RNG_STATE_BYTES};
+use crate::kernels::dropout::{DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, bind_ranges, binding, binding_at, binding_or, check_distinct, fold_workgroups, optional_pass,
-    placeholder, record, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, Flag, Pipelines, Storage,
+    bind_group, bind_ranges, binding, binding_at, binding_or, check_device, fold_workgroups, optional_pass,
+    placeholder, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, CallArgs, Dispatch, Flag,
+    Pipelines, Storage,
 };
 
 const OP: &str = "layer_norm";
@@ -57,9 +58,10 @@ impl LayerNormConfig {
         }
     }
 
-    /// W = ∏ normalized_shape.
+    /// W = ∏ normalized_shape (`usize::MAX` if the product overflows, which
+    /// [`validate`](Self::validate) refuses).
     pub fn width(&self) -> usize {
-        self.normalized_shape.iter().product()
+        crate::tensor::numel(&self.normalized_shape).unwrap_or(usize::MAX)
     }
 
     /// Whether γ is used.
@@ -88,6 +90,16 @@ impl LayerNormConfig {
                 OP,
                 format!("eps must be finite and > 0, got {}", self.eps),
             ));
+        }
+        let width = self.width();
+        if width as u64 > 1 << 31 {
+            return Err(Error::ExceedsLimit {
+                op: OP,
+                what: "normalized_shape elements",
+                value: width as u64,
+                limit: 1 << 31,
+                limit_name: "2^31 elements per row (u32 indexing)",
+            });
         }
         Ok(())
     }
@@ -254,6 +266,7 @@ impl LayerNormPlanOptions {
 /// Compiled LayerNorm pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
 pub struct LayerNormKernel {
+    device: wgpu::Device,
     storage: Storage,
     /// Every entry point of `layer_norm/forward.wgsl` (see [`forward_entry`]). The residual
     /// ones bind 9 storage buffers and exist only on devices whose
@@ -299,6 +312,7 @@ impl Kernel for LayerNormKernel {
         };
         let module = crate::kernels::shader_module(device, "layer_norm/forward.wgsl", storage, false);
         Self {
+            device: device.clone(),
             storage,
             passes: passes(&module, false),
             vec4: vec4_module(device, "layer_norm/forward.wgsl", storage).map(|m| passes(&m, true)),
@@ -405,6 +419,7 @@ impl LayerNormKernel {
         fusion: LayerNormFusion,
         options: &LayerNormPlanOptions,
     ) -> Result<LayerNormPlan> {
+        check_device(OP, &self.device, device)?;
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
         let lanes = options.lanes(OP, device, rows, width)?;
@@ -585,40 +600,38 @@ impl LayerNormPlan {
 
     /// Checks the buffers without recording anything.
     pub fn validate(&self, b: &LayerNormBuffers<'_>) -> Result<()> {
-        let l = &self.limits;
+        self.args(b).map(|_| ())
+    }
+
+    /// Checks every buffer of a call and returns them as the call's arguments.
+    fn args<'s, 'a>(&self, b: &'s LayerNormBuffers<'a>) -> Result<CallArgs<'s, 'a>> {
         let eb = self.kernel.storage.element_bytes();
         let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * eb, self.width * 4, self.rows * 4);
-        l.check_ranged(OP, "x", &b.x, x_bytes)?;
-        l.check_ranged(OP, "y", &b.y, x_bytes)?;
-        l.check(OP, "mean", &b.mean, r_bytes)?;
-        l.check(OP, "rstd", &b.rstd, r_bytes)?;
-        let mut inputs = vec![("x", &b.x)];
-        let mut outputs = vec![("y", &b.y), ("mean", &b.mean), ("rstd", &b.rstd)];
+        let mut args = CallArgs::new(OP, &self.limits);
+        args.read_ranged("x", &b.x, x_bytes)?;
+        args.write_ranged("y", &b.y, x_bytes)?;
+        args.write("mean", &b.mean, r_bytes)?;
+        args.write("rstd", &b.rstd, r_bytes)?;
         if self.config.has_weight() {
             let w = required("weight", &b.weight, "when elementwise_affine is set")?;
-            l.check(OP, "weight", w, w_bytes)?;
-            inputs.push(("weight", w));
+            args.read("weight", w, w_bytes)?;
         }
         if self.config.has_bias() {
             let bi = required("bias", &b.bias, "when elementwise_affine and bias are set")?;
-            l.check(OP, "bias", bi, w_bytes)?;
-            inputs.push(("bias", bi));
+            args.read("bias", bi, w_bytes)?;
         }
         if self.fusion != LayerNormFusion::None {
             let rng = required("rng", &b.rng, "with dropout fusion")?;
-            check_rng(l, OP, rng)?;
-            inputs.push(("rng", rng));
+            args.read("rng", rng, RNG_STATE_BYTES)?;
         }
         if let LayerNormFusion::ResidualDropout(_) = self.fusion {
             let res = required("residual", &b.residual, "with residual fusion")?;
             let h = required("h", &b.h, "with residual fusion")?;
-            l.check_ranged(OP, "residual", res, x_bytes)?;
-            l.check_ranged(OP, "h", h, x_bytes)?;
-            inputs.push(("residual", res));
-            outputs.push(("h", h));
+            args.read_ranged("residual", res, x_bytes)?;
+            args.write_ranged("h", h, x_bytes)?;
         }
-        check_distinct(OP, &inputs, &outputs)?;
-        Ok(())
+        args.check_aliasing()?;
+        Ok(args)
     }
 
     /// Records the LayerNorm (and its fused dropout) into `encoder`. `training` selects the
@@ -631,7 +644,20 @@ impl LayerNormPlan {
         training: bool,
         b: &LayerNormBuffers<'_>,
     ) -> Result<()> {
-        self.validate(b)?;
+        check_device(OP, &self.kernel.device, device)?;
+        let args = self.args(b)?;
+        args.record(device, encoder, "layer_norm forward", || {
+            self.dispatches(device, training, b)
+        })
+    }
+
+    /// The dispatches of one call, with their bind groups.
+    fn dispatches<'p>(
+        &'p self,
+        device: &wgpu::Device,
+        training: bool,
+        b: &LayerNormBuffers<'_>,
+    ) -> Result<Vec<Dispatch<'p>>> {
         let k = &self.kernel;
         let row_bytes = self.width * k.storage.element_bytes();
         let (w_bytes, r_bytes) = (self.width * 4, self.rows * 4);
@@ -684,8 +710,7 @@ impl LayerNormPlan {
             }
             dispatches.push((pipeline, bind_group(device, "layer_norm", pipeline, &entries), c.groups));
         }
-        record(encoder, "layer_norm forward", &dispatches);
-        Ok(())
+        Ok(dispatches)
     }
 }
 

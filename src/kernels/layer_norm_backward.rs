@@ -26,13 +26,13 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::grad::Accumulate;
 use crate::kernels::cpu::SG_TRIPLES;
-use crate::kernels::dropout::{check_rng, DropParams, RNG_STATE_BYTES};
+use crate::kernels::dropout::{DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{
     residual_fits, residual_limit, row_path, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, RowPath,
 };
 use crate::kernels::{
-    bind_group, bind_ranges, binding, binding_at, binding_or, check_distinct, fold_workgroups, placeholder, record,
-    uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, Flag, Pipelines, Storage,
+    bind_group, bind_ranges, binding, binding_at, binding_or, check_device, fold_workgroups, placeholder,
+    uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, CallArgs, Dispatch, Flag, Pipelines, Storage,
 };
 
 const OP: &str = "layer_norm backward";
@@ -81,6 +81,7 @@ const _: () = assert!(std::mem::size_of::<LnBackwardParams>() == 48);
 /// Compiled LayerNorm backward pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
 pub struct LayerNormBackwardKernel {
+    device: wgpu::Device,
     storage: Storage,
     /// Every entry point of `layer_norm/backward.wgsl` with the flags a plan can take. The
     /// residual block's dx passes bind 9 storage buffers and exist only where
@@ -129,6 +130,7 @@ impl Kernel for LayerNormBackwardKernel {
         let mut passes = per_range(&module, false);
         passes.add_all(device, &module, "layer_norm_backward_params_final", &[]);
         Self {
+            device: device.clone(),
             storage,
             passes,
             vec4: vec4_module(device, "layer_norm/backward.wgsl", storage).map(|m| per_range(&m, true)),
@@ -171,6 +173,7 @@ impl LayerNormBackwardKernel {
         dropout_training: bool,
         options: &LayerNormPlanOptions,
     ) -> Result<LayerNormBackwardPlan> {
+        check_device(OP, &self.device, device)?;
         config.validate()?;
         let (rows, width) = config.rows_and_width(shape)?;
         let lanes = options.lanes(OP, device, rows, width)?;
@@ -382,15 +385,18 @@ impl LayerNormBackwardPlan {
 
     /// Checks the buffers without recording anything.
     pub fn validate(&self, b: &LayerNormBackwardBuffers<'_>) -> Result<()> {
-        let l = &self.limits;
+        self.args(b).map(|_| ())
+    }
+
+    /// Checks every buffer of a call and returns them as the call's arguments.
+    fn args<'s, 'a>(&self, b: &'s LayerNormBackwardBuffers<'a>) -> Result<CallArgs<'s, 'a>> {
         let eb = self.kernel.storage.element_bytes();
         let (x_bytes, w_bytes, r_bytes) = (self.rows * self.width * eb, self.width * 4, self.rows * 4);
-        l.check_ranged(OP, "x", &b.x, x_bytes)?;
-        l.check_ranged(OP, "dy", &b.dy, x_bytes)?;
-        l.check_ranged(OP, "dx", &b.dx, x_bytes)?;
-        l.check(OP, "rstd", &b.rstd, r_bytes)?;
-        let mut inputs = vec![("x", &b.x), ("dy", &b.dy), ("rstd", &b.rstd)];
-        let mut outputs = vec![("dx", &b.dx)];
+        let mut args = CallArgs::new(OP, &self.limits);
+        args.read_ranged("x", &b.x, x_bytes)?;
+        args.read_ranged("dy", &b.dy, x_bytes)?;
+        args.write_ranged("dx", &b.dx, x_bytes)?;
+        args.read("rstd", &b.rstd, r_bytes)?;
         let required = |what: &'static str, because: &str| Error::Buffer {
             op: OP,
             what,
@@ -405,38 +411,32 @@ impl LayerNormBackwardPlan {
                 .dweight
                 .as_ref()
                 .ok_or_else(|| required("dweight", "when elementwise_affine is set"))?;
-            l.check(OP, "weight", w, w_bytes)?;
-            l.check(OP, "dweight", dw, w_bytes)?;
-            inputs.push(("weight", w));
-            outputs.push(("dweight", dw));
+            args.read("weight", w, w_bytes)?;
+            args.write("dweight", dw, w_bytes)?;
         }
         if self.config.has_bias() {
             let db = b
                 .dbias
                 .as_ref()
                 .ok_or_else(|| required("dbias", "when there is a bias"))?;
-            l.check(OP, "dbias", db, w_bytes)?;
-            outputs.push(("dbias", db));
+            args.write("dbias", db, w_bytes)?;
         }
         if self.fusion != LayerNormFusion::None {
             let rng = b.rng.as_ref().ok_or_else(|| required("rng", "with a dropout fusion"))?;
-            check_rng(l, OP, rng)?;
-            inputs.push(("rng", rng));
+            args.read("rng", rng, RNG_STATE_BYTES)?;
         }
         if let LayerNormFusion::ResidualDropout(_) = self.fusion {
             let dres = b
                 .dresidual
                 .as_ref()
                 .ok_or_else(|| required("dresidual", "for the residual block"))?;
-            l.check_ranged(OP, "dresidual", dres, x_bytes)?;
-            outputs.push(("dresidual", dres));
+            args.write_ranged("dresidual", dres, x_bytes)?;
             if let Some(dh) = &b.dh_in {
-                l.check_ranged(OP, "dh_in", dh, x_bytes)?;
-                inputs.push(("dh_in", dh));
+                args.read_ranged("dh_in", dh, x_bytes)?;
             }
         }
-        check_distinct(OP, &inputs, &outputs)?;
-        Ok(())
+        args.check_aliasing()?;
+        Ok(args)
     }
 
     /// Records the backward. Checks everything first: on error nothing is recorded.
@@ -447,7 +447,20 @@ impl LayerNormBackwardPlan {
         accumulate: Accumulate,
         b: &LayerNormBackwardBuffers<'_>,
     ) -> Result<()> {
-        self.validate(b)?;
+        check_device(OP, &self.kernel.device, device)?;
+        let args = self.args(b)?;
+        args.record(device, encoder, "layer_norm backward", || {
+            self.dispatches(device, accumulate, b)
+        })
+    }
+
+    /// The dispatches of one call, with their bind groups.
+    fn dispatches<'p>(
+        &'p self,
+        device: &wgpu::Device,
+        accumulate: Accumulate,
+        b: &LayerNormBackwardBuffers<'_>,
+    ) -> Result<Vec<Dispatch<'p>>> {
         let k = &self.kernel;
         let ph = &k.placeholders;
         let row_bytes = self.width * k.storage.element_bytes();
@@ -596,7 +609,6 @@ impl LayerNormBackwardPlan {
                 self.final_groups,
             ));
         }
-        record(encoder, "layer_norm backward", &passes);
-        Ok(())
+        Ok(passes)
     }
 }

@@ -39,6 +39,7 @@ macro_rules! storage_constructors {
     };
 }
 
+pub(crate) mod args;
 pub(crate) mod batch_norm;
 pub(crate) mod batch_norm_backward;
 pub(crate) mod copy;
@@ -65,6 +66,7 @@ include!(concat!(env!("OUT_DIR"), "/shader_files.rs"));
 
 pub use crate::shader_source::Variant;
 pub use crate::storage::Storage;
+pub(crate) use args::{check_device, probe_binding, CallArgs};
 
 fn raw_source(name: &str) -> Option<&'static str> {
     SHADER_FILES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
@@ -354,27 +356,6 @@ impl BindLimits {
         }
         Ok(())
     }
-}
-
-/// WebGPU forbids binding one buffer both read-only and writable in a dispatch: every input
-/// must live in a buffer that no output uses. (Outputs may share a buffer at distinct offsets.)
-pub(crate) fn check_distinct(
-    op: &'static str,
-    inputs: &[(&'static str, &wgpu::BufferSlice<'_>)],
-    outputs: &[(&'static str, &wgpu::BufferSlice<'_>)],
-) -> Result<()> {
-    for (out_name, out) in outputs {
-        if let Some((in_name, _)) = inputs.iter().find(|(_, i)| i.buffer() == out.buffer()) {
-            return Err(Error::Buffer {
-                op,
-                what: out_name,
-                reason: format!(
-                    "shares a buffer with the input `{in_name}`; inputs and outputs must be in distinct buffers"
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// A uniform buffer holding `value` (a `#[repr(C)]` mirror of a WGSL struct).

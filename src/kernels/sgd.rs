@@ -2,7 +2,9 @@
 
 use crate::context::Kernel;
 use crate::error::{Error, Result};
-use crate::kernels::{bind_group, binding, compute_pipeline, fold_workgroups, record, uniform_buffer, BindLimits};
+use crate::kernels::{
+    bind_group, binding, check_device, compute_pipeline, fold_workgroups, uniform_buffer, BindLimits, CallArgs,
+};
 
 const OP: &str = "sgd";
 
@@ -23,6 +25,7 @@ const _: () = assert!(std::mem::size_of::<SgdParams>() == 16);
 /// The compiled SGD pipeline for one device.
 #[derive(Clone, Debug)]
 pub struct SgdKernel {
+    device: wgpu::Device,
     step: wgpu::ComputePipeline,
 }
 
@@ -30,6 +33,7 @@ impl Kernel for SgdKernel {
     fn build(device: &wgpu::Device, _storage: crate::kernels::Storage) -> Self {
         let module = crate::kernels::shader_module(device, "sgd/sgd.wgsl", crate::kernels::Storage::F32, false);
         Self {
+            device: device.clone(),
             step: compute_pipeline(device, &module, "sgd_step"),
         }
     }
@@ -43,6 +47,7 @@ impl SgdKernel {
 
     /// A plan updating `n` parameters with learning rate `lr` (finite).
     pub fn plan(&self, device: &wgpu::Device, n: usize, lr: f32) -> Result<SgdPlan> {
+        check_device(OP, &self.device, device)?;
         if !lr.is_finite() {
             return Err(Error::invalid(OP, format!("learning rate must be finite, got {lr}")));
         }
@@ -89,28 +94,25 @@ impl SgdPlan {
         param: &wgpu::BufferSlice<'_>,
         grad: &wgpu::BufferSlice<'_>,
     ) -> Result<()> {
-        let bytes = self.n * 4;
-        self.limits.check(OP, "param", param, bytes)?;
-        self.limits.check(OP, "grad", grad, bytes)?;
-        if param.buffer() == grad.buffer() {
-            return Err(Error::Buffer {
-                op: OP,
-                what: "grad",
-                reason: "shares a buffer with `param`".into(),
-            });
-        }
         let k = &self.kernel;
-        let group = bind_group(
-            device,
-            "sgd_step",
-            &k.step,
-            &[
-                (0, self.uniform.as_entire_binding()),
-                (1, binding(param, bytes)),
-                (2, binding(grad, bytes)),
-            ],
-        );
-        record(encoder, "sgd", &[(&k.step, group, (self.groups.0, self.groups.1))]);
-        Ok(())
+        check_device(OP, &k.device, device)?;
+        let bytes = self.n * 4;
+        let mut args = CallArgs::new(OP, &self.limits);
+        args.write("param", param, bytes)?;
+        args.read("grad", grad, bytes)?;
+        args.check_aliasing()?;
+        args.record(device, encoder, "sgd", || {
+            let group = bind_group(
+                device,
+                "sgd_step",
+                &k.step,
+                &[
+                    (0, self.uniform.as_entire_binding()),
+                    (1, binding(param, bytes)),
+                    (2, binding(grad, bytes)),
+                ],
+            );
+            Ok(vec![(&k.step, group, self.groups)])
+        })
     }
 }

@@ -77,7 +77,7 @@ impl BatchNorm {
         let c = config.num_features;
         let (weight, bias) = if config.affine {
             (
-                Some(Tensor::from_slice(ctx, &vec![1.0f32; c], &[c])?),
+                Some(Tensor::full(ctx, &[c], 1.0, DType::F32)?),
                 Some(Tensor::zeros(ctx, &[c], DType::F32)?),
             )
         } else {
@@ -86,7 +86,7 @@ impl BatchNorm {
         let (running_mean, running_var, num_batches_tracked) = if config.track_running_stats {
             (
                 Some(Tensor::zeros(ctx, &[c], DType::F32)?),
-                Some(Tensor::from_slice(ctx, &vec![1.0f32; c], &[c])?),
+                Some(Tensor::full(ctx, &[c], 1.0, DType::F32)?),
                 Some(ctx.create_buffer(
                     "num_batches_tracked",
                     8,
@@ -259,6 +259,7 @@ impl BatchNorm {
     /// [`BatchNorm::forward`], optionally with a dropout fused into the normalize pass that
     /// draws from `generator`'s current state (not advanced here).
     pub(crate) fn forward_impl(&mut self, x: &Tensor, dropout: Option<(DropoutConfig, &Generator)>) -> Result<Tensor> {
+        self.ctx.check_owns(OP, "x", x)?;
         let fused = dropout.as_ref().map(|(d, _)| *d);
         let storage = self.ctx.storage(x.dtype());
         if self
@@ -382,6 +383,7 @@ impl BatchNorm {
                 ),
             });
         }
+        self.ctx.check_owns(OP, "dy", dy)?;
         if dy.dtype() != saved.x.dtype() {
             return Err(Error::DType {
                 op: OP,
@@ -409,9 +411,11 @@ impl BatchNorm {
         generator: Option<&Generator>,
     ) -> Result<()> {
         let saved = self.check_backward(dy)?;
-        check_target(targets.dx, &saved.shape, saved.x.dtype())?;
-        for t in [targets.dweight, targets.dbias].into_iter().flatten() {
-            check_target(t, &[self.config.num_features], DType::F32)?;
+        check_target(&self.ctx, OP, "dx", targets.dx, &saved.shape, saved.x.dtype())?;
+        for (what, t) in [("dweight", targets.dweight), ("dbias", targets.dbias)] {
+            if let Some(t) = t {
+                check_target(&self.ctx, OP, what, t, &[self.config.num_features], DType::F32)?;
+            }
         }
         // The fused dropout ran in the forward's mode, which check_backward pinned to this one.
         let dropout = saved.dropout.map(|(d, _, _)| (d, saved.training));

@@ -7,12 +7,17 @@ use crate::kernels::dropout::{
 };
 use crate::tensor::{DType, Tensor};
 
+const FORWARD: &str = "Dropout";
+const BACKWARD: &str = "Dropout backward";
+
 /// A packed keep mask on the GPU: unit `u` is bit `u % 32` of word `u / 32`, LSB first.
 /// Units are elements for dropout and `(n, c)` channels for Dropout2d.
 #[derive(Clone, Debug)]
 pub struct Mask {
     buffer: wgpu::Buffer,
     units: u64,
+    /// The id of the context that made it.
+    owner: u64,
 }
 
 impl Mask {
@@ -23,7 +28,11 @@ impl Mask {
             words * 4,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         )?;
-        Ok(Self { buffer, units })
+        Ok(Self {
+            buffer,
+            units,
+            owner: ctx.id(),
+        })
     }
 
     /// The buffer of `⌈units / 32⌉` u32 words.
@@ -38,6 +47,13 @@ impl Mask {
 
     /// Downloads the packed words.
     pub async fn to_words(&self, ctx: &Context) -> Result<Vec<u32>> {
+        if self.owner != ctx.id() {
+            return Err(Error::WrongDevice {
+                op: "mask read",
+                what: "mask",
+                detail: String::new(),
+            });
+        }
         let bytes = ctx.read_buffer(&self.buffer, 0, self.units.div_ceil(32) * 4).await?;
         Ok(bytes
             .chunks_exact(4)
@@ -234,20 +250,25 @@ impl Dropout {
         want_mask: bool,
         advance: bool,
     ) -> Result<(Tensor, Option<Mask>)> {
+        self.ctx.check_owns(FORWARD, "x", x)?;
         let storage = self.ctx.storage(x.dtype());
-        if self
+        // A new plan replaces the module's only once the call has succeeded: backward uses the
+        // plan of the last successful forward.
+        let fresh = if self
             .plan
             .as_ref()
             .is_none_or(|p| p.shape() != x.shape() || p.storage() != storage)
         {
-            self.plan = Some(self.ctx.kernel_with::<DropoutKernel>(storage)?.plan(
+            Some(self.ctx.kernel_with::<DropoutKernel>(storage)?.plan(
                 self.ctx.device(),
                 x.shape(),
                 &self.config,
                 self.unit,
-            )?);
-        }
-        let plan = self.plan.as_ref().expect("set above");
+            )?)
+        } else {
+            None
+        };
+        let plan = fresh.as_ref().or(self.plan.as_ref()).expect("built above");
         let training = self.training;
         let identity = !training && self.config.scale(false) == 1.0;
         let (y, mask) = if identity && !want_mask {
@@ -281,6 +302,9 @@ impl Dropout {
             self.generator.submit_with(&self.ctx, seed, offset, encoder)?;
             (y, mask)
         };
+        if fresh.is_some() {
+            self.plan = fresh;
+        }
         self.last = Some(DropoutCall { seed, offset, training });
         self.last_shape = x.shape().to_vec();
         self.last_dtype = x.dtype();
@@ -308,7 +332,7 @@ impl Dropout {
     /// Backward into `dx`; with `accumulate`, `dx += dy·m`.
     pub fn backward_into(&mut self, dy: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
         let last = self.check_backward(dy)?;
-        check_target(dx, dy.shape(), dy.dtype())?;
+        check_target(&self.ctx, BACKWARD, "dx", dx, dy.shape(), dy.dtype())?;
         let plan = self.plan.as_ref().expect("a forward built the plan");
         let device = self.ctx.device();
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -328,9 +352,16 @@ impl Dropout {
     pub fn backward_from_mask(&mut self, dy: &Tensor, mask: &Mask) -> Result<Tensor> {
         let last = self.check_backward(dy)?;
         let plan = self.plan.as_ref().expect("a forward built the plan");
+        if mask.owner != self.ctx.id() {
+            return Err(Error::WrongDevice {
+                op: BACKWARD,
+                what: "mask",
+                detail: String::new(),
+            });
+        }
         if mask.units() != plan.units() {
             return Err(Error::shape(
-                "Dropout backward",
+                BACKWARD,
                 "mask",
                 &[mask.units() as usize],
                 format!("{} units for the forward's shape", plan.units()),
@@ -357,7 +388,7 @@ impl Dropout {
     }
 
     fn check_backward(&self, dy: &Tensor) -> Result<DropoutCall> {
-        const OP: &str = "Dropout backward";
+        const OP: &str = BACKWARD;
         let last = self.last.ok_or_else(|| Error::State {
             op: OP,
             reason: "backward before any forward".into(),
@@ -368,29 +399,31 @@ impl Dropout {
                 reason: "the module's mode changed since the forward; backward must use the forward's mode".into(),
             });
         }
-        check_target(dy, &self.last_shape, self.last_dtype)?;
+        check_target(&self.ctx, OP, "dy", dy, &self.last_shape, self.last_dtype)?;
         Ok(last)
     }
 }
 
-/// Checks that a gradient tensor has the expected shape and dtype.
-pub(crate) fn check_target(t: &Tensor, shape: &[usize], dtype: DType) -> Result<()> {
-    const OP: &str = "backward";
+/// Checks that tensor argument `what` of `op` belongs to `ctx` and has `shape` and `dtype`.
+pub(crate) fn check_target(
+    ctx: &Context,
+    op: &'static str,
+    what: &'static str,
+    t: &Tensor,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<()> {
+    ctx.check_owns(op, what, t)?;
     if t.dtype() != dtype {
         return Err(Error::DType {
-            op: OP,
-            what: "gradient",
+            op,
+            what,
             got: t.dtype(),
             expected: dtype,
         });
     }
     if t.shape() != shape {
-        return Err(Error::shape(
-            OP,
-            "gradient",
-            t.shape(),
-            format!("the forward's shape {shape:?}"),
-        ));
+        return Err(Error::shape(op, what, t.shape(), format!("{shape:?}")));
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use crate::state::StateTensor;
 use crate::tensor::{DType, Tensor};
 
 const OP: &str = "LayerNorm";
+const BACKWARD: &str = "LayerNorm backward";
 
 /// What the last forward saved for backward.
 #[derive(Clone, Debug)]
@@ -52,9 +53,8 @@ impl LayerNorm {
     pub fn with_config(ctx: &Context, config: LayerNormConfig) -> Result<Self> {
         config.validate()?;
         let shape = config.normalized_shape.clone();
-        let w = config.width();
         let weight = if config.has_weight() {
-            Some(Tensor::from_slice(ctx, &vec![1.0f32; w], &shape)?)
+            Some(Tensor::full(ctx, &shape, 1.0, DType::F32)?)
         } else {
             None
         };
@@ -196,6 +196,10 @@ impl LayerNorm {
         generator: Option<&Generator>,
         training: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.ctx.check_owns(OP, "x", x)?;
+        if let Some(r) = residual {
+            self.ctx.check_owns(OP, "residual", r)?;
+        }
         if let Some(r) = residual.filter(|r| r.dtype() != x.dtype()) {
             return Err(Error::DType {
                 op: OP,
@@ -323,7 +327,7 @@ impl LayerNorm {
             op: OP,
             reason: "backward before any forward".into(),
         })?;
-        check_target(dy, &saved.shape, saved.input.dtype())?;
+        check_target(&self.ctx, BACKWARD, "dy", dy, &saved.shape, saved.input.dtype())?;
         Ok(saved)
     }
 
@@ -338,12 +342,16 @@ impl LayerNorm {
     ) -> Result<()> {
         let saved = self.check_backward(dy)?;
         let act = saved.input.dtype();
-        check_target(targets.dx, &saved.shape, act)?;
-        for t in [dresidual, dh_in].into_iter().flatten() {
-            check_target(t, &saved.shape, act)?;
+        check_target(&self.ctx, BACKWARD, "dx", targets.dx, &saved.shape, act)?;
+        for (what, t) in [("dresidual", dresidual), ("dh_in", dh_in)] {
+            if let Some(t) = t {
+                check_target(&self.ctx, BACKWARD, what, t, &saved.shape, act)?;
+            }
         }
-        for t in [targets.dweight, targets.dbias].into_iter().flatten() {
-            check_target(t, &self.config.normalized_shape, DType::F32)?;
+        for (what, t) in [("dweight", targets.dweight), ("dbias", targets.dbias)] {
+            if let Some(t) = t {
+                check_target(&self.ctx, BACKWARD, what, t, &self.config.normalized_shape, DType::F32)?;
+            }
         }
         let state = match (saved.fusion, saved.dropout_state, generator) {
             (LayerNormFusion::None, _, _) => None,

@@ -20,6 +20,7 @@ use crate::tensor::{DType, Tensor};
 /// does not wait.
 pub fn sgd_step(ctx: &Context, param: &Tensor, grad: &Tensor, lr: f32) -> Result<()> {
     for (what, t) in [("param", param), ("grad", grad)] {
+        ctx.check_owns("sgd", what, t)?;
         if t.dtype() != DType::F32 {
             return Err(Error::DType {
                 op: "sgd",
