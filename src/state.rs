@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 
 /// Writes `(key, tensor)` entries as a safetensors file image.
-pub(crate) fn serialize(entries: &[(String, StateTensor)]) -> Result<Vec<u8>> {
+pub fn serialize(entries: &[(String, StateTensor)]) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = entries
         .iter()
         .map(|(k, t)| match t {
@@ -33,7 +33,7 @@ pub(crate) fn serialize(entries: &[(String, StateTensor)]) -> Result<Vec<u8>> {
 }
 
 /// Reads the f32 and i64 tensors of a safetensors image (other dtypes are rejected by name).
-pub(crate) fn deserialize(bytes: &[u8]) -> Result<StateMap> {
+pub fn deserialize(bytes: &[u8]) -> Result<StateMap> {
     let st = SafeTensors::deserialize(bytes)?;
     let mut out = StateMap::new();
     for (name, view) in st.iter() {
@@ -125,4 +125,4 @@ impl StateTensor {
 }
 
 /// Named state tensors, as read from a file.
-pub(crate) type StateMap = HashMap<String, StateTensor>;
+pub type StateMap = HashMap<String, StateTensor>;
