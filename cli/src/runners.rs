@@ -178,27 +178,55 @@ impl Runner {
     }
 }
 
-/// Deterministic inputs in [−1, 1) of `dtype` (f16 values are the f32 ones rounded).
+/// Deterministic inputs in [−1, 1) of `dtype` (f16 values are the f32 ones rounded). The
+/// tensor is allocated first (so a size beyond the device's limits fails before any host
+/// memory is spent) and filled in chunks of at most [`FILL_CHUNK`] elements, so that host memory
+/// stays small whatever the shape.
 fn fill(ctx: &Context, shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
-    Tensor::from_f32(ctx, &fill_values(shape, seed, dtype), shape, dtype)
+    let t = Tensor::zeros(ctx, shape, dtype)?;
+    let mut values = fill_iter(seed, dtype);
+    let mut offset = 0u64;
+    let mut left = t.numel();
+    while left > 0 {
+        let n = left.min(FILL_CHUNK);
+        let chunk: Vec<f32> = values.by_ref().take(n).collect();
+        let mut bytes = match dtype {
+            DType::F32 => bytemuck::cast_slice::<f32, u8>(&chunk).to_vec(),
+            DType::F16 => chunk
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+        };
+        // Queue writes are whole 4-byte words: an odd count of halves ends in the padding.
+        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+        ctx.scoped(|| ctx.queue().write_buffer(t.buffer(), offset, &bytes))?;
+        offset += bytes.len() as u64;
+        left -= n;
+    }
+    Ok(t)
 }
+
+/// Elements [`fill`] writes per queue write (an even count, so f16 chunks stay whole words).
+const FILL_CHUNK: usize = 1 << 20;
 
 /// The values [`fill`] uploads, as f32 (exact for f16).
 fn fill_values(shape: &[usize], seed: u64, dtype: DType) -> Vec<f32> {
-    let n: usize = shape.iter().product();
+    fill_iter(seed, dtype).take(shape.iter().product()).collect()
+}
+
+/// The endless sequence behind [`fill`]: xorshift64 values in [−1, 1), rounded to f16 for F16.
+fn fill_iter(seed: u64, dtype: DType) -> impl Iterator<Item = f32> {
     let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            z ^= z << 13;
-            z ^= z >> 7;
-            z ^= z << 17;
-            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
-    match dtype {
-        DType::F32 => data,
-        DType::F16 => data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-    }
+    std::iter::repeat_with(move || {
+        z ^= z << 13;
+        z ^= z >> 7;
+        z ^= z << 17;
+        let v = (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+        match dtype {
+            DType::F32 => v,
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+        }
+    })
 }
 
 fn zeros(ctx: &Context, shape: &[usize]) -> Result<Tensor> {

@@ -307,3 +307,53 @@ fn bench_runs_f16_on_both_storage_paths() {
         );
     }
 }
+
+/// The command's bad-input catalogue: each bad argument or file is refused with a nonzero exit
+/// status and a message naming the argument, never a panic and never a zero exit.
+#[test]
+fn bench_and_check_refuse_bad_input() {
+    let garbage = std::env::temp_dir().join(format!("normdrop-garbage-{}.json", std::process::id()));
+    std::fs::write(&garbage, "not json").unwrap();
+    let garbage = garbage.to_str().unwrap().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["bench", "--bn", "4294967296x4294967296x2x2"], "--bn"),
+        (&["bench", "--bn", "32x0x8x8"], "--bn"),
+        (&["bench", "--ln", "1024x0"], "--ln"),
+        (&["bench", "--ln", "1024x-5"], "--ln"),
+        (&["bench", "--dropout", "3000000000"], "--dropout"),
+        (&["bench", "--dropout", "abc"], "--dropout"),
+        (&["bench", "--dropout", ""], "--dropout"),
+        (&["bench", "--dtype", "f64"], "--dtype"),
+        (&["bench", "--ops", "no_such_op"], "no_such_op"),
+        (
+            &["bench", "--baseline", "/nonexistent/baseline.json"],
+            "/nonexistent/baseline.json",
+        ),
+        (&["bench", "--baseline", &garbage], "baseline"),
+        (
+            &["bench", "--json", "/nonexistent/dir/x.json", "--ops", "dropout_forward"],
+            "/nonexistent/dir/x.json",
+        ),
+        (
+            &["check", "/nonexistent/fixture.safetensors"],
+            "/nonexistent/fixture.safetensors",
+        ),
+        (&["check", &garbage], "normdrop-garbage"),
+        (&["no-such-command"], "no-such-command"),
+    ];
+    for (args, named) in cases {
+        let Some(out) = normdrop(args) else { return };
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{args:?} exited 0: {text}");
+        assert!(!text.contains("panicked"), "{args:?} panicked: {text}");
+        assert!(
+            text.contains(named),
+            "{args:?}: the output does not name {named:?}: {text}"
+        );
+    }
+    std::fs::remove_file(&garbage).unwrap();
+}
