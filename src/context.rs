@@ -108,8 +108,8 @@ impl Context {
             desc.backends = backends;
         }
         let backends = desc.backends;
-        let instance = shared_instance(desc);
-        let adapter = pick_adapter(&instance, backends, &options).await?;
+        let adapters = shared_adapters(desc).await;
+        let adapter = pick_adapter(&adapters, backends, &options)?;
         let limits = options.limits.clone().unwrap_or_else(|| adapter.limits());
         let features = adapter.features() & OPTIONAL_FEATURES & !options.disabled_features;
         let (device, queue) = adapter
@@ -316,31 +316,64 @@ impl Context {
     }
 }
 
-/// One wgpu instance per set of backends for the whole process, shared by every context
-/// normdrop creates. wgpu identifies devices and buffers by indices into their instance's
-/// tables, so handles of two instances can compare equal and a buffer of one, used on a device
-/// of the other, reads an unrelated resource or panics inside wgpu. With one instance, wgpu's
-/// handle equality and its own device checks are exact across normdrop's contexts.
-fn shared_instance(desc: wgpu::InstanceDescriptor) -> wgpu::Instance {
-    static INSTANCES: OnceLock<Mutex<Vec<(wgpu::Backends, wgpu::InstanceFlags, wgpu::Instance)>>> = OnceLock::new();
-    let mut instances = INSTANCES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some((_, _, instance)) = instances
-        .iter()
-        .find(|(b, f, _)| *b == desc.backends && *f == desc.flags)
-    {
-        return instance.clone();
+/// The adapters of one wgpu instance per set of backends, enumerated once for the whole
+/// process and shared by every context normdrop creates.
+///
+/// One instance: wgpu identifies devices and buffers by indices into their instance's tables,
+/// so handles of two instances can compare equal, and a buffer of one used on a device of the
+/// other reads an unrelated resource or panics inside wgpu. With one instance, wgpu's handle
+/// equality and its own device checks are exact across normdrop's contexts.
+///
+/// One enumeration: every GL adapter of an instance shares the instance's EGL context, each
+/// behind its own lock, so devices of two enumerations of one instance could make that context
+/// current on two threads at once (EGL refuses with `BadAccess`, and wgpu panics). Devices of
+/// one adapter share its lock.
+async fn shared_adapters(desc: wgpu::InstanceDescriptor) -> Vec<wgpu::Adapter> {
+    type Cache = Mutex<Vec<(wgpu::Backends, wgpu::InstanceFlags, Vec<wgpu::Adapter>)>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (desc.backends, desc.flags);
+    let lookup = || {
+        cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .find(|(b, f, _)| (*b, *f) == key)
+            .map(|(_, _, adapters)| adapters.clone())
+    };
+    if let Some(adapters) = lookup() {
+        return adapters;
     }
-    let (backends, flags) = (desc.backends, desc.flags);
+    // Enumerate without holding the lock (enumeration awaits); if another thread got there
+    // first, its list wins and this instance is dropped.
     let instance = wgpu::Instance::new(desc);
-    instances.push((backends, flags, instance.clone()));
-    instance
+    let adapters = instance.enumerate_adapters(key.0).await;
+    let mut cache = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, _, first)) = cache.iter().find(|(b, f, _)| (*b, *f) == key) {
+        return first.clone();
+    }
+    cache.push((key.0, key.1, adapters.clone()));
+    adapters
 }
 
-async fn pick_adapter(
-    instance: &wgpu::Instance,
+/// wgpu's `request_adapter` order for a power preference: discrete, integrated, other,
+/// virtual, CPU (integrated first for `LowPower`; enumeration order for `None`).
+fn adapter_rank(device_type: wgpu::DeviceType, preference: wgpu::PowerPreference) -> u8 {
+    use wgpu::DeviceType as T;
+    match (preference, device_type) {
+        (wgpu::PowerPreference::None, _) => 0,
+        (wgpu::PowerPreference::LowPower, T::IntegratedGpu) => 1,
+        (wgpu::PowerPreference::LowPower, T::DiscreteGpu) => 2,
+        (_, T::DiscreteGpu) => 1,
+        (_, T::IntegratedGpu) => 2,
+        (_, T::Other) => 3,
+        (_, T::VirtualGpu) => 4,
+        (_, T::Cpu) => 5,
+    }
+}
+
+fn pick_adapter(
+    adapters: &[wgpu::Adapter],
     backends: wgpu::Backends,
     options: &ContextOptions,
 ) -> Result<wgpu::Adapter> {
@@ -349,7 +382,6 @@ async fn pick_adapter(
         .clone()
         .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
         .filter(|s| !s.is_empty());
-    let adapters = instance.enumerate_adapters(backends).await;
     let describe = |list: &[wgpu::Adapter]| {
         let names: Vec<String> = list
             .iter()
@@ -373,10 +405,10 @@ async fn pick_adapter(
             .iter()
             .position(|a| a.get_info().name.to_lowercase().contains(&needle))
         {
-            Some(i) => Ok(adapters.into_iter().nth(i).expect("index from position")),
+            Some(i) => Ok(adapters[i].clone()),
             None => Err(Error::NoAdapter(format!(
                 "no adapter name contains {name:?} ({})",
-                describe(&adapters)
+                describe(adapters)
             ))),
         };
     }
@@ -384,13 +416,12 @@ async fn pick_adapter(
         .power_preference
         .or_else(wgpu::PowerPreference::from_env)
         .unwrap_or(wgpu::PowerPreference::HighPerformance);
-    instance
-        .request_adapter(&wgpu::RequestAdapterOptions {
-            power_preference,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::NoAdapter(format!("{e} ({})", describe(&adapters))))
+    // The first of the best rank, as wgpu's request_adapter picks (a stable sort).
+    adapters
+        .iter()
+        .min_by_key(|a| adapter_rank(a.get_info().device_type, power_preference))
+        .cloned()
+        .ok_or_else(|| Error::NoAdapter(describe(adapters)))
 }
 
 /// Runs `f` inside validation, out-of-memory and internal error scopes on `device` and returns
