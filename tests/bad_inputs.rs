@@ -1116,6 +1116,21 @@ fn modules() {
         "Aliased",
         &["batch_norm backward", "dweight", "dbias"],
     );
+    let a = (bnd.forward(&x).unwrap(), bnd.backward(&dy).unwrap());
+    let mut reference = BatchNormDropout::new(&ctx, BatchNormConfig::new(3), DropoutConfig::new(0.2), 3).unwrap();
+    reference.forward(&x).unwrap();
+    let b = (reference.forward(&x).unwrap(), reference.backward(&dy).unwrap());
+    assert_eq!(
+        f32s(&ctx, &a.0),
+        f32s(&ctx, &b.0),
+        "BatchNormDropout y after the errors"
+    );
+    assert_eq!(
+        f32s(&ctx, &a.1.dx),
+        f32s(&ctx, &b.1.dx),
+        "BatchNormDropout dx after the errors"
+    );
+    assert_eq!(snap(&bnd), snap(&reference), "BatchNormDropout state after the errors");
     let mut lnd = LayerNormDropout::new(&ctx, LayerNormConfig::new(&[8]), DropoutConfig::new(0.2), 3).unwrap();
     let snap = |m: &LayerNormDropout| {
         let mut s = ln_snapshot(&ctx, m.layer_norm());
@@ -1165,6 +1180,21 @@ fn modules() {
         &["fused backward", "mode"],
     );
     lnd.train();
+    let a = (lnd.forward(&lx).unwrap(), lnd.backward(&ldy).unwrap());
+    let mut reference = LayerNormDropout::new(&ctx, LayerNormConfig::new(&[8]), DropoutConfig::new(0.2), 3).unwrap();
+    reference.forward(&lx).unwrap();
+    let b = (reference.forward(&lx).unwrap(), reference.backward(&ldy).unwrap());
+    assert_eq!(
+        f32s(&ctx, &a.0),
+        f32s(&ctx, &b.0),
+        "LayerNormDropout y after the errors"
+    );
+    assert_eq!(
+        f32s(&ctx, &a.1.dx),
+        f32s(&ctx, &b.1.dx),
+        "LayerNormDropout dx after the errors"
+    );
+    assert_eq!(snap(&lnd), snap(&reference), "LayerNormDropout state after the errors");
     let mut res = ResidualDropoutLayerNorm::new(&ctx, LayerNormConfig::new(&[8]), DropoutConfig::new(0.2), 3).unwrap();
     let snap = |m: &ResidualDropoutLayerNorm| {
         let mut s = ln_snapshot(&ctx, m.layer_norm());
@@ -1213,6 +1243,26 @@ fn modules() {
         "WrongDevice",
         &["LayerNorm backward", "dh_in"],
     );
+    let a = res.forward(&lx, &r).unwrap();
+    let ga = res.backward(&ldy, None).unwrap();
+    let mut reference =
+        ResidualDropoutLayerNorm::new(&ctx, LayerNormConfig::new(&[8]), DropoutConfig::new(0.2), 3).unwrap();
+    reference.forward(&lx, &r).unwrap();
+    let b = reference.forward(&lx, &r).unwrap();
+    let gb = reference.backward(&ldy, None).unwrap();
+    assert_eq!(f32s(&ctx, &a.0), f32s(&ctx, &b.0), "residual block y after the errors");
+    assert_eq!(f32s(&ctx, &a.1), f32s(&ctx, &b.1), "residual block h after the errors");
+    assert_eq!(
+        f32s(&ctx, &ga.dx),
+        f32s(&ctx, &gb.dx),
+        "residual block dx after the errors"
+    );
+    assert_eq!(
+        f32s(&ctx, &ga.dresidual),
+        f32s(&ctx, &gb.dresidual),
+        "residual block dresidual after the errors"
+    );
+    assert_eq!(snap(&res), snap(&reference), "residual block state after the errors");
     cat.finish(70);
 }
 

@@ -262,7 +262,8 @@ impl BatchNorm {
         self.ctx.check_owns(OP, "x", x)?;
         let fused = dropout.as_ref().map(|(d, _)| *d);
         let storage = self.ctx.storage(x.dtype());
-        if self
+        // A new plan replaces the module's once the call has succeeded.
+        let fresh = if self
             .plan
             .as_ref()
             .is_none_or(|p| p.shape() != x.shape() || p.dropout() != fused.as_ref() || p.storage() != storage)
@@ -272,15 +273,16 @@ impl BatchNorm {
                 split: self.split,
                 ..Default::default()
             };
-            let plan = self.ctx.kernel_with::<BatchNormKernel>(storage)?.plan_with(
+            Some(self.ctx.kernel_with::<BatchNormKernel>(storage)?.plan_with(
                 self.ctx.device(),
                 x.shape(),
                 &self.config,
                 &options,
-            )?;
-            self.plan = Some(plan);
-        }
-        let plan = self.plan.as_ref().expect("set above");
+            )?)
+        } else {
+            None
+        };
+        let plan = fresh.as_ref().or(self.plan.as_ref()).expect("built above");
         let c = self.config.num_features;
         let y = Tensor::zeros(&self.ctx, x.shape(), x.dtype())?;
         let mean = Tensor::zeros(&self.ctx, &[c], DType::F32)?;
@@ -310,11 +312,15 @@ impl BatchNorm {
             }
             None => self.ctx.submit(encoder)?,
         }
+        let batch_stats = plan.uses_batch_stats(self.training);
+        if fresh.is_some() {
+            self.plan = fresh;
+        }
         self.saved = Some(BatchNormSaved {
             shape: x.shape().to_vec(),
             x: x.clone(),
             training: self.training,
-            batch_stats: plan.uses_batch_stats(self.training),
+            batch_stats,
             mean,
             invstd,
             dropout: dropout.as_ref().map(|(d, g)| {
@@ -426,19 +432,20 @@ impl BatchNorm {
             });
         }
         let storage = self.ctx.storage(saved.x.dtype());
-        if self.backward_plan.as_ref().is_none_or(|p| {
+        let fresh = if self.backward_plan.as_ref().is_none_or(|p| {
             p.shape() != saved.shape.as_slice() || p.dropout() != dropout.as_ref() || p.storage() != storage
         }) {
-            let plan = self.ctx.kernel_with::<BatchNormBackwardKernel>(storage)?.plan_with(
+            Some(self.ctx.kernel_with::<BatchNormBackwardKernel>(storage)?.plan_with(
                 self.ctx.device(),
                 &saved.shape,
                 &self.config,
                 dropout,
                 self.split,
-            )?;
-            self.backward_plan = Some(plan);
-        }
-        let plan = self.backward_plan.as_ref().expect("set above");
+            )?)
+        } else {
+            None
+        };
+        let plan = fresh.as_ref().or(self.backward_plan.as_ref()).expect("built above");
         let buffers = BatchNormBackwardBuffers {
             x: saved.x.slice(),
             dy: dy.slice(),
@@ -457,9 +464,13 @@ impl BatchNorm {
         self.ctx
             .scoped(|| plan.encode(device, &mut encoder, saved.batch_stats, accumulate, &buffers))??;
         match (generator, saved.dropout) {
-            (Some(g), Some((_, seed, offset))) => g.submit_with(&self.ctx, seed, offset, encoder),
-            _ => self.ctx.submit(encoder),
+            (Some(g), Some((_, seed, offset))) => g.submit_with(&self.ctx, seed, offset, encoder)?,
+            _ => self.ctx.submit(encoder)?,
         }
+        if fresh.is_some() {
+            self.backward_plan = fresh;
+        }
+        Ok(())
     }
 
     /// The state as `(key, tensor)` entries with PyTorch's names, prefixed by `prefix` (e.g.

@@ -217,19 +217,21 @@ impl LayerNorm {
             ));
         }
         let storage = self.ctx.storage(x.dtype());
-        if self
+        let fresh = if self
             .plan
             .as_ref()
             .is_none_or(|p| p.shape() != x.shape() || p.fusion() != fusion || p.storage() != storage)
         {
-            self.plan = Some(self.ctx.kernel_with::<LayerNormKernel>(storage)?.plan(
+            Some(self.ctx.kernel_with::<LayerNormKernel>(storage)?.plan(
                 self.ctx.device(),
                 x.shape(),
                 &self.config,
                 fusion,
-            )?);
-        }
-        let plan = self.plan.as_ref().expect("set above");
+            )?)
+        } else {
+            None
+        };
+        let plan = fresh.as_ref().or(self.plan.as_ref()).expect("built above");
         let lead = &x.shape()[..x.shape().len() - self.config.normalized_shape.len()];
         let y = Tensor::zeros(&self.ctx, x.shape(), x.dtype())?;
         let mean = Tensor::zeros(&self.ctx, lead, DType::F32)?;
@@ -261,6 +263,9 @@ impl LayerNorm {
                 g.submit_with(&self.ctx, seed, offset, encoder)?;
             }
             None => self.ctx.submit(encoder)?,
+        }
+        if fresh.is_some() {
+            self.plan = fresh;
         }
         self.saved = Some(LayerNormSaved {
             shape: x.shape().to_vec(),
@@ -366,22 +371,23 @@ impl LayerNorm {
         let dropout_training = state.is_none_or(|(_, _, _, training)| training);
         let fusion = saved.fusion;
         let storage = self.ctx.storage(act);
-        if self.backward_plan.as_ref().is_none_or(|p| {
+        let fresh = if self.backward_plan.as_ref().is_none_or(|p| {
             p.shape() != saved.shape.as_slice()
                 || p.fusion() != fusion
                 || p.dropout_training() != dropout_training
                 || p.storage() != storage
         }) {
-            let plan = self.ctx.kernel_with::<LayerNormBackwardKernel>(storage)?.plan(
+            Some(self.ctx.kernel_with::<LayerNormBackwardKernel>(storage)?.plan(
                 self.ctx.device(),
                 &saved.shape,
                 &self.config,
                 fusion,
                 dropout_training,
-            )?;
-            self.backward_plan = Some(plan);
-        }
-        let plan = self.backward_plan.as_ref().expect("set above");
+            )?)
+        } else {
+            None
+        };
+        let plan = fresh.as_ref().or(self.backward_plan.as_ref()).expect("built above");
         let buffers = LayerNormBackwardBuffers {
             x: saved.input.slice(),
             dy: dy.slice(),
@@ -401,8 +407,12 @@ impl LayerNorm {
         self.ctx
             .scoped(|| plan.encode(device, &mut encoder, accumulate, &buffers))??;
         match state {
-            Some((g, seed, offset, _)) => g.submit_with(&self.ctx, seed, offset, encoder),
-            None => self.ctx.submit(encoder),
+            Some((g, seed, offset, _)) => g.submit_with(&self.ctx, seed, offset, encoder)?,
+            None => self.ctx.submit(encoder)?,
         }
+        if fresh.is_some() {
+            self.backward_plan = fresh;
+        }
+        Ok(())
     }
 }
