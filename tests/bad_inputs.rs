@@ -116,6 +116,21 @@ impl Catalogue {
     }
 }
 
+/// `cases!(cat; name => result, kind, [names…]; …)`: one [`Catalogue::case`] per line.
+macro_rules! cases {
+    ($cat:ident; $($name:expr => $result:expr, $kind:expr, [$($n:expr),* $(,)?];)*) => {
+        $($cat.case(&$name, $result, $kind, &[$($n),*]);)*
+    };
+}
+
+/// `module_cases!(cat, module, snapshot; name => call, kind, [names…]; …)`: one
+/// [`Catalogue::module_case`] per line.
+macro_rules! module_cases {
+    ($cat:ident, $m:expr, $snap:expr; $($name:expr => $call:expr, $kind:expr, [$($n:expr),* $(,)?];)*) => {
+        $($cat.module_case(&$name, $m, $snap, $call, $kind, &[$($n),*]);)*
+    };
+}
+
 /// Everything observable about a module, as bits (so NaN compares equal to itself).
 type Snapshot = Vec<(String, Vec<u64>)>;
 
@@ -237,68 +252,22 @@ fn tensors_and_configs() {
     let huge = 1usize << 62;
 
     // Tensors.
-    cat.case(
-        "zeros, shape overflows",
-        Tensor::zeros(&ctx, &[3, huge], DType::F32),
-        "Shape",
-        &["tensor", "shape"],
-    );
-    cat.case(
-        "zeros, bytes overflow",
-        Tensor::zeros(&ctx, &[huge], DType::F32),
-        "Shape",
-        &["tensor", "shape"],
-    );
-    cat.case(
-        "zeros, above max_buffer_size",
-        Tensor::zeros(&ctx, &[1 << 20, 1 << 20], DType::F32),
-        "ExceedsLimit",
-        &["tensor", "max_buffer_size"],
-    );
-    cat.case(
-        "full, above max_buffer_size",
-        Tensor::full(&ctx, &[1 << 40], 1.0, DType::F32),
-        "ExceedsLimit",
-        &["tensor"],
-    );
-    cat.case(
-        "full f16, overflow",
-        Tensor::full(&ctx, &[huge, 8], 1.0, DType::F16),
-        "Shape",
-        &["tensor", "shape"],
-    );
-    cat.case(
-        "from_slice, length",
-        Tensor::from_slice(&ctx, &[1.0f32; 5], &[2, 3]),
-        "Shape",
-        &["tensor", "shape"],
-    );
-    cat.case(
-        "from_slice, overflow",
-        Tensor::from_slice(&ctx, &[1.0f32; 4], &[2, huge, 2]),
-        "Shape",
-        &["tensor"],
-    );
-    cat.case(
-        "from_f32 f16, length",
-        Tensor::from_f32(&ctx, &[1.0; 3], &[4], DType::F16),
-        "Shape",
-        &["tensor"],
+    cases!(cat;
+        "zeros, shape overflows" => Tensor::zeros(&ctx, &[3, huge], DType::F32), "Shape", ["tensor", "shape"];
+        "zeros, bytes overflow" => Tensor::zeros(&ctx, &[huge], DType::F32), "Shape", ["tensor", "shape"];
+        "zeros, above max_buffer_size" => Tensor::zeros(&ctx, &[1 << 20, 1 << 20], DType::F32), "ExceedsLimit", ["tensor", "max_buffer_size"];
+        "full, above max_buffer_size" => Tensor::full(&ctx, &[1 << 40], 1.0, DType::F32), "ExceedsLimit", ["tensor"];
+        "full f16, overflow" => Tensor::full(&ctx, &[huge, 8], 1.0, DType::F16), "Shape", ["tensor", "shape"];
+        "from_slice, length" => Tensor::from_slice(&ctx, &[1.0f32; 5], &[2, 3]), "Shape", ["tensor", "shape"];
+        "from_slice, overflow" => Tensor::from_slice(&ctx, &[1.0f32; 4], &[2, huge, 2]), "Shape", ["tensor"];
+        "from_f32 f16, length" => Tensor::from_f32(&ctx, &[1.0; 3], &[4], DType::F16), "Shape", ["tensor"];
     );
     let small = ctx
         .create_buffer("small", 16, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC)
         .unwrap();
-    cat.case(
-        "from_buffer, shape overflows (was Ok with size_bytes 0)",
-        Tensor::from_buffer(&ctx, small.clone(), &[3, huge], DType::F32),
-        "Shape",
-        &["tensor", "shape"],
-    );
-    cat.case(
-        "from_buffer, too small",
-        Tensor::from_buffer(&ctx, small.clone(), &[5], DType::F32),
-        "BufferTooSmall",
-        &["tensor", "buffer"],
+    cases!(cat;
+        "from_buffer, shape overflows (was Ok with size_bytes 0)" => Tensor::from_buffer(&ctx, small.clone(), &[3, huge], DType::F32), "Shape", ["tensor", "shape"];
+        "from_buffer, too small" => Tensor::from_buffer(&ctx, small.clone(), &[5], DType::F32), "BufferTooSmall", ["tensor", "buffer"];
     );
     let uniform = ctx
         .create_buffer(
@@ -307,11 +276,8 @@ fn tensors_and_configs() {
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )
         .unwrap();
-    cat.case(
-        "from_buffer, no STORAGE usage",
-        Tensor::from_buffer(&ctx, uniform, &[4], DType::F32),
-        "Buffer",
-        &["tensor", "buffer", "STORAGE"],
+    cases!(cat;
+        "from_buffer, no STORAGE usage" => Tensor::from_buffer(&ctx, uniform, &[4], DType::F32), "Buffer", ["tensor", "buffer", "STORAGE"];
     );
     let foreign_buffer = other
         .create_buffer(
@@ -320,11 +286,8 @@ fn tensors_and_configs() {
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         )
         .unwrap();
-    cat.case(
-        "from_buffer, buffer of another device",
-        Tensor::from_buffer(&ctx, foreign_buffer, &[4], DType::F32),
-        "WrongDevice",
-        &["tensor", "buffer"],
+    cases!(cat;
+        "from_buffer, buffer of another device" => Tensor::from_buffer(&ctx, foreign_buffer, &[4], DType::F32), "WrongDevice", ["tensor", "buffer"];
     );
     let destroyed = ctx
         .create_buffer(
@@ -334,49 +297,18 @@ fn tensors_and_configs() {
         )
         .unwrap();
     destroyed.destroy();
-    cat.case(
-        "from_buffer, destroyed buffer",
-        Tensor::from_buffer(&ctx, destroyed, &[4], DType::F32),
-        "Buffer",
-        &["tensor", "buffer"],
+    cases!(cat;
+        "from_buffer, destroyed buffer" => Tensor::from_buffer(&ctx, destroyed, &[4], DType::F32), "Buffer", ["tensor", "buffer"];
     );
     let t = Tensor::zeros(&ctx, &[4], DType::F32).unwrap();
     let foreign = Tensor::zeros(&other, &[4], DType::F32).unwrap();
-    cat.case(
-        "write, dtype",
-        t.write(&ctx, &[half::f16::ZERO; 4]),
-        "DType",
-        &["tensor write", "data"],
-    );
-    cat.case(
-        "write, length",
-        t.write(&ctx, &[0.0f32; 5]),
-        "Shape",
-        &["tensor write", "data"],
-    );
-    cat.case(
-        "write, other context",
-        foreign.write(&ctx, &[0.0f32; 4]),
-        "WrongDevice",
-        &["tensor write", "tensor"],
-    );
-    cat.case(
-        "read, dtype",
-        t.to_vec_blocking::<half::f16>(&ctx),
-        "DType",
-        &["tensor read", "destination"],
-    );
-    cat.case(
-        "read, other context",
-        foreign.to_vec_blocking::<f32>(&ctx),
-        "WrongDevice",
-        &["tensor read", "tensor"],
-    );
-    cat.case(
-        "read f64, other context",
-        foreign.to_f64_blocking(&ctx),
-        "WrongDevice",
-        &["tensor read"],
+    cases!(cat;
+        "write, dtype" => t.write(&ctx, &[half::f16::ZERO; 4]), "DType", ["tensor write", "data"];
+        "write, length" => t.write(&ctx, &[0.0f32; 5]), "Shape", ["tensor write", "data"];
+        "write, other context" => foreign.write(&ctx, &[0.0f32; 4]), "WrongDevice", ["tensor write", "tensor"];
+        "read, dtype" => t.to_vec_blocking::<half::f16>(&ctx), "DType", ["tensor read", "destination"];
+        "read, other context" => foreign.to_vec_blocking::<f32>(&ctx), "WrongDevice", ["tensor read", "tensor"];
+        "read f64, other context" => foreign.to_f64_blocking(&ctx), "WrongDevice", ["tensor read"];
     );
 
     // Configurations: every field out of its domain, through the module constructors.
@@ -386,23 +318,10 @@ fn tensors_and_configs() {
         f(&mut c);
         c
     };
-    cat.case(
-        "BatchNorm, 0 features",
-        bn(BatchNormConfig::new(0)),
-        "InvalidArgument",
-        &["batch_norm", "num_features"],
-    );
-    cat.case(
-        "BatchNorm, 2^40 features (aborted on a 4 TB host vector)",
-        bn(BatchNormConfig::new(1 << 40)),
-        "ExceedsLimit",
-        &["batch_norm", "num_features"],
-    );
-    cat.case(
-        "BatchNorm, 2^62 features",
-        bn(BatchNormConfig::new(huge)),
-        "ExceedsLimit",
-        &["batch_norm"],
+    cases!(cat;
+        "BatchNorm, 0 features" => bn(BatchNormConfig::new(0)), "InvalidArgument", ["batch_norm", "num_features"];
+        "BatchNorm, 2^40 features (aborted on a 4 TB host vector)" => bn(BatchNormConfig::new(1 << 40)), "ExceedsLimit", ["batch_norm", "num_features"];
+        "BatchNorm, 2^62 features" => bn(BatchNormConfig::new(huge)), "ExceedsLimit", ["batch_norm"];
     );
     for (name, eps) in [
         ("0", 0.0),
@@ -410,11 +329,8 @@ fn tensors_and_configs() {
         ("NaN", f32::NAN),
         ("inf", f32::INFINITY),
     ] {
-        cat.case(
-            &format!("BatchNorm, eps {name}"),
-            bn(bn_cfg(&|c| c.eps = eps)),
-            "InvalidArgument",
-            &["batch_norm", "eps"],
+        cases!(cat;
+            format!("BatchNorm, eps {name}") => bn(bn_cfg(&|c| c.eps = eps)), "InvalidArgument", ["batch_norm", "eps"];
         );
     }
     for (name, m) in [
@@ -423,37 +339,16 @@ fn tensors_and_configs() {
         ("NaN", f32::NAN),
         ("inf", f32::INFINITY),
     ] {
-        cat.case(
-            &format!("BatchNorm, momentum {name}"),
-            bn(bn_cfg(&|c| c.momentum = Some(m))),
-            "InvalidArgument",
-            &["batch_norm", "momentum"],
+        cases!(cat;
+            format!("BatchNorm, momentum {name}") => bn(bn_cfg(&|c| c.momentum = Some(m))), "InvalidArgument", ["batch_norm", "momentum"];
         );
     }
     let ln = |c: LayerNormConfig| LayerNorm::with_config(&ctx, c);
-    cat.case(
-        "LayerNorm, empty shape",
-        ln(LayerNormConfig::new(&[])),
-        "InvalidArgument",
-        &["layer_norm", "normalized_shape"],
-    );
-    cat.case(
-        "LayerNorm, zero dim",
-        ln(LayerNormConfig::new(&[4, 0])),
-        "InvalidArgument",
-        &["layer_norm", "normalized_shape"],
-    );
-    cat.case(
-        "LayerNorm, [2^20, 2^20] (aborted on a 4 TB host vector)",
-        LayerNorm::new(&ctx, &[1 << 20, 1 << 20]),
-        "ExceedsLimit",
-        &["layer_norm", "normalized_shape"],
-    );
-    cat.case(
-        "LayerNorm, [3, 2^62] (panicked: capacity overflow)",
-        LayerNorm::new(&ctx, &[3, huge]),
-        "ExceedsLimit",
-        &["layer_norm", "normalized_shape"],
+    cases!(cat;
+        "LayerNorm, empty shape" => ln(LayerNormConfig::new(&[])), "InvalidArgument", ["layer_norm", "normalized_shape"];
+        "LayerNorm, zero dim" => ln(LayerNormConfig::new(&[4, 0])), "InvalidArgument", ["layer_norm", "normalized_shape"];
+        "LayerNorm, [2^20, 2^20] (aborted on a 4 TB host vector)" => LayerNorm::new(&ctx, &[1 << 20, 1 << 20]), "ExceedsLimit", ["layer_norm", "normalized_shape"];
+        "LayerNorm, [3, 2^62] (panicked: capacity overflow)" => LayerNorm::new(&ctx, &[3, huge]), "ExceedsLimit", ["layer_norm", "normalized_shape"];
     );
     for (name, eps) in [
         ("0", 0.0),
@@ -463,11 +358,8 @@ fn tensors_and_configs() {
     ] {
         let mut c = LayerNormConfig::new(&[8]);
         c.eps = eps;
-        cat.case(
-            &format!("LayerNorm, eps {name}"),
-            ln(c),
-            "InvalidArgument",
-            &["layer_norm", "eps"],
+        cases!(cat;
+            format!("LayerNorm, eps {name}") => ln(c), "InvalidArgument", ["layer_norm", "eps"];
         );
     }
     for (name, p) in [
@@ -476,29 +368,11 @@ fn tensors_and_configs() {
         ("NaN", f64::NAN),
         ("inf", f64::INFINITY),
     ] {
-        cat.case(
-            &format!("Dropout, p {name}"),
-            Dropout::new(&ctx, p),
-            "InvalidArgument",
-            &["dropout", "p"],
-        );
-        cat.case(
-            &format!("Dropout2d, p {name}"),
-            Dropout2d::new(&ctx, p),
-            "InvalidArgument",
-            &["dropout", "p"],
-        );
-        cat.case(
-            &format!("BatchNormDropout, p {name}"),
-            BatchNormDropout::new(&ctx, BatchNormConfig::new(4), DropoutConfig::new(p), 0),
-            "InvalidArgument",
-            &["dropout", "p"],
-        );
-        cat.case(
-            &format!("LayerNormDropout, p {name}"),
-            LayerNormDropout::new(&ctx, LayerNormConfig::new(&[8]), DropoutConfig::new(p), 0),
-            "InvalidArgument",
-            &["dropout", "p"],
+        cases!(cat;
+            format!("Dropout, p {name}") => Dropout::new(&ctx, p), "InvalidArgument", ["dropout", "p"];
+            format!("Dropout2d, p {name}") => Dropout2d::new(&ctx, p), "InvalidArgument", ["dropout", "p"];
+            format!("BatchNormDropout, p {name}") => BatchNormDropout::new(&ctx, BatchNormConfig::new(4), DropoutConfig::new(p), 0), "InvalidArgument", ["dropout", "p"];
+            format!("LayerNormDropout, p {name}") => LayerNormDropout::new(&ctx, LayerNormConfig::new(&[8]), DropoutConfig::new(p), 0), "InvalidArgument", ["dropout", "p"];
         );
     }
 
@@ -507,41 +381,13 @@ fn tensors_and_configs() {
     let g = tensor(&ctx, &[8], 2);
     let before = f32s(&ctx, &p);
     let pf = tensor(&other, &[8], 1);
-    cat.case(
-        "sgd, param of another context",
-        normdrop::sgd_step(&ctx, &pf, &g, 0.1),
-        "WrongDevice",
-        &["sgd", "param"],
-    );
-    cat.case(
-        "sgd, grad of another context",
-        normdrop::sgd_step(&ctx, &p, &tensor(&other, &[8], 2), 0.1),
-        "WrongDevice",
-        &["sgd", "grad"],
-    );
-    cat.case(
-        "sgd, grad is param",
-        normdrop::sgd_step(&ctx, &p, &p, 0.1),
-        "Aliased",
-        &["sgd", "param", "grad"],
-    );
-    cat.case(
-        "sgd, shapes",
-        normdrop::sgd_step(&ctx, &p, &tensor(&ctx, &[4], 3), 0.1),
-        "Shape",
-        &["sgd", "grad"],
-    );
-    cat.case(
-        "sgd, f16 grad",
-        normdrop::sgd_step(&ctx, &p, &Tensor::zeros(&ctx, &[8], DType::F16).unwrap(), 0.1),
-        "DType",
-        &["sgd", "grad"],
-    );
-    cat.case(
-        "sgd, NaN learning rate",
-        normdrop::sgd_step(&ctx, &p, &g, f32::NAN),
-        "InvalidArgument",
-        &["sgd", "learning rate"],
+    cases!(cat;
+        "sgd, param of another context" => normdrop::sgd_step(&ctx, &pf, &g, 0.1), "WrongDevice", ["sgd", "param"];
+        "sgd, grad of another context" => normdrop::sgd_step(&ctx, &p, &tensor(&other, &[8], 2), 0.1), "WrongDevice", ["sgd", "grad"];
+        "sgd, grad is param" => normdrop::sgd_step(&ctx, &p, &p, 0.1), "Aliased", ["sgd", "param", "grad"];
+        "sgd, shapes" => normdrop::sgd_step(&ctx, &p, &tensor(&ctx, &[4], 3), 0.1), "Shape", ["sgd", "grad"];
+        "sgd, f16 grad" => normdrop::sgd_step(&ctx, &p, &Tensor::zeros(&ctx, &[8], DType::F16).unwrap(), 0.1), "DType", ["sgd", "grad"];
+        "sgd, NaN learning rate" => normdrop::sgd_step(&ctx, &p, &g, f32::NAN), "InvalidArgument", ["sgd", "learning rate"];
     );
     assert_eq!(f32s(&ctx, &p), before, "a failed sgd_step changed the parameter");
     assert_eq!(
@@ -574,78 +420,19 @@ fn modules() {
     };
     let mut bn = BatchNorm::new(&ctx, 3).unwrap();
     let snap = |m: &BatchNorm| bn_snapshot(&ctx, m);
-    cat.module_case(
-        "BatchNorm backward before forward",
-        &mut bn,
-        snap,
-        |m| m.backward(&dy),
-        "State",
-        &["BatchNorm", "forward"],
+    module_cases!(cat, &mut bn, snap;
+        "BatchNorm backward before forward" => |m| m.backward(&dy), "State", ["BatchNorm", "forward"];
     );
     bn.forward(&x).unwrap();
-    cat.module_case(
-        "BatchNorm, x of another context (normalized a tensor of A)",
-        &mut bn,
-        snap,
-        |m| m.forward(&foreign),
-        "WrongDevice",
-        &["BatchNorm", "x"],
-    );
-    cat.module_case(
-        "BatchNorm, rank 1",
-        &mut bn,
-        snap,
-        |m| m.forward(&c3(1)),
-        "Shape",
-        &["batch_norm", "input"],
-    );
-    cat.module_case(
-        "BatchNorm, channels",
-        &mut bn,
-        snap,
-        |m| m.forward(&tensor(&ctx, &[4, 5, 2], 1)),
-        "Shape",
-        &["batch_norm", "input"],
-    );
-    cat.module_case(
-        "BatchNorm, empty batch",
-        &mut bn,
-        snap,
-        |m| m.forward(&Tensor::zeros(&ctx, &[0, 3, 5], DType::F32).unwrap()),
-        "Shape",
-        &["batch_norm", "input"],
-    );
-    cat.module_case(
-        "BatchNorm, one value per channel",
-        &mut bn,
-        snap,
-        |m| m.forward(&tensor(&ctx, &[1, 3], 1)),
-        "Shape",
-        &["batch_norm", "input"],
-    );
-    cat.module_case(
-        "BatchNorm backward, dy of another context",
-        &mut bn,
-        snap,
-        |m| m.backward(&tensor(&other, &shape, 1)),
-        "WrongDevice",
-        &["BatchNorm", "dy"],
-    );
-    cat.module_case(
-        "BatchNorm backward, dy shape",
-        &mut bn,
-        snap,
-        |m| m.backward(&tensor(&ctx, &[4, 3, 4], 1)),
-        "Shape",
-        &["BatchNorm", "dy"],
-    );
-    cat.module_case(
-        "BatchNorm backward, dy dtype",
-        &mut bn,
-        snap,
-        |m| m.backward(&Tensor::zeros(&ctx, &shape, DType::F16).unwrap()),
-        "DType",
-        &["BatchNorm", "dy"],
+    module_cases!(cat, &mut bn, snap;
+        "BatchNorm, x of another context (normalized a tensor of A)" => |m| m.forward(&foreign), "WrongDevice", ["BatchNorm", "x"];
+        "BatchNorm, rank 1" => |m| m.forward(&c3(1)), "Shape", ["batch_norm", "input"];
+        "BatchNorm, channels" => |m| m.forward(&tensor(&ctx, &[4, 5, 2], 1)), "Shape", ["batch_norm", "input"];
+        "BatchNorm, empty batch" => |m| m.forward(&Tensor::zeros(&ctx, &[0, 3, 5], DType::F32).unwrap()), "Shape", ["batch_norm", "input"];
+        "BatchNorm, one value per channel" => |m| m.forward(&tensor(&ctx, &[1, 3], 1)), "Shape", ["batch_norm", "input"];
+        "BatchNorm backward, dy of another context" => |m| m.backward(&tensor(&other, &shape, 1)), "WrongDevice", ["BatchNorm", "dy"];
+        "BatchNorm backward, dy shape" => |m| m.backward(&tensor(&ctx, &[4, 3, 4], 1)), "Shape", ["BatchNorm", "dy"];
+        "BatchNorm backward, dy dtype" => |m| m.backward(&Tensor::zeros(&ctx, &shape, DType::F16).unwrap()), "DType", ["BatchNorm", "dy"];
     );
     let dx = Tensor::zeros(&ctx, &shape, DType::F32).unwrap();
     let (dw, db) = (c3(20), c3(21));
@@ -663,94 +450,21 @@ fn modules() {
             )
         }
     };
-    cat.module_case(
-        "BatchNorm backward_into, dweight is dbias (one was lost)",
-        &mut bn,
-        snap,
-        into(&dx, Some(&dw), Some(&dw), &dy),
-        "Aliased",
-        &["batch_norm backward", "dweight", "dbias"],
-    );
-    cat.module_case(
-        "BatchNorm backward_into, dx is dy",
-        &mut bn,
-        snap,
-        into(&dy, Some(&dw), Some(&db), &dy),
-        "Aliased",
-        &["batch_norm backward", "dx", "dy"],
-    );
-    cat.module_case(
-        "BatchNorm backward_into, dx is the saved x",
-        &mut bn,
-        snap,
-        into(&x, Some(&dw), Some(&db), &dy),
-        "Aliased",
-        &["batch_norm backward", "dx", "x"],
-    );
-    cat.module_case(
-        "BatchNorm backward_into, dweight is dy",
-        &mut bn,
-        snap,
-        into(&dx, Some(&dy), Some(&db), &dy),
-        "Shape",
-        &["BatchNorm", "dweight"],
-    );
-    cat.module_case(
-        "BatchNorm backward_into, dx of another context",
-        &mut bn,
-        snap,
-        into(&foreign, Some(&dw), Some(&db), &dy),
-        "WrongDevice",
-        &["BatchNorm", "dx"],
-    );
-    cat.module_case(
-        "BatchNorm backward_into, dbias of another context",
-        &mut bn,
-        snap,
-        into(&dx, Some(&dw), Some(&tensor(&other, &[3], 1)), &dy),
-        "WrongDevice",
-        &["BatchNorm", "dbias"],
-    );
-    cat.module_case(
-        "BatchNorm backward_into, dweight shape",
-        &mut bn,
-        snap,
-        into(&dx, Some(&tensor(&ctx, &[4], 1)), Some(&db), &dy),
-        "Shape",
-        &["BatchNorm", "dweight"],
-    );
-    cat.module_case(
-        "BatchNorm backward_into, missing dweight",
-        &mut bn,
-        snap,
-        into(&dx, None, Some(&db), &dy),
-        "Buffer",
-        &["batch_norm backward", "dweight"],
-    );
-    cat.module_case(
-        "BatchNorm set_weight, length",
-        &mut bn,
-        snap,
-        |m| m.set_weight(&[1.0; 4]),
-        "Shape",
-        &["BatchNorm", "weight"],
-    );
-    cat.module_case(
-        "BatchNorm set_running_var, length",
-        &mut bn,
-        snap,
-        |m| m.set_running_var(&[]),
-        "Shape",
-        &["BatchNorm", "running_var"],
+    module_cases!(cat, &mut bn, snap;
+        "BatchNorm backward_into, dweight is dbias (one was lost)" => into(&dx, Some(&dw), Some(&dw), &dy), "Aliased", ["batch_norm backward", "dweight", "dbias"];
+        "BatchNorm backward_into, dx is dy" => into(&dy, Some(&dw), Some(&db), &dy), "Aliased", ["batch_norm backward", "dx", "dy"];
+        "BatchNorm backward_into, dx is the saved x" => into(&x, Some(&dw), Some(&db), &dy), "Aliased", ["batch_norm backward", "dx", "x"];
+        "BatchNorm backward_into, dweight is dy" => into(&dx, Some(&dy), Some(&db), &dy), "Shape", ["BatchNorm", "dweight"];
+        "BatchNorm backward_into, dx of another context" => into(&foreign, Some(&dw), Some(&db), &dy), "WrongDevice", ["BatchNorm", "dx"];
+        "BatchNorm backward_into, dbias of another context" => into(&dx, Some(&dw), Some(&tensor(&other, &[3], 1)), &dy), "WrongDevice", ["BatchNorm", "dbias"];
+        "BatchNorm backward_into, dweight shape" => into(&dx, Some(&tensor(&ctx, &[4], 1)), Some(&db), &dy), "Shape", ["BatchNorm", "dweight"];
+        "BatchNorm backward_into, missing dweight" => into(&dx, None, Some(&db), &dy), "Buffer", ["batch_norm backward", "dweight"];
+        "BatchNorm set_weight, length" => |m| m.set_weight(&[1.0; 4]), "Shape", ["BatchNorm", "weight"];
+        "BatchNorm set_running_var, length" => |m| m.set_running_var(&[]), "Shape", ["BatchNorm", "running_var"];
     );
     bn.eval();
-    cat.module_case(
-        "BatchNorm backward after a mode change",
-        &mut bn,
-        snap,
-        |m| m.backward(&dy),
-        "State",
-        &["BatchNorm", "mode"],
+    module_cases!(cat, &mut bn, snap;
+        "BatchNorm backward after a mode change" => |m| m.backward(&dy), "State", ["BatchNorm", "mode"];
     );
     bn.train();
     let a = (bn.forward(&x).unwrap(), bn.backward(&dy).unwrap());
@@ -774,62 +488,17 @@ fn modules() {
     let ldy = tensor(&ctx, &lshape, 31);
     let mut ln = LayerNorm::new(&ctx, &[8]).unwrap();
     let snap = |m: &LayerNorm| ln_snapshot(&ctx, m);
-    cat.module_case(
-        "LayerNorm backward before forward",
-        &mut ln,
-        snap,
-        |m| m.backward(&ldy),
-        "State",
-        &["LayerNorm", "forward"],
+    module_cases!(cat, &mut ln, snap;
+        "LayerNorm backward before forward" => |m| m.backward(&ldy), "State", ["LayerNorm", "forward"];
     );
     ln.forward(&lx).unwrap();
-    cat.module_case(
-        "LayerNorm, x of another context",
-        &mut ln,
-        snap,
-        |m| m.forward(&tensor(&other, &lshape, 1)),
-        "WrongDevice",
-        &["LayerNorm", "x"],
-    );
-    cat.module_case(
-        "LayerNorm, trailing dims",
-        &mut ln,
-        snap,
-        |m| m.forward(&tensor(&ctx, &[6, 7], 1)),
-        "Shape",
-        &["layer_norm", "input"],
-    );
-    cat.module_case(
-        "LayerNorm, empty rows",
-        &mut ln,
-        snap,
-        |m| m.forward(&Tensor::zeros(&ctx, &[0, 8], DType::F32).unwrap()),
-        "Shape",
-        &["layer_norm", "input"],
-    );
-    cat.module_case(
-        "LayerNorm backward, dy shape",
-        &mut ln,
-        snap,
-        |m| m.backward(&tensor(&ctx, &[5, 8], 1)),
-        "Shape",
-        &["LayerNorm backward", "dy"],
-    );
-    cat.module_case(
-        "LayerNorm backward, dy of another context",
-        &mut ln,
-        snap,
-        |m| m.backward(&tensor(&other, &lshape, 1)),
-        "WrongDevice",
-        &["LayerNorm backward", "dy"],
-    );
-    cat.module_case(
-        "LayerNorm backward, dy dtype",
-        &mut ln,
-        snap,
-        |m| m.backward(&Tensor::zeros(&ctx, &lshape, DType::F16).unwrap()),
-        "DType",
-        &["LayerNorm backward", "dy"],
+    module_cases!(cat, &mut ln, snap;
+        "LayerNorm, x of another context" => |m| m.forward(&tensor(&other, &lshape, 1)), "WrongDevice", ["LayerNorm", "x"];
+        "LayerNorm, trailing dims" => |m| m.forward(&tensor(&ctx, &[6, 7], 1)), "Shape", ["layer_norm", "input"];
+        "LayerNorm, empty rows" => |m| m.forward(&Tensor::zeros(&ctx, &[0, 8], DType::F32).unwrap()), "Shape", ["layer_norm", "input"];
+        "LayerNorm backward, dy shape" => |m| m.backward(&tensor(&ctx, &[5, 8], 1)), "Shape", ["LayerNorm backward", "dy"];
+        "LayerNorm backward, dy of another context" => |m| m.backward(&tensor(&other, &lshape, 1)), "WrongDevice", ["LayerNorm backward", "dy"];
+        "LayerNorm backward, dy dtype" => |m| m.backward(&Tensor::zeros(&ctx, &lshape, DType::F16).unwrap()), "DType", ["LayerNorm backward", "dy"];
     );
     let ldx = Tensor::zeros(&ctx, &lshape, DType::F32).unwrap();
     let (ldw, ldb) = (tensor(&ctx, &[8], 40), tensor(&ctx, &[8], 41));
@@ -847,69 +516,15 @@ fn modules() {
             )
         }
     };
-    cat.module_case(
-        "LayerNorm backward_into, dweight is dbias",
-        &mut ln,
-        snap,
-        linto(&ldx, Some(&ldw), Some(&ldw)),
-        "Aliased",
-        &["layer_norm backward", "dweight", "dbias"],
-    );
-    cat.module_case(
-        "LayerNorm backward_into, dx is dy",
-        &mut ln,
-        snap,
-        linto(&ldy, Some(&ldw), Some(&ldb)),
-        "Aliased",
-        &["layer_norm backward", "dx", "dy"],
-    );
-    cat.module_case(
-        "LayerNorm backward_into, dx is the saved x",
-        &mut ln,
-        snap,
-        linto(&lx, Some(&ldw), Some(&ldb)),
-        "Aliased",
-        &["layer_norm backward", "dx", "x"],
-    );
-    cat.module_case(
-        "LayerNorm backward_into, dx of another context",
-        &mut ln,
-        snap,
-        linto(&tensor(&other, &lshape, 1), Some(&ldw), Some(&ldb)),
-        "WrongDevice",
-        &["LayerNorm backward", "dx"],
-    );
-    cat.module_case(
-        "LayerNorm backward_into, dweight of another context",
-        &mut ln,
-        snap,
-        linto(&ldx, Some(&tensor(&other, &[8], 1)), Some(&ldb)),
-        "WrongDevice",
-        &["LayerNorm backward", "dweight"],
-    );
-    cat.module_case(
-        "LayerNorm backward_into, dbias shape",
-        &mut ln,
-        snap,
-        linto(&ldx, Some(&ldw), Some(&tensor(&ctx, &[6], 1))),
-        "Shape",
-        &["LayerNorm backward", "dbias"],
-    );
-    cat.module_case(
-        "LayerNorm backward_into, missing dbias",
-        &mut ln,
-        snap,
-        linto(&ldx, Some(&ldw), None),
-        "Buffer",
-        &["layer_norm backward", "dbias"],
-    );
-    cat.module_case(
-        "LayerNorm set_bias, length",
-        &mut ln,
-        snap,
-        |m| m.set_bias(&[0.0; 9]),
-        "Shape",
-        &["LayerNorm", "bias"],
+    module_cases!(cat, &mut ln, snap;
+        "LayerNorm backward_into, dweight is dbias" => linto(&ldx, Some(&ldw), Some(&ldw)), "Aliased", ["layer_norm backward", "dweight", "dbias"];
+        "LayerNorm backward_into, dx is dy" => linto(&ldy, Some(&ldw), Some(&ldb)), "Aliased", ["layer_norm backward", "dx", "dy"];
+        "LayerNorm backward_into, dx is the saved x" => linto(&lx, Some(&ldw), Some(&ldb)), "Aliased", ["layer_norm backward", "dx", "x"];
+        "LayerNorm backward_into, dx of another context" => linto(&tensor(&other, &lshape, 1), Some(&ldw), Some(&ldb)), "WrongDevice", ["LayerNorm backward", "dx"];
+        "LayerNorm backward_into, dweight of another context" => linto(&ldx, Some(&tensor(&other, &[8], 1)), Some(&ldb)), "WrongDevice", ["LayerNorm backward", "dweight"];
+        "LayerNorm backward_into, dbias shape" => linto(&ldx, Some(&ldw), Some(&tensor(&ctx, &[6], 1))), "Shape", ["LayerNorm backward", "dbias"];
+        "LayerNorm backward_into, missing dbias" => linto(&ldx, Some(&ldw), None), "Buffer", ["layer_norm backward", "dbias"];
+        "LayerNorm set_bias, length" => |m| m.set_bias(&[0.0; 9]), "Shape", ["LayerNorm", "bias"];
     );
     let a = (ln.forward(&lx).unwrap(), ln.backward(&ldy).unwrap());
     let mut reference = LayerNorm::new(&ctx, &[8]).unwrap();
@@ -942,81 +557,26 @@ fn modules() {
         };
         let mut d = make();
         let snap = |m: &AnyDropout| dropout_snapshot(m);
-        cat.module_case(
-            &format!("{name} backward before forward"),
-            &mut d,
-            snap,
-            |m| m.backward(&ddy),
-            "State",
-            &["Dropout backward", "forward"],
+        module_cases!(cat, &mut d, snap;
+            format!("{name} backward before forward") => |m| m.backward(&ddy), "State", ["Dropout backward", "forward"];
         );
         d.forward(&dxin).unwrap();
-        cat.module_case(
-            &format!("{name}, x of another context"),
-            &mut d,
-            snap,
-            |m| m.forward(&tensor(&other, &dshape, 1)),
-            "WrongDevice",
-            &["Dropout", "x"],
-        );
-        cat.module_case(
-            &format!("{name}, empty"),
-            &mut d,
-            snap,
-            |m| m.forward(&Tensor::zeros(&ctx, &[4, 0, 8], DType::F32).unwrap()),
-            "Shape",
-            &["dropout", "input"],
-        );
-        cat.module_case(
-            &format!("{name} backward, dy shape"),
-            &mut d,
-            snap,
-            |m| m.backward(&tensor(&ctx, &[4, 6, 7], 1)),
-            "Shape",
-            &["Dropout backward", "dy"],
-        );
-        cat.module_case(
-            &format!("{name} backward, dy of another context"),
-            &mut d,
-            snap,
-            |m| m.backward(&tensor(&other, &dshape, 1)),
-            "WrongDevice",
-            &["Dropout backward", "dy"],
+        module_cases!(cat, &mut d, snap;
+            format!("{name}, x of another context") => |m| m.forward(&tensor(&other, &dshape, 1)), "WrongDevice", ["Dropout", "x"];
+            format!("{name}, empty") => |m| m.forward(&Tensor::zeros(&ctx, &[4, 0, 8], DType::F32).unwrap()), "Shape", ["dropout", "input"];
+            format!("{name} backward, dy shape") => |m| m.backward(&tensor(&ctx, &[4, 6, 7], 1)), "Shape", ["Dropout backward", "dy"];
+            format!("{name} backward, dy of another context") => |m| m.backward(&tensor(&other, &dshape, 1)), "WrongDevice", ["Dropout backward", "dy"];
         );
         let dx = Tensor::zeros(&ctx, &dshape, DType::F32).unwrap();
-        cat.module_case(
-            &format!("{name} backward_into, dx is dy"),
-            &mut d,
-            snap,
-            |m| m.backward_into(&ddy, &ddy, false),
-            "Aliased",
-            &["dropout", "y", "x"],
-        );
-        cat.module_case(
-            &format!("{name} backward_into, dx of another context"),
-            &mut d,
-            snap,
-            |m| m.backward_into(&ddy, &tensor(&other, &dshape, 1), false),
-            "WrongDevice",
-            &["Dropout backward", "dx"],
-        );
-        cat.module_case(
-            &format!("{name} backward_into, dx dtype"),
-            &mut d,
-            snap,
-            |m| m.backward_into(&ddy, &Tensor::zeros(&ctx, &dshape, DType::F16).unwrap(), false),
-            "DType",
-            &["Dropout backward", "dx"],
+        module_cases!(cat, &mut d, snap;
+            format!("{name} backward_into, dx is dy") => |m| m.backward_into(&ddy, &ddy, false), "Aliased", ["dropout", "y", "x"];
+            format!("{name} backward_into, dx of another context") => |m| m.backward_into(&ddy, &tensor(&other, &dshape, 1), false), "WrongDevice", ["Dropout backward", "dx"];
+            format!("{name} backward_into, dx dtype") => |m| m.backward_into(&ddy, &Tensor::zeros(&ctx, &dshape, DType::F16).unwrap(), false), "DType", ["Dropout backward", "dx"];
         );
         let mut elsewhere = Dropout::new(&other, 0.3).unwrap();
         let (_, foreign_mask) = elsewhere.forward_with_mask(&tensor(&other, &dshape, 1)).unwrap();
-        cat.module_case(
-            &format!("{name} backward_from_mask, mask of another context"),
-            &mut d,
-            snap,
-            |m| m.backward_from_mask(&ddy, &foreign_mask),
-            "WrongDevice",
-            &["Dropout backward", "mask"],
+        module_cases!(cat, &mut d, snap;
+            format!("{name} backward_from_mask, mask of another context") => |m| m.backward_from_mask(&ddy, &foreign_mask), "WrongDevice", ["Dropout backward", "mask"];
         );
         // A forward that fails at submission (a still-mapped input buffer) must not leave its
         // plan and shape behind for backward: this returned a wrong dx with Ok.
@@ -1027,13 +587,8 @@ fn modules() {
             mapped_at_creation: true,
         });
         let mapped = Tensor::from_buffer(&ctx, mapped, &[5, 8], DType::F32).unwrap();
-        cat.module_case(
-            &format!("{name}, still-mapped input"),
-            &mut d,
-            snap,
-            |m| m.forward(&mapped),
-            "Validation",
-            &["mapped"],
+        module_cases!(cat, &mut d, snap;
+            format!("{name}, still-mapped input") => |m| m.forward(&mapped), "Validation", ["mapped"];
         );
         d.backward_into(&ddy, &dx, false).unwrap();
         let mut reference = make();
@@ -1057,64 +612,16 @@ fn modules() {
         s.push(generator(m.state(), m.last_call()));
         s
     };
-    cat.module_case(
-        "BatchNormDropout backward before forward",
-        &mut bnd,
-        snap,
-        |m| m.backward(&dy),
-        "State",
-        &["BatchNorm", "forward"],
+    module_cases!(cat, &mut bnd, snap;
+        "BatchNormDropout backward before forward" => |m| m.backward(&dy), "State", ["BatchNorm", "forward"];
     );
     bnd.forward(&x).unwrap();
-    cat.module_case(
-        "BatchNormDropout, x of another context",
-        &mut bnd,
-        snap,
-        |m| m.forward(&foreign),
-        "WrongDevice",
-        &["BatchNorm", "x"],
-    );
-    cat.module_case(
-        "BatchNormDropout, channels",
-        &mut bnd,
-        snap,
-        |m| m.forward(&tensor(&ctx, &[4, 2, 5], 1)),
-        "Shape",
-        &["batch_norm", "input"],
-    );
-    cat.module_case(
-        "BatchNormDropout, with mask, channels",
-        &mut bnd,
-        snap,
-        |m| m.forward_with_mask(&tensor(&ctx, &[4, 2, 5], 1)),
-        "Shape",
-        &["batch_norm", "input"],
-    );
-    cat.module_case(
-        "BatchNormDropout backward, dy shape",
-        &mut bnd,
-        snap,
-        |m| m.backward(&c3(1)),
-        "Shape",
-        &["BatchNorm", "dy"],
-    );
-    cat.module_case(
-        "BatchNormDropout backward_into, dweight is dbias",
-        &mut bnd,
-        snap,
-        |m| {
-            m.backward_into(
-                &dy,
-                GradTargets {
-                    dx: &dx,
-                    dweight: Some(&dw),
-                    dbias: Some(&dw),
-                },
-                Accumulate::default(),
-            )
-        },
-        "Aliased",
-        &["batch_norm backward", "dweight", "dbias"],
+    module_cases!(cat, &mut bnd, snap;
+        "BatchNormDropout, x of another context" => |m| m.forward(&foreign), "WrongDevice", ["BatchNorm", "x"];
+        "BatchNormDropout, channels" => |m| m.forward(&tensor(&ctx, &[4, 2, 5], 1)), "Shape", ["batch_norm", "input"];
+        "BatchNormDropout, with mask, channels" => |m| m.forward_with_mask(&tensor(&ctx, &[4, 2, 5], 1)), "Shape", ["batch_norm", "input"];
+        "BatchNormDropout backward, dy shape" => |m| m.backward(&c3(1)), "Shape", ["BatchNorm", "dy"];
+        "BatchNormDropout backward_into, dweight is dbias" => |m| { m.backward_into(&dy, GradTargets { dx: &dx, dweight: Some(&dw), dbias: Some(&dw) }, Accumulate::default()) }, "Aliased", ["batch_norm backward", "dweight", "dbias"];
     );
     let a = (bnd.forward(&x).unwrap(), bnd.backward(&dy).unwrap());
     let mut reference = BatchNormDropout::new(&ctx, BatchNormConfig::new(3), DropoutConfig::new(0.2), 3).unwrap();
@@ -1137,47 +644,18 @@ fn modules() {
         s.push(generator(m.state(), m.last_call()));
         s
     };
-    cat.module_case(
-        "LayerNormDropout backward before forward",
-        &mut lnd,
-        snap,
-        |m| m.backward(&ldy),
-        "State",
-        &["fused backward", "forward"],
+    module_cases!(cat, &mut lnd, snap;
+        "LayerNormDropout backward before forward" => |m| m.backward(&ldy), "State", ["fused backward", "forward"];
     );
     lnd.forward(&lx).unwrap();
-    cat.module_case(
-        "LayerNormDropout, x of another context",
-        &mut lnd,
-        snap,
-        |m| m.forward(&tensor(&other, &lshape, 1)),
-        "WrongDevice",
-        &["LayerNorm", "x"],
-    );
-    cat.module_case(
-        "LayerNormDropout, trailing dims",
-        &mut lnd,
-        snap,
-        |m| m.forward(&tensor(&ctx, &[6, 4], 1)),
-        "Shape",
-        &["layer_norm", "input"],
-    );
-    cat.module_case(
-        "LayerNormDropout backward, dy of another context",
-        &mut lnd,
-        snap,
-        |m| m.backward(&tensor(&other, &lshape, 1)),
-        "WrongDevice",
-        &["LayerNorm backward", "dy"],
+    module_cases!(cat, &mut lnd, snap;
+        "LayerNormDropout, x of another context" => |m| m.forward(&tensor(&other, &lshape, 1)), "WrongDevice", ["LayerNorm", "x"];
+        "LayerNormDropout, trailing dims" => |m| m.forward(&tensor(&ctx, &[6, 4], 1)), "Shape", ["layer_norm", "input"];
+        "LayerNormDropout backward, dy of another context" => |m| m.backward(&tensor(&other, &lshape, 1)), "WrongDevice", ["LayerNorm backward", "dy"];
     );
     lnd.eval();
-    cat.module_case(
-        "LayerNormDropout backward after a mode change",
-        &mut lnd,
-        snap,
-        |m| m.backward(&ldy),
-        "State",
-        &["fused backward", "mode"],
+    module_cases!(cat, &mut lnd, snap;
+        "LayerNormDropout backward after a mode change" => |m| m.backward(&ldy), "State", ["fused backward", "mode"];
     );
     lnd.train();
     let a = (lnd.forward(&lx).unwrap(), lnd.backward(&ldy).unwrap());
@@ -1203,45 +681,12 @@ fn modules() {
     };
     let r = tensor(&ctx, &lshape, 60);
     res.forward(&lx, &r).unwrap();
-    cat.module_case(
-        "Residual block, residual of another context",
-        &mut res,
-        snap,
-        |m| m.forward(&lx, &tensor(&other, &lshape, 1)),
-        "WrongDevice",
-        &["LayerNorm", "residual"],
-    );
-    cat.module_case(
-        "Residual block, residual shape",
-        &mut res,
-        snap,
-        |m| m.forward(&lx, &tensor(&ctx, &[5, 8], 1)),
-        "Shape",
-        &["LayerNorm", "residual"],
-    );
-    cat.module_case(
-        "Residual block, residual dtype",
-        &mut res,
-        snap,
-        |m| m.forward(&lx, &Tensor::zeros(&ctx, &lshape, DType::F16).unwrap()),
-        "DType",
-        &["LayerNorm", "residual"],
-    );
-    cat.module_case(
-        "Residual block backward, dh_in shape",
-        &mut res,
-        snap,
-        |m| m.backward(&ldy, Some(&tensor(&ctx, &[6, 4], 1))),
-        "Shape",
-        &["LayerNorm backward", "dh_in"],
-    );
-    cat.module_case(
-        "Residual block backward, dh_in of another context",
-        &mut res,
-        snap,
-        |m| m.backward(&ldy, Some(&tensor(&other, &lshape, 1))),
-        "WrongDevice",
-        &["LayerNorm backward", "dh_in"],
+    module_cases!(cat, &mut res, snap;
+        "Residual block, residual of another context" => |m| m.forward(&lx, &tensor(&other, &lshape, 1)), "WrongDevice", ["LayerNorm", "residual"];
+        "Residual block, residual shape" => |m| m.forward(&lx, &tensor(&ctx, &[5, 8], 1)), "Shape", ["LayerNorm", "residual"];
+        "Residual block, residual dtype" => |m| m.forward(&lx, &Tensor::zeros(&ctx, &lshape, DType::F16).unwrap()), "DType", ["LayerNorm", "residual"];
+        "Residual block backward, dh_in shape" => |m| m.backward(&ldy, Some(&tensor(&ctx, &[6, 4], 1))), "Shape", ["LayerNorm backward", "dh_in"];
+        "Residual block backward, dh_in of another context" => |m| m.backward(&ldy, Some(&tensor(&other, &lshape, 1))), "WrongDevice", ["LayerNorm backward", "dh_in"];
     );
     let a = res.forward(&lx, &r).unwrap();
     let ga = res.backward(&ldy, None).unwrap();
@@ -1326,55 +771,37 @@ fn low_level(
         encode(device, &mut encoder, args)
     };
     run(ctx.device(), &pick(n_args, &whole)).unwrap_or_else(|e| panic!("{label}: the valid call failed: {e}"));
-    cat.case(
-        &format!("{label}: another device"),
-        run(other.device(), &pick(n_args, &whole)),
-        "WrongDevice",
-        &[op, "device"],
+    cases!(cat;
+        format!("{label}: another device") => run(other.device(), &pick(n_args, &whole)), "WrongDevice", [op, "device"];
     );
     for (i, spec) in specs.iter().enumerate() {
         let n = spec.name;
         let foreign = pick(n_args, &|j| if j == i { theirs[j].slice(..) } else { whole(j) });
-        cat.case(
-            &format!("{label}: `{n}` of another device"),
-            run(ctx.device(), &foreign),
-            "WrongDevice",
-            &[op, n],
+        cases!(cat;
+            format!("{label}: `{n}` of another device") => run(ctx.device(), &foreign), "WrongDevice", [op, n];
         );
         let needed = spec.bytes.div_ceil(4) * 4;
         let short = pick(n_args, &|j| if j == i { mine[j].slice(..needed - 4) } else { whole(j) });
-        cat.case(
-            &format!("{label}: `{n}` too small"),
-            run(ctx.device(), &short),
-            "BufferTooSmall",
-            &[op, n],
+        cases!(cat;
+            format!("{label}: `{n}` too small") => run(ctx.device(), &short), "BufferTooSmall", [op, n];
         );
         if align > 4 {
             let misaligned = pick(n_args, &|j| if j == i { mine[j].slice(4..) } else { whole(j) });
-            cat.case(
-                &format!("{label}: `{n}` misaligned"),
-                run(ctx.device(), &misaligned),
-                "Buffer",
-                &[op, n, "offset"],
+            cases!(cat;
+                format!("{label}: `{n}` misaligned") => run(ctx.device(), &misaligned), "Buffer", [op, n, "offset"];
             );
         }
         let no_storage = pick(n_args, &|j| if j == i { unbindable[j].slice(..) } else { whole(j) });
-        cat.case(
-            &format!("{label}: `{n}` without STORAGE"),
-            run(ctx.device(), &no_storage),
-            "Buffer",
-            &[op, n, "STORAGE"],
+        cases!(cat;
+            format!("{label}: `{n}` without STORAGE") => run(ctx.device(), &no_storage), "Buffer", [op, n, "STORAGE"];
         );
         for (k, o) in specs.iter().enumerate().skip(i + 1) {
             if !(spec.written || o.written) {
                 continue;
             }
             let shared = pick(n_args, &|j| if j == k { whole(i) } else { whole(j) });
-            cat.case(
-                &format!("{label}: `{}` shares bytes with `{}`", o.name, n),
-                run(ctx.device(), &shared),
-                "Aliased",
-                &[op, n, o.name],
+            cases!(cat;
+                format!("{label}: `{}` shares bytes with `{}`", o.name, n) => run(ctx.device(), &shared), "Aliased", [op, n, o.name];
             );
         }
     }
@@ -1411,63 +838,37 @@ fn low_level_kernels() {
     // Plans built for one device, asked of another.
     let bn_kernel = ctx.kernel::<BatchNormKernel>().unwrap();
     let config = BatchNormConfig::new(c);
-    cat.case(
-        "BatchNorm plan, another device",
-        bn_kernel.plan(other.device(), &shape, &config),
-        "WrongDevice",
-        &["batch_norm", "device"],
+    cases!(cat;
+        "BatchNorm plan, another device" => bn_kernel.plan(other.device(), &shape, &config), "WrongDevice", ["batch_norm", "device"];
     );
     let bnb_kernel = ctx.kernel::<BatchNormBackwardKernel>().unwrap();
-    cat.case(
-        "BatchNorm backward plan, another device",
-        bnb_kernel.plan(other.device(), &shape, &config, None),
-        "WrongDevice",
-        &["batch_norm backward", "device"],
+    cases!(cat;
+        "BatchNorm backward plan, another device" => bnb_kernel.plan(other.device(), &shape, &config, None), "WrongDevice", ["batch_norm backward", "device"];
     );
     let ln_kernel = ctx.kernel::<LayerNormKernel>().unwrap();
     let ln_config = LayerNormConfig::new(&[s]);
-    cat.case(
-        "LayerNorm plan, another device",
-        ln_kernel.plan(other.device(), &shape, &ln_config, LayerNormFusion::None),
-        "WrongDevice",
-        &["layer_norm", "device"],
+    cases!(cat;
+        "LayerNorm plan, another device" => ln_kernel.plan(other.device(), &shape, &ln_config, LayerNormFusion::None), "WrongDevice", ["layer_norm", "device"];
     );
     let lnb_kernel = ctx.kernel::<LayerNormBackwardKernel>().unwrap();
-    cat.case(
-        "LayerNorm backward plan, another device",
-        lnb_kernel.plan(other.device(), &shape, &ln_config, LayerNormFusion::None, true),
-        "WrongDevice",
-        &["layer_norm backward", "device"],
+    cases!(cat;
+        "LayerNorm backward plan, another device" => lnb_kernel.plan(other.device(), &shape, &ln_config, LayerNormFusion::None, true), "WrongDevice", ["layer_norm backward", "device"];
     );
     let d_kernel = ctx.kernel::<DropoutKernel>().unwrap();
-    cat.case(
-        "Dropout plan, another device",
-        d_kernel.plan(other.device(), &shape, &DropoutConfig::new(0.5), DropoutUnit::Element),
-        "WrongDevice",
-        &["dropout", "device"],
+    cases!(cat;
+        "Dropout plan, another device" => d_kernel.plan(other.device(), &shape, &DropoutConfig::new(0.5), DropoutUnit::Element), "WrongDevice", ["dropout", "device"];
     );
     let sgd_kernel = ctx.kernel::<SgdKernel>().unwrap();
-    cat.case(
-        "SGD plan, another device",
-        sgd_kernel.plan(other.device(), 8, 0.1),
-        "WrongDevice",
-        &["sgd", "device"],
+    cases!(cat;
+        "SGD plan, another device" => sgd_kernel.plan(other.device(), 8, 0.1), "WrongDevice", ["sgd", "device"];
     );
     let rng = other
         .create_buffer("rng", RNG_STATE_BYTES, wgpu::BufferUsages::STORAGE)
         .unwrap();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    cat.case(
-        "Dropout advance, rng of another device",
-        d_kernel.encode_advance(ctx.device(), &mut encoder, &rng.slice(..)),
-        "WrongDevice",
-        &["dropout", "rng"],
-    );
-    cat.case(
-        "Dropout advance, another device",
-        d_kernel.encode_advance(other.device(), &mut encoder, &rng.slice(..)),
-        "WrongDevice",
-        &["dropout", "device"],
+    cases!(cat;
+        "Dropout advance, rng of another device" => d_kernel.encode_advance(ctx.device(), &mut encoder, &rng.slice(..)), "WrongDevice", ["dropout", "rng"];
+        "Dropout advance, another device" => d_kernel.encode_advance(other.device(), &mut encoder, &rng.slice(..)), "WrongDevice", ["dropout", "device"];
     );
 
     // BatchNorm forward, training with running statistics and a fused dropout.
@@ -1710,46 +1111,15 @@ fn state_files() {
         ("text", b"not a safetensors file at all".to_vec()),
     ];
     for (name, bytes) in &cases {
-        cat.module_case(
-            &format!("BatchNorm state: {name}"),
-            &mut bn,
-            snap,
-            |m| m.load_state_from_safetensors(bytes, ""),
-            "SafeTensors",
-            &["safetensors"],
+        module_cases!(cat, &mut bn, snap;
+            format!("BatchNorm state: {name}") => |m| m.load_state_from_safetensors(bytes, ""), "SafeTensors", ["safetensors"];
         );
     }
-    cat.module_case(
-        "BatchNorm state: 4 channels into 3",
-        &mut bn,
-        snap,
-        |m| m.load_state_from_safetensors(&other_shape, ""),
-        "SafeTensors",
-        &["weight", "shape"],
-    );
-    cat.module_case(
-        "BatchNorm state: no running statistics",
-        &mut bn,
-        snap,
-        |m| m.load_state_from_safetensors(&no_tracking, ""),
-        "SafeTensors",
-        &["running_mean", "missing"],
-    );
-    cat.module_case(
-        "BatchNorm state: a LayerNorm's",
-        &mut bn,
-        snap,
-        |m| m.load_state_from_safetensors(&ln_state, ""),
-        "SafeTensors",
-        &["running_mean", "missing"],
-    );
-    cat.module_case(
-        "BatchNorm state: wrong prefix",
-        &mut bn,
-        snap,
-        |m| m.load_state_from_safetensors(&good, "bn1."),
-        "SafeTensors",
-        &["bn1.weight", "missing"],
+    module_cases!(cat, &mut bn, snap;
+        "BatchNorm state: 4 channels into 3" => |m| m.load_state_from_safetensors(&other_shape, ""), "SafeTensors", ["weight", "shape"];
+        "BatchNorm state: no running statistics" => |m| m.load_state_from_safetensors(&no_tracking, ""), "SafeTensors", ["running_mean", "missing"];
+        "BatchNorm state: a LayerNorm's" => |m| m.load_state_from_safetensors(&ln_state, ""), "SafeTensors", ["running_mean", "missing"];
+        "BatchNorm state: wrong prefix" => |m| m.load_state_from_safetensors(&good, "bn1."), "SafeTensors", ["bn1.weight", "missing"];
     );
     let wrong_dtype = normdrop::state::serialize(&[(
         "weight".to_string(),
@@ -1759,43 +1129,23 @@ fn state_files() {
         },
     )]);
     if let Ok(bytes) = wrong_dtype {
-        cat.module_case(
-            "BatchNorm state: int64 weight",
-            &mut bn,
-            snap,
-            |m| m.load_state_from_safetensors(&bytes, ""),
-            "SafeTensors",
-            &["weight", "int64"],
+        module_cases!(cat, &mut bn, snap;
+            "BatchNorm state: int64 weight" => |m| m.load_state_from_safetensors(&bytes, ""), "SafeTensors", ["weight", "int64"];
         );
     }
     let missing = std::env::temp_dir().join("normdrop-no-such-state.safetensors");
-    cat.module_case(
-        "BatchNorm state: missing file",
-        &mut bn,
-        snap,
-        |m| m.load_state(&missing),
-        "Io",
-        &["normdrop-no-such-state"],
+    module_cases!(cat, &mut bn, snap;
+        "BatchNorm state: missing file" => |m| m.load_state(&missing), "Io", ["normdrop-no-such-state"];
     );
     let mut ln = LayerNorm::new(&ctx, &[3]).unwrap();
     let snap = |m: &LayerNorm| ln_snapshot(&ctx, m);
     for (name, bytes) in &cases {
-        cat.module_case(
-            &format!("LayerNorm state: {name}"),
-            &mut ln,
-            snap,
-            |m| m.load_state_from_safetensors(bytes, ""),
-            "SafeTensors",
-            &["safetensors"],
+        module_cases!(cat, &mut ln, snap;
+            format!("LayerNorm state: {name}") => |m| m.load_state_from_safetensors(bytes, ""), "SafeTensors", ["safetensors"];
         );
     }
-    cat.module_case(
-        "LayerNorm state: a BatchNorm's of another width",
-        &mut ln,
-        snap,
-        |m| m.load_state_from_safetensors(&other_shape, ""),
-        "SafeTensors",
-        &["weight", "shape"],
+    module_cases!(cat, &mut ln, snap;
+        "LayerNorm state: a BatchNorm's of another width" => |m| m.load_state_from_safetensors(&other_shape, ""), "SafeTensors", ["weight", "shape"];
     );
     cat.finish(21);
 }
