@@ -32,6 +32,20 @@ enum Command {
     /// Validate every op against the CPU reference, then time it: median/p20/p80, GB/s by the
     /// minimal-bytes formula, percentage of this adapter's copy bandwidth, fused speedups.
     Bench(bench::BenchArgs),
+    /// Prove every op and every path this device can take against the f64 CPU reference, on
+    /// awkward shapes, with dropout masks bit for bit and the PyTorch fixtures. One line per
+    /// check, then `N passed, M failed, K skipped`; exits 1 on any failure.
+    Selftest {
+        /// More shapes, larger masks (a few minutes on a CPU driver).
+        #[arg(long, conflicts_with = "quick")]
+        thorough: bool,
+        /// The default: the shapes that cover every path, in under a minute on lavapipe.
+        #[arg(long)]
+        quick: bool,
+        /// Read the fixtures from this folder instead of the copies built into the binary.
+        #[arg(long)]
+        fixtures: Option<PathBuf>,
+    },
     /// Run PyTorch fixture files through the kernels: one line per compared tensor, then
     /// `N passed, M failed`. Exits nonzero on any failure.
     Check {
@@ -63,6 +77,11 @@ fn run(command: Command, packed_f16: bool) -> normdrop::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { files } => check(&ctx, &files),
+        Command::Selftest {
+            thorough,
+            quick: _,
+            fixtures,
+        } => selftest(&ctx, normdrop_cli::selftest::Options { thorough, fixtures }),
         Command::Bench(args) => Ok(if bench::run(&ctx, args)? {
             ExitCode::SUCCESS
         } else {
@@ -139,6 +158,35 @@ fn info(ctx: &Context) {
         "  min/max subgroup size                {}/{}",
         a.subgroup_min_size, a.subgroup_max_size
     );
+}
+
+fn selftest(ctx: &Context, options: normdrop_cli::selftest::Options) -> normdrop::Result<ExitCode> {
+    let a = ctx.adapter_info();
+    println!("adapter: {} ({:?}, {:?})", a.name, a.backend, a.device_type);
+    println!(
+        "subgroup sizes: {}..{} (SUBGROUP {}); every subgroup path below ran at the size the driver chose",
+        a.subgroup_min_size,
+        a.subgroup_max_size,
+        if ctx.features().contains(wgpu::Features::SUBGROUP) {
+            "on"
+        } else {
+            "off"
+        }
+    );
+    let start = std::time::Instant::now();
+    let summary = normdrop_cli::selftest::run(ctx, &options, &mut |c| println!("{c}"));
+    println!(
+        "{} passed, {} failed, {} skipped ({:.0} s)",
+        summary.passed,
+        summary.failed,
+        summary.skipped,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(if summary.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn check(ctx: &Context, files: &[PathBuf]) -> normdrop::Result<ExitCode> {

@@ -686,6 +686,26 @@ pub fn validate(ctx: &Context, name: &str, shape: &[usize]) -> Result<crate::fix
 /// reference is computed from those values, and the tolerance is the float16 fixtures'
 /// (rtol = atol = 4e-3).
 pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> Result<crate::fixture::Comparison> {
+    validate_with(ctx, name, shape, dtype, &Variation::default())
+}
+
+/// How [`validate_with`] departs from the default call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Variation {
+    /// Added to every input value (off-centre data: `1000` gives `1000 + U[−1, 1)`).
+    pub offset: f32,
+    /// BatchNorm's reduce split (`None`: the device's default).
+    pub split: Option<normdrop::tuning::ReduceSplit>,
+}
+
+/// [`validate_as`] with inputs off centre and a forced BatchNorm reduce split.
+pub fn validate_with(
+    ctx: &Context,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    variation: &Variation,
+) -> Result<crate::fixture::Comparison> {
     use crate::fixture::compare;
     use normdrop::nn::{
         BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, ResidualDropoutLayerNorm,
@@ -694,9 +714,22 @@ pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> 
 
     let spec = spec(name)?;
     let numel: usize = shape.iter().product();
-    let x = fill_values(shape, 3, dtype);
     let dy = fill_values(shape, 4, dtype);
-    let (xt, dyt) = (fill(ctx, shape, 3, dtype)?, fill(ctx, shape, 4, dtype)?);
+    let (x, xt) = if variation.offset == 0.0 {
+        (fill_values(shape, 3, dtype), fill(ctx, shape, 3, dtype)?)
+    } else {
+        let round = |v: f32| match dtype {
+            DType::F32 => v,
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+        };
+        let x: Vec<f32> = fill_values(shape, 3, dtype)
+            .into_iter()
+            .map(|v| round(v + variation.offset))
+            .collect();
+        let xt = Tensor::from_f32(ctx, &x, shape, dtype)?;
+        (x, xt)
+    };
+    let dyt = fill(ctx, shape, 4, dtype)?;
     let read = |t: &Tensor| t.to_f64_blocking(ctx);
     let tol = match dtype {
         DType::F32 => 1e-4,
@@ -730,10 +763,12 @@ pub fn validate_as(ctx: &Context, name: &str, shape: &[usize], dtype: DType) -> 
             };
             let (y, grads) = if fused {
                 let mut module = BatchNormDropout::new(ctx, config.clone(), dropout, seed)?;
+                module.batch_norm_mut().set_reduce_split(variation.split);
                 let y = module.forward(&xt)?;
                 (y, if backward { Some(module.backward(&dyt)?) } else { None })
             } else {
                 let mut module = BatchNorm::with_config(ctx, config.clone())?;
+                module.set_reduce_split(variation.split);
                 if !training {
                     module.eval();
                 }
