@@ -42,12 +42,25 @@ fi
 echo "test.sh: full suite on the default adapter"
 cargo test --workspace "$@"
 
+# scripts/gpu-check.sh in its local mode (selftest, fixtures, both bench dtypes on this
+# adapter; no NVIDIA or PyTorch steps), so that the GPU machine's script cannot rot. Skipped
+# when test arguments narrow the run.
+if [ "$#" = 0 ]; then
+    echo "test.sh: scripts/gpu-check.sh --local (normdrop selftest, check, bench) on the default adapter"
+    NORMDROP_BIN="$normdrop" bash scripts/gpu-check.sh --local "$(mktemp -d)"
+fi
+
 if WGPU_BACKEND=gl "$normdrop" info >/dev/null 2>&1; then
     echo "test.sh: GPU tests again on the GL backend"
     # One test thread: wgpu's GL backend serializes all work behind one context lock that
     # panics after 6 s of waiting, and on llvmpipe a large submission from one test can hold it
     # that long while others wait.
     WGPU_BACKEND=gl RUST_TEST_THREADS=1 cargo test --workspace "$@"
+    if [ "$#" = 0 ]; then
+        echo "test.sh: normdrop selftest on the GL backend"
+        # pipefail: a failing selftest fails the script.
+        WGPU_BACKEND=gl "$normdrop" selftest 2>/dev/null | grep -E "^adapter|^subgroup|FAILED|skipped|passed,"
+    fi
 elif [ "${CI:-}" = true ] && [ "${NORMDROP_ALLOW_NO_GPU:-}" != 1 ]; then
     echo "test.sh: no GL adapter (WGPU_BACKEND=gl) in CI; install libegl1 libgl1-mesa-dri" >&2
     exit 1

@@ -696,6 +696,8 @@ pub struct Variation {
     pub offset: f32,
     /// BatchNorm's reduce split (`None`: the device's default).
     pub split: Option<normdrop::tuning::ReduceSplit>,
+    /// LayerNorm's geometry (lanes per row, row-per-subgroup passes; default: the device's).
+    pub layer_norm: normdrop::tuning::LayerNormPlanOptions,
 }
 
 /// [`validate_as`] with inputs off centre and a forced BatchNorm reduce split.
@@ -828,10 +830,12 @@ pub fn validate_with(
             };
             let (y, grads, extra) = if name.starts_with("layer_norm_dropout") {
                 let mut module = LayerNormDropout::new(ctx, config.clone(), dropout, seed)?;
+                module.layer_norm_mut().set_plan_options(variation.layer_norm);
                 let y = module.forward(&xt)?;
                 (y, if backward { Some(module.backward(&dyt)?) } else { None }, None)
             } else if name.starts_with("residual") {
                 let mut module = ResidualDropoutLayerNorm::new(ctx, config.clone(), dropout, seed)?;
+                module.layer_norm_mut().set_plan_options(variation.layer_norm);
                 let (y, _h) = module.forward(&xt, &fill(ctx, shape, 5, dtype)?)?;
                 let g = if backward {
                     Some(module.backward(&dyt, None)?)
@@ -847,6 +851,7 @@ pub fn validate_with(
                 (y, grads, extra)
             } else {
                 let mut module = LayerNorm::with_config(ctx, config.clone())?;
+                module.set_plan_options(variation.layer_norm);
                 let y = module.forward(&xt)?;
                 (y, if backward { Some(module.backward(&dyt)?) } else { None }, None)
             };

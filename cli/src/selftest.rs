@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use normdrop::rng::{self, DropRule};
-use normdrop::tuning::ReduceSplit;
+use normdrop::tuning::{LayerNormPlanOptions, ReduceSplit};
 use normdrop::{wgpu, Context, ContextOptions, DType, DropoutConfig, Result, Tensor};
 
 use crate::fixture::{self, Fixture, Verdict};
@@ -261,6 +261,8 @@ fn outcome_of(r: Result<crate::fixture::Comparison>) -> Outcome {
             "max_abs_err {:.3e}, {:.1}× the tolerance",
             c.max_abs_err, c.worst_ratio
         )),
+        // A geometry the device cannot run (a forced row-per-subgroup pass without SUBGROUP).
+        Err(e @ normdrop::Error::Unsupported { .. }) => Outcome::Skip(e.to_string()),
         Err(e) => Outcome::Fail(e.to_string()),
     }
 }
@@ -279,23 +281,76 @@ fn ops_on(ctx: &Context, variant: &str, options: &Options, chunked: bool, report
     }
     // BatchNorm's reduce splits forced both ways, and off-centre data (f32: f16 cannot hold
     // 1000 + small noise).
-    let splits: &[(&str, ReduceSplit)] = &[
-        ("split=workgroup", ReduceSplit::Workgroup { chunk: 256 }),
-        ("split=invocation", ReduceSplit::Invocation { chunk: 64 }),
+    // Shapes that fill every subgroup of the 256-invocation workgroups: chunks of 4096 (every
+    // invocation reads 4 quads), and 301 chunks of 256 per channel (the finalize pass merges
+    // partials across the whole workgroup). Their samples fit the 64 KiB variant's bindings.
+    let splits: &[(&str, ReduceSplit, &[usize])] = &[
+        (
+            "split=workgroup/4096",
+            ReduceSplit::Workgroup { chunk: 4096 },
+            &[40, 2, 1024],
+        ),
+        (
+            "split=workgroup/256",
+            ReduceSplit::Workgroup { chunk: 256 },
+            &[301, 1, 256],
+        ),
+        (
+            "split=invocation/64",
+            ReduceSplit::Invocation { chunk: 64 },
+            &[3, 5, 7, 11],
+        ),
     ];
     let bn_ops: Vec<_> = OPS.iter().filter(|o| o.name.starts_with("batch_norm")).collect();
-    for (label, split) in splits {
+    for (label, split, shape) in splits {
         for spec in &bn_ops {
-            let shape = vec![3, 5, 7, 11];
-            let name = format!("{variant:<15} {:<37} f32 {} {label}", spec.name, shape_text(&shape));
+            let name = format!("{variant:<15} {:<37} f32 {} {label}", spec.name, shape_text(shape));
             let v = Variation {
                 split: Some(*split),
                 ..Default::default()
             };
             report(Check {
                 name,
-                outcome: outcome_of(validate_with(ctx, spec.name, &shape, DType::F32, &v)),
+                outcome: outcome_of(validate_with(ctx, spec.name, shape, DType::F32, &v)),
             });
+        }
+    }
+    // LayerNorm's geometries forced: the row-block path (1 lane per row) with and without the
+    // row-per-subgroup passes, and the lane paths at 4, 32 and 256 lanes per row, at widths
+    // off a multiple of 4, at the register paths' limit (768) and past it.
+    let geometries: &[(&str, Option<u32>, Option<bool>)] = &[
+        ("lanes=1 subgroup-rows=off", Some(1), Some(false)),
+        ("lanes=1 subgroup-rows=on", Some(1), Some(true)),
+        ("lanes=4", Some(4), Some(false)),
+        ("lanes=32", Some(32), Some(false)),
+        ("lanes=256", Some(256), Some(false)),
+    ];
+    let ln_ops: Vec<_> = OPS.iter().filter(|o| o.family == Family::LayerNorm).collect();
+    // With 64 KiB bindings the backward's 64-row blocks must fit one binding (width ≤ 256).
+    let geometry_shapes: Vec<Vec<usize>> = if chunked {
+        vec![vec![37, 130], vec![300, 256], vec![500, 64]]
+    } else {
+        vec![vec![37, 130], vec![70, 768], vec![9, 1000], vec![33, 64]]
+    };
+    for (label, lanes, subgroup_rows) in geometries {
+        // The row-per-subgroup passes take widths that are multiples of 4 up to 768; where a
+        // device cannot run them at all, the check is a skip naming why.
+        let fits = |w: usize| *subgroup_rows != Some(true) || (w.is_multiple_of(4) && w <= 768);
+        for spec in &ln_ops {
+            for shape in geometry_shapes.iter().filter(|s| fits(s[1])) {
+                let name = format!("{variant:<15} {:<37} f32 {} {label}", spec.name, shape_text(shape));
+                let v = Variation {
+                    layer_norm: LayerNormPlanOptions {
+                        lanes: *lanes,
+                        subgroup_rows: *subgroup_rows,
+                    },
+                    ..Default::default()
+                };
+                report(Check {
+                    name,
+                    outcome: outcome_of(validate_with(ctx, spec.name, shape, DType::F32, &v)),
+                });
+            }
         }
     }
     for spec in OPS.iter().filter(|o| o.family != Family::Dropout) {

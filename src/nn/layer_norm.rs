@@ -3,7 +3,9 @@
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::grad::{Accumulate, GradTargets, Grads};
-use crate::kernels::layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
+use crate::kernels::layer_norm::{
+    LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan, LayerNormPlanOptions,
+};
 use crate::kernels::layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
 use crate::nn::dropout::{check_target, Generator};
 use crate::state::StateTensor;
@@ -41,6 +43,8 @@ pub struct LayerNorm {
     bias: Option<Tensor>,
     plan: Option<LayerNormPlan>,
     saved: Option<LayerNormSaved>,
+    /// Geometry overrides of forward and backward plans (default: the device's choice).
+    options: LayerNormPlanOptions,
 }
 
 impl LayerNorm {
@@ -74,7 +78,26 @@ impl LayerNorm {
             bias,
             plan: None,
             saved: None,
+            options: LayerNormPlanOptions::default(),
         })
+    }
+
+    /// Geometry overrides for the forward and backward plans (lanes per row, the row-per-subgroup
+    /// passes); the default leaves the choice to the device. Results agree within rounding
+    /// whatever the geometry. **Unstable**, like everything in [`crate::tuning`]: for
+    /// benchmarks, tests and `normdrop selftest`. A choice the device cannot run makes the next
+    /// call fail with [`Error::Unsupported`] (nothing changes).
+    pub fn set_plan_options(&mut self, options: LayerNormPlanOptions) {
+        if options != self.options {
+            self.options = options;
+            self.plan = None;
+            self.backward_plan = None;
+        }
+    }
+
+    /// The geometry overrides in use (see [`LayerNorm::set_plan_options`]).
+    pub fn plan_options(&self) -> LayerNormPlanOptions {
+        self.options
     }
 
     /// The configuration.
@@ -222,11 +245,12 @@ impl LayerNorm {
             .as_ref()
             .is_none_or(|p| p.shape() != x.shape() || p.fusion() != fusion || p.storage() != storage)
         {
-            Some(self.ctx.kernel_with::<LayerNormKernel>(storage)?.plan(
+            Some(self.ctx.kernel_with::<LayerNormKernel>(storage)?.plan_with(
                 self.ctx.device(),
                 x.shape(),
                 &self.config,
                 fusion,
+                &self.options,
             )?)
         } else {
             None
@@ -377,12 +401,13 @@ impl LayerNorm {
                 || p.dropout_training() != dropout_training
                 || p.storage() != storage
         }) {
-            Some(self.ctx.kernel_with::<LayerNormBackwardKernel>(storage)?.plan(
+            Some(self.ctx.kernel_with::<LayerNormBackwardKernel>(storage)?.plan_with(
                 self.ctx.device(),
                 &saved.shape,
                 &self.config,
                 fusion,
                 dropout_training,
+                &self.options,
             )?)
         } else {
             None
