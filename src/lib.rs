@@ -44,8 +44,9 @@ pub use grad::{Accumulate, GradTargets, Grads, ResidualGrads};
 pub use kernels::{
     BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan, BatchNormBuffers, BatchNormConfig,
     BatchNormKernel, BatchNormPlan, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan,
-    DropoutUnit, LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan, LayerNormBuffers,
-    LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan, SgdKernel, SgdPlan,
+    DropoutUnit, GroupNormConfig, LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan,
+    LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan, RmsNormConfig, SgdKernel,
+    SgdPlan,
 };
 pub use nn::sgd_step;
 pub use nn::{

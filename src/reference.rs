@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::kernels::batch_norm::BatchNormConfig;
 use crate::kernels::dropout::{DropoutConfig, DropoutUnit};
 use crate::kernels::layer_norm::LayerNormConfig;
+use crate::kernels::norm_configs::{GroupNormConfig, RmsNormConfig};
 use crate::rng;
 
 /// Running statistics carried between reference BatchNorm steps, in f64.
@@ -278,6 +279,232 @@ pub fn layer_norm_forward_f64(
         out.rstd[r] = rstd;
     }
     Ok(out)
+}
+
+/// Output of [`rms_norm_forward`].
+#[derive(Clone, Debug)]
+pub struct RefRmsNorm {
+    /// `y`, same shape as the input.
+    pub y: Vec<f64>,
+    /// Row `1/sqrt(mean(x²) + eps)`, `(rows)`.
+    pub rstd: Vec<f64>,
+}
+
+/// RMSNorm forward with PyTorch semantics over the trailing `config.normalized_shape` dims:
+/// `y = x·rstd·γ`, `rstd = 1/sqrt(mean(x²) + eps)`. No centering: the statistic is the mean of
+/// squares itself (a sum of non-negative terms, with nothing to cancel).
+pub fn rms_norm_forward(
+    x: &[f64],
+    shape: &[usize],
+    config: &RmsNormConfig,
+    weight: Option<&[f64]>,
+) -> Result<RefRmsNorm> {
+    config.validate()?;
+    let (rows, width) = config.rows_and_width(shape)?;
+    let (rows, width) = (rows as usize, width as usize);
+    check_len("rms_norm reference", "x", x.len(), rows * width, shape)?;
+    let gamma = |j: usize| match (config.elementwise_affine, weight) {
+        (true, Some(w)) => w[j],
+        _ => 1.0,
+    };
+    let mut out = RefRmsNorm {
+        y: vec![0.0; rows * width],
+        rstd: vec![0.0; rows],
+    };
+    for r in 0..rows {
+        let row = &x[r * width..(r + 1) * width];
+        let ms = row.iter().map(|v| v * v).sum::<f64>() / width as f64;
+        let rstd = 1.0 / (ms + f64::from(config.eps())).sqrt();
+        for (j, v) in row.iter().enumerate() {
+            out.y[r * width + j] = v * rstd * gamma(j);
+        }
+        out.rstd[r] = rstd;
+    }
+    Ok(out)
+}
+
+/// RMSNorm backward given the forward's row `rstd`:
+///
+/// ```text
+/// x̂ = x·rstd   g = dy·γ   dx = rstd·(g − x̂·mean(g·x̂))   (mean over a row)
+/// dγ = Σ_rows dy·x̂
+/// ```
+///
+/// `dbias` is empty (RMSNorm has no β); `dweight` is empty without γ.
+pub fn rms_norm_backward(
+    x: &[f64],
+    dy: &[f64],
+    shape: &[usize],
+    config: &RmsNormConfig,
+    weight: Option<&[f64]>,
+    rstd: &[f64],
+) -> Result<RefGrads> {
+    let (rows, width) = config.rows_and_width(shape)?;
+    let (rows, width) = (rows as usize, width as usize);
+    if x.len() != rows * width || dy.len() != x.len() || rstd.len() != rows {
+        return Err(Error::shape(
+            "rms_norm backward reference",
+            "dy",
+            shape,
+            "x, dy of the shape; rstd of the rows",
+        ));
+    }
+    let gamma = |j: usize| match (config.elementwise_affine, weight) {
+        (true, Some(w)) => w[j],
+        _ => 1.0,
+    };
+    let mut out = RefGrads {
+        dx: vec![0.0; x.len()],
+        dweight: vec![0.0; width],
+        dbias: Vec::new(),
+    };
+    for (r, &rs) in rstd.iter().enumerate() {
+        let at = |j: usize| r * width + j;
+        let xhat = |j: usize| x[at(j)] * rs;
+        let mut mgx = 0.0;
+        for j in 0..width {
+            mgx += dy[at(j)] * gamma(j) * xhat(j);
+            out.dweight[j] += dy[at(j)] * xhat(j);
+        }
+        mgx /= width as f64;
+        for j in 0..width {
+            out.dx[at(j)] = rs * (dy[at(j)] * gamma(j) - xhat(j) * mgx);
+        }
+    }
+    if !config.elementwise_affine {
+        out.dweight.clear();
+    }
+    Ok(out)
+}
+
+/// Output of [`group_norm_forward`].
+#[derive(Clone, Debug)]
+pub struct RefGroupNorm {
+    /// `y`, same shape as the input.
+    pub y: Vec<f64>,
+    /// Group means, `(N, G)`.
+    pub mean: Vec<f64>,
+    /// Group `1/sqrt(var + eps)` (biased variance), `(N, G)`.
+    pub rstd: Vec<f64>,
+}
+
+/// GroupNorm forward with PyTorch semantics on `(N, C, *)`: per sample and group of `C/G`
+/// consecutive channels, two-pass mean and biased variance over the group's channels and
+/// spatial positions; `y = (x − mean)·rstd·γ_c + β_c`.
+pub fn group_norm_forward(
+    x: &[f64],
+    shape: &[usize],
+    config: &GroupNormConfig,
+    weight: Option<&[f64]>,
+    bias: Option<&[f64]>,
+) -> Result<RefGroupNorm> {
+    let d = config.dims(shape)?;
+    check_len(
+        "group_norm reference",
+        "x",
+        x.len(),
+        d.n * config.num_channels * d.spatial,
+        shape,
+    )?;
+    let len = d.group_len();
+    let mut out = RefGroupNorm {
+        y: vec![0.0; x.len()],
+        mean: vec![0.0; d.n * d.groups],
+        rstd: vec![0.0; d.n * d.groups],
+    };
+    for ng in 0..d.n * d.groups {
+        let group = &x[ng * len..(ng + 1) * len];
+        let mean = group.iter().sum::<f64>() / len as f64;
+        let var = group.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / len as f64;
+        let rstd = 1.0 / (var + f64::from(config.eps)).sqrt();
+        for (k, v) in group.iter().enumerate() {
+            let c = (ng % d.groups) * d.channels_per_group + k / d.spatial;
+            let (gamma, beta) = match (config.affine, weight, bias) {
+                (true, Some(w), Some(b)) => (w[c], b[c]),
+                _ => (1.0, 0.0),
+            };
+            out.y[ng * len + k] = (v - mean) * rstd * gamma + beta;
+        }
+        out.mean[ng] = mean;
+        out.rstd[ng] = rstd;
+    }
+    Ok(out)
+}
+
+/// GroupNorm backward given the forward's `(N, G)` `mean` and `rstd`:
+///
+/// ```text
+/// x̂ = (x − mean)·rstd   g = dy·γ_c   dx = rstd·(g − mean(g) − x̂·mean(g·x̂))   (means over a group)
+/// dγ_c = Σ_{n, *} dy·x̂   dβ_c = Σ_{n, *} dy
+/// ```
+pub fn group_norm_backward(
+    x: &[f64],
+    dy: &[f64],
+    shape: &[usize],
+    config: &GroupNormConfig,
+    weight: Option<&[f64]>,
+    mean: &[f64],
+    rstd: &[f64],
+) -> Result<RefGrads> {
+    let d = config.dims(shape)?;
+    let groups = d.n * d.groups;
+    if x.len() != groups * d.group_len() || dy.len() != x.len() || mean.len() != groups || rstd.len() != groups {
+        return Err(Error::shape(
+            "group_norm backward reference",
+            "dy",
+            shape,
+            "x, dy of the shape; mean, rstd of (N, G)",
+        ));
+    }
+    let len = d.group_len();
+    let channel = |ng: usize, k: usize| (ng % d.groups) * d.channels_per_group + k / d.spatial;
+    let gamma = |c: usize| match (config.affine, weight) {
+        (true, Some(w)) => w[c],
+        _ => 1.0,
+    };
+    let c_all = config.num_channels;
+    let mut out = RefGrads {
+        dx: vec![0.0; x.len()],
+        dweight: vec![0.0; c_all],
+        dbias: vec![0.0; c_all],
+    };
+    for ng in 0..groups {
+        let xhat = |k: usize| (x[ng * len + k] - mean[ng]) * rstd[ng];
+        let (mut mg, mut mgx) = (0.0, 0.0);
+        for k in 0..len {
+            let c = channel(ng, k);
+            let g = dy[ng * len + k] * gamma(c);
+            mg += g;
+            mgx += g * xhat(k);
+            out.dweight[c] += dy[ng * len + k] * xhat(k);
+            out.dbias[c] += dy[ng * len + k];
+        }
+        mg /= len as f64;
+        mgx /= len as f64;
+        for k in 0..len {
+            let g = dy[ng * len + k] * gamma(channel(ng, k));
+            out.dx[ng * len + k] = rstd[ng] * (g - mg - xhat(k) * mgx);
+        }
+    }
+    if !config.affine {
+        out.dweight.clear();
+        out.dbias.clear();
+    }
+    Ok(out)
+}
+
+/// `len == expected`, or a shape error naming `what` of `op`.
+fn check_len(op: &'static str, what: &'static str, len: usize, expected: usize, shape: &[usize]) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            op,
+            what,
+            &[len],
+            format!("{expected} elements for shape {shape:?}"),
+        ))
+    }
 }
 
 /// Gradients of one backward pass.

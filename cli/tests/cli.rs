@@ -138,11 +138,16 @@ fn retagged(changes: &[(&str, &str)], keep: impl Fn(&str, safetensors::Dtype) ->
 #[test]
 fn check_fails_what_it_cannot_compare() {
     let expected = |_: &str, d: safetensors::Dtype| d == safetensors::Dtype::F64 || d == safetensors::Dtype::I64;
-    let cases: [(&str, Vec<u8>, &str); 5] = [
+    let cases: [(&str, Vec<u8>, &str); 6] = [
         (
             "unknown-op",
+            retagged(&[("op", "no_such_norm")], |_, _| true),
+            "unknown op \"no_such_norm\"",
+        ),
+        (
+            "op-without-kernel",
             retagged(&[("op", "rms_norm")], |_, _| true),
-            "unknown op \"rms_norm\"",
+            "op \"rms_norm\" has an f64 CPU reference",
         ),
         (
             "nothing-expected",

@@ -47,6 +47,7 @@ pub(crate) mod cpu;
 pub(crate) mod dropout;
 pub(crate) mod layer_norm;
 pub(crate) mod layer_norm_backward;
+pub(crate) mod norm_configs;
 pub(crate) mod sgd;
 
 pub use batch_norm::{BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan};
@@ -58,6 +59,7 @@ pub use dropout::{
 };
 pub use layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
 pub use layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
+pub use norm_configs::{GroupNormConfig, GroupNormDims, RmsNormConfig, RMS_NORM_DEFAULT_EPS};
 pub use sgd::{SgdKernel, SgdPlan};
 
 use std::num::NonZeroU64;
