@@ -107,20 +107,33 @@ impl<'s, 'a> CallArgs<'s, 'a> {
         }
     }
 
-    fn push(&mut self, what: &'static str, slice: &'s wgpu::BufferSlice<'a>, bytes: u64, write: bool) {
+    /// Checks `slice` for `bytes` (whole in one storage binding unless `ranged`: bound in the
+    /// plan's binding ranges) and adds it as read or written.
+    fn add(
+        &mut self,
+        what: &'static str,
+        slice: &'s wgpu::BufferSlice<'a>,
+        bytes: u64,
+        write: bool,
+        ranged: bool,
+    ) -> Result<()> {
+        if ranged {
+            self.limits.check_ranged(self.op, what, slice, bytes)?;
+        } else {
+            self.limits.check(self.op, what, slice, bytes)?;
+        }
         self.args.push(Arg {
             what,
             slice,
             bytes,
             write,
         });
+        Ok(())
     }
 
     /// An input bound whole: `bytes` from the slice's offset, within one storage binding.
     pub(crate) fn read(&mut self, what: &'static str, slice: &'s wgpu::BufferSlice<'a>, bytes: u64) -> Result<()> {
-        self.limits.check(self.op, what, slice, bytes)?;
-        self.push(what, slice, bytes, false);
-        Ok(())
+        self.add(what, slice, bytes, false, false)
     }
 
     /// An input the plan binds in its binding ranges (may exceed one storage binding).
@@ -130,16 +143,12 @@ impl<'s, 'a> CallArgs<'s, 'a> {
         slice: &'s wgpu::BufferSlice<'a>,
         bytes: u64,
     ) -> Result<()> {
-        self.limits.check_ranged(self.op, what, slice, bytes)?;
-        self.push(what, slice, bytes, false);
-        Ok(())
+        self.add(what, slice, bytes, false, true)
     }
 
     /// An output (or an argument read and written) bound whole.
     pub(crate) fn write(&mut self, what: &'static str, slice: &'s wgpu::BufferSlice<'a>, bytes: u64) -> Result<()> {
-        self.limits.check(self.op, what, slice, bytes)?;
-        self.push(what, slice, bytes, true);
-        Ok(())
+        self.add(what, slice, bytes, true, false)
     }
 
     /// An output bound in the plan's binding ranges.
@@ -149,16 +158,14 @@ impl<'s, 'a> CallArgs<'s, 'a> {
         slice: &'s wgpu::BufferSlice<'a>,
         bytes: u64,
     ) -> Result<()> {
-        self.limits.check_ranged(self.op, what, slice, bytes)?;
-        self.push(what, slice, bytes, true);
-        Ok(())
+        self.add(what, slice, bytes, true, true)
     }
 
     /// Every written range is disjoint from every other argument's range, and no buffer is both
     /// read and written (WebGPU refuses a buffer bound read-only and writable in one dispatch,
     /// and the kernels read and write in an order that would make any overlap a race).
-    /// Inputs may share a buffer and overlap. [`Error::Aliased`] names the later argument and
-    /// the earlier one it meets.
+    /// Inputs may share a buffer and overlap. [`Error::Aliased`] names the written argument and
+    /// the one it meets.
     pub(crate) fn check_aliasing(&self) -> Result<()> {
         for (i, a) in self.args.iter().enumerate() {
             for b in &self.args[..i] {

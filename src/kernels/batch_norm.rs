@@ -21,8 +21,9 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::kernels::dropout::{DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, bind_ranges, binding, binding_at, binding_or, check_device, fold_workgroups, gcd, placeholder,
-    uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, CallArgs, Dispatch, FastDiv, Pipelines, Storage,
+    bind_group, bind_ranges, binding, binding_at, binding_or, check_device, check_eps, check_index_limit,
+    fold_workgroups, gcd, placeholder, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, CallArgs,
+    Dispatch, FastDiv, Pipelines, Storage,
 };
 
 const OP: &str = "batch_norm";
@@ -177,21 +178,13 @@ impl BatchNormConfig {
         if self.num_features == 0 {
             return Err(Error::invalid(OP, "num_features must be at least 1"));
         }
-        if self.num_features as u64 > 1 << 31 {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "num_features",
-                value: self.num_features as u64,
-                limit: 1 << 31,
-                limit_name: "2^31 channels (u32 indexing)",
-            });
-        }
-        if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(Error::invalid(
-                OP,
-                format!("eps must be finite and > 0, got {}", self.eps),
-            ));
-        }
+        check_index_limit(
+            OP,
+            "num_features",
+            self.num_features as u64,
+            "2^31 channels (u32 indexing)",
+        )?;
+        check_eps(OP, self.eps)?;
         if let Some(m) = self.momentum {
             if !(0.0..=1.0).contains(&m) {
                 return Err(Error::invalid(OP, format!("momentum must be in [0, 1], got {m}")));

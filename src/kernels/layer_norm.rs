@@ -7,9 +7,9 @@ use crate::error::{Error, Result};
 use crate::kernels::cpu::{SG_LANES, SG_TRIPLES};
 use crate::kernels::dropout::{DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
-    bind_group, bind_ranges, binding, binding_at, binding_or, check_device, fold_workgroups, optional_pass,
-    placeholder, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange, CallArgs, Dispatch, Flag,
-    Pipelines, Storage,
+    bind_group, bind_ranges, binding, binding_at, binding_or, check_device, check_eps, check_index_limit,
+    fold_workgroups, optional_pass, placeholder, uniform_buffer, vec4_bindable, vec4_module, BindLimits, BindRange,
+    CallArgs, Dispatch, Flag, Pipelines, Storage,
 };
 
 const OP: &str = "layer_norm";
@@ -85,23 +85,13 @@ impl LayerNormConfig {
                 ),
             ));
         }
-        if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(Error::invalid(
-                OP,
-                format!("eps must be finite and > 0, got {}", self.eps),
-            ));
-        }
-        let width = self.width();
-        if width as u64 > 1 << 31 {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "normalized_shape elements",
-                value: width as u64,
-                limit: 1 << 31,
-                limit_name: "2^31 elements per row (u32 indexing)",
-            });
-        }
-        Ok(())
+        check_eps(OP, self.eps)?;
+        check_index_limit(
+            OP,
+            "normalized_shape elements",
+            self.width() as u64,
+            "2^31 elements per row (u32 indexing)",
+        )
     }
 
     /// `(rows, width)` of an input `shape`, whose trailing dims must equal `normalized_shape`.
@@ -127,15 +117,7 @@ impl LayerNormConfig {
                 "no zero-sized dimension (empty tensors are not supported)",
             ));
         }
-        if numel > 1 << 31 {
-            return Err(Error::ExceedsLimit {
-                op: OP,
-                what: "input elements",
-                value: numel,
-                limit: 1 << 31,
-                limit_name: "2^31 elements per call (u32 indexing)",
-            });
-        }
+        check_index_limit(OP, "input elements", numel, "2^31 elements per call (u32 indexing)")?;
         let width = self.width() as u64;
         Ok((numel / width, width))
     }

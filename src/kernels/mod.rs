@@ -360,6 +360,36 @@ impl BindLimits {
     }
 }
 
+/// Checks that `eps` of `op` is finite and > 0 ([`Error::InvalidArgument`] otherwise).
+pub(crate) fn check_eps(op: &'static str, eps: f32) -> Result<()> {
+    if eps.is_finite() && eps > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, format!("eps must be finite and > 0, got {eps}")))
+    }
+}
+
+/// The kernels index with u32 and keep counts at most 2^31: [`Error::ExceedsLimit`] naming
+/// `what` of `op` and the rule (`limit_name`) above that.
+pub(crate) fn check_index_limit(
+    op: &'static str,
+    what: &'static str,
+    value: u64,
+    limit_name: &'static str,
+) -> Result<()> {
+    if value <= 1 << 31 {
+        Ok(())
+    } else {
+        Err(Error::ExceedsLimit {
+            op,
+            what,
+            value,
+            limit: 1 << 31,
+            limit_name,
+        })
+    }
+}
+
 /// A uniform buffer holding `value` (a `#[repr(C)]` mirror of a WGSL struct).
 pub(crate) fn uniform_buffer<T: bytemuck::Pod>(device: &wgpu::Device, label: &str, value: &T) -> wgpu::Buffer {
     use wgpu::util::DeviceExt;

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::layer_norm::LayerNormConfig;
+use crate::kernels::{check_eps, check_index_limit};
 
 /// PyTorch's default RMSNorm epsilon (`eps = None`): float32's machine epsilon, 2^-23, for
 /// f32 and f16 activations alike (PyTorch computes in f32).
@@ -49,9 +50,7 @@ impl RmsNormConfig {
     /// Checks every field's domain.
     pub fn validate(&self) -> Result<()> {
         if let Some(eps) = self.eps {
-            if !(eps.is_finite() && eps > 0.0) {
-                return Err(Error::invalid(OP_RMS, format!("eps must be finite and > 0, got {eps}")));
-            }
+            check_eps(OP_RMS, eps)?;
         }
         self.as_layer_norm().validate().map_err(|e| rename(e, OP_RMS))
     }
@@ -171,22 +170,13 @@ impl GroupNormConfig {
                 ),
             ));
         }
-        if self.num_channels as u64 > 1 << 31 {
-            return Err(Error::ExceedsLimit {
-                op: OP_GN,
-                what: "num_channels",
-                value: self.num_channels as u64,
-                limit: 1 << 31,
-                limit_name: "2^31 channels (u32 indexing)",
-            });
-        }
-        if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(Error::invalid(
-                OP_GN,
-                format!("eps must be finite and > 0, got {}", self.eps),
-            ));
-        }
-        Ok(())
+        check_index_limit(
+            OP_GN,
+            "num_channels",
+            self.num_channels as u64,
+            "2^31 channels (u32 indexing)",
+        )?;
+        check_eps(OP_GN, self.eps)
     }
 
     /// The sizes of an input `shape` = `(N, C, *)` with `C = num_channels`, no zero dims and at
