@@ -23,6 +23,15 @@ pub struct Options {
     pub thorough: bool,
     /// Read the fixtures from this folder instead of the copies built into the binary.
     pub fixtures: Option<PathBuf>,
+    /// Run only the checks whose line contains this text (`None`: all).
+    pub filter: Option<String>,
+}
+
+impl Options {
+    /// Whether the check named `name` runs.
+    fn wants(&self, name: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| name.contains(f))
+    }
 }
 
 /// The outcome of one check.
@@ -274,6 +283,9 @@ fn ops_on(ctx: &Context, variant: &str, options: &Options, chunked: bool, report
         for shape in family_shapes(spec.name, spec.family, options.thorough, chunked) {
             for dtype in dtypes {
                 let name = format!("{variant:<15} {:<37} {dtype} {}", spec.name, shape_text(&shape));
+                if !options.wants(&name) {
+                    continue;
+                }
                 let outcome = outcome_of(validate_with(ctx, spec.name, &shape, dtype, &Variation::default()));
                 report(Check { name, outcome });
             }
@@ -305,6 +317,9 @@ fn ops_on(ctx: &Context, variant: &str, options: &Options, chunked: bool, report
     for (label, split, shape) in splits {
         for spec in &bn_ops {
             let name = format!("{variant:<15} {:<37} f32 {} {label}", spec.name, shape_text(shape));
+            if !options.wants(&name) {
+                continue;
+            }
             let v = Variation {
                 split: Some(*split),
                 ..Default::default()
@@ -339,6 +354,9 @@ fn ops_on(ctx: &Context, variant: &str, options: &Options, chunked: bool, report
         for spec in &ln_ops {
             for shape in geometry_shapes.iter().filter(|s| fits(s[1])) {
                 let name = format!("{variant:<15} {:<37} f32 {} {label}", spec.name, shape_text(shape));
+                if !options.wants(&name) {
+                    continue;
+                }
                 let v = Variation {
                     layer_norm: LayerNormPlanOptions {
                         lanes: *lanes,
@@ -359,6 +377,9 @@ fn ops_on(ctx: &Context, variant: &str, options: &Options, chunked: bool, report
             _ => vec![9, 130],
         };
         let name = format!("{variant:<15} {:<37} f32 {} offset=1000", spec.name, shape_text(&shape));
+        if !options.wants(&name) {
+            continue;
+        }
         let v = Variation {
             offset: 1000.0,
             ..Default::default()
@@ -381,6 +402,9 @@ fn masks(ctx: &Context, options: &Options, report: &mut dyn FnMut(Check)) {
         (42, 1 << 33, 0.3),
     ] {
         let name = format!("{:<15} dropout mask seed={seed} offset={offset} p={p} n={n}", "masks");
+        if !options.wants(&name) {
+            continue;
+        }
         let outcome = (|| -> Result<Outcome> {
             let mut d = normdrop::Dropout::with_config(ctx, DropoutConfig::new(p), seed)?;
             d.set_state(seed, offset);
@@ -434,6 +458,9 @@ fn fixtures(ctx: &Context, options: &Options, report: &mut dyn FnMut(Check)) {
     };
     for (name, bytes) in images {
         let label = format!("{:<15} {name}", "fixture");
+        if !options.wants(&label) {
+            continue;
+        }
         let lines = bytes
             .map_err(|e| normdrop::Error::invalid("selftest", e))
             .and_then(|b| Fixture::from_bytes(&name, &b))
@@ -485,10 +512,15 @@ pub fn run(ctx: &Context, options: &Options, report: &mut dyn FnMut(&Check)) -> 
                 name: format!("{:<15} (device)", v.name),
                 outcome: Outcome::Fail(format!("could not open the variant: {e}")),
             }),
-            Err(why) => tally(Check {
-                name: format!("{:<15} (every op)", v.name),
-                outcome: Outcome::Skip(why),
-            }),
+            Err(why) => {
+                let name = format!("{:<15} (every op)", v.name);
+                if options.filter.is_none() {
+                    tally(Check {
+                        name,
+                        outcome: Outcome::Skip(why),
+                    });
+                }
+            }
         }
     }
     masks(ctx, options, &mut tally);

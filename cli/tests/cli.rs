@@ -362,3 +362,54 @@ fn bench_and_check_refuse_bad_input() {
     }
     std::fs::remove_file(&garbage).unwrap();
 }
+
+/// `selftest` exits 0 only when it checked something and nothing failed: a subset passes, a
+/// fixture folder with one bad case fails (the good one still passes), and a filter that
+/// matches nothing fails.
+#[test]
+fn selftest_fails_what_it_cannot_prove() {
+    let Some(out) = normdrop(&["selftest", "--filter", "dropout2d_forward"]) else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let summary = last_line(&out);
+    assert!(summary.contains(" passed, 0 failed"), "{summary}");
+    assert!(!summary.starts_with("0 passed"), "{summary}");
+    assert!(text.lines().any(|l| l.contains("subgroup sizes")), "{text}");
+
+    let dir = std::env::temp_dir().join(format!("normdrop-selftest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixtures().join("ln_basic.safetensors"),
+        dir.join("ln_basic.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("bad.safetensors"),
+        retagged(&[("op", "no_such_norm")], |_, _| true),
+    )
+    .unwrap();
+    let Some(out) = normdrop(&["selftest", "--filter", "fixture", "--fixtures", dir.to_str().unwrap()]) else {
+        return;
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("bad") && l.contains("FAILED") && l.contains("no_such_norm")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("ln_basic") && l.contains(" ok ")),
+        "{text}"
+    );
+    assert!(last_line(&out).contains(" 1 failed"), "{}", last_line(&out));
+
+    let Some(out) = normdrop(&["selftest", "--filter", "no check has this name"]) else {
+        return;
+    };
+    assert_eq!(out.status.code(), Some(1));
+    assert!(last_line(&out).starts_with("0 passed, 0 failed"), "{}", last_line(&out));
+}
