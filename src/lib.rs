@@ -45,7 +45,8 @@ pub use kernels::{
     BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan, BatchNormBuffers, BatchNormConfig,
     BatchNormKernel, BatchNormPlan, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan,
     DropoutUnit, GroupNormConfig, LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan,
-    LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan, RmsNormConfig, SgdKernel,
+    LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan, RmsNormBackwardBuffers,
+    RmsNormBackwardKernel, RmsNormBackwardPlan, RmsNormBuffers, RmsNormConfig, RmsNormKernel, RmsNormPlan, SgdKernel,
     SgdPlan,
 };
 pub use nn::sgd_step;

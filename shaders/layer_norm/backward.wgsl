@@ -88,7 +88,7 @@ fn dh_of4(xs: vec4<f32>, g: vec4<f32>, r: f32, cf: vec3<f32>) -> vec4<f32> {
 // The row's K (its first input value) and rstd, or zeros for a spare segment.
 fn row_start(at: Slot, base: u32) -> vec2<f32> {
     if (at.live) {
-        return vec2<f32>(ld_x(base), rstd[p.row_base + at.row]);
+        return vec2<f32>(row_shift(ld_x(base)), rstd[p.row_base + at.row]);
     }
     return vec2<f32>(0.0);
 }

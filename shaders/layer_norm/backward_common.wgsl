@@ -18,6 +18,8 @@ const ROWS_PER_BLOCK: u32 = 64u;
 // mask (both sides of every runtime branch).
 override DROPOUT: bool = false;     // dy ← dy·m, LayerNorm → dropout's mask
 override ACCUMULATE: bool = false;  // dx (and dresidual) += instead of =
+// RMSNorm instead of LayerNorm (see layer_norm/forward_common.wgsl): K = 0, no mean(g) term.
+override RMS: bool = false;
 
 const FLAG_WEIGHT: u32 = 1u;
 const FLAG_BIAS: u32 = 2u;
@@ -76,10 +78,19 @@ fn quad_sums(xs: vec4<f32>, g: vec4<f32>) -> vec3<f32> {
 }
 
 // (mean − K, mean(g), mean(g·x̂)) from a whole row's sums (Σ(x−K), Σg, Σg·(x−K)) and rstd r.
+// RMSNorm (K = 0, no centring): (0, 0, mean(g·x̂)), so dx = r·(g − x̂·mean(g·x̂)).
 fn coefficients_of(total: vec3<f32>, r: f32) -> vec3<f32> {
     let w = f32(p.width);
+    if (RMS) {
+        return vec3<f32>(0.0, 0.0, r * total.z / w);
+    }
     let mk = total.x / w;
     return vec3<f32>(mk, total.y / w, r * (total.z - mk * total.y) / w);
+}
+
+// The row's shift K from its first input value: the value for LayerNorm, 0 for RMSNorm.
+fn row_shift(first: f32) -> f32 {
+    return select(first, 0.0, RMS);
 }
 
 // (Σ(x − K), Σg, Σg·(x − K)), g = dy·m·γ (m the mask's when `drop`), over the row's quads

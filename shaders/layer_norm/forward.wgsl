@@ -92,12 +92,12 @@ fn stats_from_registers(lid: u32, at: Slot, r: Row, shift: f32, v: ptr<function,
 // mean = K + (mean − K) and rstd.
 fn finish_stats(lid: u32, at: Slot, shift: f32, mine: Stat) -> vec2<f32> {
     let total = segment_merge(lid, at.lane, mine);
-    let rstd = 1.0 / sqrt(max(total.m2 / f32(p.width), 0.0) + p.eps);
+    let st = row_norm(total);
     if (at.lane == 0u && at.live) {
         mean_out[p.row_base + at.row] = shift + total.mean;
-        rstd_out[p.row_base + at.row] = rstd;
+        rstd_out[p.row_base + at.row] = st.y;
     }
-    return vec2<f32>(total.mean, rstd);
+    return st;
 }
 
 @compute @workgroup_size(256)
@@ -116,7 +116,7 @@ fn forward(at: Slot, lid: u32, drop: bool) {
     // Statistics are taken around the row's first value K.
     var shift = 0.0;
     if (at.live) {
-        shift = ld_x(r.base);
+        shift = row_shift(ld_x(r.base));
     }
     var state = vec4<u32>(0u);
     if (drop) {
@@ -181,7 +181,7 @@ fn layer_norm_residual_dropout_forward(
     let r = row_of(at);
     var shift = 0.0;
     if (at.live) {
-        shift = ld_residual(r.base);
+        shift = row_shift(ld_residual(r.base));
     }
     let state = load_state();
     if (in_registers()) {

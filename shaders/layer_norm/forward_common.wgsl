@@ -14,6 +14,9 @@ const REGS: u32 = 16u;
 // Set per pipeline (a pipeline-overridable constant): the driver compiles it as a constant and
 // drops the untaken side, which a CPU driver would otherwise execute under a lane mask.
 override DROPOUT: bool = false;  // y ← y·m, the fused dropout's mask (layer_norm_forward, layer_norm_block_forward)
+// RMSNorm instead of LayerNorm: y = h·rsqrt(mean(h²) + eps)·γ, no centring (K = 0, centre 0).
+// The RMSNorm kernels set it on every pipeline; LayerNorm's never do.
+override RMS: bool = false;
 
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
@@ -30,6 +33,23 @@ const FLAG_BIAS: u32 = 2u;       // add β
 @group(0) @binding(7) var<storage, read> rng_state: vec4<u32>;       // (seed lo, seed hi, offset lo, offset hi)
 // #activation @binding(8) read residual (rows, W)
 // #activation @binding(9) read_write h (rows, W) residual + dropout(x)
+
+// The row's shift K from its first value: the value itself for LayerNorm, 0 for RMSNorm (which
+// normalizes h as it is).
+fn row_shift(first: f32) -> f32 {
+    return select(first, 0.0, RMS);
+}
+
+// (centre, rstd) of a row from the merged triple of its values shifted by K: LayerNorm
+// (mean − K, 1/sqrt(var + eps)); RMSNorm (K = 0) (0, 1/sqrt(mean(h²) + eps)) with
+// mean(h²) = var + mean², two non-negative terms (nothing cancels).
+fn row_norm(total: Stat) -> vec2<f32> {
+    let var_ = max(total.m2 / f32(p.width), 0.0);
+    if (RMS) {
+        return vec2<f32>(0.0, 1.0 / sqrt(var_ + total.mean * total.mean + p.eps));
+    }
+    return vec2<f32>(total.mean, 1.0 / sqrt(var_ + p.eps));
+}
 
 // γ and β of column j applied to a normalized value.
 fn affine(j: u32, v: f32) -> f32 {

@@ -281,10 +281,27 @@ fn forward_entry(fusion: LayerNormFusion, blocks: bool) -> (&'static str, Vec<Fl
 
 impl Kernel for LayerNormKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
+        Self::build_with(device, storage, false)
+    }
+}
+
+/// The override constants every pipeline of a LayerNorm kernel carries: `RMS` for RMSNorm's.
+pub(crate) fn norm_constants(rms: bool) -> &'static [Flag] {
+    if rms {
+        &[("RMS", 1)]
+    } else {
+        &[]
+    }
+}
+
+impl LayerNormKernel {
+    /// LayerNorm's pipelines, or with `rms` the same passes as RMSNorm's (`RMS` set on every
+    /// pipeline; no row-per-subgroup passes, which keep their own statistics).
+    pub(crate) fn build_with(device: &wgpu::Device, storage: Storage, rms: bool) -> Self {
         // The lane path's pipelines and, beside them, the row-block path's (CPU adapters' default,
         // but built everywhere: a plan may ask for one lane per row on any device).
         let passes = |module: &wgpu::ShaderModule, vec4: bool| {
-            let mut p = Pipelines::default();
+            let mut p = Pipelines::with_fixed(norm_constants(rms));
             p.add_all(device, module, "layer_norm_forward", &["DROPOUT"]);
             if residual_fits(device) {
                 p.add_all(device, module, "layer_norm_residual_dropout_forward", &[]);
@@ -299,7 +316,11 @@ impl Kernel for LayerNormKernel {
             passes: passes(&module, false),
             vec4: vec4_module(device, "layer_norm/forward.wgsl", storage).map(|m| passes(&m, true)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
-            subgroup: crate::kernels::cpu::layer_norm_rows_forward(device, storage),
+            subgroup: if rms {
+                None
+            } else {
+                crate::kernels::cpu::layer_norm_rows_forward(device, storage)
+            },
         }
     }
 }

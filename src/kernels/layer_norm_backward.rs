@@ -28,7 +28,8 @@ use crate::grad::Accumulate;
 use crate::kernels::cpu::SG_TRIPLES;
 use crate::kernels::dropout::{DropParams, RNG_STATE_BYTES};
 use crate::kernels::layer_norm::{
-    residual_fits, residual_limit, row_path, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions, RowPath,
+    norm_constants, residual_fits, residual_limit, row_path, LayerNormConfig, LayerNormFusion, LayerNormPlanOptions,
+    RowPath,
 };
 use crate::kernels::{
     bind_group, bind_ranges, binding, binding_at, binding_or, check_device, fold_workgroups, placeholder,
@@ -113,11 +114,19 @@ fn dx_entry(blocks: bool, residual: bool, drop_dy: bool, accumulate: bool) -> (&
 
 impl Kernel for LayerNormBackwardKernel {
     fn build(device: &wgpu::Device, storage: Storage) -> Self {
+        Self::build_with(device, storage, false)
+    }
+}
+
+impl LayerNormBackwardKernel {
+    /// LayerNorm's backward pipelines, or with `rms` RMSNorm's (see
+    /// [`LayerNormKernel::build_with`](crate::kernels::layer_norm::LayerNormKernel)).
+    pub(crate) fn build_with(device: &wgpu::Device, storage: Storage, rms: bool) -> Self {
         // The lane path's per-range pipelines and, beside them, the row-block path's (CPU
         // adapters' default, but built everywhere: a plan may ask for one lane per row on any
         // device).
         let per_range = |module: &wgpu::ShaderModule, vec4: bool| {
-            let mut p = Pipelines::default();
+            let mut p = Pipelines::with_fixed(norm_constants(rms));
             p.add_all(device, module, "layer_norm_backward_dx", &["DROPOUT", "ACCUMULATE"]);
             p.add_all(device, module, "layer_norm_backward_params_partial", &["DROPOUT"]);
             if residual_fits(device) {
@@ -135,7 +144,11 @@ impl Kernel for LayerNormBackwardKernel {
             passes,
             vec4: vec4_module(device, "layer_norm/backward.wgsl", storage).map(|m| per_range(&m, true)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
-            subgroup: crate::kernels::cpu::layer_norm_rows_backward(device, storage),
+            subgroup: if rms {
+                None
+            } else {
+                crate::kernels::cpu::layer_norm_rows_backward(device, storage)
+            },
         }
     }
 }

@@ -48,6 +48,7 @@ pub(crate) mod dropout;
 pub(crate) mod layer_norm;
 pub(crate) mod layer_norm_backward;
 pub(crate) mod norm_configs;
+pub(crate) mod rms_norm;
 pub(crate) mod sgd;
 
 pub use batch_norm::{BatchNormBuffers, BatchNormConfig, BatchNormKernel, BatchNormPlan};
@@ -60,6 +61,9 @@ pub use dropout::{
 pub use layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
 pub use layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
 pub use norm_configs::{GroupNormConfig, GroupNormDims, RmsNormConfig, RMS_NORM_DEFAULT_EPS};
+pub use rms_norm::{
+    RmsNormBackwardBuffers, RmsNormBackwardKernel, RmsNormBackwardPlan, RmsNormBuffers, RmsNormKernel, RmsNormPlan,
+};
 pub use sgd::{SgdKernel, SgdPlan};
 
 use std::num::NonZeroU64;
@@ -544,9 +548,20 @@ pub(crate) type Flag = (&'static str, u32);
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Pipelines {
     map: std::collections::HashMap<(&'static str, Vec<Flag>), wgpu::ComputePipeline>,
+    /// Constants set on every pipeline built here and left out of the keys: what makes one
+    /// kernel family out of another's shaders (RMSNorm's `RMS` on LayerNorm's passes).
+    fixed: Vec<Flag>,
 }
 
 impl Pipelines {
+    /// No pipelines yet; every pipeline built will also have the constants `fixed`.
+    pub(crate) fn with_fixed(fixed: &[Flag]) -> Self {
+        Self {
+            map: Default::default(),
+            fixed: fixed.to_vec(),
+        }
+    }
+
     /// Builds `entry` of `module` once for every combination of the values in `choices`
     /// (`(constant, values)`) that `wanted` accepts (it sees one value per constant, in order).
     pub(crate) fn add_choices(
@@ -573,7 +588,8 @@ impl Pipelines {
         for key in combos {
             let values: Vec<u32> = key.iter().map(|&(_, v)| v).collect();
             if wanted(&values) {
-                let pipeline = compute_pipeline_with(device, module, entry, &key);
+                let all: Vec<Flag> = key.iter().chain(&self.fixed).copied().collect();
+                let pipeline = compute_pipeline_with(device, module, entry, &all);
                 self.map.insert((entry, Self::canonical(&key)), pipeline);
             }
         }

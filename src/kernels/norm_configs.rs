@@ -38,7 +38,7 @@ impl RmsNormConfig {
     }
 
     /// The shape rules LayerNorm shares (trailing dims, at most 2^31 elements per row).
-    fn as_layer_norm(&self) -> LayerNormConfig {
+    pub(crate) fn as_layer_norm(&self) -> LayerNormConfig {
         LayerNormConfig {
             normalized_shape: self.normalized_shape.clone(),
             eps: self.eps(),
@@ -67,7 +67,7 @@ const OP_RMS: &str = "rms_norm";
 const OP_GN: &str = "group_norm";
 
 /// `e` with its operation renamed to `op` (a rule shared with LayerNorm reported as RMSNorm's).
-fn rename(e: Error, op: &'static str) -> Error {
+pub(crate) fn rename(e: Error, op: &'static str) -> Error {
     match e {
         Error::InvalidArgument { reason, .. } => Error::InvalidArgument { op, reason },
         Error::Shape {
@@ -90,6 +90,25 @@ fn rename(e: Error, op: &'static str) -> Error {
             value,
             limit,
             limit_name,
+        },
+        Error::Buffer { what, reason, .. } => Error::Buffer { op, what, reason },
+        Error::BufferTooSmall { what, needed, got, .. } => Error::BufferTooSmall { op, what, needed, got },
+        Error::Aliased {
+            what, other, reason, ..
+        } => Error::Aliased {
+            op,
+            what,
+            other,
+            reason,
+        },
+        Error::WrongDevice { what, detail, .. } => Error::WrongDevice { op, what, detail },
+        Error::DType {
+            what, got, expected, ..
+        } => Error::DType {
+            op,
+            what,
+            got,
+            expected,
         },
         other => other,
     }

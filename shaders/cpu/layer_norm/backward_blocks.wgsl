@@ -87,7 +87,7 @@ fn block_row(row: u32, lid: u32, state: vec4<u32>, drop: bool, park: bool) {
         return;
     }
     let r = row_of(Slot(row, 0u, true));
-    let shift = ld_x(r.base);
+    let shift = row_shift(ld_x(r.base));
     let rs = rstd[p.row_base + row];
     // γ from the uniform copy for the first GAMMA_QUADS quads (every quad of rows up to
     // 4·GAMMA_QUADS wide), from `weight` for the rest.

@@ -48,10 +48,10 @@ fn layer_norm_block_residual_dropout_forward(
 // Saves the row's mean and rstd from its triple of values shifted by K, and keeps
 // (K, mean − K, rstd) for the column phase.
 fn block_finish(lid: u32, row: u32, shift: f32, acc: Stat) {
-    let rstd = 1.0 / sqrt(max(acc.m2 / f32(p.width), 0.0) + p.eps);
+    let st = row_norm(acc);
     mean_out[p.row_base + row] = shift + acc.mean;
-    rstd_out[p.row_base + row] = rstd;
-    block_stats[lid] = vec3<f32>(shift, acc.mean, rstd);
+    rstd_out[p.row_base + row] = st.y;
+    block_stats[lid] = vec3<f32>(shift, st.x, st.y);
 }
 
 // Row phase of the plain and dropout passes: row block·BLOCK + lid.
@@ -61,7 +61,7 @@ fn block_row_stats(block: u32, lid: u32) {
         return;
     }
     let r = row_of(Slot(row, 0u, true));
-    let shift = ld_x(r.base);
+    let shift = row_shift(ld_x(r.base));
     block_finish(lid, row, shift, lane_stat(r, shift, 0u, 1u, true));
 }
 
@@ -73,7 +73,7 @@ fn block_residual_row(block: u32, lid: u32) {
         return;
     }
     let r = row_of(Slot(row, 0u, true));
-    let shift = ld_residual(r.base);
+    let shift = row_shift(ld_residual(r.base));
     block_finish(lid, row, shift, lane_residual_stat(r, shift, load_state(), 0u, 1u, true));
 }
 

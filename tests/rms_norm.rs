@@ -1,0 +1,275 @@
+//! RMSNorm's GPU kernels (LayerNorm's passes with `RMS` set) against the f64 CPU reference:
+//! forward y and rstd, backward dx and dγ, over awkward shapes (width 1, primes, widths off 4,
+//! past the register paths, many rows), every geometry (lanes 1 to 256), f32 and f16 (native and
+//! packed), tensors split over 64 KiB bindings, and the PyTorch fixtures; plus bad input.
+
+mod common;
+
+use common::Rng;
+use normdrop::reference::{rms_norm_backward, rms_norm_forward};
+use normdrop::tuning::LayerNormPlanOptions;
+use normdrop::{
+    Accumulate, Context, ContextOptions, DType, Error, RmsNormBackwardBuffers, RmsNormBackwardKernel, RmsNormBuffers,
+    RmsNormConfig, RmsNormKernel, Tensor,
+};
+use normdrop_cli::fixture::compare;
+
+/// Runs forward and backward on `ctx` and returns (y, rstd, dx, dγ) widened to f64.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+fn run(
+    ctx: &Context,
+    x: &[f32],
+    dy: &[f32],
+    weight: Option<&[f32]>,
+    shape: &[usize],
+    config: &RmsNormConfig,
+    dtype: DType,
+    options: &LayerNormPlanOptions,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>), Error> {
+    let (rows, width) = config.rows_and_width(shape)?;
+    let (rows, width) = (rows as usize, width as usize);
+    let xt = Tensor::from_f32(ctx, x, shape, dtype)?;
+    let dyt = Tensor::from_f32(ctx, dy, shape, dtype)?;
+    let y = Tensor::zeros(ctx, shape, dtype)?;
+    let dx = Tensor::zeros(ctx, shape, dtype)?;
+    let rstd = Tensor::zeros(ctx, &[rows], DType::F32)?;
+    let w = weight.map(|w| Tensor::from_slice(ctx, w, &[width])).transpose()?;
+    let dw = Tensor::zeros(ctx, &[width], DType::F32)?;
+    let fwd = ctx
+        .kernel_for::<RmsNormKernel>(dtype)?
+        .plan_with(ctx.device(), shape, config, options)?;
+    let bwd = ctx
+        .kernel_for::<RmsNormBackwardKernel>(dtype)?
+        .plan_with(ctx.device(), shape, config, options)?;
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    fwd.encode(
+        ctx.device(),
+        &mut encoder,
+        &RmsNormBuffers {
+            x: xt.slice(),
+            y: y.slice(),
+            weight: w.as_ref().map(Tensor::slice),
+            rstd: rstd.slice(),
+        },
+    )?;
+    bwd.encode(
+        ctx.device(),
+        &mut encoder,
+        Accumulate::default(),
+        &RmsNormBackwardBuffers {
+            x: xt.slice(),
+            dy: dyt.slice(),
+            dx: dx.slice(),
+            weight: w.as_ref().map(Tensor::slice),
+            rstd: rstd.slice(),
+            dweight: config.elementwise_affine.then(|| dw.slice()),
+        },
+    )?;
+    ctx.submit(encoder)?;
+    Ok((
+        y.to_f64_blocking(ctx)?,
+        rstd.to_f64_blocking(ctx)?,
+        dx.to_f64_blocking(ctx)?,
+        dw.to_f64_blocking(ctx)?,
+    ))
+}
+
+/// Compares the GPU with the reference on one case; f16 inputs are rounded first and held to
+/// the float16 fixtures' tolerance.
+fn check(
+    ctx: &Context,
+    shape: &[usize],
+    norm: &[usize],
+    dtype: DType,
+    affine: bool,
+    options: &LayerNormPlanOptions,
+    seed: u64,
+) {
+    let n: usize = shape.iter().product();
+    let w: usize = norm.iter().product();
+    let mut rng = Rng::new(seed);
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        match dtype {
+            DType::F32 => v,
+            DType::F16 => v.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect(),
+        }
+    };
+    let x = round(rng.normal_vec(n, 0.3, 1.5));
+    let dy = round(rng.normal_vec(n, 0.0, 1.0));
+    let weight = rng.normal_vec(w, 1.0, 0.5);
+    let config = RmsNormConfig {
+        normalized_shape: norm.to_vec(),
+        eps: Some(1e-6),
+        elementwise_affine: affine,
+    };
+    let gamma = affine.then_some(&weight[..]);
+    let (y, rstd, dx, dw) = run(ctx, &x, &dy, gamma, shape, &config, dtype, options)
+        .unwrap_or_else(|e| panic!("{shape:?} {dtype} {options:?}: {e}"));
+    let wide = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<_>>();
+    let wf = wide(&weight);
+    let f = rms_norm_forward(&wide(&x), shape, &config, affine.then_some(&wf[..])).unwrap();
+    let g = rms_norm_backward(
+        &wide(&x),
+        &wide(&dy),
+        shape,
+        &config,
+        affine.then_some(&wf[..]),
+        &f.rstd,
+    )
+    .unwrap();
+    let tol = match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 4e-3,
+    };
+    let mut pairs = vec![("y", &y, &f.y), ("rstd", &rstd, &f.rstd), ("dx", &dx, &g.dx)];
+    if affine {
+        pairs.push(("dweight", &dw, &g.dweight));
+    }
+    for (what, got, exp) in pairs {
+        let c = compare(got, exp, tol, tol);
+        assert!(
+            c.passed,
+            "{shape:?} {dtype} {options:?} {what}: max_abs_err {:.3e}, {:.2}x the tolerance",
+            c.max_abs_err, c.worst_ratio
+        );
+    }
+}
+
+fn geometries() -> Vec<LayerNormPlanOptions> {
+    let mut out = vec![LayerNormPlanOptions::default()];
+    for lanes in [1, 4, 32, 256] {
+        out.push(LayerNormPlanOptions {
+            lanes: Some(lanes),
+            subgroup_rows: Some(false),
+        });
+    }
+    out
+}
+
+const SHAPES: &[(&[usize], &[usize])] = &[
+    (&[5, 1], &[1]),
+    (&[3, 7], &[7]),
+    (&[9, 130], &[130]),
+    (&[4, 2, 8], &[2, 8]),
+    (&[33, 768], &[768]),
+    (&[3, 4099], &[4099]),
+    (&[1, 20_011], &[20_011]),
+    (&[700, 64], &[64]),
+];
+
+#[test]
+fn rms_norm_matches_the_reference_on_every_geometry() {
+    let ctx = gpu!();
+    for options in geometries() {
+        for (i, (shape, norm)) in SHAPES.iter().enumerate() {
+            check(&ctx, shape, norm, DType::F32, i % 3 != 2, &options, 10 + i as u64);
+        }
+    }
+}
+
+#[test]
+fn rms_norm_f16_on_both_storage_paths() {
+    let ctx = gpu!();
+    let packed = Context::with_options_blocking(ContextOptions {
+        force_packed_f16: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for c in [&ctx, &packed] {
+        for options in [LayerNormPlanOptions::default(), geometries()[1]] {
+            for (i, (shape, norm)) in SHAPES.iter().enumerate().take(6) {
+                check(c, shape, norm, DType::F16, true, &options, 40 + i as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn rms_norm_splits_past_the_binding_limit() {
+    let ctx = gpu!();
+    let small = Context::with_options_blocking(ContextOptions {
+        limits: Some(normdrop::wgpu::Limits {
+            max_storage_buffer_binding_size: 64 << 10,
+            ..ctx.limits()
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    for options in [LayerNormPlanOptions::default(), geometries()[1], geometries()[3]] {
+        check(&small, &[700, 101], &[101], DType::F32, true, &options, 70);
+        check(&small, &[333, 64], &[64], DType::F32, true, &options, 71);
+    }
+}
+
+#[test]
+fn rms_norm_refuses_bad_input_naming_rms_norm() {
+    let ctx = gpu!();
+    let kernel = ctx.kernel::<RmsNormKernel>().unwrap();
+    let config = RmsNormConfig::new(&[8]);
+    let e = kernel.plan(ctx.device(), &[3, 7], &config).unwrap_err();
+    assert!(matches!(e, Error::Shape { op: "rms_norm", .. }), "{e}");
+    let forced = LayerNormPlanOptions {
+        lanes: Some(1),
+        subgroup_rows: Some(true),
+    };
+    let e = kernel.plan_with(ctx.device(), &[3, 8], &config, &forced).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    let plan = kernel.plan(ctx.device(), &[3, 8], &config).unwrap();
+    let x = Tensor::zeros(&ctx, &[3, 8], DType::F32).unwrap();
+    let w = Tensor::zeros(&ctx, &[8], DType::F32).unwrap();
+    let rstd = Tensor::zeros(&ctx, &[3], DType::F32).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let e = plan
+        .encode(
+            ctx.device(),
+            &mut encoder,
+            &RmsNormBuffers {
+                x: x.slice(),
+                y: x.slice(),
+                weight: Some(w.slice()),
+                rstd: rstd.slice(),
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Aliased {
+                op: "rms_norm",
+                what: "y",
+                other: "x",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = plan
+        .encode(
+            ctx.device(),
+            &mut encoder,
+            &RmsNormBuffers {
+                x: x.slice(),
+                y: Tensor::zeros(&ctx, &[3, 8], DType::F32).unwrap().slice(),
+                weight: None,
+                rstd: rstd.slice(),
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Buffer {
+                op: "rms_norm",
+                what: "weight",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut c = RmsNormConfig::new(&[8]);
+    c.eps = Some(-1.0);
+    assert!(matches!(
+        kernel.plan(ctx.device(), &[3, 8], &c),
+        Err(Error::InvalidArgument { op: "rms_norm", .. })
+    ));
+}
