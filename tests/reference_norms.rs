@@ -1,5 +1,5 @@
 //! The f64 CPU references of RMSNorm and GroupNorm (issue 25's tested contract, ahead of their
-//! GPU kernels): against the PyTorch fixtures in `tests/fixtures/next/` (every expected tensor,
+//! GPU kernels): against the PyTorch fixtures (`rms_*`, `gn_*`; every expected tensor,
 //! gradients included), and their backward formulas against central finite differences of the
 //! forward. CPU only.
 
@@ -9,10 +9,13 @@ use normdrop::reference::{group_norm_backward, group_norm_forward, rms_norm_back
 use normdrop::{GroupNormConfig, RmsNormConfig};
 use normdrop_cli::fixture::{compare, Fixture};
 
+/// The fixtures whose names start with `prefix`, from `tests/fixtures/torch` (ops with GPU
+/// kernels) and `tests/fixtures/next` (ops without).
 fn fixtures(prefix: &str) -> Vec<Fixture> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/next");
-    let mut paths: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut paths: Vec<_> = ["torch", "next"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
         .collect();

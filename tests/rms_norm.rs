@@ -273,3 +273,76 @@ fn rms_norm_refuses_bad_input_naming_rms_norm() {
         Err(Error::InvalidArgument { op: "rms_norm", .. })
     ));
 }
+
+#[test]
+fn rms_norm_module_trains_and_refuses_misuse() {
+    let ctx = gpu!();
+    let other = Context::new_blocking().unwrap();
+    let shape = [6, 24];
+    let mut rng = Rng::new(90);
+    let x: Vec<f32> = rng.normal_vec(144, 0.2, 1.0);
+    let dy: Vec<f32> = rng.normal_vec(144, 0.0, 1.0);
+    let weight: Vec<f32> = rng.normal_vec(24, 1.0, 0.3);
+    let mut m = normdrop::RmsNorm::new(&ctx, &[24]).unwrap();
+    assert_eq!(m.config().eps(), f32::EPSILON);
+    let xt = Tensor::from_slice(&ctx, &x, &shape).unwrap();
+    let dyt = Tensor::from_slice(&ctx, &dy, &shape).unwrap();
+    assert!(matches!(m.backward(&dyt), Err(Error::State { .. })));
+    m.set_weight(&weight).unwrap();
+    assert!(matches!(m.set_weight(&[1.0; 3]), Err(Error::Shape { .. })));
+    let y = m.forward(&xt).unwrap();
+    let g = m.backward(&dyt).unwrap();
+    assert!(g.dbias.is_none());
+    let wide = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<_>>();
+    let config = m.config().clone();
+    let f = rms_norm_forward(&wide(&x), &shape, &config, Some(&wide(&weight))).unwrap();
+    let r = rms_norm_backward(&wide(&x), &wide(&dy), &shape, &config, Some(&wide(&weight)), &f.rstd).unwrap();
+    common::assert_close("y", &y.to_vec_blocking::<f32>(&ctx).unwrap(), &f.y, 1e-4, 1e-4);
+    common::assert_close("dx", &g.dx.to_vec_blocking::<f32>(&ctx).unwrap(), &r.dx, 1e-4, 1e-4);
+    let dw = g.dweight.as_ref().unwrap().to_vec_blocking::<f32>(&ctx).unwrap();
+    common::assert_close("dweight", &dw, &r.dweight, 1e-4, 1e-4);
+    // Misuse changes nothing: the saved statistics stay those of the good forward.
+    let rstd_before = m.saved().unwrap().rstd.to_vec_blocking::<f32>(&ctx).unwrap();
+    let foreign = Tensor::from_slice(&other, &x, &shape).unwrap();
+    assert!(matches!(m.forward(&foreign), Err(Error::WrongDevice { what: "x", .. })));
+    assert!(matches!(
+        m.forward(&Tensor::zeros(&ctx, &[6, 23], DType::F32).unwrap()),
+        Err(Error::Shape { .. })
+    ));
+    let dweight = Tensor::zeros(&ctx, &[24], DType::F32).unwrap();
+    let e = m.backward_into(
+        &dyt,
+        normdrop::GradTargets {
+            dx: &dyt,
+            dweight: Some(&dweight),
+            dbias: None,
+        },
+        Accumulate::default(),
+    );
+    assert!(
+        matches!(
+            e,
+            Err(Error::Aliased {
+                what: "dx",
+                other: "dy",
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    let e = m.backward_into(
+        &dyt,
+        normdrop::GradTargets {
+            dx: &Tensor::zeros(&ctx, &shape, DType::F32).unwrap(),
+            dweight: Some(&dweight),
+            dbias: Some(&dweight),
+        },
+        Accumulate::default(),
+    );
+    assert!(matches!(e, Err(Error::InvalidArgument { .. })), "{e:?}");
+    assert_eq!(
+        m.saved().unwrap().rstd.to_vec_blocking::<f32>(&ctx).unwrap(),
+        rstd_before
+    );
+    assert_eq!(m.saved().unwrap().shape, shape);
+}

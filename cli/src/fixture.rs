@@ -13,7 +13,8 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use normdrop::{
-    BatchNorm, BatchNormConfig, Context, DType, Error, LayerNorm, LayerNormConfig, Result, Storage, Tensor,
+    BatchNorm, BatchNormConfig, Context, DType, Error, LayerNorm, LayerNormConfig, Result, RmsNorm, RmsNormConfig,
+    Storage, Tensor,
 };
 
 /// One tensor of a fixture, widened to f64.
@@ -253,7 +254,8 @@ pub fn check(ctx: &Context, fx: &Fixture) -> Result<Vec<CheckLine>> {
     match fx.op.as_str() {
         "batch_norm" => check_batch_norm(ctx, fx, &mut results)?,
         "layer_norm" => check_layer_norm(ctx, fx, &mut results)?,
-        op @ ("rms_norm" | "group_norm") => {
+        "rms_norm" => check_rms_norm(ctx, fx, &mut results)?,
+        op @ "group_norm" => {
             return Err(Error::SafeTensors(format!(
                 "{}: op {op:?} has an f64 CPU reference (normdrop::reference) but no GPU kernel in \
                  this version, so nothing on the device can be compared",
@@ -484,6 +486,61 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
                 out.insert(name.into(), (judge(fx, name, t.to_f64_blocking(ctx))?, note.clone()));
             }
             let grads = activation(ctx, fx, "dy").and_then(|dy| ln.backward(&dy));
+            judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;
+        }
+        Err(e) => {
+            for name in fx.expected_names() {
+                out.entry(name)
+                    .or_insert_with(|| (Verdict::Fail(format!("error: {e}")), None));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_rms_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>) -> Result<()> {
+    let cfg = &fx.config;
+    let bad = |k: &str| Error::SafeTensors(format!("{}: config.{k} missing or mistyped", fx.name));
+    let normalized_shape = cfg["normalized_shape"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| bad("normalized_shape"))?;
+    // `eps: null` is PyTorch's default (2^-23).
+    let eps = match &cfg["eps"] {
+        serde_json::Value::Null => None,
+        v => Some(v.as_f64().ok_or_else(|| bad("eps"))? as f32),
+    };
+    let config = RmsNormConfig {
+        normalized_shape,
+        eps,
+        elementwise_affine: cfg["elementwise_affine"]
+            .as_bool()
+            .ok_or_else(|| bad("elementwise_affine"))?,
+    };
+    let note = f16_note(ctx, fx);
+    let mut run = || -> Result<RmsNorm> {
+        let mut rms = RmsNorm::with_config(ctx, config.clone())?;
+        if config.elementwise_affine {
+            rms.set_weight(&f32_input(fx, "weight")?.0)?;
+        }
+        let y = rms
+            .forward(&activation(ctx, fx, "x")?)
+            .and_then(|y| y.to_f64_blocking(ctx));
+        out.insert("y".into(), (judge(fx, "y", y)?, note.clone()));
+        Ok(rms)
+    };
+    match run() {
+        Ok(mut rms) => {
+            let saved = rms.saved().expect("a successful forward saves its statistics").clone();
+            out.insert(
+                "rstd".into(),
+                (judge(fx, "rstd", saved.rstd.to_f64_blocking(ctx))?, note.clone()),
+            );
+            let grads = activation(ctx, fx, "dy").and_then(|dy| rms.backward(&dy));
             judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;
         }
         Err(e) => {

@@ -75,7 +75,7 @@ pub struct Summary {
     pub skipped: usize,
 }
 
-/// The fixtures built into the binary: `tests/fixtures/torch`.
+/// The fixtures built into the binary: every file of `tests/fixtures/torch`.
 const BUILT_IN_FIXTURES: &[(&str, &[u8])] = &[
     (
         "bn1d_train_nc",
@@ -140,6 +140,34 @@ const BUILT_IN_FIXTURES: &[(&str, &[u8])] = &[
     (
         "ln_offset",
         include_bytes!("../../tests/fixtures/torch/ln_offset.safetensors"),
+    ),
+    (
+        "rms_basic",
+        include_bytes!("../../tests/fixtures/torch/rms_basic.safetensors"),
+    ),
+    (
+        "rms_eps_default",
+        include_bytes!("../../tests/fixtures/torch/rms_eps_default.safetensors"),
+    ),
+    (
+        "rms_f16",
+        include_bytes!("../../tests/fixtures/torch/rms_f16.safetensors"),
+    ),
+    (
+        "rms_llama_like",
+        include_bytes!("../../tests/fixtures/torch/rms_llama_like.safetensors"),
+    ),
+    (
+        "rms_multi_dim",
+        include_bytes!("../../tests/fixtures/torch/rms_multi_dim.safetensors"),
+    ),
+    (
+        "rms_no_affine",
+        include_bytes!("../../tests/fixtures/torch/rms_no_affine.safetensors"),
+    ),
+    (
+        "rms_odd_width",
+        include_bytes!("../../tests/fixtures/torch/rms_odd_width.safetensors"),
     ),
 ];
 

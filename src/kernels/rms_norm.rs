@@ -242,4 +242,9 @@ impl RmsNormBackwardPlan {
     pub fn ranges(&self) -> usize {
         self.0.ranges()
     }
+
+    /// How the activations are stored.
+    pub fn storage(&self) -> Storage {
+        self.0.storage()
+    }
 }

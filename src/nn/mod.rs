@@ -5,11 +5,13 @@ pub mod batch_norm;
 pub mod dropout;
 pub mod fused;
 pub mod layer_norm;
+pub mod rms_norm;
 
 pub use batch_norm::{BatchNorm, BatchNormSaved};
 pub use dropout::{Dropout, Dropout2d, DropoutCall, Mask};
 pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm};
 pub use layer_norm::{LayerNorm, LayerNormSaved};
+pub use rms_norm::{RmsNorm, RmsNormSaved};
 
 use crate::context::Context;
 use crate::error::{Error, Result};
