@@ -2,7 +2,7 @@
 normdrop's median, PyTorch's median, and PyTorch/normdrop (above 1: normdrop is faster).
 
 PyTorch runs the same shapes with the same semantics: F.batch_norm (cuDNN), F.layer_norm,
-F.dropout / F.dropout2d with p = 0.1, backward through autograd (only the backward is timed),
+F.rms_norm (eps None), F.dropout / F.dropout2d with p = 0.1, backward through autograd (only the backward is timed),
 and the unfused sequences where normdrop fuses (PyTorch has no fused norm+dropout). Timing:
 CUDA events, median of --samples runs after --warmup runs.
 
@@ -49,6 +49,8 @@ def make(op, shape, dtype):
         c = shape[1]
         w, b = torch.ones(c, device=dev), torch.zeros(c, device=dev)
         rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
+    if op.startswith("rms_norm"):
+        w = torch.ones(shape[-1], device=dev, dtype=dtype)
     if op.startswith(("layer_norm", "residual")):
         width = shape[-1]
         w, b = torch.ones(width, device=dev, dtype=dtype), torch.zeros(width, device=dev, dtype=dtype)
@@ -64,13 +66,20 @@ def make(op, shape, dtype):
             return F.dropout(F.layer_norm(x, (shape[-1],), w, b, 1e-5), P)
         if op.startswith("layer_norm"):
             return F.layer_norm(x, (shape[-1],), w, b, 1e-5)
+        if op.startswith("rms_norm"):
+            return F.rms_norm(x, (shape[-1],), w, None)
         if op.startswith("residual"):
             return F.layer_norm(res + F.dropout(x, P), (shape[-1],), w, b, 1e-5)
         if op.startswith("dropout2d"):
             return F.dropout2d(x, P)
         return F.dropout(x, P)
 
-    params = [w, b] if op.startswith(("batch_norm", "layer_norm", "residual")) else []
+    if op.startswith("rms_norm"):
+        params = [w]
+    elif op.startswith(("batch_norm", "layer_norm", "residual")):
+        params = [w, b]
+    else:
+        params = []
     return x, params, forward
 
 

@@ -12,7 +12,7 @@ use normdrop::kernels::{
     rng_state_bytes, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBuffers, BatchNormConfig,
     BatchNormKernel, CopyGrain, CopyKernel, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutUnit,
     LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBuffers, LayerNormConfig, LayerNormFusion,
-    LayerNormKernel,
+    LayerNormKernel, RmsNormBackwardBuffers, RmsNormBackwardKernel, RmsNormBuffers, RmsNormConfig, RmsNormKernel,
 };
 use normdrop::tuning::BatchNormPlanOptions;
 use normdrop::{wgpu, Accumulate, Context, DType, Error, Result, Tensor};
@@ -114,6 +114,18 @@ pub const OPS: &[OpSpec] = &[
         family: Family::LayerNorm,
         passes: 4,
         unfused: &["layer_norm_backward", "dropout_backward"],
+    },
+    OpSpec {
+        name: "rms_norm_forward",
+        family: Family::LayerNorm,
+        passes: 2,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "rms_norm_backward",
+        family: Family::LayerNorm,
+        passes: 3,
+        unfused: &[],
     },
     OpSpec {
         name: "dropout_forward",
@@ -319,6 +331,55 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
                         rng: fused.then(|| rng.buffer().slice(..)),
                     };
                     bplan.encode(device, encoder, training, Accumulate::default(), &args)
+                })
+            }
+        }
+        Family::LayerNorm if name.starts_with("rms_norm") => {
+            let width = *shape
+                .last()
+                .ok_or_else(|| Error::shape("bench", "shape", shape, "(rows, width)"))?;
+            let rows = (numel / width as u64) as usize;
+            let config = RmsNormConfig::new(&[width]);
+            let plan = ctx.kernel_for::<RmsNormKernel>(dtype)?.plan(device, shape, &config)?;
+            let w = zeros(ctx, &[width])?;
+            ctx.queue()
+                .write_buffer(w.buffer(), 0, bytemuck::cast_slice(&vec![1.0f32; width]));
+            let rstd = zeros(ctx, &[rows])?;
+            let (wf, rf) = (w.clone(), rstd.clone());
+            let forward = move |device: &wgpu::Device, encoder: &mut wgpu::CommandEncoder, x: &Tensor| {
+                plan.encode(
+                    device,
+                    encoder,
+                    &RmsNormBuffers {
+                        x: x.buffer().slice(..),
+                        y: y.buffer().slice(..),
+                        weight: Some(wf.buffer().slice(..)),
+                        rstd: rf.buffer().slice(..),
+                    },
+                )
+            };
+            if name.ends_with("_forward") {
+                Box::new(move |device, encoder, i| forward(device, encoder, &xs[i]))
+            } else {
+                let mut encoder = device.create_command_encoder(&Default::default());
+                forward(device, &mut encoder, &xs[0])?;
+                ctx.queue().submit([encoder.finish()]);
+                let bplan = ctx
+                    .kernel_for::<RmsNormBackwardKernel>(dtype)?
+                    .plan(device, shape, &config)?;
+                // The backward reads the rstd that forward wrote.
+                let (dx, dw) = (act(shape)?, zeros(ctx, &[width])?);
+                let x0 = xs[0].clone();
+                Box::new(move |device, encoder, _| {
+                    let args = RmsNormBackwardBuffers {
+                        x: x0.buffer().slice(..),
+                        dy: dy.buffer().slice(..),
+                        dx: dx.buffer().slice(..),
+                        weight: Some(w.buffer().slice(..)),
+                        rstd: rstd.buffer().slice(..),
+                        dweight: Some(dw.buffer().slice(..)),
+                    };
+                    bplan.encode(device, encoder, Accumulate::default(), &args)
                 })
             }
         }
@@ -710,7 +771,7 @@ pub fn validate_with(
 ) -> Result<crate::fixture::Comparison> {
     use crate::fixture::compare;
     use normdrop::nn::{
-        BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, ResidualDropoutLayerNorm,
+        BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, ResidualDropoutLayerNorm, RmsNorm,
     };
     use normdrop::reference as r;
 
@@ -793,6 +854,29 @@ pub fn validate_with(
                 checks.push((read(&g.dx)?, rg.dx));
                 checks.push((read(g.dweight.as_ref().expect("affine"))?, rg.dweight));
                 checks.push((read(g.dbias.as_ref().expect("affine"))?, rg.dbias));
+            }
+        }
+        "rms_norm_forward" | "rms_norm_backward" => {
+            let width = *shape.last().expect("(rows, width)");
+            let config = RmsNormConfig::new(&[width]);
+            let gamma: Vec<f32> = fill_values(&[width], 6, DType::F32)
+                .iter()
+                .map(|v| 1.0 + 0.5 * v)
+                .collect();
+            let xf = r::widen(&x);
+            let wf = r::widen(&gamma);
+            let fwd = r::rms_norm_forward(&xf, shape, &config, Some(&wf))?;
+            let mut module = RmsNorm::with_config(ctx, config.clone())?;
+            module.set_plan_options(variation.layer_norm);
+            module.set_weight(&gamma)?;
+            let y = module.forward(&xt)?;
+            checks.push((read(&y)?, fwd.y.clone()));
+            checks.push((read(&module.saved().expect("forward saved").rstd)?, fwd.rstd.clone()));
+            if backward {
+                let g = module.backward(&dyt)?;
+                let rg = r::rms_norm_backward(&xf, &r::widen(&dy), shape, &config, Some(&wf), &fwd.rstd)?;
+                checks.push((read(&g.dx)?, rg.dx));
+                checks.push((read(g.dweight.as_ref().expect("affine"))?, rg.dweight));
             }
         }
         "layer_norm_forward"

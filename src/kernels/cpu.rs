@@ -187,9 +187,9 @@ pub(crate) fn add_layer_norm_blocks_backward(p: &mut Pipelines, device: &wgpu::D
 
 /// LayerNorm's row-per-subgroup forward for every [`SG_TRIPLES`]; the residual block's only
 /// where its 9 storage buffers fit.
-pub(crate) fn layer_norm_rows_forward(device: &wgpu::Device, storage: Storage) -> Option<Pipelines> {
+pub(crate) fn layer_norm_rows_forward(device: &wgpu::Device, storage: Storage, fixed: &[Flag]) -> Option<Pipelines> {
     cpu_subgroup_passes(device, storage).then(|| {
-        let mut p = Pipelines::default();
+        let mut p = Pipelines::with_fixed(fixed);
         let module = shader_module(device, "cpu/layer_norm/forward_rows.wgsl", storage, true);
         let choices = [("DROPOUT", ON_OFF), ("TRIPLES", &SG_TRIPLES[..])];
         p.add_choices(device, &module, LAYER_NORM_ROWS_FORWARD[0], &choices, |_| true);
@@ -219,9 +219,9 @@ pub(crate) fn layer_norm_rows_forward_entry(fusion: LayerNormFusion, triples: u3
 
 /// LayerNorm's row-per-subgroup backward dx pass for every [`SG_TRIPLES`]; the residual
 /// block's only where its 9 storage buffers fit.
-pub(crate) fn layer_norm_rows_backward(device: &wgpu::Device, storage: Storage) -> Option<Pipelines> {
+pub(crate) fn layer_norm_rows_backward(device: &wgpu::Device, storage: Storage, fixed: &[Flag]) -> Option<Pipelines> {
     cpu_subgroup_passes(device, storage).then(|| {
-        let mut p = Pipelines::default();
+        let mut p = Pipelines::with_fixed(fixed);
         let module = shader_module(device, "cpu/layer_norm/backward_rows.wgsl", storage, true);
         let choices = [
             ("DROPOUT", ON_OFF),

@@ -296,7 +296,7 @@ pub(crate) fn norm_constants(rms: bool) -> &'static [Flag] {
 
 impl LayerNormKernel {
     /// LayerNorm's pipelines, or with `rms` the same passes as RMSNorm's (`RMS` set on every
-    /// pipeline; no row-per-subgroup passes, which keep their own statistics).
+    /// pipeline).
     pub(crate) fn build_with(device: &wgpu::Device, storage: Storage, rms: bool) -> Self {
         // The lane path's pipelines and, beside them, the row-block path's (CPU adapters' default,
         // but built everywhere: a plan may ask for one lane per row on any device).
@@ -316,11 +316,7 @@ impl LayerNormKernel {
             passes: passes(&module, false),
             vec4: vec4_module(device, "layer_norm/forward.wgsl", storage).map(|m| passes(&m, true)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm placeholder")),
-            subgroup: if rms {
-                None
-            } else {
-                crate::kernels::cpu::layer_norm_rows_forward(device, storage)
-            },
+            subgroup: crate::kernels::cpu::layer_norm_rows_forward(device, storage, norm_constants(rms)),
         }
     }
 }

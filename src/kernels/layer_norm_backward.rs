@@ -144,11 +144,7 @@ impl LayerNormBackwardKernel {
             passes,
             vec4: vec4_module(device, "layer_norm/backward.wgsl", storage).map(|m| per_range(&m, true)),
             placeholders: std::array::from_fn(|_| placeholder(device, "layer_norm backward placeholder")),
-            subgroup: if rms {
-                None
-            } else {
-                crate::kernels::cpu::layer_norm_rows_backward(device, storage)
-            },
+            subgroup: crate::kernels::cpu::layer_norm_rows_backward(device, storage, norm_constants(rms)),
         }
     }
 }

@@ -13,6 +13,9 @@
 // #include "lib/philox.wgsl"
 // #include "cpu/layer_norm/rows_lanes.wgsl"
 
+// RMSNorm instead of LayerNorm (see layer_norm/backward_common.wgsl): K = 0, no mean(g) term.
+override RMS: bool = false;
+
 const LANES: u32 = 8u;
 const ROWS_PER_BLOCK: u32 = 64u;
 
@@ -97,7 +100,7 @@ fn sg_block(block: u32, lane: u32, triples: u32, drop: bool, accumulate: bool) {
     let last = min(first + ROWS_PER_BLOCK, p.rows);
     for (var row = first; row < last; row++) {
         let base = row * p.width;
-        let shift = ld_x(base);
+        let shift = select(ld_x(base), 0.0, RMS);
         let rs = rstd[p.row_base + row];
         let q0 = (p.row_base + row) * quads;
         // x − K and d = dy·m into registers; the row's sums.
@@ -127,8 +130,11 @@ fn sg_block(block: u32, lane: u32, triples: u32, drop: bool, accumulate: bool) {
         // #end-unroll
         let total = subgroupAdd(sums);
         let w = f32(p.width);
-        let mk = total.x / w;
-        let cf = vec3<f32>(mk, total.y / w, rs * (total.z - mk * total.y) / w);
+        var cf = vec3<f32>(0.0, 0.0, rs * total.z / w);
+        if (!RMS) {
+            let mk = total.x / w;
+            cf = vec3<f32>(mk, total.y / w, rs * (total.z - mk * total.y) / w);
+        }
         // dx from the registers; the columns' sums advance.
         // #unroll t 8
         if ({t}u < triples) {

@@ -25,6 +25,10 @@
 const LANES: u32 = 8u;
 const ROWS_PER_BLOCK: u32 = 64u;
 
+// RMSNorm instead of LayerNorm (see layer_norm/forward_common.wgsl): K = 0, no centring,
+// rstd = 1/sqrt(mean(h²) + eps).
+override RMS: bool = false;
+
 const FLAG_WEIGHT: u32 = 1u;     // multiply by γ
 const FLAG_BIAS: u32 = 2u;       // add β
 
@@ -86,7 +90,7 @@ fn sg_forward(block: u32, lane: u32, triples: u32, drop: bool) {
     let last = min(first + ROWS_PER_BLOCK, p.rows);
     for (var row = first; row < last; row++) {
         let base = row * p.width;
-        let shift = sg_shift(base);
+        let shift = select(sg_shift(base), 0.0, RMS);
         let q0 = vec3<u32>((p.row_base + row) * quads);
         // Load (shifted), and the lane's share of Σ (h − K).
         var sum = 0.0;
@@ -104,14 +108,16 @@ fn sg_forward(block: u32, lane: u32, triples: u32, drop: bool) {
             m2 += quad_m2(v{t}.a, mean, k{t}.x < quads) + quad_m2(v{t}.b, mean, k{t}.y < quads) + quad_m2(v{t}.c, mean, k{t}.z < quads);
         }
         // #end-unroll
-        let rstd = 1.0 / sqrt(max(subgroupAdd(m2) / f32(p.width), 0.0) + p.eps);
+        // RMSNorm: mean(h²) = var + mean², and the values are normalized uncentred.
+        let rstd = 1.0 / sqrt(max(subgroupAdd(m2) / f32(p.width), 0.0) + select(0.0, mean * mean, RMS) + p.eps);
+        let centre = select(mean, 0.0, RMS);
         if (lane == 0u) {
             mean_out[p.row_base + row] = shift + mean;
             rstd_out[p.row_base + row] = rstd;
         }
         // #unroll t 8
         if ({t}u < triples) {
-            let y{t} = Quads3((v{t}.a - mean) * rstd * ga{t} + ba{t}, (v{t}.b - mean) * rstd * gb{t} + bb{t}, (v{t}.c - mean) * rstd * gc{t} + bc{t});
+            let y{t} = Quads3((v{t}.a - centre) * rstd * ga{t} + ba{t}, (v{t}.b - centre) * rstd * gb{t} + bb{t}, (v{t}.c - centre) * rstd * gc{t} + bc{t});
             sg_store3(base, k{t}, quads, q0 + k{t}, state, y{t}, drop);
         }
         // #end-unroll
