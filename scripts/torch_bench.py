@@ -49,8 +49,9 @@ def make(op, shape, dtype):
         c = shape[1]
         w, b = torch.ones(c, device=dev), torch.zeros(c, device=dev)
         rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
-    if op.startswith("rms_norm"):
+    if op.startswith(("rms_norm", "residual_dropout_rms_norm")):
         w = torch.ones(shape[-1], device=dev, dtype=dtype)
+        res = torch.randn(*shape, device=dev, dtype=dtype)
     if op.startswith(("layer_norm", "residual")):
         width = shape[-1]
         w, b = torch.ones(width, device=dev, dtype=dtype), torch.zeros(width, device=dev, dtype=dtype)
@@ -68,13 +69,15 @@ def make(op, shape, dtype):
             return F.layer_norm(x, (shape[-1],), w, b, 1e-5)
         if op.startswith("rms_norm"):
             return F.rms_norm(x, (shape[-1],), w, None)
+        if op.startswith("residual_dropout_rms_norm"):
+            return F.rms_norm(res + F.dropout(x, P), (shape[-1],), w, None)
         if op.startswith("residual"):
             return F.layer_norm(res + F.dropout(x, P), (shape[-1],), w, b, 1e-5)
         if op.startswith("dropout2d"):
             return F.dropout2d(x, P)
         return F.dropout(x, P)
 
-    if op.startswith("rms_norm"):
+    if op.startswith(("rms_norm", "residual_dropout_rms_norm")):
         params = [w]
     elif op.startswith(("batch_norm", "layer_norm", "residual")):
         params = [w, b]

@@ -52,7 +52,7 @@ pub use kernels::{
 pub use nn::sgd_step;
 pub use nn::{
     BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, Mask, ResidualDropoutLayerNorm,
-    RmsNorm,
+    ResidualDropoutRmsNorm, RmsNorm,
 };
 pub use state::StateTensor;
 pub use storage::Storage;

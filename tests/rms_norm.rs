@@ -349,3 +349,88 @@ fn rms_norm_module_trains_and_refuses_misuse() {
     );
     assert_eq!(m.saved().unwrap().shape, shape);
 }
+
+/// The fused residual block against its definition: `h = residual + x·m` with the unfused
+/// dropout's mask for the same (seed, offset), `y = RMSNorm(h)`; backward `dh = dRMSNorm(dy) +
+/// dh_in`, `dresidual = dh`, `dx = dh·m`; the generator advances once per training call.
+#[test]
+fn residual_rms_block_matches_its_definition() {
+    let ctx = gpu!();
+    let cases = [
+        ([37usize, 96usize], DType::F32),
+        ([9, 1000], DType::F32),
+        ([11, 130], DType::F16),
+    ];
+    for ((shape, dtype), lanes) in cases.into_iter().flat_map(|c| [(c, None), (c, Some(32))]) {
+        let w = shape[1];
+        let n = shape[0] * w;
+        let mut rng = Rng::new(500 + w as u64);
+        let round = |v: Vec<f32>| -> Vec<f32> {
+            match dtype {
+                DType::F32 => v,
+                DType::F16 => v.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect(),
+            }
+        };
+        let (x, r, dy, dh_in) = (
+            round(rng.normal_vec(n, 0.0, 1.0)),
+            round(rng.normal_vec(n, 0.5, 1.0)),
+            round(rng.normal_vec(n, 0.0, 1.0)),
+            round(rng.normal_vec(n, 0.0, 0.5)),
+        );
+        let gamma = rng.normal_vec(w, 1.0, 0.3);
+        let dropout = normdrop::DropoutConfig::new(0.25);
+        let mut block = normdrop::ResidualDropoutRmsNorm::new(&ctx, RmsNormConfig::new(&[w]), dropout, 7).unwrap();
+        block.rms_norm_mut().set_weight(&gamma).unwrap();
+        block.rms_norm_mut().set_plan_options(LayerNormPlanOptions {
+            lanes,
+            subgroup_rows: None,
+        });
+        block.set_state(7, 3);
+        let t = |v: &[f32]| Tensor::from_f32(&ctx, v, &shape, dtype).unwrap();
+        let (y, h) = block.forward(&t(&x), &t(&r)).unwrap();
+        assert_eq!(block.state(), (7, 4), "a training call advances the offset once");
+        let g = block.backward(&t(&dy), Some(&t(&dh_in))).unwrap();
+        assert!(g.dbias.is_none());
+        // The reference, from the unfused dropout's factors at (7, 3).
+        let ones = vec![1.0f32; n];
+        let (m, _) =
+            normdrop::reference::dropout_forward(&ones, &shape, &dropout, normdrop::DropoutUnit::Element, 7, 3, true)
+                .unwrap();
+        let h_ref: Vec<f64> = (0..n)
+            .map(|i| {
+                let hv = r[i] + (f64::from(x[i]) * m[i]) as f32;
+                f64::from(match dtype {
+                    DType::F32 => hv,
+                    DType::F16 => half::f16::from_f32(hv).to_f32(),
+                })
+            })
+            .collect();
+        let wide = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<_>>();
+        let config = RmsNormConfig::new(&[w]);
+        let f = rms_norm_forward(&h_ref, &shape, &config, Some(&wide(&gamma))).unwrap();
+        let rg = rms_norm_backward(&h_ref, &wide(&dy), &shape, &config, Some(&wide(&gamma)), &f.rstd).unwrap();
+        let dh: Vec<f64> = rg.dx.iter().zip(&dh_in).map(|(a, &b)| a + f64::from(b)).collect();
+        let dx: Vec<f64> = dh.iter().zip(&m).map(|(a, b)| a * b).collect();
+        let tol = if dtype == DType::F32 { 1e-4 } else { 4e-3 };
+        let read = |t: &Tensor| t.to_f64_blocking(&ctx).unwrap();
+        for (what, got, exp) in [
+            ("h", read(&h), h_ref.clone()),
+            ("y", read(&y), f.y.clone()),
+            ("dresidual", read(&g.dresidual), dh.clone()),
+            ("dx", read(&g.dx), dx),
+            ("dweight", read(g.dweight.as_ref().unwrap()), rg.dweight.clone()),
+        ] {
+            let c = compare(&got, &exp, tol, tol);
+            assert!(
+                c.passed,
+                "{shape:?} {dtype} lanes {lanes:?} {what}: max_abs_err {:.3e}, {:.2}x",
+                c.max_abs_err, c.worst_ratio
+            );
+        }
+        // The plain RMSNorm backward refuses a residual forward's statistics.
+        assert!(matches!(
+            block.rms_norm_mut().backward(&t(&dy)),
+            Err(Error::State { .. })
+        ));
+    }
+}

@@ -13,6 +13,7 @@ use normdrop::kernels::{
     BatchNormKernel, CopyGrain, CopyKernel, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutUnit,
     LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBuffers, LayerNormConfig, LayerNormFusion,
     LayerNormKernel, RmsNormBackwardBuffers, RmsNormBackwardKernel, RmsNormBuffers, RmsNormConfig, RmsNormKernel,
+    RmsNormResidualBackwardBuffers, RmsNormResidualBuffers,
 };
 use normdrop::tuning::BatchNormPlanOptions;
 use normdrop::{wgpu, Accumulate, Context, DType, Error, Result, Tensor};
@@ -126,6 +127,18 @@ pub const OPS: &[OpSpec] = &[
         family: Family::LayerNorm,
         passes: 3,
         unfused: &[],
+    },
+    OpSpec {
+        name: "residual_dropout_rms_norm_forward",
+        family: Family::LayerNorm,
+        passes: 4,
+        unfused: &["dropout_forward", "rms_norm_forward"],
+    },
+    OpSpec {
+        name: "residual_dropout_rms_norm_backward",
+        family: Family::LayerNorm,
+        passes: 4,
+        unfused: &["rms_norm_backward", "dropout_backward"],
     },
     OpSpec {
         name: "dropout_forward",
@@ -331,6 +344,63 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
                         rng: fused.then(|| rng.buffer().slice(..)),
                     };
                     bplan.encode(device, encoder, training, Accumulate::default(), &args)
+                })
+            }
+        }
+        Family::LayerNorm if name.starts_with("residual_dropout_rms_norm") => {
+            let width = *shape
+                .last()
+                .ok_or_else(|| Error::shape("bench", "shape", shape, "(rows, width)"))?;
+            let rows = (numel / width as u64) as usize;
+            let config = RmsNormConfig::new(&[width]);
+            let options = normdrop::tuning::LayerNormPlanOptions::default();
+            let plan = ctx
+                .kernel_for::<RmsNormKernel>(dtype)?
+                .plan_residual(device, shape, &config, dropout, &options)?;
+            let w = zeros(ctx, &[width])?;
+            ctx.queue()
+                .write_buffer(w.buffer(), 0, bytemuck::cast_slice(&vec![1.0f32; width]));
+            let (rstd, res, h) = (zeros(ctx, &[rows])?, fill(ctx, shape, 7, dtype)?, act(shape)?);
+            let (wf, rf, hf, rngf) = (w.clone(), rstd.clone(), h.clone(), rng.clone());
+            let forward = move |device: &wgpu::Device, encoder: &mut wgpu::CommandEncoder, x: &Tensor| {
+                plan.encode_residual(
+                    device,
+                    encoder,
+                    true,
+                    &RmsNormResidualBuffers {
+                        x: x.buffer().slice(..),
+                        residual: res.buffer().slice(..),
+                        h: hf.buffer().slice(..),
+                        y: y.buffer().slice(..),
+                        weight: Some(wf.buffer().slice(..)),
+                        rstd: rf.buffer().slice(..),
+                        rng: rngf.buffer().slice(..),
+                    },
+                )
+            };
+            if name.ends_with("_forward") {
+                Box::new(move |device, encoder, i| forward(device, encoder, &xs[i]))
+            } else {
+                let mut encoder = device.create_command_encoder(&Default::default());
+                forward(device, &mut encoder, &xs[0])?;
+                ctx.queue().submit([encoder.finish()]);
+                let bplan = ctx
+                    .kernel_for::<RmsNormBackwardKernel>(dtype)?
+                    .plan_residual(device, shape, &config, dropout, true, &options)?;
+                let (dx, dw, dres) = (act(shape)?, zeros(ctx, &[width])?, act(shape)?);
+                Box::new(move |device, encoder, _| {
+                    let args = RmsNormResidualBackwardBuffers {
+                        h: h.buffer().slice(..),
+                        dy: dy.buffer().slice(..),
+                        dx: dx.buffer().slice(..),
+                        dresidual: dres.buffer().slice(..),
+                        dh_in: None,
+                        weight: Some(w.buffer().slice(..)),
+                        rstd: rstd.buffer().slice(..),
+                        dweight: Some(dw.buffer().slice(..)),
+                        rng: rng.buffer().slice(..),
+                    };
+                    bplan.encode_residual(device, encoder, Accumulate::default(), &args)
                 })
             }
         }
@@ -854,6 +924,43 @@ pub fn validate_with(
                 checks.push((read(&g.dx)?, rg.dx));
                 checks.push((read(g.dweight.as_ref().expect("affine"))?, rg.dweight));
                 checks.push((read(g.dbias.as_ref().expect("affine"))?, rg.dbias));
+            }
+        }
+        "residual_dropout_rms_norm_forward" | "residual_dropout_rms_norm_backward" => {
+            let width = *shape.last().expect("(rows, width)");
+            let config = RmsNormConfig::new(&[width]);
+            let gamma: Vec<f32> = fill_values(&[width], 6, DType::F32)
+                .iter()
+                .map(|v| 1.0 + 0.5 * v)
+                .collect();
+            let wf = r::widen(&gamma);
+            let m = factors(DropoutUnit::Element)?;
+            let residual = fill_values(shape, 5, dtype);
+            let h: Vec<f64> = x
+                .iter()
+                .zip(&m)
+                .zip(&residual)
+                .map(|((&v, f), &res)| {
+                    let h = res + (f64::from(v) * f) as f32;
+                    f64::from(match dtype {
+                        DType::F32 => h,
+                        DType::F16 => half::f16::from_f32(h).to_f32(),
+                    })
+                })
+                .collect();
+            let fwd = r::rms_norm_forward(&h, shape, &config, Some(&wf))?;
+            let mut module = normdrop::ResidualDropoutRmsNorm::new(ctx, config.clone(), dropout, seed)?;
+            module.rms_norm_mut().set_plan_options(variation.layer_norm);
+            module.rms_norm_mut().set_weight(&gamma)?;
+            let (y, ht) = module.forward(&xt, &fill(ctx, shape, 5, dtype)?)?;
+            checks.push((read(&y)?, fwd.y.clone()));
+            checks.push((read(&ht)?, h.clone()));
+            if backward {
+                let g = module.backward(&dyt, None)?;
+                let rg = r::rms_norm_backward(&h, &r::widen(&dy), shape, &config, Some(&wf), &fwd.rstd)?;
+                checks.push((read(&g.dresidual)?, rg.dx.clone()));
+                checks.push((read(&g.dx)?, rg.dx.iter().zip(&m).map(|(a, b)| a * b).collect()));
+                checks.push((read(g.dweight.as_ref().expect("affine"))?, rg.dweight));
             }
         }
         "rms_norm_forward" | "rms_norm_backward" => {

@@ -63,6 +63,7 @@ pub use layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel,
 pub use norm_configs::{GroupNormConfig, GroupNormDims, RmsNormConfig, RMS_NORM_DEFAULT_EPS};
 pub use rms_norm::{
     RmsNormBackwardBuffers, RmsNormBackwardKernel, RmsNormBackwardPlan, RmsNormBuffers, RmsNormKernel, RmsNormPlan,
+    RmsNormResidualBackwardBuffers, RmsNormResidualBuffers,
 };
 pub use sgd::{SgdKernel, SgdPlan};
 

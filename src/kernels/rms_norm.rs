@@ -13,6 +13,7 @@
 use crate::context::Kernel;
 use crate::error::Result;
 use crate::grad::Accumulate;
+use crate::kernels::dropout::DropoutConfig;
 use crate::kernels::layer_norm::{
     LayerNormBuffers, LayerNormFusion, LayerNormKernel, LayerNormPlan, LayerNormPlanOptions,
 };
@@ -46,6 +47,25 @@ pub struct RmsNormBuffers<'a> {
     pub rstd: wgpu::BufferSlice<'a>,
 }
 
+/// The buffers of one residual RMSNorm block (`h = residual + dropout(x)`, `y = RMSNorm(h)`).
+#[derive(Clone, Debug)]
+pub struct RmsNormResidualBuffers<'a> {
+    /// The branch's output, dropped.
+    pub x: wgpu::BufferSlice<'a>,
+    /// The residual stream, same shape.
+    pub residual: wgpu::BufferSlice<'a>,
+    /// Output `h`, same shape (the next residual stream; backward reads it).
+    pub h: wgpu::BufferSlice<'a>,
+    /// Output `y`, same shape.
+    pub y: wgpu::BufferSlice<'a>,
+    /// γ `(W)`, f32; required with `elementwise_affine`.
+    pub weight: Option<wgpu::BufferSlice<'a>>,
+    /// Output `(rows)`, f32.
+    pub rstd: wgpu::BufferSlice<'a>,
+    /// Generator state, 16 bytes (see [`crate::kernels::rng_state_bytes`]).
+    pub rng: wgpu::BufferSlice<'a>,
+}
+
 /// An RMSNorm forward for one shape and configuration.
 #[derive(Debug)]
 pub struct RmsNormPlan {
@@ -70,10 +90,36 @@ impl RmsNormKernel {
         config: &RmsNormConfig,
         options: &LayerNormPlanOptions,
     ) -> Result<RmsNormPlan> {
+        self.plan_fused(device, shape, config, None, options)
+    }
+
+    /// A plan for the pre-norm residual block `h = residual + dropout(x)`, `y = RMSNorm(h)`
+    /// (`dropout`: the fused dropout's configuration), encoded with
+    /// [`RmsNormPlan::encode_residual`]. The mask is the unfused `Dropout`'s for the same state.
+    pub fn plan_residual(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &RmsNormConfig,
+        dropout: DropoutConfig,
+        options: &LayerNormPlanOptions,
+    ) -> Result<RmsNormPlan> {
+        self.plan_fused(device, shape, config, Some(dropout), options)
+    }
+
+    fn plan_fused(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &RmsNormConfig,
+        residual_dropout: Option<DropoutConfig>,
+        options: &LayerNormPlanOptions,
+    ) -> Result<RmsNormPlan> {
         config.validate()?;
+        let fusion = residual_dropout.map_or(LayerNormFusion::None, LayerNormFusion::ResidualDropout);
         let inner = self
             .0
-            .plan_with(device, shape, &config.as_layer_norm(), LayerNormFusion::None, options)
+            .plan_with(device, shape, &config.as_layer_norm(), fusion, options)
             .map_err(|e| rename(e, OP))?;
         let scratch_mean = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("rms_norm row means (unused)"),
@@ -113,6 +159,37 @@ impl RmsNormPlan {
         self.inner
             .encode(device, encoder, false, &buffers)
             .map_err(|e| rename(e, OP))
+    }
+
+    /// Records the residual block (a plan from [`RmsNormKernel::plan_residual`]): writes
+    /// `h = residual + x·m` and `y = RMSNorm(h)`; `training` selects the dropout's mode. Does not
+    /// advance the generator state in `b.rng`.
+    pub fn encode_residual(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        training: bool,
+        b: &RmsNormResidualBuffers<'_>,
+    ) -> Result<()> {
+        let buffers = LayerNormBuffers {
+            x: b.x,
+            y: b.y,
+            weight: b.weight,
+            bias: None,
+            mean: self.scratch_mean.slice(..),
+            rstd: b.rstd,
+            rng: Some(b.rng),
+            residual: Some(b.residual),
+            h: Some(b.h),
+        };
+        self.inner
+            .encode(device, encoder, training, &buffers)
+            .map_err(|e| rename(e, OP))
+    }
+
+    /// Whether the plan is the residual block's.
+    pub fn is_residual(&self) -> bool {
+        matches!(self.inner.fusion(), LayerNormFusion::ResidualDropout(_))
     }
 
     /// The input shape.
@@ -168,6 +245,29 @@ pub struct RmsNormBackwardBuffers<'a> {
     pub dweight: Option<wgpu::BufferSlice<'a>>,
 }
 
+/// The buffers of the residual block's backward.
+#[derive(Clone, Debug)]
+pub struct RmsNormResidualBackwardBuffers<'a> {
+    /// The `h` the forward wrote (what was normalized).
+    pub h: wgpu::BufferSlice<'a>,
+    /// Upstream gradient of `y`.
+    pub dy: wgpu::BufferSlice<'a>,
+    /// Output `dL/dx` (the branch's gradient: `dh·m`).
+    pub dx: wgpu::BufferSlice<'a>,
+    /// Output `dL/dresidual` (= `dh`).
+    pub dresidual: wgpu::BufferSlice<'a>,
+    /// The gradient reaching `h` from its other uses, added to `dh`, if any.
+    pub dh_in: Option<wgpu::BufferSlice<'a>>,
+    /// γ `(W)`; required with `elementwise_affine`.
+    pub weight: Option<wgpu::BufferSlice<'a>>,
+    /// The forward's `rstd`.
+    pub rstd: wgpu::BufferSlice<'a>,
+    /// Output `dL/dγ`; required with `elementwise_affine`.
+    pub dweight: Option<wgpu::BufferSlice<'a>>,
+    /// The forward's generator state.
+    pub rng: wgpu::BufferSlice<'a>,
+}
+
 /// An RMSNorm backward for one shape and configuration.
 #[derive(Debug)]
 pub struct RmsNormBackwardPlan(LayerNormBackwardPlan);
@@ -194,6 +294,31 @@ impl RmsNormBackwardKernel {
                 &config.as_layer_norm(),
                 LayerNormFusion::None,
                 true,
+                options,
+            )
+            .map(RmsNormBackwardPlan)
+            .map_err(|e| rename(e, OP_BACKWARD))
+    }
+
+    /// The residual block's backward (see [`RmsNormKernel::plan_residual`]); `dropout_training`
+    /// is the mode the forward's dropout ran in.
+    pub fn plan_residual(
+        &self,
+        device: &wgpu::Device,
+        shape: &[usize],
+        config: &RmsNormConfig,
+        dropout: DropoutConfig,
+        dropout_training: bool,
+        options: &LayerNormPlanOptions,
+    ) -> Result<RmsNormBackwardPlan> {
+        config.validate()?;
+        self.0
+            .plan_with(
+                device,
+                shape,
+                &config.as_layer_norm(),
+                LayerNormFusion::ResidualDropout(dropout),
+                dropout_training,
                 options,
             )
             .map(RmsNormBackwardPlan)
@@ -233,9 +358,40 @@ impl RmsNormBackwardPlan {
             .map_err(|e| rename(e, OP_BACKWARD))
     }
 
+    /// Records the residual block's backward: `dh = RMSNorm_backward(dy) + dh_in`,
+    /// `dresidual = dh`, `dx = dh·m` (the forward's mask, regenerated from `b.rng`).
+    pub fn encode_residual(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        accumulate: Accumulate,
+        b: &RmsNormResidualBackwardBuffers<'_>,
+    ) -> Result<()> {
+        let buffers = LayerNormBackwardBuffers {
+            x: b.h,
+            dy: b.dy,
+            dx: b.dx,
+            weight: b.weight,
+            rstd: b.rstd,
+            dweight: b.dweight,
+            dbias: None,
+            rng: Some(b.rng),
+            dh_in: b.dh_in,
+            dresidual: Some(b.dresidual),
+        };
+        self.0
+            .encode(device, encoder, accumulate, &buffers)
+            .map_err(|e| rename(e, OP_BACKWARD))
+    }
+
     /// The input shape.
     pub fn shape(&self) -> &[usize] {
         self.0.shape()
+    }
+
+    /// The residual block's dropout mode, when the plan is the block's.
+    pub fn residual_dropout_training(&self) -> Option<bool> {
+        matches!(self.0.fusion(), LayerNormFusion::ResidualDropout(_)).then(|| self.0.dropout_training())
     }
 
     /// Binding ranges each call dispatches.

@@ -6,6 +6,7 @@
 //! | [`BatchNormDropout`]        | `dropout(BatchNorm(x))`                         | 3 (vs 5) |
 //! | [`LayerNormDropout`]        | `dropout(LayerNorm(x))`                         | 2 (vs 4) |
 //! | [`ResidualDropoutLayerNorm`]| `h = residual + dropout(x)`, `y = LayerNorm(h)` | 4 (vs 6) |
+//! | [`ResidualDropoutRmsNorm`]  | `h = residual + dropout(x)`, `y = RMSNorm(h)`   | 4 (vs 6) |
 //!
 //! Each owns a generator like [`Dropout`](crate::Dropout): a training call uses the current
 //! `(seed, offset)` and advances the offset by one; eval calls draw nothing.
@@ -18,8 +19,9 @@ use crate::grad::{Accumulate, GradTargets, Grads, ResidualGrads};
 use crate::kernels::batch_norm::BatchNormConfig;
 use crate::kernels::dropout::{DropoutConfig, DropoutKernel, DropoutUnit};
 use crate::kernels::layer_norm::{LayerNormConfig, LayerNormFusion};
+use crate::kernels::norm_configs::RmsNormConfig;
 use crate::nn::dropout::{DropoutCall, Generator, Mask};
-use crate::nn::{BatchNorm, LayerNorm};
+use crate::nn::{BatchNorm, LayerNorm, RmsNorm};
 use crate::tensor::Tensor;
 
 /// The dropout half of a fused module: configuration, generator, last call.
@@ -311,6 +313,81 @@ impl ResidualDropoutLayerNorm {
     }
 
     /// Like [`ResidualDropoutLayerNorm::forward`], also returning the packed mask applied to `x`.
+    pub fn forward_with_mask(&mut self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor, Mask)> {
+        let mask = self.drop.mask(x.shape(), self.training)?;
+        let (y, h) = self.forward(x, residual)?;
+        Ok((y, h, mask))
+    }
+}
+
+/// The pre-norm block of current language models in one pass:
+/// `h = residual + dropout(x)`, `y = RMSNorm(h)`, returning both `y` and `h`.
+#[derive(Debug)]
+pub struct ResidualDropoutRmsNorm {
+    rms: RmsNorm,
+    drop: DropoutPart,
+    training: bool,
+}
+
+impl ResidualDropoutRmsNorm {
+    /// A fused module from an RMSNorm configuration, a dropout configuration and a seed.
+    pub fn new(ctx: &Context, rms: RmsNormConfig, dropout: DropoutConfig, seed: u64) -> Result<Self> {
+        Ok(Self {
+            rms: RmsNorm::with_config(ctx, rms)?,
+            drop: DropoutPart::new(ctx, dropout, seed)?,
+            training: true,
+        })
+    }
+
+    /// The RMSNorm part (γ, saved statistics).
+    pub fn rms_norm(&self) -> &RmsNorm {
+        &self.rms
+    }
+
+    /// The RMSNorm part, mutably.
+    pub fn rms_norm_mut(&mut self) -> &mut RmsNorm {
+        &mut self.rms
+    }
+
+    /// Training mode.
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Eval mode.
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    generator_api!();
+
+    /// Returns `(y, h)` with `h = residual + dropout(x)` and `y = RMSNorm(h)`. `x` and
+    /// `residual` have the same shape `(*, normalized_shape)`.
+    pub fn forward(&mut self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (y, h) = self.rms.run(
+            x,
+            Some((residual, &self.drop.generator, self.drop.config)),
+            self.training,
+        )?;
+        self.drop.finish(self.training);
+        Ok((y, h.expect("the residual block writes h")))
+    }
+
+    /// Backward of the last forward for `dy = dL/dy`, plus `dh_in`, the gradient reaching `h`
+    /// from its other uses, if any: `dh = RMSNorm_backward(dy) + dh_in`, `dresidual = dh`,
+    /// `dx = dh·m`, in one pass. `dbias` is `None`.
+    pub fn backward(&mut self, dy: &Tensor, dh_in: Option<&Tensor>) -> Result<ResidualGrads> {
+        self.drop.check_mode(self.training)?;
+        let (dx, dresidual, dweight) = self.rms.backward_residual(dy, dh_in, &self.drop.generator)?;
+        Ok(ResidualGrads {
+            dx,
+            dresidual,
+            dweight,
+            dbias: None,
+        })
+    }
+
+    /// Like [`ResidualDropoutRmsNorm::forward`], also returning the packed mask applied to `x`.
     pub fn forward_with_mask(&mut self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor, Mask)> {
         let mask = self.drop.mask(x.shape(), self.training)?;
         let (y, h) = self.forward(x, residual)?;

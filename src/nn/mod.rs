@@ -9,7 +9,7 @@ pub mod rms_norm;
 
 pub use batch_norm::{BatchNorm, BatchNormSaved};
 pub use dropout::{Dropout, Dropout2d, DropoutCall, Mask};
-pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm};
+pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm, ResidualDropoutRmsNorm};
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use rms_norm::{RmsNorm, RmsNormSaved};
 

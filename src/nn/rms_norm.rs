@@ -4,12 +4,14 @@
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::grad::{Accumulate, GradTargets, Grads};
+use crate::kernels::dropout::DropoutConfig;
 use crate::kernels::layer_norm::LayerNormPlanOptions;
 use crate::kernels::norm_configs::RmsNormConfig;
 use crate::kernels::rms_norm::{
     RmsNormBackwardBuffers, RmsNormBackwardKernel, RmsNormBackwardPlan, RmsNormBuffers, RmsNormKernel, RmsNormPlan,
+    RmsNormResidualBackwardBuffers, RmsNormResidualBuffers,
 };
-use crate::nn::dropout::check_target;
+use crate::nn::dropout::{check_target, Generator};
 use crate::tensor::{DType, Tensor};
 
 const OP: &str = "RMSNorm";
@@ -24,6 +26,9 @@ pub struct RmsNormSaved {
     pub input: Tensor,
     /// Row `1/sqrt(mean(x²) + eps)`, shape = the leading (un-normalized) dims.
     pub rstd: Tensor,
+    /// For the residual block (input = the `h` it wrote): its dropout, the `(seed, offset)` it
+    /// drew from and its mode.
+    pub residual: Option<(DropoutConfig, u64, u64, bool)>,
 }
 
 /// RMSNorm with PyTorch semantics: `y = x·rsqrt(mean(x²) + eps)·γ` over the trailing
@@ -109,45 +114,103 @@ impl RmsNorm {
     /// Normalizes `x` of shape `(*, normalized_shape)` (f32 or f16); returns `y` of the same
     /// shape and dtype. Submits; does not wait. A failed call changes nothing.
     pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.run(x, None, true)?.0)
+    }
+
+    /// The forward, or with `residual = (residual, generator, dropout)` the residual block
+    /// `h = residual + dropout(x)`, `y = RMSNorm(h)` drawing from the generator's current state
+    /// (not advanced here). Returns `y` and, for the block, `h`.
+    pub(crate) fn run(
+        &mut self,
+        x: &Tensor,
+        residual: Option<(&Tensor, &Generator, DropoutConfig)>,
+        training: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         self.ctx.check_owns(OP, "x", x)?;
+        if let Some((r, _, _)) = residual {
+            self.ctx.check_owns(OP, "residual", r)?;
+            if r.dtype() != x.dtype() {
+                return Err(Error::DType {
+                    op: OP,
+                    what: "residual",
+                    got: r.dtype(),
+                    expected: x.dtype(),
+                });
+            }
+            if r.shape() != x.shape() {
+                return Err(Error::shape(
+                    OP,
+                    "residual",
+                    r.shape(),
+                    format!("the shape of x, {:?}", x.shape()),
+                ));
+            }
+        }
         let storage = self.ctx.storage(x.dtype());
-        let fresh = if self
-            .plan
-            .as_ref()
-            .is_none_or(|p| p.shape() != x.shape() || p.storage() != storage)
-        {
-            Some(self.ctx.kernel_with::<RmsNormKernel>(storage)?.plan_with(
-                self.ctx.device(),
-                x.shape(),
-                &self.config,
-                &self.options,
-            )?)
-        } else {
-            None
-        };
+        let dropout = residual.map(|(_, _, d)| d);
+        let fresh =
+            if self.plan.as_ref().is_none_or(|p| {
+                p.shape() != x.shape() || p.storage() != storage || p.is_residual() != dropout.is_some()
+            }) {
+                let kernel = self.ctx.kernel_with::<RmsNormKernel>(storage)?;
+                let device = self.ctx.device();
+                Some(match dropout {
+                    None => kernel.plan_with(device, x.shape(), &self.config, &self.options)?,
+                    Some(d) => kernel.plan_residual(device, x.shape(), &self.config, d, &self.options)?,
+                })
+            } else {
+                None
+            };
         let plan = fresh.as_ref().or(self.plan.as_ref()).expect("built above");
         let lead = &x.shape()[..x.shape().len() - self.config.normalized_shape.len()];
         let y = Tensor::zeros(&self.ctx, x.shape(), x.dtype())?;
         let rstd = Tensor::zeros(&self.ctx, lead, DType::F32)?;
         let device = self.ctx.device();
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(OP) });
-        let buffers = RmsNormBuffers {
-            x: x.slice(),
-            y: y.slice(),
-            weight: self.weight.as_ref().map(Tensor::slice),
-            rstd: rstd.slice(),
+        let weight = self.weight.as_ref().map(Tensor::slice);
+        let h = match residual {
+            None => {
+                let buffers = RmsNormBuffers {
+                    x: x.slice(),
+                    y: y.slice(),
+                    weight,
+                    rstd: rstd.slice(),
+                };
+                self.ctx.scoped(|| plan.encode(device, &mut encoder, &buffers))??;
+                self.ctx.submit(encoder)?;
+                None
+            }
+            Some((r, generator, _)) => {
+                let h = Tensor::zeros(&self.ctx, x.shape(), x.dtype())?;
+                let buffers = RmsNormResidualBuffers {
+                    x: x.slice(),
+                    residual: r.slice(),
+                    h: h.slice(),
+                    y: y.slice(),
+                    weight,
+                    rstd: rstd.slice(),
+                    rng: generator.buffer().slice(..),
+                };
+                self.ctx
+                    .scoped(|| plan.encode_residual(device, &mut encoder, training, &buffers))??;
+                let (seed, offset) = generator.state();
+                generator.submit_with(&self.ctx, seed, offset, encoder)?;
+                Some(h)
+            }
         };
-        self.ctx.scoped(|| plan.encode(device, &mut encoder, &buffers))??;
-        self.ctx.submit(encoder)?;
         if fresh.is_some() {
             self.plan = fresh;
         }
         self.saved = Some(RmsNormSaved {
             shape: x.shape().to_vec(),
-            input: x.clone(),
+            input: h.clone().unwrap_or_else(|| x.clone()),
             rstd,
+            residual: residual.map(|(_, g, d)| {
+                let (seed, offset) = g.state();
+                (d, seed, offset, training)
+            }),
         });
-        Ok(y)
+        Ok((y, h))
     }
 
     /// Backward of the last forward: `dL/dx` and, with γ, `dL/dγ` (`dbias` is `None`).
@@ -176,6 +239,12 @@ impl RmsNorm {
     /// `targets.dbias` must be `None` (RMSNorm has no β).
     pub fn backward_into(&mut self, dy: &Tensor, targets: GradTargets<'_>, accumulate: Accumulate) -> Result<()> {
         let saved = self.check_backward(dy)?;
+        if saved.residual.is_some() {
+            return Err(Error::State {
+                op: BACKWARD,
+                reason: "the forward was the residual block's; call backward on the fused module".into(),
+            });
+        }
         let act = saved.input.dtype();
         check_target(&self.ctx, BACKWARD, "dx", targets.dx, &saved.shape, act)?;
         if let Some(dw) = targets.dweight {
@@ -192,11 +261,9 @@ impl RmsNorm {
             return Err(Error::invalid(BACKWARD, "RMSNorm has no bias: `dbias` must be None"));
         }
         let storage = self.ctx.storage(act);
-        let fresh = if self
-            .backward_plan
-            .as_ref()
-            .is_none_or(|p| p.shape() != saved.shape.as_slice() || p.storage() != storage)
-        {
+        let fresh = if self.backward_plan.as_ref().is_none_or(|p| {
+            p.shape() != saved.shape.as_slice() || p.storage() != storage || p.residual_dropout_training().is_some()
+        }) {
             Some(self.ctx.kernel_with::<RmsNormBackwardKernel>(storage)?.plan_with(
                 self.ctx.device(),
                 &saved.shape,
@@ -224,6 +291,70 @@ impl RmsNorm {
             self.backward_plan = fresh;
         }
         Ok(())
+    }
+
+    /// The residual block's backward of the last forward (made by [`RmsNorm::run`] with a
+    /// residual): returns `(dx, dresidual, dγ)`, with the mask regenerated in `generator`'s
+    /// buffer from the forward's state.
+    pub(crate) fn backward_residual(
+        &mut self,
+        dy: &Tensor,
+        dh_in: Option<&Tensor>,
+        generator: &Generator,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let saved = self.check_backward(dy)?;
+        let (dropout, seed, offset, training) = saved.residual.ok_or_else(|| Error::State {
+            op: BACKWARD,
+            reason: "the last forward was not the residual block's".into(),
+        })?;
+        let act = saved.input.dtype();
+        if let Some(d) = dh_in {
+            check_target(&self.ctx, BACKWARD, "dh_in", d, &saved.shape, act)?;
+        }
+        let storage = self.ctx.storage(act);
+        let fresh = if self.backward_plan.as_ref().is_none_or(|p| {
+            p.shape() != saved.shape.as_slice()
+                || p.storage() != storage
+                || p.residual_dropout_training() != Some(training)
+        }) {
+            Some(self.ctx.kernel_with::<RmsNormBackwardKernel>(storage)?.plan_residual(
+                self.ctx.device(),
+                &saved.shape,
+                &self.config,
+                dropout,
+                training,
+                &self.options,
+            )?)
+        } else {
+            None
+        };
+        let plan = fresh.as_ref().or(self.backward_plan.as_ref()).expect("built above");
+        let dx = Tensor::zeros(&self.ctx, &saved.shape, act)?;
+        let dresidual = Tensor::zeros(&self.ctx, &saved.shape, act)?;
+        let dweight = match self.config.elementwise_affine {
+            true => Some(Tensor::zeros(&self.ctx, &self.config.normalized_shape, DType::F32)?),
+            false => None,
+        };
+        let buffers = RmsNormResidualBackwardBuffers {
+            h: saved.input.slice(),
+            dy: dy.slice(),
+            dx: dx.slice(),
+            dresidual: dresidual.slice(),
+            dh_in: dh_in.map(Tensor::slice),
+            weight: self.weight.as_ref().map(Tensor::slice),
+            rstd: saved.rstd.slice(),
+            dweight: dweight.as_ref().map(Tensor::slice),
+            rng: generator.buffer().slice(..),
+        };
+        let device = self.ctx.device();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(BACKWARD) });
+        self.ctx
+            .scoped(|| plan.encode_residual(device, &mut encoder, Accumulate::default(), &buffers))??;
+        generator.submit_with(&self.ctx, seed, offset, encoder)?;
+        if fresh.is_some() {
+            self.backward_plan = fresh;
+        }
+        Ok((dx, dresidual, dweight))
     }
 
     fn check_backward(&self, dy: &Tensor) -> Result<RmsNormSaved> {
