@@ -448,14 +448,7 @@ fn f16_note(ctx: &Context, fx: &Fixture) -> Option<String> {
 fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>) -> Result<()> {
     let cfg = &fx.config;
     let bad = |k: &str| Error::SafeTensors(format!("{}: config.{k} missing or mistyped", fx.name));
-    let normalized_shape = cfg["normalized_shape"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .map(|d| d.as_u64().map(|d| d as usize))
-                .collect::<Option<Vec<_>>>()
-        })
-        .ok_or_else(|| bad("normalized_shape"))?;
+    let normalized_shape = usizes(&cfg["normalized_shape"]).ok_or_else(|| bad("normalized_shape"))?;
     let config = LayerNormConfig {
         normalized_shape,
         eps: cfg["eps"].as_f64().ok_or_else(|| bad("eps"))? as f32,
@@ -498,17 +491,15 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
     Ok(())
 }
 
+/// A JSON array of non-negative integers, if it is one.
+fn usizes(v: &serde_json::Value) -> Option<Vec<usize>> {
+    v.as_array()?.iter().map(|d| d.as_u64().map(|d| d as usize)).collect()
+}
+
 fn check_rms_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>) -> Result<()> {
     let cfg = &fx.config;
     let bad = |k: &str| Error::SafeTensors(format!("{}: config.{k} missing or mistyped", fx.name));
-    let normalized_shape = cfg["normalized_shape"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .map(|d| d.as_u64().map(|d| d as usize))
-                .collect::<Option<Vec<_>>>()
-        })
-        .ok_or_else(|| bad("normalized_shape"))?;
+    let normalized_shape = usizes(&cfg["normalized_shape"]).ok_or_else(|| bad("normalized_shape"))?;
     // `eps: null` is PyTorch's default (2^-23).
     let eps = match &cfg["eps"] {
         serde_json::Value::Null => None,
