@@ -46,8 +46,8 @@ pub use kernels::{
     BatchNormKernel, BatchNormPlan, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan,
     DropoutUnit, GroupNormConfig, LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan,
     LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan, RmsNormBackwardBuffers,
-    RmsNormBackwardKernel, RmsNormBackwardPlan, RmsNormBuffers, RmsNormConfig, RmsNormKernel, RmsNormPlan, SgdKernel,
-    SgdPlan,
+    RmsNormBackwardKernel, RmsNormBackwardPlan, RmsNormBuffers, RmsNormConfig, RmsNormKernel, RmsNormPlan,
+    RmsNormResidualBackwardBuffers, RmsNormResidualBuffers, SgdKernel, SgdPlan,
 };
 pub use nn::sgd_step;
 pub use nn::{

@@ -269,6 +269,61 @@ fn rms_norm_refuses_bad_input_naming_rms_norm() {
         ),
         "{e}"
     );
+    // A plain plan cannot record the residual block (it would leave h unwritten), nor a plain
+    // backward plan the block's backward.
+    let scratch = |shape: &[usize]| Tensor::zeros(&ctx, shape, DType::F32).unwrap();
+    let (res, h, y2, rng) = (scratch(&[3, 8]), scratch(&[3, 8]), scratch(&[3, 8]), scratch(&[4]));
+    let e = plan
+        .encode_residual(
+            ctx.device(),
+            &mut encoder,
+            true,
+            &normdrop::RmsNormResidualBuffers {
+                x: x.slice(),
+                residual: res.slice(),
+                h: h.slice(),
+                y: y2.slice(),
+                weight: Some(w.slice()),
+                rstd: rstd.slice(),
+                rng: rng.slice(),
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { op: "rms_norm", .. }), "{e}");
+    let bplan = ctx
+        .kernel::<RmsNormBackwardKernel>()
+        .unwrap()
+        .plan(ctx.device(), &[3, 8], &config)
+        .unwrap();
+    let (dx, dres, dw) = (scratch(&[3, 8]), scratch(&[3, 8]), scratch(&[8]));
+    let e = bplan
+        .encode_residual(
+            ctx.device(),
+            &mut encoder,
+            Accumulate::default(),
+            &normdrop::RmsNormResidualBackwardBuffers {
+                h: h.slice(),
+                dy: y2.slice(),
+                dx: dx.slice(),
+                dresidual: dres.slice(),
+                dh_in: None,
+                weight: Some(w.slice()),
+                rstd: rstd.slice(),
+                dweight: Some(dw.slice()),
+                rng: rng.slice(),
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidArgument {
+                op: "rms_norm backward",
+                ..
+            }
+        ),
+        "{e}"
+    );
     let mut c = RmsNormConfig::new(&[8]);
     c.eps = Some(-1.0);
     assert!(matches!(

@@ -11,7 +11,7 @@
 //! accumulated in f32 for f16 activations too.
 
 use crate::context::Kernel;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::grad::Accumulate;
 use crate::kernels::dropout::DropoutConfig;
 use crate::kernels::layer_norm::{
@@ -171,6 +171,10 @@ impl RmsNormPlan {
         training: bool,
         b: &RmsNormResidualBuffers<'_>,
     ) -> Result<()> {
+        if !self.is_residual() {
+            // The plain passes would ignore residual, h and rng and leave h unwritten.
+            return Err(Error::invalid(OP, "encode_residual needs a plan from plan_residual"));
+        }
         let buffers = LayerNormBuffers {
             x: b.x,
             y: b.y,
@@ -367,6 +371,13 @@ impl RmsNormBackwardPlan {
         accumulate: Accumulate,
         b: &RmsNormResidualBackwardBuffers<'_>,
     ) -> Result<()> {
+        if self.residual_dropout_training().is_none() {
+            // The plain passes would ignore rng, dh_in and dresidual and leave dresidual unwritten.
+            return Err(Error::invalid(
+                OP_BACKWARD,
+                "encode_residual needs a plan from RmsNormBackwardKernel::plan_residual",
+            ));
+        }
         let buffers = LayerNormBackwardBuffers {
             x: b.h,
             dy: b.dy,
