@@ -35,6 +35,19 @@ impl Mask {
         })
     }
 
+    /// [`Error::WrongDevice`] for argument `mask` of `op` unless `ctx` (or a clone) made it.
+    fn check_owner(&self, ctx: &Context, op: &'static str) -> Result<()> {
+        if self.owner == ctx.id() {
+            Ok(())
+        } else {
+            Err(Error::WrongDevice {
+                op,
+                what: "mask",
+                detail: String::new(),
+            })
+        }
+    }
+
     /// The buffer of `⌈units / 32⌉` u32 words.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
@@ -47,13 +60,7 @@ impl Mask {
 
     /// Downloads the packed words.
     pub async fn to_words(&self, ctx: &Context) -> Result<Vec<u32>> {
-        if self.owner != ctx.id() {
-            return Err(Error::WrongDevice {
-                op: "mask read",
-                what: "mask",
-                detail: String::new(),
-            });
-        }
+        self.check_owner(ctx, "mask read")?;
         let bytes = ctx.read_buffer(&self.buffer, 0, self.units.div_ceil(32) * 4).await?;
         Ok(bytes
             .chunks_exact(4)
@@ -352,13 +359,7 @@ impl Dropout {
     pub fn backward_from_mask(&mut self, dy: &Tensor, mask: &Mask) -> Result<Tensor> {
         let last = self.check_backward(dy)?;
         let plan = self.plan.as_ref().expect("a forward built the plan");
-        if mask.owner != self.ctx.id() {
-            return Err(Error::WrongDevice {
-                op: BACKWARD,
-                what: "mask",
-                detail: String::new(),
-            });
-        }
+        mask.check_owner(&self.ctx, BACKWARD)?;
         if mask.units() != plan.units() {
             return Err(Error::shape(
                 BACKWARD,
