@@ -44,15 +44,17 @@ pub use grad::{Accumulate, GradTargets, Grads, ResidualGrads};
 pub use kernels::{
     BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBackwardPlan, BatchNormBuffers, BatchNormConfig,
     BatchNormKernel, BatchNormPlan, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan,
-    DropoutUnit, GroupNormConfig, LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan,
-    LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan, RmsNormBackwardBuffers,
-    RmsNormBackwardKernel, RmsNormBackwardPlan, RmsNormBuffers, RmsNormConfig, RmsNormKernel, RmsNormPlan,
-    RmsNormResidualBackwardBuffers, RmsNormResidualBuffers, SgdKernel, SgdPlan,
+    DropoutUnit, GroupNormBackwardBuffers, GroupNormBackwardKernel, GroupNormBackwardPlan, GroupNormBuffers,
+    GroupNormConfig, GroupNormKernel, GroupNormPlan, GroupNormPlanOptions, LayerNormBackwardBuffers,
+    LayerNormBackwardKernel, LayerNormBackwardPlan, LayerNormBuffers, LayerNormConfig, LayerNormFusion,
+    LayerNormKernel, LayerNormPlan, RmsNormBackwardBuffers, RmsNormBackwardKernel, RmsNormBackwardPlan, RmsNormBuffers,
+    RmsNormConfig, RmsNormKernel, RmsNormPlan, RmsNormResidualBackwardBuffers, RmsNormResidualBuffers, SgdKernel,
+    SgdPlan,
 };
 pub use nn::sgd_step;
 pub use nn::{
-    BatchNorm, BatchNormDropout, Dropout, Dropout2d, LayerNorm, LayerNormDropout, Mask, ResidualDropoutLayerNorm,
-    ResidualDropoutRmsNorm, RmsNorm,
+    BatchNorm, BatchNormDropout, Dropout, Dropout2d, GroupNorm, InstanceNorm, LayerNorm, LayerNormDropout, Mask,
+    ResidualDropoutLayerNorm, ResidualDropoutRmsNorm, RmsNorm,
 };
 pub use state::StateTensor;
 pub use storage::Storage;

@@ -39,6 +39,22 @@ fn every_kernel_builds_under_the_default_limits() {
                 ctx.kernel_with::<LayerNormBackwardKernel>(storage).map(drop),
             ),
             ("DropoutKernel", ctx.kernel_with::<DropoutKernel>(storage).map(drop)),
+            (
+                "GroupNormKernel",
+                ctx.kernel_with::<normdrop::GroupNormKernel>(storage).map(drop),
+            ),
+            (
+                "GroupNormBackwardKernel",
+                ctx.kernel_with::<normdrop::GroupNormBackwardKernel>(storage).map(drop),
+            ),
+            (
+                "RmsNormKernel",
+                ctx.kernel_with::<normdrop::RmsNormKernel>(storage).map(drop),
+            ),
+            (
+                "RmsNormBackwardKernel",
+                ctx.kernel_with::<normdrop::RmsNormBackwardKernel>(storage).map(drop),
+            ),
         ]);
     }
     results.extend([

@@ -9,11 +9,10 @@ use normdrop::reference::{group_norm_backward, group_norm_forward, rms_norm_back
 use normdrop::{GroupNormConfig, RmsNormConfig};
 use normdrop_cli::fixture::{compare, Fixture};
 
-/// The fixtures whose names start with `prefix`, from `tests/fixtures/torch` (ops with GPU
-/// kernels) and `tests/fixtures/next` (ops without).
+/// The fixtures whose names start with `prefix`, from `tests/fixtures/torch`.
 fn fixtures(prefix: &str) -> Vec<Fixture> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let mut paths: Vec<_> = ["torch", "next"]
+    let mut paths: Vec<_> = ["torch"]
         .iter()
         .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
         .map(|e| e.unwrap().path())

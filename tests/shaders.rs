@@ -138,19 +138,20 @@ fn every_shader_variant_translates_to_every_backend() {
     // all 15; copy and SGD in f32 only: 8 (dropout) + 16 + 16 + 4 × 8 (BatchNorm: the two
     // one-invocation-per-chunk reductions, the two one-pass-per-channel shaders) + 8 × 8
     // (LayerNorm: forward, backward, the row-block forward and backward, four row-per-subgroup)
-    // + 2. (The two
+    // + 2, and GroupNorm's two finalize shaders (no activations) with and without subgroup
+    // operations: 4. (The two
     // one-pass BatchNorm and the four LayerNorm subgroup shaders use subgroup operations in every
     // variant: no alternative include to switch, and kernels build them only on devices with
     // SUBGROUP.)
-    assert_eq!(variants.len(), 138);
+    assert_eq!(variants.len(), 142);
     let files = |pick: fn(&normdrop::kernels::ShaderVariant) -> bool| -> Vec<&str> {
         variants.iter().filter(|v| pick(v)).map(|v| v.file).collect()
     };
     let subgroup_files = files(|v| v.variant.subgroups);
-    assert_eq!(subgroup_files.len(), 16, "{subgroup_files:?}");
+    assert_eq!(subgroup_files.len(), 18, "{subgroup_files:?}");
     assert!(subgroup_files
         .iter()
-        .all(|f| *f == "batch_norm/forward.wgsl" || *f == "batch_norm/backward.wgsl"));
+        .all(|f| f.starts_with("batch_norm/") || f.starts_with("group_norm/")));
     let vec4_files = files(|v| v.variant.vec4);
     assert_eq!(vec4_files.len(), 34, "{vec4_files:?}");
     let int64_files = files(|v| v.variant.int64);

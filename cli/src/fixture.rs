@@ -13,8 +13,8 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use normdrop::{
-    BatchNorm, BatchNormConfig, Context, DType, Error, LayerNorm, LayerNormConfig, Result, RmsNorm, RmsNormConfig,
-    Storage, Tensor,
+    BatchNorm, BatchNormConfig, Context, DType, Error, GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Result,
+    RmsNorm, RmsNormConfig, Storage, Tensor,
 };
 
 /// One tensor of a fixture, widened to f64.
@@ -255,16 +255,10 @@ pub fn check(ctx: &Context, fx: &Fixture) -> Result<Vec<CheckLine>> {
         "batch_norm" => check_batch_norm(ctx, fx, &mut results)?,
         "layer_norm" => check_layer_norm(ctx, fx, &mut results)?,
         "rms_norm" => check_rms_norm(ctx, fx, &mut results)?,
-        op @ "group_norm" => {
-            return Err(Error::SafeTensors(format!(
-                "{}: op {op:?} has an f64 CPU reference (normdrop::reference) but no GPU kernel in \
-                 this version, so nothing on the device can be compared",
-                fx.name
-            )))
-        }
+        "group_norm" => check_group_norm(ctx, fx, &mut results)?,
         other => {
             return Err(Error::SafeTensors(format!(
-                "{}: unknown op {other:?} (this version checks batch_norm and layer_norm)",
+                "{}: unknown op {other:?} (this version checks batch_norm, layer_norm, rms_norm and group_norm)",
                 fx.name
             )))
         }
@@ -532,6 +526,53 @@ fn check_rms_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Verdi
                 (judge(fx, "rstd", saved.rstd.to_f64_blocking(ctx))?, note.clone()),
             );
             let grads = activation(ctx, fx, "dy").and_then(|dy| rms.backward(&dy));
+            judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;
+        }
+        Err(e) => {
+            for name in fx.expected_names() {
+                out.entry(name)
+                    .or_insert_with(|| (Verdict::Fail(format!("error: {e}")), None));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_group_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>) -> Result<()> {
+    let cfg = &fx.config;
+    let bad = |k: &str| Error::SafeTensors(format!("{}: config.{k} missing or mistyped", fx.name));
+    let count = |k: &str| {
+        cfg[k]
+            .as_u64()
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| bad(k))
+    };
+    let config = GroupNormConfig {
+        num_groups: count("num_groups")?,
+        num_channels: count("num_channels")?,
+        eps: cfg["eps"].as_f64().ok_or_else(|| bad("eps"))? as f32,
+        affine: cfg["affine"].as_bool().ok_or_else(|| bad("affine"))?,
+    };
+    let note = f16_note(ctx, fx);
+    let mut run = || -> Result<GroupNorm> {
+        let mut gn = GroupNorm::with_config(ctx, config.clone())?;
+        if config.affine {
+            gn.set_weight(&f32_input(fx, "weight")?.0)?;
+            gn.set_bias(&f32_input(fx, "bias")?.0)?;
+        }
+        let y = gn
+            .forward(&activation(ctx, fx, "x")?)
+            .and_then(|y| y.to_f64_blocking(ctx));
+        out.insert("y".into(), (judge(fx, "y", y)?, note.clone()));
+        Ok(gn)
+    };
+    match run() {
+        Ok(mut gn) => {
+            let saved = gn.saved().expect("a successful forward saves its statistics").clone();
+            for (name, t) in [("mean", &saved.mean), ("rstd", &saved.rstd)] {
+                out.insert(name.into(), (judge(fx, name, t.to_f64_blocking(ctx))?, note.clone()));
+            }
+            let grads = activation(ctx, fx, "dy").and_then(|dy| gn.backward(&dy));
             judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;
         }
         Err(e) => {

@@ -141,6 +141,31 @@ const BUILT_IN_FIXTURES: &[(&str, &[u8])] = &[
         "ln_offset",
         include_bytes!("../../tests/fixtures/torch/ln_offset.safetensors"),
     ),
+    ("gn_1d", include_bytes!("../../tests/fixtures/torch/gn_1d.safetensors")),
+    (
+        "gn_basic",
+        include_bytes!("../../tests/fixtures/torch/gn_basic.safetensors"),
+    ),
+    (
+        "gn_f16",
+        include_bytes!("../../tests/fixtures/torch/gn_f16.safetensors"),
+    ),
+    (
+        "gn_instance",
+        include_bytes!("../../tests/fixtures/torch/gn_instance.safetensors"),
+    ),
+    (
+        "gn_no_affine",
+        include_bytes!("../../tests/fixtures/torch/gn_no_affine.safetensors"),
+    ),
+    (
+        "gn_offset",
+        include_bytes!("../../tests/fixtures/torch/gn_offset.safetensors"),
+    ),
+    (
+        "gn_one_group",
+        include_bytes!("../../tests/fixtures/torch/gn_one_group.safetensors"),
+    ),
     (
         "rms_basic",
         include_bytes!("../../tests/fixtures/torch/rms_basic.safetensors"),

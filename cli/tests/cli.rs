@@ -53,22 +53,26 @@ fn check_passes_every_fixture_forward() {
         .map(|e| e.unwrap().path().display().to_string())
         .collect();
     files.sort();
-    assert_eq!(files.len(), 23);
+    assert_eq!(files.len(), 30);
     let args: Vec<&str> = std::iter::once("check")
         .chain(files.iter().map(String::as_str))
         .collect();
     let Some(out) = normdrop(&args) else { return };
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    // 78 BatchNorm, 39 LayerNorm and 27 RMSNorm tensors, gradients included; nothing skipped.
+    // 78 BatchNorm, 39 LayerNorm, 27 RMSNorm and 40 GroupNorm tensors, gradients included;
+    // nothing skipped.
     let last = last_line(&out);
-    assert_eq!(last, "144 passed, 0 failed, 0 skipped");
+    assert_eq!(last, "184 passed, 0 failed, 0 skipped");
     for (fixture, tensor) in [
         ("bn2d_train_offset", "y.0"),
         ("ln_offset", "y"),
         ("ln_odd_width", "rstd"),
         ("rms_eps_default", "rstd"),
         ("rms_f16", "dx"),
+        ("gn_offset", "dx"),
+        ("gn_one_group", "dweight"),
+        ("gn_f16", "y"),
     ] {
         assert!(
             text.lines()
@@ -147,9 +151,9 @@ fn check_fails_what_it_cannot_compare() {
             "unknown op \"no_such_norm\"",
         ),
         (
-            "op-without-kernel",
+            "config-of-another-op",
             retagged(&[("op", "group_norm")], |_, _| true),
-            "op \"group_norm\" has an f64 CPU reference",
+            "config.num_groups missing or mistyped",
         ),
         (
             "nothing-expected",

@@ -95,7 +95,7 @@ fn batch_norm_backward_finalize(
 
 // dx coefficients of channel c: (K, a, q, r), dx = a·g + q + r·(x − K) (see finish_channel).
 fn dx_coef(c: u32) -> vec4<f32> {
-    return coef[c];
+    return coef[p.chan_base + c];
 }
 
 // dx (before accumulation) from x and the masked dy of elements of one channel.

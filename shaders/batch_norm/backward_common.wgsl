@@ -48,7 +48,8 @@ fn has(flag: u32) -> bool {
 // first sample range and published in coef[c].x for the later ones) or the running mean.
 fn centre_of(c: u32) -> f32 {
     if (!has(FLAG_BATCH_STATS)) {
-        return save_mean[c];
+        // GroupNorm runs the reduce on (1, N·C, S) views, each (n, c) centred on its group's mean.
+        return save_mean[(p.chan_base + c) / p.group_chans];
     }
     if (p.first != 0u) {
         return ld_x(c * p.s);

@@ -21,5 +21,7 @@ struct Params {
     div_s: vec2<u32>, // multiply-shift pair of S (fast_div in lib/nchw.wgsl)
     div_c: vec2<u32>, // multiply-shift pair of C
     run: u32,         // quads per invocation of the aligned dx entry points (S ≥ 4·run)
+    chan_base: u32,   // index in coef of this dispatch's channel 0 (GroupNorm's ranges of groups; 0 for BatchNorm)
+    group_chans: u32, // channels per save_mean entry without batch statistics (GroupNorm's C/G; 1 for BatchNorm)
     _pad: u32,
 }

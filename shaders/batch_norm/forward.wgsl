@@ -223,5 +223,5 @@ fn aligned_quad(w: ptr<function, AlignedWalk>, m: vec4<f32>) {
 }
 
 fn channel_coefficients(c: u32) -> vec4<f32> {
-    return centre[c];
+    return centre[p.chan_base + c];
 }

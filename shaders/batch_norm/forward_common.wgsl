@@ -33,7 +33,7 @@ const FLAG_COUNT: u32 = 8u;          // training with running stats: the stats p
 @group(0) @binding(7) var<storage, read_write> num_batches: array<u32>;  // (2) u64 as (lo, hi)
 @group(0) @binding(8) var<storage, read_write> save_mean: array<f32>;    // (C)
 @group(0) @binding(9) var<storage, read_write> save_invstd: array<f32>;  // (C)
-@group(0) @binding(10) var<storage, read_write> partials: array<vec4<f32>>; // (C, parts) (mean − K, M2, count, 0), then (num_batches_tracked, 0, 0, 0)
+@group(0) @binding(10) var<storage, read_write> partials: array<vec4<f32>>; // (C, parts) (mean − K, M2, count, K), then (num_batches_tracked, 0, 0, 0)
 @group(0) @binding(11) var<storage, read> rng_state: vec4<u32>;         // (seed lo, seed hi, offset lo, offset hi)
 @group(0) @binding(12) var<storage, read_write> centre: array<vec4<f32>>; // (C) (K, mean − K, invstd·γ, β) for normalize
 
@@ -73,14 +73,14 @@ fn chunk_stat(c: u32, start: u32, end: u32, stride: u32, shift: f32) -> Stat {
     return acc;
 }
 
-// Writes chunk k's triple (mean − K, M2, count) of channel c; the first range's chunk 0 also
-// publishes K. With FLAG_COUNT (training with running statistics) the one invocation that
+// Writes chunk k's triple (mean − K, M2, count) of channel c, and K (GroupNorm's finalize reads
+// it there: group_norm/forward.wgsl); the first range's chunk 0 also publishes K in centre. With FLAG_COUNT (training with running statistics) the one invocation that
 // writes channel 0's first chunk of the first range also increments num_batches_tracked: once
 // per call, before batch_norm_finalize (the next dispatch) reads it for the cumulative average, as
 // PyTorch increments before it averages. A dispatch of its own for that one increment cost
 // about as much as a whole pass on a CPU driver.
 fn publish_partial(c: u32, k: u32, shift: f32, total: Stat) {
-    partials[c * p.parts + p.part_base + k] = vec4<f32>(total.mean, total.m2, total.n, 0.0);
+    partials[c * p.parts + p.part_base + k] = vec4<f32>(total.mean, total.m2, total.n, shift);
     if (p.first != 0u && k == 0u) {
         centre[c] = vec4<f32>(shift, 0.0, 0.0, 0.0);
         if (c == 0u && (p.flags & FLAG_COUNT) != 0u) {

@@ -23,5 +23,5 @@ struct Params {
     div_s: vec2<u32>, // multiply-shift pair of S (fast_div in lib/nchw.wgsl)
     div_c: vec2<u32>, // multiply-shift pair of C
     run: u32,        // quads (4 consecutive elements) per normalize invocation
-    _pad: u32,
+    chan_base: u32,  // index in centre of this dispatch's channel 0 (GroupNorm's ranges of groups; 0 for BatchNorm)
 }

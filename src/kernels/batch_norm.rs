@@ -38,7 +38,7 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
 
 /// `batch_norm_normalize`'s override flags: the fused dropout, and S % 4 == 0 with S ≥ 4·run (see
 /// `normalize_run` in the shader).
-const NORMALIZE_FLAGS: [&str; 2] = ["DROPOUT", "ALIGNED"];
+pub(crate) const NORMALIZE_FLAGS: [&str; 2] = ["DROPOUT", "ALIGNED"];
 const WORKGROUP: u64 = 256;
 /// Workgroup size of the one-invocation-per-channel passes (`batch_norm_finalize_eval`, the `_serial`
 /// finalizes of forward and backward).
@@ -197,29 +197,30 @@ impl BatchNormConfig {
 /// Uniform parameters; mirrors `struct Params` in `shaders/batch_norm/forward.wgsl` field by field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-struct BnParams {
-    n: u32,
-    c: u32,
-    s: u32,
-    m: u32,
-    chunk_len: u32,
-    chunks: u32,
-    flags: u32,
-    total: u32,
-    eps: f32,
-    momentum: f32,
-    drop_threshold: u32,
-    drop_flags: u32,
-    drop_scale: f32,
-    part_base: u32,
-    parts: u32,
-    m_all: u32,
-    elem_base: u32,
-    first: u32,
-    div_s: [u32; 2],
-    div_c: [u32; 2],
-    run: u32,
-    _pad: u32,
+pub(crate) struct BnParams {
+    pub(crate) n: u32,
+    pub(crate) c: u32,
+    pub(crate) s: u32,
+    pub(crate) m: u32,
+    pub(crate) chunk_len: u32,
+    pub(crate) chunks: u32,
+    pub(crate) flags: u32,
+    pub(crate) total: u32,
+    pub(crate) eps: f32,
+    pub(crate) momentum: f32,
+    pub(crate) drop_threshold: u32,
+    pub(crate) drop_flags: u32,
+    pub(crate) drop_scale: f32,
+    pub(crate) part_base: u32,
+    pub(crate) parts: u32,
+    pub(crate) m_all: u32,
+    pub(crate) elem_base: u32,
+    pub(crate) first: u32,
+    pub(crate) div_s: [u32; 2],
+    pub(crate) div_c: [u32; 2],
+    pub(crate) run: u32,
+    /// Index in `centre` of the dispatch's channel 0 (GroupNorm's ranges; 0 here).
+    pub(crate) chan_base: u32,
 }
 const _: () = assert!(std::mem::size_of::<BnParams>() == 96);
 
@@ -455,7 +456,7 @@ impl BatchNormKernel {
                 div_s,
                 div_c,
                 run,
-                _pad: 0,
+                chan_base: 0,
             };
             Ok(uniform_buffer(device, "batch_norm params", &params))
         };

@@ -80,35 +80,39 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
 
 const FLAG_AFFINE: u32 = 1;
 const FLAG_BATCH_STATS: u32 = 2;
-const FLAG_ACCUM_DX: u32 = 4;
+pub(crate) const FLAG_ACCUM_DX: u32 = 4;
 const FLAG_ACCUM_PARAMS: u32 = 8;
 
 /// Mirrors `struct Params` in `shaders/batch_norm/backward.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
-struct BnBackwardParams {
-    n: u32,
-    c: u32,
-    s: u32,
-    m: u32,
-    chunk_len: u32,
-    chunks: u32,
-    flags: u32,
-    total: u32,
-    drop_threshold: u32,
-    drop_flags: u32,
-    drop_scale: f32,
-    part_base: u32,
-    parts: u32,
-    m_all: u32,
-    elem_base: u32,
-    first: u32,
-    div_s: [u32; 2],
-    div_c: [u32; 2],
-    run: u32,
-    _pad: u32,
+pub(crate) struct BnBackwardParams {
+    pub(crate) n: u32,
+    pub(crate) c: u32,
+    pub(crate) s: u32,
+    pub(crate) m: u32,
+    pub(crate) chunk_len: u32,
+    pub(crate) chunks: u32,
+    pub(crate) flags: u32,
+    pub(crate) total: u32,
+    pub(crate) drop_threshold: u32,
+    pub(crate) drop_flags: u32,
+    pub(crate) drop_scale: f32,
+    pub(crate) part_base: u32,
+    pub(crate) parts: u32,
+    pub(crate) m_all: u32,
+    pub(crate) elem_base: u32,
+    pub(crate) first: u32,
+    pub(crate) div_s: [u32; 2],
+    pub(crate) div_c: [u32; 2],
+    pub(crate) run: u32,
+    /// Index in `coef` of the dispatch's channel 0 (GroupNorm's ranges; 0 here).
+    pub(crate) chan_base: u32,
+    /// Channels per `save_mean` entry without batch statistics (GroupNorm's C/G; 1 here).
+    pub(crate) group_chans: u32,
+    pub(crate) _pad: u32,
 }
-const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 88);
+const _: () = assert!(std::mem::size_of::<BnBackwardParams>() == 96);
 
 /// Compiled BatchNorm backward pipelines for one device and activation storage.
 #[derive(Clone, Debug)]
@@ -136,8 +140,8 @@ pub(crate) const REDUCE_FLAGS: [&str; 3] = ["DROPOUT", "EVAL", "PARK"];
 pub(crate) fn reduce_wanted(f: &[bool]) -> bool {
     !f[2] || (f[0] && !f[1])
 }
-const DX_FLAGS: [&str; 2] = ["DROPOUT", "PARK"];
-const DX_ALIGNED_FLAGS: [&str; 3] = ["DROPOUT", "PARK", "ACCUMULATE"];
+pub(crate) const DX_FLAGS: [&str; 2] = ["DROPOUT", "PARK"];
+pub(crate) const DX_ALIGNED_FLAGS: [&str; 3] = ["DROPOUT", "PARK", "ACCUMULATE"];
 
 impl BatchNormBackwardKernel {
     /// The reduce and dx pipelines of `module` (the `vec4` variant or not; parking only with a
@@ -299,6 +303,8 @@ impl BatchNormBackwardKernel {
                         div_s,
                         div_c,
                         run,
+                        chan_base: 0,
+                        group_chans: 1,
                         _pad: 0,
                     };
                     uniform_buffer(device, "batch_norm backward params", &params)

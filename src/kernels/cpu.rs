@@ -154,6 +154,30 @@ pub(crate) fn add_batch_norm_serial_backward(p: &mut Pipelines, device: &wgpu::D
     }
 }
 
+/// Adds the one-invocation-per-chunk reductions GroupNorm runs on its BatchNorm views
+/// (`ReduceSplit::Invocation`): the forward statistics (`forward`) or the backward's plain
+/// reduce (no dropout, batch statistics off: each (n, c) centred on its group's mean), from
+/// the same files as BatchNorm's, scalar or `vec4`. Built on every device, as
+/// [`add_batch_norm_serial_forward`].
+pub(crate) fn add_group_norm_serial(
+    p: &mut Pipelines,
+    device: &wgpu::Device,
+    storage: Storage,
+    vec4: bool,
+    forward: bool,
+) {
+    if forward {
+        let module = shader_module(device, "cpu/batch_norm/forward_serial.wgsl", storage, vec4);
+        p.add_all(device, &module, BATCH_NORM_SERIAL_FORWARD[0], &[]);
+    } else {
+        use crate::kernels::batch_norm_backward::REDUCE_FLAGS;
+        let module = shader_module(device, "cpu/batch_norm/backward_serial.wgsl", storage, vec4);
+        p.add(device, &module, BATCH_NORM_SERIAL_BACKWARD[0], &REDUCE_FLAGS, |f| {
+            f.iter().all(|on| !on)
+        });
+    }
+}
+
 /// Adds LayerNorm's row-block forward (`shaders/cpu/layer_norm/forward_blocks.wgsl`, scalar or
 /// `vec4`) to `p`, the residual block's only where its 9 storage buffers fit. Unlike the rest of
 /// this module it is built on every device: a plan may ask for one lane per row anywhere

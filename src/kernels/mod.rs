@@ -45,6 +45,7 @@ pub(crate) mod batch_norm_backward;
 pub(crate) mod copy;
 pub(crate) mod cpu;
 pub(crate) mod dropout;
+pub(crate) mod group_norm;
 pub(crate) mod layer_norm;
 pub(crate) mod layer_norm_backward;
 pub(crate) mod norm_configs;
@@ -57,6 +58,10 @@ pub use copy::{CopyGrain, CopyKernel, CopyPlan};
 pub use dropout::{
     rng_state_bytes, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutMode, DropoutPlan, DropoutUnit,
     RNG_STATE_BYTES,
+};
+pub use group_norm::{
+    GroupNormBackwardBuffers, GroupNormBackwardKernel, GroupNormBackwardPlan, GroupNormBuffers, GroupNormKernel,
+    GroupNormPlan, GroupNormPlanOptions,
 };
 pub use layer_norm::{LayerNormBuffers, LayerNormConfig, LayerNormFusion, LayerNormKernel, LayerNormPlan};
 pub use layer_norm_backward::{LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBackwardPlan};
@@ -134,7 +139,7 @@ pub struct ShaderVariant {
 /// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let files: [(&'static str, &'static [&'static str]); 17] = [
+    let files: [(&'static str, &'static [&'static str]); 19] = [
         ("batch_norm/forward.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm/backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("cpu/batch_norm/forward_channel.wgsl", cpu::BATCH_NORM_CHANNEL_FORWARD),
@@ -157,6 +162,8 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
             "cpu/layer_norm/residual_backward_rows.wgsl",
             cpu::LAYER_NORM_ROWS_RESIDUAL_BACKWARD,
         ),
+        ("group_norm/forward.wgsl", group_norm::FORWARD_ENTRY_POINTS),
+        ("group_norm/backward.wgsl", group_norm::BACKWARD_ENTRY_POINTS),
         ("sgd/sgd.wgsl", sgd::ENTRY_POINTS),
     ];
     let lookup = |name: &str| raw_source(name).map(str::to_string);

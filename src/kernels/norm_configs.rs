@@ -1,6 +1,6 @@
 //! Configurations of RMSNorm and GroupNorm (PyTorch's `nn.RMSNorm` and `nn.GroupNorm`), with
 //! their domain checks and shape rules. The f64 CPU references in [`crate::reference`] take
-//! them; the GPU kernels do not exist yet (issue 25).
+//! them, and so do the GPU kernels (`kernels::rms_norm`, `kernels::group_norm`).
 
 use crate::error::{Error, Result};
 use crate::kernels::layer_norm::LayerNormConfig;

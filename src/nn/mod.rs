@@ -4,12 +4,14 @@
 pub mod batch_norm;
 pub mod dropout;
 pub mod fused;
+pub mod group_norm;
 pub mod layer_norm;
 pub mod rms_norm;
 
 pub use batch_norm::{BatchNorm, BatchNormSaved};
 pub use dropout::{Dropout, Dropout2d, DropoutCall, Mask};
 pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm, ResidualDropoutRmsNorm};
+pub use group_norm::{GroupNorm, GroupNormSaved, InstanceNorm};
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use rms_norm::{RmsNorm, RmsNormSaved};
 
