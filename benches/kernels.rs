@@ -18,6 +18,7 @@ fn kernels(c: &mut Criterion) {
             Family::BatchNorm => &[8, 32, 28, 28],
             Family::LayerNorm => &[512, 768],
             Family::Dropout => &[1 << 20],
+            Family::GroupNorm => &[8, 64, 28, 28],
         };
         let numel: u64 = shape.iter().map(|&d| d as u64).product();
         let runner = runners::build(&ctx, spec.name, shape, runners::rotation_sets(numel * 4)).expect("op builds");

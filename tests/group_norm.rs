@@ -552,3 +552,53 @@ fn group_norm_refuses_bad_input_and_changes_nothing() {
     assert!(inorm.set_weight(&[1.0; 6]).is_err(), "no affine");
     assert!(GroupNorm::new(&ctx, 4, 6).is_err());
 }
+
+/// CPU drivers (llvmpipe, lavapipe) stop a shader's loops after 65535 iterations: a one-
+/// invocation finalize over 100 000 partials kept the first 65 535 (BatchNorm's invstd came out
+/// 0.824 instead of 0.666). Plans now finalize with a workgroup past `SERIAL_LOOP_MAX`
+/// iterations and refuse an Invocation chunk one invocation could not loop over.
+#[test]
+fn serial_reductions_stay_within_the_cpu_drivers_loop_limit() {
+    let ctx = gpu!();
+    let m = 400_000;
+    let x = Rng::new(3).normal_vec(m, 0.3, 1.5);
+    let xf: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+    let mean = xf.iter().sum::<f64>() / m as f64;
+    let var = xf.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / m as f64;
+    let xt = Tensor::from_slice(&ctx, &x, &[1, 1, m]).unwrap();
+    let mut bn = normdrop::BatchNorm::new(&ctx, 1).unwrap();
+    bn.set_reduce_split(Some(ReduceSplit::Invocation { chunk: 4 }));
+    bn.forward(&xt).unwrap();
+    let invstd = bn.saved().unwrap().invstd.to_vec_blocking::<f32>(&ctx).unwrap()[0];
+    let exp = 1.0 / (var + 1e-5).sqrt();
+    assert!(
+        (f64::from(invstd) - exp).abs() < 1e-5 * exp,
+        "BatchNorm invstd {invstd}, expected {exp}"
+    );
+    // GroupNorm, one group of 400 000 in 100 000 partials, forward and backward.
+    let options = GroupNormPlanOptions {
+        split: Some(ReduceSplit::Invocation { chunk: 4 }),
+        run: None,
+    };
+    check(
+        &ctx,
+        &[1, 4, 100_000],
+        1,
+        DType::F32,
+        true,
+        &options,
+        Accumulate::default(),
+        0.3,
+        90,
+    );
+    let too_long = GroupNormPlanOptions {
+        split: Some(ReduceSplit::Invocation { chunk: 1 << 17 }),
+        run: None,
+    };
+    let e = ctx
+        .kernel::<GroupNormKernel>()
+        .unwrap()
+        .plan_with(ctx.device(), &[1, 4, 100_000], &GroupNormConfig::new(1, 4), &too_long)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+}

@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// LayerNorm shapes ROWSxWIDTH, e.g. 8192x768 (repeatable).
     #[arg(long = "ln", value_parser = parse_shape)]
     ln: Vec<Vec<usize>>,
+    /// GroupNorm shapes `NxCx…`, e.g. 8x320x64x64, normalized in gcd(C, 32) groups
+    /// (repeatable).
+    #[arg(long = "gn", value_parser = parse_shape)]
+    gn: Vec<Vec<usize>>,
     /// Dropout element counts, e.g. 16777216 (repeatable).
     #[arg(long = "dropout", value_parser = parse_shape)]
     dropout: Vec<Vec<usize>>,
@@ -154,6 +158,7 @@ struct Preset {
     name: &'static str,
     bn: Vec<Vec<usize>>,
     ln: Vec<Vec<usize>>,
+    gn: Vec<Vec<usize>>,
     dropout: Vec<Vec<usize>>,
     samples: usize,
     per_sample: usize,
@@ -165,6 +170,7 @@ fn preset(quick: bool) -> Preset {
             name: "quick",
             bn: vec![vec![8, 64, 28, 28]],
             ln: vec![vec![1024, 768]],
+            gn: vec![vec![8, 64, 28, 28]],
             dropout: vec![vec![1 << 20]],
             samples: 15,
             per_sample: 1,
@@ -179,6 +185,8 @@ fn preset(quick: bool) -> Preset {
                 vec![32, 2048, 7, 7],
             ],
             ln: vec![vec![8192, 768], vec![4096, 4096], vec![16384, 1024]],
+            // Diffusion models' GroupNorm (G = 32).
+            gn: vec![vec![8, 320, 64, 64]],
             dropout: vec![vec![1 << 24], vec![1 << 26]],
             samples: 20,
             per_sample: 10,
@@ -199,6 +207,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
     for (custom, slot) in [
         (&args.bn, &mut p.bn),
         (&args.ln, &mut p.ln),
+        (&args.gn, &mut p.gn),
         (&args.dropout, &mut p.dropout),
     ] {
         if !custom.is_empty() {
@@ -217,6 +226,7 @@ pub fn run(ctx: &Context, args: BenchArgs) -> normdrop::Result<bool> {
         Family::BatchNorm => &p.bn,
         Family::LayerNorm => &p.ln,
         Family::Dropout => &p.dropout,
+        Family::GroupNorm => &p.gn,
     };
     let jobs: Vec<(&runners::OpSpec, Vec<usize>)> = selected
         .iter()

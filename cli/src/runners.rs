@@ -11,6 +11,7 @@ use std::time::Instant;
 use normdrop::kernels::{
     rng_state_bytes, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBuffers, BatchNormConfig,
     BatchNormKernel, CopyGrain, CopyKernel, DropoutBuffers, DropoutConfig, DropoutKernel, DropoutUnit,
+    GroupNormBackwardBuffers, GroupNormBackwardKernel, GroupNormBuffers, GroupNormConfig, GroupNormKernel,
     LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBuffers, LayerNormConfig, LayerNormFusion,
     LayerNormKernel, RmsNormBackwardBuffers, RmsNormBackwardKernel, RmsNormBuffers, RmsNormConfig, RmsNormKernel,
     RmsNormResidualBackwardBuffers, RmsNormResidualBuffers,
@@ -27,6 +28,18 @@ pub enum Family {
     LayerNorm,
     /// Flat element counts (Dropout), or `(N, C, *)` for Dropout2d.
     Dropout,
+    /// `(N, C, *)` GroupNorm shapes, with [`group_count`] groups.
+    GroupNorm,
+}
+
+/// The groups the GroupNorm runners use for `c` channels: gcd(C, 32) (32 for the diffusion
+/// models' 320, 640, 1280 channels; 1 for an odd C).
+pub fn group_count(c: usize) -> usize {
+    let (mut a, mut b) = (c.max(1), 32);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// One benchmarked op.
@@ -139,6 +152,18 @@ pub const OPS: &[OpSpec] = &[
         family: Family::LayerNorm,
         passes: 4,
         unfused: &["rms_norm_backward", "dropout_backward"],
+    },
+    OpSpec {
+        name: "group_norm_forward",
+        family: Family::GroupNorm,
+        passes: 3,
+        unfused: &[],
+    },
+    OpSpec {
+        name: "group_norm_backward",
+        family: Family::GroupNorm,
+        passes: 5,
+        unfused: &[],
     },
     OpSpec {
         name: "dropout_forward",
@@ -344,6 +369,59 @@ pub fn build_as(ctx: &Context, name: &str, shape: &[usize], sets: usize, dtype: 
                         rng: fused.then(|| rng.buffer().slice(..)),
                     };
                     bplan.encode(device, encoder, training, Accumulate::default(), &args)
+                })
+            }
+        }
+        Family::GroupNorm => {
+            let c = *shape
+                .get(1)
+                .ok_or_else(|| Error::shape("bench", "shape", shape, "(N, C, *)"))?;
+            let config = GroupNormConfig::new(group_count(c), c);
+            let plan = ctx.kernel_for::<GroupNormKernel>(dtype)?.plan(device, shape, &config)?;
+            let (w, b) = (zeros(ctx, &[c])?, zeros(ctx, &[c])?);
+            ctx.queue()
+                .write_buffer(w.buffer(), 0, bytemuck::cast_slice(&vec![1.0f32; c]));
+            let groups = [shape[0], config.num_groups];
+            let (mean, rstd) = (zeros(ctx, &groups)?, zeros(ctx, &groups)?);
+            let (wf, bf, mf, rf) = (w.clone(), b.clone(), mean.clone(), rstd.clone());
+            let forward = move |device: &wgpu::Device, encoder: &mut wgpu::CommandEncoder, x: &Tensor| {
+                plan.encode(
+                    device,
+                    encoder,
+                    &GroupNormBuffers {
+                        x: x.buffer().slice(..),
+                        y: y.buffer().slice(..),
+                        weight: Some(wf.buffer().slice(..)),
+                        bias: Some(bf.buffer().slice(..)),
+                        mean: mf.buffer().slice(..),
+                        rstd: rf.buffer().slice(..),
+                    },
+                )
+            };
+            if name.ends_with("_forward") {
+                Box::new(move |device, encoder, i| forward(device, encoder, &xs[i]))
+            } else {
+                // The backward reads the statistics that one forward saved.
+                let mut encoder = device.create_command_encoder(&Default::default());
+                forward(device, &mut encoder, &xs[0])?;
+                ctx.queue().submit([encoder.finish()]);
+                let bplan = ctx
+                    .kernel_for::<GroupNormBackwardKernel>(dtype)?
+                    .plan(device, shape, &config)?;
+                let (dx, dw, db) = (act(shape)?, zeros(ctx, &[c])?, zeros(ctx, &[c])?);
+                let x0 = xs[0].clone();
+                Box::new(move |device, encoder, _| {
+                    let args = GroupNormBackwardBuffers {
+                        x: x0.buffer().slice(..),
+                        dy: dy.buffer().slice(..),
+                        dx: dx.buffer().slice(..),
+                        weight: Some(w.buffer().slice(..)),
+                        mean: mean.buffer().slice(..),
+                        rstd: rstd.buffer().slice(..),
+                        dweight: Some(dw.buffer().slice(..)),
+                        dbias: Some(db.buffer().slice(..)),
+                    };
+                    bplan.encode(device, encoder, &args, Accumulate::default())
                 })
             }
         }
@@ -803,6 +881,15 @@ pub fn validation_shape(ctx: &Context, family: Family, shape: &[usize]) -> Vec<u
             vec![small, width]
         }
         Family::Dropout => vec![shape.iter().product::<usize>().min(100_003)],
+        // C kept whole (so the groups are the full shape's), N and the spatial dims shrunk.
+        Family::GroupNorm => {
+            let mut s: Vec<usize> = shape.iter().map(|&d| d.min(7)).collect();
+            if s.len() > 1 {
+                s[0] = shape[0].min(4);
+                s[1] = shape[1];
+            }
+            s
+        }
     }
 }
 
@@ -961,6 +1048,33 @@ pub fn validate_with(
                 checks.push((read(&g.dresidual)?, rg.dx.clone()));
                 checks.push((read(&g.dx)?, rg.dx.iter().zip(&m).map(|(a, b)| a * b).collect()));
                 checks.push((read(g.dweight.as_ref().expect("affine"))?, rg.dweight));
+            }
+        }
+        "group_norm_forward" | "group_norm_backward" => {
+            let c = shape[1];
+            let config = GroupNormConfig::new(group_count(c), c);
+            let gamma: Vec<f32> = fill_values(&[c], 6, DType::F32).iter().map(|v| 1.0 + 0.5 * v).collect();
+            let beta = fill_values(&[c], 8, DType::F32);
+            let (xf, wf, bf) = (r::widen(&x), r::widen(&gamma), r::widen(&beta));
+            let fwd = r::group_norm_forward(&xf, shape, &config, Some(&wf), Some(&bf))?;
+            let mut module = normdrop::GroupNorm::with_config(ctx, config.clone())?;
+            module.set_plan_options(normdrop::GroupNormPlanOptions {
+                split: variation.split,
+                run: None,
+            });
+            module.set_weight(&gamma)?;
+            module.set_bias(&beta)?;
+            let y = module.forward(&xt)?;
+            let saved = module.saved().expect("forward saved").clone();
+            checks.push((read(&y)?, fwd.y.clone()));
+            checks.push((read(&saved.mean)?, fwd.mean.clone()));
+            checks.push((read(&saved.rstd)?, fwd.rstd.clone()));
+            if backward {
+                let g = module.backward(&dyt)?;
+                let rg = r::group_norm_backward(&xf, &r::widen(&dy), shape, &config, Some(&wf), &fwd.mean, &fwd.rstd)?;
+                checks.push((read(&g.dx)?, rg.dx));
+                checks.push((read(g.dweight.as_ref().expect("affine"))?, rg.dweight));
+                checks.push((read(g.dbias.as_ref().expect("affine"))?, rg.dbias));
             }
         }
         "rms_norm_forward" | "rms_norm_backward" => {

@@ -266,12 +266,18 @@ fn shapes(family: Family, thorough: bool, chunked: bool) -> Vec<Vec<usize>> {
             Family::BatchNorm => vec![vec![2, 3], vec![80, 3, 175], vec![33, 7, 61]],
             Family::LayerNorm => vec![vec![2, 2], vec![7, 257], vec![700, 101], vec![333, 64]],
             Family::Dropout => vec![vec![100_003], vec![50_021]],
+            // Groups of 528 and 3000 elements in calls of 528 KiB and 70 KiB (a range starts at
+            // an aligned offset, so 3001 would need 8 groups in one 64 KiB binding).
+            Family::GroupNorm => vec![vec![2, 6, 5], vec![8, 64, 33, 8], vec![3, 2, 3000]],
         };
     }
     let mut out: Vec<Vec<usize>> = match family {
         Family::BatchNorm => vec![vec![2, 3], vec![3, 5, 7, 11], vec![4, 1, 3001]],
         Family::LayerNorm => vec![vec![2, 2], vec![7, 257], vec![3, 1027], vec![5, 4099]],
         Family::Dropout => vec![vec![100_003]],
+        // G = gcd(C, 32): 2 groups of 3 × 5; G = C = 32 over 7 × 11; G = 1 over 3 × 3001; two
+        // elements per group without spatial dims.
+        Family::GroupNorm => vec![vec![2, 6, 5], vec![3, 32, 7, 11], vec![1, 3, 3001], vec![4, 64]],
     };
     if thorough {
         match family {
@@ -293,6 +299,8 @@ fn shapes(family: Family, thorough: bool, chunked: bool) -> Vec<Vec<usize>> {
                 ]);
             }
             Family::Dropout => out.extend([vec![(1 << 24) + 12_345], vec![5], vec![65]]),
+            // One group of 2^20 elements; the diffusion layers' 320 channels in 32 groups.
+            Family::GroupNorm => out.extend([vec![1, 1, 1 << 20], vec![2, 320, 9, 9]]),
         }
     }
     out
@@ -378,7 +386,11 @@ fn ops_on(ctx: &Context, variant: &str, options: &Options, chunked: bool, report
             &[3, 5, 7, 11],
         ),
     ];
-    let bn_ops: Vec<_> = OPS.iter().filter(|o| o.name.starts_with("batch_norm")).collect();
+    // GroupNorm's reductions are BatchNorm's on its group views: the same splits.
+    let bn_ops: Vec<_> = OPS
+        .iter()
+        .filter(|o| o.name.starts_with("batch_norm") || o.family == Family::GroupNorm)
+        .collect();
     for (label, split, shape) in splits {
         for spec in &bn_ops {
             let name = format!("{variant:<15} {:<37} f32 {} {label}", spec.name, shape_text(shape));
@@ -444,6 +456,7 @@ fn ops_on(ctx: &Context, variant: &str, options: &Options, chunked: bool, report
     for spec in OPS.iter().filter(|o| o.family != Family::Dropout) {
         let shape = match spec.family {
             Family::BatchNorm => vec![4, 3, 33],
+            Family::GroupNorm => vec![4, 6, 33],
             _ => vec![9, 130],
         };
         let name = format!("{variant:<15} {:<37} f32 {} offset=1000", spec.name, shape_text(&shape));

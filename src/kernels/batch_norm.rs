@@ -51,6 +51,20 @@ pub const DEFAULT_STATS_CHUNK: u32 = 4096;
 /// Smallest chunk [`default_reduce_split`] gives one invocation on a CPU adapter.
 pub const MIN_INVOCATION_CHUNK: u32 = 64;
 
+/// Most loop iterations a plan asks of one invocation of a `_serial` pass (a chunk's quads, a
+/// channel's partials). llvmpipe and lavapipe stop every shader loop nest after 65535
+/// iterations (Mesa's `LP_MAX_TGSI_LOOP_ITERATIONS`, a guard against endless loops): a finalize
+/// that merged 100 000 partials in one invocation silently kept the first 65 535. Past this
+/// bound a plan takes the workgroup finalize, and a [`ReduceSplit::Invocation`] chunk is at
+/// most `4 ·` this many elements.
+pub const SERIAL_LOOP_MAX: u64 = 16384;
+
+/// Whether a plan with `split` finalizes with one invocation per channel (or group), whose
+/// loop makes `trips` iterations: with [`ReduceSplit::Invocation`], within [`SERIAL_LOOP_MAX`].
+pub(crate) fn serial_finalize(split: ReduceSplit, trips: u64) -> bool {
+    split.serial() && trips <= SERIAL_LOOP_MAX
+}
+
 /// How the BatchNorm reduce passes (forward statistics, backward sums) split each channel's
 /// `M = N·∏spatial` elements into chunks, and who reduces a chunk. Either way a channel's
 /// chunk results are merged in a fixed order by the finalize pass, so results agree within
@@ -99,6 +113,17 @@ impl ReduceSplit {
             ReduceSplit::Workgroup { .. } => (WORKGROUP as u32, "Workgroup"),
             ReduceSplit::Invocation { .. } => (4, "Invocation"),
         };
+        if split.serial() && u64::from(split.chunk()) > 4 * SERIAL_LOOP_MAX {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "a ReduceSplit::Invocation chunk must be at most {} elements (one invocation \
+                     loops over its quads; CPU drivers stop loops after 65535 iterations), got {}",
+                    4 * SERIAL_LOOP_MAX,
+                    split.chunk()
+                ),
+            ));
+        }
         if split.chunk() == 0 || !split.chunk().is_multiple_of(multiple) {
             return Err(Error::invalid(
                 op,
@@ -130,7 +155,7 @@ pub fn default_reduce_split(device_type: wgpu::DeviceType, c: u64, m: u64, threa
     let per_channel = wanted.div_ceil(c.max(1));
     let chunk = m.div_ceil(per_channel).next_multiple_of(4);
     ReduceSplit::Invocation {
-        chunk: chunk.clamp(u64::from(MIN_INVOCATION_CHUNK), 1 << 31) as u32,
+        chunk: chunk.clamp(u64::from(MIN_INVOCATION_CHUNK), 4 * SERIAL_LOOP_MAX) as u32,
     }
 }
 
@@ -397,7 +422,8 @@ impl BatchNormKernel {
         let sample_elems = dims.c * dims.s;
         let (ranges, parts) = sample_ranges(OP, &dims, self.storage, &limits, stats_chunk)?;
         let eval_groups = fold_workgroups(OP, dims.c.div_ceil(CHANNEL_WORKGROUP), max)?;
-        let finalize_groups = finalize_groups(OP, split, dims.c, max)?;
+        let serial_finalize = serial_finalize(split, parts);
+        let finalize_groups = finalize_groups(OP, serial_finalize, dims.c, max)?;
         // One vec4 per (channel, partial), then one slot where the stats pass leaves the new
         // num_batches_tracked for batch_norm_finalize (which then needs no binding of the counter).
         let partials_bytes = (dims.c * parts + 1) * 16;
@@ -513,6 +539,7 @@ impl BatchNormKernel {
             partials_bytes,
             centre,
             finalize_groups,
+            serial_finalize,
             eval_groups,
             aligned: runs_align(dims.s, run),
             path,
@@ -534,12 +561,8 @@ pub(crate) fn reduce_groups(op: &'static str, split: ReduceSplit, units: u64, ma
 
 /// Workgroups of a finalize pass over `c` channels: one workgroup each, or one invocation each
 /// in workgroups of [`CHANNEL_WORKGROUP`] (`ReduceSplit::Invocation`).
-pub(crate) fn finalize_groups(op: &'static str, split: ReduceSplit, c: u64, max: u32) -> Result<(u32, u32)> {
-    let groups = if split.serial() {
-        c.div_ceil(CHANNEL_WORKGROUP)
-    } else {
-        c
-    };
+pub(crate) fn finalize_groups(op: &'static str, serial: bool, c: u64, max: u32) -> Result<(u32, u32)> {
+    let groups = if serial { c.div_ceil(CHANNEL_WORKGROUP) } else { c };
     fold_workgroups(op, groups, max)
 }
 
@@ -708,6 +731,8 @@ pub struct BatchNormPlan {
     /// the normalize coefficients, written by the finalize passes.
     centre: wgpu::Buffer,
     finalize_groups: (u32, u32),
+    /// The finalize takes one invocation per channel (see [`serial_finalize`]).
+    serial_finalize: bool,
     eval_groups: (u32, u32),
     /// S % 4 == 0 and S ≥ 4·run: the normalize pass takes its aligned entry points, where every
     /// quad lies in one channel and a run enters at most one next channel.
@@ -896,7 +921,7 @@ impl BatchNormPlan {
         let mut groups = Vec::new();
         let serial = self.split.serial();
         let finalize = k.pipelines.get(
-            if serial {
+            if self.serial_finalize {
                 "batch_norm_finalize_serial"
             } else {
                 "batch_norm_finalize"

@@ -40,8 +40,8 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::grad::Accumulate;
 use crate::kernels::batch_norm::{
-    channel_choice, default_normalize_run, finalize_groups, reduce_groups, runs_align, sample_ranges, BatchNormConfig,
-    BatchNormPath, BnDims, ReduceSplit, SampleRange,
+    channel_choice, default_normalize_run, finalize_groups, reduce_groups, runs_align, sample_ranges, serial_finalize,
+    BatchNormConfig, BatchNormPath, BnDims, ReduceSplit, SampleRange,
 };
 use crate::kernels::dropout::{DropParams, DropoutConfig, RNG_STATE_BYTES};
 use crate::kernels::{
@@ -343,7 +343,8 @@ impl BatchNormBackwardKernel {
             partials: scratch("batch_norm backward partials", partials_bytes),
             coef: scratch("batch_norm backward coefficients", dims.c * 16),
             split,
-            finalize_groups: finalize_groups(OP, split, dims.c, max)?,
+            finalize_groups: finalize_groups(OP, serial_finalize(split, parts), dims.c, max)?,
+            serial_finalize: serial_finalize(split, parts),
             eval_coef_groups: fold_workgroups(OP, dims.c.div_ceil(64), max)?,
             parks: dropout.is_some()
                 && self.storage == Storage::F32
@@ -404,6 +405,8 @@ pub struct BatchNormBackwardPlan {
     coef: wgpu::Buffer,
     split: ReduceSplit,
     finalize_groups: (u32, u32),
+    /// The finalize takes one invocation per channel (see [`serial_finalize`]).
+    serial_finalize: bool,
     eval_coef_groups: (u32, u32),
     /// A fused dropout on a CPU adapter with f32 activations: training backwards that write
     /// dx park g = dy·m in it (see the module docs).
@@ -540,7 +543,7 @@ impl BatchNormBackwardPlan {
         let eval = !batch_stats;
         let park = self.parks && batch_stats && !accumulate.dx;
         let finalize = k.pipelines.get(
-            if serial {
+            if self.serial_finalize {
                 "batch_norm_backward_finalize_serial"
             } else {
                 "batch_norm_backward_finalize"

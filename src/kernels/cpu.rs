@@ -54,6 +54,11 @@ pub(crate) const BATCH_NORM_SERIAL_BACKWARD: &[&str] = &[
     "batch_norm_backward_finalize_serial",
 ];
 
+/// Entry points in `shaders/cpu/group_norm/forward_serial.wgsl` and `backward_serial.wgsl`:
+/// GroupNorm's finalize passes with one invocation per group (`ReduceSplit::Invocation`).
+pub(crate) const GROUP_NORM_SERIAL_FORWARD: &[&str] = &["group_norm_finalize_serial"];
+pub(crate) const GROUP_NORM_SERIAL_BACKWARD: &[&str] = &["group_norm_backward_finalize_serial"];
+
 /// Entry points in `shaders/cpu/layer_norm/forward_blocks.wgsl` (the row-block forward, one
 /// lane per row): the plain one by `DROPOUT`, and the residual block's.
 pub(crate) const LAYER_NORM_BLOCKS_FORWARD: &[&str] =
@@ -154,10 +159,11 @@ pub(crate) fn add_batch_norm_serial_backward(p: &mut Pipelines, device: &wgpu::D
     }
 }
 
-/// Adds the one-invocation-per-chunk reductions GroupNorm runs on its BatchNorm views
-/// (`ReduceSplit::Invocation`): the forward statistics (`forward`) or the backward's plain
-/// reduce (no dropout, batch statistics off: each (n, c) centred on its group's mean), from
-/// the same files as BatchNorm's, scalar or `vec4`. Built on every device, as
+/// Adds what GroupNorm runs with `ReduceSplit::Invocation`: the one-invocation-per-chunk
+/// reductions on its BatchNorm views (the forward statistics with `forward`, else the
+/// backward's plain reduce: no dropout, batch statistics off, each (n, c) centred on its
+/// group's mean), from BatchNorm's files, scalar or `vec4`; and with the scalar module, the
+/// finalize with one invocation per group. Built on every device, as
 /// [`add_batch_norm_serial_forward`].
 pub(crate) fn add_group_norm_serial(
     p: &mut Pipelines,
@@ -166,15 +172,20 @@ pub(crate) fn add_group_norm_serial(
     vec4: bool,
     forward: bool,
 ) {
-    if forward {
+    let (file, finalize) = if forward {
         let module = shader_module(device, "cpu/batch_norm/forward_serial.wgsl", storage, vec4);
         p.add_all(device, &module, BATCH_NORM_SERIAL_FORWARD[0], &[]);
+        ("cpu/group_norm/forward_serial.wgsl", GROUP_NORM_SERIAL_FORWARD[0])
     } else {
         use crate::kernels::batch_norm_backward::REDUCE_FLAGS;
         let module = shader_module(device, "cpu/batch_norm/backward_serial.wgsl", storage, vec4);
         p.add(device, &module, BATCH_NORM_SERIAL_BACKWARD[0], &REDUCE_FLAGS, |f| {
             f.iter().all(|on| !on)
         });
+        ("cpu/group_norm/backward_serial.wgsl", GROUP_NORM_SERIAL_BACKWARD[0])
+    };
+    if !vec4 {
+        p.add_all(device, &shader_module(device, file, storage, false), finalize, &[]);
     }
 }
 

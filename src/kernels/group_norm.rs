@@ -29,7 +29,8 @@ use crate::context::Kernel;
 use crate::error::{Error, Result};
 use crate::grad::Accumulate;
 use crate::kernels::batch_norm::{
-    default_normalize_run, reduce_groups, runs_align, BnDims, BnParams, ReduceSplit, MAX_NORMALIZE_RUN, NORMALIZE_FLAGS,
+    default_normalize_run, finalize_groups, reduce_groups, runs_align, serial_finalize, BnDims, BnParams, ReduceSplit,
+    MAX_NORMALIZE_RUN, NORMALIZE_FLAGS,
 };
 use crate::kernels::batch_norm_backward::{BnBackwardParams, DX_ALIGNED_FLAGS, DX_FLAGS, FLAG_ACCUM_DX, REDUCE_FLAGS};
 use crate::kernels::norm_configs::{GroupNormConfig, GroupNormDims};
@@ -47,7 +48,8 @@ pub(crate) const BACKWARD_ENTRY_POINTS: &[&str] = &["group_norm_backward_finaliz
 const OP: &str = "group_norm";
 const OP_BACKWARD: &str = "group_norm backward";
 const WORKGROUP: u64 = 256;
-/// Workgroup size of `group_norm_backward_params` (one invocation per channel).
+/// Workgroup size of the one-invocation-per-item passes (`group_norm_backward_params`, the
+/// `_serial` finalizes).
 const CHANNEL_WORKGROUP: u64 = 64;
 const FLAG_AFFINE: u32 = 1;
 const FLAG_ACCUM_PARAMS: u32 = 2;
@@ -247,6 +249,8 @@ pub struct GroupNormPlan {
     coef: wgpu::Buffer,
     finalize_uniform: wgpu::Buffer,
     finalize_groups: (u32, u32),
+    /// One invocation per group finalizes (see [`serial_finalize`]).
+    serial_finalize: bool,
     aligned: bool,
 }
 
@@ -356,7 +360,8 @@ impl GroupNormKernel {
             partials: scratch(device, "group_norm partials", partials_bytes),
             coef: scratch(device, "group_norm coefficients", coef_bytes),
             finalize_uniform: uniform_buffer(device, "group_norm finalize params", &finalize),
-            finalize_groups: fold_workgroups(OP, z.groups(), max)?,
+            finalize_groups: finalize_groups(OP, serial_finalize(split, chunks), z.groups(), max)?,
+            serial_finalize: serial_finalize(split, chunks),
             aligned: runs_align(z.s, run),
         })
     }
@@ -463,7 +468,14 @@ impl GroupNormPlan {
                 r.stats_groups,
             ));
         }
-        let finalize = k.pipelines.get("group_norm_finalize", &[])?;
+        let finalize = k.pipelines.get(
+            if self.serial_finalize {
+                "group_norm_finalize_serial"
+            } else {
+                "group_norm_finalize"
+            },
+            &[],
+        )?;
         let entries = [
             (0, self.finalize_uniform.as_entire_binding()),
             (1, partials),
@@ -599,6 +611,8 @@ pub struct GroupNormBackwardPlan {
     /// `[write dγ/dβ, add to them]`.
     finalize_uniforms: [wgpu::Buffer; 2],
     finalize_groups: (u32, u32),
+    /// One invocation per group finalizes (see [`serial_finalize`]).
+    serial_finalize: bool,
     params_groups: (u32, u32),
     aligned: bool,
 }
@@ -724,7 +738,15 @@ impl GroupNormBackwardKernel {
             partials: scratch(device, "group_norm backward partials", partials_bytes),
             coef: scratch(device, "group_norm backward coefficients", channels * 16),
             finalize_uniforms: [finalize(false), finalize(true)],
-            finalize_groups: fold_workgroups(OP_BACKWARD, z.groups(), max)?,
+            // One invocation loops over every chunk of the group's channels, then twice over
+            // the channels.
+            finalize_groups: finalize_groups(
+                OP_BACKWARD,
+                serial_finalize(split, z.cpg * (chunks + 2)),
+                z.groups(),
+                max,
+            )?,
+            serial_finalize: serial_finalize(split, z.cpg * (chunks + 2)),
             params_groups: fold_workgroups(OP_BACKWARD, z.c.div_ceil(CHANNEL_WORKGROUP), max)?,
             aligned: runs_align(z.s, run),
         })
@@ -847,7 +869,14 @@ impl GroupNormBackwardPlan {
             ));
         }
         let uniform = self.finalize_uniforms[usize::from(accumulate.params)].as_entire_binding();
-        let finalize = k.pipelines.get("group_norm_backward_finalize", &[])?;
+        let finalize = k.pipelines.get(
+            if self.serial_finalize {
+                "group_norm_backward_finalize_serial"
+            } else {
+                "group_norm_backward_finalize"
+            },
+            &[],
+        )?;
         let entries = [
             (0, uniform.clone()),
             (1, partials.clone()),

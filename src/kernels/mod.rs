@@ -139,7 +139,7 @@ pub struct ShaderVariant {
 /// activations) in f32. The portability test
 /// translates each one to SPIR-V, MSL, HLSL and GLSL with naga.
 pub fn shader_variants() -> Vec<ShaderVariant> {
-    let files: [(&'static str, &'static [&'static str]); 19] = [
+    let files: [(&'static str, &'static [&'static str]); 21] = [
         ("batch_norm/forward.wgsl", batch_norm::ENTRY_POINTS),
         ("batch_norm/backward.wgsl", batch_norm_backward::ENTRY_POINTS),
         ("cpu/batch_norm/forward_channel.wgsl", cpu::BATCH_NORM_CHANNEL_FORWARD),
@@ -164,6 +164,8 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
         ),
         ("group_norm/forward.wgsl", group_norm::FORWARD_ENTRY_POINTS),
         ("group_norm/backward.wgsl", group_norm::BACKWARD_ENTRY_POINTS),
+        ("cpu/group_norm/forward_serial.wgsl", cpu::GROUP_NORM_SERIAL_FORWARD),
+        ("cpu/group_norm/backward_serial.wgsl", cpu::GROUP_NORM_SERIAL_BACKWARD),
         ("sgd/sgd.wgsl", sgd::ENTRY_POINTS),
     ];
     let lookup = |name: &str| raw_source(name).map(str::to_string);
