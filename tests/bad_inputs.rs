@@ -15,9 +15,9 @@ use normdrop::wgpu;
 use normdrop::{
     Accumulate, BatchNorm, BatchNormBackwardBuffers, BatchNormBackwardKernel, BatchNormBuffers, BatchNormConfig,
     BatchNormDropout, BatchNormKernel, Context, DType, Dropout, Dropout2d, DropoutBuffers, DropoutConfig,
-    DropoutKernel, DropoutUnit, Error, GradTargets, LayerNorm, LayerNormBackwardBuffers, LayerNormBackwardKernel,
-    LayerNormBuffers, LayerNormConfig, LayerNormDropout, LayerNormFusion, LayerNormKernel, ResidualDropoutLayerNorm,
-    SgdKernel, Tensor,
+    DropoutKernel, DropoutUnit, Error, GradTargets, GroupNorm, GroupNormConfig, InstanceNorm, LayerNorm,
+    LayerNormBackwardBuffers, LayerNormBackwardKernel, LayerNormBuffers, LayerNormConfig, LayerNormDropout,
+    LayerNormFusion, LayerNormKernel, ResidualDropoutLayerNorm, RmsNorm, SgdKernel, Tensor,
 };
 
 /// The variant's name, for comparing errors by kind.
@@ -708,7 +708,116 @@ fn modules() {
         "residual block dresidual after the errors"
     );
     assert_eq!(snap(&res), snap(&reference), "residual block state after the errors");
-    cat.finish(70);
+
+    // GroupNorm (InstanceNorm is the same module with G = C).
+    let gshape = [3, 6, 5];
+    let gx = tensor(&ctx, &gshape, 60);
+    let gdy = tensor(&ctx, &gshape, 61);
+    let gn_snapshot = |m: &GroupNorm| {
+        let mut s = Snapshot::new();
+        push(&mut s, &ctx, "weight", m.weight());
+        push(&mut s, &ctx, "bias", m.bias());
+        if let Some(saved) = m.saved() {
+            push(&mut s, &ctx, "saved.mean", Some(&saved.mean));
+            push(&mut s, &ctx, "saved.rstd", Some(&saved.rstd));
+            push(&mut s, &ctx, "saved.input", Some(&saved.input));
+        }
+        s
+    };
+    let mut gn = GroupNorm::new(&ctx, 2, 6).unwrap();
+    module_cases!(cat, &mut gn, gn_snapshot;
+        "GroupNorm backward before forward" => |m| m.backward(&gdy), "State", ["GroupNorm", "forward"];
+    );
+    gn.forward(&gx).unwrap();
+    let (gdx, gdw, gdb) = (
+        Tensor::zeros(&ctx, &gshape, DType::F32).unwrap(),
+        tensor(&ctx, &[6], 62),
+        tensor(&ctx, &[6], 63),
+    );
+    let ginto = |dx: &Tensor, dw: Option<&Tensor>, db: Option<&Tensor>| {
+        let (dx, dw, db, dy) = (dx.clone(), dw.cloned(), db.cloned(), gdy.clone());
+        move |m: &mut GroupNorm| {
+            m.backward_into(
+                &dy,
+                GradTargets {
+                    dx: &dx,
+                    dweight: dw.as_ref(),
+                    dbias: db.as_ref(),
+                },
+                Accumulate::default(),
+            )
+        }
+    };
+    module_cases!(cat, &mut gn, gn_snapshot;
+        "GroupNorm, x of another context" => |m| m.forward(&tensor(&other, &gshape, 1)), "WrongDevice", ["GroupNorm", "x"];
+        "GroupNorm, channels" => |m| m.forward(&tensor(&ctx, &[3, 4, 5], 1)), "Shape", ["group_norm", "input"];
+        "GroupNorm, rank 1" => |m| m.forward(&tensor(&ctx, &[6], 1)), "Shape", ["group_norm", "input"];
+        "GroupNorm, empty batch" => |m| m.forward(&Tensor::zeros(&ctx, &[0, 6, 5], DType::F32).unwrap()), "Shape", ["group_norm", "input"];
+        "GroupNorm backward, dy shape" => |m| m.backward(&tensor(&ctx, &[3, 6, 4], 1)), "Shape", ["GroupNorm backward", "dy"];
+        "GroupNorm backward, dy of another context" => |m| m.backward(&tensor(&other, &gshape, 1)), "WrongDevice", ["GroupNorm backward", "dy"];
+        "GroupNorm backward, dy dtype" => |m| m.backward(&Tensor::zeros(&ctx, &gshape, DType::F16).unwrap()), "DType", ["GroupNorm backward", "dy"];
+        "GroupNorm backward_into, dweight is dbias" => ginto(&gdx, Some(&gdw), Some(&gdw)), "Aliased", ["group_norm backward", "dweight", "dbias"];
+        "GroupNorm backward_into, dx is dy" => ginto(&gdy, Some(&gdw), Some(&gdb)), "Aliased", ["group_norm backward", "dx", "dy"];
+        "GroupNorm backward_into, dx is the saved x" => ginto(&gx, Some(&gdw), Some(&gdb)), "Aliased", ["group_norm backward", "dx", "x"];
+        "GroupNorm backward_into, dx of another context" => ginto(&tensor(&other, &gshape, 1), Some(&gdw), Some(&gdb)), "WrongDevice", ["GroupNorm backward", "dx"];
+        "GroupNorm backward_into, dbias shape" => ginto(&gdx, Some(&gdw), Some(&tensor(&ctx, &[5], 1))), "Shape", ["GroupNorm backward", "dbias"];
+        "GroupNorm backward_into, missing dbias" => ginto(&gdx, Some(&gdw), None), "InvalidArgument", ["GroupNorm backward", "dbias"];
+        "GroupNorm set_weight, length" => |m| m.set_weight(&[1.0; 5]), "Shape", ["GroupNorm", "weight"];
+    );
+    cases!(cat;
+        "GroupNorm, C % G != 0" => GroupNorm::new(&ctx, 4, 6), "InvalidArgument", ["group_norm", "divisible"];
+        "GroupNorm, no groups" => GroupNorm::new(&ctx, 0, 6), "InvalidArgument", ["group_norm", "num_groups"];
+        "GroupNorm, eps NaN" => GroupNorm::with_config(&ctx, GroupNormConfig { eps: f32::NAN, ..GroupNormConfig::new(2, 6) }), "InvalidArgument", ["group_norm", "eps"];
+        "InstanceNorm, set_weight without affine" => InstanceNorm::new(&ctx, 6).unwrap().set_weight(&[1.0; 6]), "State", ["GroupNorm", "weight"];
+    );
+    let a = (gn.forward(&gx).unwrap(), gn.backward(&gdy).unwrap());
+    let mut reference = GroupNorm::new(&ctx, 2, 6).unwrap();
+    let b = (reference.forward(&gx).unwrap(), reference.backward(&gdy).unwrap());
+    assert_eq!(f32s(&ctx, &a.0), f32s(&ctx, &b.0), "GroupNorm y after the errors");
+    assert_eq!(
+        f32s(&ctx, &a.1.dx),
+        f32s(&ctx, &b.1.dx),
+        "GroupNorm dx after the errors"
+    );
+    assert_eq!(
+        gn_snapshot(&gn),
+        gn_snapshot(&reference),
+        "GroupNorm state after the errors"
+    );
+
+    // RMSNorm.
+    let rms_snapshot = |m: &RmsNorm| {
+        let mut s = Snapshot::new();
+        push(&mut s, &ctx, "weight", m.weight());
+        if let Some(saved) = m.saved() {
+            push(&mut s, &ctx, "saved.rstd", Some(&saved.rstd));
+            push(&mut s, &ctx, "saved.input", Some(&saved.input));
+        }
+        s
+    };
+    let mut rms = RmsNorm::new(&ctx, &[8]).unwrap();
+    module_cases!(cat, &mut rms, rms_snapshot;
+        "RMSNorm backward before forward" => |m| m.backward(&ldy), "State", ["RMSNorm", "forward"];
+    );
+    rms.forward(&lx).unwrap();
+    module_cases!(cat, &mut rms, rms_snapshot;
+        "RMSNorm, x of another context" => |m| m.forward(&tensor(&other, &lshape, 1)), "WrongDevice", ["RMSNorm", "x"];
+        "RMSNorm, trailing dims" => |m| m.forward(&tensor(&ctx, &[6, 7], 1)), "Shape", ["rms_norm", "input"];
+        "RMSNorm backward, dy shape" => |m| m.backward(&tensor(&ctx, &[5, 8], 1)), "Shape", ["RMSNorm backward", "dy"];
+        "RMSNorm backward, dy of another context" => |m| m.backward(&tensor(&other, &lshape, 1)), "WrongDevice", ["RMSNorm backward", "dy"];
+        "RMSNorm set_weight, length" => |m| m.set_weight(&[1.0; 9]), "Shape", ["RMSNorm", "weight"];
+    );
+    let a = (rms.forward(&lx).unwrap(), rms.backward(&ldy).unwrap());
+    let mut reference = RmsNorm::new(&ctx, &[8]).unwrap();
+    let b = (reference.forward(&lx).unwrap(), reference.backward(&ldy).unwrap());
+    assert_eq!(f32s(&ctx, &a.0), f32s(&ctx, &b.0), "RMSNorm y after the errors");
+    assert_eq!(f32s(&ctx, &a.1.dx), f32s(&ctx, &b.1.dx), "RMSNorm dx after the errors");
+    assert_eq!(
+        rms_snapshot(&rms),
+        rms_snapshot(&reference),
+        "RMSNorm state after the errors"
+    );
+    cat.finish(90);
 }
 
 /// One buffer argument of a low-level call: name, bytes the call needs, whether it writes.
