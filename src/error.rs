@@ -129,6 +129,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A collective across ranks failed: another rank failed the same call, the ranks
+    /// disagree (channels, configuration, mode), the engine reported an error, or a rank did
+    /// not arrive in time.
+    #[error("{op}: {reason}")]
+    Distributed {
+        /// The operation.
+        op: &'static str,
+        /// What went wrong, naming the rank where known.
+        reason: String,
+    },
+
     /// The device lacks a feature that was asked for explicitly.
     #[error("{what} is not supported on this device: {reason}")]
     Unsupported {

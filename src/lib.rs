@@ -35,6 +35,7 @@ pub mod rng;
 mod shader_source;
 pub mod state;
 mod storage;
+pub mod sync;
 pub mod tensor;
 pub mod tuning;
 
@@ -54,7 +55,7 @@ pub use kernels::{
 pub use nn::sgd_step;
 pub use nn::{
     BatchNorm, BatchNormDropout, Dropout, Dropout2d, GroupNorm, InstanceNorm, LayerNorm, LayerNormDropout, Mask,
-    ResidualDropoutLayerNorm, ResidualDropoutRmsNorm, RmsNorm,
+    ResidualDropoutLayerNorm, ResidualDropoutRmsNorm, RmsNorm, SyncBatchNorm,
 };
 pub use state::StateTensor;
 pub use storage::Storage;

@@ -32,6 +32,7 @@ fn variant(e: &Error) -> &'static str {
         Error::ExceedsLimit { .. } => "ExceedsLimit",
         Error::DType { .. } => "DType",
         Error::State { .. } => "State",
+        Error::Distributed { .. } => "Distributed",
         Error::Unsupported { .. } => "Unsupported",
         Error::Validation(_) => "Validation",
         Error::SafeTensors(_) => "SafeTensors",

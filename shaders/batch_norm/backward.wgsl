@@ -93,6 +93,54 @@ fn batch_norm_backward_finalize(
     }
 }
 
+// SyncBatchNorm's split of a backward with batch statistics (the host all-reduces the two
+// sums between the passes):
+//   batch_norm_backward_export          one workgroup per channel, after the reduce: the
+//                       channel's (K, Σ(x − K), Σdy, Σdy·(x − K)) into coef[c], read back.
+//   batch_norm_backward_finalize_imported  one invocation per channel, after the host wrote
+//                       coef[c] = (K, mean − K, Σdy, Σdy·x̂) over every rank (mean the global
+//                       one, K the local one) and coef[C + c] = (this rank's Σdy, Σdy·x̂, M over
+//                       every rank, 0): dγ, dβ from this rank's sums (written or added to) and
+//                       the dx coefficients from the global ones.
+@compute @workgroup_size(256)
+fn batch_norm_backward_export(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = wid.x + wid.y * nwg.x;
+    if (c >= p.c) {
+        return;
+    }
+    let total = workgroup_sum3(lid, sum_partials(c, lid, WG));
+    if (lid == 0u) {
+        coef[c] = vec4<f32>(coef[c].x, total);
+    }
+}
+
+@compute @workgroup_size(64)
+fn batch_norm_backward_finalize_imported(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let c = gid.x + gid.y * nwg.x * 64u;
+    if (c >= p.c) {
+        return;
+    }
+    let global = coef[c];
+    let local = coef[p.c + c];
+    let m = local.z;
+    if (has(FLAG_AFFINE)) {
+        let accumulate = has(FLAG_ACCUM_PARAMS);
+        dweight[c] = select(0.0, dweight[c], accumulate) + local.y;
+        dbias[c] = select(0.0, dbias[c], accumulate) + local.x;
+    }
+    let a = dx_scale(c);
+    let r = -a * save_invstd[c] * (global.w / m);
+    let q = -a * (global.z / m) - r * global.y;
+    coef[c] = vec4<f32>(global.x, a, q, r);
+}
+
 // dx coefficients of channel c: (K, a, q, r), dx = a·g + q + r·(x − K) (see finish_channel).
 fn dx_coef(c: u32) -> vec4<f32> {
     return coef[p.chan_base + c];

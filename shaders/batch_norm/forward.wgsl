@@ -105,6 +105,55 @@ fn batch_norm_finalize_eval(
     centre[c] = coefficients(c, running_mean[c], 0.0, invstd);
 }
 
+// SyncBatchNorm's split of a training step (statistics over every rank's slice; the host
+// all-reduces between the passes):
+//   batch_norm_export          one workgroup per channel, after batch_norm_stats: the channel's
+//                      merged (K, mean − K, M2, count) into centre[c], which the host reads back.
+//   batch_norm_count           one invocation: num_batches_tracked += 1 (the stats pass of a
+//                      split step does not count, so that a step refused after the all-reduce
+//                      changes nothing).
+//   batch_norm_finalize_merged one invocation per channel, after the host wrote the merged
+//                      (K, mean − K, M2, count) of every rank into centre[c] (K the local one)
+//                      and (mean, 0, 0, 0) into centre[C + c]: batch_norm_finalize's work with
+//                      the global count, saving and tracking the same f32 mean on every rank
+//                      (K + (mean − K) would round differently per rank).
+@compute @workgroup_size(256)
+fn batch_norm_export(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = wid.x + wid.y * nwg.x;
+    if (c >= p.c) {
+        return;
+    }
+    let total = workgroup_merge(lid, merge_partials(c, lid, WG));
+    if (lid == 0u) {
+        centre[c] = vec4<f32>(centre[c].x, total.mean, total.m2, total.n);
+    }
+}
+
+@compute @workgroup_size(1)
+fn batch_norm_count() {
+    if ((p.flags & FLAG_COUNT) != 0u) {
+        count_batch();
+    }
+}
+
+@compute @workgroup_size(64)
+fn batch_norm_finalize_merged(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let c = gid.x + gid.y * nwg.x * 64u;
+    if (c >= p.c) {
+        return;
+    }
+    let merged = centre[c];
+    let mean = centre[p.c + c].x;
+    finish_channel_of(c, Stat(merged.w, merged.y, merged.z), merged.w, merged.w - 1.0, mean);
+}
+
 // Normalized values of the four elements from `first` (lanes past the end are 0), `pos` its
 // (channel, s) and `k` that channel's coefficients: one channel in the common case, per element
 // where a channel boundary falls inside.

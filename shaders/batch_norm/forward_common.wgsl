@@ -102,9 +102,15 @@ fn merge_partials(c: u32, first: u32, stride: u32) -> Stat {
 // Saved mean and invstd, the normalize pass's coefficients, and the running statistics of
 // channel c from its merged triple.
 fn finish_channel(c: u32, total: Stat) {
+    finish_channel_of(c, total, f32(p.m_all), f32(p.m_all - 1u), centre[c].x + total.mean);
+}
+
+// finish_channel over `count` elements per channel (SyncBatchNorm: the count over every rank;
+// `count_less_one` exact where the count is an integer; `mean` the saved and tracked mean,
+// K + (mean − K) here, the same value on every rank there).
+fn finish_channel_of(c: u32, total: Stat, count: f32, count_less_one: f32, mean: f32) {
     let shift = centre[c].x;
-    let mean = shift + total.mean;
-    let var_biased = max(total.m2 / f32(p.m_all), 0.0);
+    let var_biased = max(total.m2 / count, 0.0);
     let invstd = 1.0 / sqrt(var_biased + p.eps);
     save_mean[c] = mean;
     save_invstd[c] = invstd;
@@ -117,7 +123,7 @@ fn finish_channel(c: u32, total: Stat) {
         if ((p.flags & FLAG_CUMULATIVE) != 0u) {
             m = 1.0 / partials[p.c * p.parts].x;
         }
-        let var_unbiased = max(total.m2 / f32(p.m_all - 1u), 0.0);
+        let var_unbiased = max(total.m2 / count_less_one, 0.0);
         running_mean[c] = (1.0 - m) * running_mean[c] + m * mean;
         running_var[c] = (1.0 - m) * running_var[c] + m * var_unbiased;
     }

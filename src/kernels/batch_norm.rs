@@ -34,6 +34,9 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "batch_norm_finalize",
     "batch_norm_finalize_eval",
     "batch_norm_normalize",
+    "batch_norm_export",
+    "batch_norm_count",
+    "batch_norm_finalize_merged",
 ];
 
 /// `batch_norm_normalize`'s override flags: the fused dropout, and S % 4 == 0 with S ≥ 4·run (see
@@ -369,7 +372,13 @@ impl Kernel for BatchNormKernel {
             p
         };
         let mut pipelines = per_range(&module, false);
-        for entry in ["batch_norm_finalize", "batch_norm_finalize_eval"] {
+        for entry in [
+            "batch_norm_finalize",
+            "batch_norm_finalize_eval",
+            "batch_norm_export",
+            "batch_norm_count",
+            "batch_norm_finalize_merged",
+        ] {
             pipelines.add_all(device, &module, entry, &[]);
         }
         Self {
@@ -522,8 +531,10 @@ impl BatchNormKernel {
         });
         let centre = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batch_norm centre"),
-            size: dims.c * 16,
-            usage: wgpu::BufferUsages::STORAGE,
+            // C coefficients, then C slots for SyncBatchNorm's imported means.
+            size: dims.c * 32,
+            // SyncBatchNorm's steps copy it out and back in.
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         Ok(BatchNormPlan {
@@ -793,8 +804,6 @@ impl BatchNormPlan {
     /// Checks every buffer of a call and returns them as the call's arguments. The normalize
     /// pass reads `x` after the statistics pass, so nothing runs in place.
     fn args<'s, 'a>(&self, training: bool, b: &'s BatchNormBuffers<'a>) -> Result<CallArgs<'s, 'a>> {
-        let x_bytes = self.dims.total * self.kernel.storage.element_bytes();
-        let c_bytes = self.dims.c * 4;
         if self.uses_batch_stats(training) && self.dims.m == 1 {
             return Err(Error::shape(
                 OP,
@@ -803,6 +812,14 @@ impl BatchNormPlan {
                 "more than 1 value per channel when using batch statistics (N·∏spatial > 1)",
             ));
         }
+        self.buffer_args(b)
+    }
+
+    /// [`Self::args`] without the check of one value per channel (SyncBatchNorm's steps,
+    /// where the count that matters is every rank's).
+    fn buffer_args<'s, 'a>(&self, b: &'s BatchNormBuffers<'a>) -> Result<CallArgs<'s, 'a>> {
+        let x_bytes = self.dims.total * self.kernel.storage.element_bytes();
+        let c_bytes = self.dims.c * 4;
         let mut args = CallArgs::new(OP, &self.limits);
         args.read_ranged("x", &b.x, x_bytes)?;
         args.write_ranged("y", &b.y, x_bytes)?;
@@ -856,16 +873,82 @@ impl BatchNormPlan {
         check_device(OP, &self.kernel.device, device)?;
         let args = self.args(training, b)?;
         args.record(device, encoder, "batch_norm forward", || {
-            self.dispatches(device, training, b)
+            self.dispatches(device, training, b, Step::Whole)
         })
     }
 
-    /// The dispatches of one call, with their bind groups.
+    /// SyncBatchNorm, step 1 of a training call: records the statistics pass and copies each
+    /// channel's local `(K, mean − K, M2, count)` (4 f32, K a value of this slice's channel)
+    /// into `export` (`COPY_DST`, [`Self::sync_bytes`] bytes at a 4-byte aligned offset). The
+    /// caller reads it back, merges every rank's (see [`crate::sync`]) and writes the result
+    /// for [`Self::encode_sync_finalize`]. Changes no running statistics or counter. Not for
+    /// plans with a fused dropout.
+    pub fn encode_sync_stats(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        b: &BatchNormBuffers<'_>,
+        export: &wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        check_device(OP, &self.kernel.device, device)?;
+        self.check_sync()?;
+        let args = self.buffer_args(b)?;
+        crate::kernels::check_copy(OP, "export", export, self.sync_bytes(), wgpu::BufferUsages::COPY_DST)?;
+        args.record(device, encoder, "batch_norm sync statistics", || {
+            self.dispatches(device, true, b, Step::SyncStats)
+        })?;
+        encoder.copy_buffer_to_buffer(&self.centre, 0, export.buffer(), export.offset(), self.sync_bytes());
+        Ok(())
+    }
+
+    /// SyncBatchNorm, step 3: copies `merged` (`COPY_SRC`, 2·C·4 f32: per channel `(K,
+    /// mean − K, M2, count)` with K this rank's, from the export, and mean, M2 and count over
+    /// every rank; then per channel `(mean, 0, 0, 0)`) into the plan, then records `num_batches_tracked += 1`, the finalize (saved statistics,
+    /// running statistics with the global count, coefficients) and the normalize pass.
+    pub fn encode_sync_finalize(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        b: &BatchNormBuffers<'_>,
+        merged: &wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        check_device(OP, &self.kernel.device, device)?;
+        self.check_sync()?;
+        let args = self.buffer_args(b)?;
+        crate::kernels::check_copy(
+            OP,
+            "merged",
+            merged,
+            2 * self.sync_bytes(),
+            wgpu::BufferUsages::COPY_SRC,
+        )?;
+        // The copy only fills the plan's scratch: harmless if recording then fails.
+        encoder.copy_buffer_to_buffer(merged.buffer(), merged.offset(), &self.centre, 0, 2 * self.sync_bytes());
+        args.record(device, encoder, "batch_norm sync finalize", || {
+            self.dispatches(device, true, b, Step::SyncFinalize)
+        })
+    }
+
+    /// Bytes of the per-channel statistics a SyncBatchNorm step exports: C·16 (it imports
+    /// twice as many).
+    pub fn sync_bytes(&self) -> u64 {
+        self.dims.c * 16
+    }
+
+    fn check_sync(&self) -> Result<()> {
+        if self.dropout.is_some() {
+            return Err(Error::invalid(OP, "a SyncBatchNorm step cannot fuse a dropout"));
+        }
+        Ok(())
+    }
+
+    /// The dispatches of one call (or of one step of a split call), with their bind groups.
     fn dispatches<'p>(
         &'p self,
         device: &wgpu::Device,
         training: bool,
         b: &BatchNormBuffers<'_>,
+        step: Step,
     ) -> Result<Vec<Dispatch<'p>>> {
         let k = &self.kernel;
         let sample_bytes = self.dims.c * self.dims.s * k.storage.element_bytes();
@@ -896,7 +979,7 @@ impl BatchNormPlan {
             (Some(_), Some(rng)) => binding(rng, RNG_STATE_BYTES),
             _ => ph[5].as_entire_binding(),
         };
-        let channel_pass = self.path == BatchNormPath::ChannelPass && batch_stats;
+        let channel_pass = self.path == BatchNormPath::ChannelPass && batch_stats && step == Step::Whole;
         if let (Some(channel), true, [c]) = (&k.channel, channel_pass, self.ranges.as_slice()) {
             let (at, len) = range_bytes(c);
             if vec4_bindable(&[&b.x, &b.y], at, len) {
@@ -928,7 +1011,30 @@ impl BatchNormPlan {
             },
             &[],
         )?;
-        if batch_stats {
+        if step == Step::SyncFinalize {
+            let count = k.pipelines.get("batch_norm_count", &[])?;
+            let entries = [(0, uniform.clone()), (7, nbt.clone()), (10, partials.clone())];
+            groups.push((count, bind_group(device, "batch_norm_count", count, &entries), (1, 1)));
+            let merged = k.pipelines.get("batch_norm_finalize_merged", &[])?;
+            let entries = [
+                (0, uniform.clone()),
+                (3, weight.clone()),
+                (4, bias.clone()),
+                (5, running_mean.clone()),
+                (6, running_var.clone()),
+                (8, save_mean.clone()),
+                (9, save_invstd.clone()),
+                (10, partials.clone()),
+                (12, centre.clone()),
+            ];
+            groups.push((
+                merged,
+                bind_group(device, "batch_norm_finalize_merged", merged, &entries),
+                self.eval_groups,
+            ));
+        } else if batch_stats {
+            // A split step's statistics pass does not count (batch_norm_count does, later).
+            let stats_uniform = usize::from(training && step == Step::Whole);
             for c in &self.ranges {
                 let (at, len) = range_bytes(c);
                 let pipelines = match &k.pipelines_vec4 {
@@ -944,7 +1050,7 @@ impl BatchNormPlan {
                     &[],
                 )?;
                 let entries = [
-                    (0, c.uniforms[usize::from(training)].as_entire_binding()),
+                    (0, c.uniforms[stats_uniform].as_entire_binding()),
                     (1, binding_at(&b.x, at, len)),
                     (7, nbt.clone()),
                     (10, partials.clone()),
@@ -955,6 +1061,16 @@ impl BatchNormPlan {
                     bind_group(device, "batch_norm_stats", stats, &entries),
                     c.stats_groups,
                 ));
+            }
+            if step == Step::SyncStats {
+                let export = k.pipelines.get("batch_norm_export", &[])?;
+                let entries = [(0, uniform.clone()), (10, partials.clone()), (12, centre.clone())];
+                groups.push((
+                    export,
+                    bind_group(device, "batch_norm_export", export, &entries),
+                    fold_workgroups(OP, self.dims.c, self.limits.max_workgroups_per_dim)?,
+                ));
+                return Ok(groups);
             }
             groups.push((
                 finalize,
@@ -1027,6 +1143,14 @@ impl BatchNormPlan {
         // incremented num_batches_tracked (FLAG_COUNT).
         Ok(groups)
     }
+}
+
+/// Which part of a call `dispatches` records: all of it, or one step of SyncBatchNorm's split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Whole,
+    SyncStats,
+    SyncFinalize,
 }
 
 fn missing(what: &'static str, because: &str) -> Error {

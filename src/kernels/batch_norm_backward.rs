@@ -76,6 +76,8 @@ pub(crate) const ENTRY_POINTS: &[&str] = &[
     "batch_norm_backward_eval_coef",
     "batch_norm_backward_dx",
     "batch_norm_backward_dx_aligned",
+    "batch_norm_backward_export",
+    "batch_norm_backward_finalize_imported",
 ];
 
 const FLAG_AFFINE: u32 = 1;
@@ -168,7 +170,12 @@ impl BatchNormBackwardKernel {
             |f| !f[1] || (f[0] && !f[2]),
         );
         if !vec4 {
-            for entry in ["batch_norm_backward_finalize", "batch_norm_backward_eval_coef"] {
+            for entry in [
+                "batch_norm_backward_finalize",
+                "batch_norm_backward_eval_coef",
+                "batch_norm_backward_export",
+                "batch_norm_backward_finalize_imported",
+            ] {
                 p.add_all(device, module, entry, &[]);
             }
         }
@@ -332,6 +339,14 @@ impl BatchNormBackwardKernel {
                 mapped_at_creation: false,
             })
         };
+        let scratch_copyable = |label: &str, bytes: u64| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
         Ok(BatchNormBackwardPlan {
             kernel: self.clone(),
             config: config.clone(),
@@ -341,7 +356,8 @@ impl BatchNormBackwardKernel {
             limits,
             ranges: per_range,
             partials: scratch("batch_norm backward partials", partials_bytes),
-            coef: scratch("batch_norm backward coefficients", dims.c * 16),
+            // C coefficients, then C more slots for SyncBatchNorm's imported local sums.
+            coef: scratch_copyable("batch_norm backward coefficients", dims.c * 32),
             split,
             finalize_groups: finalize_groups(OP, serial_finalize(split, parts), dims.c, max)?,
             serial_finalize: serial_finalize(split, parts),
@@ -517,17 +533,78 @@ impl BatchNormBackwardPlan {
             ));
         }
         args.record(device, encoder, "batch_norm backward", || {
-            self.dispatches(device, batch_stats, accumulate, b)
+            self.dispatches(device, batch_stats, accumulate, b, Step::Whole)
         })
     }
 
-    /// The dispatches of one call, with their bind groups.
+    /// Bytes a SyncBatchNorm backward step exports ([`Self::encode_sync_sums`]: C·16) and
+    /// imports ([`Self::encode_sync_dx`]: 2·C·16).
+    pub fn sync_bytes(&self) -> (u64, u64) {
+        (self.dims.c * 16, self.dims.c * 32)
+    }
+
+    /// SyncBatchNorm backward (batch statistics), step 1: records the reduce and copies each
+    /// channel's local `(K, Σ(x − K), Σdy, Σdy·(x − K))` (4 f32, K this slice's shift) into
+    /// `export` (`COPY_DST`). The caller turns them into Σdy and Σdy·x̂ around the global mean,
+    /// all-reduces, and writes the import of [`Self::encode_sync_dx`]. Not with a fused
+    /// dropout.
+    pub fn encode_sync_sums(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        b: &BatchNormBackwardBuffers<'_>,
+        export: &wgpu::BufferSlice<'_>,
+    ) -> Result<()> {
+        check_device(OP, &self.kernel.device, device)?;
+        self.check_sync()?;
+        let args = self.args(b)?;
+        crate::kernels::check_copy(OP, "export", export, self.sync_bytes().0, wgpu::BufferUsages::COPY_DST)?;
+        args.record(device, encoder, "batch_norm sync backward sums", || {
+            self.dispatches(device, true, Accumulate::default(), b, Step::SyncSums)
+        })?;
+        encoder.copy_buffer_to_buffer(&self.coef, 0, export.buffer(), export.offset(), self.sync_bytes().0);
+        Ok(())
+    }
+
+    /// SyncBatchNorm backward, step 3: copies `import` (`COPY_SRC`, 2·C·4 f32: per channel
+    /// `(K, mean − K, Σdy, Σdy·x̂)` with the global mean and sums over every rank, then per
+    /// channel `(Σdy, Σdy·x̂, M, 0)` with this rank's sums and the global count M) into the
+    /// plan, then records dγ = this rank's Σdy·x̂ and dβ = its Σdy (as PyTorch's SyncBatchNorm:
+    /// the data-parallel gradient all-reduce adds them) and dx from the global sums.
+    pub fn encode_sync_dx(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        b: &BatchNormBackwardBuffers<'_>,
+        import: &wgpu::BufferSlice<'_>,
+        accumulate: Accumulate,
+    ) -> Result<()> {
+        check_device(OP, &self.kernel.device, device)?;
+        self.check_sync()?;
+        let args = self.args(b)?;
+        crate::kernels::check_copy(OP, "import", import, self.sync_bytes().1, wgpu::BufferUsages::COPY_SRC)?;
+        // The copy only fills the plan's scratch: harmless if recording then fails.
+        encoder.copy_buffer_to_buffer(import.buffer(), import.offset(), &self.coef, 0, self.sync_bytes().1);
+        args.record(device, encoder, "batch_norm sync backward dx", || {
+            self.dispatches(device, true, accumulate, b, Step::SyncDx)
+        })
+    }
+
+    fn check_sync(&self) -> Result<()> {
+        if self.dropout.is_some() {
+            return Err(Error::invalid(OP, "a SyncBatchNorm step cannot fuse a dropout"));
+        }
+        Ok(())
+    }
+
+    /// The dispatches of one call (or one step of SyncBatchNorm's split), with their bind groups.
     fn dispatches<'p>(
         &'p self,
         device: &wgpu::Device,
         batch_stats: bool,
         accumulate: Accumulate,
         b: &BatchNormBackwardBuffers<'_>,
+        step: Step,
     ) -> Result<Vec<Dispatch<'p>>> {
         let k = &self.kernel;
         let sample_bytes = self.dims.c * self.dims.s * k.storage.element_bytes();
@@ -551,7 +628,7 @@ impl BatchNormBackwardPlan {
             &[],
         )?;
         let weight = binding_or(affine, &b.weight, &ph[0], c_bytes);
-        let channel_pass = self.path == BatchNormPath::ChannelPass && batch_stats;
+        let channel_pass = self.path == BatchNormPath::ChannelPass && batch_stats && step == Step::Whole;
         if let (Some(channel), true, [c]) = (&k.channel, channel_pass, self.ranges.as_slice()) {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             if vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len) {
@@ -573,6 +650,24 @@ impl BatchNormBackwardPlan {
                 let group = bind_group(device, "batch_norm_backward_channel", pass, &entries);
                 return Ok(vec![(pass, group, self.channel_groups)]);
             }
+        }
+        if step == Step::SyncDx {
+            let imported = k.pipelines.get("batch_norm_backward_finalize_imported", &[])?;
+            let entries = [
+                (0, self.ranges[0].uniforms[variant].as_entire_binding()),
+                (4, weight.clone()),
+                (6, save_invstd.clone()),
+                (8, coef.clone()),
+                (9, binding_or(affine, &b.dweight, &ph[1], c_bytes)),
+                (10, binding_or(affine, &b.dbias, &ph[2], c_bytes)),
+            ];
+            let mut passes = vec![(
+                imported,
+                bind_group(device, "batch_norm_backward_finalize_imported", imported, &entries),
+                self.eval_coef_groups,
+            )];
+            passes.extend(self.dx_passes(device, b, variant, accumulate, drop, false, &coef, &rng)?);
+            return Ok(passes);
         }
         let mut passes = Vec::new();
         if !batch_stats {
@@ -623,6 +718,7 @@ impl BatchNormBackwardPlan {
                 c.reduce_groups,
             ));
         }
+        let partials_for_export = partials.clone();
         // The whole-call pass takes the first range's uniform: it holds the totals.
         let entries = [
             (0, self.ranges[0].uniforms[variant].as_entire_binding()),
@@ -646,7 +742,41 @@ impl BatchNormBackwardPlan {
             }
             return Ok(passes);
         }
+        if step == Step::SyncSums {
+            let export = k.pipelines.get("batch_norm_backward_export", &[])?;
+            let entries = [
+                (0, self.ranges[0].uniforms[variant].as_entire_binding()),
+                (7, partials_for_export),
+                (8, coef.clone()),
+            ];
+            passes.push((
+                export,
+                bind_group(device, "batch_norm_backward_export", export, &entries),
+                self.channel_groups,
+            ));
+            return Ok(passes);
+        }
         passes.push(finalize_pass);
+        passes.extend(self.dx_passes(device, b, variant, accumulate, drop, park, &coef, &rng)?);
+        Ok(passes)
+    }
+
+    /// The dx passes over every sample range, reading the coefficients in `coef`.
+    #[allow(clippy::too_many_arguments)]
+    fn dx_passes<'p>(
+        &'p self,
+        device: &wgpu::Device,
+        b: &BatchNormBackwardBuffers<'_>,
+        variant: usize,
+        accumulate: Accumulate,
+        drop: bool,
+        park: bool,
+        coef: &wgpu::BindingResource<'_>,
+        rng: &wgpu::BindingResource<'_>,
+    ) -> Result<Vec<Dispatch<'p>>> {
+        let k = &self.kernel;
+        let sample_bytes = self.dims.c * self.dims.s * k.storage.element_bytes();
+        let mut passes = Vec::with_capacity(self.ranges.len());
         for c in &self.ranges {
             let (at, len) = (c.range.start * sample_bytes, c.range.count * sample_bytes);
             let vec4 = vec4_bindable(&[&b.x, &b.dy, &b.dx], at, len);
@@ -687,4 +817,12 @@ impl BatchNormBackwardPlan {
         }
         Ok(passes)
     }
+}
+
+/// Which part of a call `dispatches` records: all of it, or one step of SyncBatchNorm's split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Whole,
+    SyncSums,
+    SyncDx,
 }

@@ -374,6 +374,42 @@ impl BindLimits {
     }
 }
 
+/// Checks a buffer a plan copies `bytes` to or from: large enough from its offset, the offset
+/// a multiple of 4 (`COPY_BUFFER_ALIGNMENT`), and with `usage` (`COPY_SRC` or `COPY_DST`).
+pub(crate) fn check_copy(
+    op: &'static str,
+    what: &'static str,
+    slice: &wgpu::BufferSlice<'_>,
+    bytes: u64,
+    usage: wgpu::BufferUsages,
+) -> Result<()> {
+    let buffer = slice.buffer();
+    if !buffer.usage().contains(usage) {
+        return Err(Error::Buffer {
+            op,
+            what,
+            reason: format!("needs usage {usage:?}, has {:?}", buffer.usage()),
+        });
+    }
+    if !slice.offset().is_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT) {
+        return Err(Error::Buffer {
+            op,
+            what,
+            reason: format!("offset {} is not a multiple of 4", slice.offset()),
+        });
+    }
+    let have = slice.size();
+    if have < bytes {
+        return Err(Error::BufferTooSmall {
+            op,
+            what,
+            got: have,
+            needed: bytes,
+        });
+    }
+    Ok(())
+}
+
 /// Checks that `eps` of `op` is finite and > 0 ([`Error::InvalidArgument`] otherwise).
 pub(crate) fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     if eps.is_finite() && eps > 0.0 {

@@ -117,6 +117,16 @@ impl BatchNorm {
         &self.config
     }
 
+    /// The context the module lives on.
+    pub(crate) fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// The GPU counter `num_batches_tracked` (two u32 words), when tracking.
+    pub(crate) fn num_batches_buffer(&self) -> Option<&wgpu::Buffer> {
+        self.num_batches_tracked.as_ref()
+    }
+
     /// Switches to training mode (batch statistics, running-stat updates).
     pub fn train(&mut self) {
         self.training = true;

@@ -7,6 +7,7 @@ pub mod fused;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod rms_norm;
+pub mod sync_batch_norm;
 
 pub use batch_norm::{BatchNorm, BatchNormSaved};
 pub use dropout::{Dropout, Dropout2d, DropoutCall, Mask};
@@ -14,6 +15,7 @@ pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm, Re
 pub use group_norm::{GroupNorm, GroupNormSaved, InstanceNorm};
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use rms_norm::{RmsNorm, RmsNormSaved};
+pub use sync_batch_norm::SyncBatchNorm;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
