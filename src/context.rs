@@ -19,6 +19,10 @@ pub struct ContextOptions {
     /// Pick the first adapter whose name contains this (case-insensitive). `None` honours
     /// `WGPU_ADAPTER_NAME`; when that is unset too, wgpu's default choice is used.
     pub adapter_name: Option<String>,
+    /// Pick the adapter at this index of those on the chosen backends (that contain
+    /// `adapter_name`, when given), in enumeration order: one process or thread per GPU passes
+    /// its rank modulo [`Context::adapters_blocking`]'s length. Default `None`.
+    pub adapter_index: Option<usize>,
     /// `None` honours `WGPU_POWER_PREF`, else prefers a high-performance adapter.
     pub power_preference: Option<wgpu::PowerPreference>,
     /// Limits to request. `None` requests the adapter's own limits, so that storage bindings
@@ -94,6 +98,25 @@ impl Context {
     /// Blocking [`Context::new`].
     pub fn new_blocking() -> Result<Self> {
         pollster::block_on(Self::new())
+    }
+
+    /// The adapters a context can open on `backends` (`None`: `WGPU_BACKEND`, else all), in the
+    /// enumeration order [`ContextOptions::adapter_index`] counts in.
+    pub async fn adapters(backends: Option<wgpu::Backends>) -> Vec<wgpu::AdapterInfo> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if let Some(backends) = backends {
+            desc.backends = backends;
+        }
+        shared_adapters(desc)
+            .await
+            .iter()
+            .map(wgpu::Adapter::get_info)
+            .collect()
+    }
+
+    /// Blocking [`Context::adapters`].
+    pub fn adapters_blocking(backends: Option<wgpu::Backends>) -> Vec<wgpu::AdapterInfo> {
+        pollster::block_on(Self::adapters(backends))
     }
 
     /// Blocking [`Context::with_options`].
@@ -399,6 +422,20 @@ fn pick_adapter(
             format!("available: {}", names.join(", "))
         }
     };
+    if let Some(index) = options.adapter_index {
+        let needle = wanted.as_deref().unwrap_or("").to_lowercase();
+        let matching: Vec<&wgpu::Adapter> = adapters
+            .iter()
+            .filter(|a| a.get_info().name.to_lowercase().contains(&needle))
+            .collect();
+        return matching.get(index).map(|a| (*a).clone()).ok_or_else(|| {
+            Error::NoAdapter(format!(
+                "adapter index {index} of {} matching adapters ({})",
+                matching.len(),
+                describe(adapters)
+            ))
+        });
+    }
     if let Some(name) = wanted {
         let needle = name.to_lowercase();
         return match adapters

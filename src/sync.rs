@@ -57,7 +57,7 @@ impl ChannelStats {
 /// waiting for it.
 ///
 /// [`all_gather`]: Self::all_gather
-pub trait StatsReducer: Send + Sync {
+pub trait StatsReducer {
     /// Ranks in the group.
     fn ranks(&self) -> usize;
 
@@ -246,6 +246,48 @@ fn poisoned<T>(_: T) -> Error {
     Error::Distributed {
         op: OP,
         reason: "a rank of the in-process group panicked".into(),
+    }
+}
+
+/// A [`StatsReducer`] over an MPI communicator the caller passes in (`--features mpi`, the
+/// [`mpi`] crate): `MPI_Allgather` of each rank's values, then the provided merges in rank
+/// order, so every rank holds bit-identical statistics. An all-gather rather than an
+/// `MPI_Allreduce` with a custom Chan operation: the operation's order of application is the
+/// MPI library's choice and may differ between ranks, and the payload (C × 3 values per rank)
+/// is small. MPI errors abort the job (MPI's default error handler).
+#[cfg(feature = "mpi")]
+pub struct MpiReducer<C: mpi::traits::Communicator> {
+    comm: C,
+}
+
+#[cfg(feature = "mpi")]
+impl<C: mpi::traits::Communicator> MpiReducer<C> {
+    /// A reducer over `comm` (for example `universe.world()`); every rank of it must create one.
+    pub fn new(comm: C) -> Self {
+        Self { comm }
+    }
+
+    /// The communicator.
+    pub fn communicator(&self) -> &C {
+        &self.comm
+    }
+}
+
+#[cfg(feature = "mpi")]
+impl<C: mpi::traits::Communicator> StatsReducer for MpiReducer<C> {
+    fn ranks(&self) -> usize {
+        self.comm.size() as usize
+    }
+
+    fn rank(&self) -> usize {
+        self.comm.rank() as usize
+    }
+
+    fn all_gather(&self, local: &[f64]) -> Result<Vec<f64>> {
+        use mpi::traits::CommunicatorCollectives;
+        let mut out = vec![0.0f64; local.len() * self.ranks()];
+        self.comm.all_gather_into(local, &mut out[..]);
+        Ok(out)
     }
 }
 
