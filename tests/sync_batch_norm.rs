@@ -111,3 +111,86 @@ fn ranks_that_disagree_or_fail_all_return_errors() {
         );
     }
 }
+
+/// The split plan's own arguments: the export and import buffers are checked (usage, size,
+/// alignment) before anything is recorded, and a plan with a fused dropout refuses the split.
+#[test]
+fn split_plans_check_their_exchange_buffers() {
+    use normdrop::kernels::BatchNormBuffers;
+    use normdrop::tuning::BatchNormPlanOptions;
+    let Some(ctx) = common::ctx() else { return };
+    let (c, shape) = (3, [4, 3, 5]);
+    let kernel = ctx.kernel::<normdrop::BatchNormKernel>().unwrap();
+    let plan = kernel.plan(ctx.device(), &shape, &BatchNormConfig::new(c)).unwrap();
+    let t = |shape: &[usize]| Tensor::zeros(&ctx, shape, normdrop::DType::F32).unwrap();
+    let (x, y, w, b, rm, rv, sm, si) = (
+        t(&shape),
+        t(&shape),
+        t(&[c]),
+        t(&[c]),
+        t(&[c]),
+        t(&[c]),
+        t(&[c]),
+        t(&[c]),
+    );
+    let nbt = t(&[2]);
+    let buffers = BatchNormBuffers {
+        x: x.slice(),
+        y: y.slice(),
+        weight: Some(w.slice()),
+        bias: Some(b.slice()),
+        running_mean: Some(rm.slice()),
+        running_var: Some(rv.slice()),
+        num_batches_tracked: Some(nbt.slice()),
+        save_mean: sm.slice(),
+        save_invstd: si.slice(),
+        rng: None,
+    };
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let no_copy = ctx.device().create_buffer(&normdrop::wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: normdrop::wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let e = plan
+        .encode_sync_stats(ctx.device(), &mut encoder, &buffers, &no_copy.slice(..))
+        .unwrap_err();
+    assert!(matches!(e, Error::Buffer { what: "export", .. }), "{e}");
+    let small = t(&[2, 4]);
+    let e = plan
+        .encode_sync_stats(ctx.device(), &mut encoder, &buffers, &small.slice())
+        .unwrap_err();
+    assert!(matches!(e, Error::BufferTooSmall { what: "export", .. }), "{e}");
+    let merged = t(&[c, 4]); // needs 2·C vec4
+    let e = plan
+        .encode_sync_finalize(ctx.device(), &mut encoder, &buffers, &merged.slice())
+        .unwrap_err();
+    assert!(matches!(e, Error::BufferTooSmall { what: "merged", .. }), "{e}");
+    let aliased = BatchNormBuffers {
+        y: x.slice(),
+        ..buffers.clone()
+    };
+    let e = plan
+        .encode_sync_stats(ctx.device(), &mut encoder, &aliased, &t(&[c, 4]).slice())
+        .unwrap_err();
+    assert!(matches!(e, Error::Aliased { .. }), "{e}");
+    let dropping = kernel
+        .plan_with(
+            ctx.device(),
+            &shape,
+            &BatchNormConfig::new(c),
+            &BatchNormPlanOptions {
+                dropout: Some(normdrop::DropoutConfig::new(0.1)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let e = dropping
+        .encode_sync_stats(ctx.device(), &mut encoder, &buffers, &t(&[c, 4]).slice())
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    // Nothing was recorded: the running mean is untouched after the encoder is submitted.
+    ctx.submit(encoder).unwrap();
+    assert_eq!(rm.to_vec_blocking::<f32>(&ctx).unwrap(), vec![0.0; c]);
+}
