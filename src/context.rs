@@ -5,7 +5,9 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+#[cfg(not(target_arch = "wasm32"))]
+use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::kernels::Storage;
@@ -96,6 +98,7 @@ impl Context {
     }
 
     /// Blocking [`Context::new`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new_blocking() -> Result<Self> {
         pollster::block_on(Self::new())
     }
@@ -115,11 +118,13 @@ impl Context {
     }
 
     /// Blocking [`Context::adapters`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn adapters_blocking(backends: Option<wgpu::Backends>) -> Vec<wgpu::AdapterInfo> {
         pollster::block_on(Self::adapters(backends))
     }
 
     /// Blocking [`Context::with_options`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn with_options_blocking(options: ContextOptions) -> Result<Self> {
         pollster::block_on(Self::with_options(options))
     }
@@ -287,7 +292,15 @@ impl Context {
         })
     }
 
+    /// Waits until all submitted work has finished. On the web the browser runs the queue by
+    /// itself and this returns at once (a wait would stall the page; readbacks await instead).
+    #[cfg(target_arch = "wasm32")]
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Waits until all submitted work has finished.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn synchronize(&self) -> Result<()> {
         self.device()
             .poll(wgpu::PollType::wait_indefinitely())
@@ -351,6 +364,17 @@ impl Context {
 /// behind its own lock, so devices of two enumerations of one instance could make that context
 /// current on two threads at once (EGL refuses with `BadAccess`, and wgpu panics). Devices of
 /// one adapter share its lock.
+///
+/// On the web every call enumerates afresh: a WebGPU adapter creates one device and is then
+/// "consumed", and the browser's handles are objects of their own (no instance tables to
+/// collide in).
+#[cfg(target_arch = "wasm32")]
+async fn shared_adapters(desc: wgpu::InstanceDescriptor) -> Vec<wgpu::Adapter> {
+    let backends = desc.backends;
+    wgpu::Instance::new(desc).enumerate_adapters(backends).await
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 async fn shared_adapters(desc: wgpu::InstanceDescriptor) -> Vec<wgpu::Adapter> {
     type Cache = Mutex<Vec<(wgpu::Backends, wgpu::InstanceFlags, Vec<wgpu::Adapter>)>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
@@ -463,6 +487,19 @@ fn pick_adapter(
 
 /// Runs `f` inside validation, out-of-memory and internal error scopes on `device` and returns
 /// the first error wgpu reported in them ([`Context`]'s `scoped`, for callers without one).
+///
+/// On the web the scopes' results arrive asynchronously (a promise per scope), and waiting for
+/// them would stall the page: there `f` runs without scopes, and what wgpu refuses goes to the
+/// device's uncaptured-error handler. normdrop's own argument checks, which run before anything
+/// is recorded, are the same on every target.
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn scoped_on<T>(_device: &wgpu::Device, f: impl FnOnce() -> T) -> Result<T> {
+    Ok(f())
+}
+
+/// Runs `f` inside validation, out-of-memory and internal error scopes on `device` and returns
+/// the first error wgpu reported in them ([`Context`]'s `scoped`, for callers without one).
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn scoped_on<T>(device: &wgpu::Device, f: impl FnOnce() -> T) -> Result<T> {
     let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);

@@ -53,9 +53,12 @@ pub use kernels::{
     SgdPlan,
 };
 pub use nn::sgd_step;
+/// SyncBatchNorm waits for the other ranks' statistics: native targets only.
+#[cfg(not(target_arch = "wasm32"))]
+pub use nn::SyncBatchNorm;
 pub use nn::{
     BatchNorm, BatchNormDropout, Dropout, Dropout2d, GroupNorm, InstanceNorm, LayerNorm, LayerNormDropout, Mask,
-    ResidualDropoutLayerNorm, ResidualDropoutRmsNorm, RmsNorm, SyncBatchNorm,
+    ResidualDropoutLayerNorm, ResidualDropoutRmsNorm, RmsNorm,
 };
 pub use state::StateTensor;
 pub use storage::Storage;

@@ -71,6 +71,7 @@ pub(crate) fn decode_i64(b: &[u8]) -> Vec<i64> {
 }
 
 /// Writes `bytes` to `path`, naming the file in the error.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|source| Error::Io {
         path: path.display().to_string(),

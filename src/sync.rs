@@ -292,6 +292,7 @@ impl<C: mpi::traits::Communicator> StatsReducer for MpiReducer<C> {
 }
 
 /// A hash of `parts` (FNV-1a over their little-endian bytes), for [`StatsReducer::agree`].
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn key(parts: &[u64]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {

@@ -283,11 +283,13 @@ impl Tensor {
     }
 
     /// Blocking [`Tensor::to_vec`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn to_vec_blocking<T: Element>(&self, ctx: &Context) -> Result<Vec<T>> {
         pollster::block_on(self.to_vec(ctx))
     }
 
     /// Downloads the contents widened exactly to f64, whatever the dtype (blocking).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn to_f64_blocking(&self, ctx: &Context) -> Result<Vec<f64>> {
         Ok(match self.dtype {
             DType::F32 => self.to_vec_blocking::<f32>(ctx)?.into_iter().map(f64::from).collect(),

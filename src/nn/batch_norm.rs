@@ -118,11 +118,13 @@ impl BatchNorm {
     }
 
     /// The context the module lives on.
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn context(&self) -> &Context {
         &self.ctx
     }
 
     /// The GPU counter `num_batches_tracked` (two u32 words), when tracking.
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn num_batches_buffer(&self) -> Option<&wgpu::Buffer> {
         self.num_batches_tracked.as_ref()
     }
@@ -196,6 +198,7 @@ impl BatchNorm {
     }
 
     /// Blocking [`BatchNorm::num_batches_tracked`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn num_batches_tracked_blocking(&self) -> Result<Option<u64>> {
         pollster::block_on(self.num_batches_tracked())
     }
@@ -513,6 +516,7 @@ impl BatchNorm {
     }
 
     /// Serializes [`BatchNorm::state`] to safetensors bytes.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn state_to_safetensors(&self, prefix: &str) -> Result<Vec<u8>> {
         let state = pollster::block_on(self.state(prefix))?;
         crate::state::serialize(&state)
@@ -555,6 +559,7 @@ impl BatchNorm {
     }
 
     /// Writes the state to a safetensors file.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn save_state(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         crate::state::write_file(path.as_ref(), &self.state_to_safetensors("")?)
     }

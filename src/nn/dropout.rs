@@ -69,6 +69,7 @@ impl Mask {
     }
 
     /// Downloads the mask as one bool per unit (`true` = kept).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn to_bools_blocking(&self, ctx: &Context) -> Result<Vec<bool>> {
         let words = pollster::block_on(self.to_words(ctx))?;
         Ok((0..self.units as usize)

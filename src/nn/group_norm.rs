@@ -151,6 +151,7 @@ impl GroupNorm {
     }
 
     /// Serializes [`GroupNorm::state`] to safetensors bytes.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn state_to_safetensors(&self, prefix: &str) -> Result<Vec<u8>> {
         crate::state::serialize(&pollster::block_on(self.state(prefix))?)
     }

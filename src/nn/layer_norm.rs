@@ -167,6 +167,7 @@ impl LayerNorm {
     }
 
     /// Serializes [`LayerNorm::state`] to safetensors bytes.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn state_to_safetensors(&self, prefix: &str) -> Result<Vec<u8>> {
         crate::state::serialize(&pollster::block_on(self.state(prefix))?)
     }
@@ -193,6 +194,7 @@ impl LayerNorm {
     }
 
     /// Writes the state to a safetensors file.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn save_state(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         crate::state::write_file(path.as_ref(), &self.state_to_safetensors("")?)
     }

@@ -7,6 +7,7 @@ pub mod fused;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod rms_norm;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod sync_batch_norm;
 
 pub use batch_norm::{BatchNorm, BatchNormSaved};
@@ -15,6 +16,7 @@ pub use fused::{BatchNormDropout, LayerNormDropout, ResidualDropoutLayerNorm, Re
 pub use group_norm::{GroupNorm, GroupNormSaved, InstanceNorm};
 pub use layer_norm::{LayerNorm, LayerNormSaved};
 pub use rms_norm::{RmsNorm, RmsNormSaved};
+#[cfg(not(target_arch = "wasm32"))]
 pub use sync_batch_norm::SyncBatchNorm;
 
 use crate::context::Context;
