@@ -9,7 +9,8 @@ use normdrop::kernels::DropoutUnit;
 use normdrop::reference as r;
 use normdrop::{
     BatchNorm, BatchNormConfig, BatchNormDropout, Context, DType, Dropout, Dropout2d, DropoutConfig, GroupNorm,
-    GroupNormConfig, LayerNorm, LayerNormConfig, ResidualDropoutLayerNorm, RmsNorm, RmsNormConfig, Tensor,
+    GroupNormConfig, LayerNorm, LayerNormConfig, LayerNormDropout, ResidualDropoutLayerNorm, ResidualDropoutRmsNorm,
+    RmsNorm, RmsNormConfig, Tensor,
 };
 use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
 
@@ -256,4 +257,62 @@ async fn fused_ops_match_their_unfused_chains() {
     let f = r::layer_norm_forward(&h_exp, &shape, &config, None, None).unwrap();
     assert_close("residual block h", &read(&ctx, &h).await, &h_exp, 1e-6);
     assert_close("residual block y", &read(&ctx, &y).await, &f.y, 1e-4);
+    // Its backward: dresidual = dL/dh = LayerNorm's dx, and dx = that times the mask.
+    let dy = values(n, 11, 0.0);
+    let g = block
+        .backward(&Tensor::from_slice(&ctx, &dy, &shape).unwrap(), None)
+        .unwrap();
+    let rg = r::layer_norm_backward(&h_exp, &wide(&dy), &shape, &config, None, &f.mean, &f.rstd).unwrap();
+    let dx_exp: Vec<f64> = rg.dx.iter().zip(&m).map(|(a, b)| a * b).collect();
+    assert_close(
+        "residual block dresidual",
+        &read(&ctx, &g.dresidual).await,
+        &rg.dx,
+        1e-4,
+    );
+    assert_close("residual block dx", &read(&ctx, &g.dx).await, &dx_exp, 1e-4);
+
+    // LayerNorm + dropout: y = LayerNorm(x)·m; backward applies the mask to dy first.
+    let mut lnd = LayerNormDropout::new(&ctx, config.clone(), dropout, 21).unwrap();
+    let y = lnd.forward(&Tensor::from_slice(&ctx, &x, &shape).unwrap()).unwrap();
+    let (m, _) = r::dropout_forward(&vec![1.0; n], &shape, &dropout, DropoutUnit::Element, 21, 0, true).unwrap();
+    let f = r::layer_norm_forward(&wide(&x), &shape, &config, None, None).unwrap();
+    let exp: Vec<f64> = f.y.iter().zip(&m).map(|(a, b)| a * b).collect();
+    assert_close("LayerNorm+dropout y", &read(&ctx, &y).await, &exp, 1e-4);
+    let g = lnd.backward(&Tensor::from_slice(&ctx, &dy, &shape).unwrap()).unwrap();
+    let dym: Vec<f64> = dy.iter().zip(&m).map(|(&d, f)| f64::from(d) * f).collect();
+    let rg = r::layer_norm_backward(&wide(&x), &dym, &shape, &config, None, &f.mean, &f.rstd).unwrap();
+    assert_close("LayerNorm+dropout dx", &read(&ctx, &g.dx).await, &rg.dx, 1e-4);
+
+    // Residual + dropout + RMSNorm, forward and backward.
+    let config = RmsNormConfig::new(&[64]);
+    let mut block = ResidualDropoutRmsNorm::new(&ctx, config.clone(), dropout, 33).unwrap();
+    let (y, h) = block
+        .forward(
+            &Tensor::from_slice(&ctx, &x, &shape).unwrap(),
+            &Tensor::from_slice(&ctx, &res, &shape).unwrap(),
+        )
+        .unwrap();
+    let (m, _) = r::dropout_forward(&vec![1.0; n], &shape, &dropout, DropoutUnit::Element, 33, 0, true).unwrap();
+    let h_exp: Vec<f64> = x
+        .iter()
+        .zip(&m)
+        .zip(&res)
+        .map(|((&a, f), &b)| f64::from(b + (f64::from(a) * f) as f32))
+        .collect();
+    let f = r::rms_norm_forward(&h_exp, &shape, &config, None).unwrap();
+    assert_close("residual RMSNorm h", &read(&ctx, &h).await, &h_exp, 1e-6);
+    assert_close("residual RMSNorm y", &read(&ctx, &y).await, &f.y, 1e-4);
+    let g = block
+        .backward(&Tensor::from_slice(&ctx, &dy, &shape).unwrap(), None)
+        .unwrap();
+    let rg = r::rms_norm_backward(&h_exp, &wide(&dy), &shape, &config, None, &f.rstd).unwrap();
+    let dx_exp: Vec<f64> = rg.dx.iter().zip(&m).map(|(a, b)| a * b).collect();
+    assert_close(
+        "residual RMSNorm dresidual",
+        &read(&ctx, &g.dresidual).await,
+        &rg.dx,
+        1e-4,
+    );
+    assert_close("residual RMSNorm dx", &read(&ctx, &g.dx).await, &dx_exp, 1e-4);
 }
