@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# normdrop in the browser: builds tests/web.rs for wasm32-unknown-unknown and runs it with
+# normdrop in the browser: builds tests/web.rs and the demo's web/tests/demo.rs for
+# wasm32-unknown-unknown and runs them with
 # wasm-bindgen-test-runner in headless Chromium, on its WebGPU adapter (SwiftShader on a machine
 # without a GPU: subgroups of 4, no shader-f16). Chromium's flags are in webdriver.json.
 # Ends with `N passed, M failed`. `.ci/run` calls it.
@@ -37,22 +38,31 @@ if ! wasm-bindgen-test-runner --version 2>/dev/null | grep -q " $version\$" && !
     cargo install --quiet wasm-bindgen-cli --version "$version"
 fi
 
-echo "test-web.sh: tests/web.rs in headless Chromium (WebGPU)"
-log=$(mktemp)
-status=0
-CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
-    CHROMEDRIVER="$(command -v chromedriver)" \
-    WASM_BINDGEN_TEST_TIMEOUT=300 \
-    timeout 900 cargo test --target wasm32-unknown-unknown --test web 2>&1 | tee "$log" || status=$?
-line=$(grep -E '^test result: .* [0-9]+ passed; [0-9]+ failed' "$log" | tail -1 || true)
-if [ -z "$line" ]; then
-    echo "0 passed, 1 failed (no test summary; exit $status)"
-    exit 1
-fi
-passed=$(echo "$line" | sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\1/')
-failed=$(echo "$line" | sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\2/')
-if [ "$status" != 0 ] && [ "$failed" = 0 ]; then
-    failed=1
-fi
+passed=0
+failed=0
+# The library's browser tests, then the demo page's work (web/tests/demo.rs).
+for target in "-p normdrop --test web" "-p normdrop-web --test demo"; do
+    echo "test-web.sh: cargo test --target wasm32-unknown-unknown $target (headless Chromium, WebGPU)"
+    log=$(mktemp)
+    status=0
+    # shellcheck disable=SC2086
+    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+        CHROMEDRIVER="$(command -v chromedriver)" \
+        WASM_BINDGEN_TEST_TIMEOUT=300 \
+        timeout 900 cargo test --target wasm32-unknown-unknown $target 2>&1 | tee "$log" || status=$?
+    line=$(grep -E '^test result: .* [0-9]+ passed; [0-9]+ failed' "$log" | tail -1 || true)
+    if [ -z "$line" ]; then
+        echo "test-web.sh: no test summary from $target (exit $status)" >&2
+        failed=$((failed + 1))
+        continue
+    fi
+    p=$(echo "$line" | sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\1/')
+    f=$(echo "$line" | sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\2/')
+    if [ "$status" != 0 ] && [ "$f" = 0 ]; then
+        f=1
+    fi
+    passed=$((passed + p))
+    failed=$((failed + f))
+done
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
