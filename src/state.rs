@@ -32,6 +32,56 @@ pub fn serialize(entries: &[(String, StateTensor)]) -> Result<Vec<u8>> {
     Ok(safetensors::tensor::serialize(views, None)?)
 }
 
+/// The state entries of a module's f32 parameters that exist (`(name, tensor)`; all of
+/// `shape`), keyed `{prefix}{name}`: read back from the GPU.
+pub(crate) async fn params_state(
+    ctx: &crate::Context,
+    prefix: &str,
+    params: &[(&str, Option<&crate::Tensor>)],
+    shape: &[usize],
+) -> Result<Vec<(String, StateTensor)>> {
+    let mut out = Vec::new();
+    for (name, t) in params {
+        if let Some(t) = t {
+            let data: Vec<f32> = t.to_vec(ctx).await?;
+            out.push((
+                format!("{prefix}{name}"),
+                StateTensor::F32 {
+                    shape: shape.to_vec(),
+                    data,
+                },
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Loads the parameters of [`params_state`] from a safetensors image: every key must be there
+/// as f32 of `shape`, and everything is checked before anything is written.
+pub(crate) fn load_params(
+    ctx: &crate::Context,
+    bytes: &[u8],
+    prefix: &str,
+    params: &[(&str, Option<&crate::Tensor>)],
+    shape: &[usize],
+) -> Result<()> {
+    let tensors = deserialize(bytes)?;
+    let mut pending = Vec::new();
+    for (name, t) in params {
+        if let Some(t) = t {
+            let key = format!("{prefix}{name}");
+            let entry = tensors
+                .get(&key)
+                .ok_or_else(|| Error::SafeTensors(format!("missing key `{key}`")))?;
+            pending.push((*t, entry.as_f32(&key, shape)?));
+        }
+    }
+    for (t, data) in pending {
+        t.write(ctx, &data)?;
+    }
+    Ok(())
+}
+
 /// Reads the f32 and i64 tensors of a safetensors image (other dtypes are rejected by name).
 pub fn deserialize(bytes: &[u8]) -> Result<StateMap> {
     let st = SafeTensors::deserialize(bytes)?;

@@ -139,15 +139,8 @@ impl GroupNorm {
     /// The state with PyTorch's key names, prefixed by `prefix`: `weight` and `bias` (with
     /// affine), each of shape `(C)`.
     pub async fn state(&self, prefix: &str) -> Result<Vec<(String, StateTensor)>> {
-        let mut out = Vec::new();
-        for (name, t) in [("weight", &self.weight), ("bias", &self.bias)] {
-            if let Some(t) = t {
-                let data: Vec<f32> = t.to_vec(&self.ctx).await?;
-                let shape = vec![self.config.num_channels];
-                out.push((format!("{prefix}{name}"), StateTensor::F32 { shape, data }));
-            }
-        }
-        Ok(out)
+        let params = [("weight", self.weight.as_ref()), ("bias", self.bias.as_ref())];
+        crate::state::params_state(&self.ctx, prefix, &params, &[self.config.num_channels]).await
     }
 
     /// Serializes [`GroupNorm::state`] to safetensors bytes.
@@ -160,21 +153,8 @@ impl GroupNorm {
     /// configuration has must be present as f32 of shape `(C)`; everything is checked before
     /// anything is written.
     pub fn load_state_from_safetensors(&mut self, bytes: &[u8], prefix: &str) -> Result<()> {
-        let tensors = crate::state::deserialize(bytes)?;
-        let mut pending = Vec::new();
-        for (name, t) in [("weight", &self.weight), ("bias", &self.bias)] {
-            if let Some(t) = t {
-                let key = format!("{prefix}{name}");
-                let entry = tensors
-                    .get(&key)
-                    .ok_or_else(|| Error::SafeTensors(format!("missing key `{key}`")))?;
-                pending.push((t.clone(), entry.as_f32(&key, &[self.config.num_channels])?));
-            }
-        }
-        for (t, data) in pending {
-            t.write(&self.ctx, &data)?;
-        }
-        Ok(())
+        let params = [("weight", self.weight.as_ref()), ("bias", self.bias.as_ref())];
+        crate::state::load_params(&self.ctx, bytes, prefix, &params, &[self.config.num_channels])
     }
 
     /// Normalizes `x` of shape `(N, C, *)` (f32 or f16); returns `y` of the same shape and

@@ -150,20 +150,8 @@ impl LayerNorm {
     /// The state with PyTorch's key names, prefixed by `prefix`: `weight` (with γ) and `bias`
     /// (with β), each of shape `normalized_shape`.
     pub async fn state(&self, prefix: &str) -> Result<Vec<(String, StateTensor)>> {
-        let mut out = Vec::new();
-        for (name, t) in [("weight", &self.weight), ("bias", &self.bias)] {
-            if let Some(t) = t {
-                let data: Vec<f32> = t.to_vec(&self.ctx).await?;
-                out.push((
-                    format!("{prefix}{name}"),
-                    StateTensor::F32 {
-                        shape: self.config.normalized_shape.clone(),
-                        data,
-                    },
-                ));
-            }
-        }
-        Ok(out)
+        let params = [("weight", self.weight.as_ref()), ("bias", self.bias.as_ref())];
+        crate::state::params_state(&self.ctx, prefix, &params, &self.config.normalized_shape).await
     }
 
     /// Serializes [`LayerNorm::state`] to safetensors bytes.
@@ -176,21 +164,8 @@ impl LayerNorm {
     /// configuration has must be present as f32 of shape `normalized_shape`; everything is
     /// checked before anything is written.
     pub fn load_state_from_safetensors(&mut self, bytes: &[u8], prefix: &str) -> Result<()> {
-        let tensors = crate::state::deserialize(bytes)?;
-        let mut pending = Vec::new();
-        for (name, t) in [("weight", &self.weight), ("bias", &self.bias)] {
-            if let Some(t) = t {
-                let key = format!("{prefix}{name}");
-                let entry = tensors
-                    .get(&key)
-                    .ok_or_else(|| Error::SafeTensors(format!("missing key `{key}`")))?;
-                pending.push((t.clone(), entry.as_f32(&key, &self.config.normalized_shape)?));
-            }
-        }
-        for (t, data) in pending {
-            t.write(&self.ctx, &data)?;
-        }
-        Ok(())
+        let params = [("weight", self.weight.as_ref()), ("bias", self.bias.as_ref())];
+        crate::state::load_params(&self.ctx, bytes, prefix, &params, &self.config.normalized_shape)
     }
 
     /// Writes the state to a safetensors file.
