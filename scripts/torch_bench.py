@@ -2,7 +2,7 @@
 normdrop's median, PyTorch's median, and PyTorch/normdrop (above 1: normdrop is faster).
 
 PyTorch runs the same shapes with the same semantics: F.batch_norm (cuDNN), F.layer_norm,
-F.rms_norm (eps None), F.dropout / F.dropout2d with p = 0.1, backward through autograd (only the backward is timed),
+F.rms_norm (eps None), F.group_norm (gcd(C, 32) groups), F.dropout / F.dropout2d with p = 0.1, backward through autograd (only the backward is timed),
 and the unfused sequences where normdrop fuses (PyTorch has no fused norm+dropout). Timing:
 CUDA events, median of --samples runs after --warmup runs.
 
@@ -18,6 +18,7 @@ Usage: python3 scripts/torch_bench.py --ours normdrop.json [--dtype f32|f16] [--
 
 import argparse
 import json
+import math
 import statistics
 
 import torch
@@ -45,7 +46,7 @@ def make(op, shape, dtype):
     """The forward (a closure of x) and, for *_backward ops, the tensors to differentiate."""
     dev = torch.device("cuda")
     x = torch.randn(*shape, device=dev, dtype=dtype)
-    if op.startswith(("batch_norm", "dropout2d")) and len(shape) >= 2:
+    if op.startswith(("batch_norm", "dropout2d", "group_norm")) and len(shape) >= 2:
         c = shape[1]
         w, b = torch.ones(c, device=dev), torch.zeros(c, device=dev)
         rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
@@ -67,6 +68,9 @@ def make(op, shape, dtype):
             return F.dropout(F.layer_norm(x, (shape[-1],), w, b, 1e-5), P)
         if op.startswith("layer_norm"):
             return F.layer_norm(x, (shape[-1],), w, b, 1e-5)
+        if op.startswith("group_norm"):
+            # normdrop's bench normalizes GroupNorm rows in gcd(C, 32) groups.
+            return F.group_norm(x, math.gcd(shape[1], 32), w, b, 1e-5)
         if op.startswith("rms_norm"):
             return F.rms_norm(x, (shape[-1],), w, None)
         if op.startswith("residual_dropout_rms_norm"):
@@ -79,7 +83,7 @@ def make(op, shape, dtype):
 
     if op.startswith(("rms_norm", "residual_dropout_rms_norm")):
         params = [w]
-    elif op.startswith(("batch_norm", "layer_norm", "residual")):
+    elif op.startswith(("batch_norm", "layer_norm", "residual", "group_norm")):
         params = [w, b]
     else:
         params = []
