@@ -50,8 +50,9 @@ impl ChannelStats {
 /// and run identically on every rank.
 ///
 /// Every rank must make the same calls in the same order: each SyncBatchNorm training forward
-/// calls [`agree`](Self::agree), then [`all_reduce_stats`](Self::all_reduce_stats); each
-/// backward with batch statistics [`agree`](Self::agree), then
+/// calls [`agree`](Self::agree), then [`all_reduce_stats`](Self::all_reduce_stats) (a rank that
+/// failed in between sends NaN counts, and every rank fails); each backward with batch
+/// statistics [`agree`](Self::agree) twice (before and after its GPU pass), then
 /// [`all_reduce_sums`](Self::all_reduce_sums). A rank whose call fails locally (a bad input)
 /// still takes part in `agree`, with a status that makes every rank return an error instead of
 /// waiting for it.

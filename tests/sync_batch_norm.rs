@@ -194,3 +194,45 @@ fn split_plans_check_their_exchange_buffers() {
     ctx.submit(encoder).unwrap();
     assert_eq!(rm.to_vec_blocking::<f32>(&ctx).unwrap(), vec![0.0; c]);
 }
+
+/// A rank that fails after the ranks agreed on a call (here its input's buffer was destroyed,
+/// which only binding it reveals) still takes part in the collectives, so that every other rank
+/// fails at once instead of waiting for it: in forward and in backward.
+#[test]
+fn a_rank_failing_after_the_agreement_fails_every_rank() {
+    if common::ctx().is_none() {
+        return;
+    }
+    let group = InProcessReducer::group_with_timeout(3, std::time::Duration::from_secs(30));
+    let handles: Vec<_> = group
+        .into_iter()
+        .map(|reducer| {
+            std::thread::spawn(move || {
+                let ctx = Context::new_blocking().unwrap();
+                let r = reducer.rank();
+                let reducer: Arc<dyn StatsReducer> = Arc::new(reducer);
+                let x: Vec<f32> = (0..40).map(|i| (i * 7 % 11) as f32 + r as f32).collect();
+                let x = Tensor::from_slice(&ctx, &x, &[2, 4, 5]).unwrap();
+                let start = std::time::Instant::now();
+                let mut bn = SyncBatchNorm::new(&ctx, BatchNormConfig::new(4), reducer).unwrap();
+                let broken = Tensor::from_slice(&ctx, &[1.0f32; 40], &[2, 4, 5]).unwrap();
+                broken.buffer().destroy();
+                let forward = bn.forward(if r == 1 { &broken } else { &x }).err();
+                bn.forward(&x).unwrap();
+                let backward = bn.backward(if r == 2 { &broken } else { &x }).err();
+                (r, forward, backward, start.elapsed())
+            })
+        })
+        .collect();
+    for h in handles {
+        let (r, forward, backward, elapsed) = h.join().unwrap();
+        for (what, failing, e) in [("forward", 1, forward), ("backward", 2, backward)] {
+            match (r == failing, &e) {
+                (true, Some(Error::Buffer { .. })) => {}
+                (false, Some(Error::Distributed { reason, .. })) if !reason.contains("waited") => {}
+                _ => panic!("rank {r} {what}: {e:?}"),
+            }
+        }
+        assert!(elapsed.as_secs() < 20, "rank {r} waited {elapsed:?}");
+    }
+}

@@ -42,7 +42,8 @@ struct SyncSaved {
 /// - eval: the running statistics, locally, with no communication.
 ///
 /// Each call of a training forward costs one small all-gather to check that every rank runs
-/// the same call, and one of `C × 3` values; a backward one and one of `C × 2`. Every rank must
+/// the same call, and one of `C × 3` values; a backward two small ones and one of `C × 2`. A
+/// rank that fails after the check still takes part, so that every rank fails the call. Every rank must
 /// call `forward` and `backward` in the same order. Parameters, running statistics, modes and
 /// state are the wrapped [`BatchNorm`]'s (through `Deref`).
 pub struct SyncBatchNorm {
@@ -120,17 +121,29 @@ impl SyncBatchNorm {
         let empty = x.numel() == 0;
         let plan = fresh.as_ref().or(self.plan.as_ref()).expect("prepared");
         let device = ctx.device();
-        // An empty slice still updates the running statistics: its plan runs on stand-ins.
-        let (xs, y) = if empty {
-            (
-                Tensor::zeros(&ctx, &[2, c], DType::F32)?,
-                Tensor::zeros(&ctx, &[2, c], DType::F32)?,
-            )
-        } else {
-            (x.clone(), Tensor::zeros(&ctx, x.shape(), x.dtype())?)
+        // An empty slice still updates the running statistics: its plan runs on stand-ins. From
+        // here to the all-reduce a local failure still joins it, with NaN counts, so that the
+        // other ranks fail too instead of waiting for this one.
+        let allocated = (|| -> Result<[Tensor; 4]> {
+            let (xs, y) = if empty {
+                (
+                    Tensor::zeros(&ctx, &[2, c], DType::F32)?,
+                    Tensor::zeros(&ctx, &[2, c], DType::F32)?,
+                )
+            } else {
+                (x.clone(), Tensor::zeros(&ctx, x.shape(), x.dtype())?)
+            };
+            Ok([
+                xs,
+                y,
+                Tensor::zeros(&ctx, &[c], DType::F32)?,
+                Tensor::zeros(&ctx, &[c], DType::F32)?,
+            ])
+        })();
+        let [xs, y, mean, invstd] = match allocated {
+            Ok(t) => t,
+            Err(e) => return Err(self.poison_stats(e)),
         };
-        let mean = Tensor::zeros(&ctx, &[c], DType::F32)?;
-        let invstd = Tensor::zeros(&ctx, &[c], DType::F32)?;
         let buffers = BatchNormBuffers {
             x: xs.slice(),
             y: y.slice(),
@@ -144,29 +157,21 @@ impl SyncBatchNorm {
             rng: None,
         };
         // 1. This rank's statistics, exported per channel as (K, mean − K, M2, count).
-        let local: Vec<(f32, ChannelStats)> = if empty {
-            vec![(0.0, ChannelStats::default()); c]
+        let local = if empty {
+            Ok(vec![(0.0, ChannelStats::default()); c])
         } else {
-            let export = Tensor::zeros(&ctx, &[c, 4], DType::F32)?;
-            let mut encoder = device.create_command_encoder(&Default::default());
-            ctx.scoped(|| plan.encode_sync_stats(device, &mut encoder, &buffers, &export.slice()))??;
-            ctx.submit(encoder)?;
-            let v: Vec<f32> = export.to_vec_blocking(&ctx)?;
-            v.chunks(4)
-                .map(|e| {
-                    let k = e[0];
-                    let stats = ChannelStats {
-                        count: f64::from(e[3]),
-                        mean: f64::from(k) + f64::from(e[1]),
-                        m2: f64::from(e[2]),
-                    };
-                    (k, stats)
-                })
-                .collect()
+            self.local_stats(&ctx, plan, &buffers)
+        };
+        let local = match local {
+            Ok(local) => local,
+            Err(e) => return Err(self.poison_stats(e)),
         };
         // 2. Every rank's, merged in rank order (bit-identical on every rank).
         let stats: Vec<ChannelStats> = local.iter().map(|(_, s)| *s).collect();
         let global = self.reducer.all_reduce_stats(&stats)?;
+        if global.iter().any(|g| g.count.is_nan()) {
+            return Err(failed_rank());
+        }
         if let Some(g) = global.iter().find(|g| g.count <= 1.0) {
             return Err(Error::shape(
                 OP,
@@ -208,6 +213,56 @@ impl SyncBatchNorm {
         } else {
             y
         })
+    }
+
+    /// Joins the statistics all-reduce with NaN counts (every rank then fails the call) and
+    /// returns this rank's error `e`.
+    fn poison_stats(&self, e: Error) -> Error {
+        let poison = ChannelStats {
+            count: f64::NAN,
+            ..ChannelStats::default()
+        };
+        let _ = self
+            .reducer
+            .all_reduce_stats(&vec![poison; self.bn.config().num_features]);
+        e
+    }
+
+    /// Joins the backward's second agreement with a failure (every rank then fails the call:
+    /// sums can be NaN from the data, so they cannot carry the failure) and returns `e`.
+    fn fail_backward(&self, e: Error) -> Error {
+        let _ = self.reducer.agree(Err(Error::State {
+            op: OP,
+            reason: e.to_string(),
+        }));
+        e
+    }
+
+    /// This rank's per-channel `(K, statistics)`: the statistics pass and its export, read back.
+    fn local_stats(
+        &self,
+        ctx: &Context,
+        plan: &BatchNormPlan,
+        buffers: &BatchNormBuffers<'_>,
+    ) -> Result<Vec<(f32, ChannelStats)>> {
+        let c = self.bn.config().num_features;
+        let device = ctx.device();
+        let export = Tensor::zeros(ctx, &[c, 4], DType::F32)?;
+        let mut encoder = device.create_command_encoder(&Default::default());
+        ctx.scoped(|| plan.encode_sync_stats(device, &mut encoder, buffers, &export.slice()))??;
+        ctx.submit(encoder)?;
+        let v: Vec<f32> = export.to_vec_blocking(ctx)?;
+        Ok(v.chunks(4)
+            .map(|e| {
+                let k = e[0];
+                let stats = ChannelStats {
+                    count: f64::from(e[3]),
+                    mean: f64::from(k) + f64::from(e[1]),
+                    m2: f64::from(e[2]),
+                };
+                (k, stats)
+            })
+            .collect())
     }
 
     /// Checks `x` and returns a new plan when the cached one does not fit.
@@ -252,15 +307,24 @@ impl SyncBatchNorm {
         let (saved, fresh) = prepared?;
         let empty = dy.numel() == 0;
         let affine = self.bn.config().affine;
-        let zeros_c = || Tensor::zeros(&ctx, &[c], DType::F32);
-        let (dweight, dbias) = if affine {
-            (Some(zeros_c()?), Some(zeros_c()?))
-        } else {
-            (None, None)
+        // From here to the all-reduce a local failure still joins a second agreement, so that
+        // the other ranks fail too instead of waiting for this one.
+        let allocated = (|| -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+            let zeros_c = || Tensor::zeros(&ctx, &[c], DType::F32);
+            let (dweight, dbias) = if affine {
+                (Some(zeros_c()?), Some(zeros_c()?))
+            } else {
+                (None, None)
+            };
+            Ok((Tensor::zeros(&ctx, dy.shape(), dy.dtype())?, dweight, dbias))
+        })();
+        let (dx, dweight, dbias) = match allocated {
+            Ok(t) => t,
+            Err(e) => return Err(self.fail_backward(e)),
         };
-        let dx = Tensor::zeros(&ctx, dy.shape(), dy.dtype())?;
         if empty {
             // Nothing local: zero sums for the others, zero dγ, dβ here.
+            self.reducer.agree(Ok(self.call_key(3, dy.dtype())))?;
             self.reducer.all_reduce_sums(&vec![[0.0; 2]; c])?;
             return Ok(Grads { dx, dweight, dbias });
         }
@@ -279,11 +343,17 @@ impl SyncBatchNorm {
         };
         // 1. This rank's (K, Σ(x − K), Σdy, Σdy·(x − K)), turned into Σdy and Σdy·x̂ around the
         //    global mean (in f64).
-        let export = Tensor::zeros(&ctx, &[c, 4], DType::F32)?;
-        let mut encoder = device.create_command_encoder(&Default::default());
-        ctx.scoped(|| plan.encode_sync_sums(device, &mut encoder, &buffers, &export.slice()))??;
-        ctx.submit(encoder)?;
-        let e: Vec<f32> = export.to_vec_blocking(&ctx)?;
+        let exported = (|| -> Result<Vec<f32>> {
+            let export = Tensor::zeros(&ctx, &[c, 4], DType::F32)?;
+            let mut encoder = device.create_command_encoder(&Default::default());
+            ctx.scoped(|| plan.encode_sync_sums(device, &mut encoder, &buffers, &export.slice()))??;
+            ctx.submit(encoder)?;
+            export.to_vec_blocking(&ctx)
+        })();
+        let e = match exported {
+            Ok(e) => e,
+            Err(e) => return Err(self.fail_backward(e)),
+        };
         let eps = f64::from(self.bn.config().eps);
         let centred: Vec<(f32, f64, f64)> = e
             .chunks(4)
@@ -303,7 +373,8 @@ impl SyncBatchNorm {
                 [sum_dy, invstd * (sum_dy_xk - mk * sum_dy)]
             })
             .collect();
-        // 2. Every rank's sums.
+        // 2. Every rank's sums, once every rank has them.
+        self.reducer.agree(Ok(self.call_key(3, dy.dtype())))?;
         let global = self.reducer.all_reduce_sums(&local)?;
         // 3. dγ, dβ from this rank's sums; dx from the global ones.
         let mut import = Vec::with_capacity(8 * c);
@@ -356,6 +427,15 @@ impl SyncBatchNorm {
             self.bn.reduce_split(),
         )?;
         Ok((saved, Some(plan)))
+    }
+}
+
+/// What every rank reports when another rank failed between the agreement and the all-reduce
+/// (it sent NaN counts or sums).
+fn failed_rank() -> Error {
+    Error::Distributed {
+        op: OP,
+        reason: "another rank failed this call after the ranks agreed on it".into(),
     }
 }
 
