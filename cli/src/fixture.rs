@@ -364,10 +364,7 @@ fn check_batch_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
     let mut bn = match run() {
         Ok(bn) => bn,
         Err(e) => {
-            for name in fx.expected_names() {
-                out.entry(name)
-                    .or_insert_with(|| (Verdict::Fail(format!("error: {e}")), None));
-            }
+            fail_remaining(fx, out, &e);
             return Ok(());
         }
     };
@@ -476,10 +473,7 @@ fn check_layer_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
             judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;
         }
         Err(e) => {
-            for name in fx.expected_names() {
-                out.entry(name)
-                    .or_insert_with(|| (Verdict::Fail(format!("error: {e}")), None));
-            }
+            fail_remaining(fx, out, &e);
         }
     }
     Ok(())
@@ -529,10 +523,7 @@ fn check_rms_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Verdi
             judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;
         }
         Err(e) => {
-            for name in fx.expected_names() {
-                out.entry(name)
-                    .or_insert_with(|| (Verdict::Fail(format!("error: {e}")), None));
-            }
+            fail_remaining(fx, out, &e);
         }
     }
     Ok(())
@@ -576,13 +567,19 @@ fn check_group_norm(ctx: &Context, fx: &Fixture, out: &mut BTreeMap<String, (Ver
             judge_grads(ctx, fx, out, grads.map(|g| [Some(g.dx), g.dweight, g.dbias]), &note)?;
         }
         Err(e) => {
-            for name in fx.expected_names() {
-                out.entry(name)
-                    .or_insert_with(|| (Verdict::Fail(format!("error: {e}")), None));
-            }
+            fail_remaining(fx, out, &e);
         }
     }
     Ok(())
+}
+
+/// Fails every expected tensor of `fx` that has no verdict yet with the error `e` that stopped
+/// the run.
+fn fail_remaining(fx: &Fixture, out: &mut BTreeMap<String, (Verdict, Option<String>)>, e: &Error) {
+    for name in fx.expected_names() {
+        out.entry(name)
+            .or_insert_with(|| (Verdict::Fail(format!("error: {e}")), None));
+    }
 }
 
 /// Any numeric safetensors view widened to f64 (the fixture reader's common currency).
