@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use normdrop::sync::{InProcessReducer, StatsReducer};
 use normdrop::{BatchNormConfig, Context, Error, SyncBatchNorm, Tensor};
-use sync_case::{check_rank, splits, training_fixtures};
+use sync_case::{check_error_cases, check_rank, splits, training_fixtures};
 
 #[test]
 fn every_training_fixture_split_across_ranks_matches() {
@@ -61,55 +61,17 @@ fn ranks_that_disagree_or_fail_all_return_errors() {
     if common::ctx().is_none() {
         return;
     }
-    // Rank 1 has 3 channels where the others have 4; then rank 2 passes a bad shape; then all
-    // agree and the call succeeds (the failed calls left the group usable).
-    let group = InProcessReducer::group(3);
-    let handles: Vec<_> = group
+    let handles: Vec<_> = InProcessReducer::group(3)
         .into_iter()
         .map(|reducer| {
             std::thread::spawn(move || {
                 let ctx = Context::new_blocking().unwrap();
-                let r = reducer.rank();
-                let reducer: Arc<dyn StatsReducer> = Arc::new(reducer);
-                let c = if r == 1 { 3 } else { 4 };
-                let mut odd = SyncBatchNorm::new(&ctx, BatchNormConfig::new(c), reducer.clone()).unwrap();
-                let x = Tensor::from_slice(&ctx, &vec![1.0f32; 2 * c * 5], &[2, c, 5]).unwrap();
-                let disagreed = odd.forward(&x);
-                let mut bn = SyncBatchNorm::new(&ctx, BatchNormConfig::new(4), reducer.clone()).unwrap();
-                let shape = if r == 2 { [2, 5, 5] } else { [2, 4, 5] };
-                let bad = Tensor::from_slice(&ctx, &vec![1.0f32; shape.iter().product()], &shape).unwrap();
-                let failed = bn.forward(&bad);
-                let before = bn.running_mean().unwrap().to_vec_blocking::<f32>(&ctx).unwrap();
-                let good: Vec<f32> = (0..40).map(|i| (i * 7 % 11) as f32 + r as f32).collect();
-                let ok = bn.forward(&Tensor::from_slice(&ctx, &good, &[2, 4, 5]).unwrap());
-                // M = 1 over the whole group: one sample of one position on rank 0 only.
-                let mut tiny = SyncBatchNorm::new(&ctx, BatchNormConfig::new(2), reducer).unwrap();
-                let n = usize::from(r == 0);
-                let one = Tensor::from_slice(&ctx, &vec![1.0f32; 2 * n], &[n, 2]).unwrap();
-                let single = tiny.forward(&one);
-                (r, disagreed.err(), failed.err(), before, ok.is_ok(), single.err())
+                check_error_cases(&ctx, Arc::new(reducer))
             })
         })
         .collect();
-    for h in handles {
-        let (r, disagreed, failed, before, ok, single) = h.join().unwrap();
-        assert!(
-            matches!(disagreed, Some(Error::Distributed { .. })),
-            "rank {r}: {disagreed:?}"
-        );
-        match (r, failed) {
-            (2, Some(Error::Shape { .. })) => {}
-            (2, other) => panic!("rank 2 should report its own shape error, got {other:?}"),
-            (_, Some(Error::Distributed { .. })) => {}
-            (_, other) => panic!("rank {r} should report rank 2's failure, got {other:?}"),
-        }
-        assert_eq!(before, vec![0.0; 4], "rank {r}: a failed call changed the running mean");
-        assert!(ok, "rank {r}: the group is usable after failed calls");
-        assert!(
-            matches!(single, Some(Error::Shape { .. })),
-            "rank {r}: M = 1 over the group: {single:?}"
-        );
-    }
+    let failures: Vec<String> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// The split plan's own arguments: the export and import buffers are checked (usage, size,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use normdrop::sync::StatsReducer;
-use normdrop::{BatchNormConfig, Context, DType, SyncBatchNorm, Tensor};
+use normdrop::{BatchNormConfig, Context, DType, Error, SyncBatchNorm, Tensor};
 use normdrop_cli::fixture::{compare, Fixture};
 
 /// The training fixtures of `tests/fixtures/torch` (SyncBatchNorm synchronises training calls;
@@ -142,6 +142,49 @@ pub fn check_rank(ctx: &Context, reducer: Arc<dyn StatsReducer>, fx: &Fixture, s
         if all.chunks(bits.len()).any(|r| r != &all[..bits.len()]) {
             failures.push(format!("{label}: running statistics differ between ranks"));
         }
+    }
+    failures
+}
+
+/// This rank's part of the calls that must fail on every rank instead of hanging, then leave
+/// the group usable: rank 1 with 3 channels where the others have 4; the last rank's bad shape
+/// (its own `Shape` error there, `Distributed` elsewhere, running mean unchanged), then a call
+/// every rank agrees on, which succeeds; `M = 1` over the whole group (one value on rank 0).
+/// Returns the failures, empty when the rank passed.
+pub fn check_error_cases(ctx: &Context, reducer: Arc<dyn StatsReducer>) -> Vec<String> {
+    let (rank, ranks) = (reducer.rank(), reducer.ranks());
+    let mut failures = Vec::new();
+    let c = if rank == 1 { 3 } else { 4 };
+    let mut odd = SyncBatchNorm::new(ctx, BatchNormConfig::new(c), reducer.clone()).unwrap();
+    let x = Tensor::from_slice(ctx, &vec![1.0f32; 2 * c * 5], &[2, c, 5]).unwrap();
+    match odd.forward(&x) {
+        Err(Error::Distributed { .. }) => {}
+        other => failures.push(format!(
+            "rank {rank}, disagreeing C: expected Distributed, got {other:?}"
+        )),
+    }
+    let mut bn = SyncBatchNorm::new(ctx, BatchNormConfig::new(4), reducer.clone()).unwrap();
+    let last = rank == ranks - 1;
+    let shape = if last { [2, 5, 5] } else { [2, 4, 5] };
+    let bad = Tensor::from_slice(ctx, &vec![1.0f32; shape.iter().product()], &shape).unwrap();
+    match (last, bn.forward(&bad)) {
+        (true, Err(Error::Shape { .. })) | (false, Err(Error::Distributed { .. })) => {}
+        (_, other) => failures.push(format!("rank {rank}, the last rank's bad input: got {other:?}")),
+    }
+    if bn.running_mean().unwrap().to_vec_blocking::<f32>(ctx).unwrap() != vec![0.0; 4] {
+        failures.push(format!("rank {rank}: a failed call changed the running mean"));
+    }
+    let good: Vec<f32> = (0..40).map(|i| (i * 7 % 11) as f32 + rank as f32).collect();
+    if let Err(e) = bn.forward(&Tensor::from_slice(ctx, &good, &[2, 4, 5]).unwrap()) {
+        failures.push(format!("rank {rank}: the group is not usable after failed calls: {e}"));
+    }
+    let mut tiny = SyncBatchNorm::new(ctx, BatchNormConfig::new(2), reducer).unwrap();
+    let n = usize::from(rank == 0);
+    match tiny.forward(&Tensor::from_slice(ctx, &vec![1.0f32; 2 * n], &[n, 2]).unwrap()) {
+        Err(Error::Shape { .. }) => {}
+        other => failures.push(format!(
+            "rank {rank}, M = 1 over the group: expected Shape, got {other:?}"
+        )),
     }
     failures
 }
